@@ -1,0 +1,35 @@
+"""opero: resilient and parallel Python functions with two decorators.
+
+``@opero`` adds a cache, retries with jittered backoff, argument fallbacks and a
+rate limit to one function (sync or ``async def``); ``@opmap`` maps a one-item
+function over many items on threads, processes, asyncio, aiomultiprocess or
+Dask. The hot paths (cache keys, the LRU/TTL store, the token bucket and the
+backoff schedule) run in Rust.
+"""
+
+from opero._decorator import clear_cache, opero
+from opero._opero_core import __version__
+from opero._opmap import opmap
+from opero._testing import set_testing
+from opero.cache import CacheInfo
+from opero.errors import (
+    AllFailedError,
+    CacheBackendError,
+    ConfigurationError,
+    OperoError,
+    RateLimitTimeout,
+)
+
+__all__ = [
+    "AllFailedError",
+    "CacheBackendError",
+    "CacheInfo",
+    "ConfigurationError",
+    "OperoError",
+    "RateLimitTimeout",
+    "__version__",
+    "clear_cache",
+    "opero",
+    "opmap",
+    "set_testing",
+]

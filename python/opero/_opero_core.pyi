@@ -1,0 +1,191 @@
+"""Native core of opero, written in Rust and built by maturin.
+
+CONTRACT DRAFT (to be kept equal to the native module, checked by mypy.stubtest).
+"""
+
+from collections.abc import Callable
+from typing import Any, final
+
+__version__: str
+
+@final
+class ManualClock:
+    """A clock for tests that moves only when told to.
+
+    Args:
+        start: The initial reading, in seconds.
+    """
+
+    def __init__(self, start: float = 0.0) -> None: ...
+    def now(self) -> float:
+        """Return the current reading, in seconds."""
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds`` (must be >= 0 and finite)."""
+
+@final
+class Key:
+    """An exact, typed, hashable key built from call arguments.
+
+    Two keys are equal only when the arguments are: ``1``, ``1.0`` and
+    ``True`` give different keys; lists, dicts and sets are keyed by
+    structure; other objects by their own ``__hash__``/``__eq__``.
+    """
+
+    def __hash__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+
+def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key:
+    """Build the in-process key of a call; keyword order does not matter.
+
+    Raises:
+        TypeError: An argument is unhashable and not a built-in container; the
+            message names the argument (``args[1]`` or ``kwargs['x']``) and
+            points to ``cache_key=``.
+    """
+
+def stable_digest(value: Any) -> str:
+    """Return the stable hex digest (SHA-256 of the canonical encoding) of one value.
+
+    Identical across processes, runs and machines. Raises ``TypeError`` for a
+    value outside None/bool/int/float/str/bytes/tuple/list/dict/set/frozenset.
+    """
+
+def stable_digest_call(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> str:
+    """Return the stable hex digest of a call's arguments (keyword order ignored)."""
+
+@final
+class Store:
+    """A bounded LRU store with optional per-entry TTL; thread-safe.
+
+    Keys are any value ``make_key`` accepts as a single argument, or a
+    :class:`Key`.
+
+    Args:
+        max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.
+        ttl: Seconds an entry lives (> 0, finite), ``None`` for no expiry.
+        clock: A :class:`ManualClock` for tests; the monotonic clock by default.
+    """
+
+    def __init__(
+        self,
+        max_size: int | None = 1024,
+        ttl: float | None = None,
+        *,
+        clock: ManualClock | None = None,
+    ) -> None: ...
+    @property
+    def max_size(self) -> int | None: ...
+    @property
+    def ttl(self) -> float | None: ...
+    def get(self, key: Any) -> Any:
+        """Return the value stored under ``key``; raise ``KeyError`` on a miss."""
+    def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
+        """Store ``value``; ``ttl`` overrides the store's for this entry."""
+    def delete(self, key: Any) -> bool:
+        """Remove ``key``; return whether it was present."""
+    def clear(self) -> None:
+        """Remove every entry (counters are kept)."""
+    def get_call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        """``get(make_key(args, kwargs))`` without building the Key object."""
+    def set_call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None, value: Any) -> None:
+        """``set(make_key(args, kwargs), value)``."""
+    def delete_call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> bool:
+        """``delete(make_key(args, kwargs))``."""
+    def info(self) -> tuple[int, int, int, int, int, int | None]:
+        """Return ``(hits, misses, evictions, expirations, size, max_size)``."""
+    def __len__(self) -> int: ...
+    def __contains__(self, key: Any) -> bool: ...
+
+@final
+class CachedCall:
+    """The native hot path of a memory-cached function.
+
+    Calling it builds the key from the arguments (or calls ``key_func``), looks
+    it up in ``store`` and returns a hit without leaving native code (calling
+    ``on_hit()`` first when given). On a miss it calls ``func`` with the same
+    arguments and stores a successful result; exceptions are never stored.
+    Concurrent misses on one key from several threads call ``func`` once: the
+    others wait (without the GIL) and get the same result or exception. A call
+    that re-enters a key its own thread is computing calls ``func`` directly.
+
+    Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
+    as methods through ``__get__``, and pickle by reference (``__reduce__``
+    returns ``__qualname__``).
+
+    Args:
+        store: Where results live.
+        func: Called on a miss with the call's arguments.
+        key_func: Optional; called with the call's arguments, its result is the key.
+        on_hit: Optional zero-argument callable called on every hit.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        func: Callable[..., Any],
+        *,
+        key_func: Callable[..., Any] | None = None,
+        on_hit: Callable[[], Any] | None = None,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, obj: Any, owner: type | None = None) -> Any: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def func(self) -> Callable[..., Any]: ...
+    __dict__: dict[str, Any]
+
+@final
+class TokenBucket:
+    """A token bucket (GCRA): ``rate`` calls per second sustained, ``burst`` at once.
+
+    Over any window of T seconds at most ``burst + rate * T`` reservations are
+    granted without delay. The bucket never sleeps: :meth:`reserve` returns how
+    long the caller must wait before using the token it reserved.
+
+    Args:
+        rate: Tokens per second (> 0, finite).
+        burst: Tokens available at once (>= 1). Default 1.
+        clock: A :class:`ManualClock` for tests; the monotonic clock by default.
+    """
+
+    def __init__(self, rate: float, burst: int = 1, *, clock: ManualClock | None = None) -> None: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def burst(self) -> int: ...
+    def set_rate(self, rate: float) -> None:
+        """Change the rate from now on (> 0, finite)."""
+    def reserve(self) -> float:
+        """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
+    def try_acquire(self) -> bool:
+        """Take a token only if one is free now; return whether it was taken."""
+
+@final
+class Backoff:
+    """The jittered exponential backoff schedule.
+
+    Delay before retry ``k`` (0-based) is ``min(max_delay, min_delay * factor**k)``;
+    with jitter it is drawn uniformly from ``[d/2, d]`` ("equal jitter"), never
+    below 0 nor above ``max_delay``.
+
+    Args:
+        min_delay: Seconds before the first retry (>= 0, finite). Default 0.1.
+        max_delay: Upper bound in seconds (>= min_delay). Default 30.0.
+        factor: Growth per retry (>= 1, finite). Default 1.5.
+        jitter: Whether to randomize. Default True.
+        seed: Seed of the RNG for reproducible schedules; random by default.
+    """
+
+    def __init__(
+        self,
+        min_delay: float = 0.1,
+        max_delay: float = 30.0,
+        factor: float = 1.5,
+        jitter: bool = True,
+        seed: int | None = None,
+    ) -> None: ...
+    def delay(self, attempt: int) -> float:
+        """Return the delay in seconds before retry ``attempt`` (0-based, >= 0)."""
+    def base_delay(self, attempt: int) -> float:
+        """Return the un-jittered delay ``min(max_delay, min_delay * factor**attempt)``."""
