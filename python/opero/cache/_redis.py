@@ -1,0 +1,657 @@
+"""The Redis cache backend (``cache_backend="redis"``), on redis-py.
+
+Keys are ``{namespace}:{module.qualname}:{stable digest}``, so every process
+and host that decorates the same function with the same arguments shares the
+entry; Redis enforces the TTL (``SET ... PX``). Sync functions use a
+``redis.Redis`` client, ``async def`` functions a ``redis.asyncio.Redis``
+client; clients (and their connection pools) are created at first use, one per
+URL per process (per event loop for asyncio), and reused by every function.
+
+Failure policy: a Redis that is down or times out is a cache miss and the
+function still runs; the outage is logged once on the ``opero`` logger (not per
+call), Redis is probed again at most every ``retry_interval`` seconds, and the
+cache works again by itself when Redis returns. ``strict=True`` raises
+:class:`opero.errors.CacheBackendError` instead. A value that cannot be
+serialized is not cached (logged once per type); a corrupt, foreign or
+tampered value is a miss (logged), never an exception in the caller.
+
+Security: values are pickled by default, and unpickling runs code chosen by
+whoever wrote the bytes. An unsigned pickle cache must only be used with a
+Redis that nobody else can write to. Otherwise set ``secret=`` (or
+``OPERO_CACHE_SECRET``): every value is then signed with HMAC-SHA256 and
+verified before it is unpickled, or use ``serializer="json"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from opero.cache._base import MISS, CacheInfo
+from opero.cache._health import Outage, logger, outage_for
+from opero.cache._serializers import Codec, VerificationError
+from opero.errors import CacheBackendError, ConfigurationError
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+__all__ = ["RedisBackend", "RedisFunctionCache"]
+
+URL_ENV = "OPERO_REDIS_URL"
+DEFAULT_URL = "redis://localhost:6379/0"
+_SCAN_COUNT = 1000
+_DELETE_BATCH = 500
+
+_LOCK = threading.Lock()
+# One sync client (one connection pool) per (url, timeouts) per process;
+# redis-py's pool resets itself after a fork.
+_SYNC_CLIENTS: dict[tuple[str, float, float], redis.Redis] = {}
+# One async client per event loop per (url, timeouts): asyncio connections are
+# bound to the loop that opened them. Entries of closed loops are dropped lazily.
+_ASYNC_CLIENTS: dict[asyncio.AbstractEventLoop, dict[Any, redis.asyncio.Redis]] = {}
+
+
+def _import_redis() -> Any:
+    """Import redis-py, or explain how to install it."""
+    try:
+        import redis
+        import redis.asyncio
+    except ImportError as exc:  # pragma: no cover - redis is a declared extra
+        raise ConfigurationError(
+            "cache_backend='redis' needs redis-py: pip install 'opero[redis]'"
+        ) from exc
+    return redis
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***`` (for log messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def validate_url(url: Any, option: str = "cache_redis_url") -> str:
+    """Check a Redis URL without connecting; return it.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` or
+            ``unix:///path/to.sock[?db=N]``.
+        option: The option name used in the error message.
+
+    Raises:
+        ConfigurationError: Not a string, unknown scheme, bad port or bad db.
+
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"{option} must be a redis:// URL string or a redis client, got {type(url).__name__}"
+        )
+    _import_redis()
+    from redis.connection import parse_url
+
+    fix = "use redis://host:6379/0, rediss://host:6380/0 or unix:///path/redis.sock"
+    try:
+        parts = urlsplit(url)
+        parse_url(url)  # type: ignore[no-untyped-call]
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ConfigurationError(f"{option}={redact(url)!r} is malformed ({exc}); {fix}") from None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ConfigurationError(f"{option}={redact(url)!r} has no host; {fix}")
+        if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
+            raise ConfigurationError(
+                f"{option}={redact(url)!r}: the path must be a database number like /0; {fix}"
+            )
+    elif not parts.path:
+        raise ConfigurationError(f"{option}={redact(url)!r} has no socket path; {fix}")
+    return url
+
+
+def _check_timeout(name: str, value: Any) -> float:
+    """Return a positive finite timeout in seconds, or raise ConfigurationError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds")
+    return float(value)
+
+
+def _no_retry() -> dict[str, Any]:
+    """Client options: one immediate retry (a stale pooled socket after a restart), no backoff.
+
+    redis-py's default retries 10 times with backoff, which would turn a dead
+    Redis into seconds of waiting per call.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return {"retry": Retry(NoBackoff(), 1)}
+
+
+def _async_no_retry() -> dict[str, Any]:
+    """Async twin of :func:`_no_retry`."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return {"retry": Retry(NoBackoff(), 1)}
+
+
+def _is_async_client(client: Any) -> bool:
+    """Return whether ``client`` is a ``redis.asyncio`` client."""
+    module = type(client).__module__
+    return module.startswith("redis.asyncio")
+
+
+_TWIN_KWARGS = (
+    "host",
+    "port",
+    "db",
+    "username",
+    "password",
+    "path",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "client_name",
+    "health_check_interval",
+    "protocol",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_check_hostname",
+)
+
+
+def _twin(client: Any, want_async: bool) -> Any:
+    """Build a client of the other flavour (sync/async) that talks to the same server.
+
+    Raises:
+        ConfigurationError: The client is not a plain ``Redis`` (a cluster client,
+            a custom class) so no twin can be built.
+
+    """
+    redis = _import_redis()
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        flavour = "redis.asyncio.Redis" if want_async else "redis.Redis"
+        raise ConfigurationError(
+            f"cache_redis_url got a {type(client).__name__} client, which cannot serve "
+            f"{'async' if want_async else 'sync'} functions; pass a {flavour} (or a URL)"
+        )
+    options = {k: kwargs[k] for k in _TWIN_KWARGS if k in kwargs}
+    kind = getattr(pool, "connection_class", None)
+    kind_name = kind.__name__ if kind is not None else "Connection"
+    namespace = redis.asyncio.connection if want_async else redis.connection
+    connection_class = getattr(namespace, kind_name, namespace.Connection)
+    if want_async:
+        apool = redis.asyncio.ConnectionPool(
+            connection_class=connection_class, **options, **_async_no_retry()
+        )
+        return redis.asyncio.Redis(connection_pool=apool)
+    spool = redis.ConnectionPool(connection_class=connection_class, **options, **_no_retry())
+    return redis.Redis(connection_pool=spool)
+
+
+def _glob_escape(text: str) -> str:
+    r"""Escape Redis glob metacharacters (``*?[]\``) for SCAN MATCH."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+class RedisBackend:
+    """Cache results in Redis, shared by every process and host using the same server.
+
+    Security: with the default pickle serializer and no secret, whoever can
+    write to the Redis server can make this process run arbitrary code (pickle
+    payloads). Use an unsigned pickle cache only with a Redis nobody else can
+    write to; otherwise set ``secret`` (HMAC-SHA256 signing, checked before
+    unpickling) or ``serializer="json"``.
+
+    Args:
+        url: ``redis://host:port/db`` (also ``rediss://``, ``unix://``). Default
+            ``None``: ``OPERO_REDIS_URL``, read at first use, else
+            ``redis://localhost:6379/0``.
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis`` to use instead of
+            a URL (``decode_responses`` must be off). A client of the other
+            flavour is derived from it for sync/async functions as needed.
+        serializer: ``"pickle"`` (default), ``"json"`` or a ``(dumps, loads)`` pair.
+        secret: HMAC key (``str``/``bytes``); ``None`` reads ``OPERO_CACHE_SECRET``
+            at first use; unset means values are not signed.
+        strict: Raise :class:`~opero.errors.CacheBackendError` when Redis fails,
+            instead of treating it as a miss. Default ``False``.
+        socket_timeout: Seconds a command may take before it counts as a failure.
+            Default 0.5.
+        connect_timeout: Seconds a connection attempt may take. Default 0.5.
+        retry_interval: Seconds between probes of a Redis that is down (calls in
+            between are misses without network). Default 1.0.
+
+    Raises:
+        ConfigurationError: Malformed URL, both ``url`` and ``client``, a client
+            with ``decode_responses=True``, an unknown serializer or a bad timeout.
+
+    """
+
+    stable_keys = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        serializer: Any = "pickle",
+        secret: str | bytes | None = None,
+        strict: bool = False,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.codec = Codec(serializer, secret)
+        self.strict = bool(strict)
+        self.socket_timeout = _check_timeout("socket_timeout", socket_timeout)
+        self.connect_timeout = _check_timeout("connect_timeout", connect_timeout)
+        if (
+            isinstance(retry_interval, bool)
+            or not isinstance(retry_interval, int | float)
+            or not math.isfinite(retry_interval)
+            or retry_interval < 0
+        ):
+            raise ConfigurationError(
+                f"retry_interval={retry_interval!r} must be a number of seconds >= 0"
+            )
+        self.retry_interval = float(retry_interval)
+        if url is not None and client is not None:
+            raise ConfigurationError(
+                "RedisBackend got both url and client; pass one (cache_redis_url takes either)"
+            )
+        self._client = client
+        self._url: str | None = None
+        self._sync: redis.Redis | None = None
+        self._async_last: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
+        self._outage: Outage | None = None
+        self._namespaces: set[str] = set()
+        if client is not None:
+            if not callable(getattr(client, "get", None)):
+                raise ConfigurationError(
+                    f"cache_redis_url={client!r} is neither a URL string nor a redis client"
+                )
+            pool = getattr(client, "connection_pool", None)
+            kwargs = getattr(pool, "connection_kwargs", {})
+            if isinstance(kwargs, dict) and kwargs.get("decode_responses"):
+                raise ConfigurationError(
+                    "the redis client given to cache_redis_url has decode_responses=True; "
+                    "opero stores bytes, so pass a client created with decode_responses=False"
+                )
+        elif url is not None:
+            self._url = validate_url(url)
+
+    # -- connection management ---------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The server's URL (``OPERO_REDIS_URL`` or the default, resolved at first use)."""
+        if self._url is None:
+            if self._client is not None:
+                kwargs = getattr(self._client.connection_pool, "connection_kwargs", {})
+                return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/" + str(
+                    kwargs.get("db", 0)
+                )
+            self._url = validate_url(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)
+        return self._url
+
+    @property
+    def outage(self) -> Outage:
+        """The process-wide reachability state of this server (one warning per outage)."""
+        if self._outage is None:
+            self._outage = outage_for(f"Redis at {redact(self.url)}", self.retry_interval)
+        return self._outage
+
+    def sync_client(self) -> redis.Redis:
+        """Return the sync client, creating (or sharing) it at first use."""
+        client = self._sync
+        if client is not None:
+            return client
+        if self._client is not None:
+            client = _twin(self._client, False) if _is_async_client(self._client) else self._client
+        else:
+            redis = _import_redis()
+            key = (self.url, self.socket_timeout, self.connect_timeout)
+            with _LOCK:
+                client = _SYNC_CLIENTS.get(key)
+                if client is None:
+                    client = redis.Redis.from_url(
+                        self.url,
+                        socket_timeout=self.socket_timeout,
+                        socket_connect_timeout=self.connect_timeout,
+                        **_no_retry(),
+                    )
+                    _SYNC_CLIENTS[key] = client
+        self._sync = client
+        return client
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """Return the asyncio client of the running event loop, creating it at first use."""
+        loop = asyncio.get_running_loop()
+        last = self._async_last
+        if last is not None and last[0] is loop:
+            return last[1]
+        if self._client is not None and _is_async_client(self._client):
+            client = self._client
+        else:
+            key: Any = (
+                ("client", id(self._client))
+                if self._client is not None
+                else (self.url, self.socket_timeout, self.connect_timeout)
+            )
+            with _LOCK:
+                for old in [old for old in _ASYNC_CLIENTS if old.is_closed()]:
+                    del _ASYNC_CLIENTS[old]
+                per_loop = _ASYNC_CLIENTS.setdefault(loop, {})
+                client = per_loop.get(key)
+                if client is None:
+                    if self._client is not None:
+                        client = _twin(self._client, True)
+                    else:
+                        redis = _import_redis()
+                        client = redis.asyncio.Redis.from_url(
+                            self.url,
+                            socket_timeout=self.socket_timeout,
+                            socket_connect_timeout=self.connect_timeout,
+                            **_async_no_retry(),
+                        )
+                    per_loop[key] = client
+        self._async_last = (loop, client)
+        return client  # type: ignore[no-any-return]
+
+    # -- failure policy ------------------------------------------------------------
+
+    def available(self) -> bool:
+        """Return whether to talk to Redis now (``False`` between probes of an outage)."""
+        outage = self.outage
+        return self.strict or not outage.down or outage.should_try()
+
+    def failed(self, exc: Exception, action: str) -> None:
+        """Handle a Redis error: raise in strict mode, else log (once per outage).
+
+        Raises:
+            CacheBackendError: In strict mode, chained from ``exc``.
+            Exception: ``exc`` itself when it is not a Redis or socket error.
+
+        """
+        redis = _import_redis()
+        if not isinstance(exc, redis.RedisError | OSError):
+            raise exc
+        if self.strict:
+            raise CacheBackendError(
+                f"Redis cache at {redact(self.url)} failed during {action}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+            self.outage.failed(exc, "the Redis cache acts as a miss")
+        else:
+            logger.warning(
+                "opero: Redis cache at %s: %s failed (%s: %s); treated as a miss",
+                redact(self.url),
+                action,
+                type(exc).__name__,
+                exc,
+            )
+
+    # -- CacheBackend protocol -------------------------------------------------------
+
+    def open(
+        self,
+        *,
+        namespace: str,
+        qualname: str,
+        ttl: float | None,
+        max_size: int | None,
+        is_async: bool,
+    ) -> RedisFunctionCache:
+        """Return the cache of one function; does not connect.
+
+        ``max_size`` is not enforced per function: Redis bounds memory with its
+        own ``maxmemory`` policy; use ``ttl`` to bound an entry's life.
+        """
+        self._namespaces.add(namespace)
+        return RedisFunctionCache(self, namespace, qualname, ttl)
+
+    def clear_namespace(self, namespace: str | None) -> None:
+        """Delete every entry of ``namespace`` (SCAN + UNLINK in batches, never KEYS/FLUSHDB).
+
+        ``None`` clears every namespace this backend has opened in this process.
+        """
+        namespaces = sorted(self._namespaces) if namespace is None else [namespace]
+        for name in namespaces:
+            self.delete_matching(_glob_escape(f"{name}:") + "*")
+
+    def delete_matching(self, pattern: str) -> int:
+        """Delete the keys matching a SCAN pattern, in batches; return how many."""
+        if not self.available():
+            return 0
+        deleted = 0
+        try:
+            client = self.sync_client()
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+                batch.append(key)
+                if len(batch) >= _DELETE_BATCH:
+                    deleted += int(client.unlink(*batch))
+                    batch.clear()
+            if batch:
+                deleted += int(client.unlink(*batch))
+        except Exception as exc:
+            self.failed(exc, "clear")
+            return deleted
+        self.outage.succeeded()
+        return deleted
+
+    def __repr__(self) -> str:
+        """Show the server (password hidden) and the options."""
+        return (
+            f"RedisBackend({redact(self.url)!r}, serializer={self.codec.name!r}, "
+            f"signed={self.codec.signed}, strict={self.strict})"
+        )
+
+
+class RedisFunctionCache:
+    """The entries of one decorated function in Redis (see :class:`RedisBackend`).
+
+    Args:
+        backend: The backend holding the clients and the failure policy.
+        namespace: ``cache_namespace``.
+        qualname: ``module.qualname`` of the function.
+        ttl: Seconds an entry lives (Redis ``PX``), ``None`` for no expiry.
+
+    """
+
+    __slots__ = ("_unserializable", "backend", "hits", "misses", "prefix", "px")
+
+    def __init__(
+        self, backend: RedisBackend, namespace: str, qualname: str, ttl: float | None
+    ) -> None:
+        self.backend = backend
+        self.prefix = f"{namespace}:{qualname}:"
+        self.px = None if ttl is None else max(1, round(ttl * 1000))
+        self.hits = 0
+        self.misses = 0
+        self._unserializable: set[type] = set()
+
+    def _decode(self, key: str, data: Any) -> Any:
+        """Turn stored bytes into a value; a bad value is a logged miss."""
+        if data is None:
+            self.misses += 1
+            return MISS
+        try:
+            value = self.backend.codec.decode(key, data)
+        except VerificationError as exc:
+            logger.warning(
+                "opero: Redis cache entry %r failed verification (%s); treated as a miss "
+                "and not deserialized",
+                key,
+                exc,
+            )
+            self.misses += 1
+            return MISS
+        except Exception as exc:
+            logger.warning(
+                "opero: Redis cache entry %r is corrupt or not written by opero (%s: %s); "
+                "treated as a miss",
+                key,
+                type(exc).__name__,
+                exc,
+            )
+            self.misses += 1
+            return MISS
+        self.hits += 1
+        return value
+
+    def _encode(self, key: str, value: Any) -> bytes | None:
+        """Serialize a value, or log once per type and return ``None``."""
+        try:
+            return self.backend.codec.encode(key, value)
+        except Exception as exc:
+            kind = type(value)
+            if kind not in self._unserializable:
+                self._unserializable.add(kind)
+                logger.warning(
+                    "opero: a %s result of %s is not cached: the %s serializer cannot "
+                    "encode it (%s: %s); logged once per type",
+                    kind.__qualname__,
+                    self.prefix[:-1],
+                    self.backend.codec.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            return None
+
+    def get(self, key: str) -> Any:
+        """Return the value stored under ``key`` (a stable digest), or ``MISS``."""
+        full = self.prefix + key
+        backend = self.backend
+        if backend.outage.down and not backend.available():
+            self.misses += 1
+            return MISS
+        try:
+            data = backend.sync_client().get(full)
+        except Exception as exc:
+            backend.failed(exc, "GET")
+            self.misses += 1
+            return MISS
+        if backend.outage.down:
+            backend.outage.succeeded()
+        return self._decode(full, data)
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` with the TTL (not stored if it cannot be serialized)."""
+        full = self.prefix + key
+        data = self._encode(full, value)
+        backend = self.backend
+        if data is None or not backend.available():
+            return
+        try:
+            backend.sync_client().set(full, data, px=self.px)
+        except Exception as exc:
+            backend.failed(exc, "SET")
+            return
+        backend.outage.succeeded()
+
+    def delete(self, key: str) -> bool:
+        """Remove the entry under ``key``; return whether it existed."""
+        backend = self.backend
+        if not backend.available():
+            return False
+        try:
+            removed = backend.sync_client().delete(self.prefix + key)
+        except Exception as exc:
+            backend.failed(exc, "DEL")
+            return False
+        backend.outage.succeeded()
+        return bool(removed)
+
+    def clear(self) -> None:
+        """Delete every entry of this function, and only those (SCAN + UNLINK)."""
+        self.backend.delete_matching(_glob_escape(self.prefix) + "*")
+
+    def info(self) -> CacheInfo:
+        """Return this process's hit/miss counters (``currsize`` is -1: not counted)."""
+        return CacheInfo(self.hits, self.misses, None, -1)
+
+    async def aget(self, key: str) -> Any:
+        """Async :meth:`get` through ``redis.asyncio``."""
+        full = self.prefix + key
+        backend = self.backend
+        if backend.outage.down and not backend.available():
+            self.misses += 1
+            return MISS
+        try:
+            data = await backend.async_client().get(full)
+        except Exception as exc:
+            backend.failed(exc, "GET")
+            self.misses += 1
+            return MISS
+        if backend.outage.down:
+            backend.outage.succeeded()
+        return self._decode(full, data)
+
+    async def aset(self, key: str, value: Any) -> None:
+        """Async :meth:`set`."""
+        full = self.prefix + key
+        data = self._encode(full, value)
+        backend = self.backend
+        if data is None or not backend.available():
+            return
+        try:
+            await backend.async_client().set(full, data, px=self.px)
+        except Exception as exc:
+            backend.failed(exc, "SET")
+            return
+        backend.outage.succeeded()
+
+    async def adelete(self, key: str) -> bool:
+        """Async :meth:`delete`."""
+        backend = self.backend
+        if not backend.available():
+            return False
+        try:
+            removed = await backend.async_client().delete(self.prefix + key)
+        except Exception as exc:
+            backend.failed(exc, "DEL")
+            return False
+        backend.outage.succeeded()
+        return bool(removed)
+
+    async def aclear(self) -> None:
+        """Async :meth:`clear` (SCAN + UNLINK through ``redis.asyncio``)."""
+        backend = self.backend
+        if not backend.available():
+            return
+        pattern = _glob_escape(self.prefix) + "*"
+        try:
+            client = backend.async_client()
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+                batch.append(key)
+                if len(batch) >= _DELETE_BATCH:
+                    await client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                await client.unlink(*batch)
+        except Exception as exc:
+            backend.failed(exc, "clear")
+            return
+        backend.outage.succeeded()
