@@ -1,0 +1,136 @@
+"""Group ``ratelimit``: a call through ``@opero(rate_limit=...)`` when not throttled (issue 3).
+
+The rate is 1e9/s so no call waits: this times the cost of taking a token
+around a call, sync and async, against a pure-Python bucket behind a lock,
+pyrate-limiter and aiolimiter. Before timing, opero proves it really spaces
+calls at a low rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from opero._bench._handwritten import py_rate_limited, py_rate_limited_async
+from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
+
+__all__ = ["GROUP"]
+
+_RATE = 1e9
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _ok(x: int) -> int:
+    return x + 1
+
+
+async def _aok(x: int) -> int:
+    return x + 1
+
+
+def _event_loop(stack: contextlib.ExitStack) -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    stack.callback(loop.close)
+    return loop
+
+
+def _opero(**options: Any) -> Decorator:
+    from opero import opero
+
+    decorator: Decorator = opero(**options)
+    return decorator
+
+
+def _check_spacing() -> None:
+    slow = _opero(rate_limit=50.0)(_ok)
+    start = time.perf_counter()
+    for _ in range(3):
+        slow(1)
+    elapsed = time.perf_counter() - start
+    # 3 calls at 50/s with burst 1 start at 0, 20 and 40 ms.
+    check(elapsed >= 0.03, f"rate_limit=50: 3 calls took {elapsed * 1e3:.1f} ms, expected >= 40")
+
+
+def _opero_sync(stack: contextlib.ExitStack) -> LoopFn:
+    _check_spacing()
+    f = _opero(rate_limit=_RATE)(_ok)
+    check(f(1) == 2, "wrong result")
+    return call_loop("f(1)", {"f": f})
+
+
+def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
+    loop = _event_loop(stack)
+    f = _opero(rate_limit=_RATE)(_aok)
+    check(loop.run_until_complete(f(1)) == 2, "wrong result")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _handwritten(stack: contextlib.ExitStack) -> LoopFn:
+    f = py_rate_limited(_RATE)(_ok)
+    return call_loop("f(1)", {"f": f})
+
+
+def _handwritten_async(stack: contextlib.ExitStack) -> LoopFn:
+    loop = _event_loop(stack)
+    f = py_rate_limited_async(_RATE)(_aok)
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _pyrate(stack: contextlib.ExitStack) -> LoopFn:
+    from pyrate_limiter import Duration, Limiter, Rate
+
+    limiter = Limiter(Rate(int(_RATE), Duration.SECOND))
+    stack.callback(getattr(limiter, "close", lambda: None))
+    acquire = limiter.try_acquire
+
+    @functools.wraps(_ok)
+    def f(x: int) -> int:
+        acquire("bench")
+        return _ok(x)
+
+    check(f(1) == 2, "wrong result")
+    return call_loop("f(1)", {"f": f})
+
+
+def _aiolimiter(stack: contextlib.ExitStack) -> LoopFn:
+    from aiolimiter import AsyncLimiter
+
+    loop = _event_loop(stack)
+    limiter = AsyncLimiter(_RATE, 1.0)
+
+    async def f(x: int) -> int:
+        async with limiter:
+            return await _aok(x)
+
+    check(loop.run_until_complete(f(1)) == 2, "wrong result")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _build(settings: Settings) -> list[Case]:
+    return [
+        Case(
+            "call, rate_limit=1e9 sync",
+            Impl("opero", _opero_sync),
+            [
+                Impl("handwritten bucket+lock", _handwritten),
+                Impl("pyrate_limiter", _pyrate, ("pyrate_limiter",)),
+            ],
+            targets={"handwritten bucket+lock": 1.0},
+        ),
+        Case(
+            "call, rate_limit=1e9 async",
+            Impl("opero", _opero_async),
+            [
+                Impl("handwritten bucket+lock", _handwritten_async),
+                Impl("aiolimiter", _aiolimiter, ("aiolimiter",)),
+            ],
+        ),
+    ]
+
+
+GROUP = Group("ratelimit", "rate-limit acquire: @opero(rate_limit=1e9)", "ns/op", _build)

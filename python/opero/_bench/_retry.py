@@ -1,0 +1,139 @@
+"""Group ``retry``: the success path of ``@opero(retries=3)``, sync and async (issue 3).
+
+The function succeeds at once, so this times what the retry machinery costs
+when it is not needed, against a handwritten ``try``/``except`` loop, tenacity
+and backoff. Before timing, opero proves it really retries a flaky function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from opero._bench._handwritten import py_retry, py_retry_async
+from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
+
+__all__ = ["GROUP"]
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _ok(x: int) -> int:
+    return x + 1
+
+
+async def _aok(x: int) -> int:
+    return x + 1
+
+
+def _event_loop(stack: contextlib.ExitStack) -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    stack.callback(loop.close)
+    return loop
+
+
+def _opero(**options: Any) -> Decorator:
+    from opero import opero
+
+    decorator: Decorator = opero(**options)
+    return decorator
+
+
+def _opero_sync(stack: contextlib.ExitStack) -> LoopFn:
+    calls = [0]
+
+    def flaky(x: int) -> int:
+        calls[0] += 1
+        if calls[0] < 3:
+            raise ConnectionError("transient")
+        return x + 1
+
+    retried = _opero(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
+    check(retried(1) == 2 and calls[0] == 3, f"retries=3 made {calls[0]} calls, expected 3")
+    return call_loop("f(1)", {"f": _opero(retries=3)(_ok)})
+
+
+def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
+    loop = _event_loop(stack)
+    calls = [0]
+
+    async def flaky(x: int) -> int:
+        calls[0] += 1
+        if calls[0] < 3:
+            raise ConnectionError("transient")
+        return x + 1
+
+    retried = _opero(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
+    result = loop.run_until_complete(retried(1))
+    check(result == 2 and calls[0] == 3, f"async retries=3 made {calls[0]} calls, expected 3")
+    f = _opero(retries=3)(_aok)
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _sync(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
+    def make(stack: contextlib.ExitStack) -> LoopFn:
+        f = decorate()(_ok)
+        check(f(1) == 2, "wrong result")
+        return call_loop("f(1)", {"f": f})
+
+    return make
+
+
+def _async(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
+    def make(stack: contextlib.ExitStack) -> LoopFn:
+        loop = _event_loop(stack)
+        f = decorate()(_aok)
+        check(loop.run_until_complete(f(1)) == 2, "wrong result")
+        return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+    return make
+
+
+def _tenacity() -> Decorator:
+    import tenacity
+
+    decorator: Decorator = tenacity.retry(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential_jitter(initial=0.1, max=30.0, exp_base=1.5),
+        reraise=True,
+    )
+    return decorator
+
+
+def _backoff() -> Decorator:
+    import backoff
+
+    decorator: Decorator = backoff.on_exception(
+        backoff.expo, Exception, max_tries=4, factor=0.1, base=1.5, max_value=30.0
+    )
+    return decorator
+
+
+def _build(settings: Settings) -> list[Case]:
+    return [
+        Case(
+            "success, retries=3, sync",
+            Impl("opero", _opero_sync),
+            [
+                Impl("handwritten try/except", _sync(lambda: py_retry(3))),
+                Impl("tenacity.retry", _sync(_tenacity), ("tenacity",)),
+                Impl("backoff.on_exception", _sync(_backoff), ("backoff",)),
+            ],
+            targets={"handwritten try/except": 1.0},
+        ),
+        Case(
+            "success, retries=3, async",
+            Impl("opero", _opero_async),
+            [
+                Impl("handwritten try/except", _async(lambda: py_retry_async(3))),
+                Impl("tenacity.retry", _async(_tenacity), ("tenacity",)),
+                Impl("backoff.on_exception", _async(_backoff), ("backoff",)),
+            ],
+            targets={"handwritten try/except": 1.2},
+        ),
+    ]
+
+
+GROUP = Group("retry", "retry, success path: @opero(retries=3)", "ns/op", _build)
