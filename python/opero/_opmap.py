@@ -1,8 +1,712 @@
-"""PLACEHOLDER: replaced by the @opmap implementation (issue 4)."""
+"""``@opmap``: a one-item function mapped over many items, with every ``@opero`` option.
 
-from typing import Any
+The decorated object takes any iterable (generators included) and returns a
+``list``. Each item gets the whole ``@opero`` pipeline (cache, retries,
+fallbacks, rate limit, callbacks). Modes:
+
+* ``"thread"``: a reused thread pool; items go in batches pulled by at most
+  ``workers`` threads (the calling thread is one of them), not one future per
+  item.
+* ``"process"``: a reused ``ProcessPoolExecutor`` (created on first use, shut
+  down at exit), automatic chunk sizes like ``multiprocessing.Pool.map``. The
+  decorated function travels by reference when it can be imported by name,
+  else by value through cloudpickle (lambdas, closures, ``__main__``). A dying
+  worker marks only its items failed (:class:`opero.WorkerDiedError`), the pool
+  is rebuilt and the map finishes.
+* ``"async"``: one event loop, ``workers`` coroutines in flight. An ``async
+  def`` function runs on the loop; a plain ``def`` runs in
+  ``asyncio.to_thread`` so it never blocks the loop.
+* ``"async_process"``: ``async def`` functions on an ``aiomultiprocess`` pool
+  (the ``opero[aiomultiprocess]`` extra), reused across calls on a background
+  event loop.
+* ``"dask"``: a ``distributed`` client (``client=`` or the current one at first
+  use); items batched into tasks, at most ``workers`` tasks in flight.
+* ``executor=``: any ``concurrent.futures.Executor``; items batched onto it.
+
+Calling from async code: ``await f.amap(items)`` never blocks the running loop
+(pool modes wait in a helper thread; ``"async"`` runs on the caller's loop).
+The plain call ``f(items)`` also works inside a running loop: in ``"async"``
+mode it runs its own loop in a helper thread, in the other modes it blocks
+like any synchronous call.
+
+Cache: in ``"thread"`` and ``"async"`` modes each item goes through the
+decorated function's cache directly (single flight included). In the pool
+modes the parent looks every item up before dispatch (hits are never sent) and
+stores the results computed by the workers; the workers run the function
+without a cache (``call_uncached``).
+
+Rate limit: global across the map's workers. Threads and tasks share the
+function's bucket. Worker processes (process, async_process, process
+executors, Dask) share a :class:`opero._shared_limiter.SharedTokenBucket`: the
+bucket state in shared memory on the parent's host, locked with ``flock``.
+Dask workers on other hosts therefore get one bucket per host; use
+``rate_limit_backend="redis"`` for a cluster-wide limit (then no shared bucket
+is injected).
+
+Failures: a failed item leaves its exception (``AllFailedError`` or the
+original) in its place, and an :class:`OpmapFailureWarning` counts them;
+``strict=True`` raises :class:`MapError` (an ``ExceptionGroup``) after every
+item has finished, with the partial results in ``.results``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import functools
+import importlib
+import inspect
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+from opero import _pools
+from opero._progress import PROGRESS_VALUES, make_progress
+from opero._shared_limiter import SharedTokenBucket
+from opero.errors import ConfigurationError, OperoError
+
+__all__ = ["MODES", "MapError", "MappedFunction", "OpmapFailureWarning", "WorkerDiedError", "opmap"]
+
+WorkerDiedError = _pools.WorkerDiedError
+
+MODES = ("thread", "process", "async", "async_process", "dask")
+"""The values ``@opmap(mode=...)`` accepts."""
+
+Mode = Literal["thread", "process", "async", "async_process", "dask"]
+
+R = TypeVar("R")
 
 
-def opmap(**options: Any) -> Any:
-    """Not built yet."""
-    raise NotImplementedError("@opmap is not built yet")
+class OpmapFailureWarning(UserWarning):
+    """Some items of an ``@opmap`` call failed; their exceptions are in the results."""
+
+
+class MapError(ExceptionGroup, OperoError):  # type: ignore[misc]
+    """Raised by ``@opmap(strict=True)`` after every item finished, when some failed.
+
+    It is an ``ExceptionGroup`` of the items' exceptions (in input order), so
+    ``except*`` works on it.
+
+    Attributes:
+        results: The full result list, exceptions in the failed items' places.
+        indices: The positions of the failed items in ``results``.
+    """
+
+    results: list[Any]
+    indices: list[int]
+
+    def __new__(
+        cls,
+        message: str,
+        errors: Sequence[Exception],
+        results: list[Any] | None = None,
+        indices: list[int] | None = None,
+    ) -> MapError:
+        """Build the group; ``errors`` must hold at least one exception."""
+        self = super().__new__(cls, message, list(errors))
+        self.results = [] if results is None else results
+        self.indices = [] if indices is None else indices
+        return self
+
+    def __init__(
+        self,
+        message: str,
+        errors: Sequence[Exception],
+        results: list[Any] | None = None,
+        indices: list[int] | None = None,
+    ) -> None:
+        """Store the message and the failures."""
+        super().__init__(message, list(errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the partial results."""
+        return (MapError, (self.message, list(self.exceptions), self.results, self.indices))
+
+    def derive(self, excs: Sequence[Exception]) -> MapError:  # type: ignore[override]
+        """Build a group of the same type for ``except*`` and ``split``."""
+        return MapError(self.message, excs, self.results, self.indices)
+
+
+def _default_workers(mode: str) -> int:
+    """Return the default worker count of ``mode``."""
+    cpu = os.cpu_count() or 1
+    if mode in ("process", "async_process"):
+        return cpu
+    if mode == "async":
+        return 32
+    return min(32, cpu + 4)
+
+
+def _check_options(
+    mode: Any,
+    workers: Any,
+    ordered: Any,
+    progress: Any,
+    strict: Any,
+    client: Any,
+    executor: Any,
+    chunksize: Any,
+) -> None:
+    """Validate ``@opmap``'s own options; raise ConfigurationError naming the bad one."""
+    if mode not in MODES:
+        raise ConfigurationError(
+            f"opmap: mode={mode!r} is not a mode; use one of {', '.join(map(repr, MODES))}"
+        )
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ConfigurationError(
+            f"opmap: workers={workers!r} must be an int >= 1, or None for the mode's default"
+        )
+    if chunksize is not None and (
+        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+    ):
+        raise ConfigurationError(
+            f"opmap: chunksize={chunksize!r} must be an int >= 1, or None for automatic chunks"
+        )
+    for name, value in (("ordered", ordered), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"opmap: {name}={value!r} must be True or False")
+    if not any(progress is v for v in PROGRESS_VALUES) and progress != "force":
+        raise ConfigurationError(
+            f"opmap: progress={progress!r} must be True (tqdm on a terminal), "
+            "False or 'force' (tqdm whenever installed)"
+        )
+    if executor is not None and not isinstance(executor, cf.Executor):
+        raise ConfigurationError(
+            f"opmap: executor={executor!r} must be a concurrent.futures.Executor "
+            "(ThreadPoolExecutor, ProcessPoolExecutor, ...)"
+        )
+    if client is not None and mode != "dask":
+        raise ConfigurationError(f"opmap: client= is only used with mode='dask', got mode={mode!r}")
+
+
+def _check_function(func: Any, mode: str, executor: Any) -> bool:
+    """Check that ``func`` fits ``mode``; return whether it is an ``async def``."""
+    if not callable(func):
+        raise ConfigurationError(f"opmap: decorates a callable, got {func!r}")
+    is_async = inspect.iscoroutinefunction(func)
+    name = getattr(func, "__qualname__", repr(func))
+    if executor is not None:
+        if is_async:
+            raise ConfigurationError(
+                f"opmap: {name} is an async def; executor= runs plain functions "
+                "(use mode='async' or mode='async_process')"
+            )
+        return is_async
+    if mode == "async_process":
+        if not is_async:
+            raise ConfigurationError(
+                f"opmap: mode='async_process' needs an async def function, {name} is a plain "
+                "def (use mode='process')"
+            )
+        try:
+            import aiomultiprocess  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                "opmap: mode='async_process' needs aiomultiprocess: "
+                'pip install "opero[aiomultiprocess]"'
+            ) from exc
+    elif mode == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                'opmap: mode=\'dask\' needs distributed: pip install "opero[dask]"'
+            ) from exc
+    if is_async and mode in ("thread", "process", "dask"):
+        raise ConfigurationError(
+            f"opmap: {name} is an async def; mode={mode!r} runs plain functions "
+            "(use mode='async', or mode='async_process' for processes)"
+        )
+    return is_async
+
+
+def _as_list(items: Any, name: str) -> list[Any]:
+    """Materialize the argument; a non-iterable is a TypeError naming it."""
+    if isinstance(items, list):
+        return items
+    try:
+        return list(items)
+    except TypeError as exc:
+        if not isinstance(items, Iterable):
+            raise TypeError(
+                f"{name}() takes an iterable of items (list, tuple, generator, ...), "
+                f"got {type(items).__name__}: pass [item] to map over one item"
+            ) from None
+        raise exc
+
+
+class _WorkerTarget:
+    """What a worker receives: the mapped function and the shared rate limiter."""
+
+    __slots__ = ("limiter", "mapped")
+
+    def __init__(self, mapped: MappedFunction[Any], limiter: SharedTokenBucket | None) -> None:
+        self.mapped = mapped
+        self.limiter = limiter
+
+    def resolve(self) -> Callable[[Any], Any]:
+        """Return the uncached per-item function of this process (built once)."""
+        return self.mapped._worker_call(self.limiter)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the mapped function (by reference when importable) and the limiter."""
+        return (_WorkerTarget, (self.mapped, self.limiter))
+
+
+_BY_VALUE: dict[str, MappedFunction[Any]] = {}
+"""Mapped functions sent by value, by token: a worker rebuilds each one once."""
+
+
+def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
+    """Unpickle a mapped function sent by value, reusing this process's copy."""
+    mapped = _BY_VALUE.get(token)
+    if mapped is None:
+        import cloudpickle
+
+        func, options = cloudpickle.loads(blob)
+        mapped = MappedFunction(func, token=token, **options)
+        _BY_VALUE[token] = mapped
+    return mapped
+
+
+class MappedFunction(Generic[R]):
+    """A one-item function mapped over iterables; built by :func:`opmap`.
+
+    Call it with an iterable to get a ``list`` of results, or ``await
+    f.amap(items)`` from async code. ``f.item_function`` is the per-item
+    ``@opero`` function (with its cache methods).
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        mode: Mode = "thread",
+        workers: int | None = None,
+        ordered: bool = True,
+        progress: bool | Literal["force"] = True,
+        strict: bool = False,
+        client: Any = None,
+        executor: cf.Executor | None = None,
+        chunksize: int | None = None,
+        token: str | None = None,
+        **opero_options: Any,
+    ) -> None:
+        from opero import _decorator
+
+        self._func = func
+        self._mode: Mode = mode
+        self._workers = workers
+        self._ordered = ordered
+        self._progress = progress
+        self._strict = strict
+        self._client = client
+        self._executor = executor
+        self._chunksize = chunksize
+        self._opero_options = opero_options
+        self._is_async = _check_function(func, mode, executor)
+        # Validates every @opero option now, at decoration time.
+        self.item_function: Any = _decorator.opero(**opero_options)(func)
+        self._meta = getattr(self.item_function, "__opero__", None)
+        self._has_cache = bool(getattr(self._meta, "has_cache", False))
+        self._token = token or uuid.uuid4().hex
+        self._worker_fns: dict[str | None, Callable[[Any], Any]] = {}
+        self._limiter: SharedTokenBucket | None = None
+        self._limiter_lock = threading.Lock()
+        self._blob: bytes | None = None
+        functools.update_wrapper(self, func)
+        self.__name__ = getattr(func, "__name__", "opmap")
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def mode(self) -> str:
+        """The execution mode (``"thread"``, ``"process"``, ...)."""
+        return "executor" if self._executor is not None else self._mode
+
+    @property
+    def workers(self) -> int:
+        """The worker count used by the next call (the mode's default when not given)."""
+        if self._workers is not None:
+            return self._workers
+        if self._executor is not None:
+            return int(getattr(self._executor, "_max_workers", None) or os.cpu_count() or 1)
+        if self._mode == "dask":
+            return max(1, sum(self._dask_client().nthreads().values()))
+        return _default_workers(self._mode)
+
+    def __call__(self, items: Iterable[Any]) -> list[Any]:
+        """Map the function over ``items``; return the results as a list.
+
+        Args:
+            items: Any iterable; a generator is consumed once.
+
+        Returns:
+            One result per item, in input order (completion order with
+            ``ordered=False``); a failed item holds its exception.
+
+        Raises:
+            TypeError: ``items`` is not iterable.
+            MapError: ``strict=True`` and some items failed (after all finished).
+        """
+        values = _as_list(items, self.__name__)
+        if self._executor is None and self._mode == "async":
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(self._amap_async(values))
+            with cf.ThreadPoolExecutor(1, thread_name_prefix="opero-opmap-async") as helper:
+                return helper.submit(asyncio.run, self._amap_async(values)).result()
+        if self._executor is None and self._mode == "async_process":
+            return _pools.background_loop().submit(self._amap_aio_process(values)).result()
+        return self._map_sync(values)
+
+    async def amap(self, items: Iterable[Any]) -> list[Any]:
+        """Map the function over ``items`` without blocking the running event loop.
+
+        Same arguments, results and errors as calling the object.
+        """
+        values = _as_list(items, self.__name__)
+        if self._executor is None and self._mode == "async":
+            return await self._amap_async(values)
+        if self._executor is None and self._mode == "async_process":
+            future = _pools.background_loop().submit(self._amap_aio_process(values))
+            return await asyncio.wrap_future(future)
+        return await asyncio.to_thread(self._map_sync, values)
+
+    def __reduce__(self) -> Any:
+        """Pickle by reference when importable by name, else by value (cloudpickle)."""
+        module_name = getattr(self, "__module__", None)
+        qualname = getattr(self, "__qualname__", None)
+        if module_name and qualname and module_name != "__main__" and "<" not in qualname:
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in qualname.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError):
+                obj = None
+            if obj is self:
+                return qualname
+        if self._blob is None:
+            import cloudpickle
+
+            options = dict(self._opero_options)
+            options.update(
+                mode=self._mode,
+                workers=self._workers,
+                ordered=self._ordered,
+                progress=self._progress,
+                strict=self._strict,
+                chunksize=self._chunksize,
+            )
+            self._blob = cloudpickle.dumps((self._func, options))
+            _BY_VALUE.setdefault(self._token, self)
+        return (_rebuild_by_value, (self._token, self._blob))
+
+    def __repr__(self) -> str:
+        """Show the function and the mode."""
+        return f"<opmap {self.__qualname__} mode={self.mode!r}>"
+
+    # ------------------------------------------------------------------ workers side
+
+    def _worker_call(self, limiter: SharedTokenBucket | None) -> Callable[[Any], Any]:
+        """Return this process's uncached per-item function using ``limiter``."""
+        key = None if limiter is None else limiter.path
+        fn = self._worker_fns.get(key)
+        if fn is None:
+            from opero import _decorator
+
+            options = {
+                k: v
+                for k, v in self._opero_options.items()
+                if k != "cache" and not k.startswith("cache_") and k != "on_cache_hit"
+            }
+            if not options:
+                fn = self._func
+            else:
+                if limiter is not None:
+                    options["_limiter"] = limiter
+                wrapped = _decorator.opero(**options)(self._func)
+                meta = getattr(wrapped, "__opero__", None)
+                if meta is None:
+                    fn = wrapped
+                else:
+                    fn = meta.acall_uncached if self._is_async else meta.call_uncached
+            self._worker_fns[key] = fn
+        return fn
+
+    def _shared_limiter(self) -> SharedTokenBucket | None:
+        """Return the bucket shared with worker processes, when a local rate limit is set."""
+        rate = self._opero_options.get("rate_limit")
+        if rate is None or self._opero_options.get("rate_limit_backend", "memory") != "memory":
+            return None
+        with self._limiter_lock:
+            if self._limiter is None:
+                current = rate() if callable(rate) else rate
+                burst = self._opero_options.get("rate_burst") or 1
+                self._limiter = SharedTokenBucket(float(current), int(burst))
+            return self._limiter
+
+    def _dask_client(self) -> Any:
+        """Return ``client=`` or the current Dask client; a clear error when there is none."""
+        if self._client is not None:
+            return self._client
+        from distributed import get_client
+
+        try:
+            return get_client()
+        except ValueError as exc:
+            raise ConfigurationError(
+                "opmap: mode='dask' found no Dask client: pass client=distributed.Client(...) "
+                "to @opmap, or create a Client before the call"
+            ) from exc
+
+    # ------------------------------------------------------------------ engines
+
+    def _finish(self, n: int, pieces: list[_pools.Piece]) -> list[Any]:
+        """Assemble the pieces; warn about failures, or raise them when strict."""
+        failed: list[int] = []
+        if self._ordered:
+            results: list[Any] = [None] * n
+            for indices, values, errors in pieces:
+                if isinstance(indices, range):
+                    results[indices.start : indices.stop] = values
+                else:
+                    for i, value in zip(indices, values):
+                        results[i] = value
+                if errors:
+                    for position, exc in errors.items():
+                        results[indices[position]] = exc
+                        failed.append(indices[position])
+            failed.sort()
+        else:
+            results = []
+            for _indices, values, errors in pieces:
+                if errors:
+                    base = len(results)
+                    values = list(values)
+                    for position, exc in errors.items():
+                        values[position] = exc
+                        failed.append(base + position)
+                results.extend(values)
+        if failed:
+            count = f"{len(failed)} of {n} items"
+            first = results[failed[0]]
+            if self._strict:
+                raise MapError(
+                    f"opmap {self.__qualname__}: {count} failed",
+                    [results[i] for i in failed],
+                    results,
+                    failed,
+                )
+            warnings.warn(
+                f"opmap {self.__qualname__}: {count} failed; their exceptions are in the "
+                f"results (first, at index {failed[0]}: {first!r}); strict=True raises instead",
+                OpmapFailureWarning,
+                stacklevel=4,
+            )
+        return results
+
+    def _jobs(self, n: int, workers: int) -> int:
+        """Return the job size: ``chunksize=`` or about four jobs per worker."""
+        if self._chunksize is not None:
+            return self._chunksize
+        return max(1, -(-n // (workers * 4)))
+
+    def _map_sync(self, items: list[Any]) -> list[Any]:
+        """Run a map in the thread, process, dask or executor engine."""
+        n = len(items)
+        bar = make_progress(self._progress, n, self.__name__)
+        try:
+            if self._executor is None and self._mode == "thread":
+                workers = self.workers
+                batch = self._chunksize or max(1, min(256, n // (workers * 4)))
+                pieces = _pools.run_thread_items(
+                    self.item_function, items, workers, batch, bar if self._progress else None
+                )
+                return self._finish(n, pieces)
+            return self._finish(n, self._dispatch(items, bar))
+        finally:
+            bar.close()
+
+    def _lookup(self, items: list[Any], bar: Any) -> tuple[list[_pools.Piece], list[int]]:
+        """Serve cached items in the parent; return their piece and the misses to dispatch."""
+        if not self._has_cache:
+            return [], list(range(len(items)))
+        from opero.cache import MISS
+
+        lookup = self._meta.cache_lookup
+        hit_indices: list[int] = []
+        hit_values: list[Any] = []
+        missing: list[int] = []
+        for i, item in enumerate(items):
+            value = lookup((item,), {})
+            if value is MISS:
+                missing.append(i)
+            else:
+                hit_indices.append(i)
+                hit_values.append(value)
+        if hit_indices:
+            bar.update(len(hit_indices))
+            return [(hit_indices, hit_values, None)], missing
+        return [], missing
+
+    def _collector(
+        self,
+        items: list[Any],
+        job_indices: list[list[int]] | list[range],
+        pieces: list[_pools.Piece],
+        bar: Any,
+    ) -> Callable[[int, list[Any], dict[int, BaseException] | None], None]:
+        """Return the ``done`` callback: record a job's piece, fill the cache, count progress."""
+        store = self._meta.cache_store if self._has_cache else None
+        lock = threading.Lock()
+
+        def done(j: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+            indices = job_indices[j]
+            with lock:
+                pieces.append((indices, values, errors))
+            if store is not None:
+                for position, value in enumerate(values):
+                    if not errors or position not in errors:
+                        store((items[indices[position]],), {}, value)
+            bar.update(len(indices))
+
+        return done
+
+    def _plan(
+        self, items: list[Any], missing: list[int], workers: int
+    ) -> tuple[list[list[Any]], list[list[int]] | list[range]]:
+        """Cut the items to dispatch into jobs."""
+        size = self._jobs(len(missing), workers)
+        if len(missing) == len(items):
+            ranges = [range(lo, min(lo + size, len(items))) for lo in range(0, len(items), size)]
+            return [items[r.start : r.stop] for r in ranges], ranges
+        index_jobs = [missing[lo : lo + size] for lo in range(0, len(missing), size)]
+        return [[items[i] for i in job] for job in index_jobs], index_jobs
+
+    def _dispatch(self, items: list[Any], bar: Any) -> list[_pools.Piece]:
+        """Run the process, dask or executor engine over the cache misses."""
+        pieces, missing = self._lookup(items, bar)
+        if not missing:
+            return pieces
+        if self._mode == "dask" and self._executor is None:
+            client = self._dask_client()
+            workers = self.workers
+        else:
+            client = None
+            workers = self.workers
+        jobs, job_indices = self._plan(items, missing, workers)
+        target = _WorkerTarget(self, self._shared_limiter())
+        done = self._collector(items, job_indices, pieces, bar)
+        if self._executor is not None:
+            _pools.run_executor_jobs(self._executor, target, jobs, done)
+        elif client is not None:
+            _pools.run_dask_jobs(client, target, jobs, done, workers)
+        else:
+            _pools.run_process_jobs(_pools.process_pool(workers), target, jobs, done)
+        return pieces
+
+    async def _amap_async(self, items: list[Any]) -> list[Any]:
+        """Run a map on the running loop (``mode="async"``)."""
+        n = len(items)
+        bar = make_progress(self._progress, n, self.__name__)
+        try:
+            pieces = await _pools.run_async_items(
+                self.item_function,
+                items,
+                self.workers,
+                self._is_async,
+                bar if self._progress else None,
+            )
+        finally:
+            bar.close()
+        return self._finish(n, pieces)
+
+    async def _amap_aio_process(self, items: list[Any]) -> list[Any]:
+        """Run a map on the aiomultiprocess pool (on the background loop)."""
+        n = len(items)
+        bar = make_progress(self._progress, n, self.__name__)
+        try:
+            pieces, missing = self._lookup(items, bar)
+            if missing:
+                workers = self.workers
+                jobs, job_indices = self._plan(items, missing, workers)
+                target = _WorkerTarget(self, self._shared_limiter())
+                done = self._collector(items, job_indices, pieces, bar)
+                await _pools.run_aio_process_jobs(workers, target, jobs, done)
+        finally:
+            bar.close()
+        return self._finish(n, pieces)
+
+
+def opmap(
+    mode: Mode = "thread",
+    workers: int | None = None,
+    ordered: bool = True,
+    progress: bool | Literal["force"] = True,
+    strict: bool = False,
+    client: Any = None,
+    executor: cf.Executor | None = None,
+    chunksize: int | None = None,
+    **opero_options: Any,
+) -> Callable[[Callable[..., Any]], MappedFunction[Any]]:
+    """Turn a one-item function into a function over an iterable of items.
+
+    Every ``@opero`` option (``retries``, ``arg_fallback``, ``cache``,
+    ``rate_limit``, callbacks, ...) applies to each item. See the module
+    docstring for how each mode runs, caches and rate-limits.
+
+    Args:
+        mode: ``"thread"`` (default), ``"process"``, ``"async"``,
+            ``"async_process"`` or ``"dask"``.
+        workers: Items (or jobs) in flight at once, >= 1. Default: ``min(32,
+            cpus + 4)`` threads, ``cpus`` processes, 32 coroutines, the
+            client's thread count for Dask, the executor's ``max_workers``.
+        ordered: Results in input order (default) or, when ``False``, in
+            completion order (of batches in the batched modes).
+        progress: ``True`` shows a tqdm bar on a terminal when tqdm is
+            installed, ``"force"`` whenever tqdm is installed, ``False`` never.
+        strict: Raise :class:`MapError` after all items finished when any
+            failed, instead of warning. Default ``False``.
+        client: The ``distributed.Client`` of ``mode="dask"``; the current
+            client at first use when ``None``.
+        executor: Any ``concurrent.futures.Executor`` to run the batches on,
+            instead of opero's own pools (``mode`` is then ignored).
+        chunksize: Items per batch or job; automatic (about four jobs per
+            worker, at most 256 items per thread batch) when ``None``.
+        **opero_options: Options of ``@opero``, applied per item.
+
+    Returns:
+        A decorator returning a :class:`MappedFunction`.
+
+    Raises:
+        ConfigurationError: At decoration time, for a bad option (unknown mode,
+            ``workers < 1``, ``async_process`` with a plain ``def`` or without
+            aiomultiprocess, ...).
+        TypeError: An unknown ``@opero`` option (with the closest valid name).
+    """
+    _check_options(mode, workers, ordered, progress, strict, client, executor, chunksize)
+
+    def decorate(func: Callable[..., Any]) -> MappedFunction[Any]:
+        return MappedFunction(
+            func,
+            mode=mode,
+            workers=workers,
+            ordered=ordered,
+            progress=progress,
+            strict=strict,
+            client=client,
+            executor=executor,
+            chunksize=chunksize,
+            **opero_options,
+        )
+
+    return decorate
+
+

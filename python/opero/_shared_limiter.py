@@ -1,0 +1,139 @@
+"""A token bucket shared by every process of one host, for ``@opmap``.
+
+``@opmap`` makes a rate limit global across the map's workers. Threads and
+asyncio tasks share the decorated function's own bucket; worker processes
+(``mode="process"``, ``"async_process"``, ``"dask"`` and process executors)
+share this one instead: the GCRA state (one double, the theoretical arrival
+time) lives in a small file mapped into memory (``/dev/shm`` when present), and
+every decision holds an exclusive ``flock`` on that file. ``time.monotonic()``
+reads ``CLOCK_MONOTONIC``, which is system-wide on Linux and macOS, so readings
+from different processes compare.
+
+The limiter pickles as its path, rate and burst: a worker that unpickles it
+opens the same file. It is global for the processes of one host; Dask workers
+on other hosts each get their own file (a per-host bucket); use
+``rate_limit_backend="redis"`` for a cluster-wide limit.
+
+A decision costs two ``flock`` calls and a few bytes of shared memory, about
+2 us here, against 5 ms or more per call for the rate limits people configure.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any
+
+__all__ = ["SharedTokenBucket"]
+
+_TAT = struct.Struct("d")
+
+
+def _shm_dir() -> str | None:
+    """Return a RAM-backed folder when the system has one (Linux), else the default tmp."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _unlink(path: str) -> None:
+    """Remove the state file, ignoring a file that is already gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class SharedTokenBucket:
+    """A GCRA token bucket whose state is shared by every process of the host.
+
+    Over any window of T seconds at most ``burst + rate * T`` reservations are
+    granted without delay, whichever process makes them. It satisfies the
+    ``_limiter=`` contract of ``@opero``: :meth:`reserve` returns the seconds
+    the caller must wait before using the token it reserved; it never sleeps.
+
+    Args:
+        rate: Tokens per second (> 0, finite), used when ``reserve`` is given none.
+        burst: Tokens available at once (>= 1). Default 1.
+        path: The state file to attach to; a new one is created when ``None``
+            (and removed when this object is collected or the process exits).
+    """
+
+    def __init__(self, rate: float, burst: int = 1, path: str | None = None) -> None:
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be an int >= 1, got {burst!r}")
+        self.rate = float(rate)
+        self.burst = burst
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="opero-ratelimit-", dir=_shm_dir())
+            os.write(fd, _TAT.pack(0.0))
+            os.close(fd)
+            self._finalizer: Any = weakref.finalize(self, _unlink, path)
+        else:
+            self._finalizer = None
+        self.path = path
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._fd = -1
+        self._map: mmap.mmap | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as (rate, burst, path): the receiver attaches to the same file."""
+        return (SharedTokenBucket, (self.rate, self.burst, self.path))
+
+    def _attach(self) -> mmap.mmap:
+        """Open and map the state file once per process (a forked child reopens it).
+
+        ``flock`` locks belong to an open file description, which a forked child
+        shares with its parent; each process therefore needs its own ``open``.
+        """
+        pid = os.getpid()
+        if self._pid != pid or self._map is None:
+            fd = os.open(self.path, os.O_RDWR)
+            self._map = mmap.mmap(fd, _TAT.size)
+            self._fd = fd
+            self._pid = pid
+        return self._map
+
+    def reserve(self, rate: float | None = None) -> float:
+        """Reserve one token; return the seconds to wait before using it.
+
+        Args:
+            rate: The rate to apply to this decision (tokens per second); the
+                constructor's when ``None`` (a callable ``rate_limit`` passes
+                its current value here).
+
+        Returns:
+            0.0 when a token is free now, else the delay in seconds.
+        """
+        import fcntl
+
+        emission = 1.0 / (self.rate if rate is None or rate <= 0 else rate)
+        tolerance = (self.burst - 1) * emission
+        with self._lock:
+            shared = self._attach()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                now = time.monotonic()
+                tat = max(_TAT.unpack_from(shared, 0)[0], now)
+                _TAT.pack_into(shared, 0, tat + emission)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return max(0.0, tat - tolerance - now)
+
+    def close(self) -> None:
+        """Unmap the file in this process and, in its creator, remove it."""
+        with self._lock:
+            if self._map is not None and self._pid == os.getpid():
+                self._map.close()
+                os.close(self._fd)
+            self._map = None
+            self._pid = -1
+        if self._finalizer is not None:
+            self._finalizer()
