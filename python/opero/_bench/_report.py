@@ -146,7 +146,11 @@ def _target_text(ratio: float | None, target: float | None) -> str:
     if target is None:
         return ""
     verdict = "" if ratio is None else (" ok" if ratio <= target else " MISS")
-    return f"<={target:.3g}x{verdict}"
+    return f"<={_fmt_target(target)}x{verdict}"
+
+
+def _fmt_target(target: float) -> str:
+    return f"{target:.3g}" if target >= 1 else f"{target:.2g}"
 
 
 def _anchor_cells(row: RowResult, anchor: AnchorRow, unit: str) -> tuple[str, str, str]:
@@ -253,7 +257,7 @@ def target_tally(results: Sequence[GroupResult]) -> tuple[list[str], list[str]]:
                 ratio = row.ratio(anchor)
                 if anchor.target is None or ratio is None:
                     continue
-                text = f"{row.operation} vs {anchor.label}: {ratio:.2f}x <= {anchor.target:.3g}x"
+                text = f"{row.operation} vs {anchor.label}: {ratio:.2f}x <= {_fmt_target(anchor.target)}x"
                 (met if ratio <= anchor.target else missed).append(text)
     return met, missed
 
