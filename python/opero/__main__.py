@@ -13,8 +13,9 @@ from pathlib import Path
 __all__ = ["build_parser", "main"]
 
 _BENCH_EPILOG = """\
-groups (--only): core, cache_hit, cache_miss, retry, ratelimit, map (the default run),
-  and redis (starts a local redis-server when the binary exists; not in the default run).
+groups (--only): core, cache_hit, cache_miss, retry, ratelimit, map (the default run);
+  opt-in: dask (starts a LocalCluster), redis (starts a private redis-server on a free
+  port when the binary exists), disk (a disk cache in a temporary directory).
 
 Figures are ns per operation (items/s for maps); the ratio is opero's time over the
 anchor's from the same run, so 0.50x means opero takes half the anchor's time.

@@ -39,7 +39,7 @@ from opero._bench._report import (
 
 __all__ = ["GROUP_MODULES", "BenchOptions", "all_groups", "run_bench"]
 
-GROUP_MODULES: tuple[str, ...] = ("_core", "_cache", "_retry", "_ratelimit", "_map")
+GROUP_MODULES: tuple[str, ...] = ("_core", "_cache", "_retry", "_ratelimit", "_map", "_backends")
 """Modules of ``opero._bench`` that define groups, in report order."""
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "RowResult",
     "Settings",
     "Timing",
+    "Unavailable",
     "call_loop",
     "check",
     "empty_loop_ns",
@@ -64,8 +65,13 @@ ANCHOR_PACKAGES: dict[str, str] = {
     "aiolimiter": "aiolimiter",
     "distributed": "distributed",
     "redis": "redis",
+    "diskcache": "diskcache",
 }
 """Optional anchor modules and the distribution that provides each one."""
+
+
+class Unavailable(RuntimeError):
+    """A case cannot run on this machine (a service binary is missing): "not available"."""
 
 
 class CheckError(AssertionError):
@@ -373,7 +379,7 @@ def _version(module: str) -> str | None:
 
 
 def _not_built(exc: BaseException) -> bool:
-    return isinstance(exc, NotImplementedError)
+    return isinstance(exc, (NotImplementedError, Unavailable))
 
 
 def _run_anchor(

@@ -257,7 +257,8 @@ def target_tally(results: Sequence[GroupResult]) -> tuple[list[str], list[str]]:
                 ratio = row.ratio(anchor)
                 if anchor.target is None or ratio is None:
                     continue
-                text = f"{row.operation} vs {anchor.label}: {ratio:.2f}x <= {_fmt_target(anchor.target)}x"
+                limit = _fmt_target(anchor.target)
+                text = f"{row.operation} vs {anchor.label}: {ratio:.2f}x <= {limit}x"
                 (met if ratio <= anchor.target else missed).append(text)
     return met, missed
 
