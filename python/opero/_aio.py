@@ -1,0 +1,191 @@
+"""The async driver of ``@opero`` and single flight across asyncio tasks.
+
+:func:`build_async_call` mirrors :func:`opero._retry.build_sync_call` with the
+same :class:`~opero._retry.Engine` decisions: it awaits the function and waits
+with ``asyncio.sleep`` (or the private ``_asleep``), so it never blocks the
+event loop. ``asyncio.CancelledError`` is a ``BaseException`` and is never
+caught, retried or wrapped.
+
+:class:`TaskFlight` makes concurrent cache misses on one key compute once: the
+first task computes, the others await the same future and get the same result
+or the same exception. A task that re-enters a key it is computing itself
+computes directly (no deadlock). If the computing task is cancelled, a waiter
+takes over instead of inheriting the cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opero._retry import Engine, _no_reserve
+
+__all__ = ["TaskFlight", "build_async_call"]
+
+
+def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
+    """Return the async function running retries, fallbacks and the rate limit (no cache)."""
+    func = engine.func
+    policy = engine.policy
+    asleep: Callable[[float], Awaitable[Any]] = policy.asleep or asyncio.sleep
+    limiter = engine.limiter
+    on_success = engine.on_success
+    retries = engine.retries
+    fallback = engine.fallback
+
+    async_source = limiter is not None and limiter.has_async_source
+
+    async def take_token() -> None:
+        assert limiter is not None
+        delay = await limiter.areserve() if async_source else reserve()
+        if delay:
+            limiter.check_wait(delay)
+            await asleep(delay)
+
+    reserve = limiter.reserve_function() if limiter is not None else _no_reserve
+
+    if fallback is not None:
+
+        async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
+            calls = fallback.candidates(args, kwargs)
+            total = len(calls)
+            errors: list[Exception] = []
+            for round_ in range(retries + 1):
+                if round_:
+                    wait = engine.before_retry(errors[-1], round_ - 1)
+                    if wait > 0:
+                        await asleep(wait)
+                for index, (a, k) in enumerate(calls):
+                    if limiter is not None:
+                        await take_token()
+                    try:
+                        result = await func(*a, **k)
+                    except Exception as exc:
+                        errors.append(exc)
+                        if not engine.is_retryable(exc):
+                            raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
+                        if index + 1 < total:
+                            engine.log_fallback(exc, index, total)
+                        continue
+                    if on_success is not None:
+                        on_success(result)
+                    return result
+            raise engine.exhausted(errors)
+
+        return acall_fallback
+
+    async def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Continue after the first call failed with ``first`` (the slow path)."""
+        if retries == 0:
+            raise engine.exhausted([first])
+        errors = [first]
+        exc = first
+        attempt = 0
+        while True:
+            if not engine.is_retryable(exc):
+                raise engine.give_up(exc)
+            if attempt == retries:
+                raise engine.exhausted(errors)
+            wait = engine.before_retry(exc, attempt)
+            if wait > 0:
+                await asleep(wait)
+            attempt += 1
+            if limiter is not None:
+                await take_token()
+            try:
+                result = await func(*args, **kwargs)
+            except Exception as err:
+                errors.append(err)
+                exc = err
+                continue
+            if on_success is not None:
+                on_success(result)
+            return result
+
+    if limiter is None and on_success is None:
+        if retries == 0 and engine.on_failure is None:
+
+            async def acall_plain(*args: Any, **kwargs: Any) -> Any:
+                return await func(*args, **kwargs)
+
+            return acall_plain
+
+        async def acall_retry(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except Exception as exc:
+                return await retry_from(exc, args, kwargs)
+
+        return acall_retry
+
+    async def acall(*args: Any, **kwargs: Any) -> Any:
+        if limiter is not None:
+            await take_token()
+        try:
+            result = await func(*args, **kwargs)
+        except Exception as exc:
+            return await retry_from(exc, args, kwargs)
+        if on_success is not None:
+            on_success(result)
+        return result
+
+    return acall
+
+
+class _Retry:
+    """Result of a flight whose computing task was cancelled: the waiters try again."""
+
+
+_RETRY = _Retry()
+
+
+class TaskFlight:
+    """Single flight of cache misses across the asyncio tasks of one decorated function."""
+
+    __slots__ = ("_flights",)
+
+    def __init__(self) -> None:
+        self._flights: dict[
+            Any, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], asyncio.Task[Any] | None]
+        ] = {}
+
+    async def do(self, key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``compute()`` once for concurrent callers of ``key``; share its outcome.
+
+        Args:
+            key: The cache key (hashable).
+            compute: Computes the value and stores it in the cache before returning.
+
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            flight_loop, future, owner = flight
+            if owner is task or flight_loop is not loop:
+                # Re-entry from the computing task, or another event loop: compute directly.
+                return await compute()
+            result = await asyncio.shield(future)
+            if result is not _RETRY:
+                return result
+        future = loop.create_future()
+        entry = (loop, future, task)
+        self._flights[key] = entry
+        try:
+            value = await compute()
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the caller re-raises it below anyway
+            raise
+        except BaseException:
+            future.set_result(_RETRY)
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            if self._flights.get(key) is entry:
+                del self._flights[key]

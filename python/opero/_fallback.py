@@ -1,0 +1,99 @@
+"""Argument fallbacks of ``@opero``: the ``values[i:]`` candidates of ``arg_fallback``.
+
+``arg_fallback="endpoint"`` names a parameter whose value (passed by the caller,
+or else the signature's default) is a list or tuple of candidates. Candidate
+``i`` calls the function with ``endpoint`` bound to ``values[i:]`` (same type),
+so ``endpoint[0]`` is always the current candidate and the function can see the
+ones left. A value that is not a list or tuple (for example ``None``) means one
+call with that value, unchanged.
+
+The parameter's position is found once, at decoration time; a call only binds
+through :class:`inspect.Signature` in the rare case of a positional-only
+parameter left to its default after other defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from opero._policy import fallback_parameter
+
+__all__ = ["Fallback"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class Fallback:
+    """The precomputed binding of one ``arg_fallback`` parameter.
+
+    Args:
+        func: The decorated function.
+        name: The parameter named by ``arg_fallback``.
+
+    Raises:
+        ConfigurationError: ``name`` is not a named parameter of ``func``.
+
+    """
+
+    __slots__ = ("default", "keyword_ok", "name", "position", "signature")
+
+    def __init__(self, func: Callable[..., Any], name: str) -> None:
+        param = fallback_parameter(func, name)
+        self.signature = inspect.signature(func)
+        self.name = name
+        self.keyword_ok = param.kind is not inspect.Parameter.POSITIONAL_ONLY
+        self.position: int | None = None
+        if param.kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            self.position = list(self.signature.parameters).index(name)
+        self.default = param.default
+
+    def candidates(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]:
+        """Return the calls to try in order: ``(args, kwargs)`` for each candidate.
+
+        The first call is the caller's own arguments (or the default filled
+        in); candidate ``i`` rebinds the parameter to ``values[i:]``.
+        """
+        name = self.name
+        position = self.position
+        if name in kwargs:
+            values = kwargs[name]
+            where = 0
+        elif position is not None and len(args) > position:
+            values = args[position]
+            where = 1
+        elif self.default is not inspect.Parameter.empty:
+            values = self.default
+            where = 2
+        else:
+            # A required argument is missing: one call, the function raises its TypeError.
+            return [(args, kwargs)]
+        if not isinstance(values, (list, tuple)) or len(values) <= 1:
+            return [(args, kwargs)]
+        # Candidate 0 is values[0:], equal to what the call already binds.
+        calls: list[Call] = [(args, kwargs)]
+        for i in range(1, len(values)):
+            rest = values[i:]
+            if where == 0:
+                calls.append((args, {**kwargs, name: rest}))
+            elif where == 1:
+                assert position is not None
+                calls.append(((*args[:position], rest, *args[position + 1 :]), kwargs))
+            else:
+                calls.append(self._bind(args, kwargs, rest))
+        return calls
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any) -> Call:
+        """Bind ``value`` to the parameter when the caller left it to its default."""
+        if self.keyword_ok:
+            return args, {**kwargs, self.name: value}
+        if self.position == len(args):
+            return (*args, value), kwargs
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        bound.arguments[self.name] = value
+        return tuple(bound.args), dict(bound.kwargs)

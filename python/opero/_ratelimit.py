@@ -1,0 +1,198 @@
+"""The rate-limit layer of ``@opero``: one token before every real call.
+
+A :class:`Limiter` is built once per decorated function. Its source of tokens
+is, in order of precedence:
+
+* the private ``_limiter=`` object (``@opmap`` shares one across its workers):
+  anything with ``reserve(rate=None) -> seconds`` (and optionally ``async
+  areserve(rate=None)``);
+* a ``opero._ratelimit_redis.RedisRateLimiter`` when
+  ``rate_limit_backend="redis"`` (shared by processes and hosts);
+* a native :class:`opero._opero_core.TokenBucket`, shared process-wide by every
+  function with the same ``rate_limit_key`` (the first decoration's rate and
+  burst win; a later one that disagrees is logged).
+
+A token source never sleeps: ``reserve()`` books a token and returns how long
+to wait before using it; the sync driver then calls ``time.sleep`` and the
+async driver awaits ``asyncio.sleep`` (a zero delay never sleeps). A callable
+``rate_limit`` is read on every call; the bucket's rate changes only when the
+value does. A wait longer than ``rate_max_wait`` raises
+:class:`~opero.errors.RateLimitTimeout` (the token stays booked).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from opero._opero_core import TokenBucket
+from opero._policy import Policy
+from opero.errors import ConfigurationError, RateLimitTimeout
+
+__all__ = ["Limiter", "shared_bucket"]
+
+logger = logging.getLogger("opero")
+
+_buckets: dict[str, TokenBucket] = {}
+_buckets_lock = threading.Lock()
+
+
+def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
+    """Return the process-wide bucket named ``key``, creating it on first use.
+
+    Args:
+        key: The ``rate_limit_key``.
+        rate: Calls per second for a new bucket.
+        burst: Calls allowed at once for a new bucket.
+
+    """
+    with _buckets_lock:
+        bucket = _buckets.get(key)
+        if bucket is None:
+            bucket = _buckets[key] = TokenBucket(rate, burst)
+        elif bucket.burst != burst or bucket.rate != rate:
+            logger.warning(
+                "opero: rate_limit_key=%r is already used with rate_limit=%s, rate_burst=%d; "
+                "keeping those for this function too (asked for %s, %d)",
+                key,
+                bucket.rate,
+                bucket.burst,
+                rate,
+                burst,
+            )
+        return bucket
+
+
+def _check_rate(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(
+            f"the rate_limit callable returned {value!r}; it must return calls per second, "
+            "a finite number > 0 (for example lambda: 10.0)"
+        )
+    return float(value)
+
+
+class Limiter:
+    """Books one token before every real call of one decorated function.
+
+    Args:
+        policy: The validated options (``rate_limit``, ``rate_burst``,
+            ``rate_limit_key``, ``rate_max_wait``, ``rate_limit_backend``,
+            ``rate_limit_redis_url``, ``_limiter``).
+        qualname: ``module.qualname`` of the function, for log records.
+
+    """
+
+    __slots__ = (
+        "_last_rate",
+        "_lock",
+        "_rate_fn",
+        "bucket",
+        "is_native",
+        "max_wait",
+        "qualname",
+        "source",
+    )
+
+    def __init__(self, policy: Policy, qualname: str) -> None:
+        self.qualname = qualname
+        self.max_wait = policy.rate_max_wait
+        rate = policy.rate_limit
+        self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
+        static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
+        self._last_rate: float | None = static_rate
+        self._lock = threading.Lock()
+        self.bucket: TokenBucket | None = None
+        if policy.limiter is not None:
+            self.source: Any = policy.limiter
+            self.is_native = isinstance(policy.limiter, TokenBucket)
+            if self.is_native:
+                self.bucket = policy.limiter
+        elif policy.rate_limit_backend == "redis":
+            module = importlib.import_module("opero._ratelimit_redis")
+            url = policy.rate_limit_redis_url
+            kwargs: dict[str, Any] = (
+                {"url": url} if url is None or isinstance(url, str) else {"client": url}
+            )
+            self.source = module.RedisRateLimiter(
+                policy.rate_limit_key,
+                static_rate if static_rate is not None else 1.0,
+                policy.rate_burst,
+                **kwargs,
+            )
+            self.is_native = False
+        else:
+            # A callable rate is read on the first call; 1.0 is a placeholder until then.
+            initial = static_rate if static_rate is not None else 1.0
+            if policy.rate_limit_key is not None:
+                self.bucket = shared_bucket(policy.rate_limit_key, initial, policy.rate_burst)
+            else:
+                self.bucket = TokenBucket(initial, policy.rate_burst)
+            self.source = self.bucket
+            self.is_native = True
+
+    def reserve_function(self) -> Callable[[], float]:
+        """Return the cheapest zero-argument function that books a token.
+
+        A static rate on a native bucket gives the bucket's own bound
+        ``reserve`` (no Python frame on the hot path).
+        """
+        if self._rate_fn is None and self.is_native:
+            assert self.bucket is not None
+            return self.bucket.reserve
+        return self.reserve
+
+    def current_rate(self) -> float | None:
+        """Read the callable ``rate_limit`` (validated); ``None`` for a static rate."""
+        if self._rate_fn is None:
+            return None
+        rate = _check_rate(self._rate_fn())
+        if rate != self._last_rate:
+            with self._lock:
+                if rate != self._last_rate:
+                    if self.bucket is not None:
+                        self.bucket.set_rate(rate)
+                    self._last_rate = rate
+        return rate
+
+    def reserve(self) -> float:
+        """Book one token and return the seconds to wait before using it."""
+        rate = self.current_rate()
+        if self.is_native:
+            assert self.bucket is not None
+            return self.bucket.reserve()
+        return float(self.source.reserve(rate))
+
+    async def areserve(self) -> float:
+        """Async :meth:`reserve`: uses the source's ``areserve`` when it has one."""
+        rate = self.current_rate()
+        if self.is_native:
+            assert self.bucket is not None
+            return self.bucket.reserve()
+        areserve = getattr(self.source, "areserve", None)
+        if areserve is not None:
+            return float(await areserve(rate))
+        return float(self.source.reserve(rate))
+
+    @property
+    def has_async_source(self) -> bool:
+        """Whether booking a token needs an ``await`` (a Redis limiter)."""
+        return not self.is_native and getattr(self.source, "areserve", None) is not None
+
+    def check_wait(self, delay: float) -> None:
+        """Log a wait and raise :class:`RateLimitTimeout` if it exceeds ``rate_max_wait``."""
+        if self.max_wait is not None and delay > self.max_wait:
+            raise RateLimitTimeout(
+                f"{self.qualname}: the next rate-limit token is {delay:.3f}s away, more than "
+                f"rate_max_wait={self.max_wait}s; raise rate_max_wait or lower the call rate"
+            )
+        logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)

@@ -1,0 +1,324 @@
+"""Retries of ``@opero``: the decision logic shared by both drivers, and the sync driver.
+
+:class:`Engine` holds every decision of the retry loop (is this error
+retryable, how long to wait before retry ``k``, what to raise when every call
+failed) and fires the callbacks. The sync driver here and the async driver in
+:mod:`opero._aio` only differ in how they call the function and how they wait.
+
+Pipeline inside one round (outside in): fallback candidates, then one
+rate-limit token per real call, then the function. Rounds are
+``0..retries``; the wait before retry ``k`` (0-based) is
+``min(max_delay, min_delay * backoff_factor**k)`` jittered into ``[d/2, d]``
+(the native :class:`~opero._opero_core.Backoff`), or ``backoff_function(k)``;
+zero while :func:`opero.set_testing` is on. A zero wait never sleeps.
+
+An error that is not retryable (outside ``retry_on``, or refused by
+``retry_predicate``) propagates at once, unchanged, even inside a fallback
+chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
+``asyncio.CancelledError`` are never caught (they are not ``Exception``
+subclasses). When every call failed and more than one call was made, or a
+fallback was configured, :class:`~opero.errors.AllFailedError` is raised from
+the last error with every error in call order; otherwise the function's own
+exception propagates.
+
+The first call of the common configurations is specialized at decoration time
+so a success only pays for what is configured: with ``retries=3`` alone, one
+``try``/``except`` around the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from opero import _testing
+from opero._callbacks import adapt_callback
+from opero._fallback import Fallback
+from opero._opero_core import Backoff
+from opero._policy import Policy
+from opero._ratelimit import Limiter
+from opero.errors import AllFailedError, ConfigurationError
+
+__all__ = ["Engine", "build_sync_call"]
+
+logger = logging.getLogger("opero")
+
+
+class Engine:
+    """The policy of one decorated function, compiled for both drivers.
+
+    Args:
+        policy: The validated options.
+        func: The decorated function (the inner one, called on each attempt).
+        qualname: ``module.qualname`` used in messages and log records.
+
+    """
+
+    __slots__ = (
+        "backoff",
+        "backoff_function",
+        "fallback",
+        "func",
+        "limiter",
+        "on_failure",
+        "on_retry",
+        "on_success",
+        "policy",
+        "predicate",
+        "predicate_arity",
+        "qualname",
+        "retries",
+        "retry_on",
+    )
+
+    def __init__(self, policy: Policy, func: Callable[..., Any], qualname: str) -> None:
+        self.policy = policy
+        self.func = func
+        self.qualname = qualname
+        self.retries = policy.retries
+        self.retry_on = policy.retry_on
+        self.predicate = policy.retry_predicate
+        self.predicate_arity = policy.retry_predicate_arity
+        self.backoff_function = policy.backoff_function
+        self.backoff = Backoff(
+            policy.min_delay,
+            policy.max_delay,
+            policy.backoff_factor,
+            policy.jitter,
+            policy.backoff_seed,
+        )
+        self.fallback = Fallback(func, policy.arg_fallback) if policy.arg_fallback else None
+        self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
+        self.on_retry = adapt_callback("on_retry", policy.on_retry, (2, 1))
+        self.on_success = adapt_callback("on_success", policy.on_success, (1, 0))
+        self.on_failure = adapt_callback("on_failure", policy.on_failure, (1,))
+
+    # --- decisions -----------------------------------------------------------------
+
+    def is_retryable(self, exc: Exception) -> bool:
+        """Return whether another call may follow ``exc`` (``retry_on``, then the predicate)."""
+        if not isinstance(exc, self.retry_on):
+            return False
+        predicate = self.predicate
+        if predicate is None:
+            return True
+        try:
+            if self.predicate_arity >= 2:
+                return bool(predicate(exc, None))
+            return bool(predicate(exc))
+        except Exception:
+            logger.exception(
+                "opero: retry_predicate of %s raised on %r; the error is not retried",
+                self.qualname,
+                exc,
+            )
+            return False
+
+    def delay(self, attempt: int) -> float:
+        """Return the seconds to wait before retry ``attempt`` (0-based)."""
+        if _testing._enabled:
+            return 0.0
+        if self.backoff_function is None:
+            return self.backoff.delay(attempt)
+        value = self.backoff_function(attempt)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ConfigurationError(
+                f"backoff_function of {self.qualname} returned {value!r} for attempt {attempt}; "
+                "it must return a finite number of seconds >= 0"
+            )
+        return float(value)
+
+    def before_retry(self, exc: Exception, attempt: int) -> float:
+        """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""
+        if self.on_retry is not None:
+            self.on_retry(exc, attempt)
+        wait = self.delay(attempt)
+        logger.debug(
+            "opero: %s failed with %r; retry %d of %d in %.3fs",
+            self.qualname,
+            exc,
+            attempt + 1,
+            self.retries,
+            wait,
+        )
+        return wait
+
+    def give_up(self, exc: Exception) -> Exception:
+        """Fire ``on_failure`` for an error that is not retried, and return it."""
+        if self.on_failure is not None:
+            self.on_failure(exc)
+        return exc
+
+    def exhausted(self, errors: list[Exception]) -> Exception:
+        """Return the error to raise when every call failed (and fire ``on_failure``).
+
+        ``AllFailedError`` (chained from the last error, as ``raise ... from``
+        would) when more than one call was made or a fallback was configured,
+        else the function's own exception.
+        """
+        if len(errors) == 1 and self.fallback is None:
+            return self.give_up(errors[0])
+        error = AllFailedError(
+            f"{self.qualname} failed on all {len(errors)} calls; last error: {errors[-1]!r}",
+            errors,
+        )
+        error.__cause__ = errors[-1]
+        error.__suppress_context__ = True
+        logger.warning("opero: %s", error.message)
+        return self.give_up(error)
+
+    def log_fallback(self, exc: Exception, index: int, total: int) -> None:
+        """Log a failed fallback candidate before the next one is tried."""
+        logger.debug(
+            "opero: %s candidate %d of %d (%s) failed with %r; trying the next one",
+            self.qualname,
+            index + 1,
+            total,
+            self.policy.arg_fallback,
+            exc,
+        )
+
+
+def build_sync_call(engine: Engine) -> Callable[..., Any]:
+    """Return the sync function running retries, fallbacks and the rate limit (no cache).
+
+    The result is ``engine.func`` itself when nothing is configured around
+    the call, else a closure specialized for the configured layers.
+    """
+    func = engine.func
+    policy = engine.policy
+    sleep: Callable[[float], Any] = policy.sleep or time.sleep
+    limiter = engine.limiter
+    on_success = engine.on_success
+    retries = engine.retries
+    reserve = limiter.reserve_function() if limiter is not None else _no_reserve
+
+    if engine.fallback is not None:
+        return _general_sync(engine, sleep)
+
+    def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Continue after the first call failed with ``first`` (the slow path)."""
+        if retries == 0:
+            raise engine.exhausted([first])
+        errors = [first]
+        exc = first
+        attempt = 0
+        while True:
+            if not engine.is_retryable(exc):
+                raise engine.give_up(exc)
+            if attempt == retries:
+                raise engine.exhausted(errors)
+            wait = engine.before_retry(exc, attempt)
+            if wait > 0:
+                sleep(wait)
+            attempt += 1
+            if limiter is not None:
+                delay = reserve()
+                if delay:
+                    limiter.check_wait(delay)
+                    sleep(delay)
+            try:
+                result = func(*args, **kwargs)
+            except Exception as err:
+                errors.append(err)
+                exc = err
+                continue
+            if on_success is not None:
+                on_success(result)
+            return result
+
+    if limiter is None:
+        if on_success is None:
+            if retries == 0 and engine.on_failure is None:
+                return func
+
+            def call_retry(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return func(*args, **kwargs)
+                except Exception as exc:
+                    return retry_from(exc, args, kwargs)
+
+            return call_retry
+
+        def call_success(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = func(*args, **kwargs)
+            except Exception as exc:
+                return retry_from(exc, args, kwargs)
+            on_success(result)
+            return result
+
+        return call_success
+
+    check_wait = limiter.check_wait
+
+    def call_limited(*args: Any, **kwargs: Any) -> Any:
+        delay = reserve()
+        if delay:
+            check_wait(delay)
+            sleep(delay)
+        try:
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            return retry_from(exc, args, kwargs)
+        if on_success is not None:
+            on_success(result)
+        return result
+
+    return call_limited
+
+
+def _no_reserve() -> float:
+    """Stand-in token source when no rate limit is configured (never called)."""
+    return 0.0
+
+
+def _general_sync(engine: Engine, sleep: Callable[[float], Any]) -> Callable[..., Any]:
+    """Return the full sync loop: rounds of fallback candidates, a token per call."""
+    func = engine.func
+    limiter = engine.limiter
+    reserve = limiter.reserve_function() if limiter is not None else None
+    on_success = engine.on_success
+    retries = engine.retries
+    fallback = engine.fallback
+    assert fallback is not None
+
+    def call_fallback(*args: Any, **kwargs: Any) -> Any:
+        calls = fallback.candidates(args, kwargs)
+        total = len(calls)
+        errors: list[Exception] = []
+        for round_ in range(retries + 1):
+            if round_:
+                wait = engine.before_retry(errors[-1], round_ - 1)
+                if wait > 0:
+                    sleep(wait)
+            for index, (a, k) in enumerate(calls):
+                if reserve is not None:
+                    delay = reserve()
+                    if delay:
+                        assert limiter is not None
+                        limiter.check_wait(delay)
+                        sleep(delay)
+                try:
+                    result = func(*a, **k)
+                except Exception as exc:
+                    errors.append(exc)
+                    if not engine.is_retryable(exc):
+                        raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
+                    if index + 1 < total:
+                        engine.log_fallback(exc, index, total)
+                    continue
+                if on_success is not None:
+                    on_success(result)
+                return result
+        raise engine.exhausted(errors)
+
+    return call_fallback

@@ -1,0 +1,143 @@
+"""Backend names to backend objects, and the namespaces behind ``opero.clear_cache``.
+
+``cache_backend="memory"`` is the process-wide :class:`MemoryBackend`;
+``"redis"`` and ``"disk"`` build :class:`~opero.cache.RedisBackend` /
+:class:`~opero.cache.DiskBackend` (imported only when chosen) from the
+``cache_*`` options, one instance per distinct configuration, so functions
+with the same settings share one connection pool or one directory handle. Any
+object with ``open(...)`` and ``stable_keys`` is used as it is.
+
+Every opened function cache is registered (weakly) under its namespace with
+the backend that opened it; :func:`clear_cache` clears them and asks each
+backend to drop the rest of the namespace (entries written by other
+processes, for Redis and disk).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import weakref
+from typing import Any
+
+from opero._policy import Policy
+from opero.cache._base import CacheBackend, FunctionCache
+from opero.cache._memory import MemoryBackend
+
+__all__ = ["clear_cache", "default_memory_backend", "register", "resolve_backend"]
+
+logger = logging.getLogger("opero")
+
+_lock = threading.Lock()
+_memory = MemoryBackend()
+_shared: dict[Any, CacheBackend] = {}
+# namespace -> function caches (weak where possible) and backends that served it.
+_caches: dict[str, weakref.WeakSet[Any]] = {}
+_strong: dict[str, list[FunctionCache]] = {}
+_backends: dict[str, list[CacheBackend]] = {}
+
+
+def default_memory_backend() -> MemoryBackend:
+    """Return the process-wide memory backend (``cache_backend="memory"``)."""
+    return _memory
+
+
+def resolve_backend(policy: Policy) -> CacheBackend:
+    """Return the backend object for ``policy.cache_backend`` (name or object)."""
+    backend = policy.cache_backend
+    if not isinstance(backend, str):
+        return backend  # type: ignore[no-any-return]
+    if backend == "memory":
+        return _memory
+    if backend == "redis":
+        url = policy.cache_redis_url
+        module = importlib.import_module("opero.cache._redis")
+        kwargs: dict[str, Any] = {
+            "serializer": policy.cache_serializer,
+            "secret": policy.cache_secret,
+            "strict": policy.cache_strict,
+        }
+        if url is None or isinstance(url, str):
+            return _share(
+                ("redis", url, *kwargs.values()), lambda: module.RedisBackend(url, **kwargs)
+            )
+        return _share(
+            ("redis-client", id(url), *kwargs.values()),
+            lambda: module.RedisBackend(client=url, **kwargs),
+        )
+    module = importlib.import_module("opero.cache._disk")
+    directory = policy.cache_dir
+    kwargs = {
+        "serializer": policy.cache_serializer,
+        "secret": policy.cache_secret,
+        "strict": policy.cache_strict,
+    }
+    return _share(
+        ("disk", str(directory) if directory is not None else None, *kwargs.values()),
+        lambda: module.DiskBackend(directory, **kwargs),
+    )
+
+
+def _share(config: tuple[Any, ...], build: Any) -> CacheBackend:
+    """Return the backend built for ``config`` earlier, or build and remember it."""
+    try:
+        hash(config)
+    except TypeError:
+        return build()  # type: ignore[no-any-return]
+    with _lock:
+        backend = _shared.get(config)
+    if backend is None:
+        backend = build()
+        with _lock:
+            backend = _shared.setdefault(config, backend)
+    return backend
+
+
+def register(namespace: str, backend: CacheBackend, cache: FunctionCache) -> None:
+    """Remember that ``backend`` opened ``cache`` in ``namespace`` (for :func:`clear_cache`)."""
+    with _lock:
+        try:
+            _caches.setdefault(namespace, weakref.WeakSet()).add(cache)
+        except TypeError:
+            _strong.setdefault(namespace, []).append(cache)
+        served = _backends.setdefault(namespace, [])
+        if not any(b is backend for b in served):
+            served.append(backend)
+
+
+def clear_cache(namespace: str | None = None) -> None:
+    """Clear the cache of every ``@opero`` function, or of one namespace.
+
+    Clears every store opened in this process (memory, Redis and disk caches
+    of the decorated functions) and asks each backend used to drop the rest
+    of the namespace, so Redis and disk entries written by other processes go
+    too. Counters (``cache_info()``) are kept.
+
+    Args:
+        namespace: The ``cache_namespace`` to clear; ``None`` (default)
+            clears every namespace this process used.
+
+    Raises:
+        TypeError: ``namespace`` is not a ``str`` or ``None``.
+
+    """
+    if namespace is not None and not isinstance(namespace, str):
+        raise TypeError(f"clear_cache(namespace=...) takes a str or None, got {namespace!r}")
+    with _lock:
+        names = list(_backends) if namespace is None else [namespace]
+        work = [
+            (
+                name,
+                list(_caches.get(name, ())) + list(_strong.get(name, ())),
+                list(_backends.get(name, ())),
+            )
+            for name in names
+        ]
+    for name, caches, backends in work:
+        for cache in caches:
+            cache.clear()
+        for backend in backends:
+            if backend is _memory or isinstance(backend, MemoryBackend):
+                continue  # its stores are the caches cleared just above
+            backend.clear_namespace(name)
