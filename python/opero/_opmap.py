@@ -426,17 +426,14 @@ class MappedFunction(Generic[R]):
                 for k, v in self._opero_options.items()
                 if k != "cache" and not k.startswith("cache_") and k != "on_cache_hit"
             }
-            if not options:
-                fn = self._func
+            if limiter is not None:
+                options["_limiter"] = limiter
+            wrapped = _decorator.opero(**options)(self._func)
+            meta = getattr(wrapped, "__opero__", None)
+            if meta is None:
+                fn = wrapped
             else:
-                if limiter is not None:
-                    options["_limiter"] = limiter
-                wrapped = _decorator.opero(**options)(self._func)
-                meta = getattr(wrapped, "__opero__", None)
-                if meta is None:
-                    fn = wrapped
-                else:
-                    fn = meta.acall_uncached if self._is_async else meta.call_uncached
+                fn = meta.acall_uncached if self._is_async else meta.call_uncached
             self._worker_fns[key] = fn
         return fn
 

@@ -71,5 +71,5 @@ def make_progress(
         from tqdm.auto import tqdm
     except ImportError:
         return NO_PROGRESS
-    bar: Progress = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
+    bar: Progress = tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
     return bar

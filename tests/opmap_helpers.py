@@ -1,0 +1,131 @@
+"""Module-level functions for the ``@opmap`` tests: worker processes import them by name."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from opero import opmap
+
+
+def record(path: str, line: str) -> None:
+    """Append one line to ``path`` (O_APPEND writes of one line do not interleave)."""
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+
+
+def count_lines(path: str) -> int:
+    """Return how many lines ``path`` holds (0 when it does not exist)."""
+    try:
+        with open(path) as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_square(x: int) -> int:
+    """Square in a worker process."""
+    return x * x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_pid(_x: Any) -> int:
+    """Return the worker's process id."""
+    return os.getpid()
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_fail_odd(x: int) -> int:
+    """Fail on odd items with a ValueError."""
+    if x % 2:
+        raise ValueError(f"odd item {x}")
+    return x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_die_on_13(x: int) -> int:
+    """Kill the worker process on item 13, return the item otherwise."""
+    if x == 13:
+        os._exit(3)
+    return x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False, cache=True)
+def p_cached_logged(item: tuple[str, int]) -> int:
+    """Log the call to the file named in the item, return the number doubled."""
+    path, x = item
+    record(path, str(x))
+    return 2 * x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False, rate_limit=0.001, rate_burst=5,
+       rate_max_wait=0.0)
+def p_rate_limited(x: int) -> int:
+    """Rate limited to 5 tokens then one every 1000 s; waits beyond 0 s fail at once."""
+    return x
+
+
+@opmap(mode="process", workers=2, retries=2, progress=False, _sleep=lambda s: None)
+def p_flaky(item: tuple[str, int]) -> int:
+    """Fail the first call of each item (logged to the item's file), succeed on the retry."""
+    path, x = item
+    marker = f"{path}.{x}"
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ConnectionError(f"first call of {x}")
+    return x
+
+
+def busy(seconds: float) -> None:
+    """Spin the CPU for ``seconds`` (time.perf_counter)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def cpu_item(x: int) -> int:
+    """A 5 ms CPU job."""
+    busy(0.005)
+    return x
+
+
+def trivial(x: int) -> int:
+    """A trivial item function."""
+    return x + 1
+
+
+@opmap(mode="async_process", workers=2, retries=0, progress=False)
+async def ap_double(x: int) -> int:
+    """Double in an aiomultiprocess worker."""
+    return 2 * x
+
+
+@opmap(mode="async_process", workers=2, retries=0, progress=False)
+async def ap_fail_odd(x: int) -> int:
+    """Fail on odd items in an aiomultiprocess worker."""
+    if x % 2:
+        raise ValueError(f"odd item {x}")
+    return x
+
+
+@opmap(mode="dask", retries=0, progress=False)
+def d_square(x: int) -> int:
+    """Square on a Dask worker."""
+    return x * x
+
+
+@opmap(mode="dask", retries=0, progress=False)
+def d_fail_odd(x: int) -> int:
+    """Fail on odd items on a Dask worker."""
+    if x % 2:
+        raise ValueError(f"odd item {x}")
+    return x
+
+
+@opmap(mode="dask", workers=2, retries=0, progress=False, rate_limit=0.001, rate_burst=5,
+       rate_max_wait=0.0)
+def d_rate_limited(x: int) -> int:
+    """Rate limited to 5 tokens then one every 1000 s on Dask workers."""
+    return x
