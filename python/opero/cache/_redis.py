@@ -213,93 +213,71 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
-class RedisBackend:
-    """Cache results in Redis, shared by every process and host using the same server.
+def check_interval(value: Any, name: str = "retry_interval") -> float:
+    """Return a finite number of seconds >= 0, or raise ConfigurationError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(f"{name}={value!r} must be a number of seconds >= 0")
+    return float(value)
 
-    Security: with the default pickle serializer and no secret, whoever can
-    write to the Redis server can make this process run arbitrary code (pickle
-    payloads). Use an unsigned pickle cache only with a Redis nobody else can
-    write to; otherwise set ``secret`` (HMAC-SHA256 signing, checked before
-    unpickling) or ``serializer="json"``.
+
+class RedisConnector:
+    """Where a Redis user connects: a URL (pooled per process and loop) or a client object.
+
+    Nothing connects at construction; clients are made at first use and shared
+    by every backend and limiter using the same URL and timeouts.
 
     Args:
-        url: ``redis://host:port/db`` (also ``rediss://``, ``unix://``). Default
-            ``None``: ``OPERO_REDIS_URL``, read at first use, else
+        url: A Redis URL; ``None`` reads ``OPERO_REDIS_URL`` at first use, else
             ``redis://localhost:6379/0``.
-        client: A ``redis.Redis`` or ``redis.asyncio.Redis`` to use instead of
-            a URL (``decode_responses`` must be off). A client of the other
-            flavour is derived from it for sync/async functions as needed.
-        serializer: ``"pickle"`` (default), ``"json"`` or a ``(dumps, loads)`` pair.
-        secret: HMAC key (``str``/``bytes``); ``None`` reads ``OPERO_CACHE_SECRET``
-            at first use; unset means values are not signed.
-        strict: Raise :class:`~opero.errors.CacheBackendError` when Redis fails,
-            instead of treating it as a miss. Default ``False``.
-        socket_timeout: Seconds a command may take before it counts as a failure.
-            Default 0.5.
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis`` instead of a URL.
+        socket_timeout: Seconds a command may take. Default 0.5.
         connect_timeout: Seconds a connection attempt may take. Default 0.5.
-        retry_interval: Seconds between probes of a Redis that is down (calls in
-            between are misses without network). Default 1.0.
+        option: The user-facing option name for error messages.
 
     Raises:
-        ConfigurationError: Malformed URL, both ``url`` and ``client``, a client
-            with ``decode_responses=True``, an unknown serializer or a bad timeout.
+        ConfigurationError: Malformed URL, both url and client, a client that
+            is not a Redis client or decodes responses, or a bad timeout.
 
     """
-
-    stable_keys = True
 
     def __init__(
         self,
         url: str | None = None,
         *,
         client: Any = None,
-        serializer: Any = "pickle",
-        secret: str | bytes | None = None,
-        strict: bool = False,
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
-        retry_interval: float = 1.0,
+        option: str = "cache_redis_url",
     ) -> None:
-        self.codec = Codec(serializer, secret)
-        self.strict = bool(strict)
         self.socket_timeout = _check_timeout("socket_timeout", socket_timeout)
         self.connect_timeout = _check_timeout("connect_timeout", connect_timeout)
-        if (
-            isinstance(retry_interval, bool)
-            or not isinstance(retry_interval, int | float)
-            or not math.isfinite(retry_interval)
-            or retry_interval < 0
-        ):
-            raise ConfigurationError(
-                f"retry_interval={retry_interval!r} must be a number of seconds >= 0"
-            )
-        self.retry_interval = float(retry_interval)
         if url is not None and client is not None:
             raise ConfigurationError(
-                "RedisBackend got both url and client; pass one (cache_redis_url takes either)"
+                f"got both url and client; pass one ({option} takes either a URL or a client)"
             )
         self._client = client
         self._url: str | None = None
         self._sync: redis.Redis | None = None
         self._async_last: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
-        self._outage: Outage | None = None
-        self._namespaces: set[str] = set()
         if client is not None:
             if not callable(getattr(client, "get", None)):
                 raise ConfigurationError(
-                    f"cache_redis_url={client!r} is neither a URL string nor a redis client"
+                    f"{option}={client!r} is neither a URL string nor a redis client"
                 )
             pool = getattr(client, "connection_pool", None)
             kwargs = getattr(pool, "connection_kwargs", {})
             if isinstance(kwargs, dict) and kwargs.get("decode_responses"):
                 raise ConfigurationError(
-                    "the redis client given to cache_redis_url has decode_responses=True; "
-                    "opero stores bytes, so pass a client created with decode_responses=False"
+                    f"the redis client given to {option} has decode_responses=True; "
+                    "opero needs bytes, so pass a client created with decode_responses=False"
                 )
         elif url is not None:
-            self._url = validate_url(url)
-
-    # -- connection management ---------------------------------------------------
+            self._url = validate_url(url, option)
 
     @property
     def url(self) -> str:
@@ -312,13 +290,6 @@ class RedisBackend:
                 )
             self._url = validate_url(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)
         return self._url
-
-    @property
-    def outage(self) -> Outage:
-        """The process-wide reachability state of this server (one warning per outage)."""
-        if self._outage is None:
-            self._outage = outage_for(f"Redis at {redact(self.url)}", self.retry_interval)
-        return self._outage
 
     def sync_client(self) -> redis.Redis:
         """Return the sync client, creating (or sharing) it at first use."""
@@ -376,6 +347,87 @@ class RedisBackend:
                     per_loop[key] = client
         self._async_last = (loop, client)
         return client  # type: ignore[no-any-return]
+
+
+class RedisBackend:
+    """Cache results in Redis, shared by every process and host using the same server.
+
+    Security: with the default pickle serializer and no secret, whoever can
+    write to the Redis server can make this process run arbitrary code (pickle
+    payloads). Use an unsigned pickle cache only with a Redis nobody else can
+    write to; otherwise set ``secret`` (HMAC-SHA256 signing, checked before
+    unpickling) or ``serializer="json"``.
+
+    Args:
+        url: ``redis://host:port/db`` (also ``rediss://``, ``unix://``). Default
+            ``None``: ``OPERO_REDIS_URL``, read at first use, else
+            ``redis://localhost:6379/0``.
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis`` to use instead of
+            a URL (``decode_responses`` must be off). A client of the other
+            flavour is derived from it for sync/async functions as needed.
+        serializer: ``"pickle"`` (default), ``"json"`` or a ``(dumps, loads)`` pair.
+        secret: HMAC key (``str``/``bytes``); ``None`` reads ``OPERO_CACHE_SECRET``
+            at first use; unset means values are not signed.
+        strict: Raise :class:`~opero.errors.CacheBackendError` when Redis fails,
+            instead of treating it as a miss. Default ``False``.
+        socket_timeout: Seconds a command may take before it counts as a failure.
+            Default 0.5.
+        connect_timeout: Seconds a connection attempt may take. Default 0.5.
+        retry_interval: Seconds between probes of a Redis that is down (calls in
+            between are misses without network). Default 1.0.
+
+    Raises:
+        ConfigurationError: Malformed URL, both ``url`` and ``client``, a client
+            with ``decode_responses=True``, an unknown serializer or a bad timeout.
+
+    """
+
+    stable_keys = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        serializer: Any = "pickle",
+        secret: str | bytes | None = None,
+        strict: bool = False,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.codec = Codec(serializer, secret)
+        self.strict = bool(strict)
+        self.connector = RedisConnector(
+            url,
+            client=client,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            option="cache_redis_url",
+        )
+        self.retry_interval = check_interval(retry_interval)
+        self._outage: Outage | None = None
+        self._namespaces: set[str] = set()
+
+    @property
+    def url(self) -> str:
+        """The server's URL (``OPERO_REDIS_URL`` or the default, resolved at first use)."""
+        return self.connector.url
+
+    @property
+    def outage(self) -> Outage:
+        """The process-wide reachability state of this server (one warning per outage)."""
+        if self._outage is None:
+            self._outage = outage_for(f"Redis cache at {redact(self.url)}", self.retry_interval)
+        return self._outage
+
+    def sync_client(self) -> redis.Redis:
+        """Return the sync client, creating (or sharing) it at first use."""
+        return self.connector.sync_client()
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """Return the asyncio client of the running event loop, creating it at first use."""
+        return self.connector.async_client()
 
     # -- failure policy ------------------------------------------------------------
 

@@ -1,0 +1,277 @@
+"""A rate limit shared by every process and host through Redis (``rate_limit_backend="redis"``).
+
+Each decision is one atomic Lua script (one ``EVALSHA`` round trip) running
+GCRA on the Redis server's clock (``redis.call('TIME')``), so the clocks of the
+calling hosts never matter. The state is one integer, the theoretical arrival
+time in microseconds, under the key ``{opero:rl:<key>}``: the whole key is a
+Redis Cluster hash tag, so it lives in one slot and the script never crosses
+slots. The key expires once the bucket is full again, so idle limits leave
+nothing behind.
+
+Guarantee (the same as the in-process bucket): over any window of T seconds at
+most ``burst + rate * T`` calls are scheduled to start, across every process
+sharing the key. :meth:`RedisRateLimiter.reserve` returns the wait before the
+reserved call may start; the caller sleeps, the limiter never does.
+
+When Redis is down the limiter falls back to a local
+:class:`opero._opero_core.TokenBucket` with the same rate and burst (so the
+limit holds per process, not globally, during the outage), logs the outage
+once on the ``opero`` logger, probes Redis again at most every
+``retry_interval`` seconds and goes back to the shared bucket when Redis returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from opero.cache._health import Outage, outage_for
+from opero.cache._redis import RedisConnector, check_interval, redact
+from opero.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import redis
+
+    from opero._opero_core import TokenBucket
+
+__all__ = ["GCRA_SCRIPT", "RedisRateLimiter"]
+
+GCRA_SCRIPT = """
+-- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
+-- Returns {server time, wait}, both in microseconds: the reserved call may start
+-- at server time + wait. The theoretical arrival time (TAT) only moves forward.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then tat = now end
+local start = tat - (burst - 1) * interval
+local wait = 0
+if start > now then wait = math.ceil(start - now) end
+local new_tat = math.ceil(tat + interval)
+redis.call('SET', KEYS[1], string.format('%d', new_tat),
+           'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {string.format('%d', now), wait}
+"""
+
+
+def _check_rate(rate: Any, name: str = "rate") -> float:
+    """Return a positive finite rate, or raise ConfigurationError."""
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not math.isfinite(rate)
+        or rate <= 0
+    ):
+        raise ConfigurationError(f"{name}={rate!r} must be a finite number of calls per second > 0")
+    return float(rate)
+
+
+class RedisRateLimiter:
+    """A GCRA token bucket stored in Redis, shared by every process and host using ``key``.
+
+    Args:
+        key: The bucket's name (``rate_limit_key``); every limiter with the
+            same key on the same Redis shares one bucket.
+        rate: Calls per second sustained (> 0).
+        burst: Calls that may start at once (>= 1). Default 1.
+        url: Redis URL; ``None`` reads ``OPERO_REDIS_URL`` at first use, else
+            ``redis://localhost:6379/0``.
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis`` instead of a URL.
+        socket_timeout: Seconds a decision may take before Redis counts as down.
+            Default 0.5.
+        connect_timeout: Seconds a connection attempt may take. Default 0.5.
+        retry_interval: Seconds between probes of a Redis that is down (the
+            local bucket decides meanwhile). Default 1.0.
+
+    Raises:
+        ConfigurationError: Empty key, a rate that is not > 0, a burst that is
+            not an int >= 1, a malformed URL or a bad timeout.
+
+    """
+
+    def __init__(
+        self,
+        key: str,
+        rate: float,
+        burst: int = 1,
+        *,
+        url: str | None = None,
+        client: Any = None,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(
+                f"rate_limit_key={key!r} must be a non-empty string naming the shared bucket"
+            )
+        self.rate = _check_rate(rate, "rate_limit")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ConfigurationError(f"rate_burst={burst!r} must be an int >= 1")
+        self.key = key
+        self.burst = burst
+        self.redis_key = "{opero:rl:" + key + "}"
+        self.connector = RedisConnector(
+            url,
+            client=client,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            option="rate_limit_redis_url",
+        )
+        self.retry_interval = check_interval(retry_interval)
+        self._url = url
+        self._outage: Outage | None = None
+        self._local: TokenBucket | None = None
+        self._script: Any = None
+        self._ascript: tuple[Any, Any] | None = None
+
+    @property
+    def outage(self) -> Outage:
+        """The process-wide reachability state of this limiter's Redis."""
+        if self._outage is None:
+            self._outage = outage_for(
+                f"Redis rate limiter at {redact(self.connector.url)}", self.retry_interval
+            )
+        return self._outage
+
+    def _args(self, rate: float | None) -> tuple[float, int]:
+        """Return the script's ARGV: microseconds per token and burst."""
+        if rate is None:
+            rate = self.rate
+        elif rate != self.rate:
+            rate = _check_rate(rate, "rate_limit")
+        return 1_000_000.0 / rate, self.burst
+
+    def _fallback(self, rate: float | None) -> float:
+        """Decide with the local bucket (Redis is down)."""
+        bucket = self._local
+        if bucket is None:
+            from opero._opero_core import TokenBucket
+
+            bucket = self._local = TokenBucket(self.rate, self.burst)
+        wanted = self.rate if rate is None else rate
+        if bucket.rate != wanted:
+            bucket.set_rate(wanted)
+        return bucket.reserve()
+
+    def _failed(self, exc: Exception) -> None:
+        """Record a Redis failure (logged once per outage); re-raise anything else."""
+        import redis
+
+        if not isinstance(exc, redis.RedisError | OSError):
+            raise exc
+        self.outage.failed(exc, f"rate limit {self.key!r} uses a local per-process bucket")
+
+    def reserve_with_time(self, rate: float | None = None) -> tuple[float, float]:
+        """Reserve one call; return ``(server_time, wait)`` in seconds.
+
+        ``server_time`` is the Redis clock at the decision (``nan`` when the
+        local fallback decided), ``wait`` the seconds before the call may start.
+
+        Args:
+            rate: Overrides the configured rate for this decision (a callable
+                ``rate_limit`` read on this call); ``None`` uses ``rate``.
+
+        """
+        args = self._args(rate)
+        outage = self.outage
+        if outage.down and not outage.should_try():
+            return math.nan, self._fallback(rate)
+        try:
+            script = self._script
+            if script is None:
+                script = self._script = self.connector.sync_client().register_script(GCRA_SCRIPT)
+            now, wait = script(keys=[self.redis_key], args=args)
+        except Exception as exc:
+            self._failed(exc)
+            return math.nan, self._fallback(rate)
+        if outage.down:
+            outage.succeeded()
+        return int(now) / 1e6, wait / 1e6
+
+    def reserve(self, rate: float | None = None) -> float:
+        """Reserve one call; return the seconds to wait before it may start (0.0 if now).
+
+        Args:
+            rate: Overrides the configured rate for this decision; ``None`` uses ``rate``.
+
+        """
+        return self.reserve_with_time(rate)[1]
+
+    async def areserve(self, rate: float | None = None) -> float:
+        """Async :meth:`reserve` through ``redis.asyncio`` (never blocks the event loop).
+
+        Args:
+            rate: Overrides the configured rate for this decision; ``None`` uses ``rate``.
+
+        """
+        args = self._args(rate)
+        outage = self.outage
+        if outage.down and not outage.should_try():
+            return self._fallback(rate)
+        try:
+            client: redis.asyncio.Redis = self.connector.async_client()
+            last = self._ascript
+            if last is not None and last[0] is client:
+                script = last[1]
+            else:
+                script = client.register_script(GCRA_SCRIPT)
+                self._ascript = (client, script)
+            _now, wait = await script(keys=[self.redis_key], args=args)
+        except Exception as exc:
+            self._failed(exc)
+            return self._fallback(rate)
+        if outage.down:
+            outage.succeeded()
+        return float(wait) / 1e6
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by configuration (URL-based limiters only), for process pools."""
+        if self.connector._client is not None:
+            raise TypeError(
+                "a RedisRateLimiter built on a client object cannot be pickled; "
+                "use rate_limit_redis_url='redis://...' to share it with worker processes"
+            )
+        return (
+            _rebuild,
+            (
+                self.key,
+                self.rate,
+                self.burst,
+                self._url,
+                self.connector.socket_timeout,
+                self.connector.connect_timeout,
+                self.retry_interval,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        """Show the key, rate, burst and server (password hidden)."""
+        return (
+            f"RedisRateLimiter({self.key!r}, rate={self.rate}, burst={self.burst}, "
+            f"url={redact(self.connector.url)!r})"
+        )
+
+
+def _rebuild(
+    key: str,
+    rate: float,
+    burst: int,
+    url: str | None,
+    socket_timeout: float,
+    connect_timeout: float,
+    retry_interval: float,
+) -> RedisRateLimiter:
+    """Unpickle a :class:`RedisRateLimiter`."""
+    return RedisRateLimiter(
+        key,
+        rate,
+        burst,
+        url=url,
+        socket_timeout=socket_timeout,
+        connect_timeout=connect_timeout,
+        retry_interval=retry_interval,
+    )
