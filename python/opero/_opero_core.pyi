@@ -1,10 +1,23 @@
 """Native core of opero, written in Rust and built by maturin.
 
-CONTRACT DRAFT (to be kept equal to the native module, checked by mypy.stubtest).
+Kept equal to the native module (checked by ``python -m mypy.stubtest opero._opero_core``).
 """
 
 from collections.abc import Callable
 from typing import Any, final
+
+__all__ = [
+    "__version__",
+    "ManualClock",
+    "Key",
+    "make_key",
+    "stable_digest",
+    "stable_digest_call",
+    "Store",
+    "CachedCall",
+    "TokenBucket",
+    "Backoff",
+]
 
 __version__: str
 
@@ -16,7 +29,7 @@ class ManualClock:
         start: The initial reading, in seconds.
     """
 
-    def __init__(self, start: float = 0.0) -> None: ...
+    def __new__(cls, start: float = 0.0) -> ManualClock: ...
     def now(self) -> float:
         """Return the current reading, in seconds."""
     def advance(self, seconds: float) -> None:
@@ -32,7 +45,7 @@ class Key:
     """
 
     def __hash__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key:
     """Build the in-process key of a call; keyword order does not matter.
@@ -66,13 +79,13 @@ class Store:
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         max_size: int | None = 1024,
         ttl: float | None = None,
         *,
         clock: ManualClock | None = None,
-    ) -> None: ...
+    ) -> Store: ...
     @property
     def max_size(self) -> int | None: ...
     @property
@@ -94,7 +107,7 @@ class Store:
     def info(self) -> tuple[int, int, int, int, int, int | None]:
         """Return ``(hits, misses, evictions, expirations, size, max_size)``."""
     def __len__(self) -> int: ...
-    def __contains__(self, key: Any) -> bool: ...
+    def __contains__(self, key: Any, /) -> bool: ...
 
 @final
 class CachedCall:
@@ -119,16 +132,17 @@ class CachedCall:
         on_hit: Optional zero-argument callable called on every hit.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         store: Store,
         func: Callable[..., Any],
         *,
         key_func: Callable[..., Any] | None = None,
         on_hit: Callable[[], Any] | None = None,
-    ) -> None: ...
+    ) -> CachedCall: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
-    def __get__(self, obj: Any, owner: type | None = None) -> Any: ...
+    def __get__(self, obj: Any, owner: type | None = None, /) -> Any: ...
+    def __reduce__(self) -> str: ...
     @property
     def store(self) -> Store: ...
     @property
@@ -149,7 +163,9 @@ class TokenBucket:
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
 
-    def __init__(self, rate: float, burst: int = 1, *, clock: ManualClock | None = None) -> None: ...
+    def __new__(
+        cls, rate: float, burst: int = 1, *, clock: ManualClock | None = None
+    ) -> TokenBucket: ...
     @property
     def rate(self) -> float: ...
     @property
@@ -177,14 +193,14 @@ class Backoff:
         seed: Seed of the RNG for reproducible schedules; random by default.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         min_delay: float = 0.1,
         max_delay: float = 30.0,
         factor: float = 1.5,
         jitter: bool = True,
         seed: int | None = None,
-    ) -> None: ...
+    ) -> Backoff: ...
     def delay(self, attempt: int) -> float:
         """Return the delay in seconds before retry ``attempt`` (0-based, >= 0)."""
     def base_delay(self, attempt: int) -> float:

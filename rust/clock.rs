@@ -1,0 +1,182 @@
+//! Clocks: a monotonic clock in seconds and a manual clock for tests.
+//!
+//! Invariants: every reading is finite and never goes backwards; a
+//! [`ManualClock`] moves only through [`ManualClock::advance`] (by a finite,
+//! non-negative amount), so tests of the store, the bucket and the backoff are
+//! exact and never sleep.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use crate::error::CoreError;
+
+/// A clock whose reading moves only when told to (for tests).
+#[derive(Debug)]
+pub struct ManualClock {
+    /// The reading in seconds, stored as `f64` bits so it can be shared lock-free.
+    bits: AtomicU64,
+}
+
+impl ManualClock {
+    /// A clock reading `start` seconds (must be finite).
+    pub fn new(start: f64) -> Result<Self, CoreError> {
+        if !start.is_finite() {
+            return Err(CoreError::value(
+                "start",
+                "a finite number of seconds",
+                start,
+            ));
+        }
+        Ok(Self {
+            bits: AtomicU64::new(start.to_bits()),
+        })
+    }
+
+    /// The current reading, in seconds.
+    #[inline]
+    pub fn now(&self) -> f64 {
+        f64::from_bits(self.bits.load(Ordering::Acquire))
+    }
+
+    /// Move the clock forward by `seconds` (finite, >= 0).
+    pub fn advance(&self, seconds: f64) -> Result<(), CoreError> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(CoreError::value(
+                "seconds",
+                "a finite number of seconds >= 0",
+                seconds,
+            ));
+        }
+        let mut current = self.bits.load(Ordering::Acquire);
+        loop {
+            let next = f64::from_bits(current) + seconds;
+            if !next.is_finite() {
+                return Err(CoreError::value(
+                    "seconds",
+                    "an amount that keeps the clock finite",
+                    seconds,
+                ));
+            }
+            match self.bits.compare_exchange_weak(
+                current,
+                next.to_bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// Seconds since the first reading in this process, from `Instant` (monotonic).
+#[inline]
+pub fn monotonic() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// A cheap monotonic reading for TTL checks, in seconds.
+///
+/// On Linux this is `CLOCK_MONOTONIC_COARSE` (one vDSO read, about 3 ns here,
+/// against about 20 ns for `Instant::now`; resolution one scheduler tick,
+/// 1-4 ms), so a TTL may be honoured up to one tick late, never early by more
+/// than a tick. Elsewhere it is [`monotonic`].
+#[inline]
+pub fn coarse() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec and the clock id is a
+        // constant Linux supports since 2.6.32; the call only writes `ts`.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        if rc == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+        monotonic()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        monotonic()
+    }
+}
+
+/// Where a store or a bucket reads the time from.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The process's monotonic clock (precise).
+    #[default]
+    Monotonic,
+    /// The coarse monotonic clock (cheap; used for TTL checks).
+    Coarse,
+    /// A manual clock shared with the test that drives it.
+    Manual(Arc<ManualClock>),
+}
+
+impl Clock {
+    /// The current reading in seconds.
+    #[inline]
+    pub fn now(&self) -> f64 {
+        match self {
+            Clock::Monotonic => monotonic(),
+            Clock::Coarse => coarse(),
+            Clock::Manual(c) => c.now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_advanced() {
+        let c = ManualClock::new(5.0).unwrap();
+        assert_eq!(c.now(), 5.0);
+        c.advance(1.5).unwrap();
+        assert_eq!(c.now(), 6.5);
+        c.advance(0.0).unwrap();
+        assert_eq!(c.now(), 6.5);
+    }
+
+    #[test]
+    fn manual_clock_rejects_bad_input() {
+        assert!(ManualClock::new(f64::NAN).is_err());
+        assert!(ManualClock::new(f64::INFINITY).is_err());
+        let c = ManualClock::new(0.0).unwrap();
+        assert!(c.advance(-1.0).is_err());
+        assert!(c.advance(f64::NAN).is_err());
+        assert!(c.advance(f64::INFINITY).is_err());
+        c.advance(f64::MAX).unwrap();
+        assert!(c.advance(f64::MAX).is_err());
+    }
+
+    #[test]
+    fn monotonic_clocks_never_go_backwards() {
+        let mut last = monotonic();
+        let mut last_coarse = coarse();
+        for _ in 0..1000 {
+            let now = monotonic();
+            let now_coarse = coarse();
+            assert!(now >= last);
+            assert!(now_coarse >= last_coarse);
+            last = now;
+            last_coarse = now_coarse;
+        }
+    }
+
+    #[test]
+    fn clock_enum_reads_the_manual_clock() {
+        let m = Arc::new(ManualClock::new(1.0).unwrap());
+        let c = Clock::Manual(m.clone());
+        m.advance(2.0).unwrap();
+        assert_eq!(c.now(), 3.0);
+        assert!(Clock::Monotonic.now().is_finite());
+        assert!(Clock::Coarse.now().is_finite());
+    }
+}

@@ -1,0 +1,456 @@
+//! Binding of `keys`: walks Python values into the canonical encoding.
+//!
+//! The hot path (`CachedCall.__call__`, `Store.get_call`) encodes into a
+//! reusable thread-local buffer and probes the store with the borrowed bytes:
+//! no Python object and no heap allocation on a hit. A [`KeyData`] (one
+//! allocation) is built only when a key is stored.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyRecursionError, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{
+    PyBool, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString, PyTuple,
+};
+use smallvec::SmallVec;
+
+use crate::keys::{self as k, MAX_DEPTH};
+
+/// Inline capacity of a stored key's bytes: covers a call of a few small ints
+/// or short strings without a second allocation.
+pub type KeyBytes = SmallVec<[u8; 48]>;
+
+/// A built key: encoding, hash and opaque objects.
+pub struct KeyData {
+    /// In-process hash (bytes hash mixed with the opaque objects' hashes).
+    pub hash: u64,
+    /// The canonical encoding.
+    pub bytes: KeyBytes,
+    /// Objects outside the canonical set, compared with Python `==`.
+    pub opaque: Box<[Py<PyAny>]>,
+}
+
+/// Keys are shared between the store, the in-flight table and `Key` objects.
+pub type KeyRef = Arc<KeyData>;
+
+/// Whether to accept opaque objects (in process) or refuse them (stable digest).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Opaque objects are keyed by their `__hash__`/`__eq__`.
+    InProcess,
+    /// Only the canonical set is accepted.
+    Stable,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Clone, Copy)]
+pub enum ArgName<'a> {
+    /// `args[i]`.
+    Pos(usize),
+    /// `kwargs['name']`.
+    Kw(&'a str),
+    /// A single value (a store key or a digest input).
+    Value(&'static str),
+}
+
+impl fmt::Display for ArgName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgName::Pos(i) => write!(f, "args[{i}]"),
+            ArgName::Kw(n) => write!(f, "kwargs[{n:?}]"),
+            ArgName::Value(n) => f.write_str(n),
+        }
+    }
+}
+
+/// An encoding in progress.
+pub struct Encoder<'py> {
+    /// The bytes written so far.
+    pub buf: Vec<u8>,
+    /// Opaque objects met so far, in slot order.
+    pub opaque: SmallVec<[Bound<'py, PyAny>; 2]>,
+    /// Hash of the opaque objects, mixed in order.
+    pub opaque_hash: u64,
+    mode: Mode,
+}
+
+thread_local! {
+    /// The reusable encode buffer; taken out while in use, so a re-entrant
+    /// encoding (an `__eq__` that builds keys) just gets a fresh one.
+    static BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Buffers grown beyond this are not kept for reuse.
+const KEEP_BUF_BYTES: usize = 64 * 1024;
+
+impl<'py> Encoder<'py> {
+    /// An encoder over the thread's reusable buffer.
+    #[inline]
+    pub fn new(mode: Mode) -> Self {
+        let mut buf = BUF.with(Cell::take);
+        buf.clear();
+        Self {
+            buf,
+            opaque: SmallVec::new(),
+            opaque_hash: 0,
+            mode,
+        }
+    }
+
+    /// The key's hash.
+    #[inline]
+    pub fn hash(&self) -> u64 {
+        let h = k::hash_bytes(&self.buf);
+        if self.opaque.is_empty() {
+            h
+        } else {
+            k::mix_hash(h, self.opaque_hash)
+        }
+    }
+
+    /// Copy the encoding into a stored key.
+    pub fn to_key(&self, hash: u64) -> KeyRef {
+        Arc::new(KeyData {
+            hash,
+            bytes: KeyBytes::from_slice(&self.buf),
+            opaque: self.opaque.iter().map(|o| o.clone().unbind()).collect(),
+        })
+    }
+
+    /// Encode a call: positional items, then keyword items sorted by name.
+    #[inline]
+    pub fn call(
+        &mut self,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<()> {
+        let n = args.len();
+        k::put_header(&mut self.buf, k::CALL, n);
+        for (i, item) in args.iter_borrowed().enumerate() {
+            self.value(&item, 0, ArgName::Pos(i))?;
+        }
+        if let Some(kw) = kwargs {
+            let m = kw.len();
+            if m > 0 {
+                self.kwargs(kw, m)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn kwargs(&mut self, kw: &Bound<'py, PyDict>, m: usize) -> PyResult<()> {
+        let mut items: SmallVec<[(Bound<'py, PyString>, Bound<'py, PyAny>); 8]> =
+            SmallVec::with_capacity(m);
+        for (name, value) in kw.iter() {
+            let name = name.cast_into_exact::<PyString>().map_err(|e| {
+                PyTypeError::new_err(format!(
+                    "kwargs keys must be str, got {}",
+                    e.into_inner()
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            items.push((name, value));
+        }
+        let mut names: SmallVec<[&str; 8]> = SmallVec::with_capacity(m);
+        for (name, _) in &items {
+            names.push(name.to_str()?);
+        }
+        let mut order: SmallVec<[usize; 8]> = (0..m).collect();
+        order.sort_unstable_by(|a, b| names[*a].cmp(names[*b]));
+        k::put_header(&mut self.buf, k::KWARGS, m);
+        for i in order {
+            k::put_bytes(&mut self.buf, k::STR, names[i].as_bytes());
+            self.value(&items[i].1, 0, ArgName::Kw(names[i]))?;
+        }
+        Ok(())
+    }
+
+    /// Encode one value.
+    pub fn value(
+        &mut self,
+        obj: &Bound<'py, PyAny>,
+        depth: usize,
+        name: ArgName<'_>,
+    ) -> PyResult<()> {
+        // Exact-type checks only: subclasses (bool of int aside, which is its
+        // own exact type) are opaque.
+        if obj.is_exact_instance_of::<PyInt>() {
+            let mut overflow: std::os::raw::c_int = 0;
+            // SAFETY: `obj` is an exact int (checked above) and we hold the GIL.
+            let v = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+            if overflow == 0 && !(v == -1 && PyErr::occurred(obj.py())) {
+                k::put_int(&mut self.buf, v);
+                return Ok(());
+            }
+            return self.bigint(obj);
+        }
+        if obj.is_exact_instance_of::<PyString>() {
+            // SAFETY: checked to be an exact str.
+            let s = unsafe { obj.cast_unchecked::<PyString>() };
+            match s.to_str() {
+                Ok(text) => k::put_bytes(&mut self.buf, k::STR, text.as_bytes()),
+                Err(_) => {
+                    let raw = s.call_method1("encode", ("utf-8", "surrogatepass"))?;
+                    let raw = raw.cast_into::<PyBytes>()?;
+                    k::put_bytes(&mut self.buf, k::STR_SURROGATE, raw.as_bytes());
+                }
+            }
+            return Ok(());
+        }
+        if obj.is_none() {
+            self.buf.push(k::NONE);
+            return Ok(());
+        }
+        if obj.is_exact_instance_of::<PyBool>() {
+            self.buf
+                .push(if obj.is_truthy()? { k::TRUE } else { k::FALSE });
+            return Ok(());
+        }
+        if obj.is_exact_instance_of::<PyFloat>() {
+            // SAFETY: checked to be an exact float.
+            let f = unsafe { obj.cast_unchecked::<PyFloat>() }.value();
+            k::put_float(&mut self.buf, f);
+            return Ok(());
+        }
+        if obj.is_exact_instance_of::<PyBytes>() {
+            // SAFETY: checked to be exact bytes.
+            let b = unsafe { obj.cast_unchecked::<PyBytes>() };
+            k::put_bytes(&mut self.buf, k::BYTES, b.as_bytes());
+            return Ok(());
+        }
+        if depth >= MAX_DEPTH {
+            return Err(PyRecursionError::new_err(format!(
+                "{name} is nested deeper than {MAX_DEPTH} levels (or contains itself) and cannot be \
+                 used as a cache key; pass cache_key= to @opero to key it yourself"
+            )));
+        }
+        if obj.is_exact_instance_of::<PyTuple>() {
+            // SAFETY: checked to be an exact tuple.
+            let t = unsafe { obj.cast_unchecked::<PyTuple>() };
+            k::put_header(&mut self.buf, k::TUPLE, t.len());
+            for item in t.iter_borrowed() {
+                self.value(&item, depth + 1, name)?;
+            }
+            return Ok(());
+        }
+        if obj.is_exact_instance_of::<PyList>() {
+            // SAFETY: checked to be an exact list.
+            let l = unsafe { obj.cast_unchecked::<PyList>() };
+            // Iterate by index: a list may change length while an item's
+            // `__hash__` runs; `get_item` re-checks the bound.
+            let n = l.len();
+            k::put_header(&mut self.buf, k::LIST, n);
+            for i in 0..n {
+                let item = l.get_item(i)?;
+                self.value(&item, depth + 1, name)?;
+            }
+            if l.len() != n {
+                return Err(PyTypeError::new_err(format!(
+                    "{name}: list changed size while being keyed"
+                )));
+            }
+            return Ok(());
+        }
+        if obj.is_exact_instance_of::<PyDict>() {
+            // SAFETY: checked to be an exact dict.
+            let d = unsafe { obj.cast_unchecked::<PyDict>() };
+            let n = d.len();
+            k::put_header(&mut self.buf, k::DICT, n);
+            let start = self.buf.len();
+            let mut bounds = Vec::with_capacity(n);
+            for (key, value) in d.iter() {
+                self.value(&key, depth + 1, name)?;
+                self.value(&value, depth + 1, name)?;
+                bounds.push(self.buf.len());
+            }
+            k::sort_items(&mut self.buf, start, &bounds);
+            return Ok(());
+        }
+        let is_set = obj.is_exact_instance_of::<PySet>();
+        if is_set || obj.is_exact_instance_of::<PyFrozenSet>() {
+            let n = obj.len()?;
+            k::put_header(&mut self.buf, if is_set { k::SET } else { k::FROZENSET }, n);
+            let start = self.buf.len();
+            let mut bounds = Vec::with_capacity(n);
+            for item in obj.try_iter()? {
+                self.value(&item?, depth + 1, name)?;
+                bounds.push(self.buf.len());
+            }
+            k::sort_items(&mut self.buf, start, &bounds);
+            return Ok(());
+        }
+        self.opaque_value(obj, name)
+    }
+
+    fn bigint(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<()> {
+        // Rare path (|n| >= 2**63): (bit_length + 8) // 8 bytes always hold the
+        // sign bit, and the length is a function of the value, so it is canonical.
+        let bits: u64 = obj.call_method0("bit_length")?.extract()?;
+        let len = bits / 8 + 1;
+        let kwargs = PyDict::new(obj.py());
+        kwargs.set_item("signed", true)?;
+        let raw = obj.call_method("to_bytes", (len, "little"), Some(&kwargs))?;
+        let raw = raw.cast_into::<PyBytes>()?;
+        k::put_bigint(&mut self.buf, raw.as_bytes());
+        Ok(())
+    }
+
+    fn opaque_value(&mut self, obj: &Bound<'py, PyAny>, name: ArgName<'_>) -> PyResult<()> {
+        let tp = obj.get_type();
+        let tp_name = tp
+            .qualname()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".to_owned());
+        if self.mode == Mode::Stable {
+            return Err(PyTypeError::new_err(format!(
+                "{name} of type '{tp_name}' has no stable digest: only None, bool, int, float, str, \
+                 bytes and tuple/list/dict/set/frozenset of these can be keyed across processes; \
+                 pass cache_key= to @opero to key it yourself"
+            )));
+        }
+        let h = match obj.hash() {
+            Ok(h) => h,
+            Err(err) => {
+                let py = obj.py();
+                let new = PyTypeError::new_err(format!(
+                    "{name} of type '{tp_name}' cannot be used as a cache key ({}); pass \
+                     cache_key= to @opero to key it yourself",
+                    err.value(py)
+                ));
+                new.set_cause(py, Some(err));
+                return Err(new);
+            }
+        };
+        let slot = self.opaque.len();
+        self.buf.push(k::OPAQUE);
+        k::put_varint(&mut self.buf, slot as u64);
+        self.opaque_hash = k::mix_hash(self.opaque_hash, h as u64);
+        self.opaque.push(obj.clone());
+        Ok(())
+    }
+}
+
+impl Drop for Encoder<'_> {
+    fn drop(&mut self) {
+        if self.buf.capacity() <= KEEP_BUF_BYTES {
+            let buf = std::mem::take(&mut self.buf);
+            BUF.with(|c| c.set(buf));
+        }
+    }
+}
+
+/// Python `==` with the identity shortcut, errors propagated.
+#[inline]
+pub fn py_eq(py: Python<'_>, a: &Py<PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if a.as_ptr() == b.as_ptr() {
+        return Ok(true);
+    }
+    // SAFETY: both pointers are live objects and we hold the GIL.
+    let r = unsafe { ffi::PyObject_RichCompareBool(a.as_ptr(), b.as_ptr(), ffi::Py_EQ) };
+    if r < 0 {
+        Err(PyErr::fetch(py))
+    } else {
+        Ok(r == 1)
+    }
+}
+
+/// An exact, typed, hashable key built from call arguments.
+///
+/// Two keys are equal only when the arguments are: ``1``, ``1.0`` and
+/// ``True`` give different keys; lists, dicts and sets are keyed by
+/// structure; other objects by their own ``__hash__``/``__eq__``.
+#[pyclass(frozen, module = "opero._opero_core", name = "Key")]
+pub struct PyKey {
+    pub(crate) inner: KeyRef,
+}
+
+#[pymethods]
+impl PyKey {
+    fn __hash__(&self) -> isize {
+        let h = self.inner.hash as isize;
+        // -1 is reserved for errors by CPython's hash protocol.
+        if h == -1 {
+            -2
+        } else {
+            h
+        }
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let Ok(other) = other.cast::<PyKey>() else {
+            return Ok(false);
+        };
+        let (a, b) = (&self.inner, &other.get().inner);
+        if Arc::ptr_eq(a, b) {
+            return Ok(true);
+        }
+        if a.hash != b.hash || a.bytes != b.bytes || a.opaque.len() != b.opaque.len() {
+            return Ok(false);
+        }
+        for (x, y) in a.opaque.iter().zip(b.opaque.iter()) {
+            if !py_eq(py, x, y.bind(py))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn __repr__(&self) -> String {
+        let mut hex = String::with_capacity(2 * self.inner.bytes.len().min(32));
+        for b in self.inner.bytes.iter().take(32) {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        let more = if self.inner.bytes.len() > 32 {
+            "..."
+        } else {
+            ""
+        };
+        format!("<Key {hex}{more} opaque={}>", self.inner.opaque.len())
+    }
+}
+
+/// Build the in-process key of a call; keyword order does not matter.
+///
+/// Raises:
+///     TypeError: An argument is unhashable and not a built-in container; the
+///         message names the argument (``args[1]`` or ``kwargs['x']``) and
+///         points to ``cache_key=``.
+#[pyfunction]
+#[pyo3(signature = (args, kwargs = None))]
+pub fn make_key(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyKey> {
+    let mut enc = Encoder::new(Mode::InProcess);
+    enc.call(args, kwargs)?;
+    let hash = enc.hash();
+    Ok(PyKey {
+        inner: enc.to_key(hash),
+    })
+}
+
+/// Return the stable hex digest (SHA-256 of the canonical encoding) of one value.
+///
+/// Identical across processes, runs and machines. Raises ``TypeError`` for a
+/// value outside None/bool/int/float/str/bytes/tuple/list/dict/set/frozenset.
+#[pyfunction]
+pub fn stable_digest(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let mut enc = Encoder::new(Mode::Stable);
+    enc.value(value, 0, ArgName::Value("value"))?;
+    Ok(k::stable_digest(&enc.buf))
+}
+
+/// Return the stable hex digest of a call's arguments (keyword order ignored).
+#[pyfunction]
+#[pyo3(signature = (args, kwargs = None))]
+pub fn stable_digest_call(
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    let mut enc = Encoder::new(Mode::Stable);
+    enc.call(args, kwargs)?;
+    Ok(k::stable_digest(&enc.buf))
+}

@@ -1,0 +1,9 @@
+//! PyO3 bindings of the pure cores: one file per core file, plus the error
+//! conversion. Nothing outside this folder (and `lib.rs`) uses pyo3.
+
+pub mod backoff;
+pub mod clock;
+pub mod error;
+pub mod keys;
+pub mod ratelimit;
+pub mod store;
