@@ -43,7 +43,7 @@ def _check_window_bound(starts: list[float], rate: float, burst: int) -> None:
 
 
 def test_burst_then_even_spacing(redis_url: str) -> None:
-    """The first `burst` calls start at once, then one every 1/rate seconds of the server's clock."""
+    """The first `burst` calls start at once, then one per 1/rate s of the server's clock."""
     limiter = RedisRateLimiter("spacing", rate=10, burst=3, url=redis_url)
     now, wait = limiter.reserve_with_time()
     assert wait == 0.0
