@@ -60,8 +60,15 @@ def p_cached_logged(item: tuple[str, int]) -> int:
     return 2 * x
 
 
-@opmap(mode="process", workers=2, retries=0, progress=False, rate_limit=0.001, rate_burst=5,
-       rate_max_wait=0.0)
+@opmap(
+    mode="process",
+    workers=2,
+    retries=0,
+    progress=False,
+    rate_limit=0.001,
+    rate_burst=5,
+    rate_max_wait=0.0,
+)
 def p_rate_limited(x: int) -> int:
     """Rate limited to 5 tokens then one every 1000 s; waits beyond 0 s fail at once."""
     return x
@@ -86,13 +93,13 @@ def busy(seconds: float) -> None:
 
 
 def cpu_item(x: int) -> int:
-    """A 5 ms CPU job."""
+    """Spin 5 ms of CPU, then return the item."""
     busy(0.005)
     return x
 
 
 def trivial(x: int) -> int:
-    """A trivial item function."""
+    """Return the item plus one (a trivial job)."""
     return x + 1
 
 
@@ -124,8 +131,15 @@ def d_fail_odd(x: int) -> int:
     return x
 
 
-@opmap(mode="dask", workers=2, retries=0, progress=False, rate_limit=0.001, rate_burst=5,
-       rate_max_wait=0.0)
+@opmap(
+    mode="dask",
+    workers=2,
+    retries=0,
+    progress=False,
+    rate_limit=0.001,
+    rate_burst=5,
+    rate_max_wait=0.0,
+)
 def d_rate_limited(x: int) -> int:
     """Rate limited to 5 tokens then one every 1000 s on Dask workers."""
     return x

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import opmap_helpers as h
 import pytest
 
+import opmap_helpers as h
 from opero import opmap
 from opero._opmap import MapError, OpmapFailureWarning
 
@@ -43,7 +43,7 @@ def test_async_workers_bound_coroutines_in_flight():
 
 
 def test_async_amap_inside_running_loop():
-    """amap runs on the caller's loop; the plain call also works inside a loop."""
+    """Amap runs on the caller's loop; the plain call also works inside a loop."""
 
     @opmap(mode="async", workers=2, progress=False)
     async def inc(x):
@@ -133,7 +133,7 @@ def test_async_unordered():
 
 
 def test_async_process_pool():
-    """async def functions run on the aiomultiprocess pool, reused across calls."""
+    """Async def functions run on the aiomultiprocess pool, reused across calls."""
     assert h.ap_double(range(10)) == [2 * x for x in range(10)]
     assert h.ap_double([5]) == [10]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import warnings
 
-import opmap_helpers as h
 import pytest
 
+import opmap_helpers as h
 from opero import opmap
 from opero._opmap import OpmapFailureWarning
 from opero.errors import RateLimitTimeout
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.dask
 
 @pytest.fixture(scope="module")
 def client():
-    """A two-process LocalCluster and its client, shared by the module's tests."""
+    """Start a two-process LocalCluster and yield its client (one per module)."""
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
@@ -35,8 +35,9 @@ def test_dask_map_uses_the_current_client(client):
 
 def test_dask_items_are_batched_into_tasks(client):
     """Items travel in a few tasks, not one task per item."""
-    square = opmap(mode="dask", client=client, workers=2, chunksize=25, retries=0,
-                   progress=False)(h.trivial)
+    square = opmap(mode="dask", client=client, workers=2, chunksize=25, retries=0, progress=False)(
+        h.trivial
+    )
     with distributed.get_task_stream(client) as stream:
         assert square(range(100)) == list(range(1, 101))
     assert len(stream.data) == 4

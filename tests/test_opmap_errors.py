@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import sys
 
-import opmap_helpers as h
 import pytest
 
+import opmap_helpers as h
 from opero import ConfigurationError, opmap
 
 
 def test_unknown_mode_lists_the_modes():
     """An unknown mode is a ConfigurationError listing every mode."""
-    with pytest.raises(ConfigurationError, match="mode='threads'.*'thread', 'process', 'async'"):
+    with pytest.raises(ConfigurationError, match=r"mode='threads'.*'thread', 'process', 'async'"):
         opmap(mode="threads")
 
 
 @pytest.mark.parametrize("workers", [0, -2, 1.5, True, "4"])
 def test_bad_workers(workers):
-    """workers must be an int >= 1 (or None)."""
+    """Workers must be an int >= 1 (or None)."""
     with pytest.raises(ConfigurationError, match="workers="):
         opmap(workers=workers)
 
@@ -71,7 +71,7 @@ def test_bad_opero_value_is_a_configuration_error_at_decoration():
 
 def test_async_process_needs_async_def():
     """mode='async_process' with a plain def is a ConfigurationError at decoration."""
-    with pytest.raises(ConfigurationError, match="async_process.*async def"):
+    with pytest.raises(ConfigurationError, match=r"async_process.*async def"):
         opmap(mode="async_process")(h.trivial)
 
 

@@ -65,7 +65,7 @@ def test_processes_share_one_bucket(method):
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1.0, 1), (float("nan"), 1), (1.0, 0)])
 def test_bad_arguments(rate, burst):
     """A rate <= 0 or NaN, or a burst < 1, is a ValueError naming the argument."""
-    with pytest.raises(ValueError, match="rate|burst"):
+    with pytest.raises(ValueError, match=r"rate|burst"):
         SharedTokenBucket(rate, burst)
 
 

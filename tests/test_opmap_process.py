@@ -1,4 +1,4 @@
-"""@opmap in process mode: reused pool, by-reference and by-value functions, crashes, cache, limit."""
+"""@opmap in process mode: reused pool, by-reference or by-value functions, crashes, cache."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 import pickle
 import warnings
 
-import opmap_helpers as h
 import pytest
 
+import opmap_helpers as h
 from opero import opmap
 from opero._opmap import MapError, OpmapFailureWarning, WorkerDiedError
 from opero._pools import process_pool
@@ -124,7 +124,7 @@ def test_rate_limit_is_global_across_processes():
 
 
 def test_retries_run_in_workers(tmp_path):
-    """retries apply per item inside the workers (first call fails, retry succeeds)."""
+    """Retries apply per item inside the workers (first call fails, retry succeeds)."""
     base = str(tmp_path / "flaky")
     assert h.p_flaky([(base, x) for x in range(6)]) == list(range(6))
     assert all(os.path.exists(f"{base}.{x}") for x in range(6))

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 import warnings
+from builtins import ExceptionGroup
 
 import pytest
 
@@ -190,7 +191,7 @@ def test_nested_map_does_not_deadlock():
 
 
 def test_amap_and_sync_call_inside_running_loop():
-    """amap awaits without blocking the loop, and the plain call works inside a loop too."""
+    """Amap awaits without blocking the loop, and the plain call works inside a loop too."""
 
     @opmap(mode="thread", workers=2, progress=False)
     def double(x):

@@ -60,6 +60,7 @@ import os
 import threading
 import uuid
 import warnings
+from builtins import ExceptionGroup  # Python >= 3.11, like opero.errors
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
@@ -84,7 +85,7 @@ class OpmapFailureWarning(UserWarning):
     """Some items of an ``@opmap`` call failed; their exceptions are in the results."""
 
 
-class MapError(ExceptionGroup, OperoError):  # type: ignore[misc]
+class MapError(ExceptionGroup, OperoError):
     """Raised by ``@opmap(strict=True)`` after every item finished, when some failed.
 
     It is an ``ExceptionGroup`` of the items' exceptions (in input order), so
@@ -93,6 +94,7 @@ class MapError(ExceptionGroup, OperoError):  # type: ignore[misc]
     Attributes:
         results: The full result list, exceptions in the failed items' places.
         indices: The positions of the failed items in ``results``.
+
     """
 
     results: list[Any]
@@ -204,7 +206,7 @@ def _check_function(func: Any, mode: str, executor: Any) -> bool:
                 "def (use mode='process')"
             )
         try:
-            import aiomultiprocess  # noqa: F401
+            importlib.import_module("aiomultiprocess")
         except ImportError as exc:
             raise ConfigurationError(
                 "opmap: mode='async_process' needs aiomultiprocess: "
@@ -212,10 +214,10 @@ def _check_function(func: Any, mode: str, executor: Any) -> bool:
             ) from exc
     elif mode == "dask":
         try:
-            import distributed  # noqa: F401
+            importlib.import_module("distributed")
         except ImportError as exc:
             raise ConfigurationError(
-                'opmap: mode=\'dask\' needs distributed: pip install "opero[dask]"'
+                "opmap: mode='dask' needs distributed: pip install \"opero[dask]\""
             ) from exc
     if is_async and mode in ("thread", "process", "dask"):
         raise ConfigurationError(
@@ -266,8 +268,7 @@ def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
     mapped = _BY_VALUE.get(token)
     if mapped is None:
-        import cloudpickle
-
+        cloudpickle = importlib.import_module("cloudpickle")
         func, options = cloudpickle.loads(blob)
         mapped = MappedFunction(func, token=token, **options)
         _BY_VALUE[token] = mapped
@@ -312,7 +313,7 @@ class MappedFunction(Generic[R]):
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
         self.item_function: Any = _decorator.opero(**opero_options)(func)
-        self._meta = getattr(self.item_function, "__opero__", None)
+        self._meta: Any = getattr(self.item_function, "__opero__", None)
         self._has_cache = bool(getattr(self._meta, "has_cache", False))
         self._token = token or uuid.uuid4().hex
         self._worker_fns: dict[str | None, Callable[[Any], Any]] = {}
@@ -320,6 +321,7 @@ class MappedFunction(Generic[R]):
         self._limiter_lock = threading.Lock()
         self._blob: bytes | None = None
         functools.update_wrapper(self, func)
+        self._label: str = getattr(func, "__qualname__", repr(func))
         self.__name__ = getattr(func, "__name__", "opmap")
 
     # ------------------------------------------------------------------ public API
@@ -337,7 +339,7 @@ class MappedFunction(Generic[R]):
         if self._executor is not None:
             return int(getattr(self._executor, "_max_workers", None) or os.cpu_count() or 1)
         if self._mode == "dask":
-            return max(1, sum(self._dask_client().nthreads().values()))
+            return max(1, int(sum(self._dask_client().nthreads().values())))
         return _default_workers(self._mode)
 
     def __call__(self, items: Iterable[Any]) -> list[Any]:
@@ -353,6 +355,7 @@ class MappedFunction(Generic[R]):
         Raises:
             TypeError: ``items`` is not iterable.
             MapError: ``strict=True`` and some items failed (after all finished).
+
         """
         values = _as_list(items, self.__name__)
         if self._executor is None and self._mode == "async":
@@ -393,8 +396,7 @@ class MappedFunction(Generic[R]):
             if obj is self:
                 return qualname
         if self._blob is None:
-            import cloudpickle
-
+            cloudpickle = importlib.import_module("cloudpickle")
             options = dict(self._opero_options)
             options.update(
                 mode=self._mode,
@@ -410,7 +412,7 @@ class MappedFunction(Generic[R]):
 
     def __repr__(self) -> str:
         """Show the function and the mode."""
-        return f"<opmap {self.__qualname__} mode={self.mode!r}>"
+        return f"<opmap {self._label} mode={self.mode!r}>"
 
     # ------------------------------------------------------------------ workers side
 
@@ -474,7 +476,7 @@ class MappedFunction(Generic[R]):
                 if isinstance(indices, range):
                     results[indices.start : indices.stop] = values
                 else:
-                    for i, value in zip(indices, values):
+                    for i, value in zip(indices, values, strict=True):
                         results[i] = value
                 if errors:
                     for position, exc in errors.items():
@@ -496,13 +498,13 @@ class MappedFunction(Generic[R]):
             first = results[failed[0]]
             if self._strict:
                 raise MapError(
-                    f"opmap {self.__qualname__}: {count} failed",
+                    f"opmap {self._label}: {count} failed",
                     [results[i] for i in failed],
                     results,
                     failed,
                 )
             warnings.warn(
-                f"opmap {self.__qualname__}: {count} failed; their exceptions are in the "
+                f"opmap {self._label}: {count} failed; their exceptions are in the "
                 f"results (first, at index {failed[0]}: {first!r}); strict=True raises instead",
                 OpmapFailureWarning,
                 stacklevel=4,
@@ -687,6 +689,7 @@ def opmap(
             ``workers < 1``, ``async_process`` with a plain ``def`` or without
             aiomultiprocess, ...).
         TypeError: An unknown ``@opero`` option (with the closest valid name).
+
     """
     _check_options(mode, workers, ordered, progress, strict, client, executor, chunksize)
 
@@ -705,5 +708,3 @@ def opmap(
         )
 
     return decorate
-
-

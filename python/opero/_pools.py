@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import importlib
 import itertools
 import multiprocessing
 import pickle
@@ -125,6 +126,7 @@ def run_chunk(
 
     Returns:
         The values (``None`` where an item failed) and the failures by position.
+
     """
     slots = _SLOTS
     if slots is not None:
@@ -198,6 +200,7 @@ def run_thread_items(
 
     Returns:
         The pieces in completion order (one per batch).
+
     """
     n = len(items)
     n_batches = -(-n // batch)
@@ -254,6 +257,7 @@ async def run_async_items(
 
     Returns:
         The pieces in completion order (one per item).
+
     """
     source = iter(enumerate(items))
     pieces: list[Piece] = []
@@ -284,6 +288,7 @@ class ProcessPool:
 
     Args:
         workers: The number of worker processes.
+
     """
 
     def __init__(self, workers: int) -> None:
@@ -459,7 +464,7 @@ def run_dask_jobs(
         return future
 
     first = [submit(j) for j in itertools.islice(pending, max_in_flight)]
-    completed = as_completed(first)
+    completed = as_completed(first)  # type: ignore[no-untyped-call]
     for future in completed:
         j = index.pop(future.key)
         try:
@@ -470,7 +475,7 @@ def run_dask_jobs(
         done(j, values, errors)
         nxt = next(pending, None)
         if nxt is not None:
-            completed.add(submit(nxt))
+            completed.add(submit(nxt))  # type: ignore[no-untyped-call]
 
 
 # --------------------------------------------------------------------------- aiomultiprocess
@@ -511,8 +516,7 @@ def aio_process_pool(workers: int) -> Any:
     """
     pool = _AIO_POOLS.get(workers)
     if pool is None:
-        import aiomultiprocess
-
+        aiomultiprocess = importlib.import_module("aiomultiprocess")
         pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(processes=workers)
     return pool
 

@@ -9,6 +9,7 @@ cache hits included.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, Literal, Protocol
 
@@ -62,13 +63,14 @@ def make_progress(
 
     Returns:
         A tqdm bar writing to stderr, or an object whose methods do nothing.
+
     """
     if progress is False or total == 0:
         return NO_PROGRESS
     if progress is True and not _stderr_is_terminal():
         return NO_PROGRESS
     try:
-        from tqdm.auto import tqdm
+        tqdm = importlib.import_module("tqdm.auto").tqdm
     except ImportError:
         return NO_PROGRESS
     bar: Progress = tqdm(total=total, desc=desc, unit="item", file=sys.stderr)

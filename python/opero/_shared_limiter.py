@@ -20,6 +20,7 @@ A decision costs two ``flock`` calls and a few bytes of shared memory, about
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -42,10 +43,8 @@ def _shm_dir() -> str | None:
 
 def _unlink(path: str) -> None:
     """Remove the state file, ignoring a file that is already gone."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class SharedTokenBucket:
@@ -61,6 +60,7 @@ class SharedTokenBucket:
         burst: Tokens available at once (>= 1). Default 1.
         path: The state file to attach to; a new one is created when ``None``
             (and removed when this object is collected or the process exits).
+
     """
 
     def __init__(self, rate: float, burst: int = 1, path: str | None = None) -> None:
@@ -111,6 +111,7 @@ class SharedTokenBucket:
 
         Returns:
             0.0 when a token is free now, else the delay in seconds.
+
         """
         import fcntl
 
@@ -121,7 +122,7 @@ class SharedTokenBucket:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 now = time.monotonic()
-                tat = max(_TAT.unpack_from(shared, 0)[0], now)
+                tat: float = max(_TAT.unpack_from(shared, 0)[0], now)
                 _TAT.pack_into(shared, 0, tat + emission)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
