@@ -1,0 +1,399 @@
+"""The persistent disk cache backend (``cache_backend="disk"``, ``cache_dir=``), on diskcache.
+
+Entries live in SQLite databases (WAL mode) managed by `diskcache`_, one per
+namespace under ``cache_dir`` (``<cache_dir>/ns-<namespace>/``). They survive
+restarts and are shared safely by every process and thread of the host that
+uses the same directory. Keys are ``{namespace}:{module.qualname}:{stable
+digest}``, identical across processes and runs; each entry is tagged with its
+function, so ``cache_clear()`` removes one function's entries only.
+
+Values go through the same serializer and optional HMAC signing as the Redis
+backend (:mod:`opero.cache._serializers`); diskcache stores the resulting bytes
+as they are. TTL is enforced on read (an expired entry is a miss) and expired
+entries are culled as new ones are written; ``size_limit`` bounds the
+directory's size in bytes per namespace (oldest stored entries are evicted
+first). The async methods run in a worker thread (``asyncio.to_thread``) so the
+event loop never waits on SQLite.
+
+Security: an unsigned pickle cache must only be used with a directory nobody
+else can write to (pickle runs code chosen by whoever wrote the bytes); set
+``secret=`` (or ``OPERO_CACHE_SECRET``) or ``serializer="json"`` otherwise.
+
+.. _diskcache: https://grantjenks.com/docs/diskcache/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from opero.cache._base import MISS, CacheInfo
+from opero.cache._health import Outage, logger, outage_for
+from opero.cache._serializers import Codec, VerificationError
+from opero.errors import CacheBackendError, ConfigurationError
+
+__all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
+
+DIR_ENV = "OPERO_CACHE_DIR"
+_SQLITE_TIMEOUT = 10.0  # seconds a writer waits for the SQLite lock before it counts as a failure
+_PREFIX = "ns-"
+_LOCK = threading.Lock()
+_CACHES: dict[tuple[str, str, int], Any] = {}
+
+
+def default_directory() -> Path:
+    """Return ``$OPERO_CACHE_DIR``, else ``$XDG_CACHE_HOME/opero``, else ``~/.cache/opero``."""
+    explicit = os.environ.get(DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "opero"
+
+
+def _failure_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean the disk store failed (not a bug in the caller)."""
+    import diskcache  # type: ignore[import-untyped]
+
+    return (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+class DiskBackend:
+    """Cache results on disk (SQLite via diskcache), persistent and shared by local processes.
+
+    Security: with the default pickle serializer and no secret, whoever can
+    write to ``directory`` can make this process run arbitrary code. Use an
+    unsigned pickle cache only in a directory nobody else can write to;
+    otherwise set ``secret`` or ``serializer="json"``.
+
+    Args:
+        directory: Where the databases live (``cache_dir``); created if missing.
+            ``None`` uses ``$OPERO_CACHE_DIR``, ``$XDG_CACHE_HOME/opero`` or
+            ``~/.cache/opero``.
+        serializer: ``"pickle"`` (default), ``"json"`` or a ``(dumps, loads)`` pair.
+        secret: HMAC key (``str``/``bytes``); ``None`` reads ``OPERO_CACHE_SECRET``
+            at first use; unset means values are not signed.
+        strict: Raise :class:`~opero.errors.CacheBackendError` when the store
+            fails (disk full, database locked too long) instead of a miss.
+        size_limit: Bytes each namespace's store may use before the oldest
+            entries are evicted. Default 1 GiB.
+        retry_interval: Seconds between retries of a store that failed.
+            Default 1.0.
+
+    Raises:
+        ConfigurationError: The directory cannot be created or written, an
+            unknown serializer, or a size limit that is not a positive int.
+
+    """
+
+    stable_keys = True
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        serializer: Any = "pickle",
+        secret: str | bytes | None = None,
+        strict: bool = False,
+        size_limit: int = 2**30,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.codec = Codec(serializer, secret)
+        self.strict = bool(strict)
+        if isinstance(size_limit, bool) or not isinstance(size_limit, int) or size_limit <= 0:
+            raise ConfigurationError(
+                f"size_limit={size_limit!r} must be a positive number of bytes (int)"
+            )
+        self.size_limit = size_limit
+        if (
+            isinstance(retry_interval, bool)
+            or not isinstance(retry_interval, int | float)
+            or not math.isfinite(retry_interval)
+            or retry_interval < 0
+        ):
+            raise ConfigurationError(
+                f"retry_interval={retry_interval!r} must be a number of seconds >= 0"
+            )
+        self.retry_interval = float(retry_interval)
+        if directory is not None and not isinstance(directory, str | os.PathLike):
+            raise ConfigurationError(f"cache_dir={directory!r} must be a path (str or os.PathLike)")
+        path = default_directory() if directory is None else Path(directory).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cache_dir={str(path)!r} cannot be created ({exc.strerror or exc}); "
+                "pass a directory this process can create and write to"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigurationError(
+                f"cache_dir={str(path)!r} is not writable; pass a directory this process "
+                "can write to"
+            )
+        self.directory = path.resolve()
+        self.outage: Outage = outage_for(f"disk cache at {self.directory}", self.retry_interval)
+
+    def store(self, namespace: str) -> Any:
+        """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared)."""
+        key = (str(self.directory), namespace, self.size_limit)
+        cache = _CACHES.get(key)
+        if cache is None:
+            import diskcache  # type: ignore[import-untyped]
+
+            with _LOCK:
+                cache = _CACHES.get(key)
+                if cache is None:
+                    cache = diskcache.Cache(
+                        str(self.directory / (_PREFIX + quote(namespace, safe=""))),
+                        timeout=_SQLITE_TIMEOUT,
+                        size_limit=self.size_limit,
+                        tag_index=True,
+                        eviction_policy="least-recently-stored",
+                    )
+                    _CACHES[key] = cache
+        return cache
+
+    def namespaces(self) -> list[str]:
+        """Return every namespace that has a store in the directory (from any process)."""
+        try:
+            names = [
+                unquote(entry.name[len(_PREFIX) :])
+                for entry in self.directory.iterdir()
+                if entry.is_dir() and entry.name.startswith(_PREFIX)
+            ]
+        except OSError as exc:
+            self.failed(exc, "listing namespaces")
+            return []
+        return sorted(names)
+
+    def available(self) -> bool:
+        """Return whether to use the store now (``False`` between retries of a failure)."""
+        outage = self.outage
+        return self.strict or not outage.down or outage.should_try()
+
+    def failed(self, exc: BaseException, action: str) -> None:
+        """Handle a store error: raise in strict mode, else log once per outage.
+
+        Raises:
+            CacheBackendError: In strict mode, chained from ``exc``.
+            BaseException: ``exc`` itself when it is not a storage error.
+
+        """
+        if not isinstance(exc, _failure_types()):
+            raise exc
+        if self.strict:
+            raise CacheBackendError(
+                f"disk cache at {self.directory} failed during {action}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.outage.failed(exc, "the disk cache acts as a miss")
+
+    def open(
+        self,
+        *,
+        namespace: str,
+        qualname: str,
+        ttl: float | None,
+        max_size: int | None,
+        is_async: bool,
+    ) -> DiskFunctionCache:
+        """Return the cache of one function; opens no database yet.
+
+        ``max_size`` is not enforced per function: the store is bounded in
+        bytes by ``size_limit``; use ``ttl`` to bound an entry's life.
+        """
+        return DiskFunctionCache(self, namespace, qualname, ttl)
+
+    def clear_namespace(self, namespace: str | None) -> None:
+        """Delete every entry of ``namespace``; ``None`` clears every namespace in the directory."""
+        names = self.namespaces() if namespace is None else [namespace]
+        for name in names:
+            if not self.available():
+                return
+            try:
+                self.store(name).clear()
+            except Exception as exc:
+                self.failed(exc, "clear")
+                return
+            self.outage.succeeded()
+
+    def __repr__(self) -> str:
+        """Show the directory and options."""
+        return (
+            f"DiskBackend({str(self.directory)!r}, serializer={self.codec.name!r}, "
+            f"signed={self.codec.signed}, strict={self.strict}, size_limit={self.size_limit})"
+        )
+
+
+class DiskFunctionCache:
+    """The entries of one decorated function in the disk store (see :class:`DiskBackend`).
+
+    Args:
+        backend: The backend holding the directory, codec and failure policy.
+        namespace: ``cache_namespace``.
+        qualname: ``module.qualname`` of the function.
+        ttl: Seconds an entry lives, ``None`` for no expiry.
+
+    """
+
+    __slots__ = (
+        "_store",
+        "_unserializable",
+        "backend",
+        "hits",
+        "misses",
+        "namespace",
+        "prefix",
+        "tag",
+        "ttl",
+    )
+
+    def __init__(
+        self, backend: DiskBackend, namespace: str, qualname: str, ttl: float | None
+    ) -> None:
+        self.backend = backend
+        self.namespace = namespace
+        self.tag = f"{namespace}:{qualname}"
+        self.prefix = self.tag + ":"
+        self.ttl = ttl
+        self.hits = 0
+        self.misses = 0
+        self._store: Any = None
+        self._unserializable: set[type] = set()
+
+    def _get_store(self) -> Any:
+        """Return the namespace's diskcache, opened at first use."""
+        store = self._store
+        if store is None:
+            store = self._store = self.backend.store(self.namespace)
+        return store
+
+    def get(self, key: str) -> Any:
+        """Return the value stored under ``key`` (a stable digest), or ``MISS``."""
+        full = self.prefix + key
+        backend = self.backend
+        if backend.outage.down and not backend.available():
+            self.misses += 1
+            return MISS
+        try:
+            data = self._get_store().get(full)
+        except Exception as exc:
+            backend.failed(exc, "get")
+            self.misses += 1
+            return MISS
+        if backend.outage.down:
+            backend.outage.succeeded()
+        if data is None:
+            self.misses += 1
+            return MISS
+        if not isinstance(data, bytes):
+            logger.warning(
+                "opero: disk cache entry %r was not written by opero (%s); treated as a miss",
+                full,
+                type(data).__name__,
+            )
+            self.misses += 1
+            return MISS
+        try:
+            value = backend.codec.decode(full, data)
+        except VerificationError as exc:
+            logger.warning(
+                "opero: disk cache entry %r failed verification (%s); treated as a miss "
+                "and not deserialized",
+                full,
+                exc,
+            )
+            self.misses += 1
+            return MISS
+        except Exception as exc:
+            logger.warning(
+                "opero: disk cache entry %r is corrupt or not written by opero (%s: %s); "
+                "treated as a miss",
+                full,
+                type(exc).__name__,
+                exc,
+            )
+            self.misses += 1
+            return MISS
+        self.hits += 1
+        return value
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` with the TTL (not stored if it cannot be serialized)."""
+        full = self.prefix + key
+        backend = self.backend
+        try:
+            data = backend.codec.encode(full, value)
+        except Exception as exc:
+            kind = type(value)
+            if kind not in self._unserializable:
+                self._unserializable.add(kind)
+                logger.warning(
+                    "opero: a %s result of %s is not cached: the %s serializer cannot "
+                    "encode it (%s: %s); logged once per type",
+                    kind.__qualname__,
+                    self.tag,
+                    backend.codec.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            return
+        if not backend.available():
+            return
+        try:
+            self._get_store().set(full, data, expire=self.ttl, tag=self.tag)
+        except Exception as exc:
+            backend.failed(exc, "set")
+            return
+        if backend.outage.down:
+            backend.outage.succeeded()
+
+    def delete(self, key: str) -> bool:
+        """Remove the entry under ``key``; return whether it existed."""
+        backend = self.backend
+        if not backend.available():
+            return False
+        try:
+            removed = bool(self._get_store().delete(self.prefix + key))
+        except Exception as exc:
+            backend.failed(exc, "delete")
+            return False
+        backend.outage.succeeded()
+        return removed
+
+    def clear(self) -> None:
+        """Delete every entry of this function, and only those (by tag)."""
+        backend = self.backend
+        if not backend.available():
+            return
+        try:
+            self._get_store().evict(self.tag)
+        except Exception as exc:
+            backend.failed(exc, "clear")
+            return
+        backend.outage.succeeded()
+
+    def info(self) -> CacheInfo:
+        """Return this process's hit/miss counters (``currsize`` is -1: not counted)."""
+        return CacheInfo(self.hits, self.misses, None, -1)
+
+    async def aget(self, key: str) -> Any:
+        """Async :meth:`get`, in a worker thread."""
+        return await asyncio.to_thread(self.get, key)
+
+    async def aset(self, key: str, value: Any) -> None:
+        """Async :meth:`set`, in a worker thread."""
+        await asyncio.to_thread(self.set, key, value)
+
+    async def adelete(self, key: str) -> bool:
+        """Async :meth:`delete`, in a worker thread."""
+        return await asyncio.to_thread(self.delete, key)
+
+    async def aclear(self) -> None:
+        """Async :meth:`clear`, in a worker thread."""
+        await asyncio.to_thread(self.clear)
