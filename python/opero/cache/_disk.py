@@ -143,7 +143,7 @@ class DiskBackend:
         key = (str(self.directory), namespace, self.size_limit)
         cache = _CACHES.get(key)
         if cache is None:
-            import diskcache  # type: ignore[import-untyped]
+            import diskcache
 
             with _LOCK:
                 cache = _CACHES.get(key)
