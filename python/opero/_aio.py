@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opero._ratelimit import MIN_WAIT
 from opero._retry import Engine, _no_reserve
 
 __all__ = ["TaskFlight", "build_async_call"]
@@ -39,7 +40,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
     async def take_token() -> None:
         assert limiter is not None
         delay = await limiter.areserve() if async_source else reserve()
-        if delay:
+        if delay > MIN_WAIT:
             limiter.check_wait(delay)
             await asleep(delay)
 

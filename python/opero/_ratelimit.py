@@ -33,7 +33,12 @@ from opero._opero_core import TokenBucket
 from opero._policy import Policy
 from opero.errors import ConfigurationError, RateLimitTimeout
 
-__all__ = ["Limiter", "shared_bucket"]
+__all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
+
+#: Waits shorter than this are not slept: they are floating-point noise of the
+#: bucket arithmetic (a fresh bucket at rate 0.001/s can answer 6.7e-15 s on a
+#: monotonic clock reading in the thousands), far below any sleep's resolution.
+MIN_WAIT = 1e-6
 
 logger = logging.getLogger("opero")
 

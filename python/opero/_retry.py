@@ -39,7 +39,7 @@ from opero._callbacks import adapt_callback
 from opero._fallback import Fallback
 from opero._opero_core import Backoff
 from opero._policy import Policy
-from opero._ratelimit import Limiter
+from opero._ratelimit import MIN_WAIT, Limiter
 from opero.errors import AllFailedError, ConfigurationError
 
 __all__ = ["Engine", "build_sync_call"]
@@ -222,7 +222,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             attempt += 1
             if limiter is not None:
                 delay = reserve()
-                if delay:
+                if delay > MIN_WAIT:
                     limiter.check_wait(delay)
                     sleep(delay)
             try:
@@ -262,7 +262,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
 
     def call_limited(*args: Any, **kwargs: Any) -> Any:
         delay = reserve()
-        if delay:
+        if delay > MIN_WAIT:
             check_wait(delay)
             sleep(delay)
         try:
@@ -303,7 +303,7 @@ def _general_sync(engine: Engine, sleep: Callable[[float], Any]) -> Callable[...
             for index, (a, k) in enumerate(calls):
                 if reserve is not None:
                     delay = reserve()
-                    if delay:
+                    if delay > MIN_WAIT:
                         assert limiter is not None
                         limiter.check_wait(delay)
                         sleep(delay)
