@@ -149,7 +149,7 @@ def test_client_object_as_cache_redis_url(redis_url: str) -> None:
 
 @pytest.mark.redis
 def test_clear_cache_namespace_reaches_other_processes_entries(redis_url: str) -> None:
-    """opero.clear_cache(ns) deletes the namespace's Redis keys, also ones this process never read."""
+    """opero.clear_cache(ns) deletes the namespace's Redis keys, even ones written elsewhere."""
 
     @opero.opero(
         cache=True, cache_backend="redis", cache_redis_url=redis_url, cache_namespace="shared"
