@@ -51,7 +51,7 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from opero._aio import TaskFlight, build_async_call
 from opero._callbacks import adapt_callback
@@ -66,7 +66,10 @@ from opero.cache._registry import clear_cache, register, resolve_backend
 __all__ = ["OperoDecorator", "OperoFunction", "OperoInternals", "clear_cache", "opero"]
 
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
+R2 = TypeVar("R2")
+S = TypeVar("S")
 R_co = TypeVar("R_co", covariant=True)
 
 Args = tuple[Any, ...]
@@ -81,6 +84,18 @@ class OperoFunction(Protocol[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
         """Call through the cache, retries, fallbacks and rate limit."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> OperoFunction[P, R_co]: ...
+
+    @overload
+    def __get__(
+        self: OperoFunction[Concatenate[S, P2], R2], instance: S, owner: type[Any] | None = None
+    ) -> Callable[P2, R2]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
+        """Bind as a method: ``obj.method(...)`` passes ``obj`` as the first argument."""
         ...
 
     def cache_get(self, *args: P.args, **kwargs: P.kwargs) -> Any:
