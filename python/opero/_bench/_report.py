@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -387,51 +388,64 @@ def write_plot(results: Sequence[GroupResult], path: Path, meta: Meta) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels: list[tuple[GroupResult, list[tuple[str, float, str, str]]]] = []
+    # One bar per implementation: (y position, label, ns, is_opero, note); a gap between operations.
+    Bar = tuple[float, str, float, bool, str]
+    panels: list[tuple[GroupResult, list[Bar]]] = []
     for result in results:
-        bars: list[tuple[str, float, str, str]] = []
+        bars: list[Bar] = []
+        y = 0.0
         for row in result.rows:
             if row.timing is None:
                 continue
-            bars.append((f"{row.operation}: opero", row.timing.best_ns, "opero", ""))
+            bars.append((y, f"{row.operation}: opero", row.timing.best_ns, True, ""))
+            y -= 1
             for a in row.anchors:
                 if a.timing is not None:
-                    ratio = _fmt_ratio(row.ratio(a))
-                    bars.append((f"  {a.label}", a.timing.best_ns, "anchor", f"opero {ratio}"))
+                    note = f"opero {_fmt_ratio(row.ratio(a))}"
+                    bars.append((y, a.label, a.timing.best_ns, False, note))
+                    y -= 1
+            y -= 0.6
         if bars:
             panels.append((result, bars))
     if not panels:
         raise ValueError("nothing to plot: no group produced an opero figure")
-    heights = [max(1.6, 0.28 * len(b) + 0.8) for _, b in panels]
+    heights = [max(1.8, 0.26 * (len(b) + 0.6 * len(r.rows)) + 0.9) for r, b in panels]
     fig, axes = plt.subplots(
         len(panels),
         1,
-        figsize=(11, sum(heights)),
+        figsize=(11, sum(heights) + 0.6),
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
+        layout="constrained",
     )
     for ax, (result, bars) in zip(axes[:, 0], panels, strict=True):
-        ys = list(range(len(bars)))[::-1]
-        colors = ["#d9480f" if kind == "opero" else "#868e96" for _, _, kind, _ in bars]
-        ax.barh(ys, [ns for _, ns, _, _ in bars], color=colors)
+        ys = [b[0] for b in bars]
+        values = [b[2] for b in bars]
+        colors = ["#d9480f" if b[3] else "#868e96" for b in bars]
+        # Bars start at a power of ten below the smallest figure, so lengths compare fairly.
+        left = 10 ** math.floor(math.log10(min(values) / 1.5))
+        ax.barh(ys, [v - left for v in values], left=left, color=colors, height=0.8)
         ax.set_yticks(ys)
-        ax.set_yticklabels([label for label, _, _, _ in bars], fontsize=8)
+        ax.set_yticklabels([b[1] for b in bars], fontsize=8)
+        for tick, b in zip(ax.get_yticklabels(), bars, strict=True):
+            if b[3]:
+                tick.set_fontweight("bold")
         ax.set_xscale("log")
-        ax.set_xlim(right=max(ns for _, ns, _, _ in bars) * 4)  # room for the ratio labels
+        ax.set_xlim(left, max(values) * 5)  # room for the ratio labels
         per = "item" if result.group.unit == "items/s" else "op"
-        ax.set_xlabel(f"ns per {per} (log scale, shorter is faster)", fontsize=8)
+        ax.set_xlabel(f"ns per {per} (log scale; shorter is faster)", fontsize=8)
         ax.set_title(result.group.title, fontsize=10, loc="left")
-        for y, (_, ns, _, note) in zip(ys, bars, strict=True):
+        for y, _, ns, _, note in bars:
             if note:
                 ax.text(ns, y, f" {note}", va="center", fontsize=7)
         ax.grid(axis="x", which="both", alpha=0.25)
     m = meta.machine
     fig.suptitle(
-        f"opero {m['opero']} against its anchors ({m['python']}, {m['cpu_count']} CPUs); "
-        "ratio = opero time / anchor time",
+        f"opero {m['opero']} against its anchors ({m['python']}, {m['cpu_count']} CPUs, "
+        f"load {m['loadavg'][0] if m['loadavg'] else 'n/a'}); "
+        "opero x = opero's time / the anchor's time",
         fontsize=10,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
