@@ -106,6 +106,8 @@ class Store:
         """``delete(make_key(args, kwargs))``."""
     def info(self) -> tuple[int, int, int, int, int, int | None]:
         """Return ``(hits, misses, evictions, expirations, size, max_size)``."""
+    def __getitem__(self, key: Any, /) -> Any:
+        """``store[key]``: the same as :meth:`get`."""
     def __len__(self) -> int: ...
     def __contains__(self, key: Any, /) -> bool: ...
 

@@ -83,6 +83,9 @@ thread_local! {
     static BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
+/// Keyword items of a call: (name, value).
+type KwItems<'py> = SmallVec<[(Bound<'py, PyString>, Bound<'py, PyAny>); 8]>;
+
 /// Buffers grown beyond this are not kept for reuse.
 const KEEP_BUF_BYTES: usize = 64 * 1024;
 
@@ -127,43 +130,82 @@ impl<'py> Encoder<'py> {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<()> {
-        let n = args.len();
-        k::put_header(&mut self.buf, k::CALL, n);
+        k::put_header(&mut self.buf, k::CALL, args.len());
         for (i, item) in args.iter_borrowed().enumerate() {
             self.value(&item, 0, ArgName::Pos(i))?;
         }
         if let Some(kw) = kwargs {
-            let m = kw.len();
-            if m > 0 {
-                self.kwargs(kw, m)?;
+            if !kw.is_empty() {
+                let mut items: KwItems<'py> = SmallVec::with_capacity(kw.len());
+                for (name, value) in kw.iter() {
+                    let name = name.cast_into_exact::<PyString>().map_err(|e| {
+                        PyTypeError::new_err(format!(
+                            "kwargs keys must be str, got {}",
+                            e.into_inner()
+                                .get_type()
+                                .name()
+                                .map(|n| n.to_string())
+                                .unwrap_or_default()
+                        ))
+                    })?;
+                    items.push((name, value));
+                }
+                self.kwargs(&items)?;
             }
         }
         Ok(())
     }
 
-    fn kwargs(&mut self, kw: &Bound<'py, PyDict>, m: usize) -> PyResult<()> {
-        let mut items: SmallVec<[(Bound<'py, PyString>, Bound<'py, PyAny>); 8]> =
-            SmallVec::with_capacity(m);
-        for (name, value) in kw.iter() {
-            let name = name.cast_into_exact::<PyString>().map_err(|e| {
-                PyTypeError::new_err(format!(
-                    "kwargs keys must be str, got {}",
-                    e.into_inner()
-                        .get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_default()
-                ))
-            })?;
-            items.push((name, value));
+    /// Encode a vectorcall: `args[..nargs]` positional, then one value per
+    /// name of `kwnames`; the same bytes as [`Self::call`] for the same call.
+    ///
+    /// # Safety
+    /// `args` must point to `nargs + len(kwnames)` live object pointers
+    /// (the vectorcall protocol guarantees it for the duration of the call).
+    #[inline]
+    pub unsafe fn call_vector(
+        &mut self,
+        py: Python<'py>,
+        args: *const *mut ffi::PyObject,
+        nargs: usize,
+        kwnames: Option<&Bound<'py, PyTuple>>,
+    ) -> PyResult<()> {
+        k::put_header(&mut self.buf, k::CALL, nargs);
+        for i in 0..nargs {
+            // SAFETY: i < nargs, and the caller guarantees the pointers are live.
+            let item = unsafe { Borrowed::from_ptr(py, *args.add(i)) };
+            self.value(&item, 0, ArgName::Pos(i))?;
         }
+        if let Some(names) = kwnames {
+            let m = names.len();
+            if m > 0 {
+                let mut items: KwItems<'py> = SmallVec::with_capacity(m);
+                for (j, name) in names.iter().enumerate() {
+                    // SAFETY: kwnames holds only str (vectorcall protocol); the
+                    // value pointer is in bounds per the caller's guarantee.
+                    let name = unsafe { name.cast_into_unchecked::<PyString>() };
+                    let value = unsafe { Borrowed::from_ptr(py, *args.add(nargs + j)) }.to_owned();
+                    items.push((name, value));
+                }
+                self.kwargs(&items)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn kwargs(&mut self, items: &KwItems<'py>) -> PyResult<()> {
+        let m = items.len();
         let mut names: SmallVec<[&str; 8]> = SmallVec::with_capacity(m);
-        for (name, _) in &items {
+        for (name, _) in items {
             names.push(name.to_str()?);
+        }
+        k::put_header(&mut self.buf, k::KWARGS, m);
+        if m == 1 {
+            k::put_bytes(&mut self.buf, k::STR, names[0].as_bytes());
+            return self.value(&items[0].1, 0, ArgName::Kw(names[0]));
         }
         let mut order: SmallVec<[usize; 8]> = (0..m).collect();
         order.sort_unstable_by(|a, b| names[*a].cmp(names[*b]));
-        k::put_header(&mut self.buf, k::KWARGS, m);
         for i in order {
             k::put_bytes(&mut self.buf, k::STR, names[i].as_bytes());
             self.value(&items[i].1, 0, ArgName::Kw(names[i]))?;
