@@ -186,6 +186,12 @@ def _build_dask(settings: Settings) -> list[Case]:
         c = client(stack)
         return _job(lambda xs: c.gather(c.map(square, xs, pure=False)), per_item, square)
 
+    cpu = list(range(40 if settings.quick else 200))
+
+    def opero_cpu(stack: contextlib.ExitStack) -> LoopFn:
+        mapped = _opmap(mode="dask", client=client(stack))(spin)
+        return _job(mapped, cpu, spin)
+
     return [
         Case(
             f"dask, {n_items // 1000}k trivial",
@@ -200,6 +206,12 @@ def _build_dask(settings: Settings) -> list[Case]:
                 )
             ],
             targets={"client.map per item": 1 / 50},
+        ),
+        Case(
+            f"dask, {len(cpu)}x5ms CPU",
+            Impl("opero @opmap", opero_cpu, ("distributed",), once=True, ops=len(cpu)),
+            [_serial(cpu, spin)],
+            targets={"serial list comp.": 1 / 1.6},
         ),
     ]
 
