@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -215,3 +217,27 @@ def test_a_failed_piece_makes_the_exit_status_one(
     assert status == 1
     assert "opero FAILED: CheckError: cache never hit" in out
     assert "FAILED groups" in out
+
+
+@pytest.mark.redis
+def test_opt_in_backend_groups_run() -> None:
+    """``--only redis,disk`` starts a private redis-server and times both backends' hits."""
+    if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
+        if os.environ.get("OPERO_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed; OPERO_REQUIRE_REDIS=1 makes this an error")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    proc = run_cli("bench", "--only", "redis,disk", *TINY)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for operation in ("redis hit, sync", "redis hit, async", "disk hit"):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(operation))
+        assert re.search(r"\d\.\d\dx", line), line
+
+
+@pytest.mark.dask
+@pytest.mark.slow
+def test_opt_in_dask_group_runs() -> None:
+    """``--only dask`` starts a LocalCluster and times @opmap against client.map per item."""
+    pytest.importorskip("distributed")
+    proc = run_cli("bench", "--only", "dask", *TINY)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"dask, 2k trivial .*client\.map per item .*\dx", proc.stdout)
