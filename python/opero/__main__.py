@@ -6,6 +6,7 @@ Run ``python -m opero bench --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,7 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         parser.error(f"--plot: expected a .png file name, got {str(args.plot)!r}")
     settings = Settings(target_ns=int(budget_ms * 1e6), repeat=repeat, quick=args.quick)
-    return run_bench(BenchOptions(settings, only, args.json, args.plot))
+    try:
+        return run_bench(BenchOptions(settings, only, args.json, args.plot))
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,12 +420,6 @@ def _run_case(case: Case, settings: Settings, stack: contextlib.ExitStack) -> Ro
     return RowResult(case.operation, status, timing, anchors, error, case.max_ns, ops)
 
 
-@contextlib.contextmanager
-def _closing_stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as stack:
-        yield stack
-
-
 def run_group(
     group: Group,
     settings: Settings,
@@ -444,17 +438,27 @@ def run_group(
     """
     start = time.perf_counter()
     rows: list[RowResult] = []
+    error: str | None = None
+    stack = contextlib.ExitStack()
     try:
-        with _closing_stack() as stack:
-            cases = group.build(settings)
-            for case in cases:
-                row = _run_case(case, settings, stack)
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+        cases = group.build(settings)
     except Exception as exc:
-        if _not_built(exc) and not rows:
+        stack.close()
+        if _not_built(exc):
             rows.append(RowResult("(group)", "not available", None, [], _error_text(exc)))
             return GroupResult(group, rows, None, time.perf_counter() - start)
         return GroupResult(group, rows, _error_text(exc), time.perf_counter() - start)
-    return GroupResult(group, rows, None, time.perf_counter() - start)
+    try:
+        for case in cases:
+            # _run_case reports every failure of a case in its row; what on_row raises
+            # (a closed stdout, say) is not a benchmark result and propagates.
+            row = _run_case(case, settings, stack)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        try:
+            stack.close()
+        except Exception as exc:  # a pool or server that fails to stop is reported
+            error = f"cleanup failed: {_error_text(exc)}"
+    return GroupResult(group, rows, error, time.perf_counter() - start)

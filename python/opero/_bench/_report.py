@@ -71,11 +71,24 @@ def machine_info() -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "system": f"{platform.system()} {platform.machine()}",
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "loadavg": load,
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_model() -> str | None:
+    """Return the CPU model name (from /proc/cpuinfo on Linux), or None if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _fmt_ns(ns: float) -> str:
@@ -122,8 +135,9 @@ def format_header(meta: Meta) -> str:
     m, s = meta.machine, meta.settings
     load = " ".join(str(x) for x in m["loadavg"]) if m["loadavg"] else "n/a"
     lines = [
-        f"opero bench: opero {m['opero']}, {m['python']}, {m['platform']}",
-        f"machine: {m['cpu_count']} CPUs, load average {load} (other work skews figures)",
+        f"opero bench: opero {m['opero']}, {m['python']}, {m['system']}",
+        _fit(f"machine: {m['cpu_count']} CPUs ({m['processor'] or 'unknown model'})", WIDTH),
+        f"  load average {load} when the run started (other work on the machine skews figures)",
         f"method: best of {s.repeat} timed runs of ~{s.target_ns / 1e6:g} ms each "
         "(perf_counter_ns, gc off, loops calibrated);",
         f"  nothing is subtracted: an empty loop costs {_fmt_ns(meta.empty_loop_ns)} ns/op "
