@@ -202,6 +202,7 @@ def test_client_objects_sync_and_async(redis_url: str) -> None:
         client = redis.asyncio.Redis.from_url(redis_url)
         acache = _open(RedisBackend(client=client), is_async=True)
         await acache.aset("j", 2)
+        await client.aclose()
         return acache
 
     acache = asyncio.run(make_async_backend())

@@ -25,10 +25,12 @@ verified before it is unpickled, or use ``serializer="json"``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
 import threading
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -225,6 +227,44 @@ def check_interval(value: Any, name: str = "retry_interval") -> float:
     return float(value)
 
 
+async def _closer(
+    loop: asyncio.AbstractEventLoop, key: Any, client: redis.asyncio.Redis
+) -> AsyncIterator[None]:
+    """Suspend until the loop shuts its async generators down, then close ``client``."""
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _CLOSERS.pop((loop, key), None)
+            per_loop = _ASYNC_CLIENTS.get(loop)
+            if per_loop is not None and per_loop.get(key) is client:
+                del per_loop[key]
+        try:
+            await client.aclose(close_connection_pool=True)
+        except Exception as exc:  # the loop is going away; report, never raise
+            logger.debug("opero: closing a Redis client at loop shutdown failed: %r", exc)
+
+
+# Strong references to the closers: the loop keeps only weak ones.
+_CLOSERS: dict[tuple[asyncio.AbstractEventLoop, Any], AsyncIterator[None]] = {}
+
+
+def _close_with_loop(loop: asyncio.AbstractEventLoop, key: Any, client: Any) -> None:
+    """Close ``client``'s connections when ``loop`` shuts down (``asyncio.run`` does).
+
+    An async generator started on ``loop`` is registered by its first-iteration
+    hook; ``loop.shutdown_asyncgens()`` then closes it, which runs its
+    ``finally`` inside the loop, where the client can still be awaited. Without
+    this, the pooled connections of a finished loop are only dropped by the
+    garbage collector, with ``ResourceWarning``s. Called with ``_LOCK`` held.
+    """
+    gen = _closer(loop, key, client)
+    step: Any = gen.__anext__()  # registers ``gen`` with the running loop
+    with contextlib.suppress(StopIteration):
+        step.send(None)  # runs the body up to ``yield``, which awaits nothing
+    _CLOSERS[(loop, key)] = gen
+
+
 class RedisConnector:
     """Where a Redis user connects: a URL (pooled per process and loop) or a client object.
 
@@ -331,6 +371,8 @@ class RedisConnector:
             with _LOCK:
                 for old in [old for old in _ASYNC_CLIENTS if old.is_closed()]:
                     del _ASYNC_CLIENTS[old]
+                for closer in [c for c in _CLOSERS if c[0].is_closed()]:
+                    del _CLOSERS[closer]
                 per_loop = _ASYNC_CLIENTS.setdefault(loop, {})
                 client = per_loop.get(key)
                 if client is None:
@@ -345,6 +387,7 @@ class RedisConnector:
                             **_async_no_retry(),
                         )
                     per_loop[key] = client
+                    _close_with_loop(loop, key, client)
         self._async_last = (loop, client)
         return client  # type: ignore[no-any-return]
 
