@@ -131,6 +131,7 @@ def test_json_holds_figures_and_ratios(full_run: dict[str, Any]) -> None:
     assert doc["exit_status"] == 0
     assert doc["machine"]["cpu_count"] >= 1
     assert doc["method"]["subtracted"] == "nothing"
+    assert doc["anchor_versions"]["cachetools"]
     assert [g["name"] for g in doc["groups"]] == DEFAULT_GROUPS
     ratios = [
         a["ratio"]

@@ -382,6 +382,13 @@ def to_json(meta: Meta, results: Sequence[GroupResult], elapsed_s: float, status
             "quick": meta.settings.quick,
         },
         "missing_anchors": missing_anchors(results),
+        "anchor_versions": {
+            a.module: a.version
+            for result in results
+            for row in result.rows
+            for a in row.anchors
+            if a.module and a.version
+        },
         "targets": {"met": met, "missed": missed},
         "groups": groups,
         "elapsed_s": round(elapsed_s, 3),
