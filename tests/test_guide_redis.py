@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -21,6 +22,41 @@ from opero.cache import RedisBackend
 
 if TYPE_CHECKING:
     from conftest import RedisServer
+
+
+_XPROC_CALLS: list[int] = []
+
+
+@opero.opero(cache=True, cache_backend="redis", cache_namespace="xproc")
+def shared_square(x: int) -> int:
+    """Square ``x``, cached in the Redis named by OPERO_REDIS_URL (module level: importable)."""
+    _XPROC_CALLS.append(x)
+    return x * x
+
+
+@pytest.mark.redis
+def test_stable_keys_shared_with_another_process(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result cached here is a hit for the same function called in another process."""
+    monkeypatch.setenv("OPERO_REDIS_URL", redis_url)
+    assert shared_square(7) == 49
+    assert _XPROC_CALLS == [7]
+    script = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        f"import {__name__} as m\n"
+        "print(m.shared_square(7), len(m._XPROC_CALLS))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "OPERO_REDIS_URL": redis_url},
+    ).stdout
+    assert out == "49 0\n"
 
 
 @pytest.mark.redis
@@ -290,7 +326,6 @@ def test_disk_cache_through_opero_persists(tmp_path: Path) -> None:
         "def work(x):\n"
         "    print('computed', flush=True)\n"
         "    return x * 10\n"
-        "work.__module__ = 'jobs'; work.__qualname__ = 'work'\n"
         "print(work(4))\n"
     )
 
