@@ -19,6 +19,13 @@ pub struct TokenBucket {
     tat: f64,
 }
 
+/// Slack in grant decisions: 1 ns plus a few ulps of the clock reading, so
+/// float rounding (`1000.3 - 0.3 > 1000.0`) never denies a token that is due.
+#[inline]
+fn slack(now: f64) -> f64 {
+    1e-9 + 4.0 * f64::EPSILON * now.abs()
+}
+
 fn check_rate(rate: f64) -> Result<f64, CoreError> {
     if !(rate.is_finite() && rate > 0.0) {
         return Err(CoreError::value(
@@ -85,9 +92,9 @@ impl TokenBucket {
     pub fn reserve(&mut self, now: f64) -> f64 {
         let tat = self.tat.max(now) + self.interval;
         self.tat = tat;
-        let allowed_at = tat - f64::from(self.burst) * self.interval;
-        if allowed_at > now {
-            allowed_at - now
+        let wait = tat - f64::from(self.burst) * self.interval - now;
+        if wait > slack(now) {
+            wait
         } else {
             0.0
         }
@@ -97,7 +104,7 @@ impl TokenBucket {
     #[inline]
     pub fn try_acquire(&mut self, now: f64) -> bool {
         let tat = self.tat.max(now) + self.interval;
-        if tat - f64::from(self.burst) * self.interval <= now {
+        if tat - f64::from(self.burst) * self.interval - now <= slack(now) {
             self.tat = tat;
             true
         } else {
@@ -160,6 +167,17 @@ mod tests {
         assert_eq!(b.reserve(0.0), 0.0);
         let free = (0..5).filter(|_| b.try_acquire(1000.0)).count();
         assert_eq!(free, 2);
+    }
+
+    #[test]
+    fn float_rounding_never_denies_a_due_token() {
+        let mut b = TokenBucket::new(10.0, 3).unwrap();
+        let free = (0..10).filter(|_| b.try_acquire(1000.0)).count();
+        assert_eq!(free, 3);
+        let mut b = TokenBucket::new(7.0, 1).unwrap();
+        for i in 0..10_000 {
+            assert_eq!(b.reserve(1e6 + f64::from(i) / 7.0), 0.0, "step {i}");
+        }
     }
 
     #[test]

@@ -420,10 +420,21 @@ impl<K, V> Store<K, V> {
         }
     }
 
-    /// Remove the entry for `hash`/`eq`, returning it (no counters).
-    pub fn remove(&mut self, hash: u64, eq: impl FnMut(&K) -> bool) -> Option<(K, V)> {
+    /// Remove the entry for `hash`/`eq`, returning it and whether it was
+    /// live (an expired one is removed too, counted as an expiration, and
+    /// reported as not live). Hits and misses are not counted.
+    pub fn remove(
+        &mut self,
+        hash: u64,
+        now: impl FnOnce() -> f64,
+        eq: impl FnMut(&K) -> bool,
+    ) -> Option<((K, V), bool)> {
         let i = self.find(hash, eq)?;
-        Some(self.take(i))
+        let live = !(self.slots[i].expires.is_finite() && self.is_expired(i, now()));
+        if !live {
+            self.expirations += 1;
+        }
+        Some((self.take(i), live))
     }
 
     /// Remove every entry into `out`; counters are kept.
@@ -575,12 +586,24 @@ mod tests {
     }
 
     #[test]
+    fn removing_an_expired_entry_reports_it_absent() {
+        let mut t = T::new(None, Some(1.0));
+        t.set(1, 10);
+        assert_eq!(
+            t.s.remove(h(1), || 2.0, |x| *x == 1),
+            Some(((1, 10), false))
+        );
+        assert_eq!(t.s.info().expirations, 1);
+        assert!(t.s.is_empty());
+    }
+
+    #[test]
     fn delete_and_clear() {
         let mut t = T::new(Some(3), None);
         t.set(1, 10);
         t.set(2, 20);
-        assert_eq!(t.s.remove(h(1), |x| *x == 1), Some((1, 10)));
-        assert_eq!(t.s.remove(h(1), |x| *x == 1), None);
+        assert_eq!(t.s.remove(h(1), || 0.0, |x| *x == 1), Some(((1, 10), true)));
+        assert_eq!(t.s.remove(h(1), || 0.0, |x| *x == 1), None);
         let mut out = Vec::new();
         t.s.clear(&mut out);
         assert_eq!(out, vec![(2, 20)]);
@@ -640,7 +663,7 @@ mod tests {
                     model.insert(0, (k, step));
                 }
                 _ => {
-                    let got = t.s.remove(h(k), |x| *x == k).map(|e| e.1);
+                    let got = t.s.remove(h(k), || 0.0, |x| *x == k).map(|e| e.0 .1);
                     let want = model
                         .iter()
                         .position(|(mk, _)| *mk == k)

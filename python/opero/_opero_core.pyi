@@ -95,7 +95,7 @@ class Store:
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Store ``value``; ``ttl`` overrides the store's for this entry."""
     def delete(self, key: Any) -> bool:
-        """Remove ``key``; return whether it was present."""
+        """Remove ``key``; return whether a live (unexpired) entry was present."""
     def clear(self) -> None:
         """Remove every entry (counters are kept)."""
     def get_call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:

@@ -92,7 +92,7 @@ impl PyBackoff {
     fn __repr__(&self) -> String {
         let s = &self.schedule;
         format!(
-            "Backoff(min_delay={}, max_delay={}, factor={}, jitter={})",
+            "Backoff(min_delay={:?}, max_delay={:?}, factor={:?}, jitter={})",
             s.min_delay(),
             s.max_delay(),
             s.factor(),

@@ -36,7 +36,7 @@ impl PyManualClock {
     }
 
     fn __repr__(&self) -> String {
-        format!("ManualClock({})", self.inner.now())
+        format!("ManualClock({:?})", self.inner.now())
     }
 }
 

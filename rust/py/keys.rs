@@ -60,7 +60,7 @@ impl fmt::Display for ArgName<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ArgName::Pos(i) => write!(f, "args[{i}]"),
-            ArgName::Kw(n) => write!(f, "kwargs[{n:?}]"),
+            ArgName::Kw(n) => write!(f, "kwargs['{n}']"),
             ArgName::Value(n) => f.write_str(n),
         }
     }

@@ -69,6 +69,6 @@ impl PyTokenBucket {
 
     fn __repr__(&self) -> String {
         let b = self.inner.lock();
-        format!("TokenBucket(rate={}, burst={})", b.rate(), b.burst())
+        format!("TokenBucket(rate={:?}, burst={})", b.rate(), b.burst())
     }
 }

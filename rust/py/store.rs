@@ -238,10 +238,10 @@ impl PyStore {
 
     fn delete_probe(&self, py: Python<'_>, p: &Probe<'_, '_>) -> PyResult<bool> {
         let t = self.target(py, p)?;
-        let removed = self
-            .inner
-            .with(py, |g| g.remove(p.hash, Self::matcher(p.bytes, &t)));
-        Ok(removed.is_some())
+        let removed = self.inner.with(py, |g| {
+            g.remove(p.hash, || self.clock.now(), Self::matcher(p.bytes, &t))
+        });
+        Ok(matches!(removed, Some((_, true))))
     }
 
     /// Store `value` under `key` (`ttl`: see `Store::insert`).
@@ -384,7 +384,7 @@ impl PyStore {
         self.insert(py, k, value, ttl)
     }
 
-    /// Remove ``key``; return whether it was present.
+    /// Remove ``key``; return whether a live (unexpired) entry was present.
     fn delete(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         let py = key.py();
         self.with_key(key, |p, _, _| self.delete_probe(py, p))

@@ -1,0 +1,373 @@
+"""CachedCall: hits and misses, exceptions, single flight, re-entry, methods, pickling."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from opero._opero_core import CachedCall, ManualClock, Store, make_key
+
+
+def cached(func: Any) -> Any:
+    """Decorate like the Python layer does: a CachedCall with the function's metadata."""
+    cc = CachedCall(Store(16), func)
+    functools.update_wrapper(cc, func)
+    return cc
+
+
+def _double(x: int) -> int:
+    """Return twice x."""
+    return 2 * x
+
+
+@cached
+def cached_double(x: int) -> int:
+    """Return twice x (module level, so the cached wrapper pickles by reference)."""
+    return 2 * x
+
+
+def counting(store: Store | None = None, **kw: Any) -> tuple[CachedCall, list[Any]]:
+    """Return a CachedCall over a function that records its calls, and the record."""
+    calls: list[Any] = []
+
+    def f(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return ("result", args, tuple(sorted(kwargs.items())))
+
+    return CachedCall(store if store is not None else Store(64), f, **kw), calls
+
+
+def test_hit_returns_stored_result_without_calling() -> None:
+    """The second identical call is served from the store; func runs once."""
+    cc, calls = counting()
+    first = cc(1, "a", x=2)
+    assert cc(1, "a", x=2) is first
+    assert len(calls) == 1
+    assert cc.store.info()[:2] == (1, 1)
+
+
+def test_different_arguments_are_different_entries() -> None:
+    """Typed, exact keys: 1, 1.0, True and x=1 are four separate calls."""
+    cc, calls = counting()
+    for args, kwargs in [((1,), {}), ((1.0,), {}), ((True,), {}), ((), {"x": 1})]:
+        cc(*args, **kwargs)
+        cc(*args, **kwargs)
+    assert len(calls) == 4
+
+
+def test_kwargs_order_does_not_matter() -> None:
+    """f(x=1, y=2) and f(y=2, x=1) share one entry."""
+    cc, calls = counting()
+    cc(x=1, y=2)
+    cc(y=2, x=1)
+    assert len(calls) == 1
+
+
+def test_vectorcall_and_tuple_paths_share_keys() -> None:
+    """Calls through vectorcall, PyObject_Call and the store's get_call all agree."""
+    cc, calls = counting()
+    cc(1, x=[1, 2])
+    assert type(cc).__call__(cc, 1, x=[1, 2]) == cc(1, x=[1, 2])
+    args, kwargs = (1,), {"x": [1, 2]}
+    assert cc(*args, **kwargs) == cc.store.get_call((1,), {"x": [1, 2]})
+    assert functools.partial(cc, 1)(x=[1, 2]) == cc.store.get(make_key((1,), {"x": [1, 2]}))
+    assert len(calls) == 1
+
+
+def test_structural_arguments_are_keyed() -> None:
+    """Lists, dicts and sets are keyed by structure."""
+    cc, calls = counting()
+    cc([1, 2], {"a": {1, 2}})
+    cc([1, 2], {"a": {2, 1}})
+    assert len(calls) == 1
+
+
+def test_exceptions_are_not_cached() -> None:
+    """A raising call stores nothing: the next call runs the function again."""
+    attempts: list[int] = []
+
+    def flaky(x: int) -> int:
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ValueError("first call fails")
+        return x
+
+    cc = CachedCall(Store(), flaky)
+    with pytest.raises(ValueError, match="first call fails"):
+        cc(5)
+    assert cc(5) == 5
+    assert cc(5) == 5
+    assert attempts == [5, 5]
+
+
+def test_unhashable_argument_raises_naming_it() -> None:
+    """An unkeyable argument is a TypeError naming it; the function is not called."""
+    cc, calls = counting()
+
+    class NoHash:
+        __hash__ = None  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"kwargs\['obj'\].*cache_key="):
+        cc(1, obj=NoHash())
+    assert calls == []
+
+
+def test_key_func_replaces_the_key() -> None:
+    """With key_func, calls whose key_func results are equal share an entry."""
+    cc, calls = counting(key_func=lambda *a, **k: a[0] % 10)
+    cc(3, "x")
+    cc(13, "y")
+    cc(4)
+    assert len(calls) == 2
+    assert cc.store.get(3) == ("result", (3, "x"), ())
+
+
+def test_key_func_errors_propagate() -> None:
+    """An exception raised by key_func reaches the caller."""
+
+    def bad_key(*a: Any, **k: Any) -> Any:
+        raise LookupError("no key")
+
+    cc, calls = counting(key_func=bad_key)
+    with pytest.raises(LookupError):
+        cc(1)
+    assert calls == []
+
+
+def test_on_hit_runs_on_every_hit_only() -> None:
+    """on_hit() fires once per hit and never on a miss."""
+    hits: list[None] = []
+    cc, _ = counting(on_hit=lambda: hits.append(None))
+    cc(1)
+    assert hits == []
+    cc(1)
+    cc(1)
+    assert len(hits) == 2
+
+
+def test_on_hit_exception_propagates() -> None:
+    """If on_hit raises anyway, the error propagates (the Python layer guards it)."""
+
+    def boom() -> None:
+        raise RuntimeError("hook")
+
+    cc, _ = counting(on_hit=boom)
+    cc(1)
+    with pytest.raises(RuntimeError, match="hook"):
+        cc(1)
+
+
+def test_ttl_store_recomputes_after_expiry() -> None:
+    """With a TTL store, an expired result is recomputed."""
+    clock = ManualClock()
+    cc, calls = counting(Store(8, ttl=10.0, clock=clock))
+    cc(1)
+    clock.advance(9.0)
+    cc(1)
+    clock.advance(1.0)
+    cc(1)
+    assert len(calls) == 2
+
+
+def test_eviction_bounds_the_store() -> None:
+    """A bounded store evicts: only max_size results are kept."""
+    cc, calls = counting(Store(3))
+    for i in range(10):
+        cc(i)
+    assert len(cc.store) == 3
+    cc(0)
+    assert len(calls) == 11
+
+
+def test_single_flight_calls_once_for_concurrent_misses() -> None:
+    """N threads missing one key together run the function once and share its result."""
+    n = 8
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow(x: int) -> object:
+        calls.append(x)
+        release.wait(timeout=60)
+        return object()
+
+    cc = CachedCall(Store(), slow)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(cc(1))) for _ in range(n)]
+    for t in threads:
+        t.start()
+    while cc.store.info()[1] < n:  # every thread has missed; the owner is blocked in slow()
+        time.sleep(0.001)
+    release.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == [1]
+    assert len(results) == n
+    assert all(r is results[0] for r in results)
+
+
+def test_single_flight_shares_the_exception() -> None:
+    """Waiters of a failing computation get the same exception; nothing is stored."""
+    n = 6
+    release = threading.Event()
+    calls: list[int] = []
+
+    def failing(x: int) -> int:
+        calls.append(x)
+        release.wait(timeout=60)
+        raise KeyError("shared failure")
+
+    cc = CachedCall(Store(), failing)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cc(7)
+        except KeyError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    while cc.store.info()[1] < n:
+        time.sleep(0.001)
+    release.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == [7]
+    assert len(errors) == n
+    assert all(e is errors[0] for e in errors)
+    assert len(cc.store) == 0
+
+
+def test_reentrant_call_on_the_same_key_does_not_deadlock() -> None:
+    """A function that calls itself with the key it is computing runs directly."""
+    depth: list[int] = []
+
+    def rec(x: int) -> int:
+        depth.append(x)
+        if len(depth) < 3:
+            return holder[0](x) + 1
+        return 0
+
+    holder: list[CachedCall] = []
+    cc = CachedCall(Store(), rec)
+    holder.append(cc)
+    assert cc(1) == 2
+    assert len(depth) == 3
+    assert cc(1) == 2
+
+
+def test_recursive_functions_with_distinct_keys_are_memoized() -> None:
+    """Fibonacci through the cache computes each n once."""
+    calls: list[int] = []
+
+    def fib(n: int) -> int:
+        calls.append(n)
+        return n if n < 2 else cfib(n - 1) + cfib(n - 2)
+
+    cfib = CachedCall(Store(None), fib)
+    assert cfib(60) == 1548008755920
+    assert sorted(calls) == list(range(61))
+
+
+class Widget:
+    """A class with a cached method."""
+
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+        self.calls = 0
+
+    def _area(self, w: int) -> int:
+        self.calls += 1
+        return self.scale * w
+
+    area = CachedCall(Store(), _area)
+
+
+def test_binds_as_a_method() -> None:
+    """Accessed through an instance it binds self, which is part of the key."""
+    a, b = Widget(2), Widget(3)
+    assert a.area(5) == 10
+    assert a.area(5) == 10
+    assert b.area(5) == 15
+    assert (a.calls, b.calls) == (1, 1)
+    assert Widget.area is Widget.__dict__["area"]
+    assert Widget.area(a, 5) == 10
+
+
+def test_update_wrapper_and_dict() -> None:
+    """functools.update_wrapper sets the metadata on the instance's __dict__."""
+    assert cached_double.__name__ == "cached_double"
+    assert cached_double.__qualname__ == "cached_double"
+    assert "module level" in cached_double.__doc__
+    assert cached_double.__wrapped__.__name__ == "cached_double"
+    assert cached_double.__module__ == _double.__module__
+    cached_double.extra = 1
+    assert cached_double.__dict__["extra"] == 1
+    assert "CachedCall" in repr(cached_double)
+    assert cached_double.func is cached_double.__wrapped__
+
+
+def test_pickles_by_reference() -> None:
+    """Pickling stores the qualified name and loads the very same object."""
+    assert cached_double(4) == 8
+    assert pickle.loads(pickle.dumps(cached_double)) is cached_double
+
+
+def test_without_update_wrapper_reduce_uses_the_function_name() -> None:
+    """__reduce__ falls back to the wrapped function's __qualname__."""
+    cc = CachedCall(Store(), _double)
+    assert cc.__reduce__() == "_double"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        ((Store(), 5), {}, TypeError, "func must be a callable"),
+        ((Store(), _double), {"key_func": 3}, TypeError, "key_func must be a callable or None"),
+        ((Store(), _double), {"on_hit": "x"}, TypeError, "on_hit must be a callable or None"),
+        (({}, _double), {}, TypeError, "store"),
+        ((), {}, TypeError, "store"),
+    ],
+)
+def test_bad_constructor_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
+    """Bad arguments raise TypeError naming the argument."""
+    with pytest.raises(exc, match=match):
+        CachedCall(*args, **kwargs)
+
+
+def test_many_threads_hammering_mixed_keys() -> None:
+    """Concurrent hits and misses over many keys stay consistent and call each key once."""
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def f(x: int) -> int:
+        with lock:
+            calls.append(x)
+        return x * x
+
+    cc = CachedCall(Store(None), f)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(3000):
+                x = (i * 31 + seed) % 200
+                assert cc(x) == x * x
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert sorted(calls) == list(range(200))

@@ -1,0 +1,193 @@
+"""TokenBucket (GCRA) under a manual clock: burst, spacing, the window bound, bad input."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opero._opero_core import ManualClock, TokenBucket
+
+
+def test_burst_is_free_then_spaced_by_the_interval() -> None:
+    """The first `burst` reservations are free, the next ones wait k/rate."""
+    b = TokenBucket(4.0, 2, clock=ManualClock())
+    delays = [b.reserve() for _ in range(5)]
+    assert delays[:2] == [0.0, 0.0]
+    assert delays[2:] == pytest.approx([0.25, 0.5, 0.75])
+
+
+def test_try_acquire_only_takes_free_tokens() -> None:
+    """try_acquire takes a token only when one is free now and never reserves ahead."""
+    clock = ManualClock()
+    b = TokenBucket(1.0, 1, clock=clock)
+    assert b.try_acquire() is True
+    assert b.try_acquire() is False
+    clock.advance(0.999)
+    assert b.try_acquire() is False
+    clock.advance(0.001)
+    assert b.try_acquire() is True
+
+
+def test_idle_time_refills_up_to_burst_only() -> None:
+    """After a long idle period at most `burst` calls are free."""
+    clock = ManualClock()
+    b = TokenBucket(10.0, 3, clock=clock)
+    clock.advance(1000.0)
+    free = sum(b.try_acquire() for _ in range(10))
+    assert free == 3
+
+
+def test_set_rate_changes_spacing_and_keeps_the_debt() -> None:
+    """set_rate rescales reservations already owed and spaces new ones at the new rate."""
+    clock = ManualClock()
+    b = TokenBucket(1.0, 1, clock=clock)
+    assert b.reserve() == 0.0
+    assert b.reserve() == pytest.approx(1.0)
+    b.set_rate(10.0)
+    assert b.rate == 10.0
+    assert b.reserve() == pytest.approx(0.2)
+    assert b.reserve() == pytest.approx(0.3)
+
+
+def test_properties_and_repr() -> None:
+    """The rate and burst read back; the repr names them."""
+    b = TokenBucket(2.5, 4)
+    assert (b.rate, b.burst) == (2.5, 4)
+    assert repr(b) == "TokenBucket(rate=2.5, burst=4)"
+
+
+def test_default_clock_is_unthrottled_at_huge_rates() -> None:
+    """With the real clock and a huge rate every reservation is free."""
+    b = TokenBucket(1e12, 1000)
+    assert all(b.reserve() == 0.0 for _ in range(1000))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        ((0,), {}, ValueError, "rate must be a finite number of calls per second > 0"),
+        ((-1.0,), {}, ValueError, "rate"),
+        ((math.nan,), {}, ValueError, "rate"),
+        ((math.inf,), {}, ValueError, "rate"),
+        ((1e-320,), {}, ValueError, "rate"),
+        (("fast",), {}, TypeError, "rate"),
+        ((1.0, 0), {}, ValueError, "burst must be an int between 1"),
+        ((1.0, -3), {}, ValueError, "burst"),
+        ((1.0, 2**40), {}, ValueError, "burst"),
+        ((1.0, 1.5), {}, TypeError, "burst"),
+        ((1.0,), {"clock": object()}, TypeError, "clock"),
+    ],
+)
+def test_bad_constructor_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
+    """Each bad argument raises ValueError/TypeError naming it and the accepted range."""
+    with pytest.raises(exc, match=match):
+        TokenBucket(*args, **kwargs)
+
+
+def test_bad_set_rate_keeps_the_old_rate() -> None:
+    """A rejected set_rate leaves the bucket unchanged."""
+    b = TokenBucket(3.0)
+    for bad in (0.0, -2.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="rate"):
+            b.set_rate(bad)
+    assert b.rate == 3.0
+
+
+def test_manual_clock_rejects_bad_moves() -> None:
+    """ManualClock refuses negative, NaN and infinite steps and non-finite starts."""
+    c = ManualClock(5.0)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="seconds"):
+            c.advance(bad)
+    assert c.now() == 5.0
+    with pytest.raises(ValueError, match="start"):
+        ManualClock(math.nan)
+    assert "5.0" in repr(c)
+
+
+def window_counts_ok(times: list[float], rate: float, burst: int, window: float) -> bool:
+    """Return whether every window [t, t + window] holds at most burst + rate*window times."""
+    times = sorted(times)
+    limit = burst + rate * window + 1e-9
+    j = 0
+    for i, start in enumerate(times):
+        j = max(j, i)
+        # 1 us of slack for float rounding of the clock readings.
+        while j < len(times) and times[j] <= start + window - 1e-6:
+            j += 1
+        if j - i > limit:
+            return False
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rate=st.floats(0.5, 50.0),
+    burst=st.integers(1, 6),
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 0.5), st.sampled_from(["reserve", "try"])),
+        min_size=1,
+        max_size=120,
+    ),
+    window=st.floats(0.05, 3.0),
+)
+def test_never_more_than_burst_plus_rate_times_t(
+    rate: float, burst: int, steps: list[tuple[float, str]], window: float
+) -> None:
+    """In any window T, at most burst + rate*T calls start (free grants and delayed starts)."""
+    clock = ManualClock()
+    b = TokenBucket(rate, burst, clock=clock)
+    starts: list[float] = []
+    for dt, op in steps:
+        clock.advance(dt)
+        now = clock.now()
+        if op == "reserve":
+            delay = b.reserve()
+            assert delay >= 0.0
+            starts.append(now + delay)
+        elif b.try_acquire():
+            starts.append(now)
+    assert window_counts_ok(starts, rate, burst, window)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rate=st.floats(0.5, 100.0), burst=st.integers(1, 5), n=st.integers(1, 60))
+def test_delayed_reservations_are_spaced_one_interval_apart(
+    rate: float, burst: int, n: int
+) -> None:
+    """Back-to-back reservations: free up to burst, then each one 1/rate after the last."""
+    b = TokenBucket(rate, burst, clock=ManualClock())
+    delays = [b.reserve() for _ in range(n)]
+    assert delays[: min(n, burst)] == [0.0] * min(n, burst)
+    for prev, cur in zip(delays[burst:], delays[burst + 1 :], strict=False):
+        assert cur - prev == pytest.approx(1.0 / rate)
+
+
+def test_threads_share_the_bucket_exactly() -> None:
+    """Reservations from many threads under one frozen clock are all distinct slots."""
+    b = TokenBucket(100.0, 5, clock=ManualClock())
+    delays: list[float] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(200):
+            d = b.reserve()
+            with lock:
+                delays.append(d)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    delays.sort()
+    assert delays[:5] == [0.0] * 5
+    expected = [(i + 1) / 100.0 for i in range(795)]
+    assert delays[5:] == pytest.approx(expected)
