@@ -33,7 +33,7 @@ from opero._bench._harness import (
 TINY = ["--quick", "--budget-ms", "2", "--repeat", "1"]
 DEFAULT_GROUPS = ["core", "cache_hit", "cache_miss", "retry", "ratelimit", "map"]
 TITLES = {
-    "core": "store and keys",
+    "core": "native core",
     "cache_hit": "cache hit",
     "cache_miss": "cache miss",
     "retry": "retry, success path",

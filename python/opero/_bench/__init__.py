@@ -8,8 +8,10 @@ the report header.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import importlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +39,13 @@ from opero._bench._report import (
     write_plot,
 )
 
-__all__ = ["GROUP_MODULES", "BenchOptions", "all_groups", "run_bench"]
+__all__ = ["GROUP_MODULES", "GROUP_TIMEOUT_S", "BenchOptions", "all_groups", "run_bench"]
 
 GROUP_MODULES: tuple[str, ...] = ("_core", "_cache", "_retry", "_ratelimit", "_map", "_backends")
 """Modules of ``opero._bench`` that define groups, in report order."""
+
+GROUP_TIMEOUT_S = 600.0
+"""Seconds one group may take before the run is aborted with its stack traces (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,18 @@ def select_groups(only: Sequence[str]) -> list[Group]:
     return [g for g in groups if g.name in wanted]
 
 
+def _arm_watchdog() -> bool:
+    """Arm the per-group timeout on the real stderr; return False where there is none."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                faulthandler.dump_traceback_later(GROUP_TIMEOUT_S, exit=True, file=stream)
+                return True
+        except (AttributeError, ValueError, OSError):  # no fileno (captured stream)
+            continue
+    return False
+
+
 def _print_row(unit: str, row: RowResult) -> None:
     print_lines(format_row(row, unit))
 
@@ -121,7 +138,14 @@ def run_bench(options: BenchOptions) -> int:
     results: list[GroupResult] = []
     for group in groups:
         print_lines(format_group_header(group.title, group.unit))
-        result = run_group(group, options.settings, functools.partial(_print_row, group.unit))
+        # A hung opero piece (a pool that never returns) must not hang CI: after
+        # GROUP_TIMEOUT_S every thread's stack is printed and the process exits with 1.
+        watchdog = _arm_watchdog()
+        try:
+            result = run_group(group, options.settings, functools.partial(_print_row, group.unit))
+        finally:
+            if watchdog:
+                faulthandler.cancel_dump_traceback_later()
         if result.error:
             print_lines(format_group_error(result))
         results.append(result)

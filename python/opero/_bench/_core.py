@@ -165,4 +165,6 @@ def _build(settings: Settings) -> list[Case]:
     ]
 
 
-GROUP = Group("core", "store and keys (native core, direct calls)", "ns/op", _build)
+GROUP = Group(
+    "core", "native core: store, keys, token bucket, backoff (direct calls)", "ns/op", _build
+)
