@@ -20,6 +20,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,12 @@ import docs_stubs
 import opero
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_FILES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+DOC_FILES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 _NO_RUN = re.compile(r"^#\s*docs:\s*no-run\b(?P<rest>.*)$")
-_REASON = re.compile(r"^\s*[—–-]+\s*\S")
+_DASHES = "\u2014\u2013-"  # em dash, en dash, hyphen
+_REASON = re.compile(rf"^\s*[{_DASHES}]+\s*\S")
 _REDIS = re.compile(r"redis", re.IGNORECASE)
 
 
@@ -77,7 +80,10 @@ def extract_blocks(path: Path) -> list[Block]:
             j += 1
         if j == len(lines):
             raise ValueError(f"{path}:{i + 1}: the code fence is never closed")
-        body = "\n".join(line[len(indent) :] if line.startswith(indent) else line.lstrip() for line in lines[start:j])
+        body = "\n".join(
+            line[len(indent) :] if line.startswith(indent) else line.lstrip()
+            for line in lines[start:j]
+        )
         blocks.append(Block(path, start + 1, language, textwrap.dedent(body) + "\n"))
         i = j + 1
     return blocks
@@ -104,7 +110,7 @@ def _no_run_reason(block: Block) -> str | None:
         return None
     if not _REASON.match(match["rest"]):
         pytest.fail(f"{block.name}: '# docs: no-run' needs a reason: '# docs: no-run — why'")
-    return match["rest"].strip(" —–-")
+    return match["rest"].strip(" " + _DASHES)
 
 
 def _fresh_namespace() -> dict[str, object]:
@@ -113,6 +119,36 @@ def _fresh_namespace() -> dict[str, object]:
     for name in docs_stubs.__all__:
         namespace[name] = getattr(docs_stubs, name)
     return namespace
+
+
+def _isolate_registry() -> Callable[[], None]:
+    """Empty opero's namespace registry; return a function that puts it back.
+
+    Each block is its own program: it starts with no namespace registered for
+    ``opero.clear_cache()`` (other tests may have left strict backends on Redis
+    servers they stopped), and what it registers does not follow the next block
+    (the failure-policy example decorates a strict backend on a dead Redis).
+    """
+    from opero.cache import _registry
+
+    with _registry._lock:
+        backends = {k: list(v) for k, v in _registry._backends.items()}
+        strong = {k: list(v) for k, v in _registry._strong.items()}
+        caches = {k: list(v) for k, v in _registry._caches.items()}
+        _registry._backends.clear()
+        _registry._strong.clear()
+        _registry._caches.clear()
+
+    def restore() -> None:
+        with _registry._lock:
+            _registry._backends.clear()
+            _registry._backends.update(backends)
+            _registry._strong.clear()
+            _registry._strong.update(strong)
+            _registry._caches.clear()
+            _registry._caches.update({k: weakref.WeakSet(v) for k, v in caches.items()})
+
+    return restore
 
 
 def _forget_shared_redis_backends() -> None:
@@ -143,11 +179,12 @@ def test_docs_example_runs(
     # Line numbers in tracebacks are the Markdown file's.
     source = "\n" * (block.line - 1) + block.code
     code = compile(source, str(block.path), "exec")
+    restore_registry = _isolate_registry()
     try:
         exec(code, _fresh_namespace())
     finally:
         opero.set_testing(False)
-        opero.clear_cache()
+        restore_registry()
 
 
 def test_examples_were_found() -> None:
