@@ -324,7 +324,12 @@ class RedisConnector:
         """The server's URL (``OPERO_REDIS_URL`` or the default, resolved at first use)."""
         if self._url is None:
             if self._client is not None:
-                kwargs = getattr(self._client.connection_pool, "connection_kwargs", {})
+                pool = getattr(self._client, "connection_pool", None)
+                kwargs = getattr(pool, "connection_kwargs", None)
+                if not isinstance(kwargs, dict):  # a cluster or custom client
+                    return f"<{type(self._client).__name__} client>"
+                if "path" in kwargs:
+                    return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
                 return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/" + str(
                     kwargs.get("db", 0)
                 )
