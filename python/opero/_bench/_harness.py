@@ -6,15 +6,18 @@ Method (printed in the report header too):
 * Micro cases (ns/op): the operation is written literally inside a generated
   ``for _ in itertools.repeat(None, n)`` loop, the way :mod:`timeit` does it, so
   no ``*args`` splat or extra call sits between the loop and the operation. The
-  loop count ``n`` is calibrated per implementation (doubling until one run
-  takes at least the target time, default 100 ms, then scaled to it). Each
-  implementation is then timed ``repeat`` times and the *best* run gives ns/op
-  (the median is kept in the JSON output). The garbage collector is disabled
-  while a run is timed, as :mod:`timeit` does.
+  loop count ``n`` is calibrated per implementation (grown until one run takes
+  a fifth of the target time, default 100 ms, then scaled to the target). Then
+  every implementation of an operation is timed ``repeat`` times, round-robin
+  (opero, anchor 1, anchor 2, opero, ...), so load from elsewhere on the
+  machine hits all of them alike; the *best* run gives ns/op (the median is
+  kept in the JSON output). The garbage collector is disabled while a run is
+  timed, as :mod:`timeit` does.
 * Nothing is subtracted: the loop's own cost (printed as "empty loop") is
   inside every figure, opero's and the anchors' alike.
-* Whole-job cases (parallel maps): one run is one complete map over N items;
-  the best of ``repeat`` runs gives ns/item and items/s.
+* Whole-job cases (parallel maps): one run is one complete map over N items,
+  after one warm-up map (pools started); the best of ``repeat`` interleaved
+  runs gives ns/item and items/s.
 * Ratios are always ``opero time / anchor time`` from the same process and the
   same run: ``0.50x`` means opero takes half the anchor's time (lower is better).
 """
@@ -328,22 +331,56 @@ def _calibrate(loop: LoopFn, settings: Settings) -> int:
     return max(1, min(settings.max_loops, math.ceil(settings.target_ns / per_op)))
 
 
-def measure(impl: Impl, loop: LoopFn, settings: Settings) -> Timing:
-    """Time ``loop`` as the settings say and return its figures.
+@dataclass
+class _Slot:
+    """One implementation of a case on its way through preparation and the timed rounds."""
 
-    Args:
-        impl: The implementation (``once`` jobs are not calibrated).
-        loop: What ``impl.make`` returned.
-        settings: Target time and repeats.
+    impl: Impl
+    loop: LoopFn | None = None
+    loops: int = 1
+    runs: list[float] = field(default_factory=list)
+    error: BaseException | None = None
 
+    def prepare(self, stack: contextlib.ExitStack, settings: Settings) -> None:
+        """Build the loop (checks included) and calibrate it, or warm a whole job up."""
+        try:
+            self.loop = self.impl.make(stack)
+            if self.impl.once:
+                self.loop(1)  # warm-up: pools started, caches of the interpreter filled
+            else:
+                self.loops = _calibrate(self.loop, settings)
+        except Exception as exc:
+            self.error = exc
+
+    def run_once(self) -> None:
+        """Time one run and keep its per-operation figure; an exception stops this slot."""
+        if self.loop is None or self.error is not None:
+            return
+        try:
+            elapsed = _run_timed(self.loop, self.loops)
+        except Exception as exc:
+            self.error = exc
+            return
+        self.runs.append(elapsed / (self.impl.ops if self.impl.once else self.loops))
+
+    def timing(self) -> Timing | None:
+        """Return the figures, or None if the slot failed or never ran."""
+        if self.error is not None or not self.runs:
+            return None
+        loops = self.impl.ops if self.impl.once else self.loops
+        return Timing(min(self.runs), statistics.median(self.runs), loops, len(self.runs))
+
+
+def measure_interleaved(slots: Sequence[_Slot], settings: Settings) -> None:
+    """Time every prepared slot ``settings.repeat`` times, round-robin.
+
+    Interleaving the runs (opero, anchor 1, anchor 2, opero, ...) means a burst
+    of load from elsewhere on the machine hits every implementation alike
+    instead of skewing whichever was being timed, which keeps ratios honest.
     """
-    if impl.once:
-        loop(1)  # warm-up: pools started, caches of the interpreter filled
-        runs = [_run_timed(loop, 1) / impl.ops for _ in range(settings.repeat)]
-        return Timing(min(runs), statistics.median(runs), impl.ops, len(runs))
-    n = _calibrate(loop, settings)
-    runs = [_run_timed(loop, n) / n for _ in range(settings.repeat)]
-    return Timing(min(runs), statistics.median(runs), n, len(runs))
+    for _ in range(settings.repeat):
+        for slot in slots:
+            slot.run_once()
 
 
 def empty_loop_ns(settings: Settings) -> float:
@@ -382,41 +419,45 @@ def _not_built(exc: BaseException) -> bool:
     return isinstance(exc, (NotImplementedError, Unavailable))
 
 
-def _run_anchor(
-    impl: Impl, target: float | None, settings: Settings, stack: contextlib.ExitStack
-) -> AnchorRow:
-    module = impl.requires[0] if impl.requires else None
-    missing = _missing_module(impl.requires)
-    if missing is not None:
-        return AnchorRow(impl.label, "not installed", module=missing, target=target)
-    version = _version(module) if module else None
-    try:
-        loop = impl.make(stack)
-        timing = measure(impl, loop, settings)
-    except Exception as exc:  # an anchor's failure is reported, never fatal
-        return AnchorRow(
-            impl.label, "error", module=module, version=version, error=_error_text(exc)
-        )
-    return AnchorRow(impl.label, "ok", timing, module=module, version=version, target=target)
-
-
 def _run_case(case: Case, settings: Settings, stack: contextlib.ExitStack) -> RowResult:
     ops = case.opero.ops if case.opero.once else 1
     missing = _missing_module(case.opero.requires)
     if missing is not None:
-        anchors = [AnchorRow(a.label, "not installed", module=missing) for a in case.anchors]
+        skipped = [AnchorRow(a.label, "not installed", module=missing) for a in case.anchors]
         why = f"needs {missing} ({ANCHOR_PACKAGES.get(missing, missing)}), not installed"
-        return RowResult(case.operation, "not available", None, anchors, why, case.max_ns, ops)
+        return RowResult(case.operation, "not available", None, skipped, why, case.max_ns, ops)
+    opero = _Slot(case.opero)
+    installed: list[_Slot] = []
+    anchors: list[AnchorRow] = []
+    for impl in case.anchors:
+        target = case.targets.get(impl.label)
+        absent = _missing_module(impl.requires)
+        module = impl.requires[0] if impl.requires else None
+        if absent is not None:
+            anchors.append(AnchorRow(impl.label, "not installed", module=absent, target=target))
+            continue
+        version = _version(module) if module else None
+        anchors.append(AnchorRow(impl.label, "ok", module=module, version=version, target=target))
+        installed.append(_Slot(impl))
+    slots = [opero, *installed]
+    for slot in slots:
+        slot.prepare(stack, settings)
+    measure_interleaved(slots, settings)
+    # Fill in the anchors' results (an anchor's failure is reported, never fatal).
+    by_label = {slot.impl.label: slot for slot in installed}
+    for row in anchors:
+        slot_or_none = by_label.get(row.label) if row.status == "ok" else None
+        if slot_or_none is None:
+            continue
+        row.timing = slot_or_none.timing()
+        if slot_or_none.error is not None:
+            row.status, row.error = "error", _error_text(slot_or_none.error)
+    timing = opero.timing()
     error: str | None = None
-    try:
-        loop = case.opero.make(stack)
-        timing = measure(case.opero, loop, settings)
-        status = "ok"
-    except Exception as exc:
-        timing = None
-        status = "not available" if _not_built(exc) else "error"
-        error = _error_text(exc)
-    anchors = [_run_anchor(a, case.targets.get(a.label), settings, stack) for a in case.anchors]
+    status = "ok"
+    if opero.error is not None:
+        status = "not available" if _not_built(opero.error) else "error"
+        error = _error_text(opero.error)
     return RowResult(case.operation, status, timing, anchors, error, case.max_ns, ops)
 
 

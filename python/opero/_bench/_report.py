@@ -138,11 +138,12 @@ def format_header(meta: Meta) -> str:
         f"opero bench: opero {m['opero']}, {m['python']}, {m['system']}",
         _fit(f"machine: {m['cpu_count']} CPUs ({m['processor'] or 'unknown model'})", WIDTH),
         f"  load average {load} when the run started (other work on the machine skews figures)",
-        f"method: best of {s.repeat} timed runs of ~{s.target_ns / 1e6:g} ms each "
-        "(perf_counter_ns, gc off, loops calibrated);",
+        f"method: best of {s.repeat} runs of ~{s.target_ns / 1e6:g} ms each, opero and anchors "
+        "interleaved",
+        "  (perf_counter_ns, gc off, loops calibrated like timeit);",
         f"  nothing is subtracted: an empty loop costs {_fmt_ns(meta.empty_loop_ns)} ns/op "
         "and is inside every figure.",
-        "  maps: best of the timed runs of one whole map, after one warm-up run.",
+        "  maps: one run = one whole map (after a warm-up map); items/s = items / best run.",
         "ratio = opero's time / the anchor's time: 0.50x means opero takes half the anchor's time;",
         "  below 1.00x opero is faster. target = the goal the issues set for that ratio.",
     ]
