@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any
 
 from opero._bench._handwritten import PyBackoff, PyLRU, PyTokenBucket
 from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
@@ -20,13 +21,39 @@ _ARGS = (1, "two", 3.0)
 _KWARGS = {"a": 4, "b": "five"}
 
 
-def _store_get(stack: contextlib.ExitStack) -> LoopFn:
+def _store(stack: contextlib.ExitStack) -> Any:
     from opero._opero_core import Store
 
     store = Store(1024)
     store.set(_KEY, "value")
     check(store.get(_KEY) == "value", "Store.get did not return the stored value")
-    return call_loop("get(k)", {"get": store.get, "k": _KEY})
+    return store
+
+
+def _store_item(stack: contextlib.ExitStack) -> LoopFn:
+    store = _store(stack)
+    check(store[_KEY] == "value", "Store[k] did not return the stored value")
+    return call_loop("c[k]", {"c": store, "k": _KEY})
+
+
+def _store_get(stack: contextlib.ExitStack) -> LoopFn:
+    return call_loop("get(k)", {"get": _store(stack).get, "k": _KEY})
+
+
+def _cachebox_dotget(stack: contextlib.ExitStack) -> LoopFn:
+    import cachebox
+
+    cache: cachebox.LRUCache[int, str] = cachebox.LRUCache(1024)
+    cache[_KEY] = "value"
+    return call_loop("get(k)", {"get": cache.get, "k": _KEY})
+
+
+def _cachetools_dotget(stack: contextlib.ExitStack) -> LoopFn:
+    import cachetools
+
+    cache: cachetools.LRUCache[int, str] = cachetools.LRUCache(1024)
+    cache[_KEY] = "value"
+    return call_loop("get(k)", {"get": cache.get, "k": _KEY})
 
 
 def _cachebox_get(stack: contextlib.ExitStack) -> LoopFn:
@@ -128,15 +155,23 @@ def _build(settings: Settings) -> list[Case]:
     lru = "handwritten dict LRU"
     return [
         Case(
-            "Store.get, present key",
-            Impl("opero Store.get", _store_get),
+            "Store[k], present key",
+            Impl("opero Store[k]", _store_item),
             [
                 Impl("cachebox.LRUCache[k]", _cachebox_get, ("cachebox",)),
                 Impl("cachetools.LRUCache[k]", _cachetools_get, ("cachetools",)),
+            ],
+            targets={"cachebox.LRUCache[k]": 1.2, "cachetools.LRUCache[k]": 1 / 3},
+        ),
+        Case(
+            "Store.get(k), present key",
+            Impl("opero Store.get", _store_get),
+            [
+                Impl("cachebox .get(k)", _cachebox_dotget, ("cachebox",)),
+                Impl("cachetools .get(k)", _cachetools_dotget, ("cachetools",)),
                 Impl("moka_py.Moka.get", _moka_get, ("moka_py",)),
                 Impl(lru, _pylru_get),
             ],
-            targets={"cachebox.LRUCache[k]": 1.2, "cachetools.LRUCache[k]": 1 / 3},
         ),
         Case(
             "key+hash, 3 args + 2 kw",
