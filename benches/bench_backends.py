@@ -36,7 +36,7 @@ import redis
 import redis.asyncio
 
 from opero import opero
-from opero._ratelimit_redis import RedisRateLimiter
+from opero._ratelimit_redis import GCRA_SCRIPT, RedisRateLimiter
 
 VALUE = {"id": 12345, "name": "widget " * 4, "tags": ["a", "b", "c"], "price": 19.99}
 
@@ -210,8 +210,21 @@ def bench_limiter(url: str, n: int, repeats: int) -> dict[str, float]:
         for _ in range(n):
             limiter.reserve()
 
+    sha = raw.script_load(GCRA_SCRIPT)
+
+    def raw_evalsha() -> None:
+        evalsha = ping_client.evalsha
+        for _ in range(n):
+            evalsha(sha, 1, "{opero:rl:bench-raw}", 0.001, 1_000_000)
+
     timings = best_of_interleaved(
-        {"redis-py PING": anchor, "RedisRateLimiter.reserve": decisions}, n, repeats
+        {
+            "redis-py PING": anchor,
+            "RedisRateLimiter.reserve": decisions,
+            "raw EVALSHA (same script)": raw_evalsha,
+        },
+        n,
+        repeats,
     )
     timings["round trips per decision"] = client_commands / n
     return timings
@@ -231,7 +244,8 @@ def report(title: str, rows: dict[str, float], target: float | None) -> None:
     )
     print(f"  ratio opero / anchor                 {ratio:9.2f}x{verdict}")
     for name in names[2:]:
-        print(f"  {name:<36} {rows[name]:9.2f}")
+        unit = "" if "per decision" in name else " us/call"
+        print(f"  {name:<36} {rows[name]:9.2f}{unit}")
 
 
 def main() -> int:

@@ -22,8 +22,11 @@ once on the ``opero`` logger, probes Redis again at most every
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
 
 from opero.cache._health import Outage, outage_for
 from opero.cache._redis import RedisConnector, check_interval, redact
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
     from opero._opero_core import TokenBucket
 
-__all__ = ["GCRA_SCRIPT", "RedisRateLimiter"]
+__all__ = ["GCRA_SCRIPT", "GCRA_SHA", "RedisRateLimiter"]
 
 GCRA_SCRIPT = """
 -- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
@@ -55,6 +58,10 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat),
            'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {string.format('%d', now), wait}
 """
+
+
+GCRA_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+"""The script's SHA1, the name ``EVALSHA`` runs it by."""
 
 
 def _check_rate(rate: Any, name: str = "rate") -> float:
@@ -125,8 +132,6 @@ class RedisRateLimiter:
         self._url = url
         self._outage: Outage | None = None
         self._local: TokenBucket | None = None
-        self._script: Any = None
-        self._ascript: tuple[Any, Any] | None = None
 
     @property
     def outage(self) -> Outage:
@@ -181,10 +186,12 @@ class RedisRateLimiter:
         if outage.down and not outage.should_try():
             return math.nan, self._fallback(rate)
         try:
-            script = self._script
-            if script is None:
-                script = self._script = self.connector.sync_client().register_script(GCRA_SCRIPT)
-            now, wait = script(keys=[self.redis_key], args=args)
+            client = self.connector.sync_client()
+            try:
+                now, wait = client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+            except NoScriptError:  # a restarted or different server: load it once
+                client.script_load(GCRA_SCRIPT)
+                now, wait = client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
         except Exception as exc:
             self._failed(exc)
             return math.nan, self._fallback(rate)
@@ -214,13 +221,11 @@ class RedisRateLimiter:
             return self._fallback(rate)
         try:
             client: redis.asyncio.Redis = self.connector.async_client()
-            last = self._ascript
-            if last is not None and last[0] is client:
-                script = last[1]
-            else:
-                script = client.register_script(GCRA_SCRIPT)
-                self._ascript = (client, script)
-            _now, wait = await script(keys=[self.redis_key], args=args)
+            try:
+                _now, wait = await client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+            except NoScriptError:
+                await client.script_load(GCRA_SCRIPT)
+                _now, wait = await client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
         except Exception as exc:
             self._failed(exc)
             return self._fallback(rate)
