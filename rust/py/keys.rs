@@ -5,7 +5,6 @@
 //! no Python object and no heap allocation on a hit. A [`KeyData`] (one
 //! allocation) is built only when a key is stored.
 
-use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -27,6 +26,8 @@ pub type KeyBytes = SmallVec<[u8; 48]>;
 pub struct KeyData {
     /// In-process hash (bytes hash mixed with the opaque objects' hashes).
     pub hash: u64,
+    /// The short form (encodings of at most 16 bytes without opaque objects).
+    pub short: k::Short,
     /// The canonical encoding.
     pub bytes: KeyBytes,
     /// Objects outside the canonical set, compared with Python `==`.
@@ -69,7 +70,7 @@ impl fmt::Display for ArgName<'_> {
 /// An encoding in progress.
 pub struct Encoder<'py> {
     /// The bytes written so far.
-    pub buf: Vec<u8>,
+    pub buf: k::KeyBuf,
     /// Opaque objects met so far, in slot order.
     pub opaque: SmallVec<[Bound<'py, PyAny>; 2]>,
     /// Hash of the opaque objects, mixed in order.
@@ -77,26 +78,15 @@ pub struct Encoder<'py> {
     mode: Mode,
 }
 
-thread_local! {
-    /// The reusable encode buffer; taken out while in use, so a re-entrant
-    /// encoding (an `__eq__` that builds keys) just gets a fresh one.
-    static BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
-
 /// Keyword items of a call: (name, value).
 type KwItems<'py> = SmallVec<[(Bound<'py, PyString>, Bound<'py, PyAny>); 8]>;
 
-/// Buffers grown beyond this are not kept for reuse.
-const KEEP_BUF_BYTES: usize = 64 * 1024;
-
 impl<'py> Encoder<'py> {
-    /// An encoder over the thread's reusable buffer.
+    /// An empty encoder (its buffer lives on the stack).
     #[inline]
     pub fn new(mode: Mode) -> Self {
-        let mut buf = BUF.with(Cell::take);
-        buf.clear();
         Self {
-            buf,
+            buf: k::KeyBuf::new(),
             opaque: SmallVec::new(),
             opaque_hash: 0,
             mode,
@@ -114,10 +104,21 @@ impl<'py> Encoder<'py> {
         }
     }
 
+    /// The short form, when there are no opaque objects and at most 16 bytes.
+    #[inline]
+    pub fn short(&self) -> Option<k::Short> {
+        if self.opaque.is_empty() {
+            k::Short::from_bytes(&self.buf)
+        } else {
+            None
+        }
+    }
+
     /// Copy the encoding into a stored key.
     pub fn to_key(&self, hash: u64) -> KeyRef {
         Arc::new(KeyData {
             hash,
+            short: self.short().unwrap_or(k::Short::NOT_SHORT),
             bytes: KeyBytes::from_slice(&self.buf),
             opaque: self.opaque.iter().map(|o| o.clone().unbind()).collect(),
         })
@@ -378,13 +379,48 @@ impl<'py> Encoder<'py> {
     }
 }
 
-impl Drop for Encoder<'_> {
-    fn drop(&mut self) {
-        if self.buf.capacity() <= KEEP_BUF_BYTES {
-            let buf = std::mem::take(&mut self.buf);
-            BUF.with(|c| c.set(buf));
-        }
+/// The int in `obj` if it is an exact int fitting `i64`.
+#[inline(always)]
+fn small_int(obj: &Bound<'_, PyAny>) -> Option<i64> {
+    if !obj.is_exact_instance_of::<PyInt>() {
+        return None;
     }
+    let mut overflow: std::os::raw::c_int = 0;
+    // SAFETY: `obj` is an exact int and we hold the GIL.
+    let v = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+    // With an exact int the only failure is overflow (reported in `overflow`).
+    (overflow == 0).then_some(v)
+}
+
+/// The UTF-8 of `obj` if it is an exact str.
+#[inline(always)]
+fn exact_str<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
+    if !obj.is_exact_instance_of::<PyString>() {
+        return None;
+    }
+    // SAFETY: checked to be an exact str.
+    let s = unsafe { obj.cast_unchecked::<PyString>() };
+    // A str with lone surrogates has no UTF-8: leave it to the general path
+    // (and clear the error it set).
+    s.to_str().ok().map(str::as_bytes)
+}
+
+/// The short key of one value (an int or a short str), built in registers.
+#[inline(always)]
+pub fn short_value(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
+    if let Some(v) = small_int(obj) {
+        return Some(k::Short::int(v));
+    }
+    exact_str(obj).and_then(k::Short::str)
+}
+
+/// The short key of a call with one positional argument (an int or a short str).
+#[inline(always)]
+pub fn short_call1(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
+    if let Some(v) = small_int(obj) {
+        return Some(k::Short::call_int(v));
+    }
+    exact_str(obj).and_then(k::Short::call_str)
 }
 
 /// Python `==` with the identity shortcut, errors propagated.
