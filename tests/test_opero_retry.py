@@ -381,3 +381,74 @@ def test_async_retry_does_not_block_loop() -> None:
 
     assert asyncio.run(main()) == "done"
     assert progress == [0, 1, 2]
+
+
+@modes
+def test_generated_wrapper_forwards_every_parameter_kind(is_async: bool) -> None:
+    """Positional-only, defaults, keyword-only parameters reach the function on every retry."""
+    seen: list[tuple[Any, ...]] = []
+    default: list[int] = []
+
+    def record(a: Any, b: Any, c: Any, d: Any, e: Any) -> tuple[Any, ...]:
+        seen.append((a, b, c, d, e))
+        if len(seen) % 2:
+            raise ValueError
+        return (a, b, c, d, e)
+
+    if is_async:
+
+        async def af(a: Any, b: Any = default, /, c: Any = 1, *, d: Any, e: Any = None) -> Any:
+            return record(a, b, c, d, e)
+
+        func: Callable[..., Any] = op(retries=1, min_delay=0)(af)
+    else:
+
+        def sf(a: Any, b: Any = default, /, c: Any = 1, *, d: Any, e: Any = None) -> Any:
+            return record(a, b, c, d, e)
+
+        func = op(retries=1, min_delay=0)(sf)
+
+    assert run(func, 1, d=2) == (1, default, 1, 2, None)
+    assert run(func, 1, [3], c=4, d=5, e=6) == (1, [3], 4, 5, 6)
+    assert seen[0] == seen[1]
+    assert seen[0][1] is default
+    assert seen[2] == seen[3] == (1, [3], 4, 5, 6)
+
+
+@modes
+def test_var_args_functions_are_forwarded(is_async: bool) -> None:
+    """Functions taking *args and **kwargs get every argument on every retry."""
+    seen: list[tuple[Any, ...]] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        seen.append((args, kwargs))
+        if len(seen) == 1:
+            raise ValueError
+        return (args, kwargs)
+
+    if is_async:
+
+        async def af(*args: Any, **kwargs: Any) -> Any:
+            return record(*args, **kwargs)
+
+        func: Callable[..., Any] = op(retries=1, min_delay=0)(af)
+    else:
+
+        def sf(*args: Any, **kwargs: Any) -> Any:
+            return record(*args, **kwargs)
+
+        func = op(retries=1, min_delay=0)(sf)
+
+    assert run(func, 1, 2, k=3) == ((1, 2), {"k": 3})
+    assert seen == [((1, 2), {"k": 3})] * 2
+
+
+def test_wrapper_reports_argument_errors_under_the_functions_name() -> None:
+    """A call with missing arguments raises TypeError naming the decorated function."""
+
+    @op(retries=2, min_delay=0)
+    def needs_two(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(TypeError, match=r"needs_two\(\) missing 1 required positional"):
+        needs_two(1)  # type: ignore[call-arg]

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opero._ratelimit import MIN_WAIT
-from opero._retry import Engine, _no_reserve
+from opero._retry import Engine, _no_reserve, specialize
 
 __all__ = ["TaskFlight", "build_async_call"]
 
@@ -104,8 +104,24 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 on_success(result)
             return result
 
+    guard = retries > 0 or engine.on_failure is not None
+    generated = specialize(
+        func,
+        is_async=True,
+        limiter=limiter is not None,
+        on_success=on_success is not None,
+        guard=guard,
+        namespace={
+            "__opero_retry_from": retry_from,
+            "__opero_take_token": take_token,
+            "__opero_on_success": on_success,
+        },
+    )
+    if generated is not None:
+        return generated
+
     if limiter is None and on_success is None:
-        if retries == 0 and engine.on_failure is None:
+        if not guard:
 
             async def acall_plain(*args: Any, **kwargs: Any) -> Any:
                 return await func(*args, **kwargs)

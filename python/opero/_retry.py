@@ -28,9 +28,11 @@ so a success only pays for what is configured: with ``retries=3`` alone, one
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -187,6 +189,116 @@ class Engine:
         )
 
 
+_PREFIX = "__opero_"
+
+
+def specialize(
+    func: Callable[..., Any],
+    *,
+    is_async: bool,
+    limiter: bool,
+    on_success: bool,
+    guard: bool,
+    namespace: dict[str, Any],
+) -> Callable[..., Any] | None:
+    """Generate the first-call wrapper with ``func``'s exact parameters, or return ``None``.
+
+    Forwarding ``*args, **kwargs`` costs about 80 ns per call on CPython 3.11
+    (packing a tuple and a dict, then unpacking them); a wrapper with the same
+    parameters as ``func`` forwards in about 17 ns. So for plain Python
+    functions without ``*args``/``**kwargs`` the wrapper is generated with
+    ``func``'s own parameter list (defaults are the very same objects). Other
+    callables keep the generic closures.
+
+    Args:
+        func: The function called on each attempt.
+        is_async: Generate an ``async def`` that awaits ``func``.
+        limiter: Take a token first (``__opero_reserve``/``__opero_take_token``).
+        on_success: Call ``__opero_on_success(result)`` after a success.
+        guard: Wrap the call in ``try``/``except Exception`` handing the
+            error to ``__opero_retry_from(exc, args, kwargs)``.
+        namespace: The globals of the generated code (``__opero_func`` and
+            the helpers the template uses).
+
+    """
+    if not isinstance(func, types.FunctionType):
+        return None
+    try:
+        sig = inspect.signature(func, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    params: list[str] = []
+    call: list[str] = []
+    positional: list[str] = []
+    keywords: list[str] = []
+    defaults: dict[str, Any] = {}
+    saw_positional_only = False
+    star_done = False
+    for index, param in enumerate(sig.parameters.values()):
+        name = param.name
+        if name.startswith(_PREFIX) or param.kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            return None
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            saw_positional_only = True
+        elif saw_positional_only:
+            params.append("/")
+            saw_positional_only = False
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            if not star_done:
+                params.append("*")
+                star_done = True
+            call.append(f"{name}={name}")
+            keywords.append(f"{name!r}: {name}")
+        else:
+            call.append(name)
+            positional.append(name)
+        if param.default is not inspect.Parameter.empty:
+            default_name = f"{_PREFIX}default_{index}"
+            defaults[default_name] = param.default
+            params.append(f"{name}={default_name}")
+        else:
+            params.append(name)
+    if saw_positional_only:
+        params.append("/")
+    aw = "await " if is_async else ""
+    lines = [f"{'async ' if is_async else ''}def {_PREFIX}wrapper({', '.join(params)}):"]
+    if limiter:
+        if is_async:
+            lines.append(f"    await {_PREFIX}take_token()")
+        else:
+            lines += [
+                f"    {_PREFIX}d = {_PREFIX}reserve()",
+                f"    if {_PREFIX}d > {_PREFIX}MIN_WAIT:",
+                f"        {_PREFIX}check_wait({_PREFIX}d)",
+                f"        {_PREFIX}sleep({_PREFIX}d)",
+            ]
+    invoke = f"{aw}{_PREFIX}func({', '.join(call)})"
+    args_tuple = f"({', '.join(positional)}{',' if positional else ''})"
+    kwargs_dict = "{" + ", ".join(keywords) + "}"
+    if guard:
+        lines += [
+            "    try:",
+            f"        {_PREFIX}r = {invoke}",
+            f"    except Exception as {_PREFIX}e:",
+            f"        return {aw}{_PREFIX}retry_from({_PREFIX}e, {args_tuple}, {kwargs_dict})",
+        ]
+    else:
+        lines.append(f"    {_PREFIX}r = {invoke}")
+    if on_success:
+        lines.append(f"    {_PREFIX}on_success({_PREFIX}r)")
+    lines.append(f"    return {_PREFIX}r")
+    scope: dict[str, Any] = {**namespace, **defaults, f"{_PREFIX}func": func}
+    scope.setdefault(f"{_PREFIX}MIN_WAIT", MIN_WAIT)
+    exec(compile("\n".join(lines), f"<opero wrapper of {func.__qualname__}>", "exec"), scope)
+    wrapper: Callable[..., Any] = scope[f"{_PREFIX}wrapper"]
+    wrapper.__name__ = func.__name__
+    wrapper.__qualname__ = func.__qualname__
+    return wrapper
+
+
 def build_sync_call(engine: Engine) -> Callable[..., Any]:
     """Return the sync function running retries, fallbacks and the rate limit (no cache).
 
@@ -235,10 +347,28 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
                 on_success(result)
             return result
 
+    guard = retries > 0 or engine.on_failure is not None
+    if limiter is None and on_success is None and not guard:
+        return func
+    generated = specialize(
+        func,
+        is_async=False,
+        limiter=limiter is not None,
+        on_success=on_success is not None,
+        guard=guard,
+        namespace={
+            "__opero_retry_from": retry_from,
+            "__opero_reserve": reserve,
+            "__opero_check_wait": limiter.check_wait if limiter is not None else None,
+            "__opero_sleep": sleep,
+            "__opero_on_success": on_success,
+        },
+    )
+    if generated is not None:
+        return generated
+
     if limiter is None:
         if on_success is None:
-            if retries == 0 and engine.on_failure is None:
-                return func
 
             def call_retry(*args: Any, **kwargs: Any) -> Any:
                 try:
