@@ -1,3 +1,4 @@
+#![cfg_attr(Py_LIMITED_API, allow(dead_code, unused_variables))]
 //! Binding of `keys`: walks Python values into the canonical encoding.
 //!
 //! The hot path (`CachedCall.__call__`, `Store.get_call`) encodes into a

@@ -1,3 +1,4 @@
+#![cfg_attr(Py_LIMITED_API, allow(dead_code, unused_variables))]
 //! Binding of `store::Store` (as `Store`) and the cached-call hot path
 //! (`CachedCall`).
 //!
@@ -19,6 +20,7 @@ use hashbrown::HashTable;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use pyo3::exceptions::{PyKeyError, PyRuntimeError};
 use pyo3::ffi;
+#[cfg(not(Py_LIMITED_API))]
 use pyo3::impl_::trampoline;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -654,6 +656,7 @@ enum CallArgs<'a, 'py> {
     /// Through `tp_call` (`PyObject_Call`, or PyO3's `__call__`).
     Tuple(&'a Bound<'py, PyTuple>, Option<&'a Bound<'py, PyDict>>),
     /// Through vectorcall: `nargs` positional pointers then one per keyword name.
+    #[cfg(not(Py_LIMITED_API))]
     Vector {
         args: *const *mut ffi::PyObject,
         nargsf: usize,
@@ -675,6 +678,7 @@ impl<'py> CallArgs<'_, 'py> {
                 let item = unsafe { a.get_borrowed_item_unchecked(0) };
                 short_call1(&item)
             }
+            #[cfg(not(Py_LIMITED_API))]
             CallArgs::Vector {
                 args,
                 nargsf,
@@ -697,6 +701,7 @@ impl<'py> CallArgs<'_, 'py> {
     fn encode(&self, py: Python<'py>, enc: &mut Encoder<'py>) -> PyResult<()> {
         match self {
             CallArgs::Tuple(a, k) => enc.call(a, *k),
+            #[cfg(not(Py_LIMITED_API))]
             CallArgs::Vector {
                 args,
                 nargsf,
@@ -721,6 +726,7 @@ impl<'py> CallArgs<'_, 'py> {
     fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
         match self {
             CallArgs::Tuple(a, k) => Ok(f.bind(py).call(*a, *k)?.unbind()),
+            #[cfg(not(Py_LIMITED_API))]
             CallArgs::Vector {
                 args,
                 nargsf,
@@ -741,6 +747,7 @@ impl<'py> CallArgs<'_, 'py> {
     }
 }
 
+#[cfg(not(Py_LIMITED_API))]
 /// The body of the vectorcall entry point, run inside PyO3's trampoline (which
 /// marks the thread attached, traps panics and restores errors).
 ///
@@ -768,12 +775,15 @@ unsafe fn vectorcall_body(
     Ok(this.call(py, &call)?.into_ptr())
 }
 
+#[cfg(not(Py_LIMITED_API))]
 struct VectorcallDef;
 
+#[cfg(not(Py_LIMITED_API))]
 impl trampoline::MethodDef<trampoline::fastcall_cfunction_with_keywords::Func> for VectorcallDef {
     const METH: trampoline::fastcall_cfunction_with_keywords::Func = vectorcall_body;
 }
 
+#[cfg(not(Py_LIMITED_API))]
 /// The vectorcall entry point of `CachedCall`.
 ///
 /// PyO3 0.30 gives `#[pyclass]` `__call__` only `tp_call`, so CPython builds
@@ -1007,7 +1017,10 @@ impl PyCachedCall {
             key_func: callable("key_func", key_func)?,
             on_hit: callable("on_hit", on_hit)?,
             flights: Mutex::new(HashTable::new()),
+            #[cfg(not(Py_LIMITED_API))]
             vectorcall: Some(vectorcall),
+            #[cfg(Py_LIMITED_API)]
+            vectorcall: None,
         })
     }
 
