@@ -57,7 +57,7 @@ from opero._aio import TaskFlight, build_async_call
 from opero._callbacks import adapt_callback
 from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
 from opero._policy import Policy, build_policy
-from opero._retry import Engine, build_sync_call
+from opero._retry import Engine, build_sync_call, specialize
 from opero._singleflight import ThreadFlight
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._memory import MemoryBackend, MemoryFunctionCache
@@ -406,11 +406,18 @@ def _uncached(
 ) -> Any:
     """Build the wrapper without a cache: the pipeline itself (a fresh function)."""
     if inner is func:
+        # Nothing configured around the call: a fresh forwarder carries the helpers.
+        generated = specialize(
+            func, is_async=False, limiter=False, on_success=False, guard=False, namespace={}
+        )
+        if generated is not None:
+            wrapper: Any = generated
+        else:
 
-        def plain(*args: Any, **kwargs: Any) -> Any:
-            return func(*args, **kwargs)
+            def plain(*args: Any, **kwargs: Any) -> Any:
+                return func(*args, **kwargs)
 
-        wrapper: Any = plain
+            wrapper = plain
     else:
         wrapper = inner
     qualname = _qualname(func)
