@@ -449,6 +449,15 @@ impl<K, V> Store<K, V> {
         self.timed = 0;
     }
 
+    /// Visit every entry (for the garbage collector's traversal).
+    pub fn for_each_entry(&self, mut visit: impl FnMut(&K, &V)) {
+        for slot in &self.slots {
+            if let Some((k, v)) = &slot.entry {
+                visit(k, v);
+            }
+        }
+    }
+
     /// Keys from most to least recently used (for tests and debugging).
     pub fn keys_mru(&self) -> Vec<&K> {
         let mut out = Vec::with_capacity(self.len);

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import gc
 import pickle
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -371,3 +373,20 @@ def test_many_threads_hammering_mixed_keys() -> None:
         t.join(timeout=120)
     assert not errors
     assert sorted(calls) == list(range(200))
+
+
+def test_reference_cycles_through_the_function_are_collected() -> None:
+    """A cached local function that refers to its own wrapper is collected when dropped."""
+
+    def build() -> Any:
+        def fact(n: int) -> int:
+            return 1 if n <= 1 else n * wrapper(n - 1)
+
+        wrapper = CachedCall(Store(), fact)
+        functools.update_wrapper(wrapper, fact)
+        assert wrapper(5) == 120
+        return weakref.ref(wrapper)
+
+    ref = build()
+    gc.collect()
+    assert ref() is None

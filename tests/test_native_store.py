@@ -10,6 +10,7 @@ import contextlib
 import gc
 import math
 import threading
+import weakref
 from typing import Any
 
 import cachetools
@@ -432,3 +433,20 @@ TestLRUMachine = LRUMachine.TestCase
 TestLRUMachine.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
 TestTTLMachine = TTLMachine.TestCase
 TestTTLMachine.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+def test_reference_cycles_through_values_are_collected() -> None:
+    """A value that refers back to its store does not keep both alive forever."""
+
+    class Node:
+        store: Store | None = None
+
+    s = Store()
+    node = Node()
+    node.store = s
+    s.set("n", node)
+    s.set(Opaque(3), node)
+    ref = weakref.ref(node)
+    del node, s
+    gc.collect()
+    assert ref() is None
