@@ -116,6 +116,8 @@ def _fmt_figure(best_ns: float, unit: str) -> str:
 def _fmt_ratio(ratio: float | None) -> str:
     if ratio is None:
         return ""
+    if ratio < 0.01:
+        return f"{ratio:.3f}x"  # e.g. tenacity: 0.004x, not a misleading 0.00x
     return f"{ratio:.2f}x" if ratio < 100 else f"{ratio:.0f}x"
 
 
