@@ -533,10 +533,10 @@ class MappedFunction(Generic[R]):
         finally:
             bar.close()
 
-    def _lookup(self, items: list[Any], bar: Any) -> tuple[list[_pools.Piece], list[int]]:
+    def _lookup(self, items: list[Any], bar: Any) -> tuple[list[_pools.Piece], Sequence[int]]:
         """Serve cached items in the parent; return their piece and the misses to dispatch."""
         if not self._has_cache:
-            return [], list(range(len(items)))
+            return [], range(len(items))
         from opero.cache import MISS
 
         lookup = self._meta.cache_lookup
@@ -579,14 +579,14 @@ class MappedFunction(Generic[R]):
         return done
 
     def _plan(
-        self, items: list[Any], missing: list[int], workers: int
+        self, items: list[Any], missing: Sequence[int], workers: int
     ) -> tuple[list[list[Any]], list[list[int]] | list[range]]:
         """Cut the items to dispatch into jobs."""
         size = self._jobs(len(missing), workers)
         if len(missing) == len(items):
             ranges = [range(lo, min(lo + size, len(items))) for lo in range(0, len(items), size)]
             return [items[r.start : r.stop] for r in ranges], ranges
-        index_jobs = [missing[lo : lo + size] for lo in range(0, len(missing), size)]
+        index_jobs = [list(missing[lo : lo + size]) for lo in range(0, len(missing), size)]
         return [[items[i] for i in job] for job in index_jobs], index_jobs
 
     def _dispatch(self, items: list[Any], bar: Any) -> list[_pools.Piece]:
