@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="time opero against functools, cachetools, tenacity, ... in one run",
-        description="Time opero's pieces against the pure-Python and library alternatives "
-        "installed beside it, in one process and one run, and print a table of figures "
+        description="Time opero's pieces against the pure-Python and library alternatives\n"
+        "installed beside it, in one process and one run, and print a table of figures\n"
         "and ratios grouped by concern.",
         epilog=_BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
