@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,3 +243,20 @@ def test_opt_in_dask_group_runs() -> None:
     proc = run_cli("bench", "--only", "dask", *TINY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert re.search(r"dask, 2k trivial .*client\.map per item .*\dx", proc.stdout)
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
+    """``--plot`` without matplotlib prints the pip command and exits 1, writing no file."""
+    target = tmp_path / "chart.png"
+    proc = run_cli(
+        "bench",
+        "--only",
+        "core",
+        "--plot",
+        str(target),
+        *TINY,
+        prelude="import sys; sys.modules['matplotlib'] = None",
+    )
+    assert proc.returncode == 1
+    assert '--plot needs matplotlib: pip install "opero[plot]"' in proc.stdout
+    assert not target.exists()
