@@ -22,9 +22,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-import opmap_helpers as h  # noqa: E402
-
-from opero import opmap  # noqa: E402
+import opmap_helpers as h
+from opero import opmap
 
 WORKERS = 2
 TRIVIAL = 10_000
@@ -80,18 +79,25 @@ def bench_process(repeat: int, cpu_items: int) -> None:
         row("opmap process warm (retries=0)", t, anchor)
         row("opmap process cold (first call, pool start)", cold, anchor)
 
-    full = opmap(mode="process", workers=WORKERS, retries=3, cache=True, progress=False)(h.trivial)
+    print("process: per-item overhead of retries=3 + an empty cache (filled in the parent)")
+    for label, fn, count in (
+        ("trivial items", h.trivial, TRIVIAL),
+        ("0.1 ms items", h.cpu_100us, 2000),
+    ):
+        work = list(range(count))
+        bare = opmap(mode="process", workers=WORKERS, retries=0, progress=False)(fn)
+        full = opmap(mode="process", workers=WORKERS, retries=3, cache=True, progress=False)(fn)
 
-    def with_empty_cache() -> None:
-        full.item_function.cache_clear()
-        full(items)
+        def with_empty_cache(full: Any = full, work: list[int] = work) -> None:
+            full.item_function.cache_clear()
+            full(work)
 
-    with_empty_cache()
-    t_full = best(with_empty_cache, repeat)
-    t_plain = best(lambda: plain(items), repeat)
-    print(f"process, {TRIVIAL} trivial items: per-item overhead of retries=3 + empty cache")
-    row("opmap process retries=0, no cache (anchor)", t_plain)
-    row("opmap process retries=3, cache=True (empty)", t_full, t_plain)
+        with_empty_cache()
+        bare(work)
+        t_bare = best(lambda bare=bare, work=work: bare(work), repeat)
+        t_full = best(with_empty_cache, repeat)
+        row(f"{count} {label}: retries=0, no cache (anchor)", t_bare)
+        row(f"{count} {label}: retries=3, cache=True (empty)", t_full, t_bare)
 
     cpu = list(range(cpu_items))
     cpu_map = opmap(mode="process", workers=WORKERS, retries=0, progress=False)(h.cpu_item)

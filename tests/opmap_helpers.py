@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -52,6 +54,22 @@ def p_die_on_13(x: int) -> int:
     return x
 
 
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_kill_on_5(x: int) -> int:
+    """Kill the worker process with SIGKILL on item 5, return the item otherwise."""
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False)
+def p_unpicklable_on_4(x: int) -> Any:
+    """Return a value that cannot be pickled (a lock) on item 4, the item otherwise."""
+    if x == 4:
+        return threading.Lock()
+    return x
+
+
 @opmap(mode="process", workers=2, retries=0, progress=False, cache=True)
 def p_cached_logged(item: tuple[str, int]) -> int:
     """Log the call to the file named in the item, return the number doubled."""
@@ -95,6 +113,12 @@ def busy(seconds: float) -> None:
 def cpu_item(x: int) -> int:
     """Spin 5 ms of CPU, then return the item."""
     busy(0.005)
+    return x
+
+
+def cpu_100us(x: int) -> int:
+    """Spin 0.1 ms of CPU, then return the item."""
+    busy(0.0001)
     return x
 
 

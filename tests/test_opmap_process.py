@@ -100,6 +100,23 @@ def test_dying_worker_marks_only_its_item():
     assert h.p_square(range(5)) == [0, 1, 4, 9, 16]
 
 
+def test_killed_worker_marks_only_its_item():
+    """A worker killed by SIGKILL marks its item failed and the map finishes."""
+    with pytest.warns(OpmapFailureWarning, match="1 of 12 items failed"):
+        results = h.p_kill_on_5(range(12))
+    assert isinstance(results[5], WorkerDiedError)
+    assert [r for i, r in enumerate(results) if i != 5] == [x for x in range(12) if x != 5]
+
+
+def test_unpicklable_result_fails_only_its_item():
+    """A result that cannot be pickled fails its own item, not the rest of its job."""
+    with pytest.warns(OpmapFailureWarning, match="1 of 10 items failed"):
+        results = h.p_unpicklable_on_4(range(10))
+    assert [r for i, r in enumerate(results) if i != 4] == [x for x in range(10) if x != 4]
+    assert isinstance(results[4], Exception)
+    assert "pickl" in str(results[4]).lower()
+
+
 def test_cache_in_parent_skips_dispatch(tmp_path):
     """Cached items are not dispatched; worker results are stored in the parent's cache."""
     log = str(tmp_path / "calls")

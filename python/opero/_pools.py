@@ -35,6 +35,7 @@ import concurrent.futures as cf
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import threading
@@ -435,6 +436,14 @@ def run_process_jobs(
                 if where is None:
                     return
                 j, position = where
+                if (
+                    isinstance(error, multiprocessing.pool.MaybeEncodingError)
+                    and position < 0
+                    and len(jobs[j]) > 1
+                ):
+                    # One result did not pickle: re-run the job item by item to pin it.
+                    split(j)
+                    return
                 if error is not None:
                     size = 1 if position >= 0 else len(jobs[j])
                     settle(j, position, [None] * size, dict.fromkeys(range(size), error))
@@ -457,6 +466,12 @@ def run_process_jobs(
             error_callback=lambda exc: finish(job_id, None, exc),
         )
 
+    def split(j: int) -> None:
+        """Re-run job ``j`` as one job per item (the caller holds ``lock``)."""
+        partial[j] = ([None] * len(jobs[j]), {})
+        for k in range(len(jobs[j])):
+            submit(j, k)
+
     with lock:
         for j in range(len(jobs)):
             submit(j, -1)
@@ -472,10 +487,8 @@ def run_process_jobs(
                     outstanding.pop(lost_id)
                     settle(j, position, [None], {0: _died(pid)})
                 else:
-                    partial[j] = ([None] * len(jobs[j]), {})
-                    for k in range(len(jobs[j])):
-                        submit(j, k)
                     outstanding.pop(lost_id)
+                    split(j)
             if not outstanding:
                 all_done.set()
     if failure:
