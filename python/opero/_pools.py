@@ -35,7 +35,6 @@ import concurrent.futures as cf
 import importlib
 import itertools
 import multiprocessing
-import multiprocessing.pool
 import os
 import pickle
 import threading
@@ -437,7 +436,7 @@ def run_process_jobs(
                     return
                 j, position = where
                 if (
-                    isinstance(error, multiprocessing.pool.MaybeEncodingError)
+                    type(error).__name__ == "MaybeEncodingError"  # multiprocessing.pool
                     and position < 0
                     and len(jobs[j]) > 1
                 ):
