@@ -26,6 +26,7 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::keys::stable_digest, m)?)?;
     m.add_function(wrap_pyfunction!(py::keys::stable_digest_call, m)?)?;
     m.add_class::<py::store::PyStore>()?;
+    py::store::install_fast_get(m.py())?;
     m.add_class::<py::store::PyCachedCall>()?;
     py::store::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;

@@ -90,7 +90,7 @@ class Store:
     def max_size(self) -> int | None: ...
     @property
     def ttl(self) -> float | None: ...
-    def get(self, key: Any) -> Any:
+    def get(self, key: Any, /) -> Any:
         """Return the value stored under ``key``; raise ``KeyError`` on a miss."""
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
         """Store ``value``; ``ttl`` overrides the store's for this entry."""

@@ -895,6 +895,87 @@ pub fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
+/// The body of the METH_O `Store.get`, run inside PyO3's trampoline.
+///
+/// # Safety
+/// Called by CPython with `slf` a `Store` and `key` a live object.
+#[cfg(not(Py_LIMITED_API))]
+unsafe fn store_get_body(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    key: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: the method descriptor is bound to `Store`, which CPython checks
+    // before calling; `key` is the single argument, live for the call.
+    let slf = unsafe { Borrowed::from_ptr(py, slf) };
+    let this = unsafe { slf.cast_unchecked::<PyStore>() }.get();
+    let key = unsafe { Borrowed::from_ptr(py, key) };
+    Ok(this.get(&key)?.into_ptr())
+}
+
+#[cfg(not(Py_LIMITED_API))]
+struct StoreGetDef;
+
+#[cfg(not(Py_LIMITED_API))]
+impl trampoline::MethodDef<trampoline::binaryfunc::Func> for StoreGetDef {
+    const METH: trampoline::binaryfunc::Func = store_get_body;
+}
+
+/// `Store.get` as a METH_O method.
+///
+/// PyO3 gives every method with arguments METH_FASTCALL|METH_KEYWORDS and a
+/// generic argument parser; `get` is the store's hot method and takes one
+/// positional argument, so it is re-registered as METH_O, which CPython calls
+/// with the argument directly. Measured in one run: 28.8 ns per
+/// `store.get(17)` before, against 20.3 ns for `cachebox.LRUCache[17]`.
+///
+/// # Safety
+/// Only CPython calls this, as a METH_O method of `Store`.
+#[cfg(not(Py_LIMITED_API))]
+unsafe extern "C" fn store_get_meth_o(
+    slf: *mut ffi::PyObject,
+    key: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: forwarded unchanged; CPython calls methods attached.
+    unsafe { trampoline::binaryfunc::<StoreGetDef>(slf, key) }
+}
+
+/// Replace PyO3's `Store.get` descriptor by a METH_O one (at module init).
+#[cfg(not(Py_LIMITED_API))]
+pub fn install_fast_get(py: Python<'_>) -> PyResult<()> {
+    // The method definition must outlive the type: leak one (24 bytes, once).
+    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: c"get".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunction: store_get_meth_o,
+        },
+        ml_flags: ffi::METH_O,
+        ml_doc: c"get($self, key, /)\n--\n\nReturn the value stored under ``key``; raise ``KeyError`` on a miss.".as_ptr(),
+    }));
+    let tp = py.get_type::<PyStore>();
+    let tp_ptr = tp.as_type_ptr();
+    // SAFETY: `tp_ptr` is our fully initialized heap type and `def` lives
+    // forever; the descriptor is a new reference, handed to the type dict.
+    unsafe {
+        let descr = ffi::PyDescr_NewMethod(tp_ptr, def);
+        if descr.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let descr = Bound::from_owned_ptr(py, descr);
+        if ffi::PyDict_SetItemString((*tp_ptr).tp_dict, c"get".as_ptr(), descr.as_ptr()) < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        ffi::PyType_Modified(tp_ptr);
+    }
+    Ok(())
+}
+
+/// Without the full C API (abi3) `Store.get` keeps PyO3's calling convention.
+#[cfg(Py_LIMITED_API)]
+pub fn install_fast_get(_py: Python<'_>) -> PyResult<()> {
+    Ok(())
+}
+
 /// Without the full C API (abi3) `CachedCall` is called through `tp_call` only.
 #[cfg(Py_LIMITED_API)]
 pub fn enable_vectorcall(_py: Python<'_>) -> PyResult<()> {
