@@ -11,6 +11,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opero._opero_core import CachedCall, ManualClock, Store, make_key
 
@@ -253,7 +255,7 @@ def test_reentrant_call_on_the_same_key_does_not_deadlock() -> None:
     def rec(x: int) -> int:
         depth.append(x)
         if len(depth) < 3:
-            return holder[0](x) + 1
+            return int(holder[0](x)) + 1
         return 0
 
     holder: list[CachedCall] = []
@@ -390,3 +392,30 @@ def test_reference_cycles_through_the_function_are_collected() -> None:
     ref = build()
     gc.collect()
     assert ref() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.integers(),
+        st.integers(-(2**70), 2**70),
+        st.text(max_size=20),
+        st.booleans(),
+        st.floats(allow_nan=False),
+    )
+)
+def test_fast_single_argument_keys_match_the_general_encoding(v: Any) -> None:
+    """The in-register key of one int/str argument equals the general encoding's key."""
+    cc, calls = counting()
+    first = cc(v)
+    assert cc.store.get_call((v,)) is first
+    assert cc.store.get(make_key((v,))) is first
+    assert type(cc).__call__(cc, v) is first
+    assert cc(v) is first
+    assert len(calls) == 1
+    s = Store()
+    s.set(make_key((v,)), "k")
+    s.set(v, "value")
+    assert s.get(v) == "value"
+    assert s[v] == "value"
+    assert v in s
