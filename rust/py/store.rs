@@ -889,7 +889,15 @@ pub fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
     // (a nullable function pointer) inside every instance.
     unsafe {
         (*tp_ptr).tp_vectorcall_offset = offset as ffi::Py_ssize_t;
-        (*tp_ptr).tp_flags |= ffi::Py_TPFLAGS_HAVE_VECTORCALL;
+        #[cfg(not(Py_GIL_DISABLED))]
+        {
+            (*tp_ptr).tp_flags |= ffi::Py_TPFLAGS_HAVE_VECTORCALL;
+        }
+        #[cfg(Py_GIL_DISABLED)]
+        (*tp_ptr).tp_flags.fetch_or(
+            ffi::Py_TPFLAGS_HAVE_VECTORCALL,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         ffi::PyType_Modified(tp_ptr);
     }
     Ok(())
