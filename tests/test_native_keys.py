@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import subprocess
 import sys
 from typing import Any
@@ -233,7 +234,7 @@ def test_stable_digest_is_identical_in_another_process() -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONHASHSEED": "12345"},
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
         timeout=120,
     )
     assert out.stdout.strip() == repr(here)
