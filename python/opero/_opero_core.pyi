@@ -87,9 +87,11 @@ class Store:
         clock: ManualClock | None = None,
     ) -> Store: ...
     @property
-    def max_size(self) -> int | None: ...
+    def max_size(self) -> int | None:
+        """The bound on entries, ``None`` when unbounded."""
     @property
-    def ttl(self) -> float | None: ...
+    def ttl(self) -> float | None:
+        """The default time to live of an entry in seconds, ``None`` for no expiry."""
     def get(self, key: Any, /) -> Any:
         """Return the value stored under ``key``; raise ``KeyError`` on a miss."""
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
@@ -106,8 +108,7 @@ class Store:
         """``delete(make_key(args, kwargs))``."""
     def info(self) -> tuple[int, int, int, int, int, int | None]:
         """Return ``(hits, misses, evictions, expirations, size, max_size)``."""
-    def __getitem__(self, key: Any, /) -> Any:
-        """``store[key]``: the same as :meth:`get`."""
+    def __getitem__(self, key: Any, /) -> Any: ...
     def __len__(self) -> int: ...
     def __contains__(self, key: Any, /) -> bool: ...
 
@@ -146,9 +147,11 @@ class CachedCall:
     def __get__(self, obj: Any, owner: type | None = None, /) -> Any: ...
     def __reduce__(self) -> str: ...
     @property
-    def store(self) -> Store: ...
+    def store(self) -> Store:
+        """Where results live."""
     @property
-    def func(self) -> Callable[..., Any]: ...
+    def func(self) -> Callable[..., Any]:
+        """The wrapped function, called on a miss."""
     __dict__: dict[str, Any]
 
 @final
@@ -169,9 +172,11 @@ class TokenBucket:
         cls, rate: float, burst: int = 1, *, clock: ManualClock | None = None
     ) -> TokenBucket: ...
     @property
-    def rate(self) -> float: ...
+    def rate(self) -> float:
+        """Tokens per second."""
     @property
-    def burst(self) -> int: ...
+    def burst(self) -> int:
+        """Tokens available at once."""
     def set_rate(self, rate: float) -> None:
         """Change the rate from now on (> 0, finite)."""
     def reserve(self) -> float:
