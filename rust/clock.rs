@@ -140,8 +140,8 @@ mod vdso {
 ///
 /// On Linux this is `CLOCK_MONOTONIC_COARSE` read straight from the vDSO
 /// (2.3 ns here, against about 20 ns for `Instant::now`; resolution one
-/// scheduler tick, 1-4 ms), so a TTL may be honoured up to one tick late,
-/// never early by more than a tick. Elsewhere it is [`monotonic`].
+/// scheduler tick, 1-4 ms), so a TTL measured with it may be off by up to
+/// one tick either way. Elsewhere it is [`monotonic`].
 #[inline]
 pub fn coarse() -> f64 {
     #[cfg(target_os = "linux")]

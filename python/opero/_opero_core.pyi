@@ -50,6 +50,12 @@ class Key:
 def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key:
     """Build the in-process key of a call; keyword order does not matter.
 
+    Positional and keyword arguments are distinct (``f(1)`` and ``f(x=1)``
+    give different keys: the signature is not consulted). ``-0.0`` and
+    ``0.0`` give one key (they are equal), and every NaN gives one key.
+    Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
+    their own ``__hash__``/``__eq__``, never as the builtin.
+
     Raises:
         TypeError: An argument is unhashable and not a built-in container; the
             message names the argument (``args[1]`` or ``kwargs['x']``) and
@@ -71,7 +77,9 @@ class Store:
     """A bounded LRU store with optional per-entry TTL; thread-safe.
 
     Keys are any value ``make_key`` accepts as a single argument, or a
-    :class:`Key`.
+    :class:`Key` (a plain value ``v`` and ``make_key((v,))`` are different
+    keys). TTLs are measured with a coarse monotonic clock (resolution one
+    scheduler tick, 1-4 ms), so an expiry may be off by up to one tick.
 
     Args:
         max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.

@@ -496,6 +496,12 @@ impl PyKey {
 
 /// Build the in-process key of a call; keyword order does not matter.
 ///
+/// Positional and keyword arguments are distinct (``f(1)`` and ``f(x=1)``
+/// give different keys: the signature is not consulted). ``-0.0`` and
+/// ``0.0`` give one key (they are equal), and every NaN gives one key.
+/// Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
+/// their own ``__hash__``/``__eq__``, never as the builtin.
+///
 /// Raises:
 ///     TypeError: An argument is unhashable and not a built-in container; the
 ///         message names the argument (``args[1]`` or ``kwargs['x']``) and

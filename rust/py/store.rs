@@ -181,7 +181,9 @@ enum Target {
 /// A bounded LRU store with optional per-entry TTL; thread-safe.
 ///
 /// Keys are any value ``make_key`` accepts as a single argument, or a
-/// :class:`Key`.
+/// :class:`Key` (a plain value ``v`` and ``make_key((v,))`` are different
+/// keys). TTLs are measured with a coarse monotonic clock (resolution one
+/// scheduler tick, 1-4 ms), so an expiry may be off by up to one tick.
 ///
 /// Args:
 ///     max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.
