@@ -114,8 +114,13 @@ def _no_run_reason(block: Block) -> str | None:
 
 
 def _fresh_namespace() -> dict[str, object]:
-    """Return a module-like namespace holding the stubbed external calls."""
-    namespace: dict[str, object] = {"__name__": "docs_example", "__builtins__": __builtins__}
+    """Return a namespace like a script's, holding the stubbed external calls.
+
+    ``__name__`` is ``"__main__"``, as in a script run with ``python``, so an
+    example may use the ``if __name__ == "__main__":`` guard that process pools
+    need, and its functions travel to worker processes by value (cloudpickle).
+    """
+    namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": __builtins__}
     for name in docs_stubs.__all__:
         namespace[name] = getattr(docs_stubs, name)
     return namespace
