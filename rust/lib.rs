@@ -26,9 +26,9 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::keys::stable_digest, m)?)?;
     m.add_function(wrap_pyfunction!(py::keys::stable_digest_call, m)?)?;
     m.add_class::<py::store::PyStore>()?;
-    py::store::install_fast_get(m.py())?;
-    m.add_class::<py::store::PyCachedCall>()?;
-    py::store::enable_vectorcall(m.py())?;
+    py::fastcall::install_fast_get(m.py())?;
+    m.add_class::<py::cached_call::PyCachedCall>()?;
+    py::fastcall::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;
     m.add_class::<py::backoff::PyBackoff>()?;
     Ok(())
