@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import functools
 import gc
 import pickle
@@ -419,3 +420,37 @@ def test_fast_single_argument_keys_match_the_general_encoding(v: Any) -> None:
     assert s.get(v) == "value"
     assert s[v] == "value"
     assert v in s
+
+
+def test_a_waiting_main_thread_can_be_interrupted() -> None:
+    """Ctrl-C reaches a main thread waiting on another thread's computation."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow(x: int) -> int:
+        calls.append(x)
+        release.wait(timeout=60)
+        return x
+
+    cc = CachedCall(Store(), slow)
+    worker = threading.Thread(target=cc, args=(1,))
+    worker.start()
+    while cc.store.info()[1] < 1:  # the worker owns the computation
+        time.sleep(0.001)
+
+    def interrupt_when_waiting() -> None:
+        while cc.store.info()[1] < 2:  # the main thread has missed too
+            time.sleep(0.001)
+        _thread.interrupt_main()
+
+    helper = threading.Thread(target=interrupt_when_waiting)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cc(1)
+    finally:
+        release.set()
+        helper.join(timeout=60)
+        worker.join(timeout=60)
+    assert calls == [1]
+    assert cc(1) == 1

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::thread::ThreadId;
+use std::time::Duration;
 
 use hashbrown::HashTable;
 use parking_lot::{Condvar, Mutex};
@@ -33,6 +34,9 @@ struct Flight {
 }
 
 type Flights = HashTable<(KeyRef, Arc<Flight>)>;
+
+/// How often a thread waiting on another's computation checks for signals.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Whether `a` is the same call as `b` for single flight: equal bytes and
 /// identical opaque objects (no Python runs under the in-flight lock, so
@@ -287,12 +291,21 @@ impl PyCachedCall {
                 // ourselves would deadlock, so compute directly.
                 return args.call(py, &self.func);
             }
-            py.detach(|| {
-                let mut r = flight.result.lock();
-                while r.is_none() {
-                    flight.done.wait(&mut r);
+            // Wait detached, waking every 50 ms to let a pending signal
+            // (Ctrl-C in the main thread) interrupt the wait.
+            loop {
+                let done = py.detach(|| {
+                    let mut r = flight.result.lock();
+                    if r.is_none() {
+                        flight.done.wait_for(&mut r, SIGNAL_POLL);
+                    }
+                    r.is_some()
+                });
+                if done {
+                    break;
                 }
-            });
+                py.check_signals()?;
+            }
             let r = flight.result.lock();
             return match r.as_ref() {
                 Some(Ok(v)) => Ok(v.clone_ref(py)),
