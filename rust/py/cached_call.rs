@@ -331,22 +331,32 @@ impl PyCachedCall {
             flight,
             result: None,
         };
+        let outcome = self.compute(py, store, enc, hash, key, args);
+        // Waiters get exactly what the owner gets, error included.
+        guard.result = Some(match &outcome {
+            Ok(v) => Ok(v.clone_ref(py)),
+            Err(e) => Err(e.clone_ref(py)),
+        });
+        outcome
+    }
+
+    /// The owner's work on a miss: re-check the store, call, store a success.
+    fn compute(
+        &self,
+        py: Python<'_>,
+        store: &PyStore,
+        enc: &Encoder<'_>,
+        hash: u64,
+        key: KeyRef,
+        args: &CallArgs<'_, '_>,
+    ) -> PyResult<Py<PyAny>> {
         // A thread may have stored the value between our miss and our flight.
         if let Some(v) = store.lookup_enc(py, enc, hash, false)? {
-            guard.result = Some(Ok(v.clone_ref(py)));
             return Ok(v);
         }
-        match args.call(py, &self.func) {
-            Ok(v) => {
-                store.insert(py, key, v.clone_ref(py), None)?;
-                guard.result = Some(Ok(v.clone_ref(py)));
-                Ok(v)
-            }
-            Err(e) => {
-                guard.result = Some(Err(e.clone_ref(py)));
-                Err(e)
-            }
-        }
+        let v = args.call(py, &self.func)?;
+        store.insert(py, key, v.clone_ref(py), None)?;
+        Ok(v)
     }
 }
 
