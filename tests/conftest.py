@@ -182,6 +182,34 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+def _forget_opero_backends(url: str) -> None:
+    """Drop the caches and backends ``@opero`` registered for a server that is going away.
+
+    ``opero.clear_cache()`` reaches every backend a namespace ever used; one
+    left pointing at a stopped test server (strict mode raises) would break a
+    later test's ``clear_cache()``.
+    """
+    try:
+        from opero.cache import _registry
+    except ImportError:
+        return
+
+    def points_here(backend: object) -> bool:
+        connector = getattr(backend, "connector", None)
+        return getattr(connector, "_url", None) == url
+
+    with _registry._lock:
+        for served in _registry._backends.values():
+            served[:] = [b for b in served if not points_here(b)]
+        for caches in _registry._caches.values():
+            for cache in [c for c in caches if points_here(getattr(c, "backend", None))]:
+                caches.discard(cache)
+        for strong in _registry._strong.values():
+            strong[:] = [c for c in strong if not points_here(getattr(c, "backend", None))]
+        for config in [c for c, b in _registry._shared.items() if points_here(b)]:
+            del _registry._shared[config]
+
+
 @pytest.fixture
 def restartable_redis() -> Iterator[RedisServer]:
     """Yield a redis-server of the test's own, which it may stop and restart (same port)."""
@@ -192,3 +220,4 @@ def restartable_redis() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+            _forget_opero_backends(server.url)
