@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -149,3 +152,21 @@ def test_async_process_failures_and_amap():
         return await h.ap_double.amap([1, 2])
 
     assert asyncio.run(main()) == [2, 4]
+
+
+def test_interpreter_exits_after_pools_were_used(tmp_path):
+    """A program that used the process and aiomultiprocess pools exits cleanly (no hang)."""
+    script = tmp_path / "uses_pools.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(h.__file__)!r})\n"
+        "import opmap_helpers as h\n"
+        "assert h.ap_double([1, 2]) == [2, 4]\n"
+        "assert h.p_square([3]) == [9]\n"
+        "print('done')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"

