@@ -161,9 +161,10 @@ def test_interpreter_exits_after_pools_were_used(tmp_path):
         "import sys\n"
         f"sys.path.insert(0, {os.path.dirname(h.__file__)!r})\n"
         "import opmap_helpers as h\n"
-        "assert h.ap_double([1, 2]) == [2, 4]\n"
-        "assert h.p_square([3]) == [9]\n"
-        "print('done')\n"
+        "if __name__ == '__main__':\n"
+        "    assert h.ap_double([1, 2]) == [2, 4]\n"
+        "    assert h.p_square([3]) == [9]\n"
+        "    print('done')\n"
     )
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
