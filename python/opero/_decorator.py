@@ -77,7 +77,12 @@ Kwargs = dict[str, Any]
 
 
 class OperoFunction(Protocol[P, R_co]):
-    """A function decorated by ``@opero``: same parameters and result, plus cache helpers."""
+    """A function decorated by ``@opero``: same parameters and result, plus cache helpers.
+
+    The helpers take the same arguments as the function. For a method, call
+    them on the class with the instance first: ``Repo.get.cache_get(repo, 1)``
+    (``self`` is part of the key).
+    """
 
     __opero__: OperoInternals
     __wrapped__: Callable[..., Any]

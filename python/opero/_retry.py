@@ -221,7 +221,8 @@ def specialize(
             the helpers the template uses).
 
     """
-    if not isinstance(func, types.FunctionType):
+    if not isinstance(func, types.FunctionType) or "__signature__" in func.__dict__:
+        # Only the code's own parameters are trusted (a __signature__ may claim others).
         return None
     try:
         sig = inspect.signature(func, follow_wrapped=False)
