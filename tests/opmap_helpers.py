@@ -141,6 +141,20 @@ async def ap_fail_odd(x: int) -> int:
     return x
 
 
+@opmap(
+    mode="async_process",
+    workers=2,
+    retries=0,
+    progress=False,
+    rate_limit=0.001,
+    rate_burst=4,
+    rate_max_wait=0.0,
+)
+async def ap_rate_limited(x: int) -> int:
+    """Rate limited to 4 tokens then one every 1000 s, in aiomultiprocess workers."""
+    return x
+
+
 @opmap(mode="dask", retries=0, progress=False)
 def d_square(x: int) -> int:
     """Square on a Dask worker."""

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 
 import opmap_helpers as h
 from opero import opmap
 from opero._opmap import MapError, OpmapFailureWarning
+from opero.errors import RateLimitTimeout
 
 
 def test_async_mode_from_sync_code():
@@ -152,6 +154,15 @@ def test_async_process_failures_and_amap():
         return await h.ap_double.amap([1, 2])
 
     assert asyncio.run(main()) == [2, 4]
+
+
+def test_async_process_rate_limit_is_global():
+    """The aiomultiprocess workers share one bucket: exactly `rate_burst` items get a token."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OpmapFailureWarning)
+        results = h.ap_rate_limited(range(16))
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 4
+    assert sum(isinstance(r, RateLimitTimeout) for r in results) == 12
 
 
 def test_interpreter_exits_after_pools_were_used(tmp_path):

@@ -60,6 +60,7 @@ import os
 import threading
 import uuid
 import warnings
+import weakref
 from builtins import ExceptionGroup  # Python >= 3.11, like opero.errors
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
@@ -261,12 +262,16 @@ class _WorkerTarget:
 
 
 _BY_VALUE: dict[str, MappedFunction[Any]] = {}
-"""Mapped functions sent by value, by token: a worker rebuilds each one once."""
+"""Mapped functions received by value, by token: a worker rebuilds each one once."""
+_SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any]] = (
+    weakref.WeakValueDictionary()
+)
+"""Mapped functions this process sent by value (in-process executors get the original)."""
 
 
 def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
-    mapped = _BY_VALUE.get(token)
+    mapped = _SENT_BY_VALUE.get(token) or _BY_VALUE.get(token)
     if mapped is None:
         cloudpickle = importlib.import_module("cloudpickle")
         func, options = cloudpickle.loads(blob)
@@ -407,7 +412,7 @@ class MappedFunction(Generic[R]):
                 chunksize=self._chunksize,
             )
             self._blob = cloudpickle.dumps((self._func, options))
-            _BY_VALUE.setdefault(self._token, self)
+            _SENT_BY_VALUE[self._token] = self
         return (_rebuild_by_value, (self._token, self._blob))
 
     def __repr__(self) -> str:
