@@ -545,16 +545,12 @@ class MappedFunction(Generic[R]):
         from opero.cache import MISS
 
         lookup = self._meta.cache_lookup
-        hit_indices: list[int] = []
-        hit_values: list[Any] = []
-        missing: list[int] = []
-        for i, item in enumerate(items):
-            value = lookup((item,), {})
-            if value is MISS:
-                missing.append(i)
-            else:
-                hit_indices.append(i)
-                hit_values.append(value)
+        found = [lookup((item,), {}) for item in items]
+        missing = [i for i, value in enumerate(found) if value is MISS]
+        if len(missing) == len(items):
+            return [], range(len(items))
+        hit_indices = [i for i, value in enumerate(found) if value is not MISS]
+        hit_values = [found[i] for i in hit_indices]
         if hit_indices:
             bar.update(len(hit_indices))
             return [(hit_indices, hit_values, None)], missing
@@ -576,9 +572,13 @@ class MappedFunction(Generic[R]):
             with lock:
                 pieces.append((indices, values, errors))
             if store is not None:
-                for position, value in enumerate(values):
-                    if not errors or position not in errors:
-                        store((items[indices[position]],), {}, value)
+                if errors:
+                    for position, value in enumerate(values):
+                        if position not in errors:
+                            store((items[indices[position]],), {}, value)
+                else:
+                    for i, value in zip(indices, values, strict=True):
+                        store((items[i],), {}, value)
             bar.update(len(indices))
 
         return done
