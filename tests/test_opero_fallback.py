@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opero import AllFailedError
 from opero import opero as op
@@ -177,3 +179,21 @@ def test_missing_required_argument_is_the_functions_type_error() -> None:
 
     with pytest.raises(TypeError, match="ep"):
         call()  # type: ignore[call-arg]
+
+
+@given(values=st.lists(st.integers(), min_size=2, max_size=6), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_candidates_property(values: list[int], data: st.DataObject) -> None:
+    """For any list and first working index k, calls see values[0:], ..., values[k:]."""
+    k = data.draw(st.integers(0, len(values) - 1))
+    seen: list[list[int]] = []
+
+    @op(arg_fallback="ep", retries=0)
+    def call(ep: list[int]) -> int:
+        seen.append(ep)
+        if len(seen) <= k:
+            raise ConnectionError
+        return ep[0]
+
+    assert call(values) == values[k]
+    assert seen == [values[i:] for i in range(k + 1)]

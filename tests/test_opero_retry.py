@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import opero
 from opero import AllFailedError, ConfigurationError
@@ -452,3 +454,25 @@ def test_wrapper_reports_argument_errors_under_the_functions_name() -> None:
 
     with pytest.raises(TypeError, match=r"needs_two\(\) missing 1 required positional"):
         needs_two(1)  # type: ignore[call-arg]
+
+
+@given(retries=st.integers(0, 6), failures=st.integers(0, 9))
+@settings(max_examples=60, deadline=None)
+def test_rounds_and_outcome_follow_retries_property(retries: int, failures: int) -> None:
+    """For any retries N and F leading failures: min(F, N) + 1 calls, success iff F <= N."""
+    errors = [ValueError(i) for i in range(failures)]
+    flaky = Flaky(list(errors))
+    waits: list[float] = []
+    func = op(retries=retries, jitter=False, _sleep=waits.append)(lambda: flaky())
+    if failures <= retries:
+        assert func() == "ok"
+    elif retries == 0:
+        with pytest.raises(ValueError) as single:
+            func()
+        assert single.value is errors[0]
+    else:
+        with pytest.raises(AllFailedError) as info:
+            func()
+        assert info.value.errors == errors[: retries + 1]
+    assert flaky.calls == min(failures, retries) + 1
+    assert len(waits) == min(failures, retries)
