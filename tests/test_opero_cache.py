@@ -442,3 +442,44 @@ def module_level(x: int) -> int:
 def module_level_plain(x: int) -> int:
     """Return x (retried at module level, for the pickling test)."""
     return x
+
+
+def test_unbounded_store_when_max_size_is_none() -> None:
+    """cache_max_size=None keeps every entry (no evictions)."""
+    f, _ = counted(cache_max_size=None)
+    for i in range(3000):
+        f(i)
+    info = f.cache_info()
+    assert info.maxsize is None
+    assert info.currsize == 3000
+    assert info.evictions == 0
+
+
+def test_async_helpers_delete_and_clear() -> None:
+    """cache_delete and cache_clear work on an async function's store."""
+    calls: list[int] = []
+
+    @op(cache=True)
+    async def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    asyncio.run(f(1))
+    asyncio.run(f(2))
+    assert f.cache_delete(1) is True
+    asyncio.run(f(1))
+    assert calls == [1, 2, 1]
+    f.cache_clear()
+    assert f.cache_info().currsize == 0
+
+
+def test_function_and_options_in_one_call() -> None:
+    """opero(func, cache=True) decorates directly, like the decorator form."""
+
+    def g(x: int) -> int:
+        return x + 1
+
+    decorated = op(g, cache=True)  # type: ignore[call-overload]
+    assert decorated(1) == 2
+    assert decorated(1) == 2
+    assert decorated.cache_info().hits == 1
