@@ -310,6 +310,19 @@ def main() -> None:
         print(row("async tenacity.retry", async_calls(aten, n // 10), ahand))
     print(row("async @opero(retries=3)", async_calls(opero(retries=3)(abody), n), ahand, 1.2))
 
+    print("async cache hit, 1 int arg (no target; for reference)")
+
+    async def acached_plain(x: Any) -> Any:
+        return await abody(x)
+
+    aplain = async_calls(acached_plain, n)
+    print(row("await of a plain async wrapper (anchor)", aplain))
+    if moka_py is not None:
+        print(
+            row("async moka_py.cached", async_calls(moka_py.cached(maxsize=1024)(abody), n), aplain)
+        )
+    print(row("async @opero(cache=True)", async_calls(opero(cache=True)(abody), n), aplain))
+
     print("rate limit, one call through a bucket that never throttles")
     bucket = PyBucket(1e9, 1_000_000)
 
