@@ -283,7 +283,7 @@ def specialize(
         lines += [
             "    try:",
             f"        {_PREFIX}r = {invoke}",
-            f"    except Exception as {_PREFIX}e:",
+            f"    except {_PREFIX}Exception as {_PREFIX}e:",
             f"        return {aw}{_PREFIX}retry_from({_PREFIX}e, {args_tuple}, {kwargs_dict})",
         ]
     else:
@@ -293,6 +293,8 @@ def specialize(
     lines.append(f"    return {_PREFIX}r")
     scope: dict[str, Any] = {**namespace, **defaults, f"{_PREFIX}func": func}
     scope.setdefault(f"{_PREFIX}MIN_WAIT", MIN_WAIT)
+    # Parameters may shadow any builtin name, so the template only uses prefixed globals.
+    scope[f"{_PREFIX}Exception"] = Exception
     exec(compile("\n".join(lines), f"<opero wrapper of {func.__qualname__}>", "exec"), scope)
     wrapper: Callable[..., Any] = scope[f"{_PREFIX}wrapper"]
     wrapper.__name__ = func.__name__
