@@ -39,6 +39,20 @@ def best(fn: Callable[[], Any], repeat: int) -> float:
     return min(times)
 
 
+def best_interleaved(fns: list[Callable[[], Any]], repeat: int) -> list[float]:
+    """Return the best time of each function, running them in turn ``repeat`` times.
+
+    Interleaving exposes every contender to the same background load.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [min(bucket) for bucket in times]
+
+
 def row(name: str, seconds: float, anchor: float | None = None, note: str = "") -> None:
     """Print one aligned line: time, items/s and the ratio to the anchor."""
     ratio = f"{seconds / anchor:8.3f}x anchor time" if anchor else ""
@@ -70,13 +84,18 @@ def bench_process(repeat: int, cpu_items: int) -> None:
     start = time.perf_counter()
     plain(items)
     cold = time.perf_counter() - start
+    default = opmap(mode="process", workers=WORKERS, progress=False)(h.trivial)
+    default(items)
     with multiprocessing.Pool(WORKERS) as mp_pool:
         mp_pool.map(h.trivial, items)
-        anchor = best(lambda: mp_pool.map(h.trivial, items), repeat)
+        anchor, t, t_default = best_interleaved(
+            [lambda: mp_pool.map(h.trivial, items), lambda: plain(items), lambda: default(items)],
+            repeat * 5,
+        )
         print(f"process, {TRIVIAL} trivial items, {WORKERS} workers")
         row("multiprocessing.Pool.map warm, auto chunks (anchor)", anchor)
-        t = best(lambda: plain(items), repeat)
         row("opmap process warm (retries=0)", t, anchor)
+        row("opmap process warm (default options: retries=3)", t_default, anchor)
         row("opmap process cold (first call, pool start)", cold, anchor)
 
     print("process: per-item overhead of retries=3 + an empty cache (filled in the parent)")
@@ -94,8 +113,9 @@ def bench_process(repeat: int, cpu_items: int) -> None:
 
         with_empty_cache()
         bare(work)
-        t_bare = best(lambda bare=bare, work=work: bare(work), repeat)
-        t_full = best(with_empty_cache, repeat)
+        t_bare, t_full = best_interleaved(
+            [lambda bare=bare, work=work: bare(work), with_empty_cache], repeat
+        )
         row(f"{count} {label}: retries=0, no cache (anchor)", t_bare)
         row(f"{count} {label}: retries=3, cache=True (empty)", t_full, t_bare)
 
