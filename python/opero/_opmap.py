@@ -7,12 +7,15 @@ fallbacks, rate limit, callbacks). Modes:
 * ``"thread"``: a reused thread pool; items go in batches pulled by at most
   ``workers`` threads (the calling thread is one of them), not one future per
   item.
-* ``"process"``: a reused ``ProcessPoolExecutor`` (created on first use, shut
-  down at exit), automatic chunk sizes like ``multiprocessing.Pool.map``. The
-  decorated function travels by reference when it can be imported by name,
-  else by value through cloudpickle (lambdas, closures, ``__main__``). A dying
-  worker marks only its items failed (:class:`opero.WorkerDiedError`), the pool
-  is rebuilt and the map finishes.
+* ``"process"``: a reused ``multiprocessing.Pool`` (created on first use, one
+  per worker count, shut down at exit) on the default start method, automatic
+  chunk sizes like ``multiprocessing.Pool.map``. The decorated function
+  travels by reference when it can be imported by name, else by value through
+  cloudpickle (lambdas, closures, ``__main__``). A worker that dies marks only
+  the item it was running failed (:class:`WorkerDiedError`); the pool replaces
+  the worker and the map finishes (the other items of that item's job run
+  again, one per job, to find it). A result that does not pickle fails only
+  its own item the same way.
 * ``"async"``: one event loop, ``workers`` coroutines in flight. An ``async
   def`` function runs on the loop; a plain ``def`` runs in
   ``asyncio.to_thread`` so it never blocks the loop.
