@@ -35,9 +35,9 @@ from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
 
-#: Waits shorter than this are not slept: they are floating-point noise of the
-#: bucket arithmetic (a fresh bucket at rate 0.001/s can answer 6.7e-15 s on a
-#: monotonic clock reading in the thousands), far below any sleep's resolution.
+#: Waits shorter than this are not slept: they can only be floating-point noise
+#: of the bucket arithmetic (an early native build answered 6.7e-15 s for the
+#: first token of a 0.001/s bucket), far below any sleep's resolution.
 MIN_WAIT = 1e-6
 
 logger = logging.getLogger("opero")
