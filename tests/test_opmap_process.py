@@ -154,3 +154,17 @@ def test_process_executor_is_accepted():
     with ProcessPoolExecutor(2) as pool:
         square = opmap(executor=pool, retries=0, progress=False)(h.trivial)
         assert square(range(10)) == list(range(1, 11))
+
+
+def test_progress_counts_cache_hits(tmp_path, capsys):
+    """The forced progress bar counts every item, cache hits served by the parent included."""
+    pytest.importorskip("tqdm")
+    log = str(tmp_path / "calls")
+    shown = opmap(mode="process", workers=2, retries=0, cache=True, progress="force")(
+        h.p_cached_logged.__wrapped__
+    )
+    shown([(log, x) for x in range(4)])
+    capsys.readouterr()
+    shown([(log, x) for x in range(10)])
+    assert "10/10" in capsys.readouterr().err
+    assert h.count_lines(log) == 10
