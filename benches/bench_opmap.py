@@ -53,10 +53,13 @@ def best_interleaved(fns: list[Callable[[], Any]], repeat: int) -> list[float]:
     return [min(bucket) for bucket in times]
 
 
-def row(name: str, seconds: float, anchor: float | None = None, note: str = "") -> None:
-    """Print one aligned line: time, items/s and the ratio to the anchor."""
+def row(
+    name: str, seconds: float, anchor: float | None = None, note: str = "", unit: str = "ms"
+) -> None:
+    """Print one aligned line: the time in ``unit`` (ms or us) and the ratio to the anchor."""
     ratio = f"{seconds / anchor:8.3f}x anchor time" if anchor else ""
-    print(f"  {name:<52} {seconds * 1e3:10.2f} ms  {ratio}  {note}")
+    scale = 1e3 if unit == "ms" else 1e6
+    print(f"  {name:<52} {seconds * scale:10.2f} {unit}  {ratio}  {note}")
 
 
 def bench_thread(repeat: int) -> None:
@@ -157,10 +160,9 @@ def bench_dask(repeat: int, cpu_items: int, anchor_items: int) -> None:
         per_item()
         anchor = best(per_item, max(1, repeat // 2)) / anchor_items
         t = best(lambda: trivial_map(items), repeat) / TRIVIAL
-        print(f"dask, trivial items, {WORKERS} worker processes (per item)")
-        row(f"client.map per item ({anchor_items} items, anchor)", anchor * 1e3)
-        row(f"opmap dask ({TRIVIAL} items)", t * 1e3, anchor * 1e3, f"{anchor / t:.0f}x faster")
-        print("    (figures in this block are microseconds per item)")
+        print(f"dask, trivial items, {WORKERS} worker processes (time per item)")
+        row(f"client.map, one task per item ({anchor_items} items, anchor)", anchor, unit="us")
+        row(f"opmap dask ({TRIVIAL} items)", t, anchor, f"{anchor / t:.0f}x faster", unit="us")
 
         cpu = list(range(cpu_items))
         cpu_map = opmap(mode="dask", client=client, retries=0, progress=False)(h.cpu_item)
