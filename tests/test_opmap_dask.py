@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -67,3 +68,20 @@ def test_dask_rate_limit_shared_by_local_workers(client):
     granted = [r for r in results if not isinstance(r, BaseException)]
     assert len(granted) == 5
     assert sum(isinstance(r, RateLimitTimeout) for r in results) == 15
+
+
+def test_dask_workers_bound_tasks_in_flight(client):
+    """With workers=1 no two of the map's tasks run at the same time on the cluster."""
+    one_at_a_time = opmap(
+        mode="dask", client=client, workers=1, chunksize=1, retries=0, progress=False
+    )(h.cpu_item)
+    with distributed.get_task_stream(client) as stream:
+        assert one_at_a_time(range(8)) == list(range(8))
+    spans = sorted(
+        (part["start"], part["stop"])
+        for task in stream.data
+        for part in task["startstops"]
+        if part["action"] == "compute"
+    )
+    assert len(spans) == 8
+    assert all(prev_stop <= start for (_, prev_stop), (start, _) in itertools.pairwise(spans))

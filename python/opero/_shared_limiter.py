@@ -14,6 +14,9 @@ opens the same file. It is global for the processes of one host; Dask workers
 on other hosts each get their own file (a per-host bucket); use
 ``rate_limit_backend="redis"`` for a cluster-wide limit.
 
+It needs POSIX ``fcntl.flock`` (Linux, macOS, the BSDs); on Windows a process
+map with a rate limit fails its items with the ``ImportError``.
+
 A decision costs two ``flock`` calls and a few bytes of shared memory, about
 2 us here, against 5 ms or more per call for the rate limits people configure.
 """
