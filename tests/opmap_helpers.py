@@ -116,6 +116,15 @@ def cpu_item(x: int) -> int:
     return x
 
 
+def logged_span(item: tuple[str, int]) -> int:
+    """Log "start" and "stop" around 5 ms of CPU to the item's file; return the number."""
+    path, x = item
+    record(path, "start")
+    busy(0.005)
+    record(path, "stop")
+    return x
+
+
 def cpu_100us(x: int) -> int:
     """Spin 0.1 ms of CPU, then return the item."""
     busy(0.0001)
