@@ -335,8 +335,14 @@ def test_async_custom_key_and_hit_callback() -> None:
     assert hits == [1]
 
 
-def test_clear_cache_all_and_by_namespace() -> None:
+def test_clear_cache_all_and_by_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
     """opero.clear_cache() clears every store; clear_cache(ns) only that namespace."""
+    from opero.cache import _registry
+
+    # A global clear reaches every backend in the process (Redis ones of other test
+    # modules too); an empty registry keeps this test to its own functions.
+    for name in ("_caches", "_strong", "_backends"):
+        monkeypatch.setattr(_registry, name, {})
     a, a_calls = counted(cache_namespace="ns-a")
     b, b_calls = counted(cache_namespace="ns-b")
     a(1)

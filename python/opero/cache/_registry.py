@@ -4,7 +4,8 @@
 ``"redis"`` and ``"disk"`` build :class:`~opero.cache.RedisBackend` /
 :class:`~opero.cache.DiskBackend` (imported only when chosen) from the
 ``cache_*`` options, one instance per distinct configuration, so functions
-with the same settings share one connection pool or one directory handle. Any
+with the same settings share one directory handle or client (a Redis backend
+without a URL, which reads ``OPERO_REDIS_URL`` at first use, is never shared). Any
 object with ``open(...)`` and ``stable_keys`` is used as it is.
 
 Every opened function cache is registered (weakly) under its namespace with
@@ -58,7 +59,12 @@ def resolve_backend(policy: Policy) -> CacheBackend:
             "secret": policy.cache_secret,
             "strict": policy.cache_strict,
         }
-        if url is None or isinstance(url, str):
+        if url is None:
+            # The URL comes from OPERO_REDIS_URL at first use: a shared instance would
+            # bind every later function to the first user's environment. Instances are
+            # cheap (the Redis module pools connections per URL).
+            return module.RedisBackend(None, **kwargs)  # type: ignore[no-any-return]
+        if isinstance(url, str):
             return _share(
                 ("redis", url, *kwargs.values()), lambda: module.RedisBackend(url, **kwargs)
             )
