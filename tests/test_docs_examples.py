@@ -38,6 +38,7 @@ _NO_RUN = re.compile(r"^#\s*docs:\s*no-run\b(?P<rest>.*)$")
 _DASHES = "\u2014\u2013-"  # em dash, en dash, hyphen
 _REASON = re.compile(rf"^\s*[{_DASHES}]+\s*\S")
 _REDIS = re.compile(r"redis", re.IGNORECASE)
+_DASK = re.compile(r"\b(distributed|dask)\b")
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,17 @@ def _forget_shared_redis_backends() -> None:
         del _registry._shared[config]
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
+def _marks(block: Block) -> list[pytest.MarkDecorator]:
+    """Return the suite's markers for a block: ``redis`` and ``dask`` when it uses them."""
+    marks = []
+    if _REDIS.search(block.code):
+        marks.append(pytest.mark.redis)
+    if _DASK.search(block.code):
+        marks.append(pytest.mark.dask)
+    return marks
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.name, marks=_marks(b)) for b in BLOCKS])
 def test_docs_example_runs(
     block: Block,
     request: pytest.FixtureRequest,
