@@ -171,7 +171,7 @@ def test_all_failed_error_lists_errors_in_order(is_async: bool) -> None:
     assert info.value.last is errors[-1]
     assert len(waits) == 3
     assert isinstance(info.value, opero.OperoError)
-    assert isinstance(info.value, BaseExceptionGroup)  # noqa: F821
+    assert isinstance(info.value, BaseExceptionGroup)
 
 
 @modes

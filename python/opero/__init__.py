@@ -7,7 +7,7 @@ Dask. The hot paths (cache keys, the LRU/TTL store, the token bucket and the
 backoff schedule) run in Rust.
 """
 
-from opero._decorator import clear_cache, opero
+from opero._decorator import OperoFunction, clear_cache, opero
 from opero._opero_core import __version__
 from opero._opmap import opmap
 from opero._testing import set_testing
@@ -26,6 +26,7 @@ __all__ = [
     "CacheInfo",
     "ConfigurationError",
     "OperoError",
+    "OperoFunction",
     "RateLimitTimeout",
     "__version__",
     "clear_cache",

@@ -38,7 +38,7 @@ class RateLimitTimeout(OperoError):
     """Waiting for a rate-limit token would exceed the configured maximum wait."""
 
 
-class AllFailedError(ExceptionGroup, OperoError):  # type: ignore[misc]
+class AllFailedError(ExceptionGroup, OperoError):
     """Every call made for one invocation failed.
 
     Raised when more than one call was made (retries) or a fallback was
@@ -50,6 +50,7 @@ class AllFailedError(ExceptionGroup, OperoError):  # type: ignore[misc]
     Args:
         message: Human-readable summary.
         errors: The underlying exceptions, in call order (at least one).
+
     """
 
     def __new__(cls, message: str, errors: Sequence[Exception]) -> AllFailedError:

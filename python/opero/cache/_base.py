@@ -42,7 +42,7 @@ class _Miss:
         return "MISS"
 
     def __bool__(self) -> bool:
-        """The sentinel is falsy."""
+        """Return False: the sentinel is falsy."""
         return False
 
     def __reduce__(self) -> str:
@@ -64,6 +64,7 @@ class CacheInfo(NamedTuple):
         currsize: Entries stored now (``-1`` when the backend cannot tell cheaply).
         evictions: Entries dropped to respect ``maxsize``.
         expirations: Entries dropped because their TTL passed.
+
     """
 
     hits: int
@@ -135,6 +136,7 @@ class CacheBackend(Protocol):
             ttl: Seconds an entry lives, ``None`` for no expiry.
             max_size: Bound on entries, ``None`` for unbounded.
             is_async: The decorated function is ``async def``.
+
         """
         ...
 
