@@ -9,7 +9,7 @@ backoff schedule) run in Rust.
 
 from opero._decorator import OperoFunction, clear_cache, opero
 from opero._opero_core import __version__
-from opero._opmap import opmap
+from opero._opmap import MapError, MappedFunction, OpmapFailureWarning, WorkerDiedError, opmap
 from opero._testing import set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
@@ -25,9 +25,13 @@ __all__ = [
     "CacheBackendError",
     "CacheInfo",
     "ConfigurationError",
+    "MapError",
+    "MappedFunction",
     "OperoError",
     "OperoFunction",
+    "OpmapFailureWarning",
     "RateLimitTimeout",
+    "WorkerDiedError",
     "__version__",
     "clear_cache",
     "opero",
