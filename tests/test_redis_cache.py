@@ -18,6 +18,7 @@ import redis.asyncio
 
 from opero._opero_core import stable_digest_call
 from opero.cache import MISS, CacheBackend, FunctionCache
+from opero.cache import _redis as _redis_module
 from opero.cache._redis import RedisBackend
 from opero.errors import ConfigurationError
 
@@ -48,9 +49,12 @@ def test_backend_satisfies_the_protocols(redis_url: str) -> None:
 
 def test_open_does_not_connect() -> None:
     """Constructing and opening a backend for an unreachable server touches no network."""
-    backend = RedisBackend("redis://127.0.0.1:1/0")
+    url = "redis://open-does-not-connect@127.0.0.1:1/0"
+    backend = RedisBackend(url)
     cache = _open(backend)
     assert cache.info().hits == 0
+    assert backend.connector._sync is None
+    assert not any(key[0] == url for key in _redis_module._SYNC_CLIENTS)
     assert backend.outage.down is False
 
 
