@@ -74,6 +74,14 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"cache": True, "cache_dir": "/tmp/x"}, r"cache_dir=.*only used with cache_backend='disk'"),
     ({"cache": True, "cache_redis_url": "redis://x"}, r"only used with cache_backend='redis'"),
     ({"cache": True, "cache_strict": 1, "cache_backend": "redis"}, r"cache_strict=1"),
+    (
+        {"cache": True, "cache_backend": "redis", "cache_max_size": 10},
+        r"cache_max_size=10.*only used with cache_backend='memory'",
+    ),
+    (
+        {"cache": True, "cache_backend": "disk", "cache_max_size": 10},
+        r"cache_max_size=10.*only used with cache_backend='memory'",
+    ),
     ({"cache_ttl": 60}, r"cache_ttl=60.*without cache=True"),
     ({"cache_backend": "redis"}, r"cache_backend='redis'.*cache=True"),
 ]

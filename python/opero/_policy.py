@@ -481,6 +481,9 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         ("cache_serializer", ("redis", "disk")),
         ("cache_secret", ("redis", "disk")),
         ("cache_strict", ("redis", "disk")),
+        # Redis and disk have no per-function entry bound (Redis: maxmemory policy and
+        # cache_ttl; disk: a size limit in bytes), so a bound there would be a silent no-op.
+        ("cache_max_size", ("memory",)),
     ):
         if name in options and backend_name is not None and backend_name not in only:
             wanted = " or ".join(repr(b) for b in only)
