@@ -3,7 +3,7 @@
 Kept equal to the native module (checked by ``python -m mypy.stubtest opero._opero_core``).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, final
 
 __all__ = [
@@ -114,6 +114,41 @@ class Store:
         """``set(make_key(args, kwargs), value)``."""
     def delete_call(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> bool:
         """``delete(make_key(args, kwargs))``."""
+    def get_many_items(self, items: Iterable[Any], default: Any = None) -> tuple[list[Any], int]:
+        """Look up many one-argument calls at once, without an exception per miss.
+
+        Item ``x`` is looked up under ``make_key((x,))``, the key of the call
+        ``f(x)``: results are shared with ``get_call((x,))`` and ``set_call``.
+        Each lookup counts one hit or one miss, as a single ``get_call`` does.
+
+        Args:
+            items: An iterable of single arguments.
+            default: The value put in place of a miss. Default ``None``.
+
+        Returns:
+            ``(values, hits)``: one value per item, in order (``default`` for a
+            miss), and the number of hits.
+
+        Raises:
+            TypeError: An item cannot be keyed (the message names it).
+        """
+    def set_many_items(
+        self, items: Sequence[Any], values: Sequence[Any], ttl: float | None = None
+    ) -> None:
+        """Store many one-argument call results at once.
+
+        ``set_call((x,), None, v)`` for each pair ``(x, v)`` of ``zip(items, values)``.
+
+        Args:
+            items: A sized iterable of single arguments (a list or tuple).
+            values: One value per item, same length.
+            ttl: Seconds each entry lives, overriding the store's; ``None``
+                (default) for the store's TTL.
+
+        Raises:
+            ValueError: ``items`` and ``values`` differ in length, or a bad ``ttl``.
+            TypeError: An item cannot be keyed (the items before it are stored).
+        """
     def info(self) -> tuple[int, int, int, int, int, int | None]:
         """Return ``(hits, misses, evictions, expirations, size, max_size)``."""
     def __getitem__(self, key: Any, /) -> Any: ...

@@ -547,17 +547,16 @@ class MappedFunction(Generic[R]):
             return [], range(len(items))
         from opero.cache import MISS
 
-        lookup = self._meta.cache_lookup
-        found = [lookup((item,), {}) for item in items]
-        missing = [i for i, value in enumerate(found) if value is MISS]
-        if len(missing) == len(items):
+        found, hits = self._meta.cache_lookup_many(items)
+        if not hits:
             return [], range(len(items))
+        bar.update(hits)
+        if hits == len(items):
+            return [(range(len(items)), found, None)], []
+        missing = [i for i, value in enumerate(found) if value is MISS]
         hit_indices = [i for i, value in enumerate(found) if value is not MISS]
         hit_values = [found[i] for i in hit_indices]
-        if hit_indices:
-            bar.update(len(hit_indices))
-            return [(hit_indices, hit_values, None)], missing
-        return [], missing
+        return [(hit_indices, hit_values, None)], missing
 
     def _collector(
         self,
@@ -567,21 +566,22 @@ class MappedFunction(Generic[R]):
         bar: Any,
     ) -> Callable[[int, list[Any], dict[int, BaseException] | None], None]:
         """Return the ``done`` callback: record a job's piece, fill the cache, count progress."""
-        store = self._meta.cache_store if self._has_cache else None
+        store_many = self._meta.cache_store_many if self._has_cache else None
         lock = threading.Lock()
 
         def done(j: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
             indices = job_indices[j]
             with lock:
                 pieces.append((indices, values, errors))
-            if store is not None:
+            if store_many is not None:
                 if errors:
-                    for position, value in enumerate(values):
-                        if position not in errors:
-                            store((items[indices[position]],), {}, value)
+                    # Failed items are never stored.
+                    kept = [p for p in range(len(values)) if p not in errors]
+                    store_many([items[indices[p]] for p in kept], [values[p] for p in kept])
+                elif isinstance(indices, range):
+                    store_many(items[indices.start : indices.stop], values)
                 else:
-                    for i, value in zip(indices, values, strict=True):
-                        store((items[i],), {}, value)
+                    store_many([items[i] for i in indices], values)
             bar.update(len(indices))
 
         return done

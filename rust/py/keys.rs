@@ -158,6 +158,14 @@ impl<'py> Encoder<'py> {
         Ok(())
     }
 
+    /// Encode a call with one positional argument and no keywords: the same
+    /// bytes as [`Self::call`] on `(item,)`, without building the tuple.
+    #[inline]
+    pub fn call1(&mut self, item: &Bound<'py, PyAny>) -> PyResult<()> {
+        k::put_header(&mut self.buf, k::CALL, 1);
+        self.value(item, 0, ArgName::Pos(0))
+    }
+
     /// Encode a vectorcall: `args[..nargs]` positional, then one value per
     /// name of `kwnames`; the same bytes as [`Self::call`] for the same call.
     ///

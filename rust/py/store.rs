@@ -11,15 +11,17 @@
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyKeyError;
+use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 use smallvec::SmallVec;
 
 use super::clock::{pick_clock, PyManualClock};
 use super::guarded::Guarded;
-use super::keys::{py_eq, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey};
+use super::keys::{
+    py_eq, short_call1, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey,
+};
 use crate::clock::Clock;
 use crate::error::CoreError;
 use crate::keys::{bytes_eq, hash_short, Short};
@@ -244,11 +246,27 @@ impl PyStore {
         value: Py<PyAny>,
         ttl: Option<Option<f64>>,
     ) -> PyResult<()> {
+        let mut out: Removed = Vec::new();
+        let r = self.insert_into(py, key, value, ttl, &mut out);
+        drop(out);
+        r
+    }
+
+    /// `insert`, collecting the replaced and evicted entries into `out` for
+    /// the caller to drop once it is done with the store (a batch reuses one
+    /// vector instead of allocating one per evicting insert).
+    fn insert_into(
+        &self,
+        py: Python<'_>,
+        key: KeyRef,
+        value: Py<PyAny>,
+        ttl: Option<Option<f64>>,
+        out: &mut Removed,
+    ) -> PyResult<()> {
         let t = {
             let p = Probe::from_key(py, &key);
             self.target(py, &p)?
         };
-        let mut out: Removed = Vec::new();
         let probe_key = key.clone();
         self.inner.with(py, |g| {
             let eq = Self::matcher(&probe_key.bytes, &t);
@@ -263,10 +281,9 @@ impl PyStore {
                 ttl,
                 || self.clock.now(),
                 eq,
-                &mut out,
+                out,
             );
         });
-        drop(out);
         drop(probe_key);
         Ok(())
     }
@@ -303,6 +320,20 @@ impl PyStore {
         let hash = enc.hash();
         let p = Probe::from_encoder(&enc, hash);
         f(&p, &enc)
+    }
+
+    /// Look up the key of the call `f(item)` (`make_key((item,))`), counting
+    /// a hit or a miss as `get_call` does.
+    #[inline]
+    fn lookup_item(&self, item: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        let py = item.py();
+        if let Some(s) = short_call1(item) {
+            return Ok(self.lookup_short(py, s, true));
+        }
+        let mut enc = Encoder::new(Mode::InProcess);
+        enc.call1(item)?;
+        let hash = enc.hash();
+        self.lookup_enc(py, &enc, hash, true)
     }
 
     fn purge(&self, py: Python<'_>) {
@@ -444,6 +475,95 @@ impl PyStore {
     ) -> PyResult<bool> {
         let py = args.py();
         self.with_call(args, kwargs, |p, _| self.delete_probe(py, p))
+    }
+
+    /// Look up many one-argument calls at once, without an exception per miss.
+    ///
+    /// Item ``x`` is looked up under ``make_key((x,))``, the key of the call
+    /// ``f(x)``: results are shared with ``get_call((x,))`` and ``set_call``.
+    /// Each lookup counts one hit or one miss, as a single ``get_call`` does.
+    ///
+    /// Args:
+    ///     items: An iterable of single arguments.
+    ///     default: The value put in place of a miss. Default ``None``.
+    ///
+    /// Returns:
+    ///     ``(values, hits)``: one value per item, in order (``default`` for a
+    ///     miss), and the number of hits.
+    ///
+    /// Raises:
+    ///     TypeError: An item cannot be keyed (the message names it).
+    #[pyo3(signature = (items, default = None))]
+    fn get_many_items(
+        &self,
+        items: &Bound<'_, PyAny>,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<(Py<PyList>, usize)> {
+        let py = items.py();
+        let default = default.unwrap_or_else(|| py.None());
+        // A size hint only: an iterable without len() simply grows the vector.
+        let mut values: Vec<Py<PyAny>> = Vec::with_capacity(items.len().unwrap_or(0));
+        let mut hits = 0;
+        for item in items.try_iter()? {
+            match self.lookup_item(&item?)? {
+                Some(v) => {
+                    hits += 1;
+                    values.push(v);
+                }
+                None => values.push(default.clone_ref(py)),
+            }
+        }
+        Ok((PyList::new(py, values)?.unbind(), hits))
+    }
+
+    /// Store many one-argument call results at once.
+    ///
+    /// ``set_call((x,), None, v)`` for each pair ``(x, v)`` of ``zip(items, values)``.
+    ///
+    /// Args:
+    ///     items: A sized iterable of single arguments (a list or tuple).
+    ///     values: One value per item, same length.
+    ///     ttl: Seconds each entry lives, overriding the store's; ``None``
+    ///         (default) for the store's TTL.
+    ///
+    /// Raises:
+    ///     ValueError: ``items`` and ``values`` differ in length, or a bad ``ttl``.
+    ///     TypeError: An item cannot be keyed (the items before it are stored).
+    #[pyo3(signature = (items, values, ttl = None))]
+    fn set_many_items(
+        &self,
+        items: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+        ttl: Option<f64>,
+    ) -> PyResult<()> {
+        let py = items.py();
+        let ttl = ttl_arg(ttl)?.map(Some);
+        let (n, m) = (items.len()?, values.len()?);
+        if n != m {
+            return Err(PyValueError::new_err(format!(
+                "set_many_items: items and values differ in length ({n} != {m}); \
+                 pass one value per item"
+            )));
+        }
+        let mut out: Removed = Vec::new();
+        let mut r = Ok(());
+        for (item, value) in items.try_iter()?.zip(values.try_iter()?) {
+            r = (|| {
+                let mut enc = Encoder::new(Mode::InProcess);
+                enc.call1(&item?)?;
+                let key = enc.to_key(enc.hash());
+                self.insert_into(py, key, value?.unbind(), ttl, &mut out)
+            })();
+            if r.is_err() {
+                break;
+            }
+            if out.len() >= 256 {
+                // Bound the garbage held across the batch.
+                out.clear();
+            }
+        }
+        drop(out);
+        r
     }
 
     /// Return ``(hits, misses, evictions, expirations, size, max_size)``.
