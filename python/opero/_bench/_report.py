@@ -27,6 +27,7 @@ __all__ = [
     "format_row",
     "format_summary",
     "machine_info",
+    "meets",
     "missing_anchors",
     "target_tally",
     "to_json",
@@ -75,7 +76,7 @@ def machine_info() -> dict[str, Any]:
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "loadavg": load,
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -160,10 +161,19 @@ def format_group_header(result_title: str, unit: str) -> str:
     return f"\n{title:=<{WIDTH}}\n{head}\n{'-' * WIDTH}"
 
 
+def meets(ratio: float, target: float) -> bool:
+    """Return whether ``ratio`` meets ``target`` as printed (both at two decimals).
+
+    Judging the printed figure keeps the table consistent: a ratio shown as
+    1.10x never says MISS against a 1.1x target.
+    """
+    return round(ratio, 2) <= round(target, 2)
+
+
 def _target_text(ratio: float | None, target: float | None) -> str:
     if target is None:
         return ""
-    verdict = "" if ratio is None else (" ok" if ratio <= target else " MISS")
+    verdict = "" if ratio is None else (" ok" if meets(ratio, target) else " MISS")
     return f"<={_fmt_target(target)}x{verdict}"
 
 
@@ -277,7 +287,7 @@ def target_tally(results: Sequence[GroupResult]) -> tuple[list[str], list[str]]:
                     continue
                 limit = _fmt_target(anchor.target)
                 text = f"{row.operation} vs {anchor.label}: {ratio:.2f}x <= {limit}x"
-                (met if ratio <= anchor.target else missed).append(text)
+                (met if meets(ratio, anchor.target) else missed).append(text)
     return met, missed
 
 
@@ -344,7 +354,7 @@ def to_json(meta: Meta, results: Sequence[GroupResult], elapsed_s: float, status
                         "target_max_ratio": a.target,
                         "target_met": None
                         if a.target is None or ratio is None
-                        else ratio <= a.target,
+                        else meets(ratio, a.target),
                         "error": a.error,
                     }
                 )
