@@ -15,7 +15,7 @@ from typing import Any
 
 import cachetools
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -450,3 +450,102 @@ def test_reference_cycles_through_values_are_collected() -> None:
     del node, s
     gc.collect()
     assert ref() is None
+
+
+# ---------------------------------------------------------------------------------------
+# Batch operations on one-argument calls (get_many_items / set_many_items)
+
+_item = st.one_of(
+    st.integers(-5, 40),
+    st.integers(),
+    st.text(max_size=20),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.tuples(st.integers(0, 3), st.text(max_size=3)),
+    st.lists(st.integers(0, 3), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    stored=st.lists(st.tuples(_item, st.integers()), max_size=30),
+    probes=st.lists(_item, max_size=40),
+    max_size=st.one_of(st.none(), st.integers(1, 12)),
+)
+def test_batch_ops_equal_single_calls(
+    stored: list[tuple[Any, int]], probes: list[Any], max_size: int | None
+) -> None:
+    """set_many_items then get_many_items give the results and counters of set_call/get_call."""
+    single, batch = Store(max_size), Store(max_size)
+    for item, value in stored:
+        single.set_call((item,), None, value)
+    batch.set_many_items([item for item, _ in stored], [value for _, value in stored])
+    sentinel = object()
+    expected: list[Any] = []
+    for item in probes:
+        try:
+            expected.append(single.get_call((item,)))
+        except KeyError:
+            expected.append(sentinel)
+    values, hits = batch.get_many_items(probes, sentinel)
+    assert values == expected
+    assert hits == sum(1 for v in expected if v is not sentinel)
+    assert batch.info() == single.info()
+    assert len(batch) == len(single)
+
+
+def test_batch_results_are_shared_with_single_calls() -> None:
+    """Item x of a batch is the call key make_key((x,)): set_call, get_call and Key agree."""
+    s = Store(None)
+    s.set_many_items([1, "a", [1, 2], None], ["one", "A", "list", "none"])
+    assert s.get_call((1,)) == "one"
+    assert s.get(make_key(([1, 2],))) == "list"
+    assert 1 not in s  # the plain value 1 is another key than the call f(1)
+    s.set_call(("b",), None, "B")
+    assert s.get_many_items(["b", None, "zz"]) == (["B", "none", None], 2)
+
+
+def test_get_many_items_takes_any_iterable() -> None:
+    """A generator works as items, and misses take the default without raising."""
+    s = Store(8)
+    s.set_many_items((0, 2), (0, 20))
+    missing = object()
+    values, hits = s.get_many_items((x for x in range(4)), missing)
+    assert values == [0, missing, 20, missing]
+    assert hits == 2
+    assert s.info()[:2] == (2, 2)
+
+
+def test_batch_ttl_expiry() -> None:
+    """Entries stored in a batch expire on time (store TTL and per-batch TTL) and count as misses."""
+    clock = ManualClock(100.0)
+    s = Store(None, ttl=10.0, clock=clock)
+    s.set_many_items([1, 2], ["a", "b"])
+    s.set_many_items([3], ["c"], ttl=2.0)
+    assert s.get_many_items([1, 2, 3]) == (["a", "b", "c"], 3)
+    clock.advance(2.0)
+    assert s.get_many_items([1, 2, 3]) == (["a", "b", None], 2)
+    clock.advance(8.0)
+    assert s.get_many_items([1, 2, 3]) == ([None, None, None], 0)
+    hits, misses, _evictions, expirations, size, _ = s.info()
+    assert (hits, misses, expirations, size) == (5, 4, 3, 0)
+
+
+def test_set_many_items_bad_input() -> None:
+    """Unequal lengths, a bad ttl and an unkeyable item raise errors naming the problem."""
+    s = Store(4)
+    with pytest.raises(ValueError, match="differ in length"):
+        s.set_many_items([1, 2], [1])
+    with pytest.raises(ValueError, match="ttl"):
+        s.set_many_items([1], [1], ttl=-1.0)
+    with pytest.raises(TypeError):
+        s.set_many_items([1, 2], (x for x in "ab"))  # values need a len()
+
+    class NoHash:
+        __hash__ = None  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"NoHash.*cache_key="):
+        s.set_many_items([1, NoHash(), 3], ["a", "b", "c"])
+    assert s.get_many_items([1, 3]) == (["a", None], 1)  # the items before it are stored
+    with pytest.raises(TypeError, match=r"NoHash.*cache_key="):
+        s.get_many_items([NoHash()])
