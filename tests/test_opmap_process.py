@@ -168,3 +168,32 @@ def test_progress_counts_cache_hits(tmp_path, capsys):
     shown([(log, x) for x in range(10)])
     assert "10/10" in capsys.readouterr().err
     assert h.count_lines(log) == 10
+
+
+def test_cache_stores_successes_only_and_counts_each_item_once():
+    """Failed items are never stored, cached ones are not recomputed, counters stay exact."""
+    hits: list[int] = []
+    fm = opmap(
+        mode="process",
+        workers=2,
+        retries=0,
+        cache=True,
+        progress=False,
+        chunksize=3,
+        on_cache_hit=lambda: hits.append(1),
+    )(h.p_fail_odd.__wrapped__)
+    with pytest.warns(OpmapFailureWarning, match="5 of 10 items failed"):
+        first = fm(range(10))
+    assert [r for r in first if not isinstance(r, Exception)] == [0, 2, 4, 6, 8]
+    info = fm.item_function.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (0, 10, 5)
+    with pytest.warns(OpmapFailureWarning, match="6 of 12 items failed"):
+        second = fm(range(12))
+    assert second[:10:2] == [0, 2, 4, 6, 8]
+    assert second[10] == 10
+    info = fm.item_function.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (5, 17, 6)
+    assert len(hits) == 5
+    assert fm(range(0, 12, 2)) == [0, 2, 4, 6, 8, 10]  # every item served by the parent
+    assert fm.item_function.cache_info().hits == 11
+    assert len(hits) == 11
