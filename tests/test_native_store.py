@@ -517,7 +517,7 @@ def test_get_many_items_takes_any_iterable() -> None:
 
 
 def test_batch_ttl_expiry() -> None:
-    """Entries stored in a batch expire on time (store TTL and per-batch TTL) and count as misses."""
+    """Batch entries expire on time (store TTL and per-batch TTL) and count as misses."""
     clock = ManualClock(100.0)
     s = Store(None, ttl=10.0, clock=clock)
     s.set_many_items([1, 2], ["a", "b"])

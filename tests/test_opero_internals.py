@@ -293,7 +293,7 @@ def _single_lookups(meta: Any, items: list[Any]) -> tuple[list[Any], int]:
 
 @pytest.mark.parametrize("custom_key", [False, True])
 def test_batch_lookup_and_store_match_single_calls(custom_key: bool) -> None:
-    """cache_lookup_many/cache_store_many give the values, counters and on_cache_hit of single calls."""
+    """Batch lookups and stores give the values, counters and on_cache_hit of single calls."""
     fired: dict[str, list[int]] = {"single": [], "batch": []}
 
     def build(name: str) -> Any:
