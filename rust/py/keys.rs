@@ -38,20 +38,6 @@ pub struct KeyData {
 /// Keys are shared between the store, the in-flight table and `Key` objects.
 pub type KeyRef = Arc<KeyData>;
 
-/// The stored key of a short encoding, built from its short form without an
-/// encoder (same hash, bytes and short form as encoding the value).
-pub fn key_from_short(s: k::Short) -> KeyRef {
-    let mut buf = [0u8; 16];
-    buf[..8].copy_from_slice(&s.w0.to_le_bytes());
-    buf[8..].copy_from_slice(&s.w1.to_le_bytes());
-    Arc::new(KeyData {
-        hash: k::hash_short(s),
-        short: s,
-        bytes: KeyBytes::from_slice(&buf[..usize::from(s.len)]),
-        opaque: Box::new([]),
-    })
-}
-
 /// Whether to accept opaque objects (in process) or refuse them (stable digest).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -20,7 +20,7 @@ use smallvec::SmallVec;
 use super::clock::{pick_clock, PyManualClock};
 use super::guarded::Guarded;
 use super::keys::{
-    key_from_short, py_eq, short_call1, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey,
+    py_eq, short_call1, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey,
 };
 use crate::clock::Clock;
 use crate::error::CoreError;
@@ -28,10 +28,13 @@ use crate::keys::{bytes_eq, hash_short, Short};
 use crate::store::{check_ttl, Lookup, Store};
 
 /// A stored key: its short form inline (compared in registers, no pointer
-/// chase on the hot path) and the shared key data.
+/// chase on the hot path) and, for a key that is not short, the shared key
+/// data. A short form is the whole key, so short keys hold no heap data
+/// (a 10k `set_many_items` into a 1024-entry store: 0.74 ms with a `KeyData`
+/// per entry, 0.43 ms without; `clear` of 10k entries 0.25 to 0.04 ms).
 struct SlotKey {
     short: Short,
-    key: KeyRef,
+    key: Option<KeyRef>,
 }
 
 type Inner = Store<SlotKey, Py<PyAny>>;
@@ -116,8 +119,10 @@ impl PyStore {
         let mut candidates: SmallVec<[KeyRef; 2]> = SmallVec::new();
         self.inner.with(py, |g| {
             g.for_each_candidate(p.hash, |k| {
-                if p.same_bytes(&k.key) {
-                    candidates.push(k.key.clone());
+                if let Some(key) = &k.key {
+                    if p.same_bytes(key) {
+                        candidates.push(key.clone());
+                    }
                 }
             })
         });
@@ -141,9 +146,12 @@ impl PyStore {
         move |k: &SlotKey| match t {
             Target::Short(s) => k.short == *s,
             Target::Long => {
-                !k.short.is_short() && k.key.opaque.is_empty() && bytes_eq(&k.key.bytes, bytes)
+                !k.short.is_short()
+                    && k.key
+                        .as_ref()
+                        .is_some_and(|d| d.opaque.is_empty() && bytes_eq(&d.bytes, bytes))
             }
-            Target::Stored(s) => Arc::ptr_eq(&k.key, s),
+            Target::Stored(s) => k.key.as_ref().is_some_and(|d| Arc::ptr_eq(d, s)),
             Target::Absent => false,
         }
     }
@@ -278,26 +286,53 @@ impl PyStore {
             let p = Probe::from_key(py, &key);
             self.target_opaque(py, &p)?
         };
-        let probe_key = matches!(t, Target::Long).then(|| key.clone());
+        let hash = key.hash;
+        let short = key.short;
+        let (probe_key, slot_key) = match t {
+            Target::Short(_) => (None, None),
+            Target::Long => (Some(key.clone()), Some(key)),
+            _ => (None, Some(key)),
+        };
         self.inner.with(py, |g| {
             let bytes: &[u8] = probe_key.as_ref().map_or(&[], |k| &k.bytes);
-            let eq = Self::matcher(bytes, &t);
             let slot = SlotKey {
-                short: key.short,
-                key,
+                short,
+                key: slot_key,
             };
             g.insert(
-                slot.key.hash,
+                hash,
                 slot,
                 value,
                 ttl,
                 || self.clock.now(),
-                eq,
+                Self::matcher(bytes, &t),
                 out,
             );
         });
         drop(probe_key);
         Ok(())
+    }
+
+    /// `insert_into` for a short key, without building its `KeyData`.
+    fn insert_short(
+        &self,
+        py: Python<'_>,
+        short: Short,
+        value: Py<PyAny>,
+        ttl: Option<Option<f64>>,
+        out: &mut Removed,
+    ) {
+        self.inner.with(py, |g| {
+            g.insert(
+                hash_short(short),
+                SlotKey { short, key: None },
+                value,
+                ttl,
+                || self.clock.now(),
+                |k: &SlotKey| k.short == short,
+                out,
+            );
+        });
     }
 
     /// Encode a single value (or take a `Key` as is) and run `f` on its probe.
@@ -562,16 +597,15 @@ impl PyStore {
         for (item, value) in items.try_iter()?.zip(values.try_iter()?) {
             r = (|| {
                 let item = item?;
-                // One int or short str: the key straight from its short form
-                // (the encoder's buffer, copy and rehash: 1.00 to 0.73 ms per 10k items).
-                let key = match short_call1(&item) {
-                    Some(s) => key_from_short(s),
-                    None => {
-                        let mut enc = Encoder::new(Mode::InProcess);
-                        enc.call1(&item)?;
-                        enc.to_key(enc.hash())
-                    }
-                };
+                // One int or short str: stored by its short form alone, no
+                // encoder and no `KeyData` (see `SlotKey`).
+                if let Some(short) = short_call1(&item) {
+                    self.insert_short(py, short, value?.unbind(), ttl, &mut out);
+                    return Ok(());
+                }
+                let mut enc = Encoder::new(Mode::InProcess);
+                enc.call1(&item)?;
+                let key = enc.to_key(enc.hash());
                 self.insert_into(py, key, value?.unbind(), ttl, &mut out)
             })();
             if r.is_err() {
@@ -631,7 +665,7 @@ impl PyStore {
                     if r.is_ok() {
                         r = visit.call(v);
                     }
-                    for o in k.key.opaque.iter() {
+                    for o in k.key.iter().flat_map(|d| d.opaque.iter()) {
                         if r.is_ok() {
                             r = visit.call(o);
                         }
