@@ -36,7 +36,11 @@ Cache: in ``"thread"`` and ``"async"`` modes each item goes through the
 decorated function's cache directly (single flight included). In the pool
 modes the parent looks every item up before dispatch (hits are never sent) and
 stores the results computed by the workers; the workers run the function
-without a cache (``call_uncached``).
+without a cache (``call_uncached``). The parent does both per batch
+(``cache_lookup_many`` once per map, ``cache_store_many`` once per finished
+job): one native call on the memory backend, ~10 ns a lookup against ~0.5 us
+for a single ``cache_lookup`` from Python (a miss there raises ``KeyError``).
+Failed items are never stored.
 
 Rate limit: global across the map's workers. Threads and tasks share the
 function's bucket. Worker processes (process, async_process, process
