@@ -454,3 +454,32 @@ def test_a_waiting_main_thread_can_be_interrupted() -> None:
         worker.join(timeout=60)
     assert calls == [1]
     assert cc(1) == 1
+
+
+def test_collection_during_construction_does_not_crash() -> None:
+    """A garbage collection that runs while a CachedCall is being built does not crash."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import functools, gc
+        from opero._opero_core import CachedCall, Store
+        gc.set_threshold(1, 1, 1)  # collect on (nearly) every allocation
+        def f(x):
+            return x
+        store = Store(10)
+        total = 0
+        for i in range(3000):
+            c = CachedCall(store, f, on_hit=(lambda: None) if i % 2 else None)
+            functools.update_wrapper(c, f)
+            total += c(i % 5) + c(i % 5)
+        print(total)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(2 * sum(i % 5 for i in range(3000)))

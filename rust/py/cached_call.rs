@@ -455,6 +455,20 @@ impl PyCachedCall {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // `#[pyclass(dict)]` instances are created by `object.__new__`, which on
+        // CPython 3.11 tracks the object and then allocates its `__dict__`; that
+        // allocation can run a collection that traverses this object before PyO3 has
+        // written the fields (zeroed memory). Visiting the null `store` then crashed
+        // in `visit_decref` (reproduced with `gc.set_threshold(1, 1, 1)`). The field
+        // is read as a raw pointer, a valid read for any bit pattern, and a null one
+        // means "not initialized yet: nothing to visit".
+        // SAFETY: `Py<T>` is a `#[repr(transparent)]` non-null pointer, so the field's
+        // bytes are a pointer-sized value readable as a raw pointer.
+        let raw =
+            unsafe { std::ptr::read(std::ptr::addr_of!(self.store).cast::<*mut ffi::PyObject>()) };
+        if raw.is_null() {
+            return Ok(());
+        }
         visit.call(&self.store)?;
         visit.call(&self.func)?;
         visit.call(&self.key_func)?;
