@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from opero.cache._base import MISS, CacheInfo
-from opero.cache._health import Outage, logger, outage_for
-from opero.cache._serializers import Codec, VerificationError
+from opero.cache._entries import CodecEntries
+from opero.cache._health import Outage, outage_for
+from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
 
 __all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
@@ -230,7 +230,7 @@ class DiskBackend:
         )
 
 
-class DiskFunctionCache:
+class DiskFunctionCache(CodecEntries):
     """The entries of one decorated function in the disk store (see :class:`DiskBackend`).
 
     Args:
@@ -241,30 +241,17 @@ class DiskFunctionCache:
 
     """
 
-    __slots__ = (
-        "_store",
-        "_unserializable",
-        "backend",
-        "hits",
-        "misses",
-        "namespace",
-        "prefix",
-        "tag",
-        "ttl",
-    )
+    __slots__ = ("_store", "backend", "namespace", "tag", "ttl")
 
     def __init__(
         self, backend: DiskBackend, namespace: str, qualname: str, ttl: float | None
     ) -> None:
+        self.tag = f"{namespace}:{qualname}"
+        super().__init__(backend.codec, "disk", self.tag + ":")
         self.backend = backend
         self.namespace = namespace
-        self.tag = f"{namespace}:{qualname}"
-        self.prefix = self.tag + ":"
         self.ttl = ttl
-        self.hits = 0
-        self.misses = 0
         self._store: Any = None
-        self._unserializable: set[type] = set()
 
     def _get_store(self) -> Any:
         """Return the namespace's diskcache, opened at first use."""
@@ -278,70 +265,22 @@ class DiskFunctionCache:
         full = self.prefix + key
         backend = self.backend
         if backend.outage.down and not backend.available():
-            self.misses += 1
-            return MISS
+            return self.miss()
         try:
             data = self._get_store().get(full)
         except Exception as exc:
             backend.failed(exc, "get")
-            self.misses += 1
-            return MISS
+            return self.miss()
         if backend.outage.down:
             backend.outage.succeeded()
-        if data is None:
-            self.misses += 1
-            return MISS
-        if not isinstance(data, bytes):
-            logger.warning(
-                "opero: disk cache entry %r was not written by opero (%s); treated as a miss",
-                full,
-                type(data).__name__,
-            )
-            self.misses += 1
-            return MISS
-        try:
-            value = backend.codec.decode(full, data)
-        except VerificationError as exc:
-            logger.warning(
-                "opero: disk cache entry %r failed verification (%s); treated as a miss "
-                "and not deserialized",
-                full,
-                exc,
-            )
-            self.misses += 1
-            return MISS
-        except Exception as exc:
-            logger.warning(
-                "opero: disk cache entry %r is corrupt or not written by opero (%s: %s); "
-                "treated as a miss",
-                full,
-                type(exc).__name__,
-                exc,
-            )
-            self.misses += 1
-            return MISS
-        self.hits += 1
-        return value
+        return self.decode(full, data)
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key`` with the TTL (not stored if it cannot be serialized)."""
         full = self.prefix + key
         backend = self.backend
-        try:
-            data = backend.codec.encode(full, value)
-        except Exception as exc:
-            kind = type(value)
-            if kind not in self._unserializable:
-                self._unserializable.add(kind)
-                logger.warning(
-                    "opero: a %s result of %s is not cached: the %s serializer cannot "
-                    "encode it (%s: %s); logged once per type",
-                    kind.__qualname__,
-                    self.tag,
-                    backend.codec.name,
-                    type(exc).__name__,
-                    exc,
-                )
+        data = self.encode(full, value)
+        if data is None:
             return
         if not backend.available():
             return
@@ -377,10 +316,6 @@ class DiskFunctionCache:
             backend.failed(exc, "clear")
             return
         backend.outage.succeeded()
-
-    def info(self) -> CacheInfo:
-        """Return this process's hit/miss counters (``currsize`` is -1: not counted)."""
-        return CacheInfo(self.hits, self.misses, None, -1)
 
     async def aget(self, key: str) -> Any:
         """Async :meth:`get`, in a worker thread."""

@@ -34,9 +34,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from opero.cache._base import MISS, CacheInfo
+from opero.cache._entries import CodecEntries
 from opero.cache._health import Outage, logger, outage_for
-from opero.cache._serializers import Codec, VerificationError
+from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -568,7 +568,7 @@ class RedisBackend:
         )
 
 
-class RedisFunctionCache:
+class RedisFunctionCache(CodecEntries):
     """The entries of one decorated function in Redis (see :class:`RedisBackend`).
 
     Args:
@@ -579,87 +579,34 @@ class RedisFunctionCache:
 
     """
 
-    __slots__ = ("_unserializable", "backend", "hits", "misses", "prefix", "px")
+    __slots__ = ("backend", "px")
 
     def __init__(
         self, backend: RedisBackend, namespace: str, qualname: str, ttl: float | None
     ) -> None:
+        super().__init__(backend.codec, "Redis", f"{namespace}:{qualname}:")
         self.backend = backend
-        self.prefix = f"{namespace}:{qualname}:"
         self.px = None if ttl is None else max(1, round(ttl * 1000))
-        self.hits = 0
-        self.misses = 0
-        self._unserializable: set[type] = set()
-
-    def _decode(self, key: str, data: Any) -> Any:
-        """Turn stored bytes into a value; a bad value is a logged miss."""
-        if data is None:
-            self.misses += 1
-            return MISS
-        try:
-            value = self.backend.codec.decode(key, data)
-        except VerificationError as exc:
-            logger.warning(
-                "opero: Redis cache entry %r failed verification (%s); treated as a miss "
-                "and not deserialized",
-                key,
-                exc,
-            )
-            self.misses += 1
-            return MISS
-        except Exception as exc:
-            logger.warning(
-                "opero: Redis cache entry %r is corrupt or not written by opero (%s: %s); "
-                "treated as a miss",
-                key,
-                type(exc).__name__,
-                exc,
-            )
-            self.misses += 1
-            return MISS
-        self.hits += 1
-        return value
-
-    def _encode(self, key: str, value: Any) -> bytes | None:
-        """Serialize a value, or log once per type and return ``None``."""
-        try:
-            return self.backend.codec.encode(key, value)
-        except Exception as exc:
-            kind = type(value)
-            if kind not in self._unserializable:
-                self._unserializable.add(kind)
-                logger.warning(
-                    "opero: a %s result of %s is not cached: the %s serializer cannot "
-                    "encode it (%s: %s); logged once per type",
-                    kind.__qualname__,
-                    self.prefix[:-1],
-                    self.backend.codec.name,
-                    type(exc).__name__,
-                    exc,
-                )
-            return None
 
     def get(self, key: str) -> Any:
         """Return the value stored under ``key`` (a stable digest), or ``MISS``."""
         full = self.prefix + key
         backend = self.backend
         if backend.outage.down and not backend.available():
-            self.misses += 1
-            return MISS
+            return self.miss()
         try:
             data = backend.sync_client().get(full)
         except Exception as exc:
             backend.failed(exc, "GET")
-            self.misses += 1
-            return MISS
+            return self.miss()
         if backend.outage.down:
             backend.outage.succeeded()
-        return self._decode(full, data)
+        return self.decode(full, data)
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key`` with the TTL (not stored if it cannot be serialized)."""
         full = self.prefix + key
-        data = self._encode(full, value)
+        data = self.encode(full, value)
         backend = self.backend
         if data is None or not backend.available():
             return
@@ -687,31 +634,25 @@ class RedisFunctionCache:
         """Delete every entry of this function, and only those (SCAN + UNLINK)."""
         self.backend.delete_matching(_glob_escape(self.prefix) + "*")
 
-    def info(self) -> CacheInfo:
-        """Return this process's hit/miss counters (``currsize`` is -1: not counted)."""
-        return CacheInfo(self.hits, self.misses, None, -1)
-
     async def aget(self, key: str) -> Any:
         """Async :meth:`get` through ``redis.asyncio``."""
         full = self.prefix + key
         backend = self.backend
         if backend.outage.down and not backend.available():
-            self.misses += 1
-            return MISS
+            return self.miss()
         try:
             data = await backend.async_client().get(full)
         except Exception as exc:
             backend.failed(exc, "GET")
-            self.misses += 1
-            return MISS
+            return self.miss()
         if backend.outage.down:
             backend.outage.succeeded()
-        return self._decode(full, data)
+        return self.decode(full, data)
 
     async def aset(self, key: str, value: Any) -> None:
         """Async :meth:`set`."""
         full = self.prefix + key
-        data = self._encode(full, value)
+        data = self.encode(full, value)
         backend = self.backend
         if data is None or not backend.available():
             return
