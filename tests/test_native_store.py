@@ -494,6 +494,46 @@ def test_batch_ops_equal_single_calls(
     assert len(batch) == len(single)
 
 
+def test_set_many_items_survives_lists_shrunk_by_evicted_values() -> None:
+    """A __del__ run by an eviction mid-batch that empties the lists stops the batch cleanly."""
+    items = list(range(1000, 1600))
+    values = list(range(600))
+
+    class Shrinker:
+        def __del__(self) -> None:
+            items.clear()
+            values.clear()
+
+    s = Store(1)
+    s.set_many_items(["doomed"], [Shrinker()])
+    s.set_many_items(items, values)  # the first eviction frees Shrinker at the 256-entry flush
+    assert items == []
+    assert values == []
+    # Items 1000..1255 were stored one after the other, then the batch stopped.
+    assert s.info()[2] == 256
+    assert s.get_many_items([1255, 1256]) == ([255, None], 1)
+
+
+def test_get_many_items_survives_list_shrunk_by_eq() -> None:
+    """An __eq__ that empties the item list mid-batch never reads past its end."""
+    items: list[Any] = []
+
+    class Opaque:
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            items.clear()
+            return isinstance(other, Opaque)
+
+    s = Store(None)
+    s.set_many_items([Opaque()], ["v"])
+    items.extend([Opaque(), 1, 2, 3])
+    values, hits = s.get_many_items(items, None)
+    assert values == ["v"]
+    assert hits == 1
+
+
 def test_batch_results_are_shared_with_single_calls() -> None:
     """Item x of a batch is the call key make_key((x,)): set_call, get_call and Key agree."""
     s = Store(None)
