@@ -57,7 +57,7 @@ format: venv ## Format Rust and Python sources.
 bench: install ## Install, then run the comparison benchmark (python -m opero bench).
 	$(PY) -m opero bench
 
-docs: venv ## Build the documentation site (strict).
+docs: install ## Install, then build the documentation site (strict).
 	$(VENV)/bin/mkdocs build --strict
 
 clean: ## Remove build output.
