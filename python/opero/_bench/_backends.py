@@ -19,7 +19,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 from opero._bench._harness import (
@@ -32,12 +31,11 @@ from opero._bench._harness import (
     call_loop,
     check,
 )
+from opero._bench._subjects import opero_decorator
 
 __all__ = ["GROUPS"]
 
 _VALUE = {"user": 42, "name": "Ada", "tags": ["a", "b", "c"], "score": 3.5}
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _value(x: int) -> dict[str, Any]:
@@ -46,13 +44,6 @@ def _value(x: int) -> dict[str, Any]:
 
 async def _avalue(x: int) -> dict[str, Any]:
     return dict(_VALUE, user=x)
-
-
-def _opero(**options: Any) -> Decorator:
-    from opero import opero
-
-    decorator: Decorator = opero(**options)
-    return decorator
 
 
 def _free_port() -> int:
@@ -113,7 +104,7 @@ def _build_redis(settings: Settings) -> list[Case]:
             calls[0] += 1
             return _value(x)
 
-        f = _opero(cache=True, cache_backend="redis", cache_redis_url=url)(fetch)
+        f = opero_decorator(cache=True, cache_backend="redis", cache_redis_url=url)(fetch)
         check(f(1) == _value(1) and f(1) == _value(1), "redis-cached call returned a wrong value")
         check(calls[0] == 1, "two calls with a redis cache ran the function twice")
         return call_loop("f(1)", {"f": f})
@@ -137,7 +128,7 @@ def _build_redis(settings: Settings) -> list[Case]:
         url = _start_redis(stack, holder)
         loop = asyncio.new_event_loop()
         stack.callback(loop.close)
-        f = _opero(cache=True, cache_backend="redis", cache_redis_url=url)(_avalue)
+        f = opero_decorator(cache=True, cache_backend="redis", cache_redis_url=url)(_avalue)
         check(loop.run_until_complete(f(1)) == _value(1), "async redis cache: wrong value")
         check(loop.run_until_complete(f(1)) == _value(1), "async redis cache: wrong value")
         return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
@@ -192,7 +183,7 @@ def _build_disk(settings: Settings) -> list[Case]:
             calls[0] += 1
             return _value(x)
 
-        f = _opero(cache=True, cache_backend="disk", cache_dir=path)(fetch)
+        f = opero_decorator(cache=True, cache_backend="disk", cache_dir=path)(fetch)
         check(f(1) == _value(1) and f(1) == _value(1), "disk-cached call returned a wrong value")
         check(calls[0] == 1, "two calls with a disk cache ran the function twice")
         return call_loop("f(1)", {"f": f})

@@ -16,6 +16,7 @@ from typing import Any
 
 from opero._bench._handwritten import py_lru_cached
 from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
+from opero._bench._subjects import Decorator, opero_decorator
 
 __all__ = ["GROUPS"]
 
@@ -23,8 +24,6 @@ _SIZE = 1024
 _TTL = 600.0
 _HIT1 = "f(1)"
 _HIT5 = "f(1, 2, 3, a=4, b=5)"
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _one(x: int) -> int:
@@ -55,13 +54,6 @@ def _hit_loop(decorate: Decorator, stmt: str, *, verify: bool = False) -> LoopFn
     if verify:
         check(calls[0] == 1, f"{stmt} twice ran the function {calls[0]} times: no cache hit")
     return call_loop(stmt, {"f": f})
-
-
-def _opero(**options: Any) -> Decorator:
-    from opero import opero
-
-    decorator: Decorator = opero(**options)
-    return decorator
 
 
 def _lru() -> Decorator:
@@ -106,7 +98,7 @@ def _hit_anchors(stmt: str, ttl: float | None = None) -> list[Impl]:
 
 
 def _opero_hit(stmt: str, **options: Any) -> Callable[[contextlib.ExitStack], LoopFn]:
-    return lambda stack: _hit_loop(_opero(**options), stmt, verify=True)
+    return lambda stack: _hit_loop(opero_decorator(**options), stmt, verify=True)
 
 
 def _full_stack(stack: contextlib.ExitStack) -> LoopFn:
@@ -116,7 +108,7 @@ def _full_stack(stack: contextlib.ExitStack) -> LoopFn:
         calls[0] += 1
         return x + 1
 
-    g = _opero(cache=True, retries=3, rate_limit=1e9, arg_fallback="model")(f)
+    g = opero_decorator(cache=True, retries=3, rate_limit=1e9, arg_fallback="model")(f)
     check(g(1) == 2 and g(1) == 2 and calls[0] == 1, "full-stack @opero did not serve a hit")
     return call_loop(_HIT1, {"f": g})
 
@@ -181,7 +173,9 @@ def _build_miss(settings: Settings) -> list[Case]:
             "miss+evict, 10k keys/1024",
             Impl(
                 "opero",
-                lambda stack: _miss_loop(_opero(cache=True, cache_max_size=_SIZE), verify=True),
+                lambda stack: _miss_loop(
+                    opero_decorator(cache=True, cache_max_size=_SIZE), verify=True
+                ),
             ),
             [
                 Impl("functools.lru_cache", make(_lru)),

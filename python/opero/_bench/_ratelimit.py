@@ -8,46 +8,21 @@ calls at a low rate.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable
-from typing import Any
 
 from opero._bench._handwritten import py_rate_limited, py_rate_limited_async
 from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
+from opero._bench._subjects import aok, event_loop, ok, opero_decorator
 
 __all__ = ["GROUP"]
 
 _RATE = 1e9
 
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _ok(x: int) -> int:
-    return x + 1
-
-
-async def _aok(x: int) -> int:
-    return x + 1
-
-
-def _event_loop(stack: contextlib.ExitStack) -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    stack.callback(loop.close)
-    return loop
-
-
-def _opero(**options: Any) -> Decorator:
-    from opero import opero
-
-    decorator: Decorator = opero(**options)
-    return decorator
-
 
 def _check_spacing() -> None:
-    slow = _opero(rate_limit=50.0)(_ok)
+    slow = opero_decorator(rate_limit=50.0)(ok)
     start = time.perf_counter()
     for _ in range(3):
         slow(1)
@@ -58,26 +33,26 @@ def _check_spacing() -> None:
 
 def _opero_sync(stack: contextlib.ExitStack) -> LoopFn:
     _check_spacing()
-    f = _opero(rate_limit=_RATE)(_ok)
+    f = opero_decorator(rate_limit=_RATE)(ok)
     check(f(1) == 2, "wrong result")
     return call_loop("f(1)", {"f": f})
 
 
 def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
-    loop = _event_loop(stack)
-    f = _opero(rate_limit=_RATE)(_aok)
+    loop = event_loop(stack)
+    f = opero_decorator(rate_limit=_RATE)(aok)
     check(loop.run_until_complete(f(1)) == 2, "wrong result")
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
 
 def _handwritten(stack: contextlib.ExitStack) -> LoopFn:
-    f = py_rate_limited(_RATE)(_ok)
+    f = py_rate_limited(_RATE)(ok)
     return call_loop("f(1)", {"f": f})
 
 
 def _handwritten_async(stack: contextlib.ExitStack) -> LoopFn:
-    loop = _event_loop(stack)
-    f = py_rate_limited_async(_RATE)(_aok)
+    loop = event_loop(stack)
+    f = py_rate_limited_async(_RATE)(aok)
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
 
@@ -88,10 +63,10 @@ def _pyrate(stack: contextlib.ExitStack) -> LoopFn:
     stack.callback(getattr(limiter, "close", lambda: None))
     acquire = limiter.try_acquire
 
-    @functools.wraps(_ok)
+    @functools.wraps(ok)
     def f(x: int) -> int:
         acquire("bench")
-        return _ok(x)
+        return ok(x)
 
     check(f(1) == 2, "wrong result")
     return call_loop("f(1)", {"f": f})
@@ -100,12 +75,12 @@ def _pyrate(stack: contextlib.ExitStack) -> LoopFn:
 def _aiolimiter(stack: contextlib.ExitStack) -> LoopFn:
     from aiolimiter import AsyncLimiter
 
-    loop = _event_loop(stack)
+    loop = event_loop(stack)
     limiter = AsyncLimiter(_RATE, 1.0)
 
     async def f(x: int) -> int:
         async with limiter:
-            return await _aok(x)
+            return await aok(x)
 
     check(loop.run_until_complete(f(1)) == 2, "wrong result")
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)

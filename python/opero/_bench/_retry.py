@@ -7,38 +7,14 @@ and backoff. Before timing, opero proves it really retries a flaky function.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 from opero._bench._handwritten import py_retry, py_retry_async
 from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
+from opero._bench._subjects import Decorator, aok, event_loop, ok, opero_decorator
 
 __all__ = ["GROUP"]
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _ok(x: int) -> int:
-    return x + 1
-
-
-async def _aok(x: int) -> int:
-    return x + 1
-
-
-def _event_loop(stack: contextlib.ExitStack) -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    stack.callback(loop.close)
-    return loop
-
-
-def _opero(**options: Any) -> Decorator:
-    from opero import opero
-
-    decorator: Decorator = opero(**options)
-    return decorator
 
 
 def _opero_sync(stack: contextlib.ExitStack) -> LoopFn:
@@ -50,13 +26,13 @@ def _opero_sync(stack: contextlib.ExitStack) -> LoopFn:
             raise ConnectionError("transient")
         return x + 1
 
-    retried = _opero(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
+    retried = opero_decorator(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
     check(retried(1) == 2 and calls[0] == 3, f"retries=3 made {calls[0]} calls, expected 3")
-    return call_loop("f(1)", {"f": _opero(retries=3)(_ok)})
+    return call_loop("f(1)", {"f": opero_decorator(retries=3)(ok)})
 
 
 def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
-    loop = _event_loop(stack)
+    loop = event_loop(stack)
     calls = [0]
 
     async def flaky(x: int) -> int:
@@ -65,16 +41,16 @@ def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
             raise ConnectionError("transient")
         return x + 1
 
-    retried = _opero(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
+    retried = opero_decorator(retries=3, min_delay=0.001, max_delay=0.001)(flaky)
     result = loop.run_until_complete(retried(1))
     check(result == 2 and calls[0] == 3, f"async retries=3 made {calls[0]} calls, expected 3")
-    f = _opero(retries=3)(_aok)
+    f = opero_decorator(retries=3)(aok)
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
 
 def _sync(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
     def make(stack: contextlib.ExitStack) -> LoopFn:
-        f = decorate()(_ok)
+        f = decorate()(ok)
         check(f(1) == 2, "wrong result")
         return call_loop("f(1)", {"f": f})
 
@@ -83,8 +59,8 @@ def _sync(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack],
 
 def _async(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
     def make(stack: contextlib.ExitStack) -> LoopFn:
-        loop = _event_loop(stack)
-        f = decorate()(_aok)
+        loop = event_loop(stack)
+        f = decorate()(aok)
         check(loop.run_until_complete(f(1)) == 2, "wrong result")
         return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
