@@ -120,6 +120,13 @@ def test_table_has_every_group_with_numbers(full_run: dict[str, Any]) -> None:
         assert any(NUMBER.search(line[27:]) for line in rows), f"group {name} has no figures"
 
 
+def test_async_cache_hit_is_timed_against_its_anchors(full_run: dict[str, Any]) -> None:
+    """The cache_hit group times an ``async def`` hit against a plain async wrapper."""
+    out: str = full_run["proc"].stdout
+    line = next(x for x in out.splitlines() if x.startswith("hit, await f(1)"))
+    assert re.search(r"plain async wrapper\s+\S+\s+\d+\.\d+x", line), line
+
+
 def test_table_fits_100_columns(full_run: dict[str, Any]) -> None:
     """No line of the report is wider than 100 columns."""
     out: str = full_run["proc"].stdout
@@ -223,14 +230,14 @@ def test_a_failed_piece_makes_the_exit_status_one(
 
 @pytest.mark.redis
 def test_opt_in_backend_groups_run() -> None:
-    """``--only redis,disk`` starts a private redis-server and times both backends' hits."""
+    """``--only redis,disk`` starts a private redis-server, times both backends and the limiter."""
     if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
         if os.environ.get("OPERO_REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed; OPERO_REQUIRE_REDIS=1 makes this an error")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     proc = run_cli("bench", "--only", "redis,disk", *TINY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for operation in ("redis hit, sync", "redis hit, async", "disk hit"):
+    for operation in ("redis hit, sync", "redis hit, async", "redis rate limit, sync", "disk hit"):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(operation))
         assert re.search(r"\d\.\d\dx", line), line
 
