@@ -242,6 +242,23 @@ def test_opt_in_backend_groups_run() -> None:
         assert re.search(r"\d\.\d\dx", line), line
 
 
+def test_redis_group_without_a_server_binary_is_not_available() -> None:
+    """Without ``redis-server`` the redis group's rows say "not available" and the run passes."""
+    proc = run_cli(
+        "bench",
+        "--only",
+        "redis",
+        *TINY,
+        prelude="import opero._bench._backends as b; b.find_redis_server = lambda: None",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [x for x in proc.stdout.splitlines() if x.startswith("redis ")]
+    assert len(rows) == 3
+    assert all(row.endswith("n/a") and "error" not in row for row in rows), rows
+    assert "not available: Unavailable: redis-server is not installed" in proc.stdout
+    assert "apt-get install redis-server" in proc.stdout
+
+
 @pytest.mark.dask
 @pytest.mark.slow
 def test_opt_in_dask_group_runs() -> None:
