@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import redis
 
 from faultkit import run_scenario
-from opero._bench._redis import RedisServer, ping
+from opero._bench._redis import RedisServer, _death_signal_prefix, ping
 
 pytestmark = pytest.mark.redis
 
@@ -81,8 +79,8 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 @pytest.mark.skipif(
-    not sys.platform.startswith("linux") or shutil.which("setpriv") is None,
-    reason="the parent-death signal needs Linux and setpriv (util-linux)",
+    not _death_signal_prefix(),
+    reason="the parent-death signal needs Linux and setpriv --pdeathsig (util-linux 2.33+)",
 )
 def test_server_dies_with_a_killed_parent() -> None:
     """A process killed with SIGKILL while its server runs leaves no redis-server behind."""
@@ -117,3 +115,26 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_setpriv_without_pdeathsig_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An old or broken ``setpriv`` on PATH is left out, so servers still start."""
+    from opero._bench import _redis
+
+    fake = tmp_path / "setpriv"
+    fake.write_text("#!/bin/sh\necho 'setpriv: unrecognized option --pdeathsig' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    _redis._death_signal_prefix.cache_clear()
+    try:
+        assert _redis._death_signal_prefix() == ()
+        binary = _redis.find_redis_server() or pytest.skip("redis-server is not installed")
+        server = _redis.start_redis_server(tmp_path, binary)
+        try:
+            assert ping(server.port)
+        finally:
+            server.stop()
+    finally:
+        _redis._death_signal_prefix.cache_clear()

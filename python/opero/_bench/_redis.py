@@ -10,8 +10,8 @@ here, so the two never drift apart. A server started here:
 * is ready when it answers ``INFO server`` with *its own* process id, so a
   server of someone else that took the port meanwhile is never used (nor
   flushed);
-* dies with the thread that started it, on Linux with ``setpriv`` installed
-  (parent-death signal): a test run or bench killed with SIGKILL, or stopped by
+* dies with the thread that started it, on Linux with ``setpriv`` (util-linux
+  2.33+) installed (parent-death signal): a test run or bench killed with SIGKILL, or stopped by
   the bench's watchdog, leaves no ``redis-server`` behind. Start it from a thread
   that outlives it (the main thread, a pytest fixture).
 
@@ -21,6 +21,7 @@ Not public API: the tests import it, users do not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -99,12 +100,30 @@ def _server_pid(port: int, timeout: float = 0.2) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _death_signal_prefix() -> list[str]:
-    """Return ``setpriv --pdeathsig TERM --`` where it exists (Linux), else nothing."""
+@functools.cache
+def _death_signal_prefix() -> tuple[str, ...]:
+    """Return ``setpriv --pdeathsig TERM --`` where it exists and works (Linux), else ``()``.
+
+    ``--pdeathsig`` needs util-linux 2.33 or later; an older ``setpriv`` (or
+    one that fails for another reason) is not used, so the server still starts.
+    """
     if not sys.platform.startswith("linux"):
-        return []
+        return ()
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "TERM", "--")
+    try:
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return prefix if probe.returncode == 0 else ()
 
 
 class RedisServer:
