@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from conftest import REDIS_SERVER
+from faultkit import run_scenario
 from opero._bench import BenchOptions, run_bench
 from opero._bench._harness import (
     Case,
@@ -240,6 +242,69 @@ def test_opt_in_backend_groups_run() -> None:
     for operation in ("redis hit, sync", "redis hit, async", "redis rate limit, sync", "disk hit"):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(operation))
         assert re.search(r"\d\.\d\dx", line), line
+
+
+CTRL_C_SCENARIO = """
+import os, signal, subprocess, sys, time
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+code = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\\n"
+    "from opero.__main__ import main\\n"
+    "sys.exit(main(['bench', '--only', 'redis', '--budget-ms', '300']))"
+)
+bench = subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+)
+servers = []
+while not servers and bench.poll() is None:
+    servers = children(bench.pid)
+    time.sleep(0.05)
+time.sleep(0.5)
+bench.send_signal(signal.SIGINT)
+out, err = bench.communicate(timeout=60)
+time.sleep(0.5)
+print("servers", len(servers))
+print("exit", bench.returncode)
+print("alive", sum(1 for pid in servers if alive(pid)))
+print("traceback", "Traceback" in err)
+print("last", err.strip().splitlines()[-1] if err.strip() else "")
+"""
+
+
+@pytest.mark.redis
+def test_ctrl_c_stops_the_bench_and_its_redis_server() -> None:
+    """Ctrl-C during the redis group exits 130 with one line, and its redis-server is stopped."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    outcome = run_scenario(CTRL_C_SCENARIO, timeout=120)
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.lines() == [
+        "servers 1",
+        "exit 130",
+        "alive 0",
+        "traceback False",
+        "last interrupted",
+    ], outcome.stdout
 
 
 def test_redis_group_without_a_server_binary_is_not_available() -> None:
