@@ -1,11 +1,12 @@
 """The Redis cache backend (``cache_backend="redis"``), on redis-py.
 
-Keys are ``{namespace}:{module.qualname}:{stable digest}``, so every process
-and host that decorates the same function with the same arguments shares the
-entry; Redis enforces the TTL (``SET ... PX``). Sync functions use a
-``redis.Redis`` client, ``async def`` functions a ``redis.asyncio.Redis``
-client; clients (and their connection pools) are created at first use, one per
-URL per process (per event loop for asyncio), and reused by every function.
+Keys are ``{namespace}:{function identity}:{stable digest}`` (``:`` and ``%``
+escaped inside the parts), so every process and host that decorates the same
+function with the same arguments shares the entry; Redis enforces the TTL (``SET ...
+PX``). Sync functions use a ``redis.Redis`` client, ``async def`` functions a
+``redis.asyncio.Redis`` client; clients (and their connection pools) are created at
+first use, one per URL per process (per event loop for asyncio), and reused by every
+function.
 
 Failure policy: a Redis that is down or times out is a cache miss and the
 function still runs; the outage is logged once on the ``opero`` logger (not per
@@ -30,11 +31,12 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from opero.cache._entries import CodecEntries
+from opero.cache._entries import CodecEntries, escape_part
 from opero.cache._health import Outage, logger, outage_for
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
@@ -455,7 +457,8 @@ class RedisBackend:
         )
         self.retry_interval = check_interval(retry_interval)
         self._outage: Outage | None = None
-        self._namespaces: set[str] = set()
+        # Weak: a dropped function's cache (and its namespace) is not kept here.
+        self._opened: weakref.WeakSet[RedisFunctionCache] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
@@ -527,17 +530,26 @@ class RedisBackend:
         ``max_size`` is not enforced per function: Redis bounds memory with its
         own ``maxmemory`` policy; use ``ttl`` to bound an entry's life.
         """
-        self._namespaces.add(namespace)
-        return RedisFunctionCache(self, namespace, qualname, ttl)
+        cache = RedisFunctionCache(self, namespace, qualname, ttl)
+        with _LOCK:
+            self._opened.add(cache)
+        return cache
 
     def clear_namespace(self, namespace: str | None) -> None:
         """Delete every entry of ``namespace`` (SCAN + UNLINK in batches, never KEYS/FLUSHDB).
 
-        ``None`` clears every namespace this backend has opened in this process.
+        ``None`` clears every namespace of the functions this backend opened that
+        are still alive in this process. The namespace is escaped as in the keys
+        (``:`` and ``%`` encoded, glob metacharacters escaped for ``MATCH``), so
+        ``"prices"`` never reaches ``"prices:eu"`` or ``"prices*"``.
         """
-        namespaces = sorted(self._namespaces) if namespace is None else [namespace]
-        for name in namespaces:
-            self.delete_matching(_glob_escape(f"{name}:") + "*")
+        if namespace is None:
+            with _LOCK:
+                names = sorted({cache.namespace for cache in self._opened})
+        else:
+            names = [namespace]
+        for name in names:
+            self.delete_matching(_glob_escape(escape_part(name) + ":") + "*")
 
     def delete_matching(self, pattern: str) -> int:
         """Delete the keys matching a SCAN pattern, in batches; return how many."""
@@ -584,7 +596,7 @@ class RedisFunctionCache(CodecEntries):
     def __init__(
         self, backend: RedisBackend, namespace: str, qualname: str, ttl: float | None
     ) -> None:
-        super().__init__(backend.codec, "Redis", f"{namespace}:{qualname}:")
+        super().__init__(backend.codec, "Redis", namespace, qualname)
         self.backend = backend
         self.px = None if ttl is None else max(1, round(ttl * 1000))
 
