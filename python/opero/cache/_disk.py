@@ -410,3 +410,16 @@ class DiskFunctionCache(CodecEntries):
     async def aclear(self) -> None:
         """Async :meth:`clear`, in a worker thread."""
         await asyncio.to_thread(self.clear)
+
+
+def _after_fork_in_child() -> None:
+    """Give the child a fresh lock (one held by another parent thread at fork stays held).
+
+    The diskcache stores themselves notice the new process id and open their
+    own SQLite connections in the child.
+    """
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,6 +10,7 @@ success after an outage logs the recovery.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -110,3 +111,14 @@ def outage_for(what: str, retry_interval: float) -> Outage:
         with _REGISTRY_LOCK:
             outage = _REGISTRY.setdefault(key, Outage(what, retry_interval))
     return outage
+
+
+def _after_fork_in_child() -> None:
+    """Give the child fresh locks: one held by another parent thread at fork stays held forever."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for outage in _REGISTRY.values():
+        outage._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -873,3 +873,24 @@ async def _adelete_matching(client: redis.asyncio.Redis, pattern: str) -> int:
     if batch:
         deleted += int(await client.unlink(*batch))
     return deleted
+
+
+# Async clients inherited through fork(): they belong to the parent's event loops and
+# share its sockets, so the child never uses or closes them (kept, not collected).
+_INHERITED: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """Reset what a forked child must not share: the lock and the async clients.
+
+    Sync clients stay: redis-py's pools see the new process id and open new
+    connections in the child.
+    """
+    global _LOCK
+    _LOCK = threading.Lock()
+    _INHERITED.append((dict(_ASYNC_CLIENTS), dict(_CLOSERS)))
+    _ASYNC_CLIENTS.clear()
+    _CLOSERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import weakref
 from typing import Any
@@ -194,3 +195,13 @@ def clear_cache(namespace: str | None = None) -> None:
             if backend is _memory or isinstance(backend, MemoryBackend):
                 continue  # its stores are the caches cleared just above
             backend.clear_namespace(name)
+
+
+def _after_fork_in_child() -> None:
+    """Give the child fresh locks (one held by another parent thread at fork stays held)."""
+    global _lock
+    _lock = threading.Lock()
+    _memory._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
