@@ -194,6 +194,18 @@ def test_unencodable_closure_is_refused_at_decoration(shared: dict[str, Any]) ->
     assert keyed.cache_info().hits == 1
 
 
+def test_self_containing_closure_value_is_a_configuration_error(shared: dict[str, Any]) -> None:
+    """A closure over a list that contains itself is refused at decoration, not a crash."""
+    loop: list[Any] = []
+    loop.append(loop)
+
+    def looped(x: int) -> int:
+        return x + len(loop)
+
+    with pytest.raises(ConfigurationError, match="cache_key="):
+        cached_with(cache=True, retries=0, **shared)(looped)
+
+
 def test_memory_backend_accepts_any_closure() -> None:
     """The memory backend keeps one store per function, so any closure value is fine there."""
     lock = threading.Lock()
@@ -329,6 +341,35 @@ def test_pool_full_past_pool_timeout_is_a_miss_not_an_outage(
     assert _outages(caplog) == []
     assert any("no connection" in r.getMessage() for r in caplog.records)
     assert double(4) == 8
+
+
+def test_url_client_blocking_pool_waits_then_misses_without_outage(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL-built client waits on its blocking pool; past pool_timeout a miss, not an outage."""
+    backend = RedisBackend(redis_url, max_connections=1, pool_timeout=0.3)
+    calls: list[int] = []
+
+    @cached_with(cache=True, cache_backend=backend, retries=0)
+    def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    assert double(4) == 8
+    pool = backend.sync_client().connection_pool
+    held = pool.get_connection()
+    with caplog.at_level(logging.INFO, logger="opero"):
+        assert double(4) == 8  # the pool stays full: a miss after 0.3 s
+        assert calls == [4, 4]
+        results: list[int] = []
+        reader = threading.Thread(target=lambda: results.append(double(4)))
+        reader.start()
+        pool.release(held)  # freed while the reader waits (or before it asks)
+        reader.join(30)
+    assert results == [8]
+    assert calls == [4, 4], "the waiting reader was served by Redis"
+    assert _outages(caplog) == []
+    assert not backend.outage.down
 
 
 def test_rate_limiter_full_pool_never_uses_the_local_bucket(redis_url: str) -> None:

@@ -178,7 +178,7 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "**kwargs) returning a key that tells these functions apart), ideally with a "
             "cache_namespace= of their own, or define the function at module level"
         ) from None
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RecursionError: a cycle
         raise ConfigurationError(
             f"{qualname} is a local function or lambda whose closure or default values "
             f"have no stable encoding for a shared cache ({exc}); pass cache_key= (and a "
