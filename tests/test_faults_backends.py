@@ -479,8 +479,12 @@ def test_dropped_namespaces_leave_nothing_behind(tmp_path: Path) -> None:
     assert not any("gone-" in key[1] for key in list(disk_module._CACHES.keys()))
 
 
-def test_clear_cache_still_reaches_every_live_function(tmp_path: Path) -> None:
+def test_clear_cache_still_reaches_every_live_function(monkeypatch: pytest.MonkeyPatch) -> None:
     """clear_cache() clears the live functions of every namespace after others were pruned."""
+    # A global clear reaches every backend of the process (other modules' Redis ones
+    # too); an empty registry keeps this test to its own functions.
+    for name in ("_caches", "_strong", "_backends", "_watch"):
+        monkeypatch.setattr(_registry, name, {})
     keep = [
         cached_with(cache=True, retries=0, cache_namespace=f"live-{i}")(module_level_square)
         for i in range(3)
@@ -492,6 +496,7 @@ def test_clear_cache_still_reaches_every_live_function(tmp_path: Path) -> None:
         func(3)
     opero.clear_cache()
     assert [func.cache_info().currsize for func in keep] == [0, 0, 0]
+    assert sorted(_registry._backends) == ["live-0", "live-1", "live-2"]
 
 
 # --------------------------------------------------------------------------------------
