@@ -206,6 +206,30 @@ def test_self_containing_closure_value_is_a_configuration_error(shared: dict[str
         cached_with(cache=True, retries=0, **shared)(looped)
 
 
+def test_closure_over_other_opero_functions_is_encoded_by_what_they_wrap(
+    shared: dict[str, Any],
+) -> None:
+    """A local function calling local @opero helpers (sync and async) keeps apart per helper."""
+
+    def make(offset: int) -> Callable[[int], int]:
+        @cached_with(cache=True, retries=0)
+        def helper(x: int) -> int:
+            return x + offset
+
+        @cached_with(cache=True, retries=0)
+        async def ahelper(x: int) -> int:
+            return x
+
+        @cached_with(cache=True, retries=0, **shared)
+        def outer(x: int) -> int:
+            assert ahelper is not None
+            return helper(x)
+
+        return outer
+
+    assert (make(1)(1), make(2)(1)) == (2, 3)
+
+
 def test_memory_backend_accepts_any_closure() -> None:
     """The memory backend keeps one store per function, so any closure value is fine there."""
     lock = threading.Lock()

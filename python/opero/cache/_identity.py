@@ -38,6 +38,7 @@ __all__ = ["function_identity", "is_local"]
 
 _PRIMITIVES = (type(None), bool, int, float, str, bytes)
 _BUDGET = 10_000  # nodes encoded per function: a closure over a huge value asks for cache_key=
+_TOP = "its code"  # where the encoding starts (named in error messages)
 _DIGEST_CHARS = 16  # 64 bits of SHA-256: identities of one module.qualname never meet by chance
 
 
@@ -58,6 +59,17 @@ def is_local(func: Any) -> bool:
 
 def _name(obj: Any) -> tuple[str, str]:
     return (str(getattr(obj, "__module__", None) or "?"), str(getattr(obj, "__qualname__", "?")))
+
+
+def _opero_internals(value: Any) -> Any:
+    """Return the ``__opero__`` of a decorated function, read from its own ``__dict__``.
+
+    Read there, not through ``getattr``: a mock or proxy answers any attribute.
+    """
+    try:
+        return vars(value).get("__opero__")
+    except TypeError:  # no __dict__
+        return None
 
 
 class _Encoder:
@@ -83,6 +95,9 @@ class _Encoder:
             return {self.value(k, where): self.value(v, where) for k, v in value.items()}
         if kind is set or kind is frozenset:
             return ("s", frozenset(self.value(item, where) for item in value))
+        internals = _opero_internals(value)
+        if internals is not None:  # an @opero function (any wrapper kind): what it decorates
+            return ("o", self.value(internals.function, where))
         if isinstance(value, enum.Enum):
             return ("e", *_name(kind), value.name)
         if isinstance(value, types.FunctionType):
@@ -93,9 +108,6 @@ class _Encoder:
             return ("m", value.__name__)
         if isinstance(value, types.BuiltinFunctionType):
             return ("b", *_name(value))
-        internals = getattr(value, "__opero__", None)
-        if internals is not None:  # an @opero function: what it decorates
-            return ("o", self.value(internals.function, where))
         if kind is complex:
             return ("j", value.real, value.imag)
         if value is Ellipsis:
@@ -140,7 +152,10 @@ class _Encoder:
                 except ValueError:  # not assigned yet: the function itself, decorated later
                     cells.append(("t", name, ("empty",)))
                     continue
-                cells.append(("t", name, self.value(content, f"closure variable {name!r}")))
+                inner = f"closure variable {name!r}"
+                if where != _TOP:  # a function inside the closure: say how it is reached
+                    inner = f"{where}, through {func.__qualname__}'s {inner}"
+                cells.append(("t", name, self.value(content, inner)))
             defaults = self.value(func.__defaults__, "a default value")
             kwdefaults = self.value(func.__kwdefaults__, "a keyword-only default value")
             code = self.code(func.__code__, where)
@@ -167,7 +182,7 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
         return qualname
     encoder = _Encoder(lenient=has_cache_key)
     try:
-        encoded = encoder.function(func, "its code")
+        encoded = encoder.function(func, _TOP)
         digest = stable_digest(encoded)
     except _Unencodable as exc:
         raise ConfigurationError(
