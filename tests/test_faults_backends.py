@@ -230,6 +230,36 @@ def test_closure_over_other_opero_functions_is_encoded_by_what_they_wrap(
     assert (make(1)(1), make(2)(1)) == (2, 3)
 
 
+class Repo:
+    """Something whose bound methods a caller might decorate."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get(self, x: int) -> str:
+        """Return this repo's name and ``x``."""
+        return f"{self.name}:{x}"
+
+    @classmethod
+    def kind(cls, x: int) -> str:
+        """Return the class name and ``x``."""
+        return f"{cls.__name__}:{x}"
+
+
+def test_bound_methods_of_different_objects_never_share(shared: dict[str, Any]) -> None:
+    """Decorating a.get and b.get refuses at decoration; a classmethod or a cache_key works."""
+    with pytest.raises(ConfigurationError, match=r"bound method.*cache_key="):
+        cached_with(cache=True, retries=0, **shared)(Repo("a").get)
+    assert cached_with(cache=True, retries=0, **shared)(Repo.kind)(1) == "Repo:1"
+    keyed = {
+        name: cached_with(cache=True, retries=0, cache_key=lambda f, x, n=name: (n, x), **shared)(
+            Repo(name).get
+        )
+        for name in ("a", "b")
+    }
+    assert (keyed["a"](1), keyed["b"](1)) == ("a:1", "b:1")
+
+
 def test_memory_backend_accepts_any_closure() -> None:
     """The memory backend keeps one store per function, so any closure value is fine there."""
     lock = threading.Lock()

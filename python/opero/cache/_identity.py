@@ -23,6 +23,11 @@ itself) as empty. Any other value (a client, a lock, an instance) cannot be
 encoded stably: opero then raises :class:`~opero.errors.ConfigurationError` at
 decoration, unless the function has a ``cache_key=``, whose result must then
 tell such closures apart (or give each its own ``cache_namespace``).
+
+A bound method (``opero(...)(client.fetch)``) is the same function for every
+object, so its identity also covers the object it is bound to, encoded the same
+way: a class (a ``classmethod``) or a module by name, a plain value by content;
+an instance of your own class needs ``cache_key=``.
 """
 
 from __future__ import annotations
@@ -175,19 +180,34 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
 
     Raises:
         ConfigurationError: A local function or lambda whose closure or default
-            values cannot be encoded stably, and no ``cache_key=``.
+            values cannot be encoded stably, or a method bound to an object that
+            cannot, and no ``cache_key=``.
 
     """
-    if not is_local(func) or not isinstance(func, types.FunctionType):
+    bound = isinstance(func, types.MethodType)
+    if not bound and (not is_local(func) or not isinstance(func, types.FunctionType)):
         return qualname
     encoder = _Encoder(lenient=has_cache_key)
+    what = (
+        "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
+        "method of other objects by the object it is bound to"
+        if bound
+        else "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
+        "from others of the same name by its code and closure"
+    )
     try:
-        encoded = encoder.function(func, _TOP)
+        if bound:
+            encoded = (
+                "bound",
+                encoder.value(func.__self__, "the object it is bound to"),
+                encoder.value(func.__func__, _TOP),
+            )
+        else:
+            encoded = encoder.function(func, _TOP)
         digest = stable_digest(encoded)
     except _Unencodable as exc:
         raise ConfigurationError(
-            f"{qualname} is a local function or lambda, so a shared cache (Redis, disk) "
-            f"tells it apart from others of the same name by its code and closure; but "
+            f"{qualname} is {what}; but "
             f"{exc.where} holds a {type(exc.value).__qualname__} (or a value too large) "
             "that has no stable encoding. Pass cache_key= (a function of (func, *args, "
             "**kwargs) returning a key that tells these functions apart), ideally with a "
@@ -195,8 +215,8 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
         ) from None
     except (TypeError, ValueError, RuntimeError) as exc:  # RecursionError: a cycle
         raise ConfigurationError(
-            f"{qualname} is a local function or lambda whose closure or default values "
-            f"have no stable encoding for a shared cache ({exc}); pass cache_key= (and a "
-            "cache_namespace= of its own), or define the function at module level"
+            f"{qualname} is {what}, but what identifies it has no stable encoding ({exc}); "
+            "pass cache_key= (and a cache_namespace= of its own), or define the function "
+            "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
