@@ -426,6 +426,18 @@ def test_url_client_blocking_pool_waits_then_misses_without_outage(
     assert not backend.outage.down
 
 
+def test_outage_tracker_never_counts_a_full_pool() -> None:
+    """Outage.failed ignores a full pool (either redis-py form); a refused connection counts."""
+    from opero.cache._health import Outage
+
+    outage = Outage("test service")
+    outage.failed(redis.exceptions.MaxConnectionsError("Too many connections"), "misses")
+    outage.failed(redis.exceptions.ConnectionError("No connection available."), "misses")
+    assert not outage.down
+    outage.failed(redis.exceptions.ConnectionError("Connection refused"), "misses")
+    assert outage.down
+
+
 def test_rate_limiter_full_pool_never_uses_the_local_bucket(redis_url: str) -> None:
     """With its pool full, the Redis limiter waits, then raises RateLimitTimeout: never local."""
     client, pool = _small_pool_client(redis_url, 1)
@@ -520,6 +532,8 @@ def test_dropped_namespaces_leave_nothing_behind(tmp_path: Path) -> None:
             func = cached_with(cache=True, retries=0, cache_namespace=f"gone-{i}", **options)(
                 module_level_square
             )
+            if options.get("cache_backend") != backend:
+                assert func(3) == 9  # opens the memory store / the namespace's SQLite store
             del func
 
     for i in range(50):

@@ -4,7 +4,8 @@ A service that fails is reported once per outage on the ``opero`` logger, not
 once per call. While it is down, callers skip it (a cache miss, a local rate
 limit) and probe it again at most every ``retry_interval`` seconds, so a dead
 host costs one bounded timeout per interval instead of one per call. The first
-success after an outage logs the recovery.
+success after an outage logs the recovery. A full connection pool (redis-py's
+``MaxConnectionsError``) is never recorded as an outage: the service is up.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Outage:
             consequence: What callers get meanwhile (``"cache lookups are misses"``).
 
         """
+        if _back_pressure(exc):  # a full connection pool: the service is up, and busy
+            logger.debug("opero: %s is busy (%s); not an outage", self.what, exc)
+            return
         with self._lock:
             self._next_probe = self._clock() + self.retry_interval
             if self.down:
@@ -91,6 +95,20 @@ class Outage:
                 return
             self.down = False
         logger.info("opero: %s is available again", self.what)
+
+
+def _back_pressure(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a full redis-py connection pool (never an outage)."""
+    module = type(exc).__module__
+    if module == "opero.cache._redis":
+        from opero.cache._redis import PoolExhausted
+
+        return isinstance(exc, PoolExhausted)
+    if module.startswith("redis"):  # redis-py is installed: it raised this
+        from opero.cache._redis import pool_exhausted
+
+        return pool_exhausted(exc)
+    return False
 
 
 _REGISTRY: dict[tuple[str, float], Outage] = {}
