@@ -502,6 +502,14 @@ def test_clear_cache_reaches_one_namespace_only(shared: dict[str, Any]) -> None:
         assert calls == [namespace]
 
 
+def test_disk_namespace_too_long_for_a_directory_fails_at_decoration(tmp_path: Path) -> None:
+    """A namespace whose directory name exceeds 255 bytes is a ConfigurationError naming it."""
+    with pytest.raises(ConfigurationError, match="cache_namespace=.*too long"):
+        cached_with(
+            cache=True, cache_backend="disk", cache_dir=tmp_path, cache_namespace="n" * 300
+        )(module_level_square)
+
+
 def test_cache_clear_of_one_function_spares_its_namesake_in_another_namespace(
     redis_url: str,
 ) -> None:

@@ -50,6 +50,7 @@ __all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
 DIR_ENV = "OPERO_CACHE_DIR"
 _SQLITE_TIMEOUT = 10.0  # seconds a writer waits for the SQLite lock before it counts as a failure
 _PREFIX = "ns-"
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _LOCK = threading.Lock()
 # Open stores by (directory, namespace, size limit), weakly: a namespace's SQLite
 # connections are closed once its last function (and any clear in progress) is gone.
@@ -285,7 +286,18 @@ class DiskBackend:
 
         ``max_size`` is not enforced per function: the store is bounded in
         bytes by ``size_limit``; use ``ttl`` to bound an entry's life.
+
+        Raises:
+            ConfigurationError: The namespace is too long to name its directory.
+
         """
+        folder = _PREFIX + quote(namespace, safe="")
+        if len(folder.encode()) > _NAME_MAX:
+            raise ConfigurationError(
+                f"cache_namespace={namespace[:40]!r}... is too long for the disk cache: its "
+                f"directory name would be {len(folder.encode())} bytes (at most {_NAME_MAX}); "
+                "use a shorter namespace"
+            )
         return DiskFunctionCache(self, namespace, qualname, ttl)
 
     def clear_namespace(self, namespace: str | None) -> None:
