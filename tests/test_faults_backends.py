@@ -504,7 +504,7 @@ def test_clear_cache_reaches_one_namespace_only(shared: dict[str, Any]) -> None:
 
 def test_disk_namespace_too_long_for_a_directory_fails_at_decoration(tmp_path: Path) -> None:
     """A namespace whose directory name exceeds 255 bytes is a ConfigurationError naming it."""
-    with pytest.raises(ConfigurationError, match="cache_namespace=.*too long"):
+    with pytest.raises(ConfigurationError, match=r"cache_namespace=.*too long"):
         cached_with(
             cache=True, cache_backend="disk", cache_dir=tmp_path, cache_namespace="n" * 300
         )(module_level_square)
