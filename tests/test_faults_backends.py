@@ -230,6 +230,20 @@ def test_closure_over_other_opero_functions_is_encoded_by_what_they_wrap(
     assert (make(1)(1), make(2)(1)) == (2, 3)
 
 
+def test_shared_layer_over_a_memory_layer_tells_closures_apart(shared: dict[str, Any]) -> None:
+    """A shared cache stacked over a memory-cached closure is keyed by the closure inside."""
+
+    def make(factor: int) -> Callable[[int], int]:
+        @cached_with(cache=True, retries=0, **shared)
+        @cached_with(cache=True, retries=0)
+        def scale(x: int) -> int:
+            return x * factor
+
+        return scale
+
+    assert (make(2)(5), make(3)(5)) == (10, 15)
+
+
 class Repo:
     """Something whose bound methods a caller might decorate."""
 

@@ -184,6 +184,8 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             cannot, and no ``cache_key=``.
 
     """
+    while (internals := _opero_internals(func)) is not None:
+        func = internals.function  # @opero over @opero: the identity of what is decorated
     bound = isinstance(func, types.MethodType)
     if not bound and (not is_local(func) or not isinstance(func, types.FunctionType)):
         return qualname
