@@ -66,6 +66,7 @@ from opero._policy import Policy, build_policy
 from opero._retry import Engine, build_sync_call, specialize
 from opero._singleflight import ThreadFlight
 from opero.cache._base import MISS, CacheInfo, FunctionCache
+from opero.cache._identity import function_identity
 from opero.cache._memory import MemoryBackend, MemoryFunctionCache
 from opero.cache._registry import clear_cache, register, resolve_backend
 
@@ -353,9 +354,15 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
 
     on_hit = adapt_callback("on_cache_hit", policy.on_cache_hit, (0,))
     backend = resolve_backend(policy)
+    stable_keys = bool(getattr(backend, "stable_keys", False))
+    identity = (
+        function_identity(func, qualname, has_cache_key=policy.cache_key is not None)
+        if stable_keys
+        else qualname
+    )
     fcache = backend.open(
         namespace=policy.cache_namespace,
-        qualname=qualname,
+        qualname=identity,
         ttl=policy.cache_ttl,
         max_size=policy.cache_max_size,
         is_async=is_async,
@@ -372,7 +379,7 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         inner,
         is_async,
         fcache,
-        bool(getattr(backend, "stable_keys", False)),
+        stable_keys,
         key_func,
         on_hit,
         qualname,
