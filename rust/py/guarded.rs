@@ -1,19 +1,88 @@
-//! The locks of the bindings: a GIL-aware mutex helper and the store's guard.
+//! The locks of the bindings (a GIL-aware mutex helper and the GIL-backed
+//! guard) and the exit shield of every frame that may re-enter the interpreter.
 //!
 //! Invariant: no lock here is ever held while Python code runs, and no thread
 //! blocks on one while attached to the interpreter (it detaches first), so a
-//! lock can never deadlock against the GIL.
+//! lock can never deadlock against the GIL. On a GIL build a [`Guarded`] value
+//! is only touched with the GIL held and never across a GIL release, so no
+//! other thread can hold it when the GIL holder calls `fork()`.
+//!
+//! Exit: on Python < 3.14 a daemon thread that takes the GIL back after
+//! interpreter finalization has begun is ended by `pthread_exit`, a forced
+//! unwind. Crossing PyO3's `catch_unwind` trampoline, that unwind is caught
+//! and the process aborts ("FATAL: exception not rethrown"). Every call into
+//! Python and every re-attach from a native frame runs under [`shielded`]:
+//! the forced unwind stops there and the thread is parked for good, which is
+//! what Python 3.14 itself does with such threads (CPython gh-87135).
 
 use parking_lot::{Mutex, MutexGuard};
+use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 
-/// Lock without ever blocking while attached to the interpreter.
+#[cfg(not(Py_3_13))]
+extern "C" {
+    /// Exported by every CPython 3.7-3.12; reads an atomic, callable without the GIL.
+    fn _Py_IsFinalizing() -> std::ffi::c_int;
+}
+
+/// Whether interpreter finalization has begun (no GIL needed).
+fn finalizing() -> bool {
+    #[cfg(Py_3_13)]
+    // SAFETY: reads the runtime's finalizing field (an atomic); no GIL needed.
+    let f = unsafe { pyo3::ffi::Py_IsFinalizing() };
+    #[cfg(not(Py_3_13))]
+    // SAFETY: as above, through the 3.7-3.12 spelling.
+    let f = unsafe { _Py_IsFinalizing() };
+    f != 0
+}
+
+/// Armed while a shielded frame runs; its drop only runs when that frame is
+/// unwound without returning.
+struct ExitShield;
+
+impl Drop for ExitShield {
+    #[cold]
+    fn drop(&mut self) {
+        // A Rust panic goes on to PyO3's trap (it becomes PanicException).
+        // Anything else unwinding through here is foreign: at interpreter exit,
+        // CPython's `pthread_exit` of a daemon thread (the GIL is not held
+        // then). Park the thread instead of letting a `catch_unwind` above
+        // abort the process; the process is exiting and takes it along.
+        if std::thread::panicking() || !finalizing() {
+            return;
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Run `f`, which may call Python code or re-attach to the interpreter, so that
+/// a thread ended by interpreter finalization inside it parks instead of
+/// aborting the process. Costs nothing when `f` returns.
+#[inline(always)]
+pub(crate) fn shielded<R>(f: impl FnOnce() -> R) -> R {
+    let shield = ExitShield;
+    let r = f();
+    std::mem::forget(shield);
+    r
+}
+
+/// `py.detach(f)`, shielded: re-attaching at interpreter exit parks the thread.
 #[inline]
+pub(crate) fn detach<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
+    shielded(|| py.detach(f))
+}
+
+/// Lock without ever blocking while attached to the interpreter (the guard of
+/// free-threaded builds).
+#[inline]
+#[cfg_attr(not(Py_GIL_DISABLED), allow(dead_code))]
 pub(crate) fn lock<'a, T: Send>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
     if let Some(g) = m.try_lock() {
         return g;
     }
-    py.detach(|| m.lock())
+    detach(py, || m.lock())
 }
 
 /// The store's lock.
