@@ -714,12 +714,13 @@ def _backend_cached(
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
+            stamp = tflight.stamp(key)
             value = get(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
-            return tflight.do(key, lambda: compute(key, args, kwargs))
+            return tflight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
         return _finish(cached, func, internals, helpers)
 
@@ -734,12 +735,13 @@ def _backend_cached(
 
     async def acached(*args: Any, **kwargs: Any) -> Any:
         key = key_of(args, kwargs)
+        stamp = aflight.stamp(key)
         value = await aget(key)
         if value is not MISS:
             if on_hit is not None:
                 on_hit()
             return value
-        return await aflight.do(key, lambda: acompute(key, args, kwargs))
+        return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
 
     return _finish(acached, func, internals, helpers)
 
