@@ -29,16 +29,36 @@ EXIT_SCENARIO = """
 
     mode = sys.argv[1]
 
-    @opero(cache=True, retries=0, cache_max_size=100)
+    class Opaque:  # keyed by its Python __hash__ / __eq__
+        def __init__(self, v):
+            self.v = v
+
+        def __hash__(self):
+            return hash(sum(range(50)) + self.v)
+
+        def __eq__(self, other):
+            return isinstance(other, Opaque) and other.v == self.v
+
+    hits = []
+
+    @opero(cache=True, retries=0, cache_max_size=100, on_cache_hit=lambda: hits.append(1))
     def double(x):
         if mode == "sleep":
             time.sleep(0.0005)  # releases the GIL inside the cached call
         return x * 2
 
+    @opero(cache=True, retries=0, cache_max_size=50, cache_key=lambda func, x: ("k", x % 70))
+    def keyed(x):
+        return x
+
     def busy():
         i = 0
         while True:
-            double(i % 300)  # 300 keys over 100 slots: every call misses
+            if mode == "python-keys":  # Python code in the key, the hit callback
+                double(Opaque(i % 80))
+                keyed(i)
+            else:
+                double(i % 300)  # 300 keys over 100 slots: every call misses
             i += 1
 
     for _ in range(4):
@@ -48,7 +68,7 @@ EXIT_SCENARIO = """
 """
 
 
-@pytest.mark.parametrize(("mode", "runs"), [("waits", 20), ("sleep", 8)])
+@pytest.mark.parametrize(("mode", "runs"), [("waits", 20), ("sleep", 8), ("python-keys", 8)])
 def test_exit_with_daemon_threads_in_the_miss_path_is_clean(mode: str, runs: int) -> None:
     """Interpreter exit with daemon threads missing a memory cache ends with status 0, every run."""
     for run in range(runs):

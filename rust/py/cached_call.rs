@@ -11,8 +11,9 @@
 //! waits on it through other threads) computes directly. The in-flight table
 //! is guarded by the GIL (never held across a fork); a flight made before a
 //! `fork()` is dropped in the child, never waited on. No Python runs under the
-//! table's guard, and every call into Python is shielded against the forced
-//! unwind of interpreter exit (see `guarded.rs`).
+//! table's guard. Calls into Python (the function, `key_func`, `on_hit`, and
+//! `__hash__`/`__eq__` of opaque arguments) and re-attaching after a wait are
+//! shielded against the forced unwind of interpreter exit (see `guarded.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::flight::{begin_wait, end_wait, fork_generation, thread_ident};
-use super::guarded::{detach, shielded, Guarded};
+use super::guarded::{self, detach, Guarded};
 use super::keys::{short_call1, ArgName, Encoder, KeyData, KeyRef, Mode};
 use super::store::PyStore;
 use crate::error::CoreError;
@@ -233,15 +234,14 @@ impl<'py> CallArgs<'_, 'py> {
         }
     }
 
-    /// Call `f` with the same arguments, shielded (see `guarded.rs`): nothing
-    /// with a destructor lives between the shield and the interpreter.
+    /// Call `f` with the same arguments, shielded (see `guarded.rs`).
     #[inline]
     fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
         let r = match self {
             CallArgs::Tuple(a, k) => {
                 let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
                 // SAFETY: `f`, the tuple and the optional dict are live for the call.
-                shielded(|| unsafe { ffi::PyObject_Call(f.as_ptr(), a.as_ptr(), kw) })
+                unsafe { guarded::call(f.as_ptr(), a.as_ptr(), kw) }
             }
             #[cfg(not(Py_LIMITED_API))]
             CallArgs::Vector {
@@ -252,7 +252,7 @@ impl<'py> CallArgs<'_, 'py> {
                 let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
                 // SAFETY: forwarding the arguments we were called with, unchanged
                 // (including PY_VECTORCALL_ARGUMENTS_OFFSET, which our caller granted).
-                shielded(|| unsafe { ffi::PyObject_Vectorcall(f.as_ptr(), *args, *nargsf, kw) })
+                unsafe { guarded::vectorcall(f.as_ptr(), *args, *nargsf, kw) }
             }
         };
         owned_result(py, r)
@@ -274,21 +274,14 @@ fn owned_result(py: Python<'_>, r: *mut ffi::PyObject) -> PyResult<Py<PyAny>> {
 #[inline]
 fn call_on_hit(py: Python<'_>, cb: &Py<PyAny>) -> PyResult<()> {
     // SAFETY: `cb` is a live callable.
-    let r = shielded(|| unsafe { ffi::PyObject_CallNoArgs(cb.as_ptr()) });
+    let r = unsafe { guarded::call0(cb.as_ptr()) };
     owned_result(py, r).map(drop)
 }
 
 impl PyCachedCall {
-    /// The whole call, shielded against the forced unwind of interpreter exit
-    /// (Python code run by the key encoder or a `__del__` is covered here).
+    /// The whole call: key, lookup, `on_hit` or the single-flight miss.
     #[inline]
     pub(crate) fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
-        shielded(|| self.call_unshielded(py, args))
-    }
-
-    /// Key, lookup, `on_hit` or the single-flight miss.
-    #[inline(always)]
-    fn call_unshielded(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
         let store = self.store.get();
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.

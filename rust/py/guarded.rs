@@ -10,12 +10,16 @@
 //! Exit: on Python < 3.14 a daemon thread that takes the GIL back after
 //! interpreter finalization has begun is ended by `pthread_exit`, a forced
 //! unwind. Crossing PyO3's `catch_unwind` trampoline, that unwind is caught
-//! and the process aborts ("FATAL: exception not rethrown"). Every call into
-//! Python and every re-attach from a native frame runs under [`shielded`]:
-//! the forced unwind stops there and the thread is parked for good, which is
-//! what Python 3.14 itself does with such threads (CPython gh-87135).
+//! and the process aborts ("FATAL: exception not rethrown"); crossing a C API
+//! call that Rust compiled as unable to unwind, it aborts too. So the calls
+//! into Python of the cached-call path go through the "C-unwind" declarations
+//! below, and those calls and every re-attach run under [`shielded`]: the
+//! forced unwind stops there and the thread is parked for good, which is what
+//! Python 3.14 itself does with such threads (CPython gh-87135). Not covered:
+//! a `__del__` run by a reference dropped in native code at that moment.
 
 use parking_lot::{Mutex, MutexGuard};
+use pyo3::ffi;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 
@@ -66,6 +70,98 @@ pub(crate) fn shielded<R>(f: impl FnOnce() -> R) -> R {
     let r = f();
     std::mem::forget(shield);
     r
+}
+
+/// The C API entry points that run Python code, declared "C-unwind" so the
+/// forced unwind of `pthread_exit` crosses them into the [`shielded`] frame
+/// around the call. pyo3-ffi declares them "C": a call site Rust compiles as
+/// unable to unwind, where any unwind (forced or not) aborts the process.
+#[allow(clashing_extern_declarations)]
+mod unwinding {
+    use pyo3::ffi::{PyObject, Py_hash_t};
+    use std::ffi::c_int;
+
+    extern "C-unwind" {
+        pub fn PyObject_Call(
+            callable: *mut PyObject,
+            args: *mut PyObject,
+            kwargs: *mut PyObject,
+        ) -> *mut PyObject;
+        #[cfg(not(Py_LIMITED_API))]
+        pub fn PyObject_Vectorcall(
+            callable: *mut PyObject,
+            args: *const *mut PyObject,
+            nargsf: usize,
+            kwnames: *mut PyObject,
+        ) -> *mut PyObject;
+        pub fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
+        pub fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
+        pub fn PyObject_RichCompareBool(a: *mut PyObject, b: *mut PyObject, op: c_int) -> c_int;
+    }
+}
+
+/// `PyObject_Call`, shielded.
+///
+/// # Safety
+/// As `PyObject_Call`: attached, live `callable` and `args` tuple, `kwargs` a
+/// dict or NULL.
+#[inline(always)]
+pub(crate) unsafe fn call(
+    callable: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_Call(callable, args, kwargs) })
+}
+
+/// `PyObject_Vectorcall`, shielded.
+///
+/// # Safety
+/// As `PyObject_Vectorcall`: attached, live callable, `nargs + len(kwnames)`
+/// live pointers at `args`.
+#[cfg(not(Py_LIMITED_API))]
+#[inline(always)]
+pub(crate) unsafe fn vectorcall(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_Vectorcall(callable, args, nargsf, kwnames) })
+}
+
+/// `PyObject_CallNoArgs`, shielded.
+///
+/// # Safety
+/// Attached, live `callable`.
+#[inline(always)]
+pub(crate) unsafe fn call0(callable: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_CallNoArgs(callable) })
+}
+
+/// `hash(obj)`, shielded (a Python `__hash__` may run).
+pub(crate) fn hash(obj: &Bound<'_, PyAny>) -> PyResult<isize> {
+    // SAFETY: attached (we hold a `Bound`), live object.
+    let h = shielded(|| unsafe { unwinding::PyObject_Hash(obj.as_ptr()) });
+    if h == -1 {
+        // -1 only ever means an error (a `__hash__` returning -1 gives -2).
+        return Err(PyErr::fetch(obj.py()));
+    }
+    Ok(h)
+}
+
+/// `a == b` as `PyObject_RichCompareBool` gives it (1, 0, or -1 with an
+/// exception set), shielded (a Python `__eq__` may run).
+///
+/// # Safety
+/// Attached, live `a` and `b`.
+#[inline]
+pub(crate) unsafe fn eq(a: *mut ffi::PyObject, b: *mut ffi::PyObject) -> std::ffi::c_int {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_RichCompareBool(a, b, ffi::Py_EQ) })
 }
 
 /// `py.detach(f)`, shielded: re-attaching at interpreter exit parks the thread.
