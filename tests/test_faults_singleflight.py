@@ -547,6 +547,7 @@ def test_disk_single_flight_computes_each_key_once_under_load(tmp_path: Path) ->
 FORK_SCENARIO = """
     import os, signal, sys, tempfile, threading, time, warnings
     from opero import opero
+    from opero.cache import MISS, CacheInfo
 
     warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads
 
@@ -565,14 +566,43 @@ FORK_SCENARIO = """
             return "hung"
         return "finished" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else "failed"
 
+    class LruCache:  # a user backend's cache: 100 entries, Python-level single flight
+        def __init__(self):
+            self.data = {}
+
+        def get(self, key):
+            return self.data.get(key, MISS)
+
+        def set(self, key, value):
+            self.data[key] = value
+            while len(self.data) > 100:
+                self.data.pop(next(iter(self.data)), None)
+
+        def delete(self, key):
+            return self.data.pop(key, MISS) is not MISS
+
+        def clear(self):
+            self.data.clear()
+
+        def info(self):
+            return CacheInfo(0, 0, 100, len(self.data))
+
+    class LruBackend:
+        stable_keys = False
+
+        def open(self, **options):
+            return LruCache()
+
     def options(kind):
         if kind == "disk":
             return {"cache_backend": "disk", "cache_dir": tempfile.mkdtemp()}
-        return {}
+        if kind == "custom":
+            return {"cache_backend": LruBackend()}
+        return {"cache_max_size": 100}
 
     case, kind = sys.argv[1], sys.argv[2]
     if case == "busy":
-        @opero(cache=True, retries=0, cache_max_size=100, **options(kind))
+        @opero(cache=True, retries=0, **options(kind))
         def double(x):
             return x * 2
 
@@ -632,9 +662,10 @@ FORK_SCENARIO = """
 """
 
 
-def test_forked_children_of_busy_threads_finish_their_calls() -> None:
-    """Forks while four threads miss a memory cache leave every child able to use it."""
-    outcome = run_scenario(FORK_SCENARIO, timeout=120, args=("busy", "memory", "40"))
+@pytest.mark.parametrize("kind", ["memory", "custom"])
+def test_forked_children_of_busy_threads_finish_their_calls(kind: str) -> None:
+    """Forks while four threads miss the cache leave every child able to use it."""
+    outcome = run_scenario(FORK_SCENARIO, timeout=120, args=("busy", kind, "40"))
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["['finished'] 40"]
 
