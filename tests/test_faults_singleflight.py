@@ -504,6 +504,53 @@ def test_a_redis_flight_rechecks_the_cache(redis_url: str) -> None:
         client.close()
 
 
+class _GatedCache(_DictCache):
+    """A GET answers only once ``gate`` is set (what it read before stays the answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = threading.Event()
+        self.gate = threading.Event()
+
+    def get(self, key: Any) -> Any:
+        value = super().get(key)
+        if threading.current_thread().name == "B":
+            self.read.set()
+            self.gate.wait(10)
+        return value
+
+
+class _GatedBackend:
+    stable_keys = False
+
+    def __init__(self) -> None:
+        self.cache = _GatedCache()
+
+    def open(self, **_options: Any) -> _GatedCache:
+        return self.cache
+
+
+def test_a_value_stored_outside_a_flight_is_found_by_the_winner() -> None:
+    """A value stored by cache_store (as @opmap does) during a lookup is returned, not computed."""
+    backend = _GatedBackend()
+    calls: list[str] = []
+
+    @opero(cache=True, retries=0, cache_backend=backend)
+    def report(day: str) -> str:
+        calls.append(day)
+        return f"computed {day}"
+
+    got: list[str] = []
+    b = threading.Thread(target=lambda: got.append(report("mon")), name="B")
+    b.start()
+    assert backend.cache.read.wait(10)  # B's lookup has read: MISS
+    report.__opero__.cache_store(("mon",), {}, "stored mon")
+    backend.cache.gate.set()
+    b.join(10)
+    assert got == ["stored mon"]
+    assert calls == []
+
+
 def test_disk_single_flight_computes_each_key_once_under_load(tmp_path: Path) -> None:
     """16 threads calling each of 300 keys at random moments compute every key exactly once."""
     import random

@@ -195,6 +195,10 @@ class TaskFlight:
         """Return the completion count of ``key``'s stripe: take it before the lookup."""
         return self._stamps[hash(key) % _STRIPES]
 
+    def stored(self, key: Any) -> None:
+        """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        self._stamps[hash(key) % _STRIPES] += 1
+
     async def do(
         self,
         key: Any,

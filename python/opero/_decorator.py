@@ -657,6 +657,10 @@ def _backend_cached(
     key_of = _key_builder(stable, key_func, qualname)
     get = fcache.get
     put = fcache.set
+    tflight = ThreadFlight()
+    aflight = TaskFlight()
+    # A value stored outside a flight also tells a flight's winner to look again.
+    stored = aflight.stored if is_async else tflight.stored
 
     def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = get(key_of(args, kwargs))
@@ -665,7 +669,9 @@ def _backend_cached(
         return value
 
     def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        put(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        put(key, value)
+        stored(key)
 
     async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = await fcache.aget(key_of(args, kwargs))
@@ -674,7 +680,9 @@ def _backend_cached(
         return value
 
     async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        await fcache.aset(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        await fcache.aset(key, value)
+        stored(key)
 
     def cache_get(*args: Any, **kwargs: Any) -> Any:
         value = get(key_of(args, kwargs))
@@ -705,7 +713,6 @@ def _backend_cached(
     )
 
     if not is_async:
-        tflight = ThreadFlight()
 
         def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = inner(*args, **kwargs)
@@ -724,7 +731,6 @@ def _backend_cached(
 
         return _finish(cached, func, internals, helpers)
 
-    aflight = TaskFlight()
     aget = fcache.aget
     aset = fcache.aset
 

@@ -13,8 +13,10 @@ through :class:`ThreadFlight`, with the same rules:
   owner waits on it through other threads, native flights included: one
   wait-for graph, :class:`~opero._opero_core.FlightToken`) computes directly;
 * the thread that wins a flight looks at the cache again (``recheck``) when
-  a computation of that key finished since its own lookup began, so a value
-  stored in between is returned, not recomputed;
+  a computation of that key finished, or a value was stored for it
+  (:meth:`ThreadFlight.stored`), since its own lookup began, so a value stored
+  in between is returned, not recomputed (keys share 64 stripes of counters:
+  another key of the stripe may cause a needless look, never a missed one);
 * after ``fork()`` the child starts with empty tables: flights of the
   parent's threads are gone, never waited on.
 """
@@ -69,6 +71,11 @@ class ThreadFlight:
     def stamp(self, key: Any) -> int:
         """Return the completion count of ``key``'s stripe: take it before the lookup."""
         return self._stamps[hash(key) % _STRIPES]
+
+    def stored(self, key: Any) -> None:
+        """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        with self._lock:
+            self._stamps[hash(key) % _STRIPES] += 1
 
     def do(
         self,
