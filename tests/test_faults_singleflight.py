@@ -731,3 +731,35 @@ def test_the_computing_thread_may_fork(kind: str) -> None:
     outcome = run_scenario(FORK_SCENARIO, timeout=60, args=("self", kind))
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["finished value of cfg value of cfg"]
+
+
+STUCK_OWNER_SCENARIO = """
+    import threading
+    from opero._singleflight import ThreadFlight, _Flight
+
+    flight = ThreadFlight()
+
+    def interrupted_owner(key, value=None, abandoned=False):
+        # What an owner leaves when a second Ctrl-C stops it right after it
+        # finished its token: outcome published, event unset, still listed.
+        def own():
+            stuck = flight._flights[key] = _Flight()
+            stuck.value, stuck.abandoned = value, abandoned
+            stuck.token.finish()
+        thread = threading.Thread(target=own)
+        thread.start()
+        thread.join()
+
+    interrupted_owner("done", value="published")
+    interrupted_owner("abandoned", abandoned=True)
+    print(flight.do("done", lambda: "computed"))
+    print(flight.do("abandoned", lambda: "computed"))
+    print(sorted(flight._flights))
+"""
+
+
+def test_an_owner_stopped_before_cleaning_up_leaves_no_caller_stuck() -> None:
+    """A finished flight left listed with its event unset is read, or taken over when abandoned."""
+    outcome = run_scenario(STUCK_OWNER_SCENARIO, timeout=30)
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["published", "computed", "[]"]

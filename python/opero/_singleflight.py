@@ -35,6 +35,7 @@ from opero.cache._base import MISS
 __all__ = ["ThreadFlight"]
 
 _STRIPES = 64  # completion counters per function, indexed by the key's hash
+_POLL = 0.05  # seconds between two looks at a waited-on token
 
 _generation = 0  # bumped in a child process after fork()
 _live: weakref.WeakSet[ThreadFlight] = weakref.WeakSet()
@@ -99,20 +100,31 @@ class ThreadFlight:
         while True:
             with self._lock:
                 flight = self._flights.get(key)
+                if flight is not None and flight.token.done:
+                    # Finished: its owner may have been stopped before unlisting it.
+                    del self._flights[key]
+                    if flight.abandoned:
+                        flight = None
                 owner = flight is None
                 if flight is None:
                     flight = self._flights[key] = _Flight()
                     stale = stamp is not None and self._stamps[slot] != stamp
             if owner:
                 break
-            if not flight.token.wait_begin():
-                # This thread computes the key itself, or the owner waits on it
-                # through other threads: waiting would deadlock.
-                return compute()
-            try:
-                flight.done.wait()
-            finally:
-                flight.token.wait_end()
+            if not flight.token.done:
+                if not flight.token.wait_begin():
+                    # This thread computes the key itself, or the owner waits on
+                    # it through other threads: waiting would deadlock.
+                    return compute()
+                try:
+                    # Finishing the token is the owner's first act once done (one
+                    # native call, which a signal cannot split): a second Ctrl-C
+                    # that stops the owner before it sets the event, or unlists
+                    # the flight, leaves no waiter stuck.
+                    while not flight.done.wait(_POLL) and not flight.token.done:
+                        pass
+                finally:
+                    flight.token.wait_end()
             if flight.abandoned:
                 continue  # the owner was interrupted: one waiter computes
             if flight.error is not None:
@@ -144,12 +156,12 @@ class ThreadFlight:
             # Neither a value nor an Exception: a BaseException left the owner
             # (KeyboardInterrupt...); it is not the waiters' to receive.
             flight.abandoned = not ok and flight.error is None
+            flight.token.finish()  # the outcome is published
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
                 if ok:
                     self._stamps[slot] += 1
-            flight.token.finish()
             if flight.generation == _generation:
                 # After a fork the event's lock may be held by a parent thread
                 # that is gone; nobody in this process waits on it anyway.
