@@ -664,6 +664,10 @@ def _backend_cached(
     key_of = _key_builder(stable, key_func, qualname)
     get = fcache.get
     put = fcache.set
+    tflight = ThreadFlight()
+    aflight = TaskFlight()
+    # A value stored outside a flight also tells a flight's winner to look again.
+    stored = aflight.stored if is_async else tflight.stored
 
     def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = get(key_of(args, kwargs))
@@ -672,7 +676,9 @@ def _backend_cached(
         return value
 
     def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        put(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        put(key, value)
+        stored(key)
 
     async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = await fcache.aget(key_of(args, kwargs))
@@ -681,7 +687,9 @@ def _backend_cached(
         return value
 
     async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        await fcache.aset(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        await fcache.aset(key, value)
+        stored(key)
 
     def cache_get(*args: Any, **kwargs: Any) -> Any:
         value = get(key_of(args, kwargs))
@@ -712,7 +720,6 @@ def _backend_cached(
     )
 
     if not is_async:
-        tflight = ThreadFlight()
 
         def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = inner(*args, **kwargs)
@@ -721,16 +728,16 @@ def _backend_cached(
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
+            stamp = tflight.stamp(key)
             value = get(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
-            return tflight.do(key, lambda: compute(key, args, kwargs))
+            return tflight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
         return _finish(cached, func, internals, helpers)
 
-    aflight = TaskFlight()
     aget = fcache.aget
     aset = fcache.aset
 
@@ -741,12 +748,13 @@ def _backend_cached(
 
     async def acached(*args: Any, **kwargs: Any) -> Any:
         key = key_of(args, kwargs)
+        stamp = aflight.stamp(key)
         value = await aget(key)
         if value is not MISS:
             if on_hit is not None:
                 on_hit()
             return value
-        return await aflight.do(key, lambda: acompute(key, args, kwargs))
+        return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
 
     return _finish(acached, func, internals, helpers)
 

@@ -15,6 +15,7 @@ __all__ = [
     "stable_digest_call",
     "Store",
     "CachedCall",
+    "FlightToken",
     "TokenBucket",
     "Backoff",
 ]
@@ -164,8 +165,11 @@ class CachedCall:
     ``on_hit()`` first when given). On a miss it calls ``func`` with the same
     arguments and stores a successful result; exceptions are never stored.
     Concurrent misses on one key from several threads call ``func`` once: the
-    others wait (without the GIL) and get the same result or exception. A call
-    that re-enters a key its own thread is computing calls ``func`` directly.
+    others wait (without the GIL) and get the same result or exception. If the
+    computing thread is stopped by a ``BaseException`` that is not an
+    ``Exception`` (``KeyboardInterrupt``...), one waiter computes instead. A
+    call whose wait would deadlock (its own thread computes the key, or the
+    computing thread waits on it through other threads) calls ``func`` directly.
 
     Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
     as methods through ``__get__``, and pickle by reference (``__reduce__``
@@ -196,6 +200,42 @@ class CachedCall:
     def func(self) -> Callable[..., Any]:
         """The wrapped function, called on a miss."""
     __dict__: dict[str, Any]
+
+@final
+class FlightToken:
+    """One computation in progress of a Python-level single flight (the Redis,
+    disk and custom backends).
+
+    Created by the thread that computes; the threads that wait on it go
+    through :meth:`wait_begin` / :meth:`wait_end`, so a wait that would close
+    a cycle of threads waiting on each other (native flights included) is
+    refused and the caller computes directly.
+    """
+
+    def __new__(cls) -> FlightToken: ...
+    @property
+    def owner(self) -> int:
+        """The ident of the thread computing (``threading.get_ident()``)."""
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`finish` was called."""
+    @property
+    def forked(self) -> bool:
+        """Whether the token was made before a ``fork()`` (its owner thread is
+        not in this process)."""
+    def wait_begin(self) -> bool:
+        """Start waiting on this computation from the current thread.
+
+        Returns:
+            True when the thread may wait (call :meth:`wait_end` afterwards);
+            False when waiting would deadlock (the current thread computes this
+            itself, or its owner waits, directly or not, on the current thread):
+            compute directly instead.
+        """
+    def wait_end(self) -> None:
+        """Stop waiting (after a True :meth:`wait_begin`)."""
+    def finish(self) -> None:
+        """Mark the computation finished (waits on it no longer count)."""
 
 @final
 class TokenBucket:

@@ -366,7 +366,7 @@ impl<'py> Encoder<'py> {
                  pass cache_key= to @opero to key it yourself"
             )));
         }
-        let h = match obj.hash() {
+        let h = match super::guarded::hash(obj) {
             Ok(h) => h,
             Err(err) => {
                 let py = obj.py();
@@ -439,7 +439,7 @@ pub fn py_eq(py: Python<'_>, a: &Py<PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bo
         return Ok(true);
     }
     // SAFETY: both pointers are live objects and we hold the GIL.
-    let r = unsafe { ffi::PyObject_RichCompareBool(a.as_ptr(), b.as_ptr(), ffi::Py_EQ) };
+    let r = unsafe { super::guarded::eq(a.as_ptr(), b.as_ptr()) };
     if r < 0 {
         Err(PyErr::fetch(py))
     } else {
