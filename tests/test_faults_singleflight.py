@@ -122,12 +122,19 @@ class _DictBackend:
         return _DictCache()
 
 
+def _args_key(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Key a call by its arguments alone (the tests' local functions close over events)."""
+    return (args, tuple(sorted(kwargs.items())))
+
+
 def backend_options(name: str, tmp_path: Path) -> dict[str, Any]:
     """Return the @opero cache options of one backend under test."""
     if name == "memory":
         return {}
     if name == "disk":
-        return {"cache_backend": "disk", "cache_dir": str(tmp_path)}
+        # A local function closing over a threading.Event has no stable identity for a
+        # shared cache (docs/caching.md, "Function identity"): it names its key itself.
+        return {"cache_backend": "disk", "cache_dir": str(tmp_path), "cache_key": _args_key}
     return {"cache_backend": _DictBackend()}
 
 
@@ -497,7 +504,7 @@ def test_a_redis_flight_rechecks_the_cache(redis_url: str) -> None:
         _LateMissRedis.a = a
 
     try:
-        options = {"cache_backend": "redis", "cache_redis_url": client}
+        options = {"cache_backend": "redis", "cache_redis_url": client, "cache_key": _args_key}
         assert late_second_caller(options, set_a) == ["A"]
     finally:
         _LateMissRedis.a = None
@@ -559,7 +566,9 @@ def test_disk_single_flight_computes_each_key_once_under_load(tmp_path: Path) ->
     calls: Counter[int] = Counter()
     lock = threading.Lock()
 
-    @opero(cache=True, cache_backend="disk", cache_dir=str(tmp_path), retries=0)
+    @opero(
+        cache=True, cache_backend="disk", cache_dir=str(tmp_path), retries=0, cache_key=_args_key
+    )
     def compute(key: int) -> int:
         with lock:
             calls[key] += 1
