@@ -15,7 +15,12 @@
 //! | `TUPLE`/`LIST` | sequences | varint count + items |
 //! | `DICT` | `dict` | varint count + (key, value) encodings sorted bytewise |
 //! | `SET`/`FROZENSET` | sets | varint count + item encodings sorted bytewise |
-//! | `OPAQUE` | anything else | varint slot index into the key's opaque objects |
+//! | `OPAQUE` | anything else | - (the object is the key's next opaque object) |
+//!
+//! A dict or set holding opaque objects (anywhere inside) cannot be sorted by
+//! its bytes (an opaque item's bytes say nothing of its value), so in process
+//! it is written as its count then one `OPAQUE`: a `frozenset` of one key per
+//! item, which Python's set equality matches in any order.
 //!
 //! A call is `CALL` + varint count + positional items, then `KWARGS` + varint
 //! count + (name, value) pairs sorted by name. So `f(1)` and `f(x=1)` are

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRecursionError, PyTypeError};
+use pyo3::exceptions::{PyRecursionError, PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -76,6 +76,8 @@ pub struct Encoder<'py> {
     pub opaque: SmallVec<[Bound<'py, PyAny>; 2]>,
     /// Hash of the opaque objects, mixed in order.
     pub opaque_hash: u64,
+    /// Each opaque object's own hash, in slot order.
+    hashes: SmallVec<[u64; 2]>,
     mode: Mode,
 }
 
@@ -90,6 +92,7 @@ impl<'py> Encoder<'py> {
             buf: k::KeyBuf::new(),
             opaque: SmallVec::new(),
             opaque_hash: 0,
+            hashes: SmallVec::new(),
             mode,
         }
     }
@@ -295,49 +298,130 @@ impl<'py> Encoder<'py> {
             // SAFETY: checked to be an exact list.
             let l = unsafe { obj.cast_unchecked::<PyList>() };
             // Iterate by index: a list may change length while an item's
-            // `__hash__` runs; `get_item` re-checks the bound.
+            // `__hash__` (or a `__del__` run by the collector) runs.
             let n = l.len();
             k::put_header(&mut self.buf, k::LIST, n);
             for i in 0..n {
+                if l.len() != n {
+                    return Err(changed(name, "list"));
+                }
                 let item = l.get_item(i)?;
                 self.value(&item, depth + 1, name)?;
             }
             if l.len() != n {
-                return Err(PyTypeError::new_err(format!(
-                    "{name}: list changed size while being keyed"
-                )));
+                return Err(changed(name, "list"));
             }
             return Ok(());
         }
         if obj.is_exact_instance_of::<PyDict>() {
             // SAFETY: checked to be an exact dict.
             let d = unsafe { obj.cast_unchecked::<PyDict>() };
-            let n = d.len();
-            k::put_header(&mut self.buf, k::DICT, n);
-            let start = self.buf.len();
-            let mut bounds = Vec::with_capacity(n);
-            for (key, value) in d.iter() {
-                self.value(&key, depth + 1, name)?;
-                self.value(&value, depth + 1, name)?;
-                bounds.push(self.buf.len());
-            }
-            k::sort_items(&mut self.buf, start, &bounds);
-            return Ok(());
+            return self.dict(d, depth, name);
         }
         let is_set = obj.is_exact_instance_of::<PySet>();
         if is_set || obj.is_exact_instance_of::<PyFrozenSet>() {
             let n = obj.len()?;
             k::put_header(&mut self.buf, if is_set { k::SET } else { k::FROZENSET }, n);
             let start = self.buf.len();
-            let mut bounds = Vec::with_capacity(n);
+            let first = self.opaque.len();
+            let mut bounds: Bounds = SmallVec::with_capacity(n);
+            // The set iterator raises RuntimeError if the set changes size.
             for item in obj.try_iter()? {
                 self.value(&item?, depth + 1, name)?;
-                bounds.push(self.buf.len());
+                bounds.push((self.buf.len(), self.opaque.len()));
             }
-            k::sort_items(&mut self.buf, start, &bounds);
-            return Ok(());
+            if bounds.len() != n {
+                return Err(changed(name, "set"));
+            }
+            return self.unordered(start, first, &bounds);
         }
         self.opaque_value(obj, name)
+    }
+
+    /// Encode a dict's items, iterated without a snapshot (no allocation);
+    /// a dict that changes size while an item's `__hash__` runs is a
+    /// `RuntimeError`, as in Python's own iteration.
+    fn dict(&mut self, d: &Bound<'py, PyDict>, depth: usize, name: ArgName<'_>) -> PyResult<()> {
+        let n = d.len();
+        k::put_header(&mut self.buf, k::DICT, n);
+        let start = self.buf.len();
+        let first = self.opaque.len();
+        let mut bounds: Bounds = SmallVec::with_capacity(n);
+        for_each_item(d, |key, value| {
+            if bounds.len() >= n || d.len() != n {
+                return Err(changed(name, "dict"));
+            }
+            self.value(&key, depth + 1, name)?;
+            self.value(&value, depth + 1, name)?;
+            bounds.push((self.buf.len(), self.opaque.len()));
+            Ok(())
+        })?;
+        if bounds.len() != n || d.len() != n {
+            return Err(changed(name, "dict"));
+        }
+        self.unordered(start, first, &bounds)
+    }
+
+    /// Make the items written since `start` (ends and opaque counts in
+    /// `bounds`) independent of their order. Items of built-ins only are
+    /// sorted bytewise (deterministic, so the stable digest is too). Items
+    /// holding opaque objects cannot be ordered by content without calling
+    /// Python, so the container becomes one opaque `frozenset` of per-item
+    /// `Key`s: Python's own set equality (by each item's hash, then `==`)
+    /// then matches equal containers whatever their order.
+    fn unordered(&mut self, start: usize, first: usize, bounds: &[(usize, usize)]) -> PyResult<()> {
+        if self.opaque.len() == first {
+            let ends: SmallVec<[usize; 16]> = bounds.iter().map(|b| b.0).collect();
+            k::sort_items(&mut self.buf, start, &ends);
+            return Ok(());
+        }
+        let py = match self.opaque.first() {
+            Some(o) => o.py(),
+            None => return Ok(()),
+        };
+        let mut items: Vec<Bound<'py, PyKey>> = Vec::with_capacity(bounds.len());
+        let (mut s, mut o) = (start, first);
+        for &(e, oe) in bounds {
+            let bytes = self.buf.get(s..e).unwrap_or_default();
+            let objects = self.opaque.get(o..oe).unwrap_or_default();
+            let hashes = self.hashes.get(o..oe).unwrap_or_default();
+            let h = k::hash_bytes(bytes);
+            let hash = if objects.is_empty() {
+                h
+            } else {
+                k::mix_hash(h, hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x)))
+            };
+            let data = KeyData {
+                hash,
+                short: k::Short::NOT_SHORT,
+                bytes: KeyBytes::from_slice(bytes),
+                opaque: objects.iter().map(|x| x.clone().unbind()).collect(),
+            };
+            items.push(Bound::new(
+                py,
+                PyKey {
+                    inner: Arc::new(data),
+                },
+            )?);
+            (s, o) = (e, oe);
+        }
+        let set = PyFrozenSet::new(py, &items)?;
+        self.buf.truncate(start);
+        self.opaque.truncate(first);
+        self.hashes.truncate(first);
+        self.opaque_hash = self.hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x));
+        let h = set.hash()?;
+        self.push_opaque(set.into_any(), h as u64);
+        Ok(())
+    }
+
+    fn push_opaque(&mut self, obj: Bound<'py, PyAny>, hash: u64) {
+        // The object's place is its order among the key's opaque objects: no
+        // slot number is written, so an item's bytes do not depend on its position.
+        self.buf.push(k::OPAQUE);
+        self.opaque_hash = k::mix_hash(self.opaque_hash, hash);
+        self.hashes.push(hash);
+        self.opaque.push(obj);
     }
 
     fn bigint(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<()> {
@@ -379,13 +463,67 @@ impl<'py> Encoder<'py> {
                 return Err(new);
             }
         };
-        let slot = self.opaque.len();
-        self.buf.push(k::OPAQUE);
-        k::put_varint(&mut self.buf, slot as u64);
-        self.opaque_hash = k::mix_hash(self.opaque_hash, h as u64);
-        self.opaque.push(obj.clone());
+        self.push_opaque(obj.clone(), h as u64);
         Ok(())
     }
+}
+
+/// Item ends of an unordered container: (end in the buffer, opaque count).
+type Bounds = SmallVec<[(usize, usize); 16]>;
+
+/// The error for a container that changed while being keyed.
+fn changed(name: ArgName<'_>, kind: &str) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "{name}: {kind} changed size during iteration while its cache key was built (a \
+         __hash__ or __eq__ of an item changed it); pass an unchanging value or cache_key= to \
+         @opero"
+    ))
+}
+
+/// Call `f` on each (key, value) of `d`, stopping at its first error. Walks
+/// the dict's entries in place (`PyDict_Next`), taking a reference to each
+/// key and value before any Python code runs; `f` checks the size.
+#[cfg(not(Py_GIL_DISABLED))]
+fn for_each_item<'py>(
+    d: &Bound<'py, PyDict>,
+    mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
+) -> PyResult<()> {
+    let py = d.py();
+    let mut pos: ffi::Py_ssize_t = 0;
+    let mut key: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    loop {
+        // SAFETY: `d` is a live dict and we hold the GIL; PyDict_Next checks
+        // `pos` against the dict's current entries, so a dict resized by `f`
+        // is never read out of bounds.
+        let more = unsafe { ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut key, &mut value) };
+        if more == 0 {
+            return Ok(());
+        }
+        // SAFETY: PyDict_Next returned borrowed, non-null references; they are
+        // made owned before `f` runs any Python code.
+        let (k, v) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, key),
+                Bound::from_borrowed_ptr(py, value),
+            )
+        };
+        f(k, v)?;
+    }
+}
+
+/// Free-threaded builds: iterate a snapshot of the items (PyDict_Next is not
+/// safe there without a critical section).
+#[cfg(Py_GIL_DISABLED)]
+fn for_each_item<'py>(
+    d: &Bound<'py, PyDict>,
+    mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
+) -> PyResult<()> {
+    for item in d.items().iter() {
+        let (k, v) = item.extract::<(Bound<'py, PyAny>, Bound<'py, PyAny>)>()?;
+        f(k, v)?;
+    }
+    Ok(())
 }
 
 /// The int in `obj` if it is an exact int fitting `i64`.
