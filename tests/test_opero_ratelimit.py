@@ -181,6 +181,32 @@ def test_callable_rate_bad_value_is_reported() -> None:
         f()
 
 
+@pytest.mark.parametrize("bad", [10**400, 1e-300, float("nan"), float("inf"), True, None, "5"])
+def test_callable_rate_out_of_range_is_a_configuration_error(bad: object) -> None:
+    """A rate callable returning a huge, tiny, NaN or non-number value gives ConfigurationError
+    naming rate_limit on that call, never OverflowError; a later good value works (d18)."""
+    quota: dict[str, object] = {"rate": 100.0}
+    f = op(rate_limit=lambda: quota["rate"], retries=0)(lambda: 1)
+    assert f() == 1
+    quota["rate"] = bad
+    with pytest.raises(ConfigurationError, match="rate_limit callable returned") as info:
+        f()
+    assert len(str(info.value)) < 300
+    quota["rate"] = 100.0
+    assert f() == 1
+
+
+def test_async_callable_rate_out_of_range_is_a_configuration_error() -> None:
+    """The async driver reports a bad callable rate the same way."""
+
+    async def g() -> int:
+        return 1
+
+    f = op(rate_limit=lambda: 1e-300, retries=0)(g)
+    with pytest.raises(ConfigurationError, match="rate_limit callable returned 1e-300"):
+        asyncio.run(f())
+
+
 def test_rate_limit_key_shares_one_bucket_across_functions() -> None:
     """Functions with the same rate_limit_key draw from one bucket."""
     waits: list[float] = []

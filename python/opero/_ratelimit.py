@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
-from opero._policy import Policy
+from opero._policy import Policy, check_rate
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
@@ -73,17 +72,7 @@ def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
 
 
 def _check_rate(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(
-            f"the rate_limit callable returned {value!r}; it must return calls per second, "
-            "a finite number > 0 (for example lambda: 10.0)"
-        )
-    return float(value)
+    return check_rate("the rate_limit callable returned", value, error=ConfigurationError)
 
 
 class Limiter:
