@@ -173,8 +173,7 @@ def test_never_more_than_burst_plus_rate_times_t(
 
 
 def window_counts_ok_varying(starts: list[tuple[float, float]], burst: int, window: float) -> bool:
-    """Whether every window [t, t + window] holds at most burst + r*window starts, r being
-    the highest rate in effect when any of those starts was booked."""
+    """Whether each window holds at most burst + r*window starts (r: their highest booking rate)."""
     starts = sorted(starts)
     for i, (start, _) in enumerate(starts):
         inside = [r for t, r in starts[i:] if t <= start + window - 1e-6]
@@ -201,8 +200,7 @@ def window_counts_ok_varying(starts: list[tuple[float, float]], burst: int, wind
 def test_never_more_than_burst_plus_rate_times_t_when_the_rate_changes(
     rate: float, burst: int, steps: list[tuple[float, str, float]], window: float
 ) -> None:
-    """With set_rate calls mixed in, any window T holds at most burst + r*T starts (r: the
-    highest rate those starts were booked at)."""
+    """With set_rate mixed in, any window T holds at most burst + r*T starts (r: highest rate)."""
     clock = ManualClock()
     b = TokenBucket(rate, burst, clock=clock)
     starts: list[tuple[float, float]] = []
