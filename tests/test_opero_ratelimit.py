@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import tracemalloc
+import weakref
 
 import pytest
 
 from opero import AllFailedError, ConfigurationError, RateLimitTimeout
+from opero import _ratelimit
 from opero import opero as op
 from opero._opero_core import ManualClock, TokenBucket
 
@@ -222,11 +226,56 @@ def test_rate_limit_key_shares_one_bucket_across_functions() -> None:
 
 
 def test_rate_limit_key_conflict_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    """A second decoration asking for another rate under the same key is logged."""
-    op(rate_limit=1.0, rate_limit_key="test-conflict-key")(lambda: 1)
+    """A second decoration asking for another rate under a key still in use is logged."""
+    first = op(rate_limit=1.0, rate_limit_key="test-conflict-key")(lambda: 1)
     with caplog.at_level(logging.WARNING, logger="opero"):
         op(rate_limit=2.0, rate_limit_key="test-conflict-key")(lambda: 1)
     assert "test-conflict-key" in caplog.text
+    assert first() == 1
+
+
+def test_rate_limit_key_bucket_is_freed_with_its_last_function() -> None:
+    """Once every function using a rate_limit_key is gone, its bucket is freed (d17 b)."""
+    waits: list[float] = []
+    a = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 1)
+    b = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 2)
+    ref = weakref.ref(_ratelimit._buckets["test-freed-key"])
+    assert a() == 1
+    del a
+    gc.collect()
+    assert ref() is not None  # b still uses it, and its token was taken by a
+    assert b() == 2
+    assert len(waits) == 1
+    del b
+    gc.collect()
+    assert ref() is None
+    assert "test-freed-key" not in _ratelimit._buckets
+    c = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 3)
+    assert c() == 3
+    assert len(waits) == 1  # a new, full bucket: no wait
+
+
+def test_dropped_rate_limit_keys_keep_no_memory() -> None:
+    """Decorating, calling and dropping many functions with unique keys keeps < 64 B each."""
+
+    def one(i: int) -> None:
+        func = op(retries=0, rate_limit=1000, rate_limit_key=f"test-tenant-{i}")(lambda x: x)
+        func(1)
+
+    for i in range(200):
+        one(-1 - i)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            one(i)
+        gc.collect()
+        kept = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+    assert kept < 64
+    assert not any(k.startswith("test-tenant-") for k in list(_ratelimit._buckets))
 
 
 def test_rate_max_wait_raises_rate_limit_timeout() -> None:

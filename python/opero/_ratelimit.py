@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,12 +42,18 @@ MIN_WAIT = 1e-6
 
 logger = logging.getLogger("opero")
 
-_buckets: dict[str, TokenBucket] = {}
+#: The live shared buckets by ``rate_limit_key``. Weak: each limiter using a key holds
+#: its bucket, so the bucket (and its entry here) goes with the last function using the
+#: key, and a service that makes one key per tenant does not keep every tenant's bucket.
+_buckets: weakref.WeakValueDictionary[str, TokenBucket] = weakref.WeakValueDictionary()
 _buckets_lock = threading.Lock()
 
 
 def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
     """Return the process-wide bucket named ``key``, creating it on first use.
+
+    Every live function using ``key`` shares the one bucket; once none is left, the
+    bucket is freed, and a later function with that key starts a full bucket.
 
     Args:
         key: The ``rate_limit_key``.

@@ -18,7 +18,7 @@ use crate::ratelimit::TokenBucket;
 ///     rate: Tokens per second (> 0, finite).
 ///     burst: Tokens available at once (>= 1). Default 1.
 ///     clock: A :class:`ManualClock` for tests; the monotonic clock by default.
-#[pyclass(frozen, module = "opero._opero_core", name = "TokenBucket")]
+#[pyclass(frozen, weakref, module = "opero._opero_core", name = "TokenBucket")]
 pub struct PyTokenBucket {
     inner: Mutex<TokenBucket>,
     clock: Clock,
