@@ -11,8 +11,7 @@ import weakref
 
 import pytest
 
-from opero import AllFailedError, ConfigurationError, RateLimitTimeout
-from opero import _ratelimit
+from opero import AllFailedError, ConfigurationError, RateLimitTimeout, _ratelimit
 from opero import opero as op
 from opero._opero_core import ManualClock, TokenBucket
 
