@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 
+from faultkit import run_scenario
 from opero import AllFailedError, ConfigurationError, RateLimitTimeout, _ratelimit
 from opero import opero as op
 from opero._opero_core import ManualClock, TokenBucket
@@ -378,3 +379,146 @@ def test_all_failed_after_rate_limited_retries() -> None:
         f()
     assert len(info.value.errors) == 3
     assert limiter.count == 3
+
+
+#: Scenario helper: fork, run `child()` in the child, and report whether it finished in time.
+FORK_HELPER = """
+import os, sys, time
+
+def fork_and_check(child, deadline=10.0):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.005)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return False
+"""
+
+
+def test_fork_while_the_key_registry_is_locked_does_not_hang() -> None:
+    """A child forked while a parent thread holds the rate_limit_key registry lock can decorate."""
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import threading
+from opero import opero, _ratelimit
+
+held, release = threading.Event(), threading.Event()
+
+def hold():
+    with _ratelimit._buckets_lock:
+        held.set()
+        release.wait()
+
+t = threading.Thread(target=hold)
+t.start()
+held.wait()
+
+def child():
+    f = opero(rate_limit=5, rate_limit_key="tenant", retries=0)(lambda: 1)
+    assert f() == 1
+
+print("child finished" if fork_and_check(child) else "child hung")
+release.set()
+t.join()
+""",
+        timeout=60,
+    )
+    assert out.lines()[-1] == "child finished", out
+
+
+def test_fork_while_the_shared_limiter_is_busy_does_not_hang() -> None:
+    """A child forked while a parent thread waits inside SharedTokenBucket.reserve can reserve."""
+    pytest.importorskip("fcntl")
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import fcntl, threading
+from opero._shared_limiter import SharedTokenBucket
+
+bucket = SharedTokenBucket(1000.0, 10)
+bucket.reserve()
+blocker = os.open(bucket.path, os.O_RDWR)
+fcntl.flock(blocker, fcntl.LOCK_EX)  # the parent thread will wait in flock, holding its lock
+t = threading.Thread(target=bucket.reserve)
+t.start()
+while not bucket._lock.locked():
+    time.sleep(0.001)
+
+def child():
+    os.close(blocker)
+    assert bucket.reserve() >= 0.0
+
+def release_soon():
+    time.sleep(0.2)
+    fcntl.flock(blocker, fcntl.LOCK_UN)
+threading.Thread(target=release_soon).start()
+print("child finished" if fork_and_check(child) else "child hung")
+t.join()
+""",
+        timeout=60,
+    )
+    assert out.lines()[-1] == "child finished", out
+
+
+def test_fork_while_threads_use_rate_limited_functions_does_not_hang() -> None:
+    """Children forked while threads call rate-limited functions all finish their own calls."""
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import sys, threading
+from opero import opero
+
+sys.setswitchinterval(1e-6)
+quota = {"rate": 1e6}
+
+@opero(rate_limit=lambda: quota["rate"], retries=0)
+def by_callable(x):
+    return x
+
+@opero(rate_limit=1e6, rate_burst=100, rate_limit_key="shared", retries=0)
+def by_key(x):
+    return x
+
+@opero(rate_limit=1e6, retries=0)
+def static(x):
+    return x
+
+stop = threading.Event()
+
+def spin(n):
+    i = 0
+    while not stop.is_set():
+        quota["rate"] = 1e6 + (i % 5)
+        by_callable(i); by_key(i); static(i)
+        opero(rate_limit=1e6, rate_limit_key=f"k{n}-{i % 3}", retries=0)(lambda: 1)()
+        i += 1
+
+threads = [threading.Thread(target=spin, args=(n,)) for n in range(3)]
+for t in threads:
+    t.start()
+
+def child():
+    quota["rate"] = 2e6
+    for i in range(3):
+        assert by_callable(i) == i and by_key(i) == i and static(i) == i
+    assert opero(rate_limit=5, rate_limit_key="k0-1", retries=0)(lambda: 1)() == 1
+
+results = [fork_and_check(child) for _ in range(30)]
+stop.set()
+for t in threads:
+    t.join()
+print(f"{sum(results)} of {len(results)} children finished")
+""",
+        timeout=120,
+    )
+    assert out.lines()[-1] == "30 of 30 children finished", out

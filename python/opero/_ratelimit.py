@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -47,6 +48,16 @@ logger = logging.getLogger("opero")
 #: key, and a service that makes one key per tenant does not keep every tenant's bucket.
 _buckets: weakref.WeakValueDictionary[str, TokenBucket] = weakref.WeakValueDictionary()
 _buckets_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child a fresh registry lock (a parent thread may have held it)."""
+    global _buckets_lock
+    _buckets_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
@@ -95,7 +106,6 @@ class Limiter:
 
     __slots__ = (
         "_last_rate",
-        "_lock",
         "_rate_fn",
         "bucket",
         "is_native",
@@ -111,7 +121,6 @@ class Limiter:
         self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
         static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
         self._last_rate: float | None = static_rate
-        self._lock = threading.Lock()
         self.bucket: TokenBucket | None = None
         if policy.limiter is not None:
             self.source: Any = policy.limiter
@@ -158,11 +167,12 @@ class Limiter:
             return None
         rate = _check_rate(self._rate_fn())
         if rate != self._last_rate:
-            with self._lock:
-                if rate != self._last_rate:
-                    if self.bucket is not None:
-                        self.bucket.set_rate(rate)
-                    self._last_rate = rate
+            # No lock: setting the same rate twice changes nothing (the bucket keeps
+            # its schedule), and a Python lock held here could be inherited locked
+            # by a child forked meanwhile, hanging its first call.
+            if self.bucket is not None:
+                self.bucket.set_rate(rate)
+            self._last_rate = rate
         return rate
 
     def reserve(self) -> float:

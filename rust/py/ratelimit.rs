@@ -1,4 +1,10 @@
 //! Binding of `ratelimit::TokenBucket`.
+//!
+//! Fork safety: the bucket's mutex is held only for a few arithmetic
+//! operations, by a thread attached to the interpreter that neither runs
+//! Python code nor detaches meanwhile. `os.fork` runs on an attached thread
+//! too (on free-threaded builds after stopping the world), so no other thread
+//! can be inside the lock at the fork and a child never inherits it locked.
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
