@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opero import opero, opmap
 from opero._opero_core import Key, Store, make_key, stable_digest
@@ -273,3 +275,40 @@ def test_raising_eq_and_hash_inside_dicts_propagate() -> None:
     a, b = BadEq(), BadEq()
     with pytest.raises(ValueError, match="no comparing"):
         _ = k({"a": a}) == k({"a": b})
+
+
+def test_dicts_of_objects_keep_the_callers_objects_unless_hashes_tie() -> None:
+    """Keys hold the caller's objects, sorted; only colliding items become one frozenset."""
+    assert repr(k({"b": Point(2), "a": Point(1)})).endswith("opaque=2>")
+    assert repr(k({Collide(1): 0, Collide(2): 0})).endswith("opaque=1>")
+    assert k({"a": Point(1), "b": Point(2)}) != k({"a": Point(2), "b": Point(1)})
+
+
+ATOMS = st.one_of(
+    st.integers(-3, 3),
+    st.sampled_from(["a", "b", "c"]),
+    st.builds(Point, st.integers(0, 3)),
+    st.builds(Collide, st.integers(0, 3)),
+)
+VALUES = st.recursive(ATOMS, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(st.tuples(ATOMS, VALUES), max_size=6),
+    other=st.lists(st.tuples(ATOMS, VALUES), max_size=6),
+    seed=st.randoms(use_true_random=False),
+)
+def test_dict_keys_match_python_equality_in_any_order(
+    items: list[tuple[Any, Any]], other: list[tuple[Any, Any]], seed: Any
+) -> None:
+    """Dicts of ints, strs and objects key equally exactly when they are equal, in any order."""
+    a = dict(items)
+    shuffled = list(a.items())
+    seed.shuffle(shuffled)
+    b = dict(shuffled)
+    assert k(a) == k(b)
+    assert hash(k(a)) == hash(k(b))
+    c = dict(other)
+    assert (k(a) == k(c)) == (a == c)
+    assert (k(set(a)) == k(set(c))) == (set(a) == set(c))

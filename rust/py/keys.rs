@@ -324,11 +324,11 @@ impl<'py> Encoder<'py> {
             k::put_header(&mut self.buf, if is_set { k::SET } else { k::FROZENSET }, n);
             let start = self.buf.len();
             let first = self.opaque.len();
-            let mut bounds: Bounds = SmallVec::with_capacity(n);
+            let mut bounds = Bounds::with_capacity(n);
             // The set iterator raises RuntimeError if the set changes size.
             for item in obj.try_iter()? {
                 self.value(&item?, depth + 1, name)?;
-                bounds.push((self.buf.len(), self.opaque.len()));
+                bounds.push(self.buf.len(), self.opaque.len());
             }
             if bounds.len() != n {
                 return Err(changed(name, "set"));
@@ -346,14 +346,14 @@ impl<'py> Encoder<'py> {
         k::put_header(&mut self.buf, k::DICT, n);
         let start = self.buf.len();
         let first = self.opaque.len();
-        let mut bounds: Bounds = SmallVec::with_capacity(n);
+        let mut bounds = Bounds::with_capacity(n);
         for_each_item(d, |key, value| {
             if bounds.len() >= n || d.len() != n {
                 return Err(changed(name, "dict"));
             }
             self.value(&key, depth + 1, name)?;
             self.value(&value, depth + 1, name)?;
-            bounds.push((self.buf.len(), self.opaque.len()));
+            bounds.push(self.buf.len(), self.opaque.len());
             Ok(())
         })?;
         if bounds.len() != n || d.len() != n {
@@ -364,24 +364,78 @@ impl<'py> Encoder<'py> {
 
     /// Make the items written since `start` (ends and opaque counts in
     /// `bounds`) independent of their order. Items of built-ins only are
-    /// sorted bytewise (deterministic, so the stable digest is too). Items
-    /// holding opaque objects cannot be ordered by content without calling
-    /// Python, so the container becomes one opaque `frozenset` of per-item
-    /// `Key`s: Python's own set equality (by each item's hash, then `==`)
-    /// then matches equal containers whatever their order.
-    fn unordered(&mut self, start: usize, first: usize, bounds: &[(usize, usize)]) -> PyResult<()> {
+    /// sorted bytewise (deterministic, so the stable digest is too).
+    ///
+    /// Items holding opaque objects are sorted by their bytes, then by the
+    /// hash of their objects (equal objects have equal hashes), with the
+    /// objects moved along: equal containers then give the same sequence
+    /// whatever their order, without calling Python, and single flight still
+    /// sees the caller's own objects. Only when two items tie on both (a hash
+    /// collision) is that order not canonical; the container then becomes
+    /// `UNORDERED` + one opaque `frozenset` of per-item `Key`s, which Python's
+    /// set equality (each item's hash, then `==`) matches in any order.
+    fn unordered(&mut self, start: usize, first: usize, bounds: &Bounds) -> PyResult<()> {
         if self.opaque.len() == first {
-            let ends: SmallVec<[usize; 16]> = bounds.iter().map(|b| b.0).collect();
-            k::sort_items(&mut self.buf, start, &ends);
+            k::sort_items(&mut self.buf, start, &bounds.ends);
             return Ok(());
         }
+        if self.sort_with_objects(start, first, bounds) {
+            return Ok(());
+        }
+        self.as_frozenset(start, first, bounds)
+    }
+
+    /// Sort items holding opaque objects by (bytes, objects' hash); false,
+    /// leaving everything as it was, if two items tie.
+    fn sort_with_objects(&mut self, start: usize, first: usize, bounds: &Bounds) -> bool {
+        let mut items: SmallVec<[Item; 16]> = SmallVec::with_capacity(bounds.len());
+        let (mut s, mut o) = (start, first);
+        for (&e, &oe) in bounds.ends.iter().zip(&bounds.objects) {
+            let h = self
+                .hashes
+                .get(o..oe)
+                .unwrap_or_default()
+                .iter()
+                .fold(0, |acc, &x| k::mix_hash(acc, x));
+            items.push((s, e, o, oe, h));
+            (s, o) = (e, oe);
+        }
+        let buf = &self.buf;
+        let bytes = |a: usize, b: usize| buf.get(a..b).unwrap_or_default();
+        items.sort_unstable_by(|x, y| bytes(x.0, x.1).cmp(bytes(y.0, y.1)).then(x.4.cmp(&y.4)));
+        let tie = items
+            .windows(2)
+            .any(|w| w[0].4 == w[1].4 && bytes(w[0].0, w[0].1) == bytes(w[1].0, w[1].1));
+        if tie {
+            return false;
+        }
+        let mut sorted = k::KeyBuf::new();
+        let mut objects: SmallVec<[Bound<'py, PyAny>; 2]> = SmallVec::new();
+        let mut hashes: SmallVec<[u64; 2]> = SmallVec::new();
+        for &(a, b, oa, ob, _) in &items {
+            sorted.extend_from_slice(bytes(a, b));
+            objects.extend(self.opaque.get(oa..ob).unwrap_or_default().iter().cloned());
+            hashes.extend_from_slice(self.hashes.get(oa..ob).unwrap_or_default());
+        }
+        self.buf.truncate(start);
+        self.buf.extend_from_slice(&sorted);
+        self.opaque.truncate(first);
+        self.opaque.extend(objects);
+        self.hashes.truncate(first);
+        self.hashes.extend_from_slice(&hashes);
+        self.opaque_hash = self.hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x));
+        true
+    }
+
+    /// Replace the items by `UNORDERED` and one opaque `frozenset` of their keys.
+    fn as_frozenset(&mut self, start: usize, first: usize, bounds: &Bounds) -> PyResult<()> {
         let py = match self.opaque.first() {
             Some(o) => o.py(),
             None => return Ok(()),
         };
         let mut items: Vec<Bound<'py, PyKey>> = Vec::with_capacity(bounds.len());
         let (mut s, mut o) = (start, first);
-        for &(e, oe) in bounds {
+        for (&e, &oe) in bounds.ends.iter().zip(&bounds.objects) {
             let bytes = self.buf.get(s..e).unwrap_or_default();
             let objects = self.opaque.get(o..oe).unwrap_or_default();
             let hashes = self.hashes.get(o..oe).unwrap_or_default();
@@ -411,6 +465,7 @@ impl<'py> Encoder<'py> {
         self.hashes.truncate(first);
         self.opaque_hash = self.hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x));
         let h = set.hash()?;
+        self.buf.push(k::UNORDERED);
         self.push_opaque(set.into_any(), h as u64);
         Ok(())
     }
@@ -468,8 +523,36 @@ impl<'py> Encoder<'py> {
     }
 }
 
-/// Item ends of an unordered container: (end in the buffer, opaque count).
-type Bounds = SmallVec<[(usize, usize); 16]>;
+/// One item of an unordered container: bytes start and end, opaque objects
+/// start and end, and the mixed hash of those objects.
+type Item = (usize, usize, usize, usize, u64);
+
+/// Where each item of an unordered container ends: in the buffer, and in the
+/// opaque objects (kept apart so the common case sorts `ends` in place).
+struct Bounds {
+    ends: SmallVec<[usize; 16]>,
+    objects: SmallVec<[usize; 16]>,
+}
+
+impl Bounds {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ends: SmallVec::with_capacity(n),
+            objects: SmallVec::with_capacity(n),
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, end: usize, objects: usize) {
+        self.ends.push(end);
+        self.objects.push(objects);
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
 
 /// The error for a container that changed while being keyed.
 fn changed(name: ArgName<'_>, kind: &str) -> PyErr {
