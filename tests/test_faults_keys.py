@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from faultkit import run_scenario
 from opero import opero, opmap
 from opero._opero_core import Key, Store, make_key, stable_digest
 
@@ -312,3 +313,51 @@ def test_dict_keys_match_python_equality_in_any_order(
     c = dict(other)
     assert (k(a) == k(c)) == (a == c)
     assert (k(set(a)) == k(set(c))) == (set(a) == set(c))
+
+
+def test_hash_that_keys_itself_is_a_recursion_error_not_a_crash() -> None:
+    """A __hash__ that keys its own container again ends in RecursionError, never a crash."""
+    out = run_scenario(
+        """
+        import sys, threading
+        from opero import opero
+        from opero._opero_core import make_key
+
+        sys.setrecursionlimit(100_000)  # Python's own limit no longer protects the stack
+
+        class Again:
+            def __init__(self):
+                self.d = {"x": self}
+            def __hash__(self):
+                make_key((self.d,))
+                return 1
+
+        @opero(cache=True, retries=0)
+        def cached(d):
+            return 1
+
+        class ViaCachedCall:
+            def __hash__(self):
+                return cached({"y": self})
+
+        def run(label, value):
+            try:
+                make_key((value,))
+                print(label, "returned")
+            except RecursionError as exc:
+                print(label, "RecursionError", len(str(exc)) < 500)
+
+        run("main", {"a": Again()})
+        run("cached", {"a": ViaCachedCall()})
+        t = threading.Thread(target=run, args=("thread", {"a": Again()}))
+        t.start()
+        t.join()
+        """,
+        timeout=60,
+    )
+    assert out.returncode == 0, out
+    assert out.lines() == [
+        "main RecursionError True",
+        "cached RecursionError True",
+        "thread RecursionError True",
+    ], out

@@ -141,8 +141,14 @@ impl<'py> Encoder<'py> {
         }
         if let Some(kw) = kwargs {
             if !kw.is_empty() {
-                let mut items: KwItems<'py> = SmallVec::with_capacity(kw.len());
-                for (name, value) in kw.iter() {
+                let n = kw.len();
+                let mut items: KwItems<'py> = SmallVec::with_capacity(n);
+                // Not pyo3's dict iterator: it panics if the dict changes size
+                // (another thread on a free-threaded build).
+                for_each_item(kw, |name, value| {
+                    if items.len() >= n {
+                        return Err(changed(ArgName::Value("kwargs"), "dict"));
+                    }
                     let name = name.cast_into_exact::<PyString>().map_err(|e| {
                         PyTypeError::new_err(format!(
                             "kwargs keys must be str, got {}",
@@ -154,6 +160,10 @@ impl<'py> Encoder<'py> {
                         ))
                     })?;
                     items.push((name, value));
+                    Ok(())
+                })?;
+                if items.len() != n {
+                    return Err(changed(ArgName::Value("kwargs"), "dict"));
                 }
                 self.kwargs(&items)?;
             }
@@ -505,14 +515,49 @@ impl<'py> Encoder<'py> {
                  pass cache_key= to @opero to key it yourself"
             )));
         }
-        let h = match obj.hash() {
+        let py = obj.py();
+        // A `__hash__` may key another call (a cached function, `make_key` on
+        // itself...): count each such re-entry against Python's recursion
+        // limit, as CPython's own recursive C code does, so it ends in a
+        // RecursionError long before the native stack runs out.
+        // Python's limit alone is not enough on 3.11 with a raised
+        // `sys.setrecursionlimit`, so re-entries are also capped here.
+        let depth = HASH_DEPTH.with(|d| d.get());
+        if depth >= MAX_HASH_DEPTH {
+            return Err(PyRecursionError::new_err(format!(
+                "{name}: keying re-entered itself more than {MAX_HASH_DEPTH} times from \
+                 __hash__ methods; pass cache_key= to @opero to key it yourself"
+            )));
+        }
+        // SAFETY: a plain C API call with the GIL held; every successful
+        // enter is paired with the leave below.
+        if unsafe { ffi::Py_EnterRecursiveCall(c" while hashing a cache key argument".as_ptr()) }
+            != 0
+        {
+            return Err(PyErr::fetch(py));
+        }
+        HASH_DEPTH.with(|d| d.set(depth + 1));
+        let hashed = obj.hash();
+        HASH_DEPTH.with(|d| d.set(depth));
+        // SAFETY: pairs the successful enter above.
+        unsafe { ffi::Py_LeaveRecursiveCall() };
+        let h = match hashed {
             Ok(h) => h,
+            // Not wrapped: nested keying would nest the message once per level.
+            Err(err) if err.is_instance_of::<PyRecursionError>(py) => return Err(err),
             Err(err) => {
-                let py = obj.py();
+                let mut why = err.value(py).to_string();
+                if why.len() > 200 {
+                    let mut cut = 200;
+                    while !why.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    why.truncate(cut);
+                    why.push_str("...");
+                }
                 let new = PyTypeError::new_err(format!(
-                    "{name} of type '{tp_name}' cannot be used as a cache key ({}); pass \
-                     cache_key= to @opero to key it yourself",
-                    err.value(py)
+                    "{name} of type '{tp_name}' cannot be used as a cache key ({why}); pass \
+                     cache_key= to @opero to key it yourself"
                 ));
                 new.set_cause(py, Some(err));
                 return Err(new);
@@ -526,6 +571,15 @@ impl<'py> Encoder<'py> {
 /// One item of an unordered container: bytes start and end, opaque objects
 /// start and end, and the mixed hash of those objects.
 type Item = (usize, usize, usize, usize, u64);
+
+/// Deepest nesting of keys built from within `__hash__` methods on one thread.
+const MAX_HASH_DEPTH: u32 = 64;
+
+thread_local! {
+    /// How many `__hash__` calls made while keying are active on this thread
+    /// (only opaque arguments touch it, never the int/str hot path).
+    static HASH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Where each item of an unordered container ends: in the buffer, and in the
 /// opaque objects (kept apart so the common case sorts `ends` in place).
