@@ -10,6 +10,11 @@
 
 use crate::error::CoreError;
 
+/// The longest interval between tokens, in seconds (about 31.7 years): the
+/// delays returned are waits a caller sleeps, and `time.sleep` or a thread
+/// wait overflows past about 9.2e9 s. Equal to opero's `MAX_SECONDS`.
+pub const MAX_INTERVAL: f64 = 1e9;
+
 /// GCRA state; the caller supplies the time and provides the locking.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -35,10 +40,10 @@ fn check_rate(rate: f64) -> Result<f64, CoreError> {
         ));
     }
     let interval = 1.0 / rate;
-    if !(interval.is_finite() && interval > 0.0) {
+    if !(interval.is_finite() && interval > 0.0 && interval <= MAX_INTERVAL) {
         return Err(CoreError::value(
             "rate",
-            "a rate whose interval 1/rate is > 0",
+            "at least 1e-9 calls per second (one per 1e9 s: a longer wait cannot be slept)",
             rate,
         ));
     }
@@ -236,6 +241,9 @@ mod tests {
         assert!(TokenBucket::new(f64::NAN, 1).is_err());
         assert!(TokenBucket::new(f64::INFINITY, 1).is_err());
         assert!(TokenBucket::new(1e-320, 1).is_err());
+        assert!(TokenBucket::new(1e-300, 1).is_err());
+        assert!(TokenBucket::new(0.9e-9, 1).is_err());
+        assert!(TokenBucket::new(1e-9, 1).is_ok());
         let e = TokenBucket::new(1.0, 0).unwrap_err();
         assert!(e.to_string().starts_with("burst"));
         let mut b = TokenBucket::new(1.0, 1).unwrap();

@@ -94,6 +94,7 @@ def test_default_clock_is_unthrottled_at_huge_rates() -> None:
         ((1.0, 0), {}, ValueError, "burst must be an int between 1"),
         ((1.0, -3), {}, ValueError, "burst"),
         ((1.0, 2**40), {}, ValueError, "burst"),
+        ((1e-300,), {}, ValueError, "rate must be at least 1e-9 calls per second"),
         ((1.0, 1.5), {}, TypeError, "burst"),
         ((1.0,), {"clock": object()}, TypeError, "clock"),
     ],
@@ -109,7 +110,7 @@ def test_bad_constructor_arguments(
 def test_bad_set_rate_keeps_the_old_rate() -> None:
     """A rejected set_rate leaves the bucket unchanged."""
     b = TokenBucket(3.0)
-    for bad in (0.0, -2.0, math.nan, math.inf):
+    for bad in (0.0, -2.0, math.nan, math.inf, 1e-300):
         with pytest.raises(ValueError, match="rate"):
             b.set_rate(bad)
     assert b.rate == 3.0

@@ -206,7 +206,7 @@ class TokenBucket:
     long the caller must wait before using the token it reserved.
 
     Args:
-        rate: Tokens per second (> 0, finite).
+        rate: Tokens per second (finite, at least 1e-9: one per 1e9 s).
         burst: Tokens available at once (>= 1). Default 1.
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
@@ -221,7 +221,7 @@ class TokenBucket:
     def burst(self) -> int:
         """Tokens available at once."""
     def set_rate(self, rate: float) -> None:
-        """Change the rate from now on (> 0, finite)."""
+        """Change the rate from now on (at least 1e-9); waiting calls keep their start."""
     def reserve(self) -> float:
         """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
     def try_acquire(self) -> bool:

@@ -21,7 +21,7 @@ use crate::ratelimit::TokenBucket;
 /// long the caller must wait before using the token it reserved.
 ///
 /// Args:
-///     rate: Tokens per second (> 0, finite).
+///     rate: Tokens per second (finite, at least 1e-9: one per 1e9 s).
 ///     burst: Tokens available at once (>= 1). Default 1.
 ///     clock: A :class:`ManualClock` for tests; the monotonic clock by default.
 #[pyclass(frozen, weakref, module = "opero._opero_core", name = "TokenBucket")]
@@ -55,7 +55,7 @@ impl PyTokenBucket {
         self.inner.lock().burst()
     }
 
-    /// Change the rate from now on (> 0, finite).
+    /// Change the rate from now on (at least 1e-9); waiting calls keep their start.
     fn set_rate(&self, rate: f64) -> PyResult<()> {
         let now = self.clock.now();
         Ok(self.inner.lock().set_rate(rate, now)?)
