@@ -361,3 +361,17 @@ def test_hash_that_keys_itself_is_a_recursion_error_not_a_crash() -> None:
         "cached RecursionError True",
         "thread RecursionError True",
     ], out
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_base_exceptions_from_hash_are_not_wrapped(exc: type[BaseException]) -> None:
+    """A KeyboardInterrupt (or SystemExit...) raised in __hash__ reaches the caller unchanged."""
+
+    class Interrupting:
+        def __hash__(self) -> int:
+            raise exc
+
+    with pytest.raises(exc):
+        k(Interrupting())
+    with pytest.raises(exc):
+        k({"a": [Interrupting()]})

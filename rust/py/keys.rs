@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRecursionError, PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyException, PyRecursionError, PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -543,8 +543,15 @@ impl<'py> Encoder<'py> {
         unsafe { ffi::Py_LeaveRecursiveCall() };
         let h = match hashed {
             Ok(h) => h,
-            // Not wrapped: nested keying would nest the message once per level.
-            Err(err) if err.is_instance_of::<PyRecursionError>(py) => return Err(err),
+            // Not wrapped: KeyboardInterrupt, SystemExit, CancelledError... must
+            // reach the caller unchanged, and a RecursionError from nested
+            // keying would nest its message once per level.
+            Err(err)
+                if err.is_instance_of::<PyRecursionError>(py)
+                    || !err.is_instance_of::<PyException>(py) =>
+            {
+                return Err(err)
+            }
             Err(err) => {
                 let mut why = err.value(py).to_string();
                 if why.len() > 200 {
