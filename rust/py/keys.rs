@@ -625,13 +625,18 @@ fn changed(name: ArgName<'_>, kind: &str) -> PyErr {
 }
 
 /// Call `f` on each (key, value) of `d`, stopping at its first error. Walks
-/// the dict's entries in place (`PyDict_Next`), taking a reference to each
-/// key and value before any Python code runs; `f` checks the size.
-#[cfg(not(Py_GIL_DISABLED))]
+/// the dict's entries in place (`PyDict_Next`, no allocation), taking a
+/// reference to each key and value before any Python code runs; `f` checks
+/// the size. On free-threaded builds another thread may change `d` at any
+/// moment, so a private copy is walked instead.
 fn for_each_item<'py>(
     d: &Bound<'py, PyDict>,
     mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
 ) -> PyResult<()> {
+    #[cfg(Py_GIL_DISABLED)]
+    let snapshot = d.copy()?;
+    #[cfg(Py_GIL_DISABLED)]
+    let d = &snapshot;
     let py = d.py();
     let mut pos: ffi::Py_ssize_t = 0;
     let mut key: *mut ffi::PyObject = std::ptr::null_mut();
@@ -654,20 +659,6 @@ fn for_each_item<'py>(
         };
         f(k, v)?;
     }
-}
-
-/// Free-threaded builds: iterate a snapshot of the items (PyDict_Next is not
-/// safe there without a critical section).
-#[cfg(Py_GIL_DISABLED)]
-fn for_each_item<'py>(
-    d: &Bound<'py, PyDict>,
-    mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
-) -> PyResult<()> {
-    for item in d.items().iter() {
-        let (k, v) = item.extract::<(Bound<'py, PyAny>, Bound<'py, PyAny>)>()?;
-        f(k, v)?;
-    }
-    Ok(())
 }
 
 /// The int in `obj` if it is an exact int fitting `i64`.
