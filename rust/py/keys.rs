@@ -781,12 +781,17 @@ impl PyKey {
 /// give different keys: the signature is not consulted). ``-0.0`` and
 /// ``0.0`` give one key (they are equal), and every NaN gives one key.
 /// Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
-/// their own ``__hash__``/``__eq__``, never as the builtin.
+/// their own ``__hash__``/``__eq__``, never as the builtin. Dicts and sets
+/// give one key whatever their order, objects inside included.
 ///
 /// Raises:
 ///     TypeError: An argument is unhashable and not a built-in container; the
 ///         message names the argument (``args[1]`` or ``kwargs['x']``) and
 ///         points to ``cache_key=``.
+///     RuntimeError: A dict, list or set changed size while it was keyed (an
+///         item's ``__hash__`` changed it).
+///     RecursionError: Containers nested deeper than 200 levels, or a
+///         ``__hash__`` that keys its argument again.
 #[pyfunction]
 #[pyo3(signature = (args, kwargs = None))]
 pub fn make_key(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyKey> {
