@@ -375,3 +375,68 @@ def test_base_exceptions_from_hash_are_not_wrapped(exc: type[BaseException]) -> 
         k(Interrupting())
     with pytest.raises(exc):
         k({"a": [Interrupting()]})
+
+
+def test_containers_mutated_by_another_thread_never_crash_keying() -> None:
+    """Keying containers another thread mutates gives results or RuntimeError, never a crash."""
+    out = run_scenario(
+        """
+        import sys, threading, time
+        from opero import opero
+
+        sys.setswitchinterval(1e-6)
+
+        class Slow:
+            def __init__(self, v):
+                self.v = v
+            def __hash__(self):
+                time.sleep(0)  # let the mutating thread run mid-key
+                return hash(self.v)
+            def __eq__(self, other):
+                return isinstance(other, Slow) and other.v == self.v
+
+        @opero(cache=True, retries=0)
+        def f(d, s=None, l=None):
+            return len(d)
+
+        shared = {i: Slow(i) for i in range(20)}
+        sset = {Slow(i) for i in range(20)}
+        slist = [Slow(i) for i in range(20)]
+        stop = threading.Event()
+
+        def mutate():
+            i = 0
+            while not stop.is_set():
+                shared[100 + i % 5] = Slow(i)
+                shared.pop(100 + (i + 2) % 5, None)
+                sset.add(Slow(100 + i % 5))
+                sset.discard(Slow(100 + (i + 2) % 5))
+                slist.append(Slow(i))
+                slist.pop(0)
+                i += 1
+
+        other = []
+        def call():
+            for _ in range(500):
+                try:
+                    f(shared, s=sset, l=slist)
+                except RuntimeError:
+                    pass
+                except BaseException as exc:
+                    other.append(repr(exc))
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        mutator = threading.Thread(target=mutate)
+        mutator.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        mutator.join()
+        print("other errors:", other[:3])
+        """,
+        timeout=120,
+    )
+    assert out.returncode == 0, out
+    assert out.lines()[-1] == "other errors: []", out
