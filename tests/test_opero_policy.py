@@ -262,3 +262,19 @@ def test_backoff_function_result_out_of_range_is_a_configuration_error(bad: obje
     assert "at most 1e+09" in str(info.value)
     assert slept == []
     assert len(calls) == 1
+
+
+def test_values_whose_repr_fails_still_give_configuration_errors() -> None:
+    """An int past Python's repr digit limit, or a raising __repr__, still names the option."""
+
+    class NoRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    with pytest.raises(ConfigurationError, match=r"retries=<int object>"):
+        opero(retries=10**5000)
+    with pytest.raises(ConfigurationError, match=r"min_delay=<NoRepr object>"):
+        opero(min_delay=NoRepr())
+    f = opero(rate_limit=lambda: 10**5000, retries=0)(lambda: 1)
+    with pytest.raises(ConfigurationError, match=r"rate_limit callable returned <int object>"):
+        f()

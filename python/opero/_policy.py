@@ -173,8 +173,15 @@ def _bad(option: str, value: Any, need: str, example: str) -> ConfigurationError
 
 
 def _show(value: Any) -> str:
-    """``repr(value)`` cut to 60 characters (``10**400`` has 401 digits)."""
-    text = repr(value)
+    """``repr(value)`` cut to 60 characters (``10**400`` has 401 digits).
+
+    A repr that fails (an int past Python's 4300-digit limit, a raising ``__repr__``)
+    gives the type's name instead, so the error being built is the one raised.
+    """
+    try:
+        text = repr(value)
+    except Exception:  # the ConfigurationError being built is raised instead
+        return f"<{type(value).__name__} object>"
     return text if len(text) <= 60 else f"{text[:40]}...{text[-10:]} ({len(text)} chars)"
 
 
