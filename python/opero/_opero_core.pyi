@@ -55,12 +55,17 @@ def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key
     give different keys: the signature is not consulted). ``-0.0`` and
     ``0.0`` give one key (they are equal), and every NaN gives one key.
     Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
-    their own ``__hash__``/``__eq__``, never as the builtin.
+    their own ``__hash__``/``__eq__``, never as the builtin. Dicts and sets
+    give one key whatever their order, objects inside included.
 
     Raises:
         TypeError: An argument is unhashable and not a built-in container; the
             message names the argument (``args[1]`` or ``kwargs['x']``) and
             points to ``cache_key=``.
+        RuntimeError: A dict, list or set changed size while it was keyed (an
+            item's ``__hash__`` changed it).
+        RecursionError: Containers nested deeper than 200 levels, or a
+            ``__hash__`` that keys its argument again.
     """
 
 def stable_digest(value: Any) -> str:
@@ -246,7 +251,7 @@ class TokenBucket:
     long the caller must wait before using the token it reserved.
 
     Args:
-        rate: Tokens per second (> 0, finite).
+        rate: Tokens per second (finite, at least 1e-9: one per 1e9 s).
         burst: Tokens available at once (>= 1). Default 1.
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
@@ -261,7 +266,7 @@ class TokenBucket:
     def burst(self) -> int:
         """Tokens available at once."""
     def set_rate(self, rate: float) -> None:
-        """Change the rate from now on (> 0, finite)."""
+        """Change the rate from now on (at least 1e-9); waiting calls keep their start."""
     def reserve(self) -> float:
         """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
     def try_acquire(self) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 import types
 from collections.abc import Callable
@@ -40,9 +39,9 @@ from opero import _testing
 from opero._callbacks import adapt_callback
 from opero._fallback import Fallback
 from opero._opero_core import Backoff
-from opero._policy import Policy
+from opero._policy import Policy, check_seconds
 from opero._ratelimit import MIN_WAIT, Limiter
-from opero.errors import AllFailedError, ConfigurationError
+from opero.errors import AllFailedError
 
 __all__ = ["Engine", "build_sync_call"]
 
@@ -125,18 +124,10 @@ class Engine:
             return 0.0
         if self.backoff_function is None:
             return self.backoff.delay(attempt)
-        value = self.backoff_function(attempt)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ConfigurationError(
-                f"backoff_function of {self.qualname} returned {value!r} for attempt {attempt}; "
-                "it must return a finite number of seconds >= 0"
-            )
-        return float(value)
+        return check_seconds(
+            f"backoff_function of {self.qualname}, for attempt {attempt}, returned",
+            self.backoff_function(attempt),
+        )
 
     def before_retry(self, exc: Exception, attempt: int) -> float:
         """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""

@@ -44,6 +44,25 @@ def _shm_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+#: Every live bucket of this process, so a forked child can replace their locks.
+_live: weakref.WeakSet[SharedTokenBucket] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Give each bucket a fresh lock in a forked child.
+
+    A parent thread may have held a bucket's lock at the fork (it is held around
+    ``flock``, which releases the GIL); the child would inherit it locked and hang
+    on its first ``reserve``. The child reopens the state file anyway (see ``_attach``).
+    """
+    for bucket in list(_live):
+        bucket._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _unlink(path: str) -> None:
     """Remove the state file, ignoring a file that is already gone."""
     with contextlib.suppress(FileNotFoundError):
@@ -85,6 +104,7 @@ class SharedTokenBucket:
         self._pid = -1
         self._fd = -1
         self._map: mmap.mmap | None = None
+        _live.add(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as (rate, burst, path): the receiver attaches to the same file."""
