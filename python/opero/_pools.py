@@ -14,15 +14,15 @@ later map, and shut down at exit:
   calling thread runs one loop too, so a map always makes progress (even when
   called from inside another map on the same pool) and a small input never
   waits for a thread to wake up.
-* processes: one ``multiprocessing.Pool`` per worker count, on the default
-  ``multiprocessing`` start method (its dispatch is about 1.5x cheaper than
-  ``ProcessPoolExecutor``'s for small jobs). When a worker dies (``os._exit``,
-  a signal, a segfault) the pool starts a replacement, but the job it was
-  running would never complete: every worker writes ``(pid, job id)`` into a
-  shared array when it starts a job, and a map that has waited :data:`POLL`
-  seconds looks there for dead pids. Their jobs are re-run one item per job,
-  so exactly the item that kills a worker gets a :class:`WorkerDiedError` and
-  the rest of the map finishes; the other items of that job run twice.
+* processes: one :class:`ProcessPool` per worker count: worker processes on
+  the default ``multiprocessing`` start method, each with its own pipe and at
+  most one job at a time, fed by one dispatcher thread that owns the pool's
+  state. The jobs not yet sent wait in their map's queue, so an interrupted or
+  cancelled map drops them at once. The dispatcher knows which job each worker
+  holds, so a worker that dies (``os._exit``, a signal, a segfault) is noticed
+  by its process sentinel: its job is re-run one item per job, so exactly the
+  item that kills a worker gets a :class:`WorkerDiedError` (the other items
+  of that job run twice), and a new worker replaces it.
 * asyncio on processes: one ``aiomultiprocess.Pool`` per worker count, living
   on a background event loop thread so it outlives the caller's loop.
 """
@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures as cf
+import contextlib
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import multiprocessing.util  # its atexit hook joins children: register ours after it
 import os
 import pickle
+import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -46,9 +51,11 @@ from opero.errors import OperoError
 
 __all__ = [
     "Piece",
+    "CancelScope",
     "ProcessPool",
     "Target",
     "WorkerDiedError",
+    "WorkerStartError",
     "aio_process_pool",
     "background_loop",
     "process_pool",
@@ -75,6 +82,35 @@ class WorkerDiedError(OperoError):
     """
 
 
+class CancelScope:
+    """Lets another thread cancel a running map (a cancelled ``await f.amap(...)``).
+
+    The engine registers how to stop its map with :meth:`add`; :meth:`cancel`
+    runs those callbacks once (a callback added after the cancel runs at once).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the scope is cancelled (now, if it already is)."""
+        with self._lock:
+            if not self.cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        """Stop the map: run every registered callback once."""
+        with self._lock:
+            self.cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 class Target(Protocol):
     """What a worker runs: it resolves, once per process, to the per-item callable."""
 
@@ -87,24 +123,6 @@ class _Progress(Protocol):
 
 
 # --------------------------------------------------------------------------- worker side
-
-_SLOTS: Any = None
-"""In a pool worker: the shared array of ``(pid, job id)`` pairs, one pair per worker."""
-_SLOT = -1
-"""In a pool worker: the index of this process's pair in ``_SLOTS`` (-1 = none)."""
-
-
-def _init_process_worker(slots: Any) -> None:
-    """Pool initializer: claim a free ``(pid, job id)`` pair in the shared array."""
-    global _SLOTS, _SLOT
-    with slots.get_lock():
-        raw = slots.get_obj()
-        for index in range(0, len(raw), 2):
-            if raw[index] == 0:
-                raw[index] = os.getpid()
-                raw[index + 1] = 0
-                _SLOTS, _SLOT = raw, index
-                return
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -163,20 +181,6 @@ def run_chunk(
     return values, errors
 
 
-def run_job(
-    target_blob: bytes, items_blob: bytes, job_id: int
-) -> tuple[list[Any], dict[int, BaseException] | None]:
-    """Process-pool entry: record the job in this worker's slot, then run it.
-
-    The target and the items arrive pickled by the parent and are unpickled
-    here, after the slot names the job, so even a worker that dies while
-    unpickling them is attributed to its job.
-    """
-    if _SLOTS is not None:
-        _SLOTS[_SLOT + 1] = job_id
-    return run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
-
-
 async def arun_chunk(
     target: Target, items: Sequence[Any]
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
@@ -219,41 +223,74 @@ def run_thread_items(
     workers: int,
     batch: int,
     bar: _Progress | None,
+    scope: CancelScope | None = None,
 ) -> list[Piece]:
     """Run ``fn`` on every item, ``workers`` at a time, batches pulled from a counter.
 
     The calling thread is one of the ``workers``; at most ``workers - 1`` pool
-    threads help, and a helper that was never started is cancelled.
+    threads help, and a helper that was never started is cancelled. An
+    interrupt in the calling thread (``KeyboardInterrupt``) or a cancelled
+    ``scope`` stops the map between two items: the items that have not
+    started never start, and the interrupt propagates at once (helpers finish
+    the item they are running on their own).
 
     Returns:
         The pieces in completion order (one per batch).
+
+    Raises:
+        concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
     n = len(items)
     n_batches = -(-n // batch)
     counter = itertools.count()
     pieces: list[Piece] = []
+    stopped = threading.Event()
+    running: set[Any] = set()
+
+    def stop() -> None:
+        # A batch runs at C speed over a list iterator (see map_items); moving
+        # that iterator to its end from here makes the batch stop after the
+        # item in progress, without a Python check per item.
+        stopped.set()
+        for source in list(running):
+            source.__setstate__(batch)
 
     def loop() -> None:
         add = pieces.append
         for b in counter:
-            if b >= n_batches:
+            if b >= n_batches or stopped.is_set():
                 return
             lo = b * batch
             hi = min(lo + batch, n)
-            values, errors = map_items(fn, itertools.islice(items, lo, hi))
+            source = iter(list(items[lo:hi]))
+            running.add(source)
+            try:
+                values, errors = map_items(fn, source)
+            finally:
+                running.discard(source)
+            if stopped.is_set():
+                return
             add((range(lo, hi), values, errors))
             if bar is not None:
                 bar.update(hi - lo)
 
     helpers = min(workers - 1, n_batches - 1)
     futures = [thread_pool(workers).submit(loop) for _ in range(helpers)] if helpers > 0 else []
+    if scope is not None:
+        scope.add(stop)
     try:
         loop()
-    finally:
         for future in futures:
             if not future.cancel():
                 future.result()
+    except BaseException:
+        stop()
+        for future in futures:
+            future.cancel()
+        raise
+    if stopped.is_set():
+        raise cf.CancelledError("opmap: the map was cancelled")
     return pieces
 
 
@@ -297,105 +334,530 @@ async def run_async_items(
     return pieces
 
 
-# --------------------------------------------------------------------------- processes
+_READY = b"r"
+"""What a worker process sends once it is up (before any job)."""
+
+
+def _worker_main(conn: Any) -> None:
+    """Run, in a worker process, the jobs that arrive on ``conn`` until the parent hangs up.
+
+    SIGINT is ignored: a Ctrl-C on a terminal reaches every process of the
+    group, and it is the parent that decides to stop a map (it stops sending
+    jobs); a worker only finishes the job it holds.
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to ignore
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send_bytes(_READY)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        job_id, target_blob, items_blob = pickle.loads(message)
+        try:
+            values, errors = run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
+            reply = _encode_result(job_id, values, errors)
+        except Exception as exc:  # the target or the items could not be rebuilt here
+            reply = pickle.dumps((job_id, None, _portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+        conn.send_bytes(reply)
+
+
+def _encode_result(
+    job_id: int, values: list[Any], errors: dict[int, BaseException] | None
+) -> bytes:
+    """Pickle a job's results; a value that does not pickle fails only its own item."""
+    try:
+        return pickle.dumps((job_id, values, errors), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # find the values that do not pickle: each fails its own item
+        errors = dict(errors or {})
+        for position, value in enumerate(values):
+            if position in errors:
+                continue
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                values[position] = None
+                errors[position] = _portable(
+                    TypeError(
+                        f"the result of this item could not be pickled back to the parent "
+                        f"process: {type(exc).__name__}: {exc}"
+                    )
+                )
+        return pickle.dumps((job_id, values, errors or None), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _died(pid: int | None, exitcode: int | None) -> WorkerDiedError:
+    """Build the error of an item whose worker process died."""
+    how = f"exit code {exitcode}" if exitcode is None or exitcode >= 0 else f"signal {-exitcode}"
+    return WorkerDiedError(
+        f"worker process {pid} died ({how}) while running this item (os._exit, a signal or a "
+        "crash in native code); the pool replaced it and the other items ran"
+    )
+
+
+class WorkerStartError(OperoError):
+    """A worker process of a process-mode ``@opmap`` died before it could take a job."""
+
+
+def _start_error(exitcode: int | None, method: str) -> WorkerStartError:
+    """Build the error of a map whose pool cannot start a worker process."""
+    hint = (
+        f" With the {method!r} start method a worker imports your main module again: put the "
+        'code that starts the map under `if __name__ == "__main__":`.'
+        if method != "fork"
+        else ""
+    )
+    return WorkerStartError(
+        f"opmap: a worker process exited (exit code {exitcode}) before it could take a job, so "
+        f"the process pool cannot start.{hint}"
+    )
+
+
+class _Run:
+    """One map on a :class:`ProcessPool`: its jobs, what is pending, and how it ends."""
+
+    def __init__(
+        self,
+        target_blob: bytes,
+        jobs: Sequence[Sequence[Any]],
+        done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+        indices: Sequence[Sequence[int]] | None,
+    ) -> None:
+        self.target_blob = target_blob
+        self.jobs = jobs
+        self.done = done
+        self.indices = indices
+        self.pending: collections.deque[_Job] = collections.deque()
+        self.open = 0  # jobs pending or running (a split job counts once per item)
+        self.partial: dict[int, tuple[list[Any], dict[int, BaseException], list[int]]] = {}
+        self.finished = threading.Event()
+        self.cancelled = False
+        self.failure: BaseException | None = None
+
+    def label(self, j: int, position: int) -> str:
+        """Name an item by its index in the map (its position in the job when unknown)."""
+        if self.indices is not None:
+            return f"item {self.indices[j][position]}"
+        return f"item {position} of job {j}"
+
+
+class _Job:
+    """A job (or one item of a split job) ready to send: its run, place and pickled items."""
+
+    __slots__ = ("blob", "j", "position", "run", "size")
+
+    def __init__(self, run: _Run, j: int, position: int, blob: bytes, size: int) -> None:
+        self.run = run
+        self.j = j
+        self.position = position  # -1: the whole job; else one item of it
+        self.blob = blob
+        self.size = size
+
+
+class _Worker:
+    """A worker process, the parent's end of its pipe, and the job it holds."""
+
+    __slots__ = ("conn", "job", "killed", "process", "ready")
+
+    def __init__(self, process: Any, conn: Any) -> None:
+        self.process = process
+        self.conn = conn
+        self.job: _Job | None = None
+        self.ready = False
+        self.killed = False  # stopped by us (a cancelled map), not a crash
+
+
+_Outcome = tuple[_Run, int, list[Any], "dict[int, BaseException] | None"]
 
 
 class ProcessPool:
-    """A ``multiprocessing.Pool`` plus the shared array that says who runs what.
+    """``workers`` processes fed by one dispatcher thread that owns all the pool's state.
 
-    ``multiprocessing.Pool`` replaces a worker that dies, but the job that
-    worker was running never completes. Each worker therefore writes
-    ``(pid, job id)`` into a shared array when it starts a job; a map that
-    waits longer than :data:`POLL` looks for dead pids there and re-runs their
-    jobs (one item per job, so a second death pins the item).
+    Each worker has its own pipe and holds at most one job; the jobs not yet
+    sent stay here, in their map's queue. So the dispatcher always knows which
+    job each worker runs: when a worker's sentinel fires (``os._exit``, a
+    signal, a segfault), that job's items are re-run one per job (a job of
+    one item gets a :class:`WorkerDiedError`), a new worker replaces it, and
+    there is no table to fill up. Cancelling a map drops its unsent jobs at
+    once; a job already running finishes and its result is dropped. Maps
+    called from several threads at once share the workers, one job at a time,
+    round-robin.
 
     Args:
         workers: The number of worker processes.
+        method: The ``multiprocessing`` start method (``None``: the default).
 
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, method: str | None = None) -> None:
         self.workers = workers
+        self._ctx: Any = multiprocessing.get_context(method)
         self._lock = threading.Lock()
-        self._pool: Any = None
-        self.slots: Any = None
+        self._procs: list[_Worker] = []
+        self._runs: collections.deque[_Run] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._wake_r: Any = None
+        self._wake_w: Any = None
+        self._spawning: Any = None
+        self._closed = False
 
-    def get(self) -> Any:
-        """Return the live ``multiprocessing.Pool``, starting it on first use."""
-        with self._lock:
-            if self._pool is None:
-                ctx = multiprocessing.get_context()
-                # Room for replacements of dead workers before their pairs are freed.
-                self.slots = ctx.Array("q", 2 * (2 * self.workers + 8))
-                self._pool = ctx.Pool(
-                    self.workers, initializer=_init_process_worker, initargs=(self.slots,)
-                )
-            return self._pool
+    # ------------------------------------------------------------------ public
 
     def pids(self) -> set[int]:
         """Return the process ids of the live workers (empty before first use)."""
-        pool = self._pool
-        if pool is None:
-            return set()
-        return {proc.pid for proc in list(pool._pool) if proc.exitcode is None}
+        with self._lock:
+            return {w.process.pid for w in self._procs if w.process.exitcode is None}
 
-    def lost_jobs(self) -> dict[int, int]:
-        """Return ``{job id: pid}`` of jobs whose worker died, freeing the dead pairs."""
-        exited = {proc.pid for proc in list(self._pool._pool) if proc.exitcode is not None}
-        lost: dict[int, int] = {}
-        with self.slots.get_lock():
-            raw = self.slots.get_obj()
-            for index in range(0, len(raw), 2):
-                pid = raw[index]
-                if pid and (pid in exited or not _alive(pid)):
-                    if raw[index + 1]:
-                        lost[int(raw[index + 1])] = int(pid)
-                    raw[index] = 0
-                    raw[index + 1] = 0
-        return lost
+    def submit(
+        self,
+        target: Target,
+        jobs: Sequence[Sequence[Any]],
+        done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+        indices: Sequence[Sequence[int]] | None = None,
+    ) -> _Run:
+        """Queue a map's jobs; ``done(job, values, errors)`` runs in the dispatcher thread.
+
+        An item that cannot be pickled fails in its place before anything is
+        sent (with a note naming its index); the other items run.
+        """
+        run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices)
+        unsendable: list[_Outcome] = []
+        for j, job in enumerate(jobs):
+            try:
+                blob = pickle.dumps(list(job), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # find the items that do not pickle: each fails in its place
+                outcome = self._split_unpicklable(run, j)
+                if outcome is not None:
+                    unsendable.append(outcome)
+                continue
+            run.pending.append(_Job(run, j, -1, blob, len(job)))
+            run.open += 1
+        self._deliver(unsendable)
+        if run.open == 0:
+            run.finished.set()
+            return run
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("opmap: the process pool was shut down (interpreter exit)")
+            self._start()
+            self._runs.append(run)
+        self._wake()
+        return run
+
+    def cancel(self, run: _Run) -> None:
+        """Stop a map: drop its unsent jobs and kill the workers running its jobs.
+
+        Killing (rather than letting a job of many items finish) stops the
+        work as a Ctrl-C stops a plain loop, and frees the workers for the
+        next map at once; the dispatcher starts their replacements.
+        """
+        with self._lock:
+            run.cancelled = True
+            run.pending.clear()
+            with contextlib.suppress(ValueError):
+                self._runs.remove(run)
+            for w in self._procs:
+                if w.job is not None and w.job.run is run and not w.killed:
+                    w.killed = True
+                    with contextlib.suppress(OSError):
+                        w.process.kill()
+        run.finished.set()
 
     def shutdown(self) -> None:
-        """Stop the workers."""
+        """Stop the dispatcher and the workers (at exit)."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+            self._closed = True
+            procs, self._procs = self._procs, []
+            runs = list(self._runs)
+            self._runs.clear()
+        for run in runs:
+            run.cancelled = True
+            run.finished.set()
+        self._wake()
+        for w in procs:
+            with contextlib.suppress(Exception):
+                w.process.terminate()
+        for w in procs:
+            with contextlib.suppress(Exception):
+                w.process.join(5)
+                w.conn.close()
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's workers and thread without joining them.
+
+        The child closes its copies of the parent's pipe ends: a worker sees
+        end-of-file, and exits, only when no process holds the other end, so
+        a forked worker must not keep its siblings' (or its own) parent ends,
+        or workers would outlive a parent that died.
+        """
+        procs = self._procs
+        self._procs = []
+        self._runs = collections.deque()
+        self._thread = None
+        self._closed = True
+        children = getattr(multiprocessing.process, "_children", None)
+        ends = [w.conn for w in procs] + [self._spawning, self._wake_r, self._wake_w]
+        for end in ends:
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    end.close()
+        for w in procs:
+            if children is not None:
+                children.discard(w.process)
+
+    # ------------------------------------------------------------------ dispatcher
+
+    def _start(self) -> None:
+        """Start missing workers and the dispatcher thread (the caller holds the lock).
+
+        Workers are missing after a worker failed to start (see
+        :class:`WorkerStartError`): every new map tries again.
+        """
+        while len(self._procs) < self.workers:
+            self._procs.append(self._spawn())
+        if self._thread is not None:
+            return
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._thread = threading.Thread(
+            target=self._dispatch, name=f"opero-process-pool-{self.workers}", daemon=True
+        )
+        self._thread.start()
+
+    def _spawn(self) -> _Worker:
+        """Start one worker process."""
+        parent_end, child_end = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main, args=(child_end,), name="opero-opmap-worker", daemon=True
+        )
+        self._spawning = parent_end  # a forked worker closes its copy (see forget)
+        try:
+            process.start()
+        finally:
+            self._spawning = None
+        child_end.close()
+        return _Worker(process, parent_end)
+
+    def _wake(self) -> None:
+        """Make the dispatcher look at its queues again."""
+        wake = self._wake_w
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send_bytes(b"")
+
+    def _dispatch(self) -> None:
+        """Feed idle workers, collect results, replace the dead (the dispatcher thread)."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                self._feed()
+                by_conn = {w.conn: w for w in self._procs}
+                by_sentinel = {w.process.sentinel: w for w in self._procs}
+                wake: Any = self._wake_r
+            try:
+                ready = multiprocessing.connection.wait([wake, *by_conn, *by_sentinel])
+            except OSError:  # a pipe closed under us (shutdown)
+                continue
+            outcomes = []
+            with self._lock:
+                if self._closed:
+                    return
+                for obj in ready:
+                    if obj is wake:
+                        self._drain_wake()
+                    elif obj in by_conn:
+                        outcomes.extend(self._receive(by_conn[obj]))
+                for obj in ready:
+                    if obj in by_sentinel:
+                        outcomes.extend(self._bury(by_sentinel[obj]))
+            self._deliver(outcomes)
+
+    def _drain_wake(self) -> None:
+        """Read the wake-up signals already sent (lock held)."""
+        wake: Any = self._wake_r
+        while wake.poll():
+            wake.recv_bytes()
+
+    def _feed(self) -> None:
+        """Give each idle worker the next job, round-robin over the maps (lock held)."""
+        for w in self._procs:
+            if w.job is not None or w.killed:
+                continue
+            job = self._next_job()
+            if job is None:
+                break
+            message = pickle.dumps(
+                (id(job), job.run.target_blob, job.blob), protocol=pickle.HIGHEST_PROTOCOL
+            )
+            try:
+                w.conn.send_bytes(message)
+            except OSError:  # the worker is gone: its sentinel will fire
+                self._requeue(job)
+                continue
+            w.job = job
+
+    def _requeue(self, job: _Job) -> None:
+        """Put a job that was not run back first in its map's queue (lock held)."""
+        run = job.run
+        if run.cancelled:
+            return
+        run.pending.appendleft(job)
+        if run not in self._runs:
+            self._runs.appendleft(run)
+
+    def _next_job(self) -> _Job | None:
+        """Pop the next pending job, taking maps in turn."""
+        while self._runs:
+            run = self._runs[0]
+            self._runs.rotate(-1)
+            if run.pending:
+                return run.pending.popleft()
+            self._runs.remove(run)
+        return None
+
+    def _receive(self, w: _Worker) -> list[_Outcome]:
+        """Read what worker ``w`` sent: its ready signal or its job's results (lock held)."""
+        outcomes: list[_Outcome] = []
+        while True:
+            try:
+                if not w.conn.poll():
+                    return outcomes
+                message = w.conn.recv_bytes()
+            except (EOFError, OSError):  # dead: its sentinel reports it
+                return outcomes
+            if message == _READY:
+                w.ready = True
+                continue
+            job, w.job = w.job, None
+            if job is None:
+                continue
+            try:
+                _job_id, values, errors = pickle.loads(message)
+            except Exception as exc:  # a result that pickles but does not unpickle here
+                values, errors = None, exc
+            outcomes.extend(self._settle(job, values, errors))
+
+    def _bury(self, w: _Worker) -> list[_Outcome]:
+        """Replace a dead worker; its job is split, or its single item failed (lock held)."""
+        outcomes = self._receive(w)  # a result it sent before dying still counts
+        w.process.join(0)
+        with contextlib.suppress(ValueError):
+            self._procs.remove(w)
+        w.conn.close()
+        job, w.job = w.job, None
+        if not w.ready and not w.killed:
+            error = _start_error(w.process.exitcode, self._ctx.get_start_method())
+            for run in list(self._runs) + ([job.run] if job is not None else []):
+                if not run.finished.is_set():
+                    run.failure = error
+                    run.cancelled = True
+                    run.pending.clear()
+                    run.finished.set()
+            self._runs.clear()
+            return outcomes
+        if not self._closed:
+            self._procs.append(self._spawn())
+        if job is None or job.run.cancelled:
+            return outcomes
+        run = job.run
+        if job.size > 1:
+            run.open -= 1
+            self._split(run, job.j)
+            return outcomes
+        died = _died(w.process.pid, w.process.exitcode)
+        return outcomes + self._settle(job, [None], {0: died})
+
+    def _split(self, run: _Run, j: int) -> None:
+        """Queue job ``j`` again as one job per item, first in line (lock held)."""
+        items = run.jobs[j]
+        run.partial[j] = ([None] * len(items), {}, [len(items)])
+        for position in reversed(range(len(items))):
+            blob = pickle.dumps([items[position]], protocol=pickle.HIGHEST_PROTOCOL)
+            run.pending.appendleft(_Job(run, j, position, blob, 1))
+            run.open += 1
+        if run not in self._runs:
+            self._runs.appendleft(run)
+
+    def _split_unpicklable(self, run: _Run, j: int) -> _Outcome | None:
+        """Queue the items of job ``j`` that pickle, one per job; fail the others in place."""
+        items = run.jobs[j]
+        values: list[Any] = [None] * len(items)
+        errors: dict[int, BaseException] = {}
+        queued = 0
+        for position, item in enumerate(items):
+            try:
+                blob = pickle.dumps([item], protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                exc.add_note(
+                    f"opmap: {run.label(j, position)} cannot be pickled to a worker process; "
+                    "it failed in its place and the other items ran"
+                )
+                errors[position] = exc
+                continue
+            run.pending.append(_Job(run, j, position, blob, 1))
+            run.open += 1
+            queued += 1
+        if queued == 0:
+            return (run, j, values, errors)
+        run.partial[j] = (values, errors, [queued])
+        return None
+
+    def _settle(self, job: _Job, values: list[Any] | None, errors: Any) -> list[_Outcome]:
+        """Account for a finished job; return what to report (lock held)."""
+        run = job.run
+        if run.cancelled:
+            return []
+        if values is None:  # the whole job failed in the worker
+            exc = errors
+            values = [None] * job.size
+            errors = dict.fromkeys(range(job.size), exc)
+        run.open -= 1
+        outcomes: list[_Outcome] = []
+        if job.position < 0:
+            outcomes.append((run, job.j, values, errors))
+        else:
+            acc_values, acc_errors, left = run.partial[job.j]
+            acc_values[job.position] = values[0]
+            if errors:
+                acc_errors[job.position] = errors[0]
+            left[0] -= 1
+            if left[0] == 0:
+                del run.partial[job.j]
+                outcomes.append((run, job.j, acc_values, acc_errors or None))
+        return outcomes
+
+    def _deliver(self, outcomes: list[_Outcome]) -> None:
+        """Call each map's ``done`` outside the lock, then finish maps with no job left.
+
+        Only the dispatcher thread settles jobs, so a map whose count of open
+        jobs is 0 after its outcomes are delivered has no result still to come.
+        """
+        touched: list[_Run] = []
+        for run, j, values, errors in outcomes:
+            if run.cancelled:
+                continue
+            if run not in touched:
+                touched.append(run)
+            try:
+                run.done(j, values, errors)
+            except BaseException as exc:  # never kill the dispatcher: the map re-raises it
+                run.failure = exc
+                self.cancel(run)
+        for run in touched:
+            if run.open == 0:
+                run.finished.set()
 
 
-def _alive(pid: int) -> bool:
-    """Return whether process ``pid`` exists (a zombie not yet reaped counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_PROCESS_POOLS: dict[tuple[int, str | None], ProcessPool] = {}
 
 
-POLL = 0.1
-"""Seconds between checks for dead workers while a process map waits."""
-
-_PROCESS_POOLS: dict[int, ProcessPool] = {}
-_JOB_IDS = itertools.count(1)
-
-
-def process_pool(workers: int) -> ProcessPool:
+def process_pool(workers: int, method: str | None = None) -> ProcessPool:
     """Return the shared process pool with ``workers`` processes (started lazily)."""
     with _LOCK:
-        pool = _PROCESS_POOLS.get(workers)
+        pool = _PROCESS_POOLS.get((workers, method))
         if pool is None:
-            pool = _PROCESS_POOLS[workers] = ProcessPool(workers)
+            pool = _PROCESS_POOLS[(workers, method)] = ProcessPool(workers, method)
         return pool
-
-
-def _died(pid: int) -> WorkerDiedError:
-    """Build the error of an item whose worker process died."""
-    return WorkerDiedError(
-        f"worker process {pid} died while running this item (os._exit, a signal or a crash "
-        "in native code); the pool replaced it and the other items ran"
-    )
 
 
 def run_process_jobs(
@@ -403,100 +865,31 @@ def run_process_jobs(
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+    indices: Sequence[Sequence[int]] | None = None,
+    scope: CancelScope | None = None,
 ) -> None:
-    """Run every job on the process pool; call ``done(job, values, errors)`` as each finishes.
+    """Run every job on the process pool; ``done(job, values, errors)`` as each finishes.
 
-    ``done`` runs in the pool's result thread (one wake-up of the caller per
-    map, not per job). A job whose worker died is re-run one item per job; an
-    item whose worker dies alone gets a :class:`WorkerDiedError`. The call
-    always returns.
+    ``done`` runs in the pool's dispatcher thread. An interrupt
+    (``KeyboardInterrupt``) or a cancelled ``scope`` drops the map's jobs
+    that have not started; the pool stays usable.
+
+    Raises:
+        concurrent.futures.CancelledError: ``scope`` was cancelled.
+
     """
-    mp_pool = pool.get()
-    target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
-    lock = threading.Lock()
-    all_done = threading.Event()
-    failure: list[BaseException] = []
-    # job id -> (job index, item position within the job, or -1 for the whole job)
-    outstanding: dict[int, tuple[int, int]] = {}
-    partial: dict[int, tuple[list[Any], dict[int, BaseException]]] = {}
-
-    def settle(j: int, position: int, values: list[Any], errors: Any) -> None:
-        """Report a whole job, or one item of a job being re-run item by item."""
-        if position < 0:
-            done(j, values, errors)
-            return
-        acc_values, acc_errors = partial[j]
-        acc_values[position] = values[0]
-        if errors:
-            acc_errors[position] = errors[0]
-        if not any(where[0] == j for where in outstanding.values()):
-            done(j, acc_values, acc_errors or None)
-
-    def finish(job_id: int, result: Any, error: BaseException | None) -> None:
-        """Pool callback: settle one job (a late result of a lost job is ignored)."""
-        try:
-            with lock:
-                where = outstanding.pop(job_id, None)
-                if where is None:
-                    return
-                j, position = where
-                if (
-                    type(error).__name__ == "MaybeEncodingError"  # multiprocessing.pool
-                    and position < 0
-                    and len(jobs[j]) > 1
-                ):
-                    # One result did not pickle: re-run the job item by item to pin it.
-                    split(j)
-                    return
-                if error is not None:
-                    size = 1 if position >= 0 else len(jobs[j])
-                    settle(j, position, [None] * size, dict.fromkeys(range(size), error))
-                else:
-                    settle(j, position, *result)
-                if not outstanding:
-                    all_done.set()
-        except BaseException as exc:  # never let it kill the pool's result thread
-            failure.append(exc)
-            all_done.set()
-
-    def submit(j: int, position: int) -> None:
-        job_id = next(_JOB_IDS)
-        items = jobs[j] if position < 0 else [jobs[j][position]]
-        outstanding[job_id] = (j, position)
-        mp_pool.apply_async(
-            run_job,
-            (target_blob, pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), job_id),
-            callback=lambda result: finish(job_id, result, None),
-            error_callback=lambda exc: finish(job_id, None, exc),
-        )
-
-    def split(j: int) -> None:
-        """Re-run job ``j`` as one job per item (the caller holds ``lock``)."""
-        partial[j] = ([None] * len(jobs[j]), {})
-        for k in range(len(jobs[j])):
-            submit(j, k)
-
-    with lock:
-        for j in range(len(jobs)):
-            submit(j, -1)
-    while not all_done.wait(POLL):
-        lost = pool.lost_jobs()
-        with lock:
-            for lost_id, pid in lost.items():
-                where = outstanding.get(lost_id)
-                if where is None:
-                    continue
-                j, position = where
-                if position >= 0 or len(jobs[j]) == 1:
-                    outstanding.pop(lost_id)
-                    settle(j, position, [None], {0: _died(pid)})
-                else:
-                    outstanding.pop(lost_id)
-                    split(j)
-            if not outstanding:
-                all_done.set()
-    if failure:
-        raise failure[0]
+    run = pool.submit(target, jobs, done, indices)
+    if scope is not None:
+        scope.add(lambda: pool.cancel(run))
+    try:
+        run.finished.wait()
+    except BaseException:
+        pool.cancel(run)
+        raise
+    if run.failure is not None:
+        raise run.failure
+    if run.cancelled:
+        raise cf.CancelledError("opmap: the map was cancelled")
 
 
 # --------------------------------------------------------------------------- executors, Dask
@@ -650,6 +1043,24 @@ def shutdown_all() -> None:
                 "could not close the aiomultiprocess pools at exit", exc_info=True
             )
 
+
+def _forget_after_fork() -> None:
+    """In a forked child: drop the parent's pools without joining or killing anything.
+
+    Their threads do not exist in the child and their worker processes belong
+    to the parent; the child builds its own pools on first use.
+    """
+    global _LOCK, _BACKGROUND
+    _LOCK = threading.Lock()  # it may have been held by another thread at the fork
+    for pool in _PROCESS_POOLS.values():
+        pool.forget()
+    _PROCESS_POOLS.clear()
+    _THREAD_POOLS.clear()
+    _AIO_POOLS.clear()
+    _BACKGROUND = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 # atexit runs hooks last-registered first: ours closes the pools before
 # multiprocessing's own hook joins their (non-daemon) processes, which would
