@@ -190,3 +190,26 @@ def d_fail_odd(x: int) -> int:
 def d_rate_limited(x: int) -> int:
     """Rate limited to 5 tokens then one every 1000 s on Dask workers."""
     return x
+
+
+def identity(x: Any) -> Any:
+    """Return the item unchanged."""
+    return x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False, chunksize=2)
+def p_identity(x: Any) -> Any:
+    """Return the item unchanged, in a worker process (two items per job)."""
+    return x
+
+
+async def _aidentity(x: Any) -> Any:
+    return x
+
+
+cached_identity = {
+    "thread": opmap(mode="thread", workers=2, retries=0, progress=False, cache=True)(identity),
+    "process": opmap(mode="process", workers=2, retries=0, progress=False, cache=True)(identity),
+    "async": opmap(mode="async", workers=2, retries=0, progress=False, cache=True)(_aidentity),
+}
+"""Cached identity maps by mode, for the unkeyable-item tests."""

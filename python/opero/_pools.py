@@ -740,7 +740,7 @@ class ProcessPool:
     def _bury(self, w: _Worker) -> list[_Outcome]:
         """Replace a dead worker; its job is split, or its single item failed (lock held)."""
         outcomes = self._receive(w)  # a result it sent before dying still counts
-        w.process.join(0)
+        w.process.join(1)  # its sentinel fired: it is exiting, reap it for its exit code
         with contextlib.suppress(ValueError):
             self._procs.remove(w)
         w.conn.close()
