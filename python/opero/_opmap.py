@@ -7,15 +7,20 @@ fallbacks, rate limit, callbacks). Modes:
 * ``"thread"``: a reused thread pool; items go in batches pulled by at most
   ``workers`` threads (the calling thread is one of them), not one future per
   item.
-* ``"process"``: a reused ``multiprocessing.Pool`` (created on first use, one
-  per worker count, shut down at exit) on the default start method, automatic
-  chunk sizes like ``multiprocessing.Pool.map``. The decorated function
-  travels by reference when it can be imported by name, else by value through
-  cloudpickle (lambdas, closures, ``__main__``). A worker that dies marks only
-  the item it was running failed (:class:`WorkerDiedError`); the pool replaces
-  the worker and the map finishes (the other items of that item's job run
-  again, one per job, to find it). A result that does not pickle fails only
-  its own item the same way.
+* ``"process"``: a reused :class:`opero._pools.ProcessPool` (created on first
+  use, one per worker count, shut down at exit) on the default start method
+  (fork, spawn or forkserver), automatic chunk sizes like
+  ``multiprocessing.Pool.map``. The decorated function travels by reference
+  when it can be imported by name, else by value through cloudpickle
+  (lambdas, closures, ``__main__``). A worker that dies marks only the item it
+  was running failed (:class:`WorkerDiedError`); a new worker replaces it and
+  the map finishes (the other items of that item's job run again, one per
+  job, to find it). An item or a result that does not pickle fails only its
+  own item the same way.
+
+Interrupts: ``KeyboardInterrupt`` in the calling thread, or cancelling
+``await f.amap(...)``, stops a thread or process map: items not started never
+start, and the pool is free for the next map.
 * ``"async"``: one event loop, ``workers`` coroutines in flight. An ``async
   def`` function runs on the loop; a plain ``def`` runs in
   ``asyncio.to_thread`` so it never blocks the loop.
@@ -36,7 +41,8 @@ Cache: in ``"thread"`` and ``"async"`` modes each item goes through the
 decorated function's cache directly (single flight included). In the pool
 modes the parent looks every item up before dispatch (hits are never sent) and
 stores the results computed by the workers; the workers run the function
-without a cache (``call_uncached``). The parent does both per batch
+without a cache (``call_uncached``). An item whose key cannot be built fails
+in its own place. The parent does both per batch
 (``cache_lookup_many`` once per map, ``cache_store_many`` once per finished
 job): one native call on the memory backend, ~10 ns a lookup against ~0.5 us
 for a single ``cache_lookup`` from Python (a miss there raises ``KeyError``).
