@@ -389,3 +389,64 @@ def test_script_without_main_guard_fails_at_once(tmp_path, method):
     assert raised, outcome.stdout + outcome.stderr
     assert "WorkerStartError" in raised[-1]
     assert "__main__" in raised[-1]
+
+
+# --------------------------------------------------------------------------- sharing, dispatcher
+
+
+def test_maps_from_several_threads_share_one_process_pool():
+    """Maps called at once from several threads on one pool each get their own results."""
+    res = result_of(
+        """
+        def tagged(item):
+            time.sleep(0.001)
+            return item[0] * 1000 + item[1]
+
+        mapped = opmap(mode="process", workers=2, retries=0, progress=False, chunksize=3)(tagged)
+        out = {}
+
+        def go(tag):
+            out[tag] = mapped([(tag, i) for i in range(50)])
+
+        threads = [threading.Thread(target=go, args=(tag,)) for tag in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = all(out[tag] == [tag * 1000 + i for i in range(50)] for tag in range(6))
+        report(ok=ok, maps=len(out))
+        """
+    )
+    assert res == {"ok": True, "maps": 6}
+
+
+def test_a_failing_dispatcher_fails_the_map_instead_of_hanging_it():
+    """If the pool's dispatcher thread fails, the map raises OperoError and the next map works."""
+    res = result_of(
+        """
+        from opero import _pools
+        from opero.errors import OperoError
+
+        mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
+        mapped([-1])
+        real = _pools.ProcessPool._feed
+        calls = []
+
+        def broken(self):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected")
+            return real(self)
+
+        _pools.ProcessPool._feed = broken
+        try:
+            mapped(range(-5, 0))
+            first = "returned"
+        except OperoError as exc:
+            first = str(exc)
+        report(first=first, again=mapped(range(-3, 0)))
+        """
+    )
+    assert "dispatcher failed" in res["first"]
+    assert "injected" in res["first"]
+    assert res["again"] == [3, 2, 1]

@@ -36,6 +36,7 @@ import concurrent.futures as cf
 import contextlib
 import importlib
 import itertools
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
@@ -48,6 +49,8 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from opero.errors import OperoError
+
+_log = logging.getLogger("opero")
 
 __all__ = [
     "Piece",
@@ -508,19 +511,13 @@ class ProcessPool:
         with self._lock:
             return {w.process.pid for w in self._procs if w.process.exitcode is None}
 
-    def submit(
-        self,
-        target: Target,
-        jobs: Sequence[Sequence[Any]],
-        done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
-        indices: Sequence[Sequence[int]] | None = None,
-    ) -> _Run:
-        """Queue a map's jobs; ``done(job, values, errors)`` runs in the dispatcher thread.
+    def submit(self, run: _Run) -> None:
+        """Queue a map's jobs; its ``done(job, values, errors)`` runs in the dispatcher thread.
 
         An item that cannot be pickled fails in its place before anything is
         sent (with a note naming its index); the other items run.
         """
-        run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices)
+        jobs = run.jobs
         unsendable: list[_Outcome] = []
         for j, job in enumerate(jobs):
             try:
@@ -535,14 +532,15 @@ class ProcessPool:
         self._deliver(unsendable)
         if run.open == 0:
             run.finished.set()
-            return run
+            return
         with self._lock:
             if self._closed:
                 raise RuntimeError("opmap: the process pool was shut down (interpreter exit)")
+            if run.cancelled:
+                return
             self._start()
             self._runs.append(run)
         self._wake()
-        return run
 
     def cancel(self, run: _Run) -> None:
         """Stop a map: drop its unsent jobs and kill the workers running its jobs.
@@ -645,6 +643,30 @@ class ProcessPool:
                 wake.send_bytes(b"")
 
     def _dispatch(self) -> None:
+        """Run the dispatcher loop; if it ever fails, fail every map instead of hanging them."""
+        try:
+            self._dispatch_loop()
+        except BaseException as exc:
+            _log.error("opmap: the process pool's dispatcher failed", exc_info=True)
+            error = OperoError(f"opmap: the process pool's dispatcher failed: {exc!r}")
+            error.__cause__ = exc
+            with self._lock:
+                runs = list(self._runs) + [w.job.run for w in self._procs if w.job is not None]
+                procs, self._procs = self._procs, []
+                self._runs.clear()
+                self._thread = None  # the next map starts a new dispatcher and workers
+            for run in runs:
+                if not run.finished.is_set():
+                    run.failure = error
+                    run.cancelled = True
+                    run.finished.set()
+            for w in procs:
+                with contextlib.suppress(Exception):
+                    w.process.kill()
+                    w.process.join(5)
+                    w.conn.close()
+
+    def _dispatch_loop(self) -> None:
         """Feed idle workers, collect results, replace the dead (the dispatcher thread)."""
         while True:
             with self._lock:
@@ -878,10 +900,11 @@ def run_process_jobs(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    run = pool.submit(target, jobs, done, indices)
-    if scope is not None:
-        scope.add(lambda: pool.cancel(run))
+    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices)
     try:
+        pool.submit(run)
+        if scope is not None:
+            scope.add(lambda: pool.cancel(run))
         run.finished.wait()
     except BaseException:
         pool.cancel(run)
