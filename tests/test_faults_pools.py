@@ -450,3 +450,45 @@ def test_a_failing_dispatcher_fails_the_map_instead_of_hanging_it():
     assert "dispatcher failed" in res["first"]
     assert "injected" in res["first"]
     assert res["again"] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_repeated_interrupts_at_any_point_leave_the_pool_whole(mode):
+    """Ctrl-C landing anywhere in 40 maps (queuing, starting, running) leaves a whole pool."""
+    outcome = run_scenario(
+        PRELUDE
+        + textwrap.dedent(
+            f"""
+            import random
+            from opero._pools import process_pool
+
+            def slow(x):
+                time.sleep(0.002)
+                return x
+
+            mapped = opmap(mode={mode!r}, workers=3, retries=0, progress=False, chunksize=5)(slow)
+            random.seed(7)
+            wrong = 0
+            for _ in range(40):
+                timer = threading.Timer(random.uniform(0.0, 0.05), os.kill,
+                                        (os.getpid(), signal.SIGINT))
+                timer.start()
+                try:
+                    wrong += mapped(range(300)) != list(range(300))
+                except KeyboardInterrupt:
+                    pass
+                timer.join()
+                time.sleep(0.01)
+            final = mapped(range(50)) == list(range(50))
+            report(wrong=wrong, final=final, workers=len(process_pool(3).pids()))
+            """
+        ),
+        timeout=120,
+    )
+    lines = [line[7:] for line in outcome.lines() if line.startswith("RESULT ")]
+    assert lines, outcome.stdout + outcome.stderr
+    res = json.loads(lines[-1])
+    assert res["wrong"] == 0
+    assert res["final"]
+    assert res["workers"] == (3 if mode == "process" else 0)
+    assert "Traceback" not in outcome.stderr  # no worker died of a half-built pool

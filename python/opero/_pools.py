@@ -281,10 +281,15 @@ def run_thread_items(
                 bar.update(hi - lo)
 
     helpers = min(workers - 1, n_batches - 1)
-    futures = [thread_pool(workers).submit(loop) for _ in range(helpers)] if helpers > 0 else []
-    if scope is not None:
-        scope.add(stop)
+    futures: list[cf.Future[None]] = []
     try:
+        # Inside the try: an interrupt while helpers are submitted stops them.
+        if helpers > 0:
+            pool = thread_pool(workers)
+            for _ in range(helpers):
+                futures.append(pool.submit(loop))
+        if scope is not None:
+            scope.add(stop)
         loop()
         for future in futures:
             if not future.cancel():
@@ -553,6 +558,7 @@ class ProcessPool:
         self._wake_r: Any = None
         self._wake_w: Any = None
         self._spawning: Any = None
+        self._start_failed: WorkerStartError | None = None
         self._waiter = _Waiter()
         self._by_conn: dict[Any, _Worker] = {}
         self._by_sentinel: dict[int, _Worker] = {}
@@ -592,8 +598,9 @@ class ProcessPool:
                 raise RuntimeError("opmap: the process pool was shut down (interpreter exit)")
             if run.cancelled:
                 return
-            self._start()
+            self._start_failed = None
             self._runs.append(run)
+            self._start()
         self._wake()
 
     def cancel(self, run: _Run) -> None:
@@ -663,21 +670,35 @@ class ProcessPool:
     # ------------------------------------------------------------------ dispatcher
 
     def _start(self) -> None:
-        """Start missing workers and the dispatcher thread (the caller holds the lock).
+        """Make sure the dispatcher thread runs (the caller holds the lock).
 
-        Workers are missing after a worker failed to start (see
-        :class:`WorkerStartError`): every new map tries again.
+        This runs in the caller's thread, where a ``KeyboardInterrupt`` can
+        land between any two bytecodes; so it does as little as possible, in
+        an order that an interrupt cannot break (a thread that was created
+        but not started is replaced). The workers are started by the
+        dispatcher itself (:meth:`_fill`), where no interrupt is raised.
         """
-        while len(self._procs) < self.workers:
+        if self._wake_r is None:
+            wake_r, wake_w = self._ctx.Pipe(duplex=False)
+            self._waiter.add(wake_r)
+            self._wake_r, self._wake_w = wake_r, wake_w
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(
+                target=self._dispatch, name=f"opero-process-pool-{self.workers}", daemon=True
+            )
+            self._thread = thread
+            thread.start()
+
+    def _fill(self) -> None:
+        """Start the missing workers, unless a worker failed to start (lock held).
+
+        Workers are missing at first, after a worker died, and after a worker
+        failed to start (see :class:`WorkerStartError`): then the next map
+        tries again, so a pool that cannot start does not spawn forever.
+        """
+        while len(self._procs) < self.workers and self._start_failed is None:
             self._procs.append(self._spawn())
-        if self._thread is not None:
-            return
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
-        self._waiter.add(self._wake_r)
-        self._thread = threading.Thread(
-            target=self._dispatch, name=f"opero-process-pool-{self.workers}", daemon=True
-        )
-        self._thread.start()
 
     def _spawn(self) -> _Worker:
         """Start one worker process."""
@@ -718,7 +739,9 @@ class ProcessPool:
                 procs, self._procs = self._procs, []
                 for w in procs:
                     self._forget_worker(w)
+                wake = (self._wake_r, self._wake_w)
                 self._waiter.remove(self._wake_r)
+                self._wake_r = self._wake_w = None
                 self._runs.clear()
                 self._thread = None  # the next map starts a new dispatcher and workers
             for run in runs:
@@ -731,6 +754,9 @@ class ProcessPool:
                     w.process.kill()
                     w.process.join(5)
                     w.conn.close()
+            for end in wake:
+                with contextlib.suppress(Exception):
+                    end.close()
 
     def _dispatch_loop(self) -> None:
         """Feed idle workers, collect results, replace the dead (the dispatcher thread)."""
@@ -738,6 +764,7 @@ class ProcessPool:
             with self._lock:
                 if self._closed:
                     return
+                self._fill()
                 self._feed()
                 wake: Any = self._wake_r
             try:
@@ -864,6 +891,7 @@ class ProcessPool:
             self._requeue(w.jobs.pop())
         if not w.ready and not w.killed:
             error = _start_error(w.process.exitcode, self._ctx.get_start_method())
+            self._start_failed = error
             for run in list(self._runs) + ([job.run] if job is not None else []):
                 if not run.finished.is_set():
                     run.failure = error
@@ -872,8 +900,6 @@ class ProcessPool:
                     run.finished.set()
             self._runs.clear()
             return outcomes
-        if not self._closed:
-            self._procs.append(self._spawn())
         if job is None or job.run.cancelled:
             return outcomes
         if w.killed:  # stopped for another map: not this job's fault
