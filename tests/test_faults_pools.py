@@ -340,7 +340,7 @@ def test_forked_child_builds_its_own_pools_while_a_map_runs():
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_process_map_on_every_start_method(method):
-    """Process maps, dying workers and bad items behave the same on fork, spawn and forkserver."""
+    """Process maps, dying workers and the shared rate limit work on fork, spawn and forkserver."""
     res = result_of(
         f"""
         import multiprocessing
@@ -354,12 +354,20 @@ def test_process_map_on_every_start_method(method):
         mapped = opmap(mode="process", workers=2, retries=0, progress=False)(maybe_die)
         first = kinds(mapped(range(8)))
         second = mapped([0, 1])
-        report(first=first, second=second)
+        limited = opmap(mode="process", workers=2, retries=0, progress=False, chunksize=1,
+                        rate_limit=20)(abs)
+        limited([0, 0])  # workers up before the clock starts
+        t0 = time.monotonic()
+        third = limited(range(8))
+        report(first=first, second=second, third=third, elapsed=time.monotonic() - t0)
         """,
         timeout=120,
     )
     assert res["first"] == [1, 2, 3, "WorkerDiedError", 5, 6, 7, 8]
     assert res["second"] == [1, 2]
+    assert res["third"] == list(range(8))
+    # 20 calls/s shared by both workers: 8 more calls need at least 7 intervals of 0.05 s.
+    assert res["elapsed"] >= 0.34
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

@@ -51,7 +51,8 @@ Failed items are never stored.
 Rate limit: global across the map's workers. Threads and tasks share the
 function's bucket. Worker processes (process, async_process, process
 executors, Dask) share a :class:`opero._shared_limiter.SharedTokenBucket`: the
-bucket state in shared memory on the parent's host, locked with ``flock``.
+bucket state in shared memory on the parent's host, under a file lock
+(``flock``; ``msvcrt.locking`` on Windows).
 Dask workers on other hosts therefore get one bucket per host; use
 ``rate_limit_backend="redis"`` for a cluster-wide limit (then no shared bucket
 is injected).
