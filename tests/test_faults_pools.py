@@ -500,3 +500,21 @@ def test_repeated_interrupts_at_any_point_leave_the_pool_whole(mode):
     assert res["final"]
     assert res["workers"] == (3 if mode == "process" else 0)
     assert "Traceback" not in outcome.stderr  # no worker died of a half-built pool
+
+
+def test_item_that_cannot_be_unpickled_in_the_worker_fails_only_its_slot():
+    """An item that pickles but fails to unpickle in the worker fails alone, named by index."""
+    items = [1, 2, h.BadInWorker(), 4, 5]
+    with pytest.warns(UserWarning, match="1 of 5 items failed"):
+        results = h.p_identity(items)
+    assert [r for i, r in enumerate(results) if i != 2] == [1, 2, 4, 5]
+    assert isinstance(results[2], ValueError)
+    assert any("item 2" in note for note in results[2].__notes__)
+
+
+def test_result_that_cannot_be_unpickled_in_the_parent_fails_only_its_slot():
+    """A result the parent cannot unpickle fails its own item; the rest of its job returns."""
+    with pytest.warns(UserWarning, match="1 of 10 items failed"):
+        results = h.p_bad_result_on_5(range(10))
+    assert [r for i, r in enumerate(results) if i != 5] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert isinstance(results[5], ValueError)

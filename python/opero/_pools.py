@@ -583,7 +583,7 @@ class ProcessPool:
             try:
                 blob = pickle.dumps(list(job), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # find the items that do not pickle: each fails in its place
-                outcome = self._split_unpicklable(run, j)
+                outcome = self._split(run, j)
                 if outcome is not None:
                     unsendable.append(outcome)
                 continue
@@ -876,6 +876,14 @@ class ProcessPool:
                 _job_id, values, errors = pickle.loads(message)
             except Exception as exc:  # a result that pickles but does not unpickle here
                 values, errors = None, exc
+            if values is None and job.size > 1 and not job.run.cancelled:
+                # The job failed as a whole (an item or a result that does not
+                # unpickle): run its items one per job, so only the bad one fails.
+                job.run.open -= 1
+                outcome = self._split(job.run, job.j, first=True)
+                if outcome is not None:
+                    outcomes.append(outcome)
+                continue
             outcomes.extend(self._settle(job, values, errors))
 
     def _bury(self, w: _Worker) -> list[_Outcome]:
@@ -908,28 +916,28 @@ class ProcessPool:
         run = job.run
         if job.size > 1:
             run.open -= 1
-            self._split(run, job.j)
-            return outcomes
+            outcome = self._split(run, job.j, first=True)
+            return outcomes if outcome is None else [*outcomes, outcome]
         died = _died(w.process.pid, w.process.exitcode)
         return outcomes + self._settle(job, [None], {0: died})
 
-    def _split(self, run: _Run, j: int) -> None:
-        """Queue job ``j`` again as one job per item, first in line (lock held)."""
-        items = run.jobs[j]
-        run.partial[j] = ([None] * len(items), {}, [len(items)])
-        for position in reversed(range(len(items))):
-            blob = pickle.dumps([items[position]], protocol=pickle.HIGHEST_PROTOCOL)
-            run.pending.appendleft(_Job(run, j, position, blob, 1))
-            run.open += 1
-        if run not in self._runs:
-            self._runs.appendleft(run)
+    def _split(self, run: _Run, j: int, first: bool = False) -> _Outcome | None:
+        """Queue job ``j`` as one job per item; an item that does not pickle fails in place.
 
-    def _split_unpicklable(self, run: _Run, j: int) -> _Outcome | None:
-        """Queue the items of job ``j`` that pickle, one per job; fail the others in place."""
+        Args:
+            run: The map.
+            j: The job's index.
+            first: Put the items first in line (a job being re-run) rather than last.
+
+        Returns:
+            The job's outcome when no item could be queued, else ``None`` (lock
+            held, or the run not yet shared).
+
+        """
         items = run.jobs[j]
         values: list[Any] = [None] * len(items)
         errors: dict[int, BaseException] = {}
-        queued = 0
+        queued: list[_Job] = []
         for position, item in enumerate(items):
             try:
                 blob = pickle.dumps([item], protocol=pickle.HIGHEST_PROTOCOL)
@@ -940,12 +948,17 @@ class ProcessPool:
                 )
                 errors[position] = exc
                 continue
-            run.pending.append(_Job(run, j, position, blob, 1))
-            run.open += 1
-            queued += 1
-        if queued == 0:
+            queued.append(_Job(run, j, position, blob, 1))
+        if not queued:
             return (run, j, values, errors)
-        run.partial[j] = (values, errors, [queued])
+        run.partial[j] = (values, errors, [len(queued)])
+        run.open += len(queued)
+        if first:
+            run.pending.extendleft(reversed(queued))
+            if run not in self._runs:
+                self._runs.appendleft(run)
+        else:
+            run.pending.extend(queued)
         return None
 
     def _settle(self, job: _Job, values: list[Any] | None, errors: Any) -> list[_Outcome]:
@@ -955,6 +968,11 @@ class ProcessPool:
             return []
         if values is None:  # the whole job failed in the worker
             exc = errors
+            if job.position >= 0 and isinstance(exc, BaseException):
+                exc.add_note(
+                    f"opmap: {run.label(job.j, job.position)} failed in transit (it, or its "
+                    "result, could not be unpickled); the other items ran"
+                )
             values = [None] * job.size
             errors = dict.fromkeys(range(job.size), exc)
         run.open -= 1
