@@ -611,8 +611,9 @@ class MappedFunction(Generic[R]):
                 value = self._meta.cache_lookup_many([item])[0][0]
             except Exception as exc:
                 exc.add_note(
-                    f"opmap {self._label}: item {i} could not be keyed for the cache; it failed "
-                    "in its place and the other items ran"
+                    f"opmap {self._label}: the cache lookup of item {i} failed (its key could "
+                    "not be built, or the backend raised); it failed in its place and the other "
+                    "items ran"
                 )
                 unkeyable[i] = exc
                 value = MISS
