@@ -518,3 +518,31 @@ def test_result_that_cannot_be_unpickled_in_the_parent_fails_only_its_slot():
         results = h.p_bad_result_on_5(range(10))
     assert [r for i, r in enumerate(results) if i != 5] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
     assert isinstance(results[5], ValueError)
+
+
+def test_a_worker_that_cannot_be_started_fails_the_map_at_once():
+    """If no worker process can be started, the map raises WorkerStartError; a later map works."""
+    res = result_of(
+        """
+        from opero import _pools
+        from opero.errors import OperoError
+
+        real = _pools.ProcessPool._spawn
+
+        def refuse(self):
+            raise OSError(24, "Too many open files")
+
+        _pools.ProcessPool._spawn = refuse
+        mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
+        try:
+            mapped(range(-4, 0))
+            first = "returned"
+        except OperoError as exc:
+            first = f"{type(exc).__name__}: {exc}"
+        _pools.ProcessPool._spawn = real
+        report(first=first, again=mapped(range(-3, 0)))
+        """
+    )
+    assert res["first"].startswith("WorkerStartError")
+    assert "Too many open files" in res["first"]
+    assert res["again"] == [3, 2, 1]

@@ -538,7 +538,7 @@ class ProcessPool:
     signal, a segfault), that job's items are re-run one per job (a job of
     one item gets a :class:`WorkerDiedError`), a new worker replaces it, and
     there is no table to fill up. Cancelling a map drops its unsent jobs at
-    once; a job already running finishes and its result is dropped. Maps
+    once and stops (kills and replaces) the workers running its jobs. Maps
     called from several threads at once share the workers, one job at a time,
     round-robin.
 
@@ -698,7 +698,24 @@ class ProcessPool:
         tries again, so a pool that cannot start does not spawn forever.
         """
         while len(self._procs) < self.workers and self._start_failed is None:
-            self._procs.append(self._spawn())
+            try:
+                self._procs.append(self._spawn())
+            except Exception as exc:  # out of processes or file descriptors, ...
+                error = WorkerStartError(f"opmap: could not start a worker process: {exc!r}")
+                error.__cause__ = exc
+                self._fail_all(error)
+
+    def _fail_all(self, error: WorkerStartError) -> None:
+        """Fail every map waiting on this pool: its workers cannot start (lock held)."""
+        self._start_failed = error
+        runs = list(self._runs) + [job.run for w in self._procs for job in w.jobs]
+        self._runs.clear()
+        for run in runs:
+            if not run.finished.is_set():
+                run.failure = error
+                run.cancelled = True
+                run.pending.clear()
+                run.finished.set()
 
     def _spawn(self) -> _Worker:
         """Start one worker process."""
@@ -898,15 +915,9 @@ class ProcessPool:
         while w.jobs:  # sent but never started: run them elsewhere
             self._requeue(w.jobs.pop())
         if not w.ready and not w.killed:
-            error = _start_error(w.process.exitcode, self._ctx.get_start_method())
-            self._start_failed = error
-            for run in list(self._runs) + ([job.run] if job is not None else []):
-                if not run.finished.is_set():
-                    run.failure = error
-                    run.cancelled = True
-                    run.pending.clear()
-                    run.finished.set()
-            self._runs.clear()
+            if job is not None:
+                self._requeue(job)  # so that _fail_all sees its map
+            self._fail_all(_start_error(w.process.exitcode, self._ctx.get_start_method()))
             return outcomes
         if job is None or job.run.cancelled:
             return outcomes
