@@ -546,3 +546,45 @@ def test_a_worker_that_cannot_be_started_fails_the_map_at_once():
     assert res["first"].startswith("WorkerStartError")
     assert "Too many open files" in res["first"]
     assert res["again"] == [3, 2, 1]
+
+
+def test_cancelled_amap_on_an_executor_cancels_the_jobs_not_started():
+    """Cancelling `await f.amap(...)` with executor= cancels its queued jobs and returns soon."""
+    res = result_of(
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        started = []
+
+        def slow(x):
+            started.append(x)
+            time.sleep(0.1)
+            return x
+
+        executor = ThreadPoolExecutor(2)
+        mapped = opmap(executor=executor, retries=0, progress=False, chunksize=1)(slow)
+        marks = []
+
+        async def main():
+            task = asyncio.create_task(mapped.amap(range(200)))
+            await asyncio.sleep(0.3)
+            marks.append(time.monotonic())
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        cancelled = asyncio.run(main())
+        after = time.monotonic() - marks[0]
+        at_return = len(started)
+        time.sleep(0.3)
+        report(cancelled=cancelled, after=after, later=len(started) - at_return,
+               started=at_return)
+        """
+    )
+    assert res["cancelled"]
+    assert res["after"] < 5.0  # 10 s of work were queued
+    assert res["started"] < 50
+    assert res["later"] == 0

@@ -693,7 +693,7 @@ class MappedFunction(Generic[R]):
         target = _WorkerTarget(self, self._shared_limiter())
         done = self._collector(items, job_indices, pieces, bar)
         if self._executor is not None:
-            _pools.run_executor_jobs(self._executor, target, jobs, done)
+            _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
         elif client is not None:
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:

@@ -1076,16 +1076,42 @@ def run_executor_jobs(
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+    scope: CancelScope | None = None,
 ) -> None:
-    """Run every job on a user's executor; a job that fails as a whole fails its items."""
-    futures = {executor.submit(run_chunk, target, job): j for j, job in enumerate(jobs)}
-    for future in cf.as_completed(futures):
-        j = futures[future]
-        try:
-            values, errors = future.result()
-        except Exception as exc:
-            values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
-        done(j, values, errors)
+    """Run every job on a user's executor; a job that fails as a whole fails its items.
+
+    An interrupt, or a cancelled ``scope``, cancels the jobs that have not
+    started (the executor is the user's: running jobs are left to finish).
+
+    Raises:
+        concurrent.futures.CancelledError: ``scope`` was cancelled.
+
+    """
+    futures: dict[cf.Future[Any], int] = {}
+
+    def cancel() -> None:
+        for future in list(futures):
+            future.cancel()
+
+    try:
+        for j, job in enumerate(jobs):
+            futures[executor.submit(run_chunk, target, job)] = j
+        if scope is not None:
+            scope.add(cancel)
+        for future in cf.as_completed(futures):
+            if scope is not None and scope.cancelled:
+                break
+            j = futures[future]
+            try:
+                values, errors = future.result()
+            except Exception as exc:
+                values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
+            done(j, values, errors)
+    except BaseException:
+        cancel()
+        raise
+    if scope is not None and scope.cancelled:
+        raise cf.CancelledError("opmap: the map was cancelled")
 
 
 def run_dask_jobs(
