@@ -589,3 +589,21 @@ def test_cancelled_amap_on_an_executor_cancels_the_jobs_not_started():
     assert res["after"] < 5.0  # 10 s of work were queued
     assert res["started"] < 50
     assert res["later"] == 0
+
+
+def test_a_second_dispatcher_thread_on_one_pool_returns_at_once():
+    """A duplicate dispatcher (its start was interrupted) exits; maps stay correct."""
+    res = result_of(
+        """
+        from opero._pools import process_pool
+
+        mapped = opmap(mode="process", workers=2, retries=0, progress=False, chunksize=1)(abs)
+        mapped([-1, -2])
+        extra = threading.Thread(target=process_pool(2)._dispatch)
+        extra.start()
+        extra.join(10)
+        ok = all(mapped(range(-40, 0)) == list(range(40, 0, -1)) for _ in range(20))
+        report(extra_alive=extra.is_alive(), ok=ok)
+        """
+    )
+    assert res == {"extra_alive": False, "ok": True}

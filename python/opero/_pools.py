@@ -555,6 +555,7 @@ class ProcessPool:
         self._procs: list[_Worker] = []
         self._runs: collections.deque[_Run] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._dispatcher: threading.Thread | None = None  # the thread in _dispatch_loop
         self._wake_r: Any = None
         self._wake_w: Any = None
         self._spawning: Any = None
@@ -744,7 +745,17 @@ class ProcessPool:
                 wake.send_bytes(b"")
 
     def _dispatch(self) -> None:
-        """Run the dispatcher loop; if it ever fails, fail every map instead of hanging them."""
+        """Run the dispatcher loop; if it ever fails, fail every map instead of hanging them.
+
+        Only one dispatcher runs per pool: a second one (its caller was
+        interrupted inside ``Thread.start()``, so :meth:`_start` could not
+        tell that the first had started) returns at once.
+        """
+        me = threading.current_thread()
+        with self._lock:
+            if self._dispatcher is not None:
+                return
+            self._dispatcher = me
         try:
             self._dispatch_loop()
         except BaseException as exc:
@@ -761,6 +772,7 @@ class ProcessPool:
                 self._wake_r = self._wake_w = None
                 self._runs.clear()
                 self._thread = None  # the next map starts a new dispatcher and workers
+                self._dispatcher = None
             for run in runs:
                 if not run.finished.is_set():
                     run.failure = error
@@ -774,6 +786,10 @@ class ProcessPool:
             for end in wake:
                 with contextlib.suppress(Exception):
                     end.close()
+        finally:
+            with self._lock:
+                if self._dispatcher is me:
+                    self._dispatcher = None
 
     def _dispatch_loop(self) -> None:
         """Feed idle workers, collect results, replace the dead (the dispatcher thread)."""
