@@ -91,7 +91,7 @@ def test_workers_exit_when_the_parent_is_killed():
         code = "; ".join([
             "import sys",
             "from opero import opmap",
-            "from opero._pools import process_pool",
+            "from opero._process_pool import process_pool",
             "mapped = opmap(mode='process', workers=3, retries=0, progress=False)(abs)",
             "assert mapped(range(6)) == list(range(6))",
             "print(' '.join(map(str, sorted(process_pool(3).pids()))), flush=True)",
@@ -432,12 +432,12 @@ def test_a_failing_dispatcher_fails_the_map_instead_of_hanging_it():
     """If the pool's dispatcher thread fails, the map raises OperoError and the next map works."""
     res = result_of(
         """
-        from opero import _pools
+        from opero import _process_pool
         from opero.errors import OperoError
 
         mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
         mapped([-1])
-        real = _pools.ProcessPool._feed
+        real = _process_pool.ProcessPool._feed
         calls = []
 
         def broken(self):
@@ -446,7 +446,7 @@ def test_a_failing_dispatcher_fails_the_map_instead_of_hanging_it():
                 raise RuntimeError("injected")
             return real(self)
 
-        _pools.ProcessPool._feed = broken
+        _process_pool.ProcessPool._feed = broken
         try:
             mapped(range(-5, 0))
             first = "returned"
@@ -468,7 +468,7 @@ def test_repeated_interrupts_at_any_point_leave_the_pool_whole(mode):
         + textwrap.dedent(
             f"""
             import random
-            from opero._pools import process_pool
+            from opero._process_pool import process_pool
 
             def slow(x):
                 time.sleep(0.002)
@@ -525,22 +525,22 @@ def test_a_worker_that_cannot_be_started_fails_the_map_at_once():
     """If no worker process can be started, the map raises WorkerStartError; a later map works."""
     res = result_of(
         """
-        from opero import _pools
+        from opero import _process_pool
         from opero.errors import OperoError
 
-        real = _pools.ProcessPool._spawn
+        real = _process_pool.ProcessPool._spawn
 
         def refuse(self):
             raise OSError(24, "Too many open files")
 
-        _pools.ProcessPool._spawn = refuse
+        _process_pool.ProcessPool._spawn = refuse
         mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
         try:
             mapped(range(-4, 0))
             first = "returned"
         except OperoError as exc:
             first = f"{type(exc).__name__}: {exc}"
-        _pools.ProcessPool._spawn = real
+        _process_pool.ProcessPool._spawn = real
         report(first=first, again=mapped(range(-3, 0)))
         """
     )
@@ -595,7 +595,7 @@ def test_a_second_dispatcher_thread_on_one_pool_returns_at_once():
     """A duplicate dispatcher (its start was interrupted) exits; maps stay correct."""
     res = result_of(
         """
-        from opero._pools import process_pool
+        from opero._process_pool import process_pool
 
         mapped = opmap(mode="process", workers=2, retries=0, progress=False, chunksize=1)(abs)
         mapped([-1, -2])

@@ -7,7 +7,7 @@ fallbacks, rate limit, callbacks). Modes:
 * ``"thread"``: a reused thread pool; items go in batches pulled by at most
   ``workers`` threads (the calling thread is one of them), not one future per
   item.
-* ``"process"``: a reused :class:`opero._pools.ProcessPool` (created on first
+* ``"process"``: a reused :class:`opero._process_pool.ProcessPool` (created on first
   use, one per worker count, shut down at exit) on the default start method
   (fork, spawn or forkserver), automatic chunk sizes like
   ``multiprocessing.Pool.map``. The decorated function travels by reference
@@ -80,7 +80,7 @@ from builtins import ExceptionGroup  # Python >= 3.11, like opero.errors
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
-from opero import _pools
+from opero import _pools, _process_pool
 from opero._progress import PROGRESS_VALUES, make_progress
 from opero._shared_limiter import SharedTokenBucket
 from opero.errors import ConfigurationError, OperoError
@@ -697,8 +697,8 @@ class MappedFunction(Generic[R]):
         elif client is not None:
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
-            _pools.run_process_jobs(
-                _pools.process_pool(workers), target, jobs, done, job_indices, scope
+            _process_pool.run_process_jobs(
+                _process_pool.process_pool(workers), target, jobs, done, job_indices, scope
             )
         return pieces
 
