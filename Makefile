@@ -38,13 +38,13 @@ redis-server: ## Install redis-server from Debian's packages when it is missing 
 	  else echo "redis-server missing: sudo apt-get install redis-server (the Redis tests are skipped without it)"; fi; }
 
 install: deps redis-server ## Build the extension (release) and install opero, every extra and the dev tools into .venv.
-	$(MATURIN) develop --release --extras $(EXTRAS)
+	$(MATURIN) develop --release --extras $(EXTRAS) --group $(GROUPS)
 
 build-dev: deps ## Build the extension in debug mode into .venv (fast compile, slow code).
-	$(MATURIN) develop --extras $(EXTRAS)
+	$(MATURIN) develop --extras $(EXTRAS) --group $(GROUPS)
 
 build-prod: deps ## Build the extension in release mode into .venv.
-	$(MATURIN) develop --release --extras $(EXTRAS)
+	$(MATURIN) develop --release --extras $(EXTRAS) --group $(GROUPS)
 
 test-rust: ## cargo test of the pure Rust cores.
 	cargo test --quiet
@@ -93,7 +93,7 @@ check-abi: ## cargo check of the bindings for CPython 3.14 and free-threaded 3.1
 
 wheel: venv ## Build a release manylinux_2_17 wheel (zig linker, no Docker) and the sdist into dist/.
 	$(PY) -m pip install -q 'ziglang>=0.13'
-	$(MATURIN) build --release --zig --compatibility manylinux_2_17 --interpreter $(PY) --out dist
+	PATH=$(abspath $(VENV))/bin:$$PATH $(MATURIN) build --release --zig --compatibility manylinux_2_17 --interpreter $(PY) --out dist
 	$(MATURIN) sdist --out dist
 
 format: deps ## Format Rust and Python sources.
