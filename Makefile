@@ -57,7 +57,7 @@ test: install lint test-rust test-python ## Install, lint, then run cargo test a
 test-all: ## make test on 3.11, then install and pytest on each other Python of VERSIONS found (.venv-X.Y).
 	$(MAKE) test
 	@for v in $(filter-out 3.11,$(VERSIONS)); do \
-	  py=$$(command -v python$$v || ls -d $(PYENV_ROOT)/versions/$$v*/bin/python$$v 2>/dev/null | grep -v 't/bin' | sort -V | tail -1); \
+	  py=$$(PYENV_ROOT=$(PYENV_ROOT) .ci/find-python $$v); \
 	  if [ -z "$$py" ]; then echo "== Python $$v: no interpreter found, skipped"; continue; fi; \
 	  echo "== Python $$v: $$py"; \
 	  $(MAKE) install test-python PYTHON=$$py VENV=.venv-$$v GROUPS=test || exit 1; \
