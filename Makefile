@@ -28,6 +28,8 @@ $(VENV)/bin/maturin:
 venv: $(VENV)/bin/maturin ## Create .venv with pip (>= 25.1, for --group) and maturin.
 
 deps: venv ## Install the development tools of pyproject's dependency groups into .venv.
+	@# a .venv made before the groups existed has an older pip: upgrade it (a no-op otherwise)
+	$(PY) -m pip install -q 'pip>=25.1'
 	$(PY) -m pip install -q $(foreach g,$(subst $(comma), ,$(GROUPS)),--group $(g))
 
 comma := ,
@@ -66,8 +68,8 @@ test-all: ## make test on 3.11, then install and pytest on each other Python of 
 lint: deps check-abi ## cargo fmt/clippy, the 3.14/3.14t checks, ruff, mypy --strict and stubtest.
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches .ci
+	$(VENV)/bin/ruff format --check python tests benches .ci
 	$(VENV)/bin/mypy --strict python/opero
 	$(PY) -m mypy.stubtest opero._opero_core
 
@@ -98,8 +100,8 @@ wheel: venv ## Build a release manylinux_2_17 wheel (zig linker, no Docker) and 
 
 format: deps ## Format Rust and Python sources.
 	cargo fmt
-	$(VENV)/bin/ruff format python tests benches
-	$(VENV)/bin/ruff check --fix python tests benches
+	$(VENV)/bin/ruff format python tests benches .ci
+	$(VENV)/bin/ruff check --fix python tests benches .ci
 
 bench: install ## Install, then run the comparison benchmark (python -m opero bench).
 	$(PY) -m opero bench
