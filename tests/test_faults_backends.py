@@ -27,7 +27,7 @@ from opero import ConfigurationError, RateLimitTimeout
 from opero import opero as cached_with
 from opero._opero_core import stable_digest_call
 from opero._ratelimit_redis import RedisRateLimiter
-from opero.cache import RedisBackend, _registry
+from opero.cache import RedisBackend, _identity, _registry
 from opero.cache import _disk as disk_module
 
 # --------------------------------------------------------------------------------------
@@ -177,18 +177,29 @@ def test_defaults_are_part_of_a_local_functions_identity(shared: dict[str, Any])
     assert (by_two(5), by_three(5)) == (10, 15)
 
 
-def test_unencodable_closure_is_refused_at_decoration(shared: dict[str, Any]) -> None:
-    """A local function closing over a lock is a ConfigurationError naming cache_key=."""
-    lock = threading.Lock()
+def test_unencodable_closure_gets_a_private_identity(
+    shared: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closure over a lock works, never shares with a namesake, and warns naming cache_key=."""
+    monkeypatch.setattr(_identity, "_WARNED", set())  # warned once per qualname per process
 
-    def guarded(x: int) -> int:
-        with lock:
-            return x
+    def make(lock: Any, offset: int) -> Callable[[int], int]:
+        def guarded(x: int) -> int:
+            with lock:
+                return x + offset
 
-    with pytest.raises(ConfigurationError, match=r"closure variable 'lock'.*cache_key="):
-        cached_with(cache=True, retries=0, **shared)(guarded)
+        return guarded
+
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        first = cached_with(cache=True, retries=0, **shared)(make(threading.Lock(), 0))
+        second = cached_with(cache=True, retries=0, **shared)(make(threading.Lock(), 100))
+    assert [r.getMessage() for r in caplog.records if "closure variable 'lock'" in r.getMessage()]
+    assert any("cache_key=" in r.getMessage() for r in caplog.records)
+    assert (first(3), second(3)) == (3, 103)  # namesakes never share entries
+    assert first(3) == 3
+    assert first.cache_info().hits == 1  # the same decoration still hits
     keyed = cached_with(cache=True, retries=0, cache_key=lambda f, x: ("guarded", x), **shared)(
-        guarded
+        make(threading.Lock(), 0)
     )
     assert keyed(3) == keyed(3) == 3
     assert keyed.cache_info().hits == 1
@@ -261,9 +272,10 @@ class Repo:
 
 
 def test_bound_methods_of_different_objects_never_share(shared: dict[str, Any]) -> None:
-    """Decorating a.get and b.get refuses at decoration; a classmethod or a cache_key works."""
-    with pytest.raises(ConfigurationError, match=r"bound method.*cache_key="):
-        cached_with(cache=True, retries=0, **shared)(Repo("a").get)
+    """a.get and b.get keep apart (private identities); a classmethod or a cache_key works."""
+    a_get = cached_with(cache=True, retries=0, **shared)(Repo("a").get)
+    b_get = cached_with(cache=True, retries=0, **shared)(Repo("b").get)
+    assert (a_get(1), b_get(1)) == ("a:1", "b:1")
     assert cached_with(cache=True, retries=0, **shared)(Repo.kind)(1) == "Repo:1"
     keyed = {
         name: cached_with(cache=True, retries=0, cache_key=lambda f, x, n=name: (n, x), **shared)(

@@ -20,19 +20,28 @@ Closure values are encoded like cache keys: ``None``, ``bool``, ``int``,
 function, class or module by its name (a local function by its own identity);
 an enum member by its class and name; an empty cell (a function that refers to
 itself) as empty. Any other value (a client, a lock, an instance) cannot be
-encoded stably: opero then raises :class:`~opero.errors.ConfigurationError` at
-decoration, unless the function has a ``cache_key=``, whose result must then
-tell such closures apart (or give each its own ``cache_namespace``).
+encoded stably, so no other process could tell the function apart from its
+namesakes: unless the function has a ``cache_key=`` (whose result must then tell
+such closures apart), the decoration gets a *private* identity,
+``module.qualname#p<process nonce>-<n>``, unique to this decoration in this
+process (and its forked children). Its entries are never shared with another
+decoration, another process or a later run, and a warning on the ``opero``
+logger says so once per qualname and points to ``cache_key=``.
 
 A bound method (``opero(...)(client.fetch)``) is the same function for every
 object, so its identity also covers the object it is bound to, encoded the same
 way: a class (a ``classmethod``) or a module by name, a plain value by content;
-an instance of your own class needs ``cache_key=``.
+an instance of your own class gets a private identity unless ``cache_key=`` is
+given.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
+import logging
+import os
+import threading
 import types
 from typing import Any
 
@@ -45,6 +54,15 @@ _PRIMITIVES = (type(None), bool, int, float, str, bytes)
 _BUDGET = 10_000  # nodes encoded per function: a closure over a huge value asks for cache_key=
 _TOP = "its code"  # where the encoding starts (named in error messages)
 _DIGEST_CHARS = 16  # 64 bits of SHA-256: identities of one module.qualname never meet by chance
+# Private identities: a random nonce per process (kept by forked children, which hold
+# copies of the same objects) and a counter per decoration, so they never repeat, not
+# even when a dropped closure's objects are freed and their ids reused.
+_PROCESS_NONCE = os.urandom(6).hex()
+_PRIVATE_SEQUENCE = itertools.count(1)
+_WARNED: set[str] = set()  # qualnames already warned about (bounded by the program's code)
+_WARNED_LOCK = threading.Lock()
+
+logger = logging.getLogger("opero")
 
 
 class _Unencodable(Exception):
@@ -179,9 +197,10 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             encoded count by their type instead of raising.
 
     Raises:
-        ConfigurationError: A local function or lambda whose closure or default
-            values cannot be encoded stably, or a method bound to an object that
-            cannot, and no ``cache_key=``.
+        ConfigurationError: What identifies the function cannot be encoded at
+            all (a value that contains itself, a ``__hash__`` or ``__eq__`` that
+            fails while it is walked). A value that merely has no stable
+            encoding gives a private identity instead (see the module docstring).
 
     """
     while (internals := _opero_internals(func)) is not None:
@@ -208,13 +227,7 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             encoded = encoder.function(func, _TOP)
         digest = stable_digest(encoded)
     except _Unencodable as exc:
-        raise ConfigurationError(
-            f"{qualname} is {what}; but "
-            f"{exc.where} holds a {type(exc.value).__qualname__} (or a value too large) "
-            "that has no stable encoding. Pass cache_key= (a function of (func, *args, "
-            "**kwargs) returning a key that tells these functions apart), ideally with a "
-            "cache_namespace= of their own, or define the function at module level"
-        ) from None
+        return _private_identity(qualname, what, exc)
     except (TypeError, ValueError, RuntimeError) as exc:  # RecursionError: a cycle
         raise ConfigurationError(
             f"{qualname} is {what}, but what identifies it has no stable encoding ({exc}); "
@@ -222,3 +235,24 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
+
+
+def _private_identity(qualname: str, what: str, exc: _Unencodable) -> str:
+    """Return an identity unique to this decoration, and warn once per qualname."""
+    with _WARNED_LOCK:
+        first = qualname not in _WARNED
+        _WARNED.add(qualname)
+    if first:
+        logger.warning(
+            "%s is %s; but %s holds a %s (or a value too large) that has no stable "
+            "encoding, so this decoration's shared-cache entries are private to it and to "
+            "this process (never shared with other processes or later runs). To share them, "
+            "pass cache_key= (a function of (func, *args, **kwargs) returning a key that "
+            "tells these functions apart), ideally with a cache_namespace= of their own, "
+            "or define the function at module level",
+            qualname,
+            what,
+            exc.where,
+            type(exc.value).__qualname__,
+        )
+    return f"{qualname}#p{_PROCESS_NONCE}-{next(_PRIVATE_SEQUENCE)}"
