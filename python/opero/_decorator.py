@@ -334,11 +334,19 @@ def _qualname(func: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
+def _is_opero(func: Callable[..., Any]) -> bool:
+    """Return whether ``func`` is already opero-decorated (it carries ``__opero__``)."""
+    try:
+        return isinstance(getattr(func, "__opero__", None), OperoInternals)
+    except Exception:  # a hostile __getattr__: not ours
+        return False
+
+
 def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
     """Build the wrapper of ``func`` for ``policy``."""
     is_async = inspect.iscoroutinefunction(func)
     qualname = _qualname(func)
-    engine = Engine(policy, func, qualname)
+    engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)
 
     if is_async:
