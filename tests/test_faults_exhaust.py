@@ -282,3 +282,37 @@ def test_exceptions_module_is_an_alias_of_errors() -> None:
     from opero.exceptions import OperoError
 
     assert OperoError is opero.OperoError
+
+
+def test_error_with_foreign_notes_still_propagates() -> None:
+    """An error whose __notes__ is not a list still propagates itself, with its earlier errors."""
+
+    class Odd(Exception):
+        """An error carrying a tuple as __notes__ (add_note refuses it)."""
+
+    def body() -> None:
+        error = Odd("odd")
+        error.__notes__ = ("not a list",)  # type: ignore[assignment]
+        raise error
+
+    func = op(retries=1)(body)
+    with pytest.raises(Odd) as info:
+        func()
+    assert info.value.__notes__ == ("not a list",)
+    assert len(attempt_errors(info.value)) == 2
+
+
+def test_not_retryable_error_propagates_without_note() -> None:
+    """An error outside retry_on propagates at once, unchanged: no note, no earlier errors."""
+    calls: list[str] = []
+
+    @op(retries=3, retry_on=ConnectionError)
+    def body() -> None:
+        calls.append("x")
+        raise KeyError("k")
+
+    with pytest.raises(KeyError) as info:
+        body()
+    assert calls == ["x"]
+    assert not hasattr(info.value, "__notes__")
+    assert attempt_errors(info.value) == [info.value]

@@ -228,6 +228,7 @@ class Engine:
             + (f"; earlier errors: {shown}" if shown else "")
             + "; opero.errors.attempt_errors(exc) lists them all"
         )
+        last.__dict__[EARLIER_ERRORS] = earlier
         try:
             notes = last.__dict__.get("__notes__")
             if isinstance(notes, list):
@@ -235,9 +236,8 @@ class Engine:
                     n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))
                 ]
             last.add_note(note)
-            last.__dict__[EARLIER_ERRORS] = earlier
-        except Exception:  # an exception type that refuses attributes: raise it unannotated
-            logger.debug("opero: could not annotate %s's error", self.qualname, exc_info=True)
+        except Exception:  # __notes__ set to a non-list by the function: raise it without ours
+            logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
     def log_fallback(self, exc: Exception, index: int, total: int) -> None:
         """Log a failed fallback candidate before the next one is tried."""
