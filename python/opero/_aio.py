@@ -55,57 +55,66 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             calls = fallback.candidates(args, kwargs)
             total = len(calls)
             errors: list[Exception] = []
-            for round_ in range(retries + 1):
-                if round_:
-                    wait = engine.before_retry(errors[-1], round_ - 1)
-                    if wait > 0:
-                        await asleep(wait)
-                for index, (a, k) in enumerate(calls):
-                    if limiter is not None:
-                        await take_token()
-                    try:
-                        result = await func(*a, **k)
-                    except Exception as exc:
-                        errors.append(exc)
-                        if not engine.is_retryable(exc):
-                            raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
-                        if index + 1 < total:
-                            engine.log_fallback(exc, index, total)
-                        continue
-                    if on_success is not None:
-                        on_success(result)
-                    return result
-            raise engine.exhausted(errors)
+            # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
+            try:
+                for round_ in range(retries + 1):
+                    if round_:
+                        wait = engine.before_retry(errors[-1], round_ - 1)
+                        if wait > 0:
+                            await asleep(wait)
+                    for index, (a, k) in enumerate(calls):
+                        if limiter is not None:
+                            await take_token()
+                        try:
+                            result = await func(*a, **k)
+                        except Exception as exc:
+                            errors.append(exc)
+                            if not engine.is_retryable(exc):
+                                raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
+                            if index + 1 < total:
+                                engine.log_fallback(exc, index, total)
+                            continue
+                        if on_success is not None:
+                            on_success(result)
+                        return result
+                raise engine.exhausted(errors)
+            finally:
+                del errors, calls
 
         return acall_fallback
 
     async def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Continue after the first call failed with ``first`` (the slow path)."""
-        if retries == 0:
-            raise engine.exhausted([first])
+        # Tracebacks of the errors reference this frame: drop its references to them
+        # on the way out, or each failed call leaves a cycle for the collector.
         errors = [first]
         exc = first
-        attempt = 0
-        while True:
-            if not engine.is_retryable(exc):
-                raise engine.give_up(exc)
-            if attempt == retries:
+        try:
+            if retries == 0:
                 raise engine.exhausted(errors)
-            wait = engine.before_retry(exc, attempt)
-            if wait > 0:
-                await asleep(wait)
-            attempt += 1
-            if limiter is not None:
-                await take_token()
-            try:
-                result = await func(*args, **kwargs)
-            except Exception as err:
-                errors.append(err)
-                exc = err
-                continue
-            if on_success is not None:
-                on_success(result)
-            return result
+            attempt = 0
+            while True:
+                if not engine.is_retryable(exc):
+                    raise engine.give_up(exc)
+                if attempt == retries:
+                    raise engine.exhausted(errors)
+                wait = engine.before_retry(exc, attempt)
+                if wait > 0:
+                    await asleep(wait)
+                attempt += 1
+                if limiter is not None:
+                    await take_token()
+                try:
+                    result = await func(*args, **kwargs)
+                except Exception as err:
+                    errors.append(err)
+                    exc = err
+                    continue
+                if on_success is not None:
+                    on_success(result)
+                return result
+        finally:
+            del first, errors, exc
 
     guard = retries > 0 or engine.on_failure is not None
     generated = specialize(

@@ -55,7 +55,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
+import pickle
+import sys
+import types
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -308,7 +313,7 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             and the fix).
 
     """
-    if func is not None and not callable(func):
+    if func is not None and not callable(func) and not isinstance(func, classmethod):
         raise TypeError(
             f"opero() takes the function to decorate or keyword options, got {func!r}; "
             "use @opero or @opero(retries=3, ...)"
@@ -318,7 +323,7 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         return _decorate(func, policy)
 
     def decorator(function: Callable[..., Any], /) -> Any:
-        if not callable(function):
+        if not callable(function) and not isinstance(function, classmethod):
             raise TypeError(f"@opero(...) decorates a function or method, got {function!r}")
         return _decorate(function, policy)
 
@@ -335,11 +340,24 @@ def _qualname(func: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
+def _is_opero(func: Callable[..., Any]) -> bool:
+    """Return whether ``func`` is already opero-decorated (it carries ``__opero__``)."""
+    try:
+        return isinstance(getattr(func, "__opero__", None), OperoInternals)
+    except Exception:  # a hostile __getattr__: not ours
+        return False
+
+
 def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
     """Build the wrapper of ``func`` for ``policy``."""
+    if isinstance(func, (staticmethod, classmethod)):
+        # @opero over @staticmethod/@classmethod: wrap the function, keep the binding rule
+        # (the native wrapper binds like a plain function, so a bare staticmethod would
+        # receive the instance).
+        return type(func)(_decorate(func.__func__, policy))
     is_async = inspect.iscoroutinefunction(func)
     qualname = _qualname(func)
-    engine = Engine(policy, func, qualname)
+    engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)
 
     if is_async:
@@ -407,7 +425,55 @@ def _finish(
     functools.update_wrapper(wrapper, func)
     wrapper.__dict__.update(helpers)
     wrapper.__dict__["__opero__"] = internals
+    if not hasattr(func, "__qualname__"):
+        # A callable object or a functools.partial has no __qualname__ to pickle by.
+        if isinstance(wrapper, types.FunctionType):
+            # Pickle looks functions up by __qualname__ alone: name it so the error says why.
+            label = type(func).__qualname__.replace("<locals>", "locals")
+            wrapper.__name__ = wrapper.__qualname__ = (
+                f"<opero wrapper of a {label} object, which has no __qualname__: "
+                "decorate a def function to pickle it>"
+            )
+        else:
+            # The native wrapper calls __reduce_ex__: find its module-level name then.
+            wrapper.__dict__["__reduce_ex__"] = _reduce_by_module_name(wrapper, func)
     return wrapper
+
+
+def _reduce_by_module_name(wrapper: Any, func: Callable[..., Any]) -> Callable[[int], Any]:
+    """Return a ``__reduce_ex__`` pickling ``wrapper`` by the module-level name bound to it.
+
+    The native wrapper pickles by its ``__qualname__``, which a decorated
+    callable object or ``functools.partial`` does not have. This looks for a
+    global of the wrapped object's module (or the wrapper's) that is the
+    wrapper itself, and otherwise raises a ``PicklingError`` saying why.
+    """
+    ref = weakref.ref(wrapper)
+    modules: list[str] = []
+    for owner in (wrapper, getattr(func, "func", None), type(func), func):
+        name = getattr(owner, "__module__", None)
+        if isinstance(name, str) and name not in modules and name != "functools":
+            modules.append(name)
+
+    def __reduce_ex__(protocol: int) -> Any:
+        target = ref()
+        for module_name in modules:
+            module = sys.modules.get(module_name)
+            for name, value in list(getattr(module, "__dict__", {}).items()):
+                if value is target:
+                    return _import_global, (module_name, name)
+        raise pickle.PicklingError(
+            f"cannot pickle {target!r}: it wraps {func!r}, which has no __qualname__, and it "
+            f"is not bound to a module-level name in {', '.join(modules) or 'any module'}; "
+            "assign the decorated object to a module-level name, or decorate a def function"
+        )
+
+    return __reduce_ex__
+
+
+def _import_global(module: str, name: str) -> Any:
+    """Return the global ``name`` of ``module`` (how a pickled decorated object comes back)."""
+    return getattr(importlib.import_module(module), name)
 
 
 def _lookup_many_loop(
