@@ -10,6 +10,7 @@ backoff schedule) run in Rust.
 from opero._decorator import OperoFunction, clear_cache, opero
 from opero._opero_core import __version__
 from opero._opmap import MapError, MappedFunction, OpmapFailureWarning, WorkerDiedError, opmap
+from opero._process_pool import WorkerStartError
 from opero._testing import set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
@@ -18,6 +19,7 @@ from opero.errors import (
     ConfigurationError,
     OperoError,
     RateLimitTimeout,
+    attempt_errors,
 )
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "OpmapFailureWarning",
     "RateLimitTimeout",
     "WorkerDiedError",
+    "WorkerStartError",
     "__version__",
+    "attempt_errors",
     "clear_cache",
     "opero",
     "opmap",
