@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from opero.cache._health import Outage, outage_for
-from opero.cache._redis import (
+from opero._connections.health import Outage, outage_for
+from opero._connections.redis import (
     PoolExhausted,
     RedisConnector,
     check_interval,
