@@ -1,7 +1,9 @@
 """The opero error tree.
 
 Every error opero raises derives from :class:`OperoError`, itself a
-``RuntimeError``. All of them pickle, so they cross process pools and Dask.
+``RuntimeError``; ``@opmap``'s one warning is :class:`OpmapFailureWarning`.
+This module is their only home (``opero`` re-exports them). All of them
+pickle, with their fields, so they cross process pools and Dask.
 
 When retries run out without an ``arg_fallback``, opero re-raises the
 function's own last exception (not an opero error) with a note, and

@@ -8,8 +8,12 @@ from opero.errors import (
     AllFailedError,
     CacheBackendError,
     ConfigurationError,
+    MapError,
     OperoError,
+    OpmapFailureWarning,
     RateLimitTimeout,
+    WorkerDiedError,
+    WorkerStartError,
     attempt_errors,
 )
 
@@ -17,7 +21,11 @@ __all__ = [
     "AllFailedError",
     "CacheBackendError",
     "ConfigurationError",
+    "MapError",
     "OperoError",
+    "OpmapFailureWarning",
     "RateLimitTimeout",
+    "WorkerDiedError",
+    "WorkerStartError",
     "attempt_errors",
 ]
