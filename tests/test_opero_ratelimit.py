@@ -525,3 +525,23 @@ print(f"{sum(results)} of {len(results)} children finished")
         timeout=120,
     )
     assert out.lines()[-1] == "30 of 30 children finished", out
+
+
+def test_redis_backend_without_redis_py_is_a_configuration_error() -> None:
+    """rate_limit_backend='redis' without redis-py fails at decoration, saying what to install."""
+    out = run_scenario(
+        """
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed
+        from opero import ConfigurationError, opero
+
+        try:
+            opero(rate_limit=5, rate_limit_backend="redis", rate_limit_key="k")(lambda: 1)
+        except ConfigurationError as exc:
+            print("ConfigurationError:", exc)
+        """,
+        timeout=60,
+    )
+    assert out.lines() == [
+        "ConfigurationError: rate_limit_backend='redis' needs redis-py: pip install 'opero[redis]'"
+    ], out

@@ -57,15 +57,21 @@ _SYNC_CLIENTS: dict[tuple[str, float, float, int, float], redis.Redis] = {}
 _ASYNC_CLIENTS: dict[asyncio.AbstractEventLoop, dict[Any, redis.asyncio.Redis]] = {}
 
 
-def import_redis() -> Any:
-    """Import redis-py, or explain how to install it."""
+def import_redis(feature: str = "cache_backend='redis'") -> Any:
+    """Import redis-py and return it, or explain how to install it.
+
+    Args:
+        feature: The option that needs Redis, named in the error.
+
+    Raises:
+        ConfigurationError: redis-py is not installed.
+
+    """
     try:
         import redis
         import redis.asyncio
-    except ImportError as exc:  # pragma: no cover - redis is a declared extra
-        raise ConfigurationError(
-            "cache_backend='redis' needs redis-py: pip install 'opero[redis]'"
-        ) from exc
+    except ImportError as exc:  # redis is the declared extra opero[redis]
+        raise ConfigurationError(f"{feature} needs redis-py: pip install 'opero[redis]'") from exc
     return redis
 
 
