@@ -7,6 +7,7 @@ pub mod clock;
 pub mod error;
 pub mod keys;
 pub mod ratelimit;
+pub mod sketch;
 pub mod store;
 
 #[cfg(feature = "python")]

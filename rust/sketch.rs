@@ -1,0 +1,162 @@
+//! A count-min frequency sketch with 4-bit counters and periodic aging: the
+//! popularity estimate behind the store's TinyLFU admission.
+//!
+//! Layout: a power-of-two table of `u64` words, 16 four-bit counters each.
+//! A key's hash picks one counter in each of [`DEPTH`] words (each row
+//! remixes the hash with its own seed, so the caller's hash may be weak, e.g.
+//! Python's `hash(int)`). The estimate is the smallest of those counters.
+//! Increments are conservative (only the counters at the minimum grow), which
+//! keeps collisions from inflating rare keys.
+//!
+//! Invariants: every counter is <= 15; after `sample_size` increments every
+//! counter is halved (aging), so the sketch forgets old popularity and a hot
+//! set that changes is learnt again within one sample.
+
+/// Counters per key.
+pub const DEPTH: usize = 4;
+/// The largest value of a counter.
+pub const MAX_COUNT: u8 = 15;
+const SEEDS: [u64; DEPTH] = [
+    0x9E37_79B9_7F4A_7C15,
+    0xC2B2_AE3D_27D4_EB4F,
+    0x1656_67B1_9E37_79F9,
+    0x27D4_EB2F_1656_67C5,
+];
+
+/// A count-min sketch of 4-bit counters that halves itself periodically.
+#[derive(Debug, Clone)]
+pub struct FrequencySketch {
+    table: Vec<u64>,
+    mask: u64,
+    additions: u64,
+    sample_size: u64,
+}
+
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    // The SplitMix64 finalizer: every input bit reaches every output bit.
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl FrequencySketch {
+    /// A sketch sized for a cache of `capacity` entries: `capacity` words
+    /// (16 counters per entry, rounded up to a power of two, at least 16
+    /// words) and aging every `sample_size` increments.
+    pub fn new(capacity: usize, sample_size: u64) -> Self {
+        let words = capacity.clamp(16, 1 << 26).next_power_of_two();
+        Self {
+            table: vec![0; words],
+            mask: (words - 1) as u64,
+            additions: 0,
+            sample_size: sample_size.max(16),
+        }
+    }
+
+    /// The increments between two agings.
+    pub fn sample_size(&self) -> u64 {
+        self.sample_size
+    }
+
+    #[inline]
+    fn slots(&self, hash: u64) -> [(usize, u32); DEPTH] {
+        let mut out = [(0usize, 0u32); DEPTH];
+        for (row, seed) in SEEDS.iter().enumerate() {
+            let h = mix(hash ^ seed);
+            // Low bits pick the word, the top 4 bits the counter inside it.
+            out[row] = ((h & self.mask) as usize, ((h >> 60) as u32) << 2);
+        }
+        out
+    }
+
+    #[inline]
+    fn count(&self, (word, shift): (usize, u32)) -> u8 {
+        ((self.table[word] >> shift) & 0xF) as u8
+    }
+
+    /// The estimated number of recent occurrences of `hash` (0..=15).
+    pub fn frequency(&self, hash: u64) -> u8 {
+        self.slots(hash)
+            .iter()
+            .map(|&s| self.count(s))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Record one occurrence of `hash`; age the sketch when a sample is full.
+    pub fn increment(&mut self, hash: u64) {
+        let slots = self.slots(hash);
+        let min = slots.iter().map(|&s| self.count(s)).min().unwrap_or(0);
+        if min >= MAX_COUNT {
+            return;
+        }
+        for &(word, shift) in &slots {
+            if self.count((word, shift)) == min {
+                self.table[word] += 1 << shift;
+            }
+        }
+        self.additions += 1;
+        if self.additions >= self.sample_size {
+            self.age();
+        }
+    }
+
+    /// Halve every counter (and the addition count).
+    pub fn age(&mut self) {
+        for w in &mut self.table {
+            *w = (*w >> 1) & 0x7777_7777_7777_7777;
+        }
+        self.additions /= 2;
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.table.iter_mut().for_each(|w| *w = 0);
+        self.additions = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_saturate_at_fifteen() {
+        let mut s = FrequencySketch::new(64, u64::MAX);
+        for _ in 0..100 {
+            s.increment(42);
+        }
+        assert_eq!(s.frequency(42), MAX_COUNT);
+        assert_eq!(s.frequency(43), 0);
+    }
+
+    #[test]
+    fn sequential_hashes_do_not_collide_into_one_estimate() {
+        // Python's hash(int) is the int: rows must remix it.
+        let mut s = FrequencySketch::new(1024, u64::MAX);
+        for k in 0..1024u64 {
+            s.increment(k);
+        }
+        let over: usize = (0..1024u64).filter(|&k| s.frequency(k) > 1).count();
+        assert!(over < 20, "{over} keys over-estimated");
+        let ghosts: usize = (5000..6024u64).filter(|&k| s.frequency(k) > 0).count();
+        assert!(ghosts < 20, "{ghosts} unseen keys estimated seen");
+    }
+
+    #[test]
+    fn aging_halves_counters() {
+        let mut s = FrequencySketch::new(16, 40);
+        for _ in 0..8 {
+            s.increment(1);
+        }
+        assert_eq!(s.frequency(1), 8);
+        for k in 100..132u64 {
+            s.increment(k);
+        }
+        // The 40th increment aged the table: 8 -> 4.
+        assert_eq!(s.frequency(1), 4);
+        s.clear();
+        assert_eq!(s.frequency(1), 0);
+    }
+}
