@@ -4,7 +4,7 @@ Kept equal to the native module (checked by ``python -m mypy.stubtest opero._ope
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, final
+from typing import Any, Literal, final
 
 __all__ = [
     "__version__",
@@ -74,7 +74,7 @@ def stable_digest_call(args: tuple[Any, ...], kwargs: dict[str, Any] | None = No
 
 @final
 class Store:
-    """A bounded LRU store with optional per-entry TTL; thread-safe.
+    """A bounded store with optional per-entry TTL; thread-safe.
 
     Keys are any value ``make_key`` accepts as a single argument, or a
     :class:`Key` (a plain value ``v`` and ``make_key((v,))`` are different
@@ -84,6 +84,9 @@ class Store:
     Args:
         max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.
         ttl: Seconds an entry lives (> 0, finite), ``None`` for no expiry.
+        policy: What a full store evicts: ``"lru"`` (least recently used,
+            the default) or ``"tinylfu"`` (W-TinyLFU: a recency window in
+            front of a frequency-gated main region; needs ``max_size``).
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
 
@@ -92,6 +95,7 @@ class Store:
         max_size: int | None = 1024,
         ttl: float | None = None,
         *,
+        policy: Literal["lru", "tinylfu"] = "lru",
         clock: ManualClock | None = None,
     ) -> Store: ...
     @property
@@ -100,6 +104,9 @@ class Store:
     @property
     def ttl(self) -> float | None:
         """The default time to live of an entry in seconds, ``None`` for no expiry."""
+    @property
+    def policy(self) -> Literal["lru", "tinylfu"]:
+        """The eviction policy: ``"lru"`` or ``"tinylfu"``."""
     def get(self, key: Any, /) -> Any:
         """Return the value stored under ``key``; raise ``KeyError`` on a miss."""
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
