@@ -469,11 +469,15 @@ impl<K, V> Store<K, V> {
         NIL
     }
 
-    /// W-TinyLFU: bring the store back within its bounds after an insert:
-    /// entries over the window's bound move to probation, each one admitted
-    /// over the main region's victim only if the sketch finds it more popular.
-    fn evict_tinylfu(&mut self, max: usize, out: &mut Vec<(K, V)>) {
-        let Some(lfu) = self.lfu.as_mut() else {
+    /// W-TinyLFU: bring the store back within its bounds after inserting
+    /// slot `newest`. Entries over the window's bound move to probation, each
+    /// one admitted over the main region's victim only if the sketch finds
+    /// it more popular; the loser is evicted. When the window is under its
+    /// bound (the hill climber grew it), the window's oldest entry duels the
+    /// main region's victim in place: the window grows only at the expense
+    /// of less popular main entries.
+    fn evict_tinylfu(&mut self, max: usize, newest: usize, out: &mut Vec<(K, V)>) {
+        let Some(lfu) = self.lfu.as_ref() else {
             return;
         };
         let window_max = lfu.window_max;
@@ -483,36 +487,48 @@ impl<K, V> Store<K, V> {
             self.push_front(c, PROBATION);
             if self.len > max {
                 let v = self.victim(c);
-                let drop = match (v, self.lfu.as_mut()) {
-                    (NIL, _) | (_, None) => c,
-                    (v, Some(lfu)) => {
-                        let cf = lfu.sketch.frequency(self.slots[c].hash);
-                        let vf = lfu.sketch.frequency(self.slots[v].hash);
-                        if lfu.admit(cf, vf) {
-                            v
-                        } else {
-                            c
-                        }
-                    }
-                };
+                let drop = self.duel(c, v);
                 out.push(self.take(drop));
                 self.evictions += 1;
             }
         }
-        // The window grew (hill climbing) or the main region is over: drop
-        // the main region's victims, the window's oldest last.
         while self.len > max {
-            let mut v = self.victim(NIL);
-            if v == NIL {
-                v = self.lists[usize::from(WINDOW)].tail;
-            }
-            if v == NIL {
-                break;
-            }
-            out.push(self.take(v));
+            let v = self.victim(NIL);
+            let c = self.lists[usize::from(WINDOW)].tail;
+            // The entry just stored is never the one dropped: read right
+            // after, it is a hit.
+            let drop = match (c, v) {
+                (NIL, NIL) => break,
+                (c, NIL) if c != newest => c,
+                (_, NIL) => break,
+                // No window candidate but the newest: the two main victims
+                // duel (evicting the first blindly lost hot entries whenever
+                // the hill climber grew the window).
+                (c, v) if c == NIL || c == newest => {
+                    let v2 = self.victim(v);
+                    self.duel(v, v2)
+                }
+                (c, v) => self.duel(c, v),
+            };
+            out.push(self.take(drop));
             self.evictions += 1;
         }
         self.demote_protected();
+    }
+
+    /// W-TinyLFU: the slot to evict of candidate `c` and victim `v` (`NIL`
+    /// when the main region holds no other entry).
+    fn duel(&mut self, c: usize, v: usize) -> usize {
+        let (Some(lfu), false) = (self.lfu.as_mut(), v == NIL) else {
+            return c;
+        };
+        let cf = lfu.sketch.frequency(self.slots[c].hash);
+        let vf = lfu.sketch.frequency(self.slots[v].hash);
+        if lfu.admit(cf, vf) {
+            v
+        } else {
+            c
+        }
     }
 
     /// Remove slot `i` (live) from every index and return its entry.
@@ -721,7 +737,7 @@ impl<K, V> Store<K, V> {
             self.set_expiry(i, expires);
         }
         if let (Some(max), true) = (self.max_size, self.lfu.is_some()) {
-            self.evict_tinylfu(max, out);
+            self.evict_tinylfu(max, i, out);
         }
     }
 
@@ -1134,6 +1150,38 @@ mod tinylfu_tests {
         let i = s.info();
         assert_eq!(i.size, 100);
         assert_eq!(i.evictions, 10_090 - 100);
+    }
+
+    #[test]
+    fn a_hot_set_survives_a_crawl_whatever_the_hash_seed() {
+        // The docs' example: 50 hot keys in 100 entries, a crawl of 4,000
+        // one-off keys, two between hot reads (LRU keeps none of the hot
+        // keys); hashes vary per process.
+        for seed in 0..40u64 {
+            let mut s: Store<u64, ()> =
+                Store::with_policy(Some(100), None, Policy::TinyLfu).unwrap();
+            let mut out = Vec::new();
+            let mut access = |s: &mut Store<u64, ()>, k: u64| -> bool {
+                let h = mix(k ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                let hit = matches!(s.get(h, || 0.0, |x| *x == k, true), Lookup::Hit(_));
+                if !hit {
+                    s.insert(h, k, (), None, || 0.0, |x| *x == k, &mut out);
+                }
+                hit
+            };
+            for _ in 0..5 {
+                for k in 0..50 {
+                    access(&mut s, k);
+                }
+            }
+            let mut hot_hits = 0;
+            for i in 0..2000 {
+                access(&mut s, 10_000 + 2 * i);
+                access(&mut s, 10_001 + 2 * i);
+                hot_hits += usize::from(access(&mut s, i % 50));
+            }
+            assert!(hot_hits >= 1990, "seed {seed}: {hot_hits} hot hits");
+        }
     }
 
     #[test]
