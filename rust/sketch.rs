@@ -43,14 +43,33 @@ fn mix(mut z: u64) -> u64 {
 impl FrequencySketch {
     /// A sketch sized for a cache of `capacity` entries: `capacity` words
     /// (16 counters per entry, rounded up to a power of two, at least 16
-    /// words) and aging every `sample_size` increments.
+    /// words, at most 2^26 words = 512 MiB) and aging every `sample_size`
+    /// increments.
     pub fn new(capacity: usize, sample_size: u64) -> Self {
-        let words = capacity.clamp(16, 1 << 26).next_power_of_two();
+        let words = Self::words_for(capacity);
         Self {
             table: vec![0; words],
             mask: (words - 1) as u64,
             additions: 0,
             sample_size: sample_size.max(16),
+        }
+    }
+
+    fn words_for(capacity: usize) -> usize {
+        capacity.clamp(16, 1 << 26).next_power_of_two()
+    }
+
+    /// The number of entries the table is sized for.
+    pub fn capacity(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Grow the table for `capacity` entries (counts restart from zero) and
+    /// age every `sample_size` increments; a smaller capacity changes nothing.
+    pub fn ensure_capacity(&mut self, capacity: usize, sample_size: u64) {
+        let words = Self::words_for(capacity);
+        if words > self.table.len() {
+            *self = Self::new(words, sample_size);
         }
     }
 
@@ -142,6 +161,18 @@ mod tests {
         assert!(over < 20, "{over} keys over-estimated");
         let ghosts: usize = (5000..6024u64).filter(|&k| s.frequency(k) > 0).count();
         assert!(ghosts < 20, "{ghosts} unseen keys estimated seen");
+    }
+
+    #[test]
+    fn growing_keeps_the_table_a_power_of_two() {
+        let mut s = FrequencySketch::new(10, 100);
+        assert_eq!(s.capacity(), 16);
+        s.increment(7);
+        s.ensure_capacity(8, 100);
+        assert_eq!((s.capacity(), s.frequency(7)), (16, 1));
+        s.ensure_capacity(1000, 10_000);
+        assert_eq!((s.capacity(), s.sample_size()), (1024, 10_000));
+        assert_eq!(s.frequency(7), 0);
     }
 
     #[test]

@@ -101,6 +101,10 @@ const STEP_DECAY: f64 = 0.98;
 /// freeze the main region (Caffeine's defence against hash flooding).
 const WARM_CANDIDATE: u8 = 6;
 
+/// The sketch starts sized for this many entries and grows with the store
+/// (to `max_size`), so a huge bound costs no memory until entries arrive.
+const SKETCH_START: usize = 1024;
+
 /// The W-TinyLFU state of a store.
 struct TinyLfu {
     sketch: FrequencySketch,
@@ -118,9 +122,10 @@ struct TinyLfu {
 
 impl TinyLfu {
     fn new(max: usize) -> Self {
-        let sample = (max as u64).saturating_mul(10);
+        let sized = max.min(SKETCH_START);
+        let sample = (sized as u64).saturating_mul(10);
         let mut t = Self {
-            sketch: FrequencySketch::new(max, sample),
+            sketch: FrequencySketch::new(sized, sample),
             max,
             window: (max as f64 * 0.01).max(1.0),
             window_max: 1,
@@ -134,6 +139,17 @@ impl TinyLfu {
         };
         t.resize(0.0);
         t
+    }
+
+    /// Grow the sketch (and the samples) once the store outgrows it.
+    #[inline]
+    fn fit(&mut self, len: usize) {
+        if len > self.sketch.capacity() && self.sketch.capacity() < self.max {
+            let sized = self.max.min(len.saturating_mul(2));
+            let sample = (sized as u64).saturating_mul(10);
+            self.sketch.ensure_capacity(sized, sample);
+            self.sample_size = sample.max(16);
+        }
     }
 
     /// Move the window target by `amount` entries and derive the region bounds.
@@ -736,7 +752,8 @@ impl<K, V> Store<K, V> {
         if expires.is_finite() {
             self.set_expiry(i, expires);
         }
-        if let (Some(max), true) = (self.max_size, self.lfu.is_some()) {
+        if let (Some(max), Some(lfu)) = (self.max_size, self.lfu.as_mut()) {
+            lfu.fit(self.len);
             self.evict_tinylfu(max, i, out);
         }
     }
@@ -1240,6 +1257,19 @@ mod tinylfu_tests {
         }
         let i = s.info();
         assert_eq!(i.size, s.keys_mru().len());
+    }
+
+    #[test]
+    fn a_huge_bound_costs_no_memory_until_entries_arrive() {
+        let mut s = lfu(1 << 40);
+        assert_eq!(s.lfu.as_ref().unwrap().sketch.capacity(), 1024);
+        for k in 0..5000 {
+            put(&mut s, k, k);
+        }
+        let cap = s.lfu.as_ref().unwrap().sketch.capacity();
+        assert!((5000..=16_384).contains(&cap), "{cap}");
+        assert_eq!(s.len(), 5000);
+        assert_eq!(fetch(&mut s, 4999), Some(4999));
     }
 
     #[test]
