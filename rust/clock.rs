@@ -1,6 +1,8 @@
 //! Clocks: a monotonic clock in seconds and a manual clock for tests.
 //!
-//! Invariants: every reading is finite and never goes backwards; a
+//! Invariants: every reading is finite and never goes backwards (except
+//! [`recent`] while its thread starts: a reading from the precise clock may
+//! be followed by the thread's first, microseconds older); a
 //! [`ManualClock`] moves only through [`ManualClock::advance`] (by a finite,
 //! non-negative amount), so tests of the store, the bucket and the backoff are
 //! exact and never sleep.
@@ -161,14 +163,114 @@ pub fn coarse() -> f64 {
     }
 }
 
+/// The precise `CLOCK_MONOTONIC` (same epoch as [`coarse`]), in seconds.
+#[inline]
+fn precise() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if vdso::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+        monotonic()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        monotonic()
+    }
+}
+
+/// A monotonic timestamp kept fresh by a background "upkeep" thread, so a
+/// reading is one atomic load (the way `quanta`'s `recent()` serves moka).
+///
+/// The TTL check of a cache hit reads the clock on every hit: the vDSO's
+/// coarse clock costs 2.3 ns of a 26 ns hit (9%), an atomic load about
+/// 0.3 ns. The upkeep thread starts at the first reading, stores
+/// `CLOCK_MONOTONIC` every [`UPKEEP_PERIOD`], never touches Python and never
+/// keeps the process alive (the process exits without joining it). A forked
+/// child has no upkeep thread: a `pthread_atfork` child handler clears the
+/// timestamp, so the child's first reading falls back to the precise clock
+/// and starts its own thread. Resolution: the period, plus however long the
+/// thread waits for a CPU on a loaded machine.
+pub mod recent {
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::Once;
+    use std::time::Duration;
+
+    /// How often the upkeep thread refreshes the timestamp.
+    pub const UPKEEP_PERIOD: Duration = Duration::from_millis(1);
+
+    /// The last timestamp as `f64` bits; 0 while no upkeep thread runs.
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    /// 0: no thread; 1: a thread runs (or is starting); 2: spawning failed.
+    static STATE: AtomicU8 = AtomicU8::new(0);
+    static AT_FORK: Once = Once::new();
+
+    /// The current timestamp in seconds (monotonic, same epoch as `coarse`).
+    #[inline(always)]
+    pub fn now() -> f64 {
+        let bits = NOW.load(Ordering::Relaxed);
+        if bits != 0 {
+            return f64::from_bits(bits);
+        }
+        start()
+    }
+
+    extern "C" fn after_fork_in_child() {
+        // Only atomics here: the child is single-threaded and must not allocate.
+        NOW.store(0, Ordering::Relaxed);
+        STATE.store(0, Ordering::Relaxed);
+    }
+
+    /// First reading (or first in a forked child): start the upkeep thread
+    /// and answer from the precise clock meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn start() -> f64 {
+        let t = super::precise();
+        if STATE
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return t;
+        }
+        AT_FORK.call_once(|| {
+            // SAFETY: registering a handler that only stores to atomics;
+            // the pointer is a plain `extern "C" fn()`.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(after_fork_in_child));
+            }
+        });
+        NOW.store(t.to_bits(), Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name("opero-clock".into())
+            .stack_size(64 * 1024)
+            .spawn(|| loop {
+                std::thread::sleep(UPKEEP_PERIOD);
+                NOW.store(super::precise().to_bits(), Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            // No thread (resource limits): every reading uses the precise clock.
+            NOW.store(0, Ordering::Relaxed);
+            STATE.store(2, Ordering::Relaxed);
+        }
+        t
+    }
+}
+
 /// Where a store or a bucket reads the time from.
 #[derive(Debug, Clone, Default)]
 pub enum Clock {
     /// The process's monotonic clock (precise).
     #[default]
     Monotonic,
-    /// The coarse monotonic clock (cheap; used for TTL checks).
+    /// The coarse monotonic clock (cheap).
     Coarse,
+    /// The upkeep thread's timestamp ([`recent`]; cheapest; used for TTL checks).
+    Recent,
     /// A manual clock shared with the test that drives it.
     Manual(Arc<ManualClock>),
 }
@@ -180,6 +282,7 @@ impl Clock {
         match self {
             Clock::Monotonic => monotonic(),
             Clock::Coarse => coarse(),
+            Clock::Recent => recent::now(),
             Clock::Manual(c) => c.now(),
         }
     }
@@ -188,6 +291,22 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_follows_the_monotonic_clock_within_a_few_periods() {
+        let first = recent::now();
+        assert!(first > 0.0);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let later = recent::now();
+        let truth = precise();
+        assert!(
+            later > first,
+            "the upkeep thread did not refresh the timestamp"
+        );
+        // Generous for a loaded CI box: the thread may wait for a CPU.
+        assert!(truth - later < 0.5, "recent lags by {} s", truth - later);
+        assert!(later <= truth);
+    }
 
     #[test]
     fn manual_clock_moves_only_when_advanced() {

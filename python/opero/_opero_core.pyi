@@ -78,8 +78,10 @@ class Store:
 
     Keys are any value ``make_key`` accepts as a single argument, or a
     :class:`Key` (a plain value ``v`` and ``make_key((v,))`` are different
-    keys). TTLs are measured with a coarse monotonic clock (resolution one
-    scheduler tick, 1-4 ms), so an expiry may be off by up to one tick.
+    keys). TTLs are measured with a monotonic timestamp that a background
+    thread refreshes every millisecond (started at the first TTL check, again
+    in a forked child), so an expiry may be late by about 1 ms, more when that
+    thread waits for a CPU on a loaded machine.
 
     Args:
         max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.
