@@ -190,23 +190,33 @@ fn precise() -> f64 {
 /// coarse clock costs 2.3 ns of a 26 ns hit (9%), an atomic load about
 /// 0.3 ns. The upkeep thread starts at the first reading, stores
 /// `CLOCK_MONOTONIC` every [`UPKEEP_PERIOD`], never touches Python and never
-/// keeps the process alive (the process exits without joining it). A forked
-/// child has no upkeep thread: a `pthread_atfork` child handler clears the
-/// timestamp, so the child's first reading falls back to the precise clock
-/// and starts its own thread. Resolution: the period, plus however long the
-/// thread waits for a CPU on a loaded machine.
+/// keeps the process alive (the process exits without joining it).
+///
+/// Fork: a `pthread_atfork` *prepare* handler stops the thread before every
+/// `fork()` (so CPython 3.12+, which counts the process's threads after a
+/// fork, has no reason to warn that the process is multi-threaded), and the
+/// next reading, in the parent or the child, starts a new one and answers
+/// from the precise clock meanwhile. Only atomics are shared with the thread:
+/// no lock can be inherited held by a child. Resolution: the period, plus
+/// however long the thread waits for a CPU on a loaded machine.
 pub mod recent {
-    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
     use std::sync::Once;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     /// How often the upkeep thread refreshes the timestamp.
     pub const UPKEEP_PERIOD: Duration = Duration::from_millis(1);
+    /// The longest a `fork()` waits for the upkeep thread to stop.
+    const STOP_WAIT: Duration = Duration::from_millis(100);
 
     /// The last timestamp as `f64` bits; 0 while no upkeep thread runs.
     static NOW: AtomicU64 = AtomicU64::new(0);
     /// 0: no thread; 1: a thread runs (or is starting); 2: spawning failed.
     static STATE: AtomicU8 = AtomicU8::new(0);
+    /// Asks the running thread to stop (set by the fork handler).
+    static STOP: AtomicBool = AtomicBool::new(false);
+    /// Whether an upkeep thread is between its start and its exit.
+    static ALIVE: AtomicBool = AtomicBool::new(false);
     static AT_FORK: Once = Once::new();
 
     /// The current timestamp in seconds (monotonic, same epoch as `coarse`).
@@ -219,14 +229,38 @@ pub mod recent {
         start()
     }
 
+    /// Whether an upkeep thread is running (for tests).
+    pub fn running() -> bool {
+        ALIVE.load(Ordering::Acquire)
+    }
+
+    /// What runs before every `fork()`: stop the upkeep thread.
+    pub extern "C" fn before_fork() {
+        if STATE.load(Ordering::Acquire) != 1 {
+            return;
+        }
+        NOW.store(0, Ordering::Relaxed);
+        STOP.store(true, Ordering::Release);
+        let started = Instant::now();
+        while ALIVE.load(Ordering::Acquire) && started.elapsed() < STOP_WAIT {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // The thread may have stored once more between its check and ours.
+        NOW.store(0, Ordering::Relaxed);
+        STOP.store(false, Ordering::Release);
+        STATE.store(0, Ordering::Release);
+    }
+
     extern "C" fn after_fork_in_child() {
         // Only atomics here: the child is single-threaded and must not allocate.
         NOW.store(0, Ordering::Relaxed);
+        STOP.store(false, Ordering::Relaxed);
+        ALIVE.store(false, Ordering::Relaxed);
         STATE.store(0, Ordering::Relaxed);
     }
 
-    /// First reading (or first in a forked child): start the upkeep thread
-    /// and answer from the precise clock meanwhile.
+    /// First reading (or first after a fork): start the upkeep thread and
+    /// answer from the precise clock meanwhile.
     #[cold]
     #[inline(never)]
     fn start() -> f64 {
@@ -238,24 +272,32 @@ pub mod recent {
             return t;
         }
         AT_FORK.call_once(|| {
-            // SAFETY: registering a handler that only stores to atomics;
-            // the pointer is a plain `extern "C" fn()`.
+            // SAFETY: registering handlers that only touch atomics (and, in
+            // the parent before the fork, sleep); plain `extern "C" fn()`s.
             unsafe {
-                libc::pthread_atfork(None, None, Some(after_fork_in_child));
+                libc::pthread_atfork(Some(before_fork), None, Some(after_fork_in_child));
             }
         });
+        ALIVE.store(true, Ordering::Release);
         NOW.store(t.to_bits(), Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("opero-clock".into())
             .stack_size(64 * 1024)
-            .spawn(|| loop {
-                std::thread::sleep(UPKEEP_PERIOD);
-                NOW.store(super::precise().to_bits(), Ordering::Relaxed);
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(UPKEEP_PERIOD);
+                    if STOP.load(Ordering::Acquire) {
+                        break;
+                    }
+                    NOW.store(super::precise().to_bits(), Ordering::Relaxed);
+                }
+                ALIVE.store(false, Ordering::Release);
             });
         if spawned.is_err() {
             // No thread (resource limits): every reading uses the precise clock.
             NOW.store(0, Ordering::Relaxed);
-            STATE.store(2, Ordering::Relaxed);
+            ALIVE.store(false, Ordering::Release);
+            STATE.store(2, Ordering::Release);
         }
         t
     }
@@ -306,6 +348,18 @@ mod tests {
         // Generous for a loaded CI box: the thread may wait for a CPU.
         assert!(truth - later < 0.5, "recent lags by {} s", truth - later);
         assert!(later <= truth);
+    }
+
+    #[test]
+    fn the_fork_handler_stops_the_upkeep_thread_and_a_reading_restarts_it() {
+        let _ = recent::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        recent::before_fork();
+        assert!(!recent::running());
+        let t = recent::now();
+        assert!(recent::running());
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(recent::now() > t);
     }
 
     #[test]

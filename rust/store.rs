@@ -267,7 +267,9 @@ pub struct Store<K, V> {
     table: HashTable<usize>,
     slots: Vec<Slot<K, V>>,
     free: Vec<usize>,
-    lists: [Ends; 3],
+    /// Window (the whole store under LRU), probation, protected; a fourth,
+    /// unused list lets `region & 3` index without a bounds check.
+    lists: [Ends; 4],
     lfu: Option<Box<TinyLfu>>,
     len: usize,
     max_size: Option<usize>,
@@ -325,7 +327,7 @@ impl<K, V> Store<K, V> {
             table: HashTable::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            lists: [EMPTY; 3],
+            lists: [EMPTY; 4],
             lfu,
             len: 0,
             max_size,
@@ -410,7 +412,7 @@ impl<K, V> Store<K, V> {
     #[inline]
     fn unlink(&mut self, i: usize) {
         let (prev, next) = (self.slots[i].prev, self.slots[i].next);
-        let list = &mut self.lists[usize::from(self.slots[i].region)];
+        let list = &mut self.lists[usize::from(self.slots[i].region & 3)];
         list.len -= 1;
         if prev == NIL {
             list.head = next;
@@ -426,7 +428,7 @@ impl<K, V> Store<K, V> {
 
     #[inline]
     fn push_front(&mut self, i: usize, region: u8) {
-        let list = &mut self.lists[usize::from(region)];
+        let list = &mut self.lists[usize::from(region & 3)];
         let head = list.head;
         list.head = i;
         list.len += 1;
@@ -447,18 +449,20 @@ impl<K, V> Store<K, V> {
     #[inline]
     fn touch(&mut self, i: usize) {
         let region = self.slots[i].region;
-        let target = if region == PROBATION {
-            PROTECTED
-        } else {
-            region
-        };
-        if self.lists[usize::from(region)].head != i || target != region {
+        if region == PROBATION {
+            self.promote(i);
+        } else if self.lists[usize::from(region & 3)].head != i {
             self.unlink(i);
-            self.push_front(i, target);
+            self.push_front(i, region);
         }
-        if target != region {
-            self.demote_protected();
-        }
+    }
+
+    /// W-TinyLFU: a probation entry used again moves to protected.
+    #[cold]
+    fn promote(&mut self, i: usize) {
+        self.unlink(i);
+        self.push_front(i, PROTECTED);
+        self.demote_protected();
     }
 
     /// W-TinyLFU: move protected entries over the bound back to probation.
@@ -474,7 +478,7 @@ impl<K, V> Store<K, V> {
     /// W-TinyLFU: the main region's next victim other than `not` (`NIL` if none).
     fn victim(&self, not: usize) -> usize {
         for region in [PROBATION, PROTECTED] {
-            let mut v = self.lists[usize::from(region)].tail;
+            let mut v = self.lists[usize::from(region & 3)].tail;
             if v == not && v != NIL {
                 v = self.slots[v].prev;
             }
@@ -781,7 +785,7 @@ impl<K, V> Store<K, V> {
         self.table.clear();
         self.free.clear();
         self.deadlines.clear();
-        self.lists = [EMPTY; 3];
+        self.lists = [EMPTY; 4];
         if let Some(lfu) = self.lfu.as_mut() {
             lfu.sketch.clear();
         }
@@ -803,7 +807,7 @@ impl<K, V> Store<K, V> {
     pub fn keys_mru(&self) -> Vec<&K> {
         let mut out = Vec::with_capacity(self.len);
         for region in [WINDOW, PROTECTED, PROBATION] {
-            let mut i = self.lists[usize::from(region)].head;
+            let mut i = self.lists[usize::from(region & 3)].head;
             while i != NIL {
                 if let Some((k, _)) = &self.slots[i].entry {
                     out.push(k);
