@@ -346,3 +346,38 @@ TestLRUPolicy = LRUPolicyMachine.TestCase
 TestLRUPolicy.settings = settings(max_examples=80, stateful_step_count=60, deadline=None)
 TestTinyLFUPolicy = TinyLFUPolicyMachine.TestCase
 TestTinyLFUPolicy.settings = settings(max_examples=80, stateful_step_count=60, deadline=None)
+
+
+def test_bench_reports_a_figure_a_loop_measured_itself(tmp_path: Any) -> None:
+    """A loop returning a Figure (misses per 1,000) is reported as that figure, ratios included."""
+    from opero._bench._harness import Case, Figure, Group, Impl, Settings, run_group
+    from opero._bench._report import Meta, format_row, machine_info, write_plot
+
+    def fixed(value: float) -> Any:
+        return lambda stack: lambda n: Figure(value)
+
+    group = Group(
+        "fig",
+        "figures",
+        "misses/1k",
+        lambda s: [
+            Case(
+                "trace",
+                Impl("opero", fixed(550.0), once=True),
+                [Impl("anchor", fixed(660.0), once=True)],
+                targets={"anchor": 1.0},
+            )
+        ],
+        default=False,
+    )
+    settings = Settings(target_ns=1_000_000, repeat=2)
+    result = run_group(group, settings)
+    (row,) = result.rows
+    assert row.timing is not None
+    assert row.timing.best_ns == 550.0
+    assert row.ratio(row.anchors[0]) == pytest.approx(550 / 660)
+    assert "550" in format_row(row, group.unit)
+    assert "ok" in format_row(row, group.unit)
+    pytest.importorskip("matplotlib")
+    write_plot([result], tmp_path / "fig.png", Meta(settings, 1.0, machine_info()))
+    assert (tmp_path / "fig.png").stat().st_size > 0
