@@ -15,7 +15,13 @@
 //! | `TUPLE`/`LIST` | sequences | varint count + items |
 //! | `DICT` | `dict` | varint count + (key, value) encodings sorted bytewise |
 //! | `SET`/`FROZENSET` | sets | varint count + item encodings sorted bytewise |
-//! | `OPAQUE` | anything else | varint slot index into the key's opaque objects |
+//! | `OPAQUE` | anything else | - (the object is the key's next opaque object) |
+//!
+//! A dict or set holding opaque objects (anywhere inside) is sorted by its
+//! items' bytes, then by the hash of each item's opaque objects, the objects
+//! moving with their items. If two items tie on both (a hash collision), the
+//! header is followed by `UNORDERED` and one `OPAQUE`: a `frozenset` of one
+//! key per item, which Python's set equality matches in any order.
 //!
 //! A call is `CALL` + varint count + positional items, then `KWARGS` + varint
 //! count + (name, value) pairs sorted by name. So `f(1)` and `f(x=1)` are
@@ -67,6 +73,9 @@ pub const SET: u8 = 0x0C;
 pub const FROZENSET: u8 = 0x0D;
 /// Tag of an opaque (non-builtin or subclass) object.
 pub const OPAQUE: u8 = 0x0E;
+/// Tag, right after a dict's or set's header, of items replaced by one
+/// opaque `frozenset` of per-item keys (items that tie in canonical order).
+pub const UNORDERED: u8 = 0x0F;
 /// Tag opening a call's positional arguments.
 pub const CALL: u8 = 0x10;
 /// Tag opening a call's keyword arguments.

@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod error;
+pub mod flight;
 pub mod keys;
 pub mod ratelimit;
 pub mod sketch;
@@ -29,6 +30,8 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::store::PyStore>()?;
     py::fastcall::install_fast_get(m.py())?;
     m.add_class::<py::cached_call::PyCachedCall>()?;
+    m.add_class::<py::flight::PyFlightToken>()?;
+    py::flight::install_fork_hook();
     py::fastcall::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;
     m.add_class::<py::backoff::PyBackoff>()?;

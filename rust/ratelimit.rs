@@ -10,6 +10,11 @@
 
 use crate::error::CoreError;
 
+/// The longest interval between tokens, in seconds (about 31.7 years): the
+/// delays returned are waits a caller sleeps, and `time.sleep` or a thread
+/// wait overflows past about 9.2e9 s. Equal to opero's `MAX_SECONDS`.
+pub const MAX_INTERVAL: f64 = 1e9;
+
 /// GCRA state; the caller supplies the time and provides the locking.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -35,10 +40,10 @@ fn check_rate(rate: f64) -> Result<f64, CoreError> {
         ));
     }
     let interval = 1.0 / rate;
-    if !(interval.is_finite() && interval > 0.0) {
+    if !(interval.is_finite() && interval > 0.0 && interval <= MAX_INTERVAL) {
         return Err(CoreError::value(
             "rate",
-            "a rate whose interval 1/rate is > 0",
+            "at least 1e-9 calls per second (one per 1e9 s: a longer wait cannot be slept)",
             rate,
         ));
     }
@@ -74,13 +79,27 @@ impl TokenBucket {
         self.burst
     }
 
-    /// Change the rate from `now` on. The outstanding debt (reservations not yet
-    /// due) is kept in tokens, rescaled to the new interval.
+    /// Change the rate from `now` on.
+    ///
+    /// Reservations already booked keep their start times (their callers are
+    /// already waiting): the last of them starts at `tat - burst * old`. A
+    /// lower rate keeps the outstanding debt in tokens, rescaled to the new
+    /// interval (never earlier than that last start). A higher rate rescales
+    /// the debt too, but never schedules the next reservation less than one
+    /// new interval after the last booked start: rescaling alone would slot
+    /// new callers between the booked ones and break `burst + rate * T`.
     pub fn set_rate(&mut self, rate: f64, now: f64) -> Result<(), CoreError> {
         let interval = check_rate(rate)?;
         if self.tat > now {
             let owed_tokens = (self.tat - now) / self.interval;
-            self.tat = now + owed_tokens * interval;
+            let rescaled = now + owed_tokens * interval;
+            let burst = f64::from(self.burst);
+            let after_booked = self.tat - burst * self.interval + burst * interval;
+            self.tat = if interval < self.interval {
+                rescaled.max(after_booked)
+            } else {
+                rescaled
+            };
         }
         self.rate = rate;
         self.interval = interval;
@@ -181,14 +200,38 @@ mod tests {
     }
 
     #[test]
-    fn set_rate_rescales_the_debt() {
-        let mut b = TokenBucket::new(1.0, 1).unwrap();
+    fn lowering_the_rate_rescales_the_debt() {
+        let mut b = TokenBucket::new(10.0, 1).unwrap();
         assert_eq!(b.reserve(0.0), 0.0);
-        assert!((b.reserve(0.0) - 1.0).abs() < 1e-12);
-        // Two tokens are owed at 1/s (tat = 2); at 10/s they are owed over 0.2 s.
-        b.set_rate(10.0, 0.0).unwrap();
-        assert!((b.reserve(0.0) - 0.2).abs() < 1e-12);
-        assert_eq!(b.rate(), 10.0);
+        assert!((b.reserve(0.0) - 0.1).abs() < 1e-12);
+        // Two tokens are owed at 10/s (tat = 0.2); at 1/s they are owed over 2 s.
+        b.set_rate(1.0, 0.0).unwrap();
+        assert!((b.reserve(0.0) - 2.0).abs() < 1e-12);
+        assert_eq!(b.rate(), 1.0);
+    }
+
+    #[test]
+    fn raising_the_rate_keeps_booked_starts() {
+        // 1 free then 20 booked at 50/s: they start at 0.02 .. 0.40.
+        let mut b = TokenBucket::new(50.0, 1).unwrap();
+        let booked: Vec<f64> = (0..21).map(|_| b.reserve(0.0)).collect();
+        assert!((booked[20] - 0.4).abs() < 1e-9);
+        b.set_rate(100.0, 0.0).unwrap();
+        // The next start comes one new interval after the last booked one.
+        let next: Vec<f64> = (0..3).map(|_| b.reserve(0.0)).collect();
+        for (i, d) in next.iter().enumerate() {
+            assert!((d - (0.41 + 0.01 * i as f64)).abs() < 1e-9, "{next:?}");
+        }
+    }
+
+    #[test]
+    fn raising_the_rate_of_an_idle_bucket_frees_tokens_at_once() {
+        let mut b = TokenBucket::new(1.0, 10).unwrap();
+        assert!((0..5).all(|_| b.try_acquire(0.0)));
+        b.set_rate(100.0, 0.0).unwrap();
+        // 5 of 10 tokens were used; the other 5 stay free, then 1 per 10 ms.
+        assert_eq!((0..10).filter(|_| b.try_acquire(0.0)).count(), 5);
+        assert!(b.try_acquire(0.01));
     }
 
     #[test]
@@ -198,6 +241,9 @@ mod tests {
         assert!(TokenBucket::new(f64::NAN, 1).is_err());
         assert!(TokenBucket::new(f64::INFINITY, 1).is_err());
         assert!(TokenBucket::new(1e-320, 1).is_err());
+        assert!(TokenBucket::new(1e-300, 1).is_err());
+        assert!(TokenBucket::new(0.9e-9, 1).is_err());
+        assert!(TokenBucket::new(1e-9, 1).is_ok());
         let e = TokenBucket::new(1.0, 0).unwrap_err();
         assert!(e.to_string().starts_with("burst"));
         let mut b = TokenBucket::new(1.0, 1).unwrap();

@@ -993,7 +993,7 @@ mod tests {
     #[test]
     fn random_operations_match_a_simple_model() {
         // A naive Vec-based LRU is the oracle; a fixed-seed RNG drives both.
-        let mut rng = crate::backoff::SplitMix64::new(7);
+        let mut rng = SplitMix64::new(7);
         let max = 5usize;
         let mut t = T::new(Some(max), None);
         let mut model: Vec<(u32, u32)> = Vec::new(); // front = MRU
@@ -1288,6 +1288,7 @@ mod tinylfu_tests {
 
     #[test]
     #[ignore = "prints the bench-size hit ratios (cargo test --release -- --ignored)"]
+    #[allow(clippy::print_stdout)] // a diagnostic: its output is the point
     fn full_size_hit_ratios() {
         for (name, trace) in ["stationary", "scan", "shift"]
             .iter()

@@ -7,24 +7,24 @@ persistence; ``redis_url`` gives each test that server's URL after a
 
 Without a ``redis-server`` binary the Redis tests are skipped, unless
 ``OPERO_REQUIRE_REDIS=1`` (set by ``.ci/run``), in which case they fail.
+The servers come from :mod:`opero._bench._redis`, the launcher the bench's
+``redis`` group uses too.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REDIS_SERVER = shutil.which("redis-server") or (
-    "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
-)
+from opero._bench._redis import RedisServer, find_redis_server, free_port, start_redis_server
+
+__all__ = ["REDIS_SERVER", "RedisServer", "free_port"]
+
+REDIS_SERVER = find_redis_server()
 
 
 def _require_redis() -> str:
@@ -37,136 +37,12 @@ def _require_redis() -> str:
     return REDIS_SERVER
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ping(port: int, timeout: float = 0.2) -> bool:
-    """Return whether a Redis server on ``port`` answers PING with PONG."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A ``redis-server`` process on 127.0.0.1 that can be stopped and restarted.
-
-    Args:
-        binary: Path of the ``redis-server`` executable.
-        directory: Working directory of the server (nothing is persisted there).
-        port: The port to listen on; a free one by default. Kept across restarts.
-
-    """
-
-    def __init__(self, binary: str, directory: Path, port: int | None = None) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = port if port is not None else free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """The ``redis://`` URL of database 0 of this server."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self.process is not None and self.process.poll() is None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING.
-
-        Raises:
-            RuntimeError: The server did not answer within ``timeout`` seconds.
-
-        """
-        if self.running:
-            return
-        log = open(self.directory / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.directory,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            if _ping(self.port):
-                return
-            time.sleep(0.02)
-        self.stop()
-        tail = (self.directory / f"redis-{self.port}.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and wait until the port is closed."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.process = None
-
-    def restart(self) -> None:
-        """Stop, then start again on the same port."""
-        self.stop()
-        self.start()
-
-    def flushdb(self) -> None:
-        """Empty database 0 (test isolation between functions sharing the server)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(b"FLUSHALL\r\n")
-            if not sock.recv(16).startswith(b"+OK"):
-                raise RuntimeError("FLUSHALL failed")
-
-
-def _start_with_retries(binary: str, directory: Path) -> RedisServer:
-    """Start a server on a free port, trying another port if one was taken meanwhile."""
-    last: Exception | None = None
-    for _ in range(5):
-        server = RedisServer(binary, directory)
-        try:
-            server.start()
-            return server
-        except RuntimeError as exc:
-            last = exc
-    raise RuntimeError(f"could not start redis-server: {last}")
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """Yield one redis-server for the whole session, without persistence."""
     binary = _require_redis()
     with tempfile.TemporaryDirectory(prefix="opero-redis-") as directory:
-        server = _start_with_retries(binary, Path(directory))
+        server = start_redis_server(Path(directory), binary)
         try:
             yield server
         finally:
@@ -215,7 +91,7 @@ def restartable_redis() -> Iterator[RedisServer]:
     """Yield a redis-server of the test's own, which it may stop and restart (same port)."""
     binary = _require_redis()
     with tempfile.TemporaryDirectory(prefix="opero-redis-") as directory:
-        server = _start_with_retries(binary, Path(directory))
+        server = start_redis_server(Path(directory), binary)
         try:
             yield server
         finally:

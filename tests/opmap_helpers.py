@@ -190,3 +190,61 @@ def d_fail_odd(x: int) -> int:
 def d_rate_limited(x: int) -> int:
     """Rate limited to 5 tokens then one every 1000 s on Dask workers."""
     return x
+
+
+def identity(x: Any) -> Any:
+    """Return the item unchanged."""
+    return x
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False, chunksize=2)
+def p_identity(x: Any) -> Any:
+    """Return the item unchanged, in a worker process (two items per job)."""
+    return x
+
+
+async def _aidentity(x: Any) -> Any:
+    return x
+
+
+cached_identity = {
+    "thread": opmap(mode="thread", workers=2, retries=0, progress=False, cache=True)(identity),
+    "process": opmap(mode="process", workers=2, retries=0, progress=False, cache=True)(identity),
+    "async": opmap(mode="async", workers=2, retries=0, progress=False, cache=True)(_aidentity),
+}
+"""Cached identity maps by mode, for the unkeyable-item tests."""
+
+
+def _refuse_to_unpickle() -> None:
+    raise ValueError("this object cannot be unpickled")
+
+
+class BadInWorker:
+    """Pickles in the parent; unpickling it (in a worker) raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_unpickle, ())
+
+
+def _refuse_in_parent(value: int) -> int:
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        raise ValueError("this result cannot be unpickled in the parent")
+    return value
+
+
+class BadInParent:
+    """A result that pickles in the worker but raises when the parent unpickles it."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_in_parent, (self.value,))
+
+
+@opmap(mode="process", workers=2, retries=0, progress=False, chunksize=4)
+def p_bad_result_on_5(x: int) -> Any:
+    """Return x, except item 5 gives a result the parent cannot unpickle."""
+    return BadInParent(x) if x == 5 else x

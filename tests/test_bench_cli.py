@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from conftest import REDIS_SERVER
+from faultkit import run_scenario
 from opero._bench import BenchOptions, run_bench
 from opero._bench._harness import (
     Case,
@@ -118,6 +120,13 @@ def test_table_has_every_group_with_numbers(full_run: dict[str, Any]) -> None:
         rows = [line for line in section.splitlines()[3:] if line and not line.startswith(" ")]
         assert rows, f"group {name} has no rows"
         assert any(NUMBER.search(line[27:]) for line in rows), f"group {name} has no figures"
+
+
+def test_async_cache_hit_is_timed_against_its_anchors(full_run: dict[str, Any]) -> None:
+    """The cache_hit group times an ``async def`` hit against a plain async wrapper."""
+    out: str = full_run["proc"].stdout
+    line = next(x for x in out.splitlines() if x.startswith("hit, await f(1)"))
+    assert re.search(r"plain async wrapper\s+\S+\s+\d+\.\d+x", line), line
 
 
 def test_table_fits_100_columns(full_run: dict[str, Any]) -> None:
@@ -223,16 +232,96 @@ def test_a_failed_piece_makes_the_exit_status_one(
 
 @pytest.mark.redis
 def test_opt_in_backend_groups_run() -> None:
-    """``--only redis,disk`` starts a private redis-server and times both backends' hits."""
+    """``--only redis,disk`` starts a private redis-server, times both backends and the limiter."""
     if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
         if os.environ.get("OPERO_REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed; OPERO_REQUIRE_REDIS=1 makes this an error")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     proc = run_cli("bench", "--only", "redis,disk", *TINY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for operation in ("redis hit, sync", "redis hit, async", "disk hit"):
+    for operation in ("redis hit, sync", "redis hit, async", "redis rate limit, sync", "disk hit"):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(operation))
         assert re.search(r"\d\.\d\dx", line), line
+
+
+CTRL_C_SCENARIO = """
+import os, signal, subprocess, sys, time
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+code = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\\n"
+    "from opero.__main__ import main\\n"
+    "sys.exit(main(['bench', '--only', 'redis', '--budget-ms', '300']))"
+)
+bench = subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+)
+servers = []
+while not servers and bench.poll() is None:
+    servers = children(bench.pid)
+    time.sleep(0.05)
+time.sleep(0.5)
+bench.send_signal(signal.SIGINT)
+out, err = bench.communicate(timeout=60)
+time.sleep(0.5)
+print("servers", len(servers))
+print("exit", bench.returncode)
+print("alive", sum(1 for pid in servers if alive(pid)))
+print("traceback", "Traceback" in err)
+print("last", err.strip().splitlines()[-1] if err.strip() else "")
+"""
+
+
+@pytest.mark.redis
+def test_ctrl_c_stops_the_bench_and_its_redis_server() -> None:
+    """Ctrl-C during the redis group exits 130 with one line, and its redis-server is stopped."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    outcome = run_scenario(CTRL_C_SCENARIO, timeout=120)
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.lines() == [
+        "servers 1",
+        "exit 130",
+        "alive 0",
+        "traceback False",
+        "last interrupted",
+    ], outcome.stdout
+
+
+def test_redis_group_without_a_server_binary_is_not_available() -> None:
+    """Without ``redis-server`` the redis group's rows say "not available" and the run passes."""
+    proc = run_cli(
+        "bench",
+        "--only",
+        "redis",
+        *TINY,
+        prelude="import opero._bench._backends as b; b.find_redis_server = lambda: None",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [x for x in proc.stdout.splitlines() if x.startswith("redis ")]
+    assert len(rows) == 3
+    assert all(row.endswith("n/a") and "error" not in row for row in rows), rows
+    assert "not available: Unavailable: redis-server is not installed" in proc.stdout
+    assert "apt-get install redis-server" in proc.stdout
 
 
 @pytest.mark.dask

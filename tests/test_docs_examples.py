@@ -9,7 +9,7 @@ the docs show. A block opts out only with a first line
 ``# docs: no-run — <reason>`` (shell or pseudo code), and the reason is required.
 
 The last test builds the site with ``mkdocs build --strict`` (skipped when
-mkdocs is not installed; CI installs it through ``.[docs]``).
+mkdocs is not installed; ``make install`` adds it through the ``dev`` dependency group).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import requests
 
 import opero as opero_pkg
 from opero import AllFailedError, opero
+from opero.errors import attempt_errors
 
 
 class Stubs:
@@ -245,16 +246,16 @@ def test_conditional_retries_stop_on_client_error_and_pending() -> None:
     assert stubs.count("make_api_call") == 2
 
 
-def test_conditional_retries_exhaust_into_all_failed() -> None:
-    """Six 503 answers (retries=5) end in AllFailedError with six errors."""
+def test_conditional_retries_exhaust_into_the_last_error() -> None:
+    """Six 503 answers (retries=5) end in the sixth HTTPError, with all six errors kept."""
 
     def api(data: Any) -> Any:
         raise http_error(503)
 
     stubs.behaviour["make_api_call"] = api
-    with pytest.raises(AllFailedError) as info:
+    with pytest.raises(requests.HTTPError) as info:
         smart_retry_operation("x")
-    assert len(info.value.errors) == 6
+    assert len(attempt_errors(info.value)) == 6
 
 
 # --- guide: Retry with Exponential Backoff and Jitter ---------------------------------
@@ -309,7 +310,7 @@ def test_jittered_backoff_drives_the_waits() -> None:
     failing = opero(retries=4, backoff_function=jittered_backoff, _sleep=waits.append)(boom)
     opero_pkg.set_testing(False)
     try:
-        with pytest.raises(AllFailedError):
+        with pytest.raises(ConnectionError):
             failing(1)
     finally:
         opero_pkg.set_testing(True)
@@ -514,16 +515,16 @@ def test_circuit_breaker_opens_and_rejects() -> None:
 
     stubs.behaviour["external_service_call"] = down
     for _ in range(2):
-        with pytest.raises(AllFailedError):
+        with pytest.raises(ConnectionError):
             protected_operation(1)
-    with pytest.raises(AllFailedError) as info:
+    with pytest.raises(Exception, match="Circuit breaker is OPEN") as info:
         protected_operation(1)
     assert breaker.state is CircuitState.OPEN
     assert stubs.count("external_service_call") == 5
-    assert "Circuit breaker is OPEN" in str(info.value.errors[-1])
-    with pytest.raises(AllFailedError) as info:
+    assert isinstance(attempt_errors(info.value)[0], ConnectionError)
+    with pytest.raises(Exception, match="OPEN") as info:
         protected_operation(2)
-    assert all("OPEN" in str(e) for e in info.value.errors)
+    assert all("OPEN" in str(e) for e in attempt_errors(info.value))
     assert stubs.count("external_service_call") == 5
 
 

@@ -43,15 +43,30 @@ def test_idle_time_refills_up_to_burst_only() -> None:
 
 
 def test_set_rate_changes_spacing_and_keeps_the_debt() -> None:
-    """set_rate rescales reservations already owed and spaces new ones at the new rate."""
+    """A lower rate rescales the tokens owed; new reservations are spaced at the new rate."""
     clock = ManualClock()
-    b = TokenBucket(1.0, 1, clock=clock)
+    b = TokenBucket(10.0, 1, clock=clock)
     assert b.reserve() == 0.0
-    assert b.reserve() == pytest.approx(1.0)
-    b.set_rate(10.0)
-    assert b.rate == 10.0
-    assert b.reserve() == pytest.approx(0.2)
-    assert b.reserve() == pytest.approx(0.3)
+    assert b.reserve() == pytest.approx(0.1)
+    b.set_rate(1.0)
+    assert b.rate == 1.0
+    assert b.reserve() == pytest.approx(2.0)
+    assert b.reserve() == pytest.approx(3.0)
+
+
+def test_raised_rate_never_schedules_before_booked_reservations() -> None:
+    """A higher rate spaces new reservations after the last booked one, not between them (d12)."""
+    clock = ManualClock()
+    b = TokenBucket(50.0, 1, clock=clock)
+    assert b.reserve() == 0.0
+    booked = [b.reserve() for _ in range(20)]
+    assert booked[-1] == pytest.approx(0.4)
+    b.set_rate(100.0)
+    later = [b.reserve() for _ in range(30)]
+    assert later[0] == pytest.approx(0.41)
+    assert later[-1] == pytest.approx(0.70)
+    starts = [0.0, *booked, *later]
+    assert window_counts_ok(starts, 100.0, 1, 0.2)
 
 
 def test_properties_and_repr() -> None:
@@ -79,6 +94,7 @@ def test_default_clock_is_unthrottled_at_huge_rates() -> None:
         ((1.0, 0), {}, ValueError, "burst must be an int between 1"),
         ((1.0, -3), {}, ValueError, "burst"),
         ((1.0, 2**40), {}, ValueError, "burst"),
+        ((1e-300,), {}, ValueError, "rate must be at least 1e-9 calls per second"),
         ((1.0, 1.5), {}, TypeError, "burst"),
         ((1.0,), {"clock": object()}, TypeError, "clock"),
     ],
@@ -94,7 +110,7 @@ def test_bad_constructor_arguments(
 def test_bad_set_rate_keeps_the_old_rate() -> None:
     """A rejected set_rate leaves the bucket unchanged."""
     b = TokenBucket(3.0)
-    for bad in (0.0, -2.0, math.nan, math.inf):
+    for bad in (0.0, -2.0, math.nan, math.inf, 1e-300):
         with pytest.raises(ValueError, match="rate"):
             b.set_rate(bad)
     assert b.rate == 3.0
@@ -155,6 +171,52 @@ def test_never_more_than_burst_plus_rate_times_t(
         elif b.try_acquire():
             starts.append(now)
     assert window_counts_ok(starts, rate, burst, window)
+
+
+def window_counts_ok_varying(starts: list[tuple[float, float]], burst: int, window: float) -> bool:
+    """Whether each window holds at most burst + r*window starts (r: their highest booking rate)."""
+    starts = sorted(starts)
+    for i, (start, _) in enumerate(starts):
+        inside = [r for t, r in starts[i:] if t <= start + window - 1e-6]
+        if len(inside) > burst + max(inside) * window + 1e-9:
+            return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(0.5, 50.0),
+    burst=st.integers(1, 6),
+    steps=st.lists(
+        st.tuples(
+            st.floats(0.0, 0.5),
+            st.sampled_from(["reserve", "reserve", "try", "rate"]),
+            st.floats(0.5, 100.0),
+        ),
+        min_size=1,
+        max_size=120,
+    ),
+    window=st.floats(0.05, 3.0),
+)
+def test_never_more_than_burst_plus_rate_times_t_when_the_rate_changes(
+    rate: float, burst: int, steps: list[tuple[float, str, float]], window: float
+) -> None:
+    """With set_rate mixed in, any window T holds at most burst + r*T starts (r: highest rate)."""
+    clock = ManualClock()
+    b = TokenBucket(rate, burst, clock=clock)
+    starts: list[tuple[float, float]] = []
+    for dt, op, new_rate in steps:
+        clock.advance(dt)
+        now = clock.now()
+        if op == "rate":
+            b.set_rate(new_rate)
+        elif op == "reserve":
+            delay = b.reserve()
+            assert delay >= 0.0
+            starts.append((now + delay, b.rate))
+        elif b.try_acquire():
+            starts.append((now, b.rate))
+    assert window_counts_ok_varying(starts, burst, window)
 
 
 @settings(max_examples=50, deadline=None)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from opero import AllFailedError
 from opero import opero as op
 
 
@@ -51,13 +50,14 @@ def test_on_success_with_and_without_result() -> None:
     assert count == [1]
 
 
-def test_on_failure_gets_all_failed_error_or_original() -> None:
-    """on_failure gets the AllFailedError after retries, or the original with retries=0."""
+def test_on_failure_gets_the_raised_error() -> None:
+    """on_failure gets the raised error: the last one after retries, the only one with retries=0."""
     got: list[BaseException] = []
     f1 = op(retries=1, min_delay=0, on_failure=got.append)(failing_then(1, 5))
-    with pytest.raises(AllFailedError) as info:
+    with pytest.raises(ValueError) as info:
         f1()
-    assert got == [info.value]
+    assert len(got) == 1
+    assert got[0] is info.value
     got.clear()
     f2 = op(retries=0, on_failure=got.append)(failing_then(1, 5))
     with pytest.raises(ValueError, match="1") as info2:
@@ -163,6 +163,6 @@ def test_async_callbacks_fire() -> None:
         return 7
 
     assert asyncio.run(f([1])) == 7
-    with pytest.raises(AllFailedError):
+    with pytest.raises(ValueError):
         asyncio.run(f([1, 1, 1]))
     assert events == ["retry", "success:7", "retry", "failure"]

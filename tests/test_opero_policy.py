@@ -47,7 +47,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"retry_predicate": lambda: True}, r"retry_predicate=.*predicate\(exception\)"),
     ({"backoff_function": "fast"}, r"backoff_function='fast'"),
     ({"arg_fallback": 3}, r"arg_fallback=3"),
-    ({"rate_limit": -5}, r"rate_limit=-5.*> 0"),
+    ({"rate_limit": -5}, r"rate_limit=-5.*>= 1e-09"),
     ({"rate_limit": 0}, r"rate_limit=0"),
     ({"rate_limit": float("inf")}, r"rate_limit=inf"),
     ({"rate_limit": lambda x: x}, r"rate_limit=.*no arguments.*requires x"),
@@ -96,6 +96,92 @@ def test_bad_value_is_a_configuration_error_at_decoration(
         opero(**options)
     message = str(info.value)
     assert re.search(r"for example|add |set |define |drop |use |Use ", message), message
+
+
+#: Every numeric option with the options it needs to be used, and a good value.
+NUMERIC_OPTIONS: dict[str, tuple[dict[str, Any], Any]] = {
+    "retries": ({}, 3),
+    "backoff_factor": ({}, 2.0),
+    "min_delay": ({"max_delay": 1e9}, 0.1),
+    "max_delay": ({}, 30.0),
+    "rate_limit": ({}, 10.0),
+    "rate_burst": ({"rate_limit": 1}, 5),
+    "rate_max_wait": ({"rate_limit": 1}, 5.0),
+    "cache_ttl": ({"cache": True}, 60),
+    "cache_max_size": ({"cache": True}, 1024),
+}
+
+OUT_OF_RANGE = [
+    ("nan", float("nan")),
+    ("inf", float("inf")),
+    ("-inf", float("-inf")),
+    ("huge int", 10**400),
+    ("huge float", 1e300),
+    ("negative", -1),
+    ("bool", True),
+    ("str", "5"),
+]
+
+
+#: Options for which a huge finite float is valid: a factor capped by max_delay, and a
+#: rate so high it never waits.
+HUGE_IS_VALID = {"backoff_factor", "rate_limit"}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        pytest.param(option, value, id=f"{option}-{label}")
+        for option in sorted(NUMERIC_OPTIONS)
+        for label, value in OUT_OF_RANGE
+        if not (label == "huge float" and option in HUGE_IS_VALID)
+    ],
+)
+def test_out_of_range_numbers_are_configuration_errors(option: str, value: Any) -> None:
+    """NaN, inf, huge, negative, bool or str numbers are ConfigurationErrors naming the option."""
+    extra, _good = NUMERIC_OPTIONS[option]
+    with pytest.raises(ConfigurationError, match=rf"@opero\({option}=") as info:
+        opero(**extra, **{option: value})
+    assert "for example" in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("option", sorted(NUMERIC_OPTIONS))
+def test_good_numbers_are_accepted(option: str) -> None:
+    """The documented example value of every numeric option is accepted."""
+    extra, good = NUMERIC_OPTIONS[option]
+    assert opero(**extra, **{option: good})(f)(1) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"rate_limit": 1e-300}, r"rate_limit=1e-300.*longer wait cannot be slept"),
+        ({"rate_limit": 5, "rate_burst": 2**40}, r"rate_burst=1099511627776.*<= 4294967295"),
+        ({"max_delay": 1e10}, r"max_delay=10000000000.0.*<= 1e\+09"),
+        ({"cache": True, "cache_ttl": 2e9}, r"cache_ttl=2000000000.0"),
+        ({"cache": True, "cache_max_size": 2**64}, r"cache_max_size=18446744073709551616"),
+        ({"retries": 2**64}, r"retries=18446744073709551616"),
+    ],
+)
+def test_values_that_cannot_be_honoured_are_refused(options: dict[str, Any], pattern: str) -> None:
+    """Rates whose wait cannot be slept and bursts or sizes past the native range are refused."""
+    with pytest.raises(ConfigurationError, match=pattern):
+        opero(**options)
+
+
+def test_integral_and_real_number_types_are_accepted() -> None:
+    """Integral types (numpy-like, via __index__) and Fractions are accepted like int/float."""
+    from fractions import Fraction
+
+    class Count:
+        def __index__(self) -> int:
+            return 2
+
+    policy = opero(retries=Count(), min_delay=Fraction(1, 4))(f).__opero__.policy
+    assert policy.retries == 2
+    assert type(policy.retries) is int
+    assert policy.min_delay == 0.25
 
 
 def test_configuration_error_is_value_and_type_error() -> None:
@@ -158,3 +244,37 @@ def test_policy_is_frozen_and_options_normalized() -> None:
         policy.options["retries"] = 5  # type: ignore[index]
     rebuilt = opero(**policy.options)(f)
     assert rebuilt.__opero__.policy.retries == 2
+
+
+@pytest.mark.parametrize("bad", [1e300, 10**400, float("nan"), -1, True])
+def test_backoff_function_result_out_of_range_is_a_configuration_error(bad: object) -> None:
+    """A backoff_function wait that cannot be slept is a ConfigurationError naming it."""
+    slept: list[float] = []
+    calls = []
+
+    def flaky() -> int:
+        calls.append(1)
+        raise ValueError("boom")
+
+    func = opero(retries=1, backoff_function=lambda attempt: bad, _sleep=slept.append)(flaky)
+    with pytest.raises(ConfigurationError, match=r"backoff_function of .*returned") as info:
+        func()
+    assert "at most 1e+09" in str(info.value)
+    assert slept == []
+    assert len(calls) == 1
+
+
+def test_values_whose_repr_fails_still_give_configuration_errors() -> None:
+    """An int past Python's repr digit limit, or a raising __repr__, still names the option."""
+
+    class NoRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    with pytest.raises(ConfigurationError, match=r"retries=<int object>"):
+        opero(retries=10**5000)
+    with pytest.raises(ConfigurationError, match=r"min_delay=<NoRepr object>"):
+        opero(min_delay=NoRepr())
+    f = opero(rate_limit=lambda: 10**5000, retries=0)(lambda: 1)
+    with pytest.raises(ConfigurationError, match=r"rate_limit callable returned <int object>"):
+        f()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import tracemalloc
+import weakref
 
 import pytest
 
-from opero import AllFailedError, ConfigurationError, RateLimitTimeout
+from faultkit import run_scenario
+from opero import ConfigurationError, RateLimitTimeout, _ratelimit
 from opero import opero as op
 from opero._opero_core import ManualClock, TokenBucket
+from opero.errors import attempt_errors
 
 
 class CountingLimiter:
@@ -181,6 +186,31 @@ def test_callable_rate_bad_value_is_reported() -> None:
         f()
 
 
+@pytest.mark.parametrize("bad", [10**400, 1e-300, float("nan"), float("inf"), True, None, "5"])
+def test_callable_rate_out_of_range_is_a_configuration_error(bad: object) -> None:
+    """A bad value from a rate callable is a ConfigurationError naming rate_limit on that call."""
+    quota: dict[str, object] = {"rate": 100.0}
+    f = op(rate_limit=lambda: quota["rate"], retries=0)(lambda: 1)
+    assert f() == 1
+    quota["rate"] = bad
+    with pytest.raises(ConfigurationError, match="rate_limit callable returned") as info:
+        f()
+    assert len(str(info.value)) < 300
+    quota["rate"] = 100.0
+    assert f() == 1
+
+
+def test_async_callable_rate_out_of_range_is_a_configuration_error() -> None:
+    """The async driver reports a bad callable rate the same way."""
+
+    async def g() -> int:
+        return 1
+
+    f = op(rate_limit=lambda: 1e-300, retries=0)(g)
+    with pytest.raises(ConfigurationError, match="rate_limit callable returned 1e-300"):
+        asyncio.run(f())
+
+
 def test_rate_limit_key_shares_one_bucket_across_functions() -> None:
     """Functions with the same rate_limit_key draw from one bucket."""
     waits: list[float] = []
@@ -197,11 +227,56 @@ def test_rate_limit_key_shares_one_bucket_across_functions() -> None:
 
 
 def test_rate_limit_key_conflict_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    """A second decoration asking for another rate under the same key is logged."""
-    op(rate_limit=1.0, rate_limit_key="test-conflict-key")(lambda: 1)
+    """A second decoration asking for another rate under a key still in use is logged."""
+    first = op(rate_limit=1.0, rate_limit_key="test-conflict-key")(lambda: 1)
     with caplog.at_level(logging.WARNING, logger="opero"):
         op(rate_limit=2.0, rate_limit_key="test-conflict-key")(lambda: 1)
     assert "test-conflict-key" in caplog.text
+    assert first() == 1
+
+
+def test_rate_limit_key_bucket_is_freed_with_its_last_function() -> None:
+    """Once every function using a rate_limit_key is gone, its bucket is freed (d17 b)."""
+    waits: list[float] = []
+    a = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 1)
+    b = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 2)
+    ref = weakref.ref(_ratelimit._buckets["test-freed-key"])
+    assert a() == 1
+    del a
+    gc.collect()
+    assert ref() is not None  # b still uses it, and its token was taken by a
+    assert b() == 2
+    assert len(waits) == 1
+    del b
+    gc.collect()
+    assert ref() is None
+    assert "test-freed-key" not in _ratelimit._buckets
+    c = op(rate_limit=0.001, rate_limit_key="test-freed-key", _sleep=waits.append)(lambda: 3)
+    assert c() == 3
+    assert len(waits) == 1  # a new, full bucket: no wait
+
+
+def test_dropped_rate_limit_keys_keep_no_memory() -> None:
+    """Decorating, calling and dropping many functions with unique keys keeps < 64 B each."""
+
+    def one(i: int) -> None:
+        func = op(retries=0, rate_limit=1000, rate_limit_key=f"test-tenant-{i}")(lambda x: x)
+        func(1)
+
+    for i in range(200):
+        one(-1 - i)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            one(i)
+        gc.collect()
+        kept = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+    assert kept < 64
+    assert not any(k.startswith("test-tenant-") for k in list(_ratelimit._buckets))
 
 
 def test_rate_max_wait_raises_rate_limit_timeout() -> None:
@@ -298,10 +373,153 @@ def test_async_tasks_share_the_bucket() -> None:
 
 
 def test_all_failed_after_rate_limited_retries() -> None:
-    """Retries through a rate limit still end in AllFailedError with every error."""
+    """Retries through a rate limit still end in the last error, with every error kept."""
     limiter = CountingLimiter()
     f = op(retries=2, min_delay=0, _limiter=limiter)(lambda: 1 / 0)
-    with pytest.raises(AllFailedError) as info:
+    with pytest.raises(ZeroDivisionError) as info:
         f()
-    assert len(info.value.errors) == 3
+    assert len(attempt_errors(info.value)) == 3
     assert limiter.count == 3
+
+
+#: Scenario helper: fork, run `child()` in the child, and report whether it finished in time.
+FORK_HELPER = """
+import os, sys, time
+
+def fork_and_check(child, deadline=10.0):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.005)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return False
+"""
+
+
+def test_fork_while_the_key_registry_is_locked_does_not_hang() -> None:
+    """A child forked while a parent thread holds the rate_limit_key registry lock can decorate."""
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import threading
+from opero import opero, _ratelimit
+
+held, release = threading.Event(), threading.Event()
+
+def hold():
+    with _ratelimit._buckets_lock:
+        held.set()
+        release.wait()
+
+t = threading.Thread(target=hold)
+t.start()
+held.wait()
+
+def child():
+    f = opero(rate_limit=5, rate_limit_key="tenant", retries=0)(lambda: 1)
+    assert f() == 1
+
+print("child finished" if fork_and_check(child) else "child hung")
+release.set()
+t.join()
+""",
+        timeout=60,
+    )
+    assert out.lines()[-1] == "child finished", out
+
+
+def test_fork_while_the_shared_limiter_is_busy_does_not_hang() -> None:
+    """A child forked while a parent thread waits inside SharedTokenBucket.reserve can reserve."""
+    pytest.importorskip("fcntl")
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import fcntl, threading
+from opero._shared_limiter import SharedTokenBucket
+
+bucket = SharedTokenBucket(1000.0, 10)
+bucket.reserve()
+blocker = os.open(bucket.path, os.O_RDWR)
+fcntl.flock(blocker, fcntl.LOCK_EX)  # the parent thread will wait in flock, holding its lock
+t = threading.Thread(target=bucket.reserve)
+t.start()
+while not bucket._lock.locked():
+    time.sleep(0.001)
+
+def child():
+    os.close(blocker)
+    assert bucket.reserve() >= 0.0
+
+def release_soon():
+    time.sleep(0.2)
+    fcntl.flock(blocker, fcntl.LOCK_UN)
+threading.Thread(target=release_soon).start()
+print("child finished" if fork_and_check(child) else "child hung")
+t.join()
+""",
+        timeout=60,
+    )
+    assert out.lines()[-1] == "child finished", out
+
+
+def test_fork_while_threads_use_rate_limited_functions_does_not_hang() -> None:
+    """Children forked while threads call rate-limited functions all finish their own calls."""
+    out = run_scenario(
+        FORK_HELPER
+        + """
+import sys, threading
+from opero import opero
+
+sys.setswitchinterval(1e-6)
+quota = {"rate": 1e6}
+
+@opero(rate_limit=lambda: quota["rate"], retries=0)
+def by_callable(x):
+    return x
+
+@opero(rate_limit=1e6, rate_burst=100, rate_limit_key="shared", retries=0)
+def by_key(x):
+    return x
+
+@opero(rate_limit=1e6, retries=0)
+def static(x):
+    return x
+
+stop = threading.Event()
+
+def spin(n):
+    i = 0
+    while not stop.is_set():
+        quota["rate"] = 1e6 + (i % 5)
+        by_callable(i); by_key(i); static(i)
+        opero(rate_limit=1e6, rate_limit_key=f"k{n}-{i % 3}", retries=0)(lambda: 1)()
+        i += 1
+
+threads = [threading.Thread(target=spin, args=(n,)) for n in range(3)]
+for t in threads:
+    t.start()
+
+def child():
+    quota["rate"] = 2e6
+    for i in range(3):
+        assert by_callable(i) == i and by_key(i) == i and static(i) == i
+    assert opero(rate_limit=5, rate_limit_key="k0-1", retries=0)(lambda: 1)() == 1
+
+results = [fork_and_check(child) for _ in range(30)]
+stop.set()
+for t in threads:
+    t.join()
+print(f"{sum(results)} of {len(results)} children finished")
+""",
+        timeout=120,
+    )
+    assert out.lines()[-1] == "30 of 30 children finished", out

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import opero
-from opero import AllFailedError, ConfigurationError
+from opero import ConfigurationError
 from opero import opero as op
+from opero.errors import attempt_errors
 
 
 class Flaky:
@@ -159,19 +160,46 @@ def test_backoff_function_bad_result_is_reported(is_async: bool) -> None:
 
 
 @modes
-def test_all_failed_error_lists_errors_in_order(is_async: bool) -> None:
-    """After retries every error is in AllFailedError.errors, raised from the last one."""
+def test_exhausted_retries_raise_the_last_error_itself(is_async: bool) -> None:
+    """After retries the function's own last exception propagates, noted, with every error kept."""
     errors = [ValueError("a"), KeyError("b"), OSError("c"), ValueError("d")]
     flaky = Flaky(list(errors))
     func, waits = make(flaky, is_async, retries=3)
-    with pytest.raises(AllFailedError) as info:
+    with pytest.raises(ValueError, match="d") as info:
         run(func)
-    assert info.value.errors == errors
-    assert info.value.__cause__ is errors[-1]
-    assert info.value.last is errors[-1]
+    assert info.value is errors[-1]
+    assert type(info.value) is ValueError
+    assert attempt_errors(info.value) == errors
+    assert any("failed on all 4 calls" in note for note in info.value.__notes__)
     assert len(waits) == 3
-    assert isinstance(info.value, opero.OperoError)
-    assert isinstance(info.value, BaseExceptionGroup)
+    assert not isinstance(info.value, opero.OperoError)
+
+
+@modes
+def test_exhaustion_keeps_the_callers_except_clause(is_async: bool) -> None:
+    """A caller's except for the function's own error type still catches it with retries."""
+    flaky = Flaky([ConnectionError("x")] * 3)
+    func, _ = make(flaky, is_async, retries=2)
+    try:
+        run(func)
+    except ConnectionError as exc:
+        caught: BaseException = exc
+    assert isinstance(caught, ConnectionError)
+    assert flaky.calls == 3
+
+
+@modes
+def test_one_shared_instance_keeps_one_note_and_no_self_reference(is_async: bool) -> None:
+    """One shared instance raised on every call keeps a single opero note and no self-reference."""
+    shared = ValueError("shared")
+    flaky = Flaky([shared] * 6)
+    func, _ = make(flaky, is_async, retries=2)
+    for _ in range(2):
+        with pytest.raises(ValueError) as info:
+            run(func)
+        assert info.value is shared
+    assert len([n for n in shared.__notes__ if n.startswith("opero: ")]) == 1
+    assert attempt_errors(shared) == [shared]
 
 
 @modes
@@ -338,7 +366,7 @@ def test_retries_are_logged(is_async: bool, caplog: pytest.LogCaptureFixture) ->
     """Each retry is a debug record and exhaustion a warning on the opero logger."""
     flaky = Flaky([ValueError("x")] * 3)
     func, _ = make(flaky, is_async, retries=2)
-    with caplog.at_level(logging.DEBUG, logger="opero"), pytest.raises(AllFailedError):
+    with caplog.at_level(logging.DEBUG, logger="opero"), pytest.raises(ValueError):
         run(func)
     retries = [r for r in caplog.records if r.levelno == logging.DEBUG and "retry" in r.message]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -471,8 +499,9 @@ def test_rounds_and_outcome_follow_retries_property(retries: int, failures: int)
             func()
         assert single.value is errors[0]
     else:
-        with pytest.raises(AllFailedError) as info:
+        with pytest.raises(ValueError) as info:
             func()
-        assert info.value.errors == errors[: retries + 1]
+        assert info.value is errors[retries]
+        assert attempt_errors(info.value) == errors[: retries + 1]
     assert flaky.calls == min(failures, retries) + 1
     assert len(waits) == min(failures, retries)

@@ -11,7 +11,7 @@ import pytest
 import opmap_helpers as h
 from opero import opmap
 from opero._opmap import MapError, OpmapFailureWarning, WorkerDiedError
-from opero._pools import process_pool
+from opero._process_pool import process_pool
 from opero.errors import RateLimitTimeout
 
 

@@ -23,7 +23,7 @@ Figures are ns per operation (items/s for maps); the ratio is opero's time over 
 anchor's from the same run, so 0.50x means opero takes half the anchor's time.
 Anchors that are not installed are listed at the end; install them all with
   pip install "opero[bench]"
-The exit status is 1 when a part of opero raised or gave a wrong answer.
+The exit status is 1 when a part of opero raised or gave a wrong answer, 130 after Ctrl-C.
 """
 
 
@@ -127,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(target_ns=int(budget_ms * 1e6), repeat=repeat, quick=args.quick)
     try:
         return run_bench(BenchOptions(settings, only, args.json, args.plot))
+    except KeyboardInterrupt:
+        # Ctrl-C: the groups' cleanups (pools, the private redis-server) have run on the way out.
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, as other command-line tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -55,7 +55,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
+import pickle
+import sys
+import types
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
@@ -66,6 +71,7 @@ from opero._policy import Policy, build_policy
 from opero._retry import Engine, build_sync_call, specialize
 from opero._singleflight import ThreadFlight
 from opero.cache._base import MISS, CacheInfo, FunctionCache
+from opero.cache._identity import function_identity
 from opero.cache._memory import MemoryBackend, MemoryFunctionCache
 from opero.cache._registry import clear_cache, register, resolve_backend
 
@@ -310,7 +316,7 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             and the fix).
 
     """
-    if func is not None and not callable(func):
+    if func is not None and not callable(func) and not isinstance(func, classmethod):
         raise TypeError(
             f"opero() takes the function to decorate or keyword options, got {func!r}; "
             "use @opero or @opero(retries=3, ...)"
@@ -320,7 +326,7 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         return _decorate(func, policy)
 
     def decorator(function: Callable[..., Any], /) -> Any:
-        if not callable(function):
+        if not callable(function) and not isinstance(function, classmethod):
             raise TypeError(f"@opero(...) decorates a function or method, got {function!r}")
         return _decorate(function, policy)
 
@@ -337,11 +343,24 @@ def _qualname(func: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
+def _is_opero(func: Callable[..., Any]) -> bool:
+    """Return whether ``func`` is already opero-decorated (it carries ``__opero__``)."""
+    try:
+        return isinstance(getattr(func, "__opero__", None), OperoInternals)
+    except Exception:  # a hostile __getattr__: not ours
+        return False
+
+
 def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
     """Build the wrapper of ``func`` for ``policy``."""
+    if isinstance(func, (staticmethod, classmethod)):
+        # @opero over @staticmethod/@classmethod: wrap the function, keep the binding rule
+        # (the native wrapper binds like a plain function, so a bare staticmethod would
+        # receive the instance).
+        return type(func)(_decorate(func.__func__, policy))
     is_async = inspect.iscoroutinefunction(func)
     qualname = _qualname(func)
-    engine = Engine(policy, func, qualname)
+    engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)
 
     if is_async:
@@ -356,9 +375,15 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
 
     on_hit = adapt_callback("on_cache_hit", policy.on_cache_hit, (0,))
     backend = resolve_backend(policy)
+    stable_keys = bool(getattr(backend, "stable_keys", False))
+    identity = (
+        function_identity(func, qualname, has_cache_key=policy.cache_key is not None)
+        if stable_keys
+        else qualname
+    )
     fcache = backend.open(
         namespace=policy.cache_namespace,
-        qualname=qualname,
+        qualname=identity,
         ttl=policy.cache_ttl,
         max_size=policy.cache_max_size,
         is_async=is_async,
@@ -377,7 +402,7 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         inner,
         is_async,
         fcache,
-        bool(getattr(backend, "stable_keys", False)),
+        stable_keys,
         key_func,
         on_hit,
         qualname,
@@ -405,7 +430,55 @@ def _finish(
     functools.update_wrapper(wrapper, func)
     wrapper.__dict__.update(helpers)
     wrapper.__dict__["__opero__"] = internals
+    if not hasattr(func, "__qualname__"):
+        # A callable object or a functools.partial has no __qualname__ to pickle by.
+        if isinstance(wrapper, types.FunctionType):
+            # Pickle looks functions up by __qualname__ alone: name it so the error says why.
+            label = type(func).__qualname__.replace("<locals>", "locals")
+            wrapper.__name__ = wrapper.__qualname__ = (
+                f"<opero wrapper of a {label} object, which has no __qualname__: "
+                "decorate a def function to pickle it>"
+            )
+        else:
+            # The native wrapper calls __reduce_ex__: find its module-level name then.
+            wrapper.__dict__["__reduce_ex__"] = _reduce_by_module_name(wrapper, func)
     return wrapper
+
+
+def _reduce_by_module_name(wrapper: Any, func: Callable[..., Any]) -> Callable[[int], Any]:
+    """Return a ``__reduce_ex__`` pickling ``wrapper`` by the module-level name bound to it.
+
+    The native wrapper pickles by its ``__qualname__``, which a decorated
+    callable object or ``functools.partial`` does not have. This looks for a
+    global of the wrapped object's module (or the wrapper's) that is the
+    wrapper itself, and otherwise raises a ``PicklingError`` saying why.
+    """
+    ref = weakref.ref(wrapper)
+    modules: list[str] = []
+    for owner in (wrapper, getattr(func, "func", None), type(func), func):
+        name = getattr(owner, "__module__", None)
+        if isinstance(name, str) and name not in modules and name != "functools":
+            modules.append(name)
+
+    def __reduce_ex__(protocol: int) -> Any:
+        target = ref()
+        for module_name in modules:
+            module = sys.modules.get(module_name)
+            for name, value in list(getattr(module, "__dict__", {}).items()):
+                if value is target:
+                    return _import_global, (module_name, name)
+        raise pickle.PicklingError(
+            f"cannot pickle {target!r}: it wraps {func!r}, which has no __qualname__, and it "
+            f"is not bound to a module-level name in {', '.join(modules) or 'any module'}; "
+            "assign the decorated object to a module-level name, or decorate a def function"
+        )
+
+    return __reduce_ex__
+
+
+def _import_global(module: str, name: str) -> Any:
+    """Return the global ``name`` of ``module`` (how a pickled decorated object comes back)."""
+    return getattr(importlib.import_module(module), name)
 
 
 def _lookup_many_loop(
@@ -662,6 +735,10 @@ def _backend_cached(
     key_of = _key_builder(stable, key_func, qualname)
     get = fcache.get
     put = fcache.set
+    tflight = ThreadFlight()
+    aflight = TaskFlight()
+    # A value stored outside a flight also tells a flight's winner to look again.
+    stored = aflight.stored if is_async else tflight.stored
 
     def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = get(key_of(args, kwargs))
@@ -670,7 +747,9 @@ def _backend_cached(
         return value
 
     def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        put(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        put(key, value)
+        stored(key)
 
     async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = await fcache.aget(key_of(args, kwargs))
@@ -679,7 +758,9 @@ def _backend_cached(
         return value
 
     async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        await fcache.aset(key_of(args, kwargs), value)
+        key = key_of(args, kwargs)
+        await fcache.aset(key, value)
+        stored(key)
 
     def cache_get(*args: Any, **kwargs: Any) -> Any:
         value = get(key_of(args, kwargs))
@@ -710,7 +791,6 @@ def _backend_cached(
     )
 
     if not is_async:
-        tflight = ThreadFlight()
 
         def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = inner(*args, **kwargs)
@@ -719,16 +799,16 @@ def _backend_cached(
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
+            stamp = tflight.stamp(key)
             value = get(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
-            return tflight.do(key, lambda: compute(key, args, kwargs))
+            return tflight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
         return _finish(cached, func, internals, helpers)
 
-    aflight = TaskFlight()
     aget = fcache.aget
     aset = fcache.aset
 
@@ -739,12 +819,13 @@ def _backend_cached(
 
     async def acached(*args: Any, **kwargs: Any) -> Any:
         key = key_of(args, kwargs)
+        stamp = aflight.stamp(key)
         value = await aget(key)
         if value is not MISS:
             if on_hit is not None:
                 on_hit()
             return value
-        return await aflight.do(key, lambda: acompute(key, args, kwargs))
+        return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
 
     return _finish(acached, func, internals, helpers)
 

@@ -15,6 +15,7 @@ __all__ = [
     "stable_digest_call",
     "Store",
     "CachedCall",
+    "FlightToken",
     "TokenBucket",
     "Backoff",
 ]
@@ -54,12 +55,17 @@ def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key
     give different keys: the signature is not consulted). ``-0.0`` and
     ``0.0`` give one key (they are equal), and every NaN gives one key.
     Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
-    their own ``__hash__``/``__eq__``, never as the builtin.
+    their own ``__hash__``/``__eq__``, never as the builtin. Dicts and sets
+    give one key whatever their order, objects inside included.
 
     Raises:
         TypeError: An argument is unhashable and not a built-in container; the
             message names the argument (``args[1]`` or ``kwargs['x']``) and
             points to ``cache_key=``.
+        RuntimeError: A dict, list or set changed size while it was keyed (an
+            item's ``__hash__`` changed it).
+        RecursionError: Containers nested deeper than 200 levels, or a
+            ``__hash__`` that keys its argument again.
     """
 
 def stable_digest(value: Any) -> str:
@@ -173,8 +179,11 @@ class CachedCall:
     ``on_hit()`` first when given). On a miss it calls ``func`` with the same
     arguments and stores a successful result; exceptions are never stored.
     Concurrent misses on one key from several threads call ``func`` once: the
-    others wait (without the GIL) and get the same result or exception. A call
-    that re-enters a key its own thread is computing calls ``func`` directly.
+    others wait (without the GIL) and get the same result or exception. If the
+    computing thread is stopped by a ``BaseException`` that is not an
+    ``Exception`` (``KeyboardInterrupt``...), one waiter computes instead. A
+    call whose wait would deadlock (its own thread computes the key, or the
+    computing thread waits on it through other threads) calls ``func`` directly.
 
     Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
     as methods through ``__get__``, and pickle by reference (``__reduce__``
@@ -207,6 +216,42 @@ class CachedCall:
     __dict__: dict[str, Any]
 
 @final
+class FlightToken:
+    """One computation in progress of a Python-level single flight (the Redis,
+    disk and custom backends).
+
+    Created by the thread that computes; the threads that wait on it go
+    through :meth:`wait_begin` / :meth:`wait_end`, so a wait that would close
+    a cycle of threads waiting on each other (native flights included) is
+    refused and the caller computes directly.
+    """
+
+    def __new__(cls) -> FlightToken: ...
+    @property
+    def owner(self) -> int:
+        """The ident of the thread computing (``threading.get_ident()``)."""
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`finish` was called."""
+    @property
+    def forked(self) -> bool:
+        """Whether the token was made before a ``fork()`` (its owner thread is
+        not in this process)."""
+    def wait_begin(self) -> bool:
+        """Start waiting on this computation from the current thread.
+
+        Returns:
+            True when the thread may wait (call :meth:`wait_end` afterwards);
+            False when waiting would deadlock (the current thread computes this
+            itself, or its owner waits, directly or not, on the current thread):
+            compute directly instead.
+        """
+    def wait_end(self) -> None:
+        """Stop waiting (after a True :meth:`wait_begin`)."""
+    def finish(self) -> None:
+        """Mark the computation finished (waits on it no longer count)."""
+
+@final
 class TokenBucket:
     """A token bucket (GCRA): ``rate`` calls per second sustained, ``burst`` at once.
 
@@ -215,7 +260,7 @@ class TokenBucket:
     long the caller must wait before using the token it reserved.
 
     Args:
-        rate: Tokens per second (> 0, finite).
+        rate: Tokens per second (finite, at least 1e-9: one per 1e9 s).
         burst: Tokens available at once (>= 1). Default 1.
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
@@ -230,7 +275,7 @@ class TokenBucket:
     def burst(self) -> int:
         """Tokens available at once."""
     def set_rate(self, rate: float) -> None:
-        """Change the rate from now on (> 0, finite)."""
+        """Change the rate from now on (at least 1e-9); waiting calls keep their start."""
     def reserve(self) -> float:
         """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
     def try_acquire(self) -> bool:

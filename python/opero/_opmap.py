@@ -7,15 +7,20 @@ fallbacks, rate limit, callbacks). Modes:
 * ``"thread"``: a reused thread pool; items go in batches pulled by at most
   ``workers`` threads (the calling thread is one of them), not one future per
   item.
-* ``"process"``: a reused ``multiprocessing.Pool`` (created on first use, one
-  per worker count, shut down at exit) on the default start method, automatic
-  chunk sizes like ``multiprocessing.Pool.map``. The decorated function
-  travels by reference when it can be imported by name, else by value through
-  cloudpickle (lambdas, closures, ``__main__``). A worker that dies marks only
-  the item it was running failed (:class:`WorkerDiedError`); the pool replaces
-  the worker and the map finishes (the other items of that item's job run
-  again, one per job, to find it). A result that does not pickle fails only
-  its own item the same way.
+* ``"process"``: a reused :class:`opero._process_pool.ProcessPool` (created on first
+  use, one per worker count, shut down at exit) on the default start method
+  (fork, spawn or forkserver), automatic chunk sizes like
+  ``multiprocessing.Pool.map``. The decorated function travels by reference
+  when it can be imported by name, else by value through cloudpickle
+  (lambdas, closures, ``__main__``). A worker that dies marks only the item it
+  was running failed (:class:`WorkerDiedError`); a new worker replaces it and
+  the map finishes (the other items of that item's job run again, one per
+  job, to find it). An item or a result that does not pickle fails only its
+  own item the same way.
+
+Interrupts: ``KeyboardInterrupt`` in the calling thread, or cancelling
+``await f.amap(...)``, stops a thread or process map: items not started never
+start, and the pool is free for the next map.
 * ``"async"``: one event loop, ``workers`` coroutines in flight. An ``async
   def`` function runs on the loop; a plain ``def`` runs in
   ``asyncio.to_thread`` so it never blocks the loop.
@@ -36,7 +41,8 @@ Cache: in ``"thread"`` and ``"async"`` modes each item goes through the
 decorated function's cache directly (single flight included). In the pool
 modes the parent looks every item up before dispatch (hits are never sent) and
 stores the results computed by the workers; the workers run the function
-without a cache (``call_uncached``). The parent does both per batch
+without a cache (``call_uncached``). An item whose key cannot be built fails
+in its own place. The parent does both per batch
 (``cache_lookup_many`` once per map, ``cache_store_many`` once per finished
 job): one native call on the memory backend, ~10 ns a lookup against ~0.5 us
 for a single ``cache_lookup`` from Python (a miss there raises ``KeyError``).
@@ -45,7 +51,8 @@ Failed items are never stored.
 Rate limit: global across the map's workers. Threads and tasks share the
 function's bucket. Worker processes (process, async_process, process
 executors, Dask) share a :class:`opero._shared_limiter.SharedTokenBucket`: the
-bucket state in shared memory on the parent's host, locked with ``flock``.
+bucket state in shared memory on the parent's host, under a file lock
+(``flock``; ``msvcrt.locking`` on Windows).
 Dask workers on other hosts therefore get one bucket per host; use
 ``rate_limit_backend="redis"`` for a cluster-wide limit (then no shared bucket
 is injected).
@@ -63,6 +70,7 @@ import concurrent.futures as cf
 import functools
 import importlib
 import inspect
+import logging
 import os
 import threading
 import uuid
@@ -72,7 +80,7 @@ from builtins import ExceptionGroup  # Python >= 3.11, like opero.errors
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
-from opero import _pools
+from opero import _pools, _process_pool
 from opero._progress import PROGRESS_VALUES, make_progress
 from opero._shared_limiter import SharedTokenBucket
 from opero.errors import ConfigurationError, OperoError
@@ -80,6 +88,8 @@ from opero.errors import ConfigurationError, OperoError
 __all__ = ["MODES", "MapError", "MappedFunction", "OpmapFailureWarning", "WorkerDiedError", "opmap"]
 
 WorkerDiedError = _pools.WorkerDiedError
+
+_log = logging.getLogger("opero")
 
 MODES = ("thread", "process", "async", "async_process", "dask")
 """The values ``@opmap(mode=...)`` accepts."""
@@ -392,7 +402,15 @@ class MappedFunction(Generic[R]):
         if self._executor is None and self._mode == "async_process":
             future = _pools.background_loop().submit(self._amap_aio_process(values))
             return await asyncio.wrap_future(future)
-        return await asyncio.to_thread(self._map_sync, values)
+        scope = _pools.CancelScope()
+        try:
+            return await asyncio.to_thread(self._map_sync, values, scope)
+        except asyncio.CancelledError:
+            # The helper thread stops between two items (thread mode) or drops
+            # the jobs not yet sent (process mode), so asyncio.run() does not
+            # wait for the whole map when it joins its executor.
+            scope.cancel()
+            raise
 
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
@@ -529,7 +547,7 @@ class MappedFunction(Generic[R]):
             return self._chunksize
         return max(1, -(-n // (workers * 4)))
 
-    def _map_sync(self, items: list[Any]) -> list[Any]:
+    def _map_sync(self, items: list[Any], scope: _pools.CancelScope | None = None) -> list[Any]:
         """Run a map in the thread, process, dask or executor engine."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
@@ -538,29 +556,70 @@ class MappedFunction(Generic[R]):
                 workers = self.workers
                 batch = self._chunksize or max(1, min(256, n // (workers * 4)))
                 pieces = _pools.run_thread_items(
-                    self.item_function, items, workers, batch, bar if self._progress else None
+                    self.item_function,
+                    items,
+                    workers,
+                    batch,
+                    bar if self._progress else None,
+                    scope,
                 )
                 return self._finish(n, pieces)
-            return self._finish(n, self._dispatch(items, bar))
+            return self._finish(n, self._dispatch(items, bar, scope))
         finally:
             bar.close()
 
     def _lookup(self, items: list[Any], bar: Any) -> tuple[list[_pools.Piece], Sequence[int]]:
-        """Serve cached items in the parent; return their piece and the misses to dispatch."""
+        """Serve cached items in the parent; return their piece and the misses to dispatch.
+
+        An item whose cache key cannot be built (whatever the exception) fails
+        in its place, with a note naming its index; it is not dispatched.
+        """
         if not self._has_cache:
             return [], range(len(items))
         from opero.cache import MISS
 
-        found, hits = self._meta.cache_lookup_many(items)
-        if not hits:
+        try:
+            found, hits = self._meta.cache_lookup_many(items)
+            unkeyable: dict[int, Exception] = {}
+        except Exception:  # some item cannot be keyed: look the items up one by one
+            found, hits, unkeyable = self._lookup_each(items)
+        if not hits and not unkeyable:
             return [], range(len(items))
-        bar.update(hits)
+        bar.update(hits + len(unkeyable))
         if hits == len(items):
             return [(range(len(items)), found, None)], []
-        missing = [i for i, value in enumerate(found) if value is MISS]
+        pieces: list[_pools.Piece] = []
+        if unkeyable:
+            bad = sorted(unkeyable)
+            errors: dict[int, BaseException] = {p: unkeyable[i] for p, i in enumerate(bad)}
+            pieces.append((bad, [None] * len(bad), errors))
+        missing = [i for i, value in enumerate(found) if value is MISS and i not in unkeyable]
         hit_indices = [i for i, value in enumerate(found) if value is not MISS]
-        hit_values = [found[i] for i in hit_indices]
-        return [(hit_indices, hit_values, None)], missing
+        if hit_indices:
+            pieces.append((hit_indices, [found[i] for i in hit_indices], None))
+        return pieces, missing
+
+    def _lookup_each(self, items: list[Any]) -> tuple[list[Any], int, dict[int, Exception]]:
+        """Look every item up alone; return the values, the hit count and the unkeyable items."""
+        from opero.cache import MISS
+
+        found: list[Any] = []
+        hits = 0
+        unkeyable: dict[int, Exception] = {}
+        for i, item in enumerate(items):
+            try:
+                value = self._meta.cache_lookup_many([item])[0][0]
+            except Exception as exc:
+                exc.add_note(
+                    f"opmap {self._label}: the cache lookup of item {i} failed (its key could "
+                    "not be built, or the backend raised); it failed in its place and the other "
+                    "items ran"
+                )
+                unkeyable[i] = exc
+                value = MISS
+            found.append(value)
+            hits += value is not MISS
+        return found, hits, unkeyable
 
     def _collector(
         self,
@@ -573,6 +632,22 @@ class MappedFunction(Generic[R]):
         store_many = self._meta.cache_store_many if self._has_cache else None
         lock = threading.Lock()
 
+        def store(keys: list[Any], values: list[Any]) -> None:
+            # A store failure never fails the item, whose result is computed.
+            assert store_many is not None
+            try:
+                store_many(keys, values)
+            except Exception:
+                for key, value in zip(keys, values, strict=True):
+                    try:
+                        store_many([key], [value])
+                    except Exception:
+                        _log.warning(
+                            "opmap %s: could not store a result in the cache",
+                            self._label,
+                            exc_info=True,
+                        )
+
         def done(j: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
             indices = job_indices[j]
             with lock:
@@ -581,11 +656,11 @@ class MappedFunction(Generic[R]):
                 if errors:
                     # Failed items are never stored.
                     kept = [p for p in range(len(values)) if p not in errors]
-                    store_many([items[indices[p]] for p in kept], [values[p] for p in kept])
+                    store([items[indices[p]] for p in kept], [values[p] for p in kept])
                 elif isinstance(indices, range):
-                    store_many(items[indices.start : indices.stop], values)
+                    store(items[indices.start : indices.stop], values)
                 else:
-                    store_many([items[i] for i in indices], values)
+                    store([items[i] for i in indices], values)
             bar.update(len(indices))
 
         return done
@@ -601,7 +676,9 @@ class MappedFunction(Generic[R]):
         index_jobs = [list(missing[lo : lo + size]) for lo in range(0, len(missing), size)]
         return [[items[i] for i in job] for job in index_jobs], index_jobs
 
-    def _dispatch(self, items: list[Any], bar: Any) -> list[_pools.Piece]:
+    def _dispatch(
+        self, items: list[Any], bar: Any, scope: _pools.CancelScope | None = None
+    ) -> list[_pools.Piece]:
         """Run the process, dask or executor engine over the cache misses."""
         pieces, missing = self._lookup(items, bar)
         if not missing:
@@ -616,11 +693,13 @@ class MappedFunction(Generic[R]):
         target = _WorkerTarget(self, self._shared_limiter())
         done = self._collector(items, job_indices, pieces, bar)
         if self._executor is not None:
-            _pools.run_executor_jobs(self._executor, target, jobs, done)
+            _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
         elif client is not None:
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
-            _pools.run_process_jobs(_pools.process_pool(workers), target, jobs, done)
+            _process_pool.run_process_jobs(
+                _process_pool.process_pool(workers), target, jobs, done, job_indices, scope
+            )
         return pieces
 
     async def _amap_async(self, items: list[Any]) -> list[Any]:

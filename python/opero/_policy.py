@@ -11,6 +11,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
+import operator
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,7 +23,34 @@ from opero._callbacks import positional_arity
 from opero.cache._memory import MemoryBackend
 from opero.errors import ConfigurationError
 
-__all__ = ["OPTION_NAMES", "Policy", "build_policy", "fallback_parameter"]
+__all__ = [
+    "MAX_BURST",
+    "MAX_SECONDS",
+    "MIN_RATE",
+    "OPTION_NAMES",
+    "Policy",
+    "build_policy",
+    "check_rate",
+    "check_seconds",
+    "fallback_parameter",
+]
+
+#: The longest delay, wait or TTL opero accepts, in seconds (about 31.7 years).
+#: ``time.sleep`` and ``threading`` waits overflow past about 9.2e9 s on 64-bit
+#: Linux (less elsewhere), and Redis refuses expiries near 2**63 ms; a bound
+#: that every sleep, lock wait and backend honours keeps a wait that cannot be
+#: slept from surfacing as an ``OverflowError`` on some later call.
+MAX_SECONDS = 1e9
+
+#: The slowest ``rate_limit``: one call per :data:`MAX_SECONDS` (its interval
+#: ``1 / rate`` is a wait).
+MIN_RATE = 1.0 / MAX_SECONDS
+
+#: The largest ``rate_burst`` (the native bucket counts tokens in 32 bits).
+MAX_BURST = 2**32 - 1
+
+#: The largest count option (``retries``, ``cache_max_size``): a native size.
+MAX_COUNT = sys.maxsize
 
 #: Public options with their defaults, in documentation order.
 DEFAULTS: dict[str, Any] = {
@@ -141,29 +171,126 @@ class Policy:
 def _bad(option: str, value: Any, need: str, example: str) -> ConfigurationError:
     """Build the error for a bad value: option, value received, what it needs, a fix."""
     return ConfigurationError(
-        f"@opero({option}={value!r}) is invalid: {option} must be {need}; "
+        f"@opero({option}={_show(value)}) is invalid: {option} must be {need}; "
         f"for example {option}={example}."
     )
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _show(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters (``10**400`` has 401 digits).
+
+    A repr that fails (an int past Python's 4300-digit limit, a raising ``__repr__``)
+    gives the type's name instead, so the error being built is the one raised.
+    """
+    try:
+        text = repr(value)
+    except Exception:  # the ConfigurationError being built is raised instead
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-10:]} ({len(text)} chars)"
+
+
+def _as_float(value: Any) -> float | None:
+    """Return ``value`` as a finite float, or ``None`` if it is not one.
+
+    ``None`` for a bool, a non-number, NaN, an infinity or an int too large for a float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def check_seconds(
+    what: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    error: Callable[[str], Exception] = ConfigurationError,
+) -> float:
+    """Return ``value`` as seconds, finite, ``>= 0`` and at most :data:`MAX_SECONDS`.
+
+    ``0`` is refused too when ``positive``. The one check of "a number of seconds"
+    for values read at run time (``backoff_function``) and by the backends, so every
+    caller gives the same range and message.
+
+    Args:
+        what: The message's start, followed by the value, e.g. ``"backoff_function
+            returned"``.
+        value: The value to check.
+        positive: Refuse 0 as well.
+        error: The exception type to raise (``ConfigurationError`` by default).
+
+    Raises:
+        ConfigurationError: The value is not such a number (or ``error``'s type).
+
+    """
+    number = _as_float(value)
+    if number is None or number < 0 or (positive and number == 0) or number > MAX_SECONDS:
+        low = "> 0" if positive else ">= 0"
+        raise error(
+            f"{what} {_show(value)}; it must be a finite number of seconds {low} and at most "
+            f"{MAX_SECONDS:g} (about 31 years)"
+        )
+    return number
+
+
+def check_rate(
+    what: str, value: Any, *, error: Callable[[str], Exception] = ConfigurationError
+) -> float:
+    """Return ``value`` as calls per second, finite and at least :data:`MIN_RATE`.
+
+    Args:
+        what: The message's start, followed by the value, e.g. ``"the rate_limit
+            callable returned"``.
+        value: The value to check.
+        error: The exception type to raise (``ConfigurationError`` by default).
+
+    Raises:
+        ConfigurationError: The value is not such a rate (or ``error``'s type).
+
+    """
+    number = _as_float(value)
+    if number is None or number < MIN_RATE:
+        raise error(
+            f"{what} {_show(value)}; it must be a finite number of calls per second, at least "
+            f"{MIN_RATE:g} (one call per {MAX_SECONDS:g} s: a longer wait cannot be slept)"
+        )
+    return number
 
 
 def _check_real(
-    option: str, value: Any, *, low: float, strict: bool, need: str, example: str
+    option: str,
+    value: Any,
+    *,
+    low: float,
+    strict: bool,
+    need: str,
+    example: str,
+    high: float = sys.float_info.max,
 ) -> float:
-    if not _is_real(value) or not math.isfinite(value):
+    number = _as_float(value)
+    if number is None or number > high:
         raise _bad(option, value, need, example)
-    if (strict and value <= low) or (not strict and value < low):
+    if (strict and number <= low) or (not strict and number < low):
         raise _bad(option, value, need, example)
-    return float(value)
+    return number
 
 
-def _check_int(option: str, value: Any, *, low: int, need: str, example: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+def _check_int(
+    option: str, value: Any, *, low: int, need: str, example: str, high: int = MAX_COUNT
+) -> int:
+    if isinstance(value, bool):
         raise _bad(option, value, need, example)
-    return value
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise _bad(option, value, need, example) from None
+    if number < low or number > high:
+        raise _bad(option, value, need, example)
+    return number
 
 
 def _check_callable(option: str, value: Any, need: str, example: str) -> Callable[..., Any]:
@@ -268,7 +395,7 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         "retries",
         o["retries"],
         low=0,
-        need="an int >= 0 (retries after the first call)",
+        need=f"an int >= 0 and <= {MAX_COUNT} (retries after the first call)",
         example="3",
     )
     backoff_factor = _check_real(
@@ -284,7 +411,8 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         o["min_delay"],
         low=0.0,
         strict=False,
-        need="a finite number of seconds >= 0",
+        high=MAX_SECONDS,
+        need=f"a finite number of seconds >= 0 and <= {MAX_SECONDS:g}",
         example="0.1",
     )
     max_delay = _check_real(
@@ -292,7 +420,8 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         o["max_delay"],
         low=0.0,
         strict=False,
-        need="a finite number of seconds >= 0",
+        high=MAX_SECONDS,
+        need=f"a finite number of seconds >= 0 and <= {MAX_SECONDS:g}",
         example="30.0",
     )
     if max_delay < min_delay:
@@ -342,9 +471,13 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         rate_limit = _check_real(
             "rate_limit",
             rate_limit,
-            low=0.0,
-            strict=True,
-            need="calls per second (a finite number > 0) or a zero-argument callable returning one",
+            low=MIN_RATE,
+            strict=False,
+            need=(
+                f"calls per second (a finite number >= {MIN_RATE:g}: one call per "
+                f"{MAX_SECONDS:g} s at the slowest, as a longer wait cannot be slept) "
+                "or a zero-argument callable returning one"
+            ),
             example="10.0",
         )
     elif rate_limit is not None:
@@ -353,7 +486,8 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         "rate_burst",
         o["rate_burst"],
         low=1,
-        need="an int >= 1 (calls allowed at once)",
+        high=MAX_BURST,
+        need=f"an int >= 1 and <= {MAX_BURST} (calls allowed at once)",
         example="5",
     )
     rate_limit_key = o["rate_limit_key"]
@@ -371,7 +505,11 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
             rate_max_wait,
             low=0.0,
             strict=False,
-            need="None or seconds >= 0 (the longest wait for a token before RateLimitTimeout)",
+            high=MAX_SECONDS,
+            need=(
+                f"None (no limit) or seconds >= 0 and <= {MAX_SECONDS:g} (the longest wait "
+                "for a token before RateLimitTimeout)"
+            ),
             example="5.0",
         )
     rate_limit_backend = o["rate_limit_backend"]
@@ -435,7 +573,8 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
             cache_ttl,
             low=0.0,
             strict=True,
-            need="None (no expiry) or seconds > 0",
+            high=MAX_SECONDS,
+            need=f"None (no expiry) or seconds > 0 and <= {MAX_SECONDS:g}",
             example="3600",
         )
     cache_max_size = o["cache_max_size"]
@@ -444,7 +583,7 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
             "cache_max_size",
             cache_max_size,
             low=1,
-            need="None (unbounded) or an int >= 1",
+            need=f"None (unbounded) or an int >= 1 and <= {MAX_COUNT}",
             example="1024",
         )
     cache_policy = o["cache_policy"]
@@ -532,7 +671,9 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         _check_callable("_asleep", asleep, "an async callable sleep(seconds)", "asyncio.sleep")
     seed = o["_backoff_seed"]
     if seed is not None:
-        _check_int("_backoff_seed", seed, low=0, need="an int >= 0", example="42")
+        _check_int(
+            "_backoff_seed", seed, low=0, high=2**64 - 1, need="an int in [0, 2**64)", example="42"
+        )
 
     normalized = {k: v for k, v in options.items() if k != "_limiter"}
     if "retry_on" in normalized:

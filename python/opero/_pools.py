@@ -14,15 +14,7 @@ later map, and shut down at exit:
   calling thread runs one loop too, so a map always makes progress (even when
   called from inside another map on the same pool) and a small input never
   waits for a thread to wake up.
-* processes: one ``multiprocessing.Pool`` per worker count, on the default
-  ``multiprocessing`` start method (its dispatch is about 1.5x cheaper than
-  ``ProcessPoolExecutor``'s for small jobs). When a worker dies (``os._exit``,
-  a signal, a segfault) the pool starts a replacement, but the job it was
-  running would never complete: every worker writes ``(pid, job id)`` into a
-  shared array when it starts a job, and a map that has waited :data:`POLL`
-  seconds looks there for dead pids. Their jobs are re-run one item per job,
-  so exactly the item that kills a worker gets a :class:`WorkerDiedError` and
-  the rest of the map finishes; the other items of that job run twice.
+* processes: see :mod:`opero._process_pool`.
 * asyncio on processes: one ``aiomultiprocess.Pool`` per worker count, living
   on a background event loop thread so it outlives the caller's loop.
 """
@@ -45,18 +37,16 @@ from typing import Any, Protocol, TypeVar
 from opero.errors import OperoError
 
 __all__ = [
+    "CancelScope",
     "Piece",
-    "ProcessPool",
     "Target",
     "WorkerDiedError",
     "aio_process_pool",
     "background_loop",
-    "process_pool",
     "run_aio_process_jobs",
     "run_async_items",
     "run_dask_jobs",
     "run_executor_jobs",
-    "run_process_jobs",
     "run_thread_items",
     "thread_pool",
 ]
@@ -75,6 +65,35 @@ class WorkerDiedError(OperoError):
     """
 
 
+class CancelScope:
+    """Lets another thread cancel a running map (a cancelled ``await f.amap(...)``).
+
+    The engine registers how to stop its map with :meth:`add`; :meth:`cancel`
+    runs those callbacks once (a callback added after the cancel runs at once).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the scope is cancelled (now, if it already is)."""
+        with self._lock:
+            if not self.cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        """Stop the map: run every registered callback once."""
+        with self._lock:
+            self.cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 class Target(Protocol):
     """What a worker runs: it resolves, once per process, to the per-item callable."""
 
@@ -87,24 +106,6 @@ class _Progress(Protocol):
 
 
 # --------------------------------------------------------------------------- worker side
-
-_SLOTS: Any = None
-"""In a pool worker: the shared array of ``(pid, job id)`` pairs, one pair per worker."""
-_SLOT = -1
-"""In a pool worker: the index of this process's pair in ``_SLOTS`` (-1 = none)."""
-
-
-def _init_process_worker(slots: Any) -> None:
-    """Pool initializer: claim a free ``(pid, job id)`` pair in the shared array."""
-    global _SLOTS, _SLOT
-    with slots.get_lock():
-        raw = slots.get_obj()
-        for index in range(0, len(raw), 2):
-            if raw[index] == 0:
-                raw[index] = os.getpid()
-                raw[index + 1] = 0
-                _SLOTS, _SLOT = raw, index
-                return
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -163,20 +164,6 @@ def run_chunk(
     return values, errors
 
 
-def run_job(
-    target_blob: bytes, items_blob: bytes, job_id: int
-) -> tuple[list[Any], dict[int, BaseException] | None]:
-    """Process-pool entry: record the job in this worker's slot, then run it.
-
-    The target and the items arrive pickled by the parent and are unpickled
-    here, after the slot names the job, so even a worker that dies while
-    unpickling them is attributed to its job.
-    """
-    if _SLOTS is not None:
-        _SLOTS[_SLOT + 1] = job_id
-    return run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
-
-
 async def arun_chunk(
     target: Target, items: Sequence[Any]
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
@@ -219,41 +206,79 @@ def run_thread_items(
     workers: int,
     batch: int,
     bar: _Progress | None,
+    scope: CancelScope | None = None,
 ) -> list[Piece]:
     """Run ``fn`` on every item, ``workers`` at a time, batches pulled from a counter.
 
     The calling thread is one of the ``workers``; at most ``workers - 1`` pool
-    threads help, and a helper that was never started is cancelled.
+    threads help, and a helper that was never started is cancelled. An
+    interrupt in the calling thread (``KeyboardInterrupt``) or a cancelled
+    ``scope`` stops the map between two items: the items that have not
+    started never start, and the interrupt propagates at once (helpers finish
+    the item they are running on their own).
 
     Returns:
         The pieces in completion order (one per batch).
+
+    Raises:
+        concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
     n = len(items)
     n_batches = -(-n // batch)
     counter = itertools.count()
     pieces: list[Piece] = []
+    stopped = threading.Event()
+    running: set[Any] = set()
+
+    def stop() -> None:
+        # A batch runs at C speed over a list iterator (see map_items); moving
+        # that iterator to its end from here makes the batch stop after the
+        # item in progress, without a Python check per item.
+        stopped.set()
+        for source in list(running):
+            source.__setstate__(batch)
 
     def loop() -> None:
         add = pieces.append
         for b in counter:
-            if b >= n_batches:
+            if b >= n_batches or stopped.is_set():
                 return
             lo = b * batch
             hi = min(lo + batch, n)
-            values, errors = map_items(fn, itertools.islice(items, lo, hi))
+            source = iter(list(items[lo:hi]))
+            running.add(source)
+            try:
+                values, errors = map_items(fn, source)
+            finally:
+                running.discard(source)
+            if stopped.is_set():
+                return
             add((range(lo, hi), values, errors))
             if bar is not None:
                 bar.update(hi - lo)
 
     helpers = min(workers - 1, n_batches - 1)
-    futures = [thread_pool(workers).submit(loop) for _ in range(helpers)] if helpers > 0 else []
+    futures: list[cf.Future[None]] = []
     try:
+        # Inside the try: an interrupt while helpers are submitted stops them.
+        if helpers > 0:
+            pool = thread_pool(workers)
+            for _ in range(helpers):
+                futures.append(pool.submit(loop))
+        if scope is not None:
+            scope.add(stop)
         loop()
-    finally:
         for future in futures:
             if not future.cancel():
                 future.result()
+    except BaseException:
+        stop()
+        for future in futures:
+            future.cancel()
+        raise
+    if stopped.is_set():
+        raise cf.CancelledError("opmap: the map was cancelled")
     return pieces
 
 
@@ -297,208 +322,6 @@ async def run_async_items(
     return pieces
 
 
-# --------------------------------------------------------------------------- processes
-
-
-class ProcessPool:
-    """A ``multiprocessing.Pool`` plus the shared array that says who runs what.
-
-    ``multiprocessing.Pool`` replaces a worker that dies, but the job that
-    worker was running never completes. Each worker therefore writes
-    ``(pid, job id)`` into a shared array when it starts a job; a map that
-    waits longer than :data:`POLL` looks for dead pids there and re-runs their
-    jobs (one item per job, so a second death pins the item).
-
-    Args:
-        workers: The number of worker processes.
-
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._lock = threading.Lock()
-        self._pool: Any = None
-        self.slots: Any = None
-
-    def get(self) -> Any:
-        """Return the live ``multiprocessing.Pool``, starting it on first use."""
-        with self._lock:
-            if self._pool is None:
-                ctx = multiprocessing.get_context()
-                # Room for replacements of dead workers before their pairs are freed.
-                self.slots = ctx.Array("q", 2 * (2 * self.workers + 8))
-                self._pool = ctx.Pool(
-                    self.workers, initializer=_init_process_worker, initargs=(self.slots,)
-                )
-            return self._pool
-
-    def pids(self) -> set[int]:
-        """Return the process ids of the live workers (empty before first use)."""
-        pool = self._pool
-        if pool is None:
-            return set()
-        return {proc.pid for proc in list(pool._pool) if proc.exitcode is None}
-
-    def lost_jobs(self) -> dict[int, int]:
-        """Return ``{job id: pid}`` of jobs whose worker died, freeing the dead pairs."""
-        exited = {proc.pid for proc in list(self._pool._pool) if proc.exitcode is not None}
-        lost: dict[int, int] = {}
-        with self.slots.get_lock():
-            raw = self.slots.get_obj()
-            for index in range(0, len(raw), 2):
-                pid = raw[index]
-                if pid and (pid in exited or not _alive(pid)):
-                    if raw[index + 1]:
-                        lost[int(raw[index + 1])] = int(pid)
-                    raw[index] = 0
-                    raw[index + 1] = 0
-        return lost
-
-    def shutdown(self) -> None:
-        """Stop the workers."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
-def _alive(pid: int) -> bool:
-    """Return whether process ``pid`` exists (a zombie not yet reaped counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-POLL = 0.1
-"""Seconds between checks for dead workers while a process map waits."""
-
-_PROCESS_POOLS: dict[int, ProcessPool] = {}
-_JOB_IDS = itertools.count(1)
-
-
-def process_pool(workers: int) -> ProcessPool:
-    """Return the shared process pool with ``workers`` processes (started lazily)."""
-    with _LOCK:
-        pool = _PROCESS_POOLS.get(workers)
-        if pool is None:
-            pool = _PROCESS_POOLS[workers] = ProcessPool(workers)
-        return pool
-
-
-def _died(pid: int) -> WorkerDiedError:
-    """Build the error of an item whose worker process died."""
-    return WorkerDiedError(
-        f"worker process {pid} died while running this item (os._exit, a signal or a crash "
-        "in native code); the pool replaced it and the other items ran"
-    )
-
-
-def run_process_jobs(
-    pool: ProcessPool,
-    target: Target,
-    jobs: Sequence[Sequence[Any]],
-    done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
-) -> None:
-    """Run every job on the process pool; call ``done(job, values, errors)`` as each finishes.
-
-    ``done`` runs in the pool's result thread (one wake-up of the caller per
-    map, not per job). A job whose worker died is re-run one item per job; an
-    item whose worker dies alone gets a :class:`WorkerDiedError`. The call
-    always returns.
-    """
-    mp_pool = pool.get()
-    target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
-    lock = threading.Lock()
-    all_done = threading.Event()
-    failure: list[BaseException] = []
-    # job id -> (job index, item position within the job, or -1 for the whole job)
-    outstanding: dict[int, tuple[int, int]] = {}
-    partial: dict[int, tuple[list[Any], dict[int, BaseException]]] = {}
-
-    def settle(j: int, position: int, values: list[Any], errors: Any) -> None:
-        """Report a whole job, or one item of a job being re-run item by item."""
-        if position < 0:
-            done(j, values, errors)
-            return
-        acc_values, acc_errors = partial[j]
-        acc_values[position] = values[0]
-        if errors:
-            acc_errors[position] = errors[0]
-        if not any(where[0] == j for where in outstanding.values()):
-            done(j, acc_values, acc_errors or None)
-
-    def finish(job_id: int, result: Any, error: BaseException | None) -> None:
-        """Pool callback: settle one job (a late result of a lost job is ignored)."""
-        try:
-            with lock:
-                where = outstanding.pop(job_id, None)
-                if where is None:
-                    return
-                j, position = where
-                if (
-                    type(error).__name__ == "MaybeEncodingError"  # multiprocessing.pool
-                    and position < 0
-                    and len(jobs[j]) > 1
-                ):
-                    # One result did not pickle: re-run the job item by item to pin it.
-                    split(j)
-                    return
-                if error is not None:
-                    size = 1 if position >= 0 else len(jobs[j])
-                    settle(j, position, [None] * size, dict.fromkeys(range(size), error))
-                else:
-                    settle(j, position, *result)
-                if not outstanding:
-                    all_done.set()
-        except BaseException as exc:  # never let it kill the pool's result thread
-            failure.append(exc)
-            all_done.set()
-
-    def submit(j: int, position: int) -> None:
-        job_id = next(_JOB_IDS)
-        items = jobs[j] if position < 0 else [jobs[j][position]]
-        outstanding[job_id] = (j, position)
-        mp_pool.apply_async(
-            run_job,
-            (target_blob, pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), job_id),
-            callback=lambda result: finish(job_id, result, None),
-            error_callback=lambda exc: finish(job_id, None, exc),
-        )
-
-    def split(j: int) -> None:
-        """Re-run job ``j`` as one job per item (the caller holds ``lock``)."""
-        partial[j] = ([None] * len(jobs[j]), {})
-        for k in range(len(jobs[j])):
-            submit(j, k)
-
-    with lock:
-        for j in range(len(jobs)):
-            submit(j, -1)
-    while not all_done.wait(POLL):
-        lost = pool.lost_jobs()
-        with lock:
-            for lost_id, pid in lost.items():
-                where = outstanding.get(lost_id)
-                if where is None:
-                    continue
-                j, position = where
-                if position >= 0 or len(jobs[j]) == 1:
-                    outstanding.pop(lost_id)
-                    settle(j, position, [None], {0: _died(pid)})
-                else:
-                    outstanding.pop(lost_id)
-                    split(j)
-            if not outstanding:
-                all_done.set()
-    if failure:
-        raise failure[0]
-
-
 # --------------------------------------------------------------------------- executors, Dask
 
 
@@ -507,16 +330,42 @@ def run_executor_jobs(
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+    scope: CancelScope | None = None,
 ) -> None:
-    """Run every job on a user's executor; a job that fails as a whole fails its items."""
-    futures = {executor.submit(run_chunk, target, job): j for j, job in enumerate(jobs)}
-    for future in cf.as_completed(futures):
-        j = futures[future]
-        try:
-            values, errors = future.result()
-        except Exception as exc:
-            values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
-        done(j, values, errors)
+    """Run every job on a user's executor; a job that fails as a whole fails its items.
+
+    An interrupt, or a cancelled ``scope``, cancels the jobs that have not
+    started (the executor is the user's: running jobs are left to finish).
+
+    Raises:
+        concurrent.futures.CancelledError: ``scope`` was cancelled.
+
+    """
+    futures: dict[cf.Future[Any], int] = {}
+
+    def cancel() -> None:
+        for future in list(futures):
+            future.cancel()
+
+    try:
+        for j, job in enumerate(jobs):
+            futures[executor.submit(run_chunk, target, job)] = j
+        if scope is not None:
+            scope.add(cancel)
+        for future in cf.as_completed(futures):
+            if scope is not None and scope.cancelled:
+                break
+            j = futures[future]
+            try:
+                values, errors = future.result()
+            except Exception as exc:
+                values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
+            done(j, values, errors)
+    except BaseException:
+        cancel()
+        raise
+    if scope is not None and scope.cancelled:
+        raise cf.CancelledError("opmap: the map was cancelled")
 
 
 def run_dask_jobs(
@@ -632,12 +481,8 @@ def shutdown_all() -> None:
     """Shut down every pool opero started (registered with ``atexit``)."""
     with _LOCK:
         threads = list(_THREAD_POOLS.values())
-        processes = list(_PROCESS_POOLS.values())
         background = _BACKGROUND
         _THREAD_POOLS.clear()
-        _PROCESS_POOLS.clear()
-    for process in processes:
-        process.shutdown()
     for thread in threads:
         thread.shutdown(wait=False, cancel_futures=True)
     if background is not None and _AIO_POOLS and background.thread.is_alive():
@@ -650,6 +495,21 @@ def shutdown_all() -> None:
                 "could not close the aiomultiprocess pools at exit", exc_info=True
             )
 
+
+def _forget_after_fork() -> None:
+    """In a forked child: drop the parent's pools without joining or killing anything.
+
+    Their threads do not exist in the child and their worker processes belong
+    to the parent; the child builds its own pools on first use.
+    """
+    global _LOCK, _BACKGROUND
+    _LOCK = threading.Lock()  # it may have been held by another thread at the fork
+    _THREAD_POOLS.clear()
+    _AIO_POOLS.clear()
+    _BACKGROUND = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 # atexit runs hooks last-registered first: ours closes the pools before
 # multiprocessing's own hook joins their (non-daemon) processes, which would

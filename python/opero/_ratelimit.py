@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
-from opero._policy import Policy
+from opero._policy import Policy, check_rate
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
@@ -42,12 +43,28 @@ MIN_WAIT = 1e-6
 
 logger = logging.getLogger("opero")
 
-_buckets: dict[str, TokenBucket] = {}
+#: The live shared buckets by ``rate_limit_key``. Weak: each limiter using a key holds
+#: its bucket, so the bucket (and its entry here) goes with the last function using the
+#: key, and a service that makes one key per tenant does not keep every tenant's bucket.
+_buckets: weakref.WeakValueDictionary[str, TokenBucket] = weakref.WeakValueDictionary()
 _buckets_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child a fresh registry lock (a parent thread may have held it)."""
+    global _buckets_lock
+    _buckets_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
     """Return the process-wide bucket named ``key``, creating it on first use.
+
+    Every live function using ``key`` shares the one bucket; once none is left, the
+    bucket is freed, and a later function with that key starts a full bucket.
 
     Args:
         key: The ``rate_limit_key``.
@@ -73,17 +90,7 @@ def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
 
 
 def _check_rate(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(
-            f"the rate_limit callable returned {value!r}; it must return calls per second, "
-            "a finite number > 0 (for example lambda: 10.0)"
-        )
-    return float(value)
+    return check_rate("the rate_limit callable returned", value, error=ConfigurationError)
 
 
 class Limiter:
@@ -99,7 +106,6 @@ class Limiter:
 
     __slots__ = (
         "_last_rate",
-        "_lock",
         "_rate_fn",
         "bucket",
         "is_native",
@@ -115,7 +121,6 @@ class Limiter:
         self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
         static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
         self._last_rate: float | None = static_rate
-        self._lock = threading.Lock()
         self.bucket: TokenBucket | None = None
         if policy.limiter is not None:
             self.source: Any = policy.limiter
@@ -162,11 +167,12 @@ class Limiter:
             return None
         rate = _check_rate(self._rate_fn())
         if rate != self._last_rate:
-            with self._lock:
-                if rate != self._last_rate:
-                    if self.bucket is not None:
-                        self.bucket.set_rate(rate)
-                    self._last_rate = rate
+            # No lock: setting the same rate twice changes nothing (the bucket keeps
+            # its schedule), and a Python lock held here could be inherited locked
+            # by a child forked meanwhile, hanging its first call.
+            if self.bucket is not None:
+                self.bucket.set_rate(rate)
+            self._last_rate = rate
         return rate
 
     def reserve(self) -> float:

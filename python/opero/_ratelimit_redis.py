@@ -18,6 +18,12 @@ When Redis is down the limiter falls back to a local
 limit holds per process, not globally, during the outage), logs the outage
 once on the ``opero`` logger, probes Redis again at most every
 ``retry_interval`` seconds and goes back to the shared bucket when Redis returns.
+
+A full connection pool is not an outage: Redis is answering the commands that
+hold the connections. A decision then waits for a free connection (at most
+``pool_timeout`` seconds) and, if none frees up, raises
+:class:`~opero.errors.RateLimitTimeout`: the call is not started. The local
+bucket is never used while Redis is up, so the shared limit is never exceeded.
 """
 
 from __future__ import annotations
@@ -29,8 +35,14 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from opero.cache._health import Outage, outage_for
-from opero.cache._redis import RedisConnector, check_interval, redact
-from opero.errors import ConfigurationError
+from opero.cache._redis import (
+    PoolExhausted,
+    RedisConnector,
+    check_interval,
+    pool_exhausted,
+    redact,
+)
+from opero.errors import ConfigurationError, RateLimitTimeout
 
 if TYPE_CHECKING:
     import redis
@@ -92,6 +104,11 @@ class RedisRateLimiter:
         connect_timeout: Seconds a connection attempt may take. Default 0.5.
         retry_interval: Seconds between probes of a Redis that is down (the
             local bucket decides meanwhile). Default 1.0.
+        max_connections: Connections per pool when the client is built from a
+            URL (per process, and per event loop). Default 100.
+        pool_timeout: Seconds a decision waits for a free connection when the
+            pool is full, before :class:`~opero.errors.RateLimitTimeout`.
+            Default 5.0.
 
     Raises:
         ConfigurationError: Empty key, a rate that is not > 0, a burst that is
@@ -110,6 +127,8 @@ class RedisRateLimiter:
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         retry_interval: float = 1.0,
+        max_connections: int = 100,
+        pool_timeout: float = 5.0,
     ) -> None:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(
@@ -127,6 +146,8 @@ class RedisRateLimiter:
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             option="rate_limit_redis_url",
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
         )
         self.retry_interval = check_interval(retry_interval)
         self._url = url
@@ -163,9 +184,20 @@ class RedisRateLimiter:
         return bucket.reserve()
 
     def _failed(self, exc: Exception) -> None:
-        """Record a Redis failure (logged once per outage); re-raise anything else."""
+        """Record a Redis failure (logged once per outage); re-raise anything else.
+
+        Raises:
+            RateLimitTimeout: The connection pool stayed full (back-pressure, not
+                an outage): the call must not start unchecked.
+            Exception: ``exc`` itself when it is not a Redis or socket error.
+
+        """
         import redis
 
+        if isinstance(exc, PoolExhausted) or pool_exhausted(exc):
+            raise RateLimitTimeout(
+                f"rate limit {self.key!r}: {exc}; the call was not started"
+            ) from exc
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
         self.outage.failed(exc, f"rate limit {self.key!r} uses a local per-process bucket")
@@ -185,13 +217,17 @@ class RedisRateLimiter:
         outage = self.outage
         if outage.down and not outage.should_try():
             return math.nan, self._fallback(rate)
-        try:
-            client = self.connector.sync_client()
+        key = self.redis_key
+
+        def decide(client: redis.Redis) -> Any:
             try:
-                now, wait = client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+                return client.evalsha(GCRA_SHA, 1, key, *args)
             except NoScriptError:  # a restarted or different server: load it once
                 client.script_load(GCRA_SCRIPT)
-                now, wait = client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+                return client.evalsha(GCRA_SHA, 1, key, *args)
+
+        try:
+            now, wait = self.connector.run(decide)
         except Exception as exc:
             self._failed(exc)
             return math.nan, self._fallback(rate)
@@ -219,13 +255,17 @@ class RedisRateLimiter:
         outage = self.outage
         if outage.down and not outage.should_try():
             return self._fallback(rate)
-        try:
-            client: redis.asyncio.Redis = self.connector.async_client()
+        key = self.redis_key
+
+        async def decide(client: redis.asyncio.Redis) -> Any:
             try:
-                _now, wait = await client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+                return await client.evalsha(GCRA_SHA, 1, key, *args)
             except NoScriptError:
                 await client.script_load(GCRA_SCRIPT)
-                _now, wait = await client.evalsha(GCRA_SHA, 1, self.redis_key, *args)
+                return await client.evalsha(GCRA_SHA, 1, key, *args)
+
+        try:
+            _now, wait = await self.connector.arun(decide)
         except Exception as exc:
             self._failed(exc)
             return self._fallback(rate)
@@ -250,6 +290,8 @@ class RedisRateLimiter:
                 self.connector.socket_timeout,
                 self.connector.connect_timeout,
                 self.retry_interval,
+                self.connector.max_connections,
+                self.connector.pool_timeout,
             ),
         )
 
@@ -269,6 +311,8 @@ def _rebuild(
     socket_timeout: float,
     connect_timeout: float,
     retry_interval: float,
+    max_connections: int = 100,
+    pool_timeout: float = 5.0,
 ) -> RedisRateLimiter:
     """Unpickle a :class:`RedisRateLimiter`."""
     return RedisRateLimiter(
@@ -279,4 +323,6 @@ def _rebuild(
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         retry_interval=retry_interval,
+        max_connections=max_connections,
+        pool_timeout=pool_timeout,
     )

@@ -16,10 +16,23 @@ An error that is not retryable (outside ``retry_on``, or refused by
 ``retry_predicate``) propagates at once, unchanged, even inside a fallback
 chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
 ``asyncio.CancelledError`` are never caught (they are not ``Exception``
-subclasses). When every call failed and more than one call was made, or a
-fallback was configured, :class:`~opero.errors.AllFailedError` is raised from
-the last error with every error in call order; otherwise the function's own
-exception propagates.
+subclasses).
+
+Exhaustion: when every call failed and no ``arg_fallback`` is configured, the
+function's own last exception propagates (the same object, so callers'
+``except`` clauses keep working), with a PEP 678 note saying how many calls
+were made; the earlier errors are kept on it as a tuple (attribute
+``__opero_errors__``, read through :func:`opero.errors.attempt_errors`). When an
+``arg_fallback`` chain is exhausted, :class:`~opero.errors.AllFailedError` is
+raised from the last error with every error in call order.
+
+Stacking: an ``@opero`` applied over a function that is already
+opero-decorated retries only when its own ``retries`` is given explicitly
+(else its ``retries`` is 0), so stacked layers do not multiply attempts.
+
+No cycles: an attempt's traceback references the retry loop's frame, which
+holds the list of errors; every loop clears those locals in ``finally`` so a
+dropped error is freed by reference counting, with the cyclic collector off.
 
 The first call of the common configurations is specialized at decoration time
 so a success only pays for what is configured: with ``retries=3`` alone, one
@@ -30,7 +43,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 import types
 from collections.abc import Callable
@@ -40,13 +52,19 @@ from opero import _testing
 from opero._callbacks import adapt_callback
 from opero._fallback import Fallback
 from opero._opero_core import Backoff
-from opero._policy import Policy
+from opero._policy import Policy, check_seconds
 from opero._ratelimit import MIN_WAIT, Limiter
-from opero.errors import AllFailedError, ConfigurationError
+from opero.errors import EARLIER_ERRORS, AllFailedError
 
 __all__ = ["Engine", "build_sync_call"]
 
 logger = logging.getLogger("opero")
+
+#: Every note opero adds to a re-raised error starts with this (a re-raised
+#: instance keeps one opero note, not one per call).
+NOTE_PREFIX = "opero: "
+#: How many earlier errors the note shows (``attempt_errors`` has them all).
+NOTE_ERRORS = 3
 
 
 class Engine:
@@ -56,6 +74,8 @@ class Engine:
         policy: The validated options.
         func: The decorated function (the inner one, called on each attempt).
         qualname: ``module.qualname`` used in messages and log records.
+        stacked: ``func`` is itself opero-decorated: without an explicit
+            ``retries`` option this layer makes a single round.
 
     """
 
@@ -76,11 +96,15 @@ class Engine:
         "retry_on",
     )
 
-    def __init__(self, policy: Policy, func: Callable[..., Any], qualname: str) -> None:
+    def __init__(
+        self, policy: Policy, func: Callable[..., Any], qualname: str, *, stacked: bool = False
+    ) -> None:
         self.policy = policy
         self.func = func
         self.qualname = qualname
-        self.retries = policy.retries
+        # The inner layer already retries: an implicit default here would multiply
+        # the calls ((3 + 1) * (3 + 1) = 16 for two default layers).
+        self.retries = 0 if stacked and "retries" not in policy.options else policy.retries
         self.retry_on = policy.retry_on
         self.predicate = policy.retry_predicate
         self.predicate_arity = policy.retry_predicate_arity
@@ -125,18 +149,10 @@ class Engine:
             return 0.0
         if self.backoff_function is None:
             return self.backoff.delay(attempt)
-        value = self.backoff_function(attempt)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ConfigurationError(
-                f"backoff_function of {self.qualname} returned {value!r} for attempt {attempt}; "
-                "it must return a finite number of seconds >= 0"
-            )
-        return float(value)
+        return check_seconds(
+            f"backoff_function of {self.qualname}, for attempt {attempt}, returned",
+            self.backoff_function(attempt),
+        )
 
     def before_retry(self, exc: Exception, attempt: int) -> float:
         """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""
@@ -162,20 +178,57 @@ class Engine:
     def exhausted(self, errors: list[Exception]) -> Exception:
         """Return the error to raise when every call failed (and fire ``on_failure``).
 
-        ``AllFailedError`` (chained from the last error, as ``raise ... from``
-        would) when more than one call was made or a fallback was configured,
-        else the function's own exception.
+        With a fallback configured: ``AllFailedError`` with every error,
+        chained from the last one (as ``raise ... from`` would). Without: the
+        function's own last exception, unchanged in type and identity; after
+        more than one call it gets a note and the earlier errors (see
+        :func:`opero.errors.attempt_errors`).
         """
-        if len(errors) == 1 and self.fallback is None:
-            return self.give_up(errors[0])
+        last = errors[-1]
+        if self.fallback is None:
+            if len(errors) > 1:
+                self._annotate(last, errors)
+                logger.warning(
+                    "opero: %s failed on all %d calls; raising the last error",
+                    self.qualname,
+                    len(errors),
+                )
+            return self.give_up(last)
         error = AllFailedError(
-            f"{self.qualname} failed on all {len(errors)} calls; last error: {errors[-1]!r}",
+            f"{self.qualname} failed on all {len(errors)} calls; last error: {last!r}",
             errors,
         )
-        error.__cause__ = errors[-1]
+        error.__cause__ = last
         error.__suppress_context__ = True
         logger.warning("opero: %s", error.message)
         return self.give_up(error)
+
+    def _annotate(self, last: Exception, errors: list[Exception]) -> None:
+        """Note the number of calls on ``last`` and keep the earlier errors on it.
+
+        The earlier errors never include ``last`` itself (a function raising one
+        shared instance would otherwise make ``last`` reference itself: a cycle).
+        """
+        earlier = tuple(e for e in errors[:-1] if e is not last)
+        shown = ", ".join(_short_repr(e) for e in earlier[-NOTE_ERRORS:])
+        if len(earlier) > NOTE_ERRORS:
+            shown = f"..., {shown}"
+        note = (
+            f"{NOTE_PREFIX}{self.qualname} failed on all {len(errors)} calls "
+            f"(1 + {len(errors) - 1} retries)"
+            + (f"; earlier errors: {shown}" if shown else "")
+            + "; opero.errors.attempt_errors(exc) lists them all"
+        )
+        last.__dict__[EARLIER_ERRORS] = earlier
+        try:
+            notes = last.__dict__.get("__notes__")
+            if isinstance(notes, list):
+                notes[:] = [
+                    n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))
+                ]
+            last.add_note(note)
+        except Exception:  # __notes__ set to a non-list by the function: raise it without ours
+            logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
     def log_fallback(self, exc: Exception, index: int, total: int) -> None:
         """Log a failed fallback candidate before the next one is tried."""
@@ -187,6 +240,15 @@ class Engine:
             self.policy.arg_fallback,
             exc,
         )
+
+
+def _short_repr(exc: BaseException, limit: int = 120) -> str:
+    """Return ``repr(exc)`` cut to ``limit`` characters (a failing ``__repr__`` gives the type)."""
+    try:
+        text = repr(exc)
+    except Exception:
+        text = f"<{type(exc).__qualname__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _PREFIX = "__opero_"
@@ -321,34 +383,39 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
 
     def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Continue after the first call failed with ``first`` (the slow path)."""
-        if retries == 0:
-            raise engine.exhausted([first])
+        # Tracebacks of the errors reference this frame: drop its references to them
+        # on the way out, or each failed call leaves a cycle for the collector.
         errors = [first]
         exc = first
-        attempt = 0
-        while True:
-            if not engine.is_retryable(exc):
-                raise engine.give_up(exc)
-            if attempt == retries:
+        try:
+            if retries == 0:
                 raise engine.exhausted(errors)
-            wait = engine.before_retry(exc, attempt)
-            if wait > 0:
-                sleep(wait)
-            attempt += 1
-            if limiter is not None:
-                delay = reserve()
-                if delay > MIN_WAIT:
-                    limiter.check_wait(delay)
-                    sleep(delay)
-            try:
-                result = func(*args, **kwargs)
-            except Exception as err:
-                errors.append(err)
-                exc = err
-                continue
-            if on_success is not None:
-                on_success(result)
-            return result
+            attempt = 0
+            while True:
+                if not engine.is_retryable(exc):
+                    raise engine.give_up(exc)
+                if attempt == retries:
+                    raise engine.exhausted(errors)
+                wait = engine.before_retry(exc, attempt)
+                if wait > 0:
+                    sleep(wait)
+                attempt += 1
+                if limiter is not None:
+                    delay = reserve()
+                    if delay > MIN_WAIT:
+                        limiter.check_wait(delay)
+                        sleep(delay)
+                try:
+                    result = func(*args, **kwargs)
+                except Exception as err:
+                    errors.append(err)
+                    exc = err
+                    continue
+                if on_success is not None:
+                    on_success(result)
+                return result
+        finally:
+            del first, errors, exc
 
     guard = retries > 0 or engine.on_failure is not None
     if limiter is None and on_success is None and not guard:
@@ -428,30 +495,34 @@ def _general_sync(engine: Engine, sleep: Callable[[float], Any]) -> Callable[...
         calls = fallback.candidates(args, kwargs)
         total = len(calls)
         errors: list[Exception] = []
-        for round_ in range(retries + 1):
-            if round_:
-                wait = engine.before_retry(errors[-1], round_ - 1)
-                if wait > 0:
-                    sleep(wait)
-            for index, (a, k) in enumerate(calls):
-                if reserve is not None:
-                    delay = reserve()
-                    if delay > MIN_WAIT:
-                        assert limiter is not None
-                        limiter.check_wait(delay)
-                        sleep(delay)
-                try:
-                    result = func(*a, **k)
-                except Exception as exc:
-                    errors.append(exc)
-                    if not engine.is_retryable(exc):
-                        raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
-                    if index + 1 < total:
-                        engine.log_fallback(exc, index, total)
-                    continue
-                if on_success is not None:
-                    on_success(result)
-                return result
-        raise engine.exhausted(errors)
+        # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
+        try:
+            for round_ in range(retries + 1):
+                if round_:
+                    wait = engine.before_retry(errors[-1], round_ - 1)
+                    if wait > 0:
+                        sleep(wait)
+                for index, (a, k) in enumerate(calls):
+                    if reserve is not None:
+                        delay = reserve()
+                        if delay > MIN_WAIT:
+                            assert limiter is not None
+                            limiter.check_wait(delay)
+                            sleep(delay)
+                    try:
+                        result = func(*a, **k)
+                    except Exception as exc:
+                        errors.append(exc)
+                        if not engine.is_retryable(exc):
+                            raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
+                        if index + 1 < total:
+                            engine.log_fallback(exc, index, total)
+                        continue
+                    if on_success is not None:
+                        on_success(result)
+                    return result
+            raise engine.exhausted(errors)
+        finally:
+            del errors, calls
 
     return call_fallback

@@ -5,7 +5,10 @@ asyncio tasks share the decorated function's own bucket; worker processes
 (``mode="process"``, ``"async_process"``, ``"dask"`` and process executors)
 share this one instead: the GCRA state (one double, the theoretical arrival
 time) lives in a small file mapped into memory (``/dev/shm`` when present), and
-every decision holds an exclusive ``flock`` on that file. ``time.monotonic()``
+every decision holds an exclusive lock on that file: ``flock`` on POSIX,
+``msvcrt.locking`` on a byte past the state on Windows (which has no
+``fcntl``). Both are released by the system when a process dies, so a
+worker killed mid-decision never leaves the bucket locked. ``time.monotonic()``
 reads ``CLOCK_MONOTONIC``, which is system-wide on Linux and macOS, so readings
 from different processes compare.
 
@@ -14,10 +17,7 @@ opens the same file. It is global for the processes of one host; Dask workers
 on other hosts each get their own file (a per-host bucket); use
 ``rate_limit_backend="redis"`` for a cluster-wide limit.
 
-It needs POSIX ``fcntl.flock`` (Linux, macOS, the BSDs); on Windows a process
-map with a rate limit fails its items with the ``ImportError``.
-
-A decision costs two ``flock`` calls and a few bytes of shared memory, about
+A decision costs two lock calls and a few bytes of shared memory, about
 2 us here, against 5 ms or more per call for the rate limits people configure.
 """
 
@@ -28,20 +28,70 @@ import math
 import mmap
 import os
 import struct
+import sys
 import tempfile
 import threading
 import time
 import weakref
 from typing import Any
 
-__all__ = ["SharedTokenBucket"]
-
 _TAT = struct.Struct("d")
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _lock(fd: int) -> None:
+        """Take the exclusive lock on ``fd``'s lock byte, waiting for it."""
+        os.lseek(fd, _TAT.size, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return
+            except OSError:  # held by another process, for microseconds: poll
+                time.sleep(0.0001)  # (LK_LOCK would wait a whole second between tries)
+
+    def _unlock(fd: int) -> None:
+        """Release the lock taken by :func:`_lock`."""
+        os.lseek(fd, _TAT.size, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock(fd: int) -> None:
+        """Take the exclusive lock on ``fd``, waiting for it."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _unlock(fd: int) -> None:
+        """Release the lock taken by :func:`_lock`."""
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+__all__ = ["SharedTokenBucket"]
 
 
 def _shm_dir() -> str | None:
     """Return a RAM-backed folder when the system has one (Linux), else the default tmp."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+#: Every live bucket of this process, so a forked child can replace their locks.
+_live: weakref.WeakSet[SharedTokenBucket] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Give each bucket a fresh lock in a forked child.
+
+    A parent thread may have held a bucket's lock at the fork (it is held around
+    ``flock``, which releases the GIL); the child would inherit it locked and hang
+    on its first ``reserve``. The child reopens the state file anyway (see ``_attach``).
+    """
+    for bucket in list(_live):
+        bucket._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _unlink(path: str) -> None:
@@ -85,6 +135,7 @@ class SharedTokenBucket:
         self._pid = -1
         self._fd = -1
         self._map: mmap.mmap | None = None
+        _live.add(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as (rate, burst, path): the receiver attaches to the same file."""
@@ -98,7 +149,7 @@ class SharedTokenBucket:
         """
         pid = os.getpid()
         if self._pid != pid or self._map is None:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_BINARY", 0))
             self._map = mmap.mmap(fd, _TAT.size)
             self._fd = fd
             self._pid = pid
@@ -116,19 +167,17 @@ class SharedTokenBucket:
             0.0 when a token is free now, else the delay in seconds.
 
         """
-        import fcntl
-
         emission = 1.0 / (self.rate if rate is None or rate <= 0 else rate)
         tolerance = (self.burst - 1) * emission
         with self._lock:
             shared = self._attach()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            _lock(self._fd)
             try:
                 now = time.monotonic()
                 tat: float = max(_TAT.unpack_from(shared, 0)[0], now)
                 _TAT.pack_into(shared, 0, tat + emission)
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                _unlock(self._fd)
         return max(0.0, tat - tolerance - now)
 
     def close(self) -> None:

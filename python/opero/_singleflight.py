@@ -2,74 +2,179 @@
 
 The memory backend gets single flight from the native
 :class:`~opero._opero_core.CachedCall`; Redis, disk and user backends go
-through :class:`ThreadFlight`: concurrent misses on one key from several
-threads compute once, the other threads wait and get the same result or the
-same exception. A thread that re-enters a key it is computing itself computes
-directly instead of waiting on itself.
+through :class:`ThreadFlight`, with the same rules:
+
+* concurrent misses on one key from several threads compute once, the other
+  threads wait and get the same result or the same ``Exception``;
+* an owner stopped by a ``BaseException`` that is not an ``Exception``
+  (``KeyboardInterrupt``, ``SystemExit``...) keeps it: the flight is
+  abandoned and one waiter computes instead;
+* a wait that would deadlock (the thread computes the key itself, or the
+  owner waits on it through other threads, native flights included: one
+  wait-for graph, :class:`~opero._opero_core.FlightToken`) computes directly;
+* the thread that wins a flight looks at the cache again (``recheck``) when
+  a computation of that key finished, or a value was stored for it
+  (:meth:`ThreadFlight.stored`), since its own lookup began, so a value stored
+  in between is returned, not recomputed (keys share 64 stripes of counters:
+  another key of the stripe may cause a needless look, never a missed one);
+* after ``fork()`` the child starts with empty tables: flights of the
+  parent's threads are gone, never waited on.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+from opero._opero_core import FlightToken
+from opero.cache._base import MISS
+
 __all__ = ["ThreadFlight"]
+
+_STRIPES = 64  # completion counters per function, indexed by the key's hash
+_POLL = 0.05  # seconds between two looks at a waited-on token
+
+_generation = 0  # bumped in a child process after fork()
+_live: weakref.WeakSet[ThreadFlight] = weakref.WeakSet()
 
 
 class _Flight:
-    """One computation in progress: its owner thread, outcome and completion event."""
+    """One computation in progress: its token, outcome and completion event."""
 
-    __slots__ = ("done", "error", "owner", "value")
+    __slots__ = ("abandoned", "done", "error", "generation", "token", "value")
 
-    def __init__(self, owner: int) -> None:
-        self.owner = owner
+    def __init__(self) -> None:
+        self.token = FlightToken()
+        self.generation = _generation
         self.done = threading.Event()
         self.value: Any = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
+        self.abandoned = False
 
 
 class ThreadFlight:
     """Single flight of cache misses across the threads of one decorated function."""
 
-    __slots__ = ("_flights", "_lock")
+    __slots__ = ("__weakref__", "_flights", "_lock", "_stamps")
 
     def __init__(self) -> None:
+        self._reset()
+        _live.add(self)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._flights: dict[Any, _Flight] = {}
+        self._stamps = [0] * _STRIPES
 
-    def do(self, key: Any, compute: Callable[[], Any]) -> Any:
+    def stamp(self, key: Any) -> int:
+        """Return the completion count of ``key``'s stripe: take it before the lookup."""
+        return self._stamps[hash(key) % _STRIPES]
+
+    def stored(self, key: Any) -> None:
+        """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        with self._lock:
+            self._stamps[hash(key) % _STRIPES] += 1
+
+    def do(
+        self,
+        key: Any,
+        compute: Callable[[], Any],
+        stamp: int | None = None,
+        recheck: Callable[[], Any] | None = None,
+    ) -> Any:
         """Run ``compute()`` once for concurrent callers of ``key``; share its outcome.
 
         Args:
             key: The cache key (hashable).
             compute: Computes the value and stores it in the cache before returning.
+            stamp: :meth:`stamp` of ``key`` taken before the caller's cache lookup.
+            recheck: Looks the key up again (returns ``MISS`` on a miss); called by
+                the winner of the flight when a computation of a key of the same
+                stripe finished since ``stamp``.
 
         """
-        me = threading.get_ident()
+        slot = hash(key) % _STRIPES
         while True:
             with self._lock:
                 flight = self._flights.get(key)
+                if flight is not None and flight.token.done:
+                    # Finished: its owner may have been stopped before unlisting it.
+                    del self._flights[key]
+                    if flight.abandoned:
+                        flight = None
                 owner = flight is None
                 if flight is None:
-                    flight = self._flights[key] = _Flight(me)
+                    flight = self._flights[key] = _Flight()
+                    stale = stamp is not None and self._stamps[slot] != stamp
             if owner:
                 break
-            if flight.owner == me:
-                return compute()
-            flight.done.wait()
-            if flight.error is None:
-                return flight.value
-            if isinstance(flight.error, Exception):
+            if not flight.token.done:
+                if not flight.token.wait_begin():
+                    # This thread computes the key itself, or the owner waits on
+                    # it through other threads: waiting would deadlock.
+                    return compute()
+                try:
+                    # Finishing the token is the owner's first act once done (one
+                    # native call, which a signal cannot split): a second Ctrl-C
+                    # that stops the owner before it sets the event, or unlists
+                    # the flight, leaves no waiter stuck.
+                    while not flight.done.wait(_POLL) and not flight.token.done:
+                        pass
+                finally:
+                    flight.token.wait_end()
+            if flight.abandoned:
+                continue  # the owner was interrupted: one waiter computes
+            if flight.error is not None:
                 raise flight.error
-            # The owner was interrupted (KeyboardInterrupt...): try to compute again.
-        try:
-            flight.value = compute()
             return flight.value
-        except BaseException as exc:
+        return self._own(key, slot, flight, compute, recheck if stale else None)
+
+    def _own(
+        self,
+        key: Any,
+        slot: int,
+        flight: _Flight,
+        compute: Callable[[], Any],
+        recheck: Callable[[], Any] | None,
+    ) -> Any:
+        """Compute as the flight's owner and publish the outcome to its waiters."""
+        ok = False
+        try:
+            value = MISS if recheck is None else recheck()
+            if value is MISS:
+                value = compute()
+            flight.value = value
+            ok = True
+            return value
+        except Exception as exc:
             flight.error = exc
             raise
         finally:
+            # Neither a value nor an Exception: a BaseException left the owner
+            # (KeyboardInterrupt...); it is not the waiters' to receive.
+            flight.abandoned = not ok and flight.error is None
+            flight.token.finish()  # the outcome is published
             with self._lock:
-                del self._flights[key]
-            flight.done.set()
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                if ok:
+                    self._stamps[slot] += 1
+            if flight.generation == _generation:
+                # After a fork the event's lock may be held by a parent thread
+                # that is gone; nobody in this process waits on it anyway.
+                flight.done.set()
+
+
+def _after_fork_in_child() -> None:
+    """Start every table afresh: the parent's other threads are not in this process."""
+    global _generation
+    _generation += 1
+    for flight in list(_live):
+        flight._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

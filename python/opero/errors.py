@@ -2,11 +2,19 @@
 
 Every error opero raises derives from :class:`OperoError`, itself a
 ``RuntimeError``. All of them pickle, so they cross process pools and Dask.
+
+When retries run out without an ``arg_fallback``, opero re-raises the
+function's own last exception (not an opero error) with a note, and
+:func:`attempt_errors` returns every error of that call in call order.
+``opero.exceptions`` is an alias of this module for code written for opero 2.x.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+#: Attribute of a re-raised last error holding the earlier attempts' errors (a tuple).
+EARLIER_ERRORS = "__opero_errors__"
 
 __all__ = [
     "AllFailedError",
@@ -14,6 +22,7 @@ __all__ = [
     "ConfigurationError",
     "OperoError",
     "RateLimitTimeout",
+    "attempt_errors",
 ]
 
 
@@ -41,8 +50,9 @@ class RateLimitTimeout(OperoError):
 class AllFailedError(ExceptionGroup, OperoError):
     """Every call made for one invocation failed.
 
-    Raised when more than one call was made (retries) or a fallback was
-    configured, and none succeeded. ``errors`` holds every underlying
+    Raised when an ``arg_fallback`` chain is exhausted: every candidate of
+    every round failed. (Retries alone re-raise the function's own last
+    exception instead; see :func:`attempt_errors`.) ``errors`` holds every underlying
     exception in call order; the error is raised ``from`` the last one, and as
     an ``ExceptionGroup`` it shows every attempt in tracebacks and works with
     ``except*``.
@@ -74,3 +84,31 @@ class AllFailedError(ExceptionGroup, OperoError):
     def derive(self, excs: Sequence[Exception]) -> AllFailedError:  # type: ignore[override]
         """Build a group of the same type for ``except*`` and ``split``."""
         return AllFailedError(self.message, excs)
+
+
+def attempt_errors(exc: BaseException) -> list[BaseException]:
+    """Return every error of the failed ``@opero`` call that raised ``exc``, in call order.
+
+    When retries run out without an ``arg_fallback``, opero raises the
+    function's own last exception and keeps the earlier attempts' errors on
+    it; for an :class:`AllFailedError` these are its ``errors``. Any other
+    exception gives ``[exc]``.
+
+    Args:
+        exc: The exception caught from a decorated function.
+
+    Returns:
+        The errors of every call made, the last one being ``exc`` itself (or,
+        for an ``AllFailedError``, its last underlying error).
+
+    Example:
+        >>> try:
+        ...     fetch(url)
+        ... except ConnectionError as exc:
+        ...     print(len(attempt_errors(exc)), "calls failed")
+
+    """
+    if isinstance(exc, AllFailedError):
+        return list(exc.exceptions)
+    earlier = exc.__dict__.get(EARLIER_ERRORS, ()) if hasattr(exc, "__dict__") else ()
+    return [*earlier, exc]

@@ -4,33 +4,58 @@
 //! Invariants: a hit never leaves native code except for `on_hit()`; only
 //! successful results are stored; at most one thread computes a key at a time
 //! (single flight), the others wait detached from the interpreter and get the
-//! same result or exception; the thread computing a key that re-enters it
-//! calls the function directly. No Python runs under the in-flight lock.
+//! same result or `Exception`. An owner stopped by a `BaseException` that is
+//! not an `Exception` (KeyboardInterrupt, SystemExit...) abandons the flight:
+//! that exception stays its own, and one waiter computes instead. A thread
+//! whose wait would close a cycle (it computes the key itself, or the owner
+//! waits on it through other threads) computes directly. The in-flight table
+//! is guarded by the GIL (never held across a fork); a flight made before a
+//! `fork()` is dropped in the child, never waited on. No Python runs under the
+//! table's guard. Calls into Python (the function, `key_func`, `on_hit`, and
+//! `__hash__`/`__eq__` of opaque arguments) and re-attaching after a wait are
+//! shielded against the forced unwind of interpreter exit (see `guarded.rs`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use hashbrown::HashTable;
 use parking_lot::{Condvar, Mutex};
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::PyException;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::guarded::lock;
+use super::flight::{begin_wait, end_wait, fork_generation, thread_ident};
+use super::guarded::{self, detach, Guarded};
 use super::keys::{short_call1, ArgName, Encoder, KeyData, KeyRef, Mode};
 use super::store::PyStore;
 use crate::error::CoreError;
 use crate::keys::Short;
 
+/// Where a computation stands.
+enum Outcome {
+    /// Still computing.
+    Pending,
+    /// Finished: the value, or the `Exception` every waiter re-raises.
+    Done(PyResult<Py<PyAny>>),
+    /// The owner left without a result (a `BaseException` that is not an
+    /// `Exception`, or a panic): a waiter computes instead.
+    Abandoned,
+}
+
 /// One computation in progress, awaited by the other threads missing the same key.
 struct Flight {
-    owner: ThreadId,
-    result: Mutex<Option<PyResult<Py<PyAny>>>>,
-    done: Condvar,
+    /// `threading.get_ident()` of the computing thread.
+    owner: u64,
+    /// The fork generation it was made in (older: its owner is not in this process).
+    generation: u64,
+    /// Set once the outcome is published (read by the wait-for graph).
+    done: Arc<AtomicBool>,
+    outcome: Mutex<Outcome>,
+    published: Condvar,
 }
 
 type Flights = HashTable<(KeyRef, Arc<Flight>)>;
@@ -39,7 +64,7 @@ type Flights = HashTable<(KeyRef, Arc<Flight>)>;
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Whether `a` is the same call as `b` for single flight: equal bytes and
-/// identical opaque objects (no Python runs under the in-flight lock, so
+/// identical opaque objects (no Python runs under the in-flight guard, so
 /// equal-but-distinct opaque arguments compute separately).
 fn same_flight(a: &KeyData, b: &KeyData) -> bool {
     a.bytes == b.bytes
@@ -50,33 +75,50 @@ fn same_flight(a: &KeyData, b: &KeyData) -> bool {
             .all(|(x, y)| x.as_ptr() == y.as_ptr())
 }
 
-/// Completes a flight when dropped: publishes the result (or, if the owner
-/// unwound before publishing, an error) and wakes the waiters.
-struct FlightGuard<'a> {
-    flights: &'a Mutex<Flights>,
+/// Completes a flight when dropped: unlists it, publishes the outcome (an
+/// owner that unwound before publishing abandons it) and wakes the waiters.
+struct FlightGuard<'a, 'py> {
+    py: Python<'py>,
+    flights: &'a Guarded<Flights>,
     key: KeyRef,
     flight: Arc<Flight>,
-    result: Option<PyResult<Py<PyAny>>>,
+    outcome: Outcome,
 }
 
-impl Drop for FlightGuard<'_> {
+impl Drop for FlightGuard<'_, '_> {
     fn drop(&mut self) {
-        let removed = {
-            let mut g = self.flights.lock();
-            g.find_entry(self.key.hash, |(k, f)| {
+        let removed = self.flights.with(self.py, |t| {
+            t.find_entry(self.key.hash, |(k, f)| {
                 Arc::ptr_eq(k, &self.key) && Arc::ptr_eq(f, &self.flight)
             })
             .ok()
             .map(|e| e.remove().0)
-        };
-        let result = self.result.take().unwrap_or_else(|| {
-            Err(PyRuntimeError::new_err(
-                "opero: the thread computing this cached call failed",
-            ))
         });
-        *self.flight.result.lock() = Some(result);
-        self.flight.done.notify_all();
+        // Dropped outside the guard: opaque key objects may run `__del__`.
         drop(removed);
+        if self.flight.generation != fork_generation() {
+            // This process was forked from the one that started the flight:
+            // no thread here waits on it, and its lock may have been held by
+            // a thread of the parent at fork time. Leave it alone.
+            return;
+        }
+        let outcome = std::mem::replace(&mut self.outcome, Outcome::Abandoned);
+        let old = {
+            let mut o = self.flight.outcome.lock();
+            std::mem::replace(&mut *o, outcome)
+        };
+        self.flight.done.store(true, Ordering::Release);
+        self.flight.published.notify_all();
+        drop(old);
+    }
+}
+
+/// Removes this thread's edge from the wait-for graph when dropped.
+struct WaitEdge<'py>(Python<'py>);
+
+impl Drop for WaitEdge<'_> {
+    fn drop(&mut self) {
+        end_wait(self.0);
     }
 }
 
@@ -87,8 +129,11 @@ impl Drop for FlightGuard<'_> {
 /// ``on_hit()`` first when given). On a miss it calls ``func`` with the same
 /// arguments and stores a successful result; exceptions are never stored.
 /// Concurrent misses on one key from several threads call ``func`` once: the
-/// others wait (without the GIL) and get the same result or exception. A call
-/// that re-enters a key its own thread is computing calls ``func`` directly.
+/// others wait (without the GIL) and get the same result or exception. If the
+/// computing thread is stopped by a ``BaseException`` that is not an
+/// ``Exception`` (``KeyboardInterrupt``...), one waiter computes instead. A
+/// call whose wait would deadlock (its own thread computes the key, or the
+/// computing thread waits on it through other threads) calls ``func`` directly.
 ///
 /// Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
 /// as methods through ``__get__``, and pickle by reference (``__reduce__``
@@ -114,7 +159,7 @@ pub struct PyCachedCall {
     func: Py<PyAny>,
     key_func: Option<Py<PyAny>>,
     on_hit: Option<Py<PyAny>>,
-    flights: Mutex<Flights>,
+    flights: Guarded<Flights>,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -189,11 +234,15 @@ impl<'py> CallArgs<'_, 'py> {
         }
     }
 
-    /// Call `f` with the same arguments.
+    /// Call `f` with the same arguments, shielded (see `guarded.rs`).
     #[inline]
     fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
-        match self {
-            CallArgs::Tuple(a, k) => Ok(f.bind(py).call(*a, *k)?.unbind()),
+        let r = match self {
+            CallArgs::Tuple(a, k) => {
+                let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+                // SAFETY: `f`, the tuple and the optional dict are live for the call.
+                unsafe { guarded::call(f.as_ptr(), a.as_ptr(), kw) }
+            }
             #[cfg(not(Py_LIMITED_API))]
             CallArgs::Vector {
                 args,
@@ -203,16 +252,30 @@ impl<'py> CallArgs<'_, 'py> {
                 let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
                 // SAFETY: forwarding the arguments we were called with, unchanged
                 // (including PY_VECTORCALL_ARGUMENTS_OFFSET, which our caller granted).
-                let r = unsafe { ffi::PyObject_Vectorcall(f.as_ptr(), *args, *nargsf, kw) };
-                if r.is_null() {
-                    Err(PyErr::fetch(py))
-                } else {
-                    // SAFETY: a non-null vectorcall result is a new reference.
-                    Ok(unsafe { Bound::from_owned_ptr(py, r) }.unbind())
-                }
+                unsafe { guarded::vectorcall(f.as_ptr(), *args, *nargsf, kw) }
             }
-        }
+        };
+        owned_result(py, r)
     }
+}
+
+/// A new reference from the C API as a result (NULL: the raised exception).
+#[inline]
+fn owned_result(py: Python<'_>, r: *mut ffi::PyObject) -> PyResult<Py<PyAny>> {
+    if r.is_null() {
+        Err(PyErr::fetch(py))
+    } else {
+        // SAFETY: a non-null result of a call is a new reference.
+        Ok(unsafe { Bound::from_owned_ptr(py, r) }.unbind())
+    }
+}
+
+/// Call `on_hit()` (shielded); its result is discarded.
+#[inline]
+fn call_on_hit(py: Python<'_>, cb: &Py<PyAny>) -> PyResult<()> {
+    // SAFETY: `cb` is a live callable.
+    let r = unsafe { guarded::call0(cb.as_ptr()) };
+    owned_result(py, r).map(drop)
 }
 
 impl PyCachedCall {
@@ -225,7 +288,7 @@ impl PyCachedCall {
             if let Some(short) = args.short_single(py) {
                 if let Some(v) = store.lookup_short(py, short, true) {
                     if let Some(cb) = &self.on_hit {
-                        cb.bind(py).call0()?;
+                        call_on_hit(py, cb)?;
                     }
                     return Ok(v);
                 }
@@ -247,13 +310,14 @@ impl PyCachedCall {
         let hit = store.lookup_enc(py, &enc, hash, true)?;
         if let Some(v) = hit {
             if let Some(cb) = &self.on_hit {
-                cb.bind(py).call0()?;
+                call_on_hit(py, cb)?;
             }
             return Ok(v);
         }
         self.miss(py, store, &enc, hash, args)
     }
 
+    /// Join the key's flight (or start it) until this call has an outcome.
     fn miss(
         &self,
         py: Python<'_>,
@@ -263,81 +327,94 @@ impl PyCachedCall {
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
         let key = enc.to_key(hash);
-        let me = std::thread::current().id();
-        let waiting = {
-            let mut g = lock(py, &self.flights);
-            match g.find(hash, |(k, _)| same_flight(k, &key)) {
-                Some((_, f)) => Some(f.clone()),
-                None => {
-                    g.insert_unique(
-                        hash,
-                        (
-                            key.clone(),
-                            Arc::new(Flight {
-                                owner: me,
-                                result: Mutex::new(None),
-                                done: Condvar::new(),
-                            }),
-                        ),
-                        |(k, _)| k.hash,
-                    );
-                    None
+        loop {
+            let generation = fork_generation();
+            let mut stale = None;
+            let (flight, owner) = self.flights.with(py, |t| {
+                match t.find_entry(hash, |(k, _)| same_flight(k, &key)) {
+                    Ok(e) if e.get().1.generation == generation => {
+                        return (e.get().1.clone(), false);
+                    }
+                    // Started before a fork by a thread that is not in this process.
+                    Ok(e) => stale = Some(e.remove().0),
+                    Err(_) => {}
                 }
+                let flight = Arc::new(Flight {
+                    owner: thread_ident(),
+                    generation,
+                    done: Arc::new(AtomicBool::new(false)),
+                    outcome: Mutex::new(Outcome::Pending),
+                    published: Condvar::new(),
+                });
+                t.insert_unique(hash, (key.clone(), flight.clone()), |(k, _)| k.hash);
+                (flight, true)
+            });
+            drop(stale);
+            if owner {
+                return self.own(py, store, enc, hash, key, flight, args);
             }
-        };
-        if let Some(flight) = waiting {
-            if flight.owner == me {
-                // Re-entry from the thread computing this key: waiting on
-                // ourselves would deadlock, so compute directly.
+            if !begin_wait(py, flight.owner, &flight.done) {
+                // This thread computes the key itself (re-entry), or the owner
+                // waits on it through other threads: waiting would deadlock,
+                // so compute directly.
                 return args.call(py, &self.func);
             }
+            let edge = WaitEdge(py);
             // Wait detached, waking every 50 ms to let a pending signal
             // (Ctrl-C in the main thread) interrupt the wait.
             loop {
-                let done = py.detach(|| {
-                    let mut r = flight.result.lock();
-                    if r.is_none() {
-                        flight.done.wait_for(&mut r, SIGNAL_POLL);
+                let finished = detach(py, || {
+                    let mut o = flight.outcome.lock();
+                    if matches!(*o, Outcome::Pending) {
+                        flight.published.wait_for(&mut o, SIGNAL_POLL);
                     }
-                    r.is_some()
+                    !matches!(*o, Outcome::Pending)
                 });
-                if done {
+                if finished {
                     break;
                 }
                 py.check_signals()?;
             }
-            let r = flight.result.lock();
-            return match r.as_ref() {
-                Some(Ok(v)) => Ok(v.clone_ref(py)),
-                Some(Err(e)) => Err(e.clone_ref(py)),
-                None => Err(PyRuntimeError::new_err(
-                    "opero: single-flight result missing",
-                )),
-            };
+            drop(edge);
+            let o = flight.outcome.lock();
+            match &*o {
+                Outcome::Done(Ok(v)) => return Ok(v.clone_ref(py)),
+                Outcome::Done(Err(e)) => return Err(e.clone_ref(py)),
+                // The owner was interrupted: try again (one waiter computes).
+                Outcome::Abandoned | Outcome::Pending => {}
+            }
         }
-        let flight = {
-            let g = lock(py, &self.flights);
-            g.find(hash, |(k, _)| Arc::ptr_eq(k, &key))
-                .map(|(_, f)| f.clone())
-        };
-        let Some(flight) = flight else {
-            return Err(PyRuntimeError::new_err(
-                "opero: single-flight entry vanished",
-            ));
-        };
+    }
+
+    /// Compute as the flight's owner and publish the outcome to its waiters.
+    #[allow(clippy::too_many_arguments)]
+    fn own(
+        &self,
+        py: Python<'_>,
+        store: &PyStore,
+        enc: &Encoder<'_>,
+        hash: u64,
+        key: KeyRef,
+        flight: Arc<Flight>,
+        args: &CallArgs<'_, '_>,
+    ) -> PyResult<Py<PyAny>> {
         let mut guard = FlightGuard {
+            py,
             flights: &self.flights,
             key: key.clone(),
             flight,
-            result: None,
+            outcome: Outcome::Abandoned,
         };
-        let outcome = self.compute(py, store, enc, hash, key, args);
-        // Waiters get exactly what the owner gets, error included.
-        guard.result = Some(match &outcome {
-            Ok(v) => Ok(v.clone_ref(py)),
-            Err(e) => Err(e.clone_ref(py)),
-        });
-        outcome
+        let result = self.compute(py, store, enc, hash, key, args);
+        // Waiters get exactly what the owner gets, an `Exception` included; a
+        // `BaseException` that is not one (KeyboardInterrupt...) stays the
+        // owner's own and abandons the flight.
+        guard.outcome = match &result {
+            Ok(v) => Outcome::Done(Ok(v.clone_ref(py))),
+            Err(e) if e.is_instance_of::<PyException>(py) => Outcome::Done(Err(e.clone_ref(py))),
+            Err(_) => Outcome::Abandoned,
+        };
+        result
     }
 
     /// The owner's work on a miss: re-check the store, call, store a success.
@@ -405,7 +482,7 @@ impl PyCachedCall {
             func: func.clone().unbind(),
             key_func: callable("key_func", key_func)?,
             on_hit: callable("on_hit", on_hit)?,
-            flights: Mutex::new(HashTable::new()),
+            flights: Guarded::new(HashTable::new()),
             #[cfg(not(Py_LIMITED_API))]
             vectorcall: Some(super::fastcall::vectorcall),
             #[cfg(Py_LIMITED_API)]

@@ -1,19 +1,184 @@
-//! The locks of the bindings: a GIL-aware mutex helper and the store's guard.
+//! The locks of the bindings (a GIL-aware mutex helper and the GIL-backed
+//! guard) and the exit shield of every frame that may re-enter the interpreter.
 //!
 //! Invariant: no lock here is ever held while Python code runs, and no thread
 //! blocks on one while attached to the interpreter (it detaches first), so a
-//! lock can never deadlock against the GIL.
+//! lock can never deadlock against the GIL. On a GIL build a [`Guarded`] value
+//! is only touched with the GIL held and never across a GIL release, so no
+//! other thread can hold it when the GIL holder calls `fork()`.
+//!
+//! Exit: on Python < 3.14 a daemon thread that takes the GIL back after
+//! interpreter finalization has begun is ended by `pthread_exit`, a forced
+//! unwind. Crossing PyO3's `catch_unwind` trampoline, that unwind is caught
+//! and the process aborts ("FATAL: exception not rethrown"); crossing a C API
+//! call that Rust compiled as unable to unwind, it aborts too. So the calls
+//! into Python of the cached-call path go through the "C-unwind" declarations
+//! below, and those calls and every re-attach run under [`shielded`]: the
+//! forced unwind stops there and the thread is parked for good, which is what
+//! Python 3.14 itself does with such threads (CPython gh-87135). Not covered:
+//! a `__del__` run by a reference dropped in native code at that moment.
 
 use parking_lot::{Mutex, MutexGuard};
+use pyo3::ffi;
+use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 
-/// Lock without ever blocking while attached to the interpreter.
+#[cfg(not(Py_3_13))]
+extern "C" {
+    /// Exported by every CPython 3.7-3.12; reads an atomic, callable without the GIL.
+    fn _Py_IsFinalizing() -> std::ffi::c_int;
+}
+
+/// Whether interpreter finalization has begun (no GIL needed).
+fn finalizing() -> bool {
+    #[cfg(Py_3_13)]
+    // SAFETY: reads the runtime's finalizing field (an atomic); no GIL needed.
+    let f = unsafe { pyo3::ffi::Py_IsFinalizing() };
+    #[cfg(not(Py_3_13))]
+    // SAFETY: as above, through the 3.7-3.12 spelling.
+    let f = unsafe { _Py_IsFinalizing() };
+    f != 0
+}
+
+/// Armed while a shielded frame runs; its drop only runs when that frame is
+/// unwound without returning.
+struct ExitShield;
+
+impl Drop for ExitShield {
+    #[cold]
+    fn drop(&mut self) {
+        // A Rust panic goes on to PyO3's trap (it becomes PanicException).
+        // Anything else unwinding through here is foreign: at interpreter exit,
+        // CPython's `pthread_exit` of a daemon thread (the GIL is not held
+        // then). Park the thread instead of letting a `catch_unwind` above
+        // abort the process; the process is exiting and takes it along.
+        if std::thread::panicking() || !finalizing() {
+            return;
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Run `f`, which may call Python code or re-attach to the interpreter, so that
+/// a thread ended by interpreter finalization inside it parks instead of
+/// aborting the process. Costs nothing when `f` returns.
+#[inline(always)]
+pub(crate) fn shielded<R>(f: impl FnOnce() -> R) -> R {
+    let shield = ExitShield;
+    let r = f();
+    std::mem::forget(shield);
+    r
+}
+
+/// The C API entry points that run Python code, declared "C-unwind" so the
+/// forced unwind of `pthread_exit` crosses them into the [`shielded`] frame
+/// around the call. pyo3-ffi declares them "C": a call site Rust compiles as
+/// unable to unwind, where any unwind (forced or not) aborts the process.
+#[allow(clashing_extern_declarations)]
+mod unwinding {
+    use pyo3::ffi::{PyObject, Py_hash_t};
+    use std::ffi::c_int;
+
+    extern "C-unwind" {
+        pub fn PyObject_Call(
+            callable: *mut PyObject,
+            args: *mut PyObject,
+            kwargs: *mut PyObject,
+        ) -> *mut PyObject;
+        #[cfg(not(Py_LIMITED_API))]
+        pub fn PyObject_Vectorcall(
+            callable: *mut PyObject,
+            args: *const *mut PyObject,
+            nargsf: usize,
+            kwnames: *mut PyObject,
+        ) -> *mut PyObject;
+        pub fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
+        pub fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
+        pub fn PyObject_RichCompareBool(a: *mut PyObject, b: *mut PyObject, op: c_int) -> c_int;
+    }
+}
+
+/// `PyObject_Call`, shielded.
+///
+/// # Safety
+/// As `PyObject_Call`: attached, live `callable` and `args` tuple, `kwargs` a
+/// dict or NULL.
+#[inline(always)]
+pub(crate) unsafe fn call(
+    callable: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_Call(callable, args, kwargs) })
+}
+
+/// `PyObject_Vectorcall`, shielded.
+///
+/// # Safety
+/// As `PyObject_Vectorcall`: attached, live callable, `nargs + len(kwnames)`
+/// live pointers at `args`.
+#[cfg(not(Py_LIMITED_API))]
+#[inline(always)]
+pub(crate) unsafe fn vectorcall(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_Vectorcall(callable, args, nargsf, kwnames) })
+}
+
+/// `PyObject_CallNoArgs`, shielded.
+///
+/// # Safety
+/// Attached, live `callable`.
+#[inline(always)]
+pub(crate) unsafe fn call0(callable: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_CallNoArgs(callable) })
+}
+
+/// `hash(obj)`, shielded (a Python `__hash__` may run).
+pub(crate) fn hash(obj: &Bound<'_, PyAny>) -> PyResult<isize> {
+    // SAFETY: attached (we hold a `Bound`), live object.
+    let h = shielded(|| unsafe { unwinding::PyObject_Hash(obj.as_ptr()) });
+    if h == -1 {
+        // -1 only ever means an error (a `__hash__` returning -1 gives -2).
+        return Err(PyErr::fetch(obj.py()));
+    }
+    Ok(h)
+}
+
+/// `a == b` as `PyObject_RichCompareBool` gives it (1, 0, or -1 with an
+/// exception set), shielded (a Python `__eq__` may run).
+///
+/// # Safety
+/// Attached, live `a` and `b`.
 #[inline]
+pub(crate) unsafe fn eq(a: *mut ffi::PyObject, b: *mut ffi::PyObject) -> std::ffi::c_int {
+    // SAFETY: per this function's contract.
+    shielded(|| unsafe { unwinding::PyObject_RichCompareBool(a, b, ffi::Py_EQ) })
+}
+
+/// `py.detach(f)`, shielded: re-attaching at interpreter exit parks the thread.
+#[inline]
+pub(crate) fn detach<T: Ungil, F: Ungil + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
+    shielded(|| py.detach(f))
+}
+
+/// Lock without ever blocking while attached to the interpreter (the guard of
+/// free-threaded builds).
+#[inline]
+#[cfg_attr(not(Py_GIL_DISABLED), allow(dead_code))]
 pub(crate) fn lock<'a, T: Send>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
     if let Some(g) = m.try_lock() {
         return g;
     }
-    py.detach(|| m.lock())
+    detach(py, || m.lock())
 }
 
 /// The store's lock.

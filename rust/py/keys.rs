@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRecursionError, PyTypeError};
+use pyo3::exceptions::{PyException, PyRecursionError, PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -76,6 +76,8 @@ pub struct Encoder<'py> {
     pub opaque: SmallVec<[Bound<'py, PyAny>; 2]>,
     /// Hash of the opaque objects, mixed in order.
     pub opaque_hash: u64,
+    /// Each opaque object's own hash, in slot order.
+    hashes: SmallVec<[u64; 2]>,
     mode: Mode,
 }
 
@@ -90,6 +92,7 @@ impl<'py> Encoder<'py> {
             buf: k::KeyBuf::new(),
             opaque: SmallVec::new(),
             opaque_hash: 0,
+            hashes: SmallVec::new(),
             mode,
         }
     }
@@ -138,8 +141,14 @@ impl<'py> Encoder<'py> {
         }
         if let Some(kw) = kwargs {
             if !kw.is_empty() {
-                let mut items: KwItems<'py> = SmallVec::with_capacity(kw.len());
-                for (name, value) in kw.iter() {
+                let n = kw.len();
+                let mut items: KwItems<'py> = SmallVec::with_capacity(n);
+                // Not pyo3's dict iterator: it panics if the dict changes size
+                // (another thread on a free-threaded build).
+                for_each_item(kw, |name, value| {
+                    if items.len() >= n {
+                        return Err(changed(ArgName::Value("kwargs"), "dict"));
+                    }
                     let name = name.cast_into_exact::<PyString>().map_err(|e| {
                         PyTypeError::new_err(format!(
                             "kwargs keys must be str, got {}",
@@ -151,6 +160,10 @@ impl<'py> Encoder<'py> {
                         ))
                     })?;
                     items.push((name, value));
+                    Ok(())
+                })?;
+                if items.len() != n {
+                    return Err(changed(ArgName::Value("kwargs"), "dict"));
                 }
                 self.kwargs(&items)?;
             }
@@ -295,49 +308,185 @@ impl<'py> Encoder<'py> {
             // SAFETY: checked to be an exact list.
             let l = unsafe { obj.cast_unchecked::<PyList>() };
             // Iterate by index: a list may change length while an item's
-            // `__hash__` runs; `get_item` re-checks the bound.
+            // `__hash__` (or a `__del__` run by the collector) runs.
             let n = l.len();
             k::put_header(&mut self.buf, k::LIST, n);
             for i in 0..n {
+                if l.len() != n {
+                    return Err(changed(name, "list"));
+                }
                 let item = l.get_item(i)?;
                 self.value(&item, depth + 1, name)?;
             }
             if l.len() != n {
-                return Err(PyTypeError::new_err(format!(
-                    "{name}: list changed size while being keyed"
-                )));
+                return Err(changed(name, "list"));
             }
             return Ok(());
         }
         if obj.is_exact_instance_of::<PyDict>() {
             // SAFETY: checked to be an exact dict.
             let d = unsafe { obj.cast_unchecked::<PyDict>() };
-            let n = d.len();
-            k::put_header(&mut self.buf, k::DICT, n);
-            let start = self.buf.len();
-            let mut bounds = Vec::with_capacity(n);
-            for (key, value) in d.iter() {
-                self.value(&key, depth + 1, name)?;
-                self.value(&value, depth + 1, name)?;
-                bounds.push(self.buf.len());
-            }
-            k::sort_items(&mut self.buf, start, &bounds);
-            return Ok(());
+            return self.dict(d, depth, name);
         }
         let is_set = obj.is_exact_instance_of::<PySet>();
         if is_set || obj.is_exact_instance_of::<PyFrozenSet>() {
             let n = obj.len()?;
             k::put_header(&mut self.buf, if is_set { k::SET } else { k::FROZENSET }, n);
             let start = self.buf.len();
-            let mut bounds = Vec::with_capacity(n);
+            let first = self.opaque.len();
+            let mut bounds = Bounds::with_capacity(n);
+            // The set iterator raises RuntimeError if the set changes size.
             for item in obj.try_iter()? {
                 self.value(&item?, depth + 1, name)?;
-                bounds.push(self.buf.len());
+                bounds.push(self.buf.len(), self.opaque.len());
             }
-            k::sort_items(&mut self.buf, start, &bounds);
-            return Ok(());
+            if bounds.len() != n {
+                return Err(changed(name, "set"));
+            }
+            return self.unordered(start, first, &bounds);
         }
         self.opaque_value(obj, name)
+    }
+
+    /// Encode a dict's items, iterated without a snapshot (no allocation);
+    /// a dict that changes size while an item's `__hash__` runs is a
+    /// `RuntimeError`, as in Python's own iteration.
+    fn dict(&mut self, d: &Bound<'py, PyDict>, depth: usize, name: ArgName<'_>) -> PyResult<()> {
+        let n = d.len();
+        k::put_header(&mut self.buf, k::DICT, n);
+        let start = self.buf.len();
+        let first = self.opaque.len();
+        let mut bounds = Bounds::with_capacity(n);
+        for_each_item(d, |key, value| {
+            if bounds.len() >= n || d.len() != n {
+                return Err(changed(name, "dict"));
+            }
+            self.value(&key, depth + 1, name)?;
+            self.value(&value, depth + 1, name)?;
+            bounds.push(self.buf.len(), self.opaque.len());
+            Ok(())
+        })?;
+        if bounds.len() != n || d.len() != n {
+            return Err(changed(name, "dict"));
+        }
+        self.unordered(start, first, &bounds)
+    }
+
+    /// Make the items written since `start` (ends and opaque counts in
+    /// `bounds`) independent of their order. Items of built-ins only are
+    /// sorted bytewise (deterministic, so the stable digest is too).
+    ///
+    /// Items holding opaque objects are sorted by their bytes, then by the
+    /// hash of their objects (equal objects have equal hashes), with the
+    /// objects moved along: equal containers then give the same sequence
+    /// whatever their order, without calling Python, and single flight still
+    /// sees the caller's own objects. Only when two items tie on both (a hash
+    /// collision) is that order not canonical; the container then becomes
+    /// `UNORDERED` + one opaque `frozenset` of per-item `Key`s, which Python's
+    /// set equality (each item's hash, then `==`) matches in any order.
+    fn unordered(&mut self, start: usize, first: usize, bounds: &Bounds) -> PyResult<()> {
+        if self.opaque.len() == first {
+            k::sort_items(&mut self.buf, start, &bounds.ends);
+            return Ok(());
+        }
+        if self.sort_with_objects(start, first, bounds) {
+            return Ok(());
+        }
+        self.as_frozenset(start, first, bounds)
+    }
+
+    /// Sort items holding opaque objects by (bytes, objects' hash); false,
+    /// leaving everything as it was, if two items tie.
+    fn sort_with_objects(&mut self, start: usize, first: usize, bounds: &Bounds) -> bool {
+        let mut items: SmallVec<[Item; 16]> = SmallVec::with_capacity(bounds.len());
+        let (mut s, mut o) = (start, first);
+        for (&e, &oe) in bounds.ends.iter().zip(&bounds.objects) {
+            let h = self
+                .hashes
+                .get(o..oe)
+                .unwrap_or_default()
+                .iter()
+                .fold(0, |acc, &x| k::mix_hash(acc, x));
+            items.push((s, e, o, oe, h));
+            (s, o) = (e, oe);
+        }
+        let buf = &self.buf;
+        let bytes = |a: usize, b: usize| buf.get(a..b).unwrap_or_default();
+        items.sort_unstable_by(|x, y| bytes(x.0, x.1).cmp(bytes(y.0, y.1)).then(x.4.cmp(&y.4)));
+        let tie = items
+            .windows(2)
+            .any(|w| w[0].4 == w[1].4 && bytes(w[0].0, w[0].1) == bytes(w[1].0, w[1].1));
+        if tie {
+            return false;
+        }
+        let mut sorted = k::KeyBuf::new();
+        let mut objects: SmallVec<[Bound<'py, PyAny>; 2]> = SmallVec::new();
+        let mut hashes: SmallVec<[u64; 2]> = SmallVec::new();
+        for &(a, b, oa, ob, _) in &items {
+            sorted.extend_from_slice(bytes(a, b));
+            objects.extend(self.opaque.get(oa..ob).unwrap_or_default().iter().cloned());
+            hashes.extend_from_slice(self.hashes.get(oa..ob).unwrap_or_default());
+        }
+        self.buf.truncate(start);
+        self.buf.extend_from_slice(&sorted);
+        self.opaque.truncate(first);
+        self.opaque.extend(objects);
+        self.hashes.truncate(first);
+        self.hashes.extend_from_slice(&hashes);
+        self.opaque_hash = self.hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x));
+        true
+    }
+
+    /// Replace the items by `UNORDERED` and one opaque `frozenset` of their keys.
+    fn as_frozenset(&mut self, start: usize, first: usize, bounds: &Bounds) -> PyResult<()> {
+        let py = match self.opaque.first() {
+            Some(o) => o.py(),
+            None => return Ok(()),
+        };
+        let mut items: Vec<Bound<'py, PyKey>> = Vec::with_capacity(bounds.len());
+        let (mut s, mut o) = (start, first);
+        for (&e, &oe) in bounds.ends.iter().zip(&bounds.objects) {
+            let bytes = self.buf.get(s..e).unwrap_or_default();
+            let objects = self.opaque.get(o..oe).unwrap_or_default();
+            let hashes = self.hashes.get(o..oe).unwrap_or_default();
+            let h = k::hash_bytes(bytes);
+            let hash = if objects.is_empty() {
+                h
+            } else {
+                k::mix_hash(h, hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x)))
+            };
+            let data = KeyData {
+                hash,
+                short: k::Short::NOT_SHORT,
+                bytes: KeyBytes::from_slice(bytes),
+                opaque: objects.iter().map(|x| x.clone().unbind()).collect(),
+            };
+            items.push(Bound::new(
+                py,
+                PyKey {
+                    inner: Arc::new(data),
+                },
+            )?);
+            (s, o) = (e, oe);
+        }
+        let set = PyFrozenSet::new(py, &items)?;
+        self.buf.truncate(start);
+        self.opaque.truncate(first);
+        self.hashes.truncate(first);
+        self.opaque_hash = self.hashes.iter().fold(0, |acc, &x| k::mix_hash(acc, x));
+        let h = set.hash()?;
+        self.buf.push(k::UNORDERED);
+        self.push_opaque(set.into_any(), h as u64);
+        Ok(())
+    }
+
+    fn push_opaque(&mut self, obj: Bound<'py, PyAny>, hash: u64) {
+        // The object's place is its order among the key's opaque objects: no
+        // slot number is written, so an item's bytes do not depend on its position.
+        self.buf.push(k::OPAQUE);
+        self.opaque_hash = k::mix_hash(self.opaque_hash, hash);
+        self.hashes.push(hash);
+        self.opaque.push(obj);
     }
 
     fn bigint(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<()> {
@@ -366,25 +515,149 @@ impl<'py> Encoder<'py> {
                  pass cache_key= to @opero to key it yourself"
             )));
         }
-        let h = match obj.hash() {
+        let py = obj.py();
+        // A `__hash__` may key another call (a cached function, `make_key` on
+        // itself...): count each such re-entry against Python's recursion
+        // limit, as CPython's own recursive C code does, so it ends in a
+        // RecursionError long before the native stack runs out.
+        // Python's limit alone is not enough on 3.11 with a raised
+        // `sys.setrecursionlimit`, so re-entries are also capped here.
+        let depth = HASH_DEPTH.with(|d| d.get());
+        if depth >= MAX_HASH_DEPTH {
+            return Err(PyRecursionError::new_err(format!(
+                "{name}: keying re-entered itself more than {MAX_HASH_DEPTH} times from \
+                 __hash__ methods; pass cache_key= to @opero to key it yourself"
+            )));
+        }
+        // SAFETY: a plain C API call with the GIL held; every successful
+        // enter is paired with the leave below.
+        if unsafe { ffi::Py_EnterRecursiveCall(c" while hashing a cache key argument".as_ptr()) }
+            != 0
+        {
+            return Err(PyErr::fetch(py));
+        }
+        HASH_DEPTH.with(|d| d.set(depth + 1));
+        let hashed = super::guarded::hash(obj);
+        HASH_DEPTH.with(|d| d.set(depth));
+        // SAFETY: pairs the successful enter above.
+        unsafe { ffi::Py_LeaveRecursiveCall() };
+        let h = match hashed {
             Ok(h) => h,
+            // Not wrapped: KeyboardInterrupt, SystemExit, CancelledError... must
+            // reach the caller unchanged, and a RecursionError from nested
+            // keying would nest its message once per level.
+            Err(err)
+                if err.is_instance_of::<PyRecursionError>(py)
+                    || !err.is_instance_of::<PyException>(py) =>
+            {
+                return Err(err)
+            }
             Err(err) => {
-                let py = obj.py();
+                let mut why = err.value(py).to_string();
+                if why.len() > 200 {
+                    let mut cut = 200;
+                    while !why.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    why.truncate(cut);
+                    why.push_str("...");
+                }
                 let new = PyTypeError::new_err(format!(
-                    "{name} of type '{tp_name}' cannot be used as a cache key ({}); pass \
-                     cache_key= to @opero to key it yourself",
-                    err.value(py)
+                    "{name} of type '{tp_name}' cannot be used as a cache key ({why}); pass \
+                     cache_key= to @opero to key it yourself"
                 ));
                 new.set_cause(py, Some(err));
                 return Err(new);
             }
         };
-        let slot = self.opaque.len();
-        self.buf.push(k::OPAQUE);
-        k::put_varint(&mut self.buf, slot as u64);
-        self.opaque_hash = k::mix_hash(self.opaque_hash, h as u64);
-        self.opaque.push(obj.clone());
+        self.push_opaque(obj.clone(), h as u64);
         Ok(())
+    }
+}
+
+/// One item of an unordered container: bytes start and end, opaque objects
+/// start and end, and the mixed hash of those objects.
+type Item = (usize, usize, usize, usize, u64);
+
+/// Deepest nesting of keys built from within `__hash__` methods on one thread.
+const MAX_HASH_DEPTH: u32 = 64;
+
+thread_local! {
+    /// How many `__hash__` calls made while keying are active on this thread
+    /// (only opaque arguments touch it, never the int/str hot path).
+    static HASH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Where each item of an unordered container ends: in the buffer, and in the
+/// opaque objects (kept apart so the common case sorts `ends` in place).
+struct Bounds {
+    ends: SmallVec<[usize; 16]>,
+    objects: SmallVec<[usize; 16]>,
+}
+
+impl Bounds {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ends: SmallVec::with_capacity(n),
+            objects: SmallVec::with_capacity(n),
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, end: usize, objects: usize) {
+        self.ends.push(end);
+        self.objects.push(objects);
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// The error for a container that changed while being keyed.
+fn changed(name: ArgName<'_>, kind: &str) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "{name}: {kind} changed size during iteration while its cache key was built (a \
+         __hash__ or __eq__ of an item changed it); pass an unchanging value or cache_key= to \
+         @opero"
+    ))
+}
+
+/// Call `f` on each (key, value) of `d`, stopping at its first error. Walks
+/// the dict's entries in place (`PyDict_Next`, no allocation), taking a
+/// reference to each key and value before any Python code runs; `f` checks
+/// the size. On free-threaded builds another thread may change `d` at any
+/// moment, so a private copy is walked instead.
+fn for_each_item<'py>(
+    d: &Bound<'py, PyDict>,
+    mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
+) -> PyResult<()> {
+    #[cfg(Py_GIL_DISABLED)]
+    let snapshot = d.copy()?;
+    #[cfg(Py_GIL_DISABLED)]
+    let d = &snapshot;
+    let py = d.py();
+    let mut pos: ffi::Py_ssize_t = 0;
+    let mut key: *mut ffi::PyObject = std::ptr::null_mut();
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    loop {
+        // SAFETY: `d` is a live dict and we hold the GIL; PyDict_Next checks
+        // `pos` against the dict's current entries, so a dict resized by `f`
+        // is never read out of bounds.
+        let more = unsafe { ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut key, &mut value) };
+        if more == 0 {
+            return Ok(());
+        }
+        // SAFETY: PyDict_Next returned borrowed, non-null references; they are
+        // made owned before `f` runs any Python code.
+        let (k, v) = unsafe {
+            (
+                Bound::from_borrowed_ptr(py, key),
+                Bound::from_borrowed_ptr(py, value),
+            )
+        };
+        f(k, v)?;
     }
 }
 
@@ -439,7 +712,7 @@ pub fn py_eq(py: Python<'_>, a: &Py<PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bo
         return Ok(true);
     }
     // SAFETY: both pointers are live objects and we hold the GIL.
-    let r = unsafe { ffi::PyObject_RichCompareBool(a.as_ptr(), b.as_ptr(), ffi::Py_EQ) };
+    let r = unsafe { super::guarded::eq(a.as_ptr(), b.as_ptr()) };
     if r < 0 {
         Err(PyErr::fetch(py))
     } else {
@@ -508,12 +781,17 @@ impl PyKey {
 /// give different keys: the signature is not consulted). ``-0.0`` and
 /// ``0.0`` give one key (they are equal), and every NaN gives one key.
 /// Subclasses of builtins (``IntEnum``, ``str`` subclasses) are keyed by
-/// their own ``__hash__``/``__eq__``, never as the builtin.
+/// their own ``__hash__``/``__eq__``, never as the builtin. Dicts and sets
+/// give one key whatever their order, objects inside included.
 ///
 /// Raises:
 ///     TypeError: An argument is unhashable and not a built-in container; the
 ///         message names the argument (``args[1]`` or ``kwargs['x']``) and
 ///         points to ``cache_key=``.
+///     RuntimeError: A dict, list or set changed size while it was keyed (an
+///         item's ``__hash__`` changed it).
+///     RecursionError: Containers nested deeper than 200 levels, or a
+///         ``__hash__`` that keys its argument again.
 #[pyfunction]
 #[pyo3(signature = (args, kwargs = None))]
 pub fn make_key(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyKey> {

@@ -6,6 +6,7 @@ pub mod cached_call;
 pub mod clock;
 pub mod error;
 pub mod fastcall;
+pub mod flight;
 pub mod guarded;
 pub mod keys;
 pub mod ratelimit;

@@ -1,4 +1,10 @@
 //! Binding of `ratelimit::TokenBucket`.
+//!
+//! Fork safety: the bucket's mutex is held only for a few arithmetic
+//! operations, by a thread attached to the interpreter that neither runs
+//! Python code nor detaches meanwhile. `os.fork` runs on an attached thread
+//! too (on free-threaded builds after stopping the world), so no other thread
+//! can be inside the lock at the fork and a child never inherits it locked.
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -15,10 +21,10 @@ use crate::ratelimit::TokenBucket;
 /// long the caller must wait before using the token it reserved.
 ///
 /// Args:
-///     rate: Tokens per second (> 0, finite).
+///     rate: Tokens per second (finite, at least 1e-9: one per 1e9 s).
 ///     burst: Tokens available at once (>= 1). Default 1.
 ///     clock: A :class:`ManualClock` for tests; the monotonic clock by default.
-#[pyclass(frozen, module = "opero._opero_core", name = "TokenBucket")]
+#[pyclass(frozen, weakref, module = "opero._opero_core", name = "TokenBucket")]
 pub struct PyTokenBucket {
     inner: Mutex<TokenBucket>,
     clock: Clock,
@@ -49,7 +55,7 @@ impl PyTokenBucket {
         self.inner.lock().burst()
     }
 
-    /// Change the rate from now on (> 0, finite).
+    /// Change the rate from now on (at least 1e-9); waiting calls keep their start.
     fn set_rate(&self, rate: f64) -> PyResult<()> {
         let now = self.clock.now();
         Ok(self.inner.lock().set_rate(rate, now)?)

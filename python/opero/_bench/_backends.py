@@ -1,10 +1,13 @@
-"""Groups ``redis`` and ``disk``: cache hits through the shared backends (issue 5's targets).
+"""Groups ``redis`` and ``disk``: the shared backends (issue 5's targets).
 
 Not part of the default run. ``--only redis`` starts its own ``redis-server``
 on a free loopback port (no persistence) when the binary exists, and stops it
 at the end; it never touches a server that is already running. The anchor is
 what a user would write by hand: a redis-py ``GET`` plus ``pickle.loads`` of
-the same value (sync and ``redis.asyncio``). ``--only disk`` compares a disk
+the same value (sync and ``redis.asyncio``). The group also times a call through
+``@opero(rate_limit_backend="redis")`` against the same GCRA script sent by hand
+with ``EVALSHA`` and against a bare ``PING`` (the round-trip floor), after
+proving that each decision is one round trip. ``--only disk`` compares a disk
 cache hit with ``diskcache.Cache.get`` of the same value.
 """
 
@@ -14,9 +17,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -31,9 +31,14 @@ from opero._bench._harness import (
     call_loop,
     check,
 )
-from opero._bench._subjects import opero_decorator
+from opero._bench._redis import find_redis_server, private_redis
+from opero._bench._subjects import ok, opero_decorator
 
 __all__ = ["GROUPS"]
+
+_RATE = 1e9
+_BURST = 1_000
+_DECISIONS = 20
 
 _VALUE = {"user": 42, "name": "Ada", "tags": ["a", "b", "c"], "score": 3.5}
 
@@ -46,50 +51,14 @@ async def _avalue(x: int) -> dict[str, Any]:
     return dict(_VALUE, user=x)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _start_redis(stack: contextlib.ExitStack, holder: dict[str, str]) -> str:
-    """Start a private redis-server once per group and return its URL."""
+    """Start a private redis-server once per group (stopped with ``stack``); return its URL."""
     if "url" in holder:
         return holder["url"]
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(binary):
+    binary = find_redis_server()
+    if binary is None:
         raise Unavailable("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    stack.callback(stop)
-    deadline = time.monotonic() + 10
-    while not _ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.05)
-    holder["url"] = f"redis://127.0.0.1:{port}/0"
+    holder["url"] = stack.enter_context(private_redis(binary)).url
     return holder["url"]
 
 
@@ -150,7 +119,66 @@ def _build_redis(settings: Settings) -> list[Case]:
         check(loop.run_until_complete(f(1)) == _value(1), "raw async GET: wrong value")
         return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
+    def opero_limit(stack: contextlib.ExitStack) -> LoopFn:
+        import redis
+
+        url = _start_redis(stack, holder)
+        f = opero_decorator(
+            rate_limit=_RATE,
+            rate_burst=_BURST,
+            rate_limit_backend="redis",
+            rate_limit_key="bench",
+            rate_limit_redis_url=url,
+        )(ok)
+        check(f(1) == 2, "redis rate-limited call returned a wrong value")  # loads the script
+        admin = redis.Redis.from_url(url)
+        stack.callback(admin.close)
+        admin.config_resetstat()
+        for _ in range(_DECISIONS):
+            f(1)
+        stats: dict[str, Any] = admin.info("commandstats")
+        # The script's own GET/SET/TIME and this probe's CONFIG/INFO are not round trips.
+        script = {"cmdstat_get", "cmdstat_set", "cmdstat_time"}
+        sent = {k: v["calls"] for k, v in stats.items() if k not in script}
+        sent = {
+            k: n for k, n in sent.items() if not k.startswith(("cmdstat_config", "cmdstat_info"))
+        }
+        check(
+            sent == {"cmdstat_evalsha": _DECISIONS},
+            f"{_DECISIONS} rate-limited calls sent {sent}, expected one EVALSHA each",
+        )
+        check(admin.exists("{opero:rl:bench}") == 1, "the shared bucket key is missing")
+        return call_loop("f(1)", {"f": f})
+
+    def raw_limit(stack: contextlib.ExitStack) -> LoopFn:
+        import redis
+
+        from opero._ratelimit_redis import GCRA_SCRIPT
+
+        client = redis.Redis.from_url(_start_redis(stack, holder))
+        stack.callback(client.close)
+        sha = client.script_load(GCRA_SCRIPT)
+        evalsha, key, interval = client.evalsha, "{opero:rl:bench-raw}", 1e6 / _RATE
+
+        def f(x: int) -> int:
+            _now, wait = evalsha(sha, 1, key, interval, _BURST)
+            if wait:
+                time.sleep(wait / 1e6)
+            return ok(x)
+
+        check(f(1) == 2, "raw EVALSHA call returned a wrong value")
+        return call_loop("f(1)", {"f": f})
+
+    def raw_ping(stack: contextlib.ExitStack) -> LoopFn:
+        import redis
+
+        client = redis.Redis.from_url(_start_redis(stack, holder))
+        stack.callback(client.close)
+        check(client.ping() is True, "PING did not answer")
+        return call_loop("ping()", {"ping": client.ping})
+
     raw = "redis GET+pickle.loads"
+    raw_script = "raw EVALSHA, same script"
     return [
         Case(
             "redis hit, sync",
@@ -163,6 +191,14 @@ def _build_redis(settings: Settings) -> list[Case]:
             Impl("opero", opero_async, ("redis",)),
             [Impl(raw, raw_async, ("redis",))],
             targets={raw: 1.3},
+        ),
+        Case(
+            "redis rate limit, sync",
+            Impl("opero", opero_limit, ("redis",)),
+            [
+                Impl(raw_script, raw_limit, ("redis",)),
+                Impl("redis-py PING", raw_ping, ("redis",)),
+            ],
         ),
     ]
 
@@ -209,7 +245,7 @@ def _build_disk(settings: Settings) -> list[Case]:
 GROUPS = [
     Group(
         "redis",
-        "Redis cache hit: @opero(cache_backend='redis')",
+        "Redis backend: cache hit and shared rate limit",
         "ns/op",
         _build_redis,
         default=False,

@@ -1,8 +1,9 @@
 """Groups ``cache_hit`` and ``cache_miss``: the ``@opero`` memory cache (issue 3's targets).
 
-Hits with 1 int argument, with 3 positional + 2 keyword arguments, with a TTL
-and with the full stack of options; misses with eviction (max size 1024, 10k
-distinct keys drawn uniformly). Every opero case first proves the cache caches.
+Hits with 1 int argument, with 3 positional + 2 keyword arguments, with a TTL,
+with the full stack of options and of an ``async def`` function; misses with
+eviction (max size 1024, 10k distinct keys drawn uniformly). Every opero case
+first proves the cache caches.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from opero._bench._handwritten import py_lru_cached
 from opero._bench._harness import Case, Group, Impl, LoopFn, Settings, call_loop, check
-from opero._bench._subjects import Decorator, opero_decorator
+from opero._bench._subjects import Decorator, event_loop, opero_decorator
 
 __all__ = ["GROUPS"]
 
@@ -113,6 +114,60 @@ def _full_stack(stack: contextlib.ExitStack) -> LoopFn:
     return call_loop(_HIT1, {"f": g})
 
 
+async def _aone(x: int) -> int:
+    return x + 1
+
+
+def _async_hit_loop(
+    stack: contextlib.ExitStack, decorate: Decorator, *, verify: bool = False
+) -> LoopFn:
+    loop = event_loop(stack)
+    calls = [0]
+
+    @functools.wraps(_aone)
+    async def counted(x: int) -> int:
+        calls[0] += 1
+        return await _aone(x)
+
+    f = decorate(counted)
+    first, second = loop.run_until_complete(f(1)), loop.run_until_complete(f(1))
+    check(first == 2 and second == 2, f"await f(1) returned {first!r}, {second!r}")
+    if verify:
+        check(calls[0] == 1, f"await f(1) twice ran the function {calls[0]} times: no cache hit")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _plain_async_wrapper() -> Decorator:
+    """Return a decorator whose wrapper only awaits the function: the floor of any async cache."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _async_hit_case() -> Case:
+    def make(factory: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
+        return lambda stack: _async_hit_loop(stack, factory())
+
+    return Case(
+        "hit, await f(1)",
+        Impl(
+            "opero",
+            lambda stack: _async_hit_loop(stack, opero_decorator(cache=True), verify=True),
+        ),
+        [
+            Impl("plain async wrapper", make(_plain_async_wrapper)),
+            Impl("cachebox.cached", make(_cachebox), ("cachebox",)),
+            Impl("moka_py.cached", make(_moka), ("moka_py",)),
+        ],
+    )
+
+
 def _build_hit(settings: Settings) -> list[Case]:
     plain = Impl("opero, cache only", _opero_hit(_HIT1, cache=True))
     return [
@@ -140,6 +195,7 @@ def _build_hit(settings: Settings) -> list[Case]:
             [plain],
             targets={"opero, cache only": 1.1},
         ),
+        _async_hit_case(),
     ]
 
 

@@ -103,22 +103,40 @@ def py_lru_cached(
 class PyTokenBucket:
     """A GCRA token bucket in pure Python behind a :class:`threading.Lock`.
 
+    The one reference bucket of the project: the anchor of the bench's
+    ``core`` and ``ratelimit`` groups, and the oracle the tests hold the native
+    :class:`opero._opero_core.TokenBucket` to. Same contract: ``burst`` tokens
+    at once, then one every ``1 / rate`` seconds; over any window of T seconds
+    at most ``burst + rate * T`` reservations start without waiting.
+
     Args:
-        rate: Tokens per second.
-        burst: Tokens available at once.
+        rate: Tokens per second (> 0, finite).
+        burst: Tokens available at once (>= 1). Default 1.
+        clock: Returns the time in seconds; :func:`time.monotonic` by default
+            (tests pass a manual clock's ``now``).
+
+    Raises:
+        ValueError: ``rate`` or ``burst`` is out of range.
 
     """
 
-    def __init__(self, rate: float, burst: int = 1) -> None:
+    def __init__(
+        self, rate: float, burst: int = 1, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not 0.0 < rate < float("inf"):
+            raise ValueError(f"rate must be > 0 and finite, got {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst!r}")
         self._interval = 1.0 / rate
         self._tolerance = self._interval * (burst - 1)
-        self._tat = time.monotonic()
+        self._now = clock
+        self._tat = clock()  # theoretical arrival time of the next token
         self._lock = threading.Lock()
 
     def reserve(self) -> float:
-        """Reserve one token; return the seconds to wait before using it."""
+        """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
         with self._lock:
-            now = time.monotonic()
+            now = self._now()
             tat = self._tat if self._tat > now else now
             delay = tat - self._tolerance - now
             self._tat = tat + self._interval

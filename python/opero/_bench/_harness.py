@@ -207,7 +207,8 @@ class AnchorRow:
 
     Args:
         label: The anchor's table label.
-        status: ``"ok"``, ``"not installed"`` or ``"error"``.
+        status: ``"ok"``, ``"not installed"``, ``"not available"`` (it raised
+            :class:`Unavailable`: a service binary is missing) or ``"error"``.
         timing: Its figures when ``status == "ok"``.
         module: The first required module (for the install hint).
         version: The installed version of that module's distribution.
@@ -456,7 +457,9 @@ def _run_case(case: Case, settings: Settings, stack: contextlib.ExitStack) -> Ro
             continue
         row.timing = slot_or_none.timing()
         if slot_or_none.error is not None:
-            row.status, row.error = "error", _error_text(slot_or_none.error)
+            # A service missing here (no redis-server) is not the anchor's failure.
+            status = "not available" if _not_built(slot_or_none.error) else "error"
+            row.status, row.error = status, _error_text(slot_or_none.error)
     timing = opero.timing()
     error: str | None = None
     status = "ok"

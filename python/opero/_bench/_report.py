@@ -184,6 +184,8 @@ def _fmt_target(target: float) -> str:
 def _anchor_cells(row: RowResult, anchor: AnchorRow, unit: str) -> tuple[str, str, str]:
     if anchor.status == "not installed":
         return "not installed", "", ""
+    if anchor.status == "not available":
+        return "n/a", "", ""
     if anchor.status == "error" or anchor.timing is None:
         return "error", "", ""
     ratio = row.ratio(anchor)

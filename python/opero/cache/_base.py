@@ -132,7 +132,10 @@ class CacheBackend(Protocol):
 
         Args:
             namespace: ``cache_namespace`` (default ``"opero"``).
-            qualname: ``module.qualname`` of the decorated function.
+            qualname: The function's identity: ``module.qualname``; for a
+                backend with ``stable_keys``, a local function or lambda also
+                carries ``#`` and a digest of its code and closure values, so
+                functions that share a name get different identities.
             ttl: Seconds an entry lives, ``None`` for no expiry.
             max_size: Bound on entries, ``None`` for unbounded.
             is_async: The decorated function is ``async def``.

@@ -2,18 +2,24 @@
 
 Entries live in SQLite databases (WAL mode) managed by `diskcache`_, one per
 namespace under ``cache_dir`` (``<cache_dir>/ns-<namespace>/``). They survive
-restarts and are shared safely by every process and thread of the host that
-uses the same directory. Keys are ``{namespace}:{module.qualname}:{stable
-digest}``, identical across processes and runs; each entry is tagged with its
-function, so ``cache_clear()`` removes one function's entries only.
+restarts and are shared safely by every process and thread of the host that uses the
+same directory. Keys are ``{namespace}:{function identity}:{stable digest}`` (``:``
+and ``%`` escaped inside the parts, see :func:`~opero.cache._entries.entry_prefix`),
+identical across processes and runs; each entry is tagged with its function, so
+``cache_clear()`` removes one function's entries only.
 
-Values go through the same serializer and optional HMAC signing as the Redis
-backend (:mod:`opero.cache._serializers`); diskcache stores the resulting bytes
-as they are. TTL is enforced on read (an expired entry is a miss) and expired
-entries are culled as new ones are written; ``size_limit`` bounds the
-directory's size in bytes per namespace (oldest stored entries are evicted
-first). The async methods run in a worker thread (``asyncio.to_thread``) so the
-event loop never waits on SQLite.
+Values go through the same serializer and optional HMAC signing as the Redis backend
+(:mod:`opero.cache._serializers`); diskcache stores the resulting bytes as they are.
+The stores are opened with :class:`OpaqueDisk`, which hands opero raw bytes only: a
+row that diskcache would unpickle (a pickled key or value, written by someone else
+through diskcache's own pickle mode) is refused before any byte of it is loaded, and
+a value file named outside the store's directory is neither read nor deleted. So
+with a secret or the JSON serializer, nothing in the directory is unpickled before
+opero has verified it. TTL is enforced on read (an expired entry is a miss) and
+expired entries are culled as new ones are written; ``size_limit`` bounds the
+directory's size in bytes per namespace (oldest stored entries are evicted first).
+The async methods run in a worker thread (``asyncio.to_thread``) so the event loop
+never waits on SQLite.
 
 Security: an unsigned pickle cache must only be used with a directory nobody
 else can write to (pickle runs code chosen by whoever wrote the bytes); set
@@ -29,6 +35,7 @@ import math
 import os
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -43,8 +50,80 @@ __all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
 DIR_ENV = "OPERO_CACHE_DIR"
 _SQLITE_TIMEOUT = 10.0  # seconds a writer waits for the SQLite lock before it counts as a failure
 _PREFIX = "ns-"
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _LOCK = threading.Lock()
-_CACHES: dict[tuple[str, str, int], Any] = {}
+# Open stores by (directory, namespace, size limit), weakly: a namespace's SQLite
+# connections are closed once its last function (and any clear in progress) is gone.
+_CACHES: weakref.WeakValueDictionary[tuple[str, str, int], Any] = weakref.WeakValueDictionary()
+
+
+class ForeignEntry:
+    """Stands for a row opero did not write (diskcache pickle or text mode); never loaded.
+
+    Args:
+        mode: diskcache's storage mode of the row.
+
+    """
+
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: int) -> None:
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        """Name the refused mode."""
+        return f"<foreign diskcache row, mode {self.mode}>"
+
+
+def _opaque_disk() -> type[Any]:
+    """Return :class:`OpaqueDisk`, built at first use so diskcache is imported lazily."""
+    global _OPAQUE
+    if _OPAQUE is not None:
+        return _OPAQUE
+    import diskcache  # type: ignore[import-untyped]
+
+    class OpaqueDisk(diskcache.Disk):  # type: ignore[misc]
+        """A ``diskcache.Disk`` that never unpickles and never leaves its directory.
+
+        opero stores ``str`` keys and ``bytes`` values, which diskcache keeps
+        raw (in the row, or in a value file for large ones). Anything else in
+        the database was written by someone else: a pickled key raises, a
+        pickled or text value becomes a :class:`ForeignEntry` (a logged miss),
+        and a value file whose name points outside the directory is refused.
+        """
+
+        def get(self, key: Any, raw: bool) -> Any:
+            """Return a raw key; refuse a pickled one (it is never loaded)."""
+            if not raw:
+                raise ValueError("opero's disk cache refuses a pickled diskcache key")
+            return super().get(key, raw)
+
+        def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+            """Return the stored bytes of a raw or binary row; anything else is foreign."""
+            if mode == diskcache.core.MODE_RAW:
+                return super().fetch(mode, filename, value, read)
+            if mode == diskcache.core.MODE_BINARY and self._inside(filename):
+                return super().fetch(mode, filename, value, read)
+            return ForeignEntry(mode)
+
+        def remove(self, file_path: Any) -> None:
+            """Delete a value file, only if it lies inside the store's directory."""
+            if self._inside(file_path):
+                super().remove(file_path)
+
+        def _inside(self, filename: Any) -> bool:
+            """Return whether ``filename`` names a file under the store's directory."""
+            if not isinstance(filename, str) or not filename:
+                return False
+            root = os.path.realpath(self._directory)
+            full = os.path.realpath(os.path.join(root, filename))
+            return full.startswith(root + os.sep)
+
+    _OPAQUE = OpaqueDisk
+    return OpaqueDisk
+
+
+_OPAQUE: type[Any] | None = None
 
 
 def default_directory() -> Path:
@@ -58,7 +137,7 @@ def default_directory() -> Path:
 
 def _failure_types() -> tuple[type[BaseException], ...]:
     """Errors that mean the disk store failed (not a bug in the caller)."""
-    import diskcache  # type: ignore[import-untyped]
+    import diskcache
 
     return (OSError, sqlite3.Error, diskcache.Timeout)
 
@@ -150,6 +229,7 @@ class DiskBackend:
                 if cache is None:
                     cache = diskcache.Cache(
                         str(self.directory / (_PREFIX + quote(namespace, safe=""))),
+                        disk=_opaque_disk(),
                         timeout=_SQLITE_TIMEOUT,
                         size_limit=self.size_limit,
                         tag_index=True,
@@ -206,7 +286,18 @@ class DiskBackend:
 
         ``max_size`` is not enforced per function: the store is bounded in
         bytes by ``size_limit``; use ``ttl`` to bound an entry's life.
+
+        Raises:
+            ConfigurationError: The namespace is too long to name its directory.
+
         """
+        folder = _PREFIX + quote(namespace, safe="")
+        if len(folder.encode()) > _NAME_MAX:
+            raise ConfigurationError(
+                f"cache_namespace={namespace[:40]!r}... is too long for the disk cache: its "
+                f"directory name would be {len(folder.encode())} bytes (at most {_NAME_MAX}); "
+                "use a shorter namespace"
+            )
         return DiskFunctionCache(self, namespace, qualname, ttl)
 
     def clear_namespace(self, namespace: str | None) -> None:
@@ -241,15 +332,14 @@ class DiskFunctionCache(CodecEntries):
 
     """
 
-    __slots__ = ("_store", "backend", "namespace", "tag", "ttl")
+    __slots__ = ("_store", "backend", "tag", "ttl")
 
     def __init__(
         self, backend: DiskBackend, namespace: str, qualname: str, ttl: float | None
     ) -> None:
-        self.tag = f"{namespace}:{qualname}"
-        super().__init__(backend.codec, "disk", self.tag + ":")
+        super().__init__(backend.codec, "disk", namespace, qualname)
+        self.tag = self.prefix[:-1]
         self.backend = backend
-        self.namespace = namespace
         self.ttl = ttl
         self._store: Any = None
 
@@ -332,3 +422,16 @@ class DiskFunctionCache(CodecEntries):
     async def aclear(self) -> None:
         """Async :meth:`clear`, in a worker thread."""
         await asyncio.to_thread(self.clear)
+
+
+def _after_fork_in_child() -> None:
+    """Give the child a fresh lock (one held by another parent thread at fork stays held).
+
+    The diskcache stores themselves notice the new process id and open their
+    own SQLite connections in the child.
+    """
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

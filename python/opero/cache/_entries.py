@@ -1,7 +1,10 @@
 """What the Redis and disk caches share: turning values into signed bytes and back.
 
 Both store bytes from a :class:`~opero.cache._serializers.Codec` under a full key
-``{namespace}:{qualname}:{digest}``. Reading counts hits and misses; a value
+``{namespace}:{qualname}:{digest}``, where ``%`` and ``:`` inside the namespace
+and the qualname are written ``%25`` and ``%3A`` (:func:`entry_prefix`): the
+``:`` separators are then the only ones, so namespace ``"prices"`` never
+matches the keys of namespace ``"prices:eu"``. Reading counts hits and misses; a value
 that fails verification, is corrupt or was not written by opero is a miss and a
 warning, never an exception in the caller and never unpickled. A result the
 serializer cannot encode is not cached, logged once per type.
@@ -15,7 +18,26 @@ from opero.cache._base import MISS, CacheInfo
 from opero.cache._health import logger
 from opero.cache._serializers import Codec, VerificationError
 
-__all__ = ["CodecEntries"]
+__all__ = ["CodecEntries", "entry_prefix", "escape_part"]
+
+
+def escape_part(text: str) -> str:
+    """Return ``text`` with ``%`` and ``:`` percent-encoded (a key part without separators)."""
+    if "%" in text or ":" in text:
+        return text.replace("%", "%25").replace(":", "%3A")
+    return text
+
+
+def entry_prefix(namespace: str, qualname: str) -> str:
+    """Return ``{namespace}:{qualname}:`` with both parts escaped, the start of every full key.
+
+    Args:
+        namespace: ``cache_namespace``.
+        qualname: The function's identity (``module.qualname``, plus a code
+            digest for local functions and lambdas).
+
+    """
+    return f"{escape_part(namespace)}:{escape_part(qualname)}:"
 
 
 class CodecEntries:
@@ -24,16 +46,28 @@ class CodecEntries:
     Args:
         codec: Serializer (and signer) of the values.
         label: The store's name in log messages (``"Redis"``, ``"disk"``).
-        prefix: ``{namespace}:{qualname}:``, the start of every full key.
+        namespace: ``cache_namespace``.
+        qualname: The function's identity; with ``namespace``, the key prefix
+            (:func:`entry_prefix`).
 
     """
 
-    __slots__ = ("_unserializable", "codec", "hits", "label", "misses", "prefix")
+    __slots__ = (
+        "__weakref__",
+        "_unserializable",
+        "codec",
+        "hits",
+        "label",
+        "misses",
+        "namespace",
+        "prefix",
+    )
 
-    def __init__(self, codec: Codec, label: str, prefix: str) -> None:
+    def __init__(self, codec: Codec, label: str, namespace: str, qualname: str) -> None:
         self.codec = codec
         self.label = label
-        self.prefix = prefix
+        self.namespace = namespace
+        self.prefix = entry_prefix(namespace, qualname)
         self.hits = 0
         self.misses = 0
         self._unserializable: set[type] = set()

@@ -4,12 +4,14 @@ A service that fails is reported once per outage on the ``opero`` logger, not
 once per call. While it is down, callers skip it (a cache miss, a local rate
 limit) and probe it again at most every ``retry_interval`` seconds, so a dead
 host costs one bounded timeout per interval instead of one per call. The first
-success after an outage logs the recovery.
+success after an outage logs the recovery. A full connection pool (redis-py's
+``MaxConnectionsError``) is never recorded as an outage: the service is up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +68,9 @@ class Outage:
             consequence: What callers get meanwhile (``"cache lookups are misses"``).
 
         """
+        if _back_pressure(exc):  # a full connection pool: the service is up, and busy
+            logger.debug("opero: %s is busy (%s); not an outage", self.what, exc)
+            return
         with self._lock:
             self._next_probe = self._clock() + self.retry_interval
             if self.down:
@@ -92,6 +97,20 @@ class Outage:
         logger.info("opero: %s is available again", self.what)
 
 
+def _back_pressure(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a full redis-py connection pool (never an outage)."""
+    module = type(exc).__module__
+    if module == "opero.cache._redis":
+        from opero.cache._redis import PoolExhausted
+
+        return isinstance(exc, PoolExhausted)
+    if module.startswith("redis"):  # redis-py is installed: it raised this
+        from opero.cache._redis import pool_exhausted
+
+        return pool_exhausted(exc)
+    return False
+
+
 _REGISTRY: dict[tuple[str, float], Outage] = {}
 _REGISTRY_LOCK = threading.Lock()
 
@@ -110,3 +129,14 @@ def outage_for(what: str, retry_interval: float) -> Outage:
         with _REGISTRY_LOCK:
             outage = _REGISTRY.setdefault(key, Outage(what, retry_interval))
     return outage
+
+
+def _after_fork_in_child() -> None:
+    """Give the child fresh locks: one held by another parent thread at fork stays held forever."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for outage in _REGISTRY.values():
+        outage._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

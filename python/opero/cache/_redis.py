@@ -1,11 +1,12 @@
 """The Redis cache backend (``cache_backend="redis"``), on redis-py.
 
-Keys are ``{namespace}:{module.qualname}:{stable digest}``, so every process
-and host that decorates the same function with the same arguments shares the
-entry; Redis enforces the TTL (``SET ... PX``). Sync functions use a
-``redis.Redis`` client, ``async def`` functions a ``redis.asyncio.Redis``
-client; clients (and their connection pools) are created at first use, one per
-URL per process (per event loop for asyncio), and reused by every function.
+Keys are ``{namespace}:{function identity}:{stable digest}`` (``:`` and ``%``
+escaped inside the parts), so every process and host that decorates the same
+function with the same arguments shares the entry; Redis enforces the TTL (``SET ...
+PX``). Sync functions use a ``redis.Redis`` client, ``async def`` functions a
+``redis.asyncio.Redis`` client; clients (and their connection pools) are created at
+first use, one per URL per process (per event loop for asyncio), and reused by every
+function.
 
 Failure policy: a Redis that is down or times out is a cache miss and the
 function still runs; the outage is logged once on the ``opero`` logger (not per
@@ -30,11 +31,13 @@ import math
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from opero.cache._entries import CodecEntries
+from opero.cache._entries import CodecEntries, escape_part
 from opero.cache._health import Outage, logger, outage_for
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
@@ -43,7 +46,9 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["RedisBackend", "RedisFunctionCache"]
+__all__ = ["PoolExhausted", "RedisBackend", "RedisFunctionCache", "pool_exhausted"]
+
+T = TypeVar("T")
 
 URL_ENV = "OPERO_REDIS_URL"
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -53,7 +58,7 @@ _DELETE_BATCH = 500
 _LOCK = threading.Lock()
 # One sync client (one connection pool) per (url, timeouts) per process;
 # redis-py's pool resets itself after a fork.
-_SYNC_CLIENTS: dict[tuple[str, float, float], redis.Redis] = {}
+_SYNC_CLIENTS: dict[tuple[str, float, float, int, float], redis.Redis] = {}
 # One async client per event loop per (url, timeouts): asyncio connections are
 # bound to the loop that opened them. Entries of closed loops are dropped lazily.
 _ASYNC_CLIENTS: dict[asyncio.AbstractEventLoop, dict[Any, redis.asyncio.Redis]] = {}
@@ -129,6 +134,36 @@ def _check_timeout(name: str, value: Any) -> float:
     ):
         raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds")
     return float(value)
+
+
+class PoolExhausted(Exception):
+    """No connection of the client's pool became free within ``pool_timeout``.
+
+    Redis itself is healthy (it is answering the commands that hold the
+    connections): this is back-pressure, never an outage. The cache treats it
+    as a miss (logged), the Redis rate limiter raises
+    :class:`~opero.errors.RateLimitTimeout` rather than admit a call unchecked.
+    """
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """Return whether ``exc`` means "the connection pool is full", not "Redis is down".
+
+    redis-py raises ``MaxConnectionsError`` from a plain pool at its
+    ``max_connections``, and ``ConnectionError("No connection available.")`` from
+    a ``BlockingConnectionPool`` whose wait timed out.
+    """
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import MaxConnectionsError
+
+    if isinstance(exc, MaxConnectionsError):
+        return True
+    return type(exc) is RedisConnectionError and str(exc) == "No connection available."
+
+
+_POOL_WARN_EVERY = 10.0  # seconds between two warnings about a full pool, per backend
+_FIRST_PAUSE = 0.001  # seconds before the first retry of a full pool; doubles up to _MAX_PAUSE
+_MAX_PAUSE = 0.05
 
 
 def _no_retry() -> dict[str, Any]:
@@ -278,10 +313,14 @@ class RedisConnector:
         socket_timeout: Seconds a command may take. Default 0.5.
         connect_timeout: Seconds a connection attempt may take. Default 0.5.
         option: The user-facing option name for error messages.
+        max_connections: Connections of the pools opero builds from a URL (per
+            process, and per event loop for asyncio). Default 100.
+        pool_timeout: Seconds a command waits for a free connection when the
+            pool is full (any client) before :class:`PoolExhausted`. Default 5.0.
 
     Raises:
         ConfigurationError: Malformed URL, both url and client, a client that
-            is not a Redis client or decodes responses, or a bad timeout.
+            is not a Redis client or decodes responses, a bad timeout or pool size.
 
     """
 
@@ -293,9 +332,21 @@ class RedisConnector:
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         option: str = "cache_redis_url",
+        max_connections: int = 100,
+        pool_timeout: float = 5.0,
     ) -> None:
         self.socket_timeout = _check_timeout("socket_timeout", socket_timeout)
         self.connect_timeout = _check_timeout("connect_timeout", connect_timeout)
+        self.pool_timeout = _check_timeout("pool_timeout", pool_timeout)
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ConfigurationError(
+                f"max_connections={max_connections!r} must be an int >= 1 (connections per pool)"
+            )
+        self.max_connections = max_connections
         if url is not None and client is not None:
             raise ConfigurationError(
                 f"got both url and client; pass one ({option} takes either a URL or a client)"
@@ -345,16 +396,21 @@ class RedisConnector:
             client = _twin(self._client, False) if _is_async_client(self._client) else self._client
         else:
             redis = _import_redis()
-            key = (self.url, self.socket_timeout, self.connect_timeout)
+            key = self._pool_key()
             with _LOCK:
                 client = _SYNC_CLIENTS.get(key)
                 if client is None:
-                    client = redis.Redis.from_url(
+                    # A blocking pool: a full pool makes callers wait for a connection
+                    # (back-pressure) instead of failing with MaxConnectionsError.
+                    pool = redis.BlockingConnectionPool.from_url(
                         self.url,
+                        max_connections=self.max_connections,
+                        timeout=self.pool_timeout,
                         socket_timeout=self.socket_timeout,
                         socket_connect_timeout=self.connect_timeout,
                         **_no_retry(),
                     )
+                    client = redis.Redis(connection_pool=pool)
                     _SYNC_CLIENTS[key] = client
         self._sync = client
         return client
@@ -369,9 +425,7 @@ class RedisConnector:
             client = self._client
         else:
             key: Any = (
-                ("client", id(self._client))
-                if self._client is not None
-                else (self.url, self.socket_timeout, self.connect_timeout)
+                ("client", id(self._client)) if self._client is not None else self._pool_key()
             )
             with _LOCK:
                 for old in [old for old in _ASYNC_CLIENTS if old.is_closed()]:
@@ -385,16 +439,82 @@ class RedisConnector:
                         client = _twin(self._client, True)
                     else:
                         redis = _import_redis()
-                        client = redis.asyncio.Redis.from_url(
+                        apool = redis.asyncio.BlockingConnectionPool.from_url(
                             self.url,
+                            max_connections=self.max_connections,
+                            timeout=self.pool_timeout,
                             socket_timeout=self.socket_timeout,
                             socket_connect_timeout=self.connect_timeout,
                             **_async_no_retry(),
                         )
+                        client = redis.asyncio.Redis(connection_pool=apool)
                     per_loop[key] = client
                     _close_with_loop(loop, key, client)
         self._async_last = (loop, client)
         return client  # type: ignore[no-any-return]
+
+    def _pool_key(self) -> tuple[str, float, float, int, float]:
+        """Return what makes two URL-built clients interchangeable."""
+        return (
+            self.url,
+            self.socket_timeout,
+            self.connect_timeout,
+            self.max_connections,
+            self.pool_timeout,
+        )
+
+    def run(self, command: Callable[[redis.Redis], T]) -> T:
+        """Run ``command(client)``; wait for a connection while the pool is full.
+
+        A full pool is back-pressure from a healthy server: the command is
+        retried (pauses of 1 ms doubling to 50 ms) until ``pool_timeout``
+        seconds have passed since the first try. Other errors propagate.
+
+        Raises:
+            PoolExhausted: Still no free connection after ``pool_timeout``.
+
+        """
+        start = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                return command(self.sync_client())
+            except Exception as exc:
+                if not pool_exhausted(exc):
+                    raise
+                left = start + self.pool_timeout - time.monotonic()
+                if left <= 0:
+                    raise self._exhausted() from exc
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
+
+    async def arun(self, command: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        """Async :meth:`run` (waits with ``asyncio.sleep``).
+
+        Raises:
+            PoolExhausted: Still no free connection after ``pool_timeout``.
+
+        """
+        start = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                return await command(self.async_client())
+            except Exception as exc:
+                if not pool_exhausted(exc):
+                    raise
+                left = start + self.pool_timeout - time.monotonic()
+                if left <= 0:
+                    raise self._exhausted() from exc
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
+
+    def _exhausted(self) -> PoolExhausted:
+        return PoolExhausted(
+            f"no connection to {redact(self.url)} became free within {self.pool_timeout:g} s "
+            "(the client's connection pool is full; Redis itself answers): raise the pool's "
+            "max_connections or pool_timeout"
+        )
 
 
 class RedisBackend:
@@ -423,6 +543,11 @@ class RedisBackend:
         connect_timeout: Seconds a connection attempt may take. Default 0.5.
         retry_interval: Seconds between probes of a Redis that is down (calls in
             between are misses without network). Default 1.0.
+        max_connections: Connections per pool when opero builds the client
+            from a URL (one pool per process, and per event loop). Default 100.
+        pool_timeout: Seconds a call waits for a free connection when the
+            pool is full, with any client (a full pool is back-pressure, not an
+            outage); after that the lookup is a miss, logged. Default 5.0.
 
     Raises:
         ConfigurationError: Malformed URL, both ``url`` and ``client``, a client
@@ -443,6 +568,8 @@ class RedisBackend:
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         retry_interval: float = 1.0,
+        max_connections: int = 100,
+        pool_timeout: float = 5.0,
     ) -> None:
         self.codec = Codec(serializer, secret)
         self.strict = bool(strict)
@@ -452,10 +579,14 @@ class RedisBackend:
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             option="cache_redis_url",
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
         )
+        self._pool_warned = -math.inf
         self.retry_interval = check_interval(retry_interval)
         self._outage: Outage | None = None
-        self._namespaces: set[str] = set()
+        # Weak: a dropped function's cache (and its namespace) is not kept here.
+        self._opened: weakref.WeakSet[RedisFunctionCache] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
@@ -493,6 +624,9 @@ class RedisBackend:
 
         """
         redis = _import_redis()
+        if isinstance(exc, PoolExhausted) or pool_exhausted(exc):
+            self._pool_full(exc, action)
+            return
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
         if self.strict:
@@ -511,6 +645,28 @@ class RedisBackend:
                 exc,
             )
 
+    def _pool_full(self, exc: BaseException, action: str) -> None:
+        """Report a pool that stayed full: never an outage; a miss, logged every 10 s at most.
+
+        Raises:
+            CacheBackendError: In strict mode, chained from ``exc``.
+
+        """
+        if self.strict:
+            raise CacheBackendError(
+                f"Redis cache at {redact(self.url)}: {action} found no free connection: {exc}"
+            ) from exc
+        now = time.monotonic()
+        if now - self._pool_warned >= _POOL_WARN_EVERY:
+            self._pool_warned = now
+            logger.warning(
+                "opero: Redis cache at %s: %s treated as a miss: %s (logged every %g s at most)",
+                redact(self.url),
+                action,
+                exc,
+                _POOL_WARN_EVERY,
+            )
+
     # -- CacheBackend protocol -------------------------------------------------------
 
     def open(
@@ -527,17 +683,26 @@ class RedisBackend:
         ``max_size`` is not enforced per function: Redis bounds memory with its
         own ``maxmemory`` policy; use ``ttl`` to bound an entry's life.
         """
-        self._namespaces.add(namespace)
-        return RedisFunctionCache(self, namespace, qualname, ttl)
+        cache = RedisFunctionCache(self, namespace, qualname, ttl)
+        with _LOCK:
+            self._opened.add(cache)
+        return cache
 
     def clear_namespace(self, namespace: str | None) -> None:
         """Delete every entry of ``namespace`` (SCAN + UNLINK in batches, never KEYS/FLUSHDB).
 
-        ``None`` clears every namespace this backend has opened in this process.
+        ``None`` clears every namespace of the functions this backend opened that
+        are still alive in this process. The namespace is escaped as in the keys
+        (``:`` and ``%`` encoded, glob metacharacters escaped for ``MATCH``), so
+        ``"prices"`` never reaches ``"prices:eu"`` or ``"prices*"``.
         """
-        namespaces = sorted(self._namespaces) if namespace is None else [namespace]
-        for name in namespaces:
-            self.delete_matching(_glob_escape(f"{name}:") + "*")
+        if namespace is None:
+            with _LOCK:
+                names = sorted({cache.namespace for cache in self._opened})
+        else:
+            names = [namespace]
+        for name in names:
+            self.delete_matching(_glob_escape(escape_part(name) + ":") + "*")
 
     def delete_matching(self, pattern: str) -> int:
         """Delete the keys matching a SCAN pattern, in batches; return how many."""
@@ -545,15 +710,7 @@ class RedisBackend:
             return 0
         deleted = 0
         try:
-            client = self.sync_client()
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
-                batch.append(key)
-                if len(batch) >= _DELETE_BATCH:
-                    deleted += int(client.unlink(*batch))
-                    batch.clear()
-            if batch:
-                deleted += int(client.unlink(*batch))
+            deleted = self.connector.run(lambda client: _delete_matching(client, pattern))
         except Exception as exc:
             self.failed(exc, "clear")
             return deleted
@@ -584,7 +741,7 @@ class RedisFunctionCache(CodecEntries):
     def __init__(
         self, backend: RedisBackend, namespace: str, qualname: str, ttl: float | None
     ) -> None:
-        super().__init__(backend.codec, "Redis", f"{namespace}:{qualname}:")
+        super().__init__(backend.codec, "Redis", namespace, qualname)
         self.backend = backend
         self.px = None if ttl is None else max(1, round(ttl * 1000))
 
@@ -595,7 +752,7 @@ class RedisFunctionCache(CodecEntries):
         if backend.outage.down and not backend.available():
             return self.miss()
         try:
-            data = backend.sync_client().get(full)
+            data = backend.connector.run(lambda client: client.get(full))
         except Exception as exc:
             backend.failed(exc, "GET")
             return self.miss()
@@ -611,7 +768,7 @@ class RedisFunctionCache(CodecEntries):
         if data is None or not backend.available():
             return
         try:
-            backend.sync_client().set(full, data, px=self.px)
+            backend.connector.run(lambda client: client.set(full, data, px=self.px))
         except Exception as exc:
             backend.failed(exc, "SET")
             return
@@ -623,7 +780,7 @@ class RedisFunctionCache(CodecEntries):
         if not backend.available():
             return False
         try:
-            removed = backend.sync_client().delete(self.prefix + key)
+            removed = backend.connector.run(lambda client: client.delete(self.prefix + key))
         except Exception as exc:
             backend.failed(exc, "DEL")
             return False
@@ -641,7 +798,7 @@ class RedisFunctionCache(CodecEntries):
         if backend.outage.down and not backend.available():
             return self.miss()
         try:
-            data = await backend.async_client().get(full)
+            data = await backend.connector.arun(lambda client: client.get(full))
         except Exception as exc:
             backend.failed(exc, "GET")
             return self.miss()
@@ -657,7 +814,7 @@ class RedisFunctionCache(CodecEntries):
         if data is None or not backend.available():
             return
         try:
-            await backend.async_client().set(full, data, px=self.px)
+            await backend.connector.arun(lambda client: client.set(full, data, px=self.px))
         except Exception as exc:
             backend.failed(exc, "SET")
             return
@@ -669,7 +826,7 @@ class RedisFunctionCache(CodecEntries):
         if not backend.available():
             return False
         try:
-            removed = await backend.async_client().delete(self.prefix + key)
+            removed = await backend.connector.arun(lambda client: client.delete(self.prefix + key))
         except Exception as exc:
             backend.failed(exc, "DEL")
             return False
@@ -683,16 +840,57 @@ class RedisFunctionCache(CodecEntries):
             return
         pattern = _glob_escape(self.prefix) + "*"
         try:
-            client = backend.async_client()
-            batch: list[bytes] = []
-            async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
-                batch.append(key)
-                if len(batch) >= _DELETE_BATCH:
-                    await client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                await client.unlink(*batch)
+            await backend.connector.arun(lambda client: _adelete_matching(client, pattern))
         except Exception as exc:
             backend.failed(exc, "clear")
             return
         backend.outage.succeeded()
+
+
+def _delete_matching(client: redis.Redis, pattern: str) -> int:
+    """SCAN for ``pattern`` and UNLINK the keys in batches; return how many went."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+        batch.append(key)
+        if len(batch) >= _DELETE_BATCH:
+            deleted += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+async def _adelete_matching(client: redis.asyncio.Redis, pattern: str) -> int:
+    """Async :func:`_delete_matching`."""
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+        batch.append(key)
+        if len(batch) >= _DELETE_BATCH:
+            deleted += int(await client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(await client.unlink(*batch))
+    return deleted
+
+
+# Async clients inherited through fork(): they belong to the parent's event loops and
+# share its sockets, so the child never uses or closes them (kept, not collected).
+_INHERITED: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """Reset what a forked child must not share: the lock and the async clients.
+
+    Sync clients stay: redis-py's pools see the new process id and open new
+    connections in the child.
+    """
+    global _LOCK
+    _LOCK = threading.Lock()
+    _INHERITED.append((dict(_ASYNC_CLIENTS), dict(_CLOSERS)))
+    _ASYNC_CLIENTS.clear()
+    _CLOSERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

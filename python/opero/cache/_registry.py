@@ -11,13 +11,16 @@ object with ``open(...)`` and ``stable_keys`` is used as it is.
 Every opened function cache is registered (weakly) under its namespace with
 the backend that opened it; :func:`clear_cache` clears them and asks each
 backend to drop the rest of the namespace (entries written by other
-processes, for Redis and disk).
+processes, for Redis and disk). Once the last function of a namespace is
+garbage collected, nothing is kept for that namespace (a multi-tenant service
+that makes one namespace per tenant does not grow).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import weakref
 from typing import Any
@@ -33,10 +36,45 @@ logger = logging.getLogger("opero")
 _lock = threading.Lock()
 _memory = MemoryBackend()
 _shared: dict[Any, CacheBackend] = {}
+
+
 # namespace -> function caches (weak where possible) and backends that served it.
+# A namespace's entries are pruned once its last cache has died (see _prune).
 _caches: dict[str, weakref.WeakSet[Any]] = {}
 _strong: dict[str, list[FunctionCache]] = {}
 _backends: dict[str, list[CacheBackend]] = {}
+# (namespace, id(cache)) -> a weak reference whose callback queues the pruning.
+_watch: dict[tuple[str, int], weakref.ref[Any]] = {}
+# Caches that died since the last prune. Filled by weakref callbacks, which may run
+# inside the garbage collector while ``_lock`` is held by this very thread, so they
+# only append here (atomic) and never take the lock.
+_dead: list[tuple[str, int]] = []
+
+
+def _on_death(namespace: str, ident: int) -> Any:
+    """Return the weakref callback that queues one cache for pruning."""
+
+    def died(_ref: Any) -> None:
+        _dead.append((namespace, ident))
+
+    return died
+
+
+def _prune() -> None:
+    """Forget the dead caches queued by :func:`_on_death`, and namespaces left empty.
+
+    Called with ``_lock`` held.
+    """
+    while _dead:
+        namespace, ident = _dead.pop()
+        ref = _watch.get((namespace, ident))
+        if ref is not None and ref() is None:
+            del _watch[(namespace, ident)]
+        caches = _caches.get(namespace)
+        if (caches is None or not caches) and not _strong.get(namespace):
+            _caches.pop(namespace, None)
+            _strong.pop(namespace, None)
+            _backends.pop(namespace, None)
 
 
 def default_memory_backend() -> MemoryBackend:
@@ -101,12 +139,20 @@ def _share(config: tuple[Any, ...], build: Any) -> CacheBackend:
 
 
 def register(namespace: str, backend: CacheBackend, cache: FunctionCache) -> None:
-    """Remember that ``backend`` opened ``cache`` in ``namespace`` (for :func:`clear_cache`)."""
+    """Remember that ``backend`` opened ``cache`` in ``namespace`` (for :func:`clear_cache`).
+
+    Nothing is kept for a namespace once its last function's cache is gone
+    (a cache that cannot be weakly referenced is kept for the process's life).
+    """
     with _lock:
+        _prune()
         try:
-            _caches.setdefault(namespace, weakref.WeakSet()).add(cache)
+            ref = weakref.ref(cache, _on_death(namespace, id(cache)))
         except TypeError:
             _strong.setdefault(namespace, []).append(cache)
+        else:
+            _caches.setdefault(namespace, weakref.WeakSet()).add(cache)
+            _watch[(namespace, id(cache))] = ref
         served = _backends.setdefault(namespace, [])
         if not any(b is backend for b in served):
             served.append(backend)
@@ -122,7 +168,8 @@ def clear_cache(namespace: str | None = None) -> None:
 
     Args:
         namespace: The ``cache_namespace`` to clear; ``None`` (default)
-            clears every namespace this process used.
+            clears every namespace of the decorated functions alive in this
+            process.
 
     Raises:
         TypeError: ``namespace`` is not a ``str`` or ``None``.
@@ -131,6 +178,7 @@ def clear_cache(namespace: str | None = None) -> None:
     if namespace is not None and not isinstance(namespace, str):
         raise TypeError(f"clear_cache(namespace=...) takes a str or None, got {namespace!r}")
     with _lock:
+        _prune()
         names = list(_backends) if namespace is None else [namespace]
         work = [
             (
@@ -147,3 +195,13 @@ def clear_cache(namespace: str | None = None) -> None:
             if backend is _memory or isinstance(backend, MemoryBackend):
                 continue  # its stores are the caches cleared just above
             backend.clear_namespace(name)
+
+
+def _after_fork_in_child() -> None:
+    """Give the child fresh locks (one held by another parent thread at fork stays held)."""
+    global _lock
+    _lock = threading.Lock()
+    _memory._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
