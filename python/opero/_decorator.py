@@ -62,7 +62,7 @@ import sys
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._aio import TaskFlight, build_async_call
 from opero._callbacks import adapt_callback
@@ -245,6 +245,7 @@ def opero(
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_max_size: int | None = 1024,
+    cache_policy: Literal["lru", "tinylfu"] = "lru",
     cache_namespace: str = "opero",
     cache_key: Callable[..., Any] | None = None,
     cache_backend: Any = "memory",
@@ -297,6 +298,8 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
             Cache: ``cache`` (default False), ``cache_ttl`` (seconds > 0 or
             None), ``cache_max_size`` (default 1024, None = unbounded),
+            ``cache_policy`` (memory backend: ``"lru"``, the default, or
+            ``"tinylfu"``, which misses less on skewed traffic),
             ``cache_namespace`` (default ``"opero"``),
             ``cache_key(func, *args, **kwargs)``, ``cache_backend``
             (``"memory"``, ``"redis"``, ``"disk"`` or a backend object),
@@ -384,6 +387,8 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         ttl=policy.cache_ttl,
         max_size=policy.cache_max_size,
         is_async=is_async,
+        # Only the memory backend takes a policy (checked at decoration).
+        **({"policy": policy.cache_policy} if policy.cache_policy != "lru" else {}),
     )
     register(policy.cache_namespace, backend, fcache)
     key_func = functools.partial(policy.cache_key, func) if policy.cache_key is not None else None

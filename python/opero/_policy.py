@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from opero._callbacks import positional_arity
+from opero.cache._memory import MemoryBackend
 from opero.errors import ConfigurationError
 
 __all__ = [
@@ -80,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "cache": False,
     "cache_ttl": None,
     "cache_max_size": 1024,
+    "cache_policy": "lru",
     "cache_namespace": "opero",
     "cache_key": None,
     "cache_backend": "memory",
@@ -103,6 +105,7 @@ _ALL_NAMES = frozenset(DEFAULTS) | frozenset(PRIVATE_DEFAULTS)
 
 _RATE_BACKENDS = ("memory", "redis")
 _CACHE_BACKENDS = ("memory", "redis", "disk")
+_CACHE_POLICIES = ("lru", "tinylfu")
 _NEVER_RETRIED = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
@@ -139,6 +142,7 @@ class Policy:
     cache: bool
     cache_ttl: float | None
     cache_max_size: int | None
+    cache_policy: str
     cache_namespace: str
     cache_key: Callable[..., Any] | None
     cache_backend: Any
@@ -582,6 +586,14 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
             need=f"None (unbounded) or an int >= 1 and <= {MAX_COUNT}",
             example="1024",
         )
+    cache_policy = o["cache_policy"]
+    if not isinstance(cache_policy, str) or cache_policy not in _CACHE_POLICIES:
+        raise _bad("cache_policy", cache_policy, "'lru' or 'tinylfu'", "'tinylfu'")
+    if cache_policy == "tinylfu" and cache_max_size is None:
+        raise ConfigurationError(
+            "@opero(cache_policy='tinylfu') needs a bound: an unbounded store never evicts; "
+            "set cache_max_size (for example cache_max_size=1024) or drop cache_policy."
+        )
     cache_namespace = o["cache_namespace"]
     if not isinstance(cache_namespace, str) or not cache_namespace:
         raise _bad("cache_namespace", cache_namespace, "a non-empty str", "'myapp'")
@@ -623,6 +635,7 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         # Redis and disk have no per-function entry bound (Redis: maxmemory policy and
         # cache_ttl; disk: a size limit in bytes), so a bound there would be a silent no-op.
         ("cache_max_size", ("memory",)),
+        ("cache_policy", ("memory",)),
     ):
         if name in options and backend_name is not None and backend_name not in only:
             wanted = " or ".join(repr(b) for b in only)
@@ -630,6 +643,15 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
                 f"@opero({name}={options[name]!r}) is only used with cache_backend={wanted}, "
                 f"not {backend_name!r}; set cache_backend={only[0]!r} or drop {name}."
             )
+    if (
+        "cache_policy" in options
+        and backend_name is None
+        and not isinstance(cache_backend, MemoryBackend)
+    ):
+        raise ConfigurationError(
+            f"@opero(cache_policy={cache_policy!r}) is only used with the memory backend, "
+            f"not {type(cache_backend).__name__}; drop cache_policy or use cache_backend='memory'."
+        )
     if not cache:
         given = [n for n in options if n.startswith("cache_")]
         if given:
@@ -688,6 +710,7 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
         cache=cache,
         cache_ttl=cache_ttl,
         cache_max_size=cache_max_size,
+        cache_policy=cache_policy,
         cache_namespace=cache_namespace,
         cache_key=cache_key,
         cache_backend=cache_backend,
