@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["PoolExhausted", "RedisBackend", "RedisFunctionCache", "pool_exhausted"]
+__all__ = ["RedisBackend", "RedisFunctionCache"]
 
 T = TypeVar("T")
 
