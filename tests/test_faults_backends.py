@@ -26,7 +26,7 @@ from faultkit import run_scenario
 from opero import ConfigurationError, RateLimitTimeout
 from opero import opero as cached_with
 from opero._opero_core import stable_digest_call
-from opero._ratelimit_redis import RedisRateLimiter
+from opero._ratelimit.redis import RedisRateLimiter
 from opero.cache import RedisBackend, _identity, _registry
 from opero.cache import _disk as disk_module
 
@@ -454,7 +454,7 @@ def test_url_client_blocking_pool_waits_then_misses_without_outage(
 
 def test_outage_tracker_never_counts_a_full_pool() -> None:
     """Outage.failed ignores a full pool (either redis-py form); a refused connection counts."""
-    from opero.cache._health import Outage
+    from opero._connections.health import Outage
 
     outage = Outage("test service")
     outage.failed(redis.exceptions.MaxConnectionsError("Too many connections"), "misses")
@@ -611,7 +611,9 @@ def test_forked_child_uses_inherited_backends(redis_url: str, tmp_path: Path) ->
         import asyncio, os, sys, threading
         import opero as opero_pkg
         from opero import opero
-        from opero.cache import _disk, _health, _redis, _registry
+        from opero._connections import health
+        from opero._connections import redis as connections
+        from opero.cache import _disk, _redis, _registry
 
         url, cache_dir = sys.argv[1], sys.argv[2]
 
@@ -627,7 +629,13 @@ def test_forked_child_uses_inherited_backends(redis_url: str, tmp_path: Path) ->
         assert from_redis(1)[2] == parent and from_disk(1)[2] == parent
 
         # Another thread holds every lock of the backends at the moment of fork().
-        locks = [_registry._lock, _redis._LOCK, _disk._LOCK, _health._REGISTRY_LOCK]
+        locks = [
+            _registry._lock,
+            _redis._LOCK,
+            connections._LOCK,
+            _disk._LOCK,
+            health._REGISTRY_LOCK,
+        ]
         held, release = threading.Event(), threading.Event()
 
         def holder():

@@ -91,7 +91,7 @@ def test_workers_exit_when_the_parent_is_killed():
         code = "; ".join([
             "import sys",
             "from opero import opmap",
-            "from opero._process_pool import process_pool",
+            "from opero._map.process_pool import process_pool",
             "mapped = opmap(mode='process', workers=3, retries=0, progress=False)(abs)",
             "assert mapped(range(6)) == list(range(6))",
             "print(' '.join(map(str, sorted(process_pool(3).pids()))), flush=True)",
@@ -432,7 +432,7 @@ def test_a_failing_dispatcher_fails_the_map_instead_of_hanging_it():
     """If the pool's dispatcher thread fails, the map raises OperoError and the next map works."""
     res = result_of(
         """
-        from opero import _process_pool
+        from opero._map import process_pool as _process_pool
         from opero.errors import OperoError
 
         mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
@@ -468,7 +468,7 @@ def test_repeated_interrupts_at_any_point_leave_the_pool_whole(mode):
         + textwrap.dedent(
             f"""
             import random
-            from opero._process_pool import process_pool
+            from opero._map.process_pool import process_pool
 
             def slow(x):
                 time.sleep(0.002)
@@ -525,7 +525,7 @@ def test_a_worker_that_cannot_be_started_fails_the_map_at_once():
     """If no worker process can be started, the map raises WorkerStartError; a later map works."""
     res = result_of(
         """
-        from opero import _process_pool
+        from opero._map import process_pool as _process_pool
         from opero.errors import OperoError
 
         real = _process_pool.ProcessPool._spawn
@@ -595,7 +595,7 @@ def test_a_second_dispatcher_thread_on_one_pool_returns_at_once():
     """A duplicate dispatcher (its start was interrupted) exits; maps stay correct."""
     res = result_of(
         """
-        from opero._process_pool import process_pool
+        from opero._map.process_pool import process_pool
 
         mapped = opmap(mode="process", workers=2, retries=0, progress=False, chunksize=1)(abs)
         mapped([-1, -2])

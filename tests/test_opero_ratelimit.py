@@ -12,9 +12,10 @@ import weakref
 import pytest
 
 from faultkit import run_scenario
-from opero import ConfigurationError, RateLimitTimeout, _ratelimit
+from opero import ConfigurationError, RateLimitTimeout
 from opero import opero as op
 from opero._opero_core import ManualClock, TokenBucket
+from opero._ratelimit import local as _ratelimit
 from opero.errors import attempt_errors
 
 
@@ -411,7 +412,8 @@ def test_fork_while_the_key_registry_is_locked_does_not_hang() -> None:
         FORK_HELPER
         + """
 import threading
-from opero import opero, _ratelimit
+from opero import opero
+from opero._ratelimit import local as _ratelimit
 
 held, release = threading.Event(), threading.Event()
 
@@ -444,7 +446,7 @@ def test_fork_while_the_shared_limiter_is_busy_does_not_hang() -> None:
         FORK_HELPER
         + """
 import fcntl, threading
-from opero._shared_limiter import SharedTokenBucket
+from opero._ratelimit import SharedTokenBucket
 
 bucket = SharedTokenBucket(1000.0, 10)
 bucket.reserve()
@@ -523,3 +525,23 @@ print(f"{sum(results)} of {len(results)} children finished")
         timeout=120,
     )
     assert out.lines()[-1] == "30 of 30 children finished", out
+
+
+def test_redis_backend_without_redis_py_is_a_configuration_error() -> None:
+    """rate_limit_backend='redis' without redis-py fails at decoration, saying what to install."""
+    out = run_scenario(
+        """
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed
+        from opero import ConfigurationError, opero
+
+        try:
+            opero(rate_limit=5, rate_limit_backend="redis", rate_limit_key="k")(lambda: 1)
+        except ConfigurationError as exc:
+            print("ConfigurationError:", exc)
+        """,
+        timeout=60,
+    )
+    assert out.lines() == [
+        "ConfigurationError: rate_limit_backend='redis' needs redis-py: pip install 'opero[redis]'"
+    ], out

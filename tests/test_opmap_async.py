@@ -12,8 +12,7 @@ import warnings
 import pytest
 
 import opmap_helpers as h
-from opero import opmap
-from opero._opmap import MapError, OpmapFailureWarning
+from opero import MapError, OpmapFailureWarning, opmap
 from opero.errors import RateLimitTimeout
 
 

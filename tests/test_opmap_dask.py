@@ -7,8 +7,7 @@ import warnings
 import pytest
 
 import opmap_helpers as h
-from opero import opmap
-from opero._opmap import OpmapFailureWarning
+from opero import OpmapFailureWarning, opmap
 from opero.errors import RateLimitTimeout
 
 distributed = pytest.importorskip("distributed")

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from opero._shared_limiter import SharedTokenBucket
+from opero._ratelimit import SharedTokenBucket
 
 
 def _reserve_many(bucket: SharedTokenBucket, count: int, out: multiprocessing.Queue) -> None:

@@ -9,9 +9,8 @@ import warnings
 import pytest
 
 import opmap_helpers as h
-from opero import opmap
-from opero._opmap import MapError, OpmapFailureWarning, WorkerDiedError
-from opero._process_pool import process_pool
+from opero import MapError, OpmapFailureWarning, WorkerDiedError, opmap
+from opero._map.process_pool import process_pool
 from opero.errors import RateLimitTimeout
 
 

@@ -10,8 +10,7 @@ from builtins import ExceptionGroup
 
 import pytest
 
-from opero import opmap
-from opero._opmap import MapError, OpmapFailureWarning
+from opero import MapError, OpmapFailureWarning, opmap
 
 
 def test_results_in_input_order():

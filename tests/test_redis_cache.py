@@ -16,9 +16,9 @@ import pytest
 import redis
 import redis.asyncio
 
+from opero._connections import redis as _redis_module
 from opero._opero_core import stable_digest_call
 from opero.cache import MISS, CacheBackend, FunctionCache
-from opero.cache import _redis as _redis_module
 from opero.cache._redis import RedisBackend
 from opero.errors import ConfigurationError
 

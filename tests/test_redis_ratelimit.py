@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
-from opero._ratelimit_redis import RedisRateLimiter
+from opero._ratelimit.redis import RedisRateLimiter
 from opero.errors import ConfigurationError
 
 if TYPE_CHECKING:

@@ -8,17 +8,20 @@ backoff schedule) run in Rust.
 """
 
 from opero._decorator import OperoFunction, clear_cache, opero
+from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
-from opero._opmap import MapError, MappedFunction, OpmapFailureWarning, WorkerDiedError, opmap
-from opero._process_pool import WorkerStartError
 from opero._testing import set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
     AllFailedError,
     CacheBackendError,
     ConfigurationError,
+    MapError,
     OperoError,
+    OpmapFailureWarning,
     RateLimitTimeout,
+    WorkerDiedError,
+    WorkerStartError,
     attempt_errors,
 )
 

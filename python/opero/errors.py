@@ -1,7 +1,9 @@
 """The opero error tree.
 
 Every error opero raises derives from :class:`OperoError`, itself a
-``RuntimeError``. All of them pickle, so they cross process pools and Dask.
+``RuntimeError``; ``@opmap``'s one warning is :class:`OpmapFailureWarning`.
+This module is their only home (``opero`` re-exports them). All of them
+pickle, with their fields, so they cross process pools and Dask.
 
 When retries run out without an ``arg_fallback``, opero re-raises the
 function's own last exception (not an opero error) with a note, and
@@ -12,6 +14,7 @@ function's own last exception (not an opero error) with a note, and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 #: Attribute of a re-raised last error holding the earlier attempts' errors (a tuple).
 EARLIER_ERRORS = "__opero_errors__"
@@ -20,8 +23,12 @@ __all__ = [
     "AllFailedError",
     "CacheBackendError",
     "ConfigurationError",
+    "MapError",
     "OperoError",
+    "OpmapFailureWarning",
     "RateLimitTimeout",
+    "WorkerDiedError",
+    "WorkerStartError",
     "attempt_errors",
 ]
 
@@ -84,6 +91,69 @@ class AllFailedError(ExceptionGroup, OperoError):
     def derive(self, excs: Sequence[Exception]) -> AllFailedError:  # type: ignore[override]
         """Build a group of the same type for ``except*`` and ``split``."""
         return AllFailedError(self.message, excs)
+
+
+class MapError(ExceptionGroup, OperoError):
+    """Raised by ``@opmap(strict=True)`` after every item finished, when some failed.
+
+    It is an ``ExceptionGroup`` of the items' exceptions (in input order), so
+    ``except*`` works on it.
+
+    Attributes:
+        results: The full result list, exceptions in the failed items' places.
+        indices: The positions of the failed items in ``results``.
+
+    """
+
+    results: list[Any]
+    indices: list[int]
+
+    def __new__(
+        cls,
+        message: str,
+        errors: Sequence[Exception],
+        results: list[Any] | None = None,
+        indices: list[int] | None = None,
+    ) -> MapError:
+        """Build the group; ``errors`` must hold at least one exception."""
+        self = super().__new__(cls, message, list(errors))
+        self.results = [] if results is None else results
+        self.indices = [] if indices is None else indices
+        return self
+
+    def __init__(
+        self,
+        message: str,
+        errors: Sequence[Exception],
+        results: list[Any] | None = None,
+        indices: list[int] | None = None,
+    ) -> None:
+        """Store the message and the failures."""
+        super().__init__(message, list(errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the partial results."""
+        return (MapError, (self.message, list(self.exceptions), self.results, self.indices))
+
+    def derive(self, excs: Sequence[Exception]) -> MapError:  # type: ignore[override]
+        """Build a group of the same type for ``except*`` and ``split``."""
+        return MapError(self.message, excs, self.results, self.indices)
+
+
+class OpmapFailureWarning(UserWarning):
+    """Some items of an ``@opmap`` call failed; their exceptions are in the results."""
+
+
+class WorkerDiedError(OperoError):
+    """A worker process died (``os._exit``, a signal, a segfault) while running this item.
+
+    The pool replaced the worker and the other items of the map ran; this
+    item's result is lost.
+    """
+
+
+class WorkerStartError(OperoError):
+    """A worker process of a process-mode ``@opmap`` died before it could take a job."""
 
 
 def attempt_errors(exc: BaseException) -> list[BaseException]:

@@ -153,7 +153,7 @@ def _build_redis(settings: Settings) -> list[Case]:
     def raw_limit(stack: contextlib.ExitStack) -> LoopFn:
         import redis
 
-        from opero._ratelimit_redis import GCRA_SCRIPT
+        from opero._ratelimit.redis import GCRA_SCRIPT
 
         client = redis.Redis.from_url(_start_redis(stack, holder))
         stack.callback(client.close)

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from opero._connections.health import Outage, outage_for
 from opero.cache._entries import CodecEntries
-from opero.cache._health import Outage, outage_for
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
 

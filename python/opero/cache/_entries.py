@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opero._connections.health import logger
 from opero.cache._base import MISS, CacheInfo
-from opero.cache._health import logger
 from opero.cache._serializers import Codec, VerificationError
 
 __all__ = ["CodecEntries", "entry_prefix", "escape_part"]

@@ -23,13 +23,12 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
-from opero._policy import Policy
 from opero.cache._base import CacheBackend, FunctionCache
 from opero.cache._memory import MemoryBackend
 
-__all__ = ["clear_cache", "default_memory_backend", "register", "resolve_backend"]
+__all__ = ["BackendConfig", "clear_cache", "default_memory_backend", "register", "resolve_backend"]
 
 logger = logging.getLogger("opero")
 
@@ -82,20 +81,57 @@ def default_memory_backend() -> MemoryBackend:
     return _memory
 
 
-def resolve_backend(policy: Policy) -> CacheBackend:
-    """Return the backend object for ``policy.cache_backend`` (name or object)."""
-    backend = policy.cache_backend
+class BackendConfig(Protocol):
+    """The ``cache_*`` option values that choose and build a backend.
+
+    Any object with these attributes will do (the pipeline passes its cache
+    policy); the registry needs nothing else from the decorator.
+    """
+
+    @property
+    def cache_backend(self) -> Any:
+        """``"memory"``, ``"redis"``, ``"disk"`` or a backend object."""
+
+    @property
+    def cache_redis_url(self) -> Any:
+        """A Redis URL, a redis-py client, or ``None`` (``OPERO_REDIS_URL`` at first use)."""
+
+    @property
+    def cache_serializer(self) -> Any:
+        """``"pickle"``, ``"json"`` or a ``(dumps, loads)`` pair."""
+
+    @property
+    def cache_secret(self) -> Any:
+        """The HMAC key, or ``None`` (``OPERO_CACHE_SECRET`` at first use)."""
+
+    @property
+    def cache_strict(self) -> bool:
+        """Raise instead of treating a failing backend as a miss."""
+
+    @property
+    def cache_dir(self) -> Any:
+        """The disk cache's directory, or ``None`` for the default one."""
+
+
+def resolve_backend(config: BackendConfig) -> CacheBackend:
+    """Return the backend object for ``config.cache_backend`` (name or object).
+
+    Args:
+        config: The ``cache_*`` option values (see :class:`BackendConfig`).
+
+    """
+    backend = config.cache_backend
     if not isinstance(backend, str):
         return backend  # type: ignore[no-any-return]
     if backend == "memory":
         return _memory
     if backend == "redis":
-        url = policy.cache_redis_url
+        url = config.cache_redis_url
         module = importlib.import_module("opero.cache._redis")
         kwargs: dict[str, Any] = {
-            "serializer": policy.cache_serializer,
-            "secret": policy.cache_secret,
-            "strict": policy.cache_strict,
+            "serializer": config.cache_serializer,
+            "secret": config.cache_secret,
+            "strict": config.cache_strict,
         }
         if url is None:
             # The URL comes from OPERO_REDIS_URL at first use: a shared instance would
@@ -111,11 +147,11 @@ def resolve_backend(policy: Policy) -> CacheBackend:
             lambda: module.RedisBackend(client=url, **kwargs),
         )
     module = importlib.import_module("opero.cache._disk")
-    directory = policy.cache_dir
+    directory = config.cache_dir
     kwargs = {
-        "serializer": policy.cache_serializer,
-        "secret": policy.cache_secret,
-        "strict": policy.cache_strict,
+        "serializer": config.cache_serializer,
+        "secret": config.cache_secret,
+        "strict": config.cache_strict,
     }
     return _share(
         ("disk", str(directory) if directory is not None else None, *kwargs.values()),

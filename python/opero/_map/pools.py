@@ -14,7 +14,7 @@ later map, and shut down at exit:
   calling thread runs one loop too, so a map always makes progress (even when
   called from inside another map on the same pool) and a small input never
   waits for a thread to wake up.
-* processes: see :mod:`opero._process_pool`.
+* processes: see :mod:`opero._map.process_pool`.
 * asyncio on processes: one ``aiomultiprocess.Pool`` per worker count, living
   on a background event loop thread so it outlives the caller's loop.
 """
@@ -40,9 +40,9 @@ __all__ = [
     "CancelScope",
     "Piece",
     "Target",
-    "WorkerDiedError",
     "aio_process_pool",
     "background_loop",
+    "portable",
     "run_aio_process_jobs",
     "run_async_items",
     "run_dask_jobs",
@@ -55,14 +55,6 @@ T = TypeVar("T")
 
 Piece = tuple[Sequence[int], list[Any], "dict[int, BaseException] | None"]
 """``(indices, values, errors)``: results of some items, in their order."""
-
-
-class WorkerDiedError(OperoError):
-    """A worker process died (``os._exit``, a signal, a segfault) while running this item.
-
-    The pool replaced the worker and the other items of the map ran; this
-    item's result is lost.
-    """
 
 
 class CancelScope:
@@ -108,7 +100,7 @@ class _Progress(Protocol):
 # --------------------------------------------------------------------------- worker side
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable(exc: BaseException) -> BaseException:
     """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle."""
     try:
         pickle.dumps(exc)
@@ -160,7 +152,7 @@ def run_chunk(
     """
     values, errors = map_items(target.resolve(), items)
     if errors is not None and multiprocessing.parent_process() is not None:
-        errors = {position: _portable(exc) for position, exc in errors.items()}
+        errors = {position: portable(exc) for position, exc in errors.items()}
     return values, errors
 
 
@@ -174,7 +166,7 @@ async def arun_chunk(
         try:
             return True, await fn(item)
         except Exception as exc:
-            return False, _portable(exc)
+            return False, portable(exc)
 
     outcomes = await asyncio.gather(*(one(item) for item in items))
     values = [value if ok else None for ok, value in outcomes]

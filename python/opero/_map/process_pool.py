@@ -48,13 +48,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opero._pools import CancelScope, Target, WorkerDiedError, _portable, run_chunk
-from opero.errors import OperoError
+from opero._map.pools import CancelScope, Target, portable, run_chunk
+from opero.errors import OperoError, WorkerDiedError, WorkerStartError
 
 __all__ = [
     "PREFETCH_BYTES",
     "ProcessPool",
-    "WorkerStartError",
     "process_pool",
     "run_process_jobs",
     "shutdown_process_pools",
@@ -86,7 +85,7 @@ def _worker_main(conn: Any) -> None:
             values, errors = run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
             reply = _encode_result(job_id, values, errors)
         except Exception as exc:  # the target or the items could not be rebuilt here
-            reply = pickle.dumps((job_id, None, _portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = pickle.dumps((job_id, None, portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(reply)
 
 
@@ -105,7 +104,7 @@ def _encode_result(
                 pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 values[position] = None
-                errors[position] = _portable(
+                errors[position] = portable(
                     TypeError(
                         f"the result of this item could not be pickled back to the parent "
                         f"process: {type(exc).__name__}: {exc}"
@@ -121,10 +120,6 @@ def _died(pid: int | None, exitcode: int | None) -> WorkerDiedError:
         f"worker process {pid} died ({how}) while running this item (os._exit, a signal or a "
         "crash in native code); the pool replaced it and the other items ran"
     )
-
-
-class WorkerStartError(OperoError):
-    """A worker process of a process-mode ``@opmap`` died before it could take a job."""
 
 
 def _start_error(exitcode: int | None, method: str) -> WorkerStartError:

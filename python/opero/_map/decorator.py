@@ -7,7 +7,7 @@ fallbacks, rate limit, callbacks). Modes:
 * ``"thread"``: a reused thread pool; items go in batches pulled by at most
   ``workers`` threads (the calling thread is one of them), not one future per
   item.
-* ``"process"``: a reused :class:`opero._process_pool.ProcessPool` (created on first
+* ``"process"``: a reused :class:`opero._map.process_pool.ProcessPool` (created on first
   use, one per worker count, shut down at exit) on the default start method
   (fork, spawn or forkserver), automatic chunk sizes like
   ``multiprocessing.Pool.map``. The decorated function travels by reference
@@ -50,7 +50,7 @@ Failed items are never stored.
 
 Rate limit: global across the map's workers. Threads and tasks share the
 function's bucket. Worker processes (process, async_process, process
-executors, Dask) share a :class:`opero._shared_limiter.SharedTokenBucket`: the
+executors, Dask) share a :class:`opero._ratelimit.shared_memory.SharedTokenBucket`: the
 bucket state in shared memory on the parent's host, under a file lock
 (``flock``; ``msvcrt.locking`` on Windows).
 Dask workers on other hosts therefore get one bucket per host; use
@@ -76,18 +76,17 @@ import threading
 import uuid
 import warnings
 import weakref
-from builtins import ExceptionGroup  # Python >= 3.11, like opero.errors
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
-from opero import _pools, _process_pool
-from opero._progress import PROGRESS_VALUES, make_progress
-from opero._shared_limiter import SharedTokenBucket
-from opero.errors import ConfigurationError, OperoError
+from opero._map import pools as _pools
+from opero._map import process_pool as _process_pool
+from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._ratelimit.shared_memory import SharedTokenBucket
+from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
 
-__all__ = ["MODES", "MapError", "MappedFunction", "OpmapFailureWarning", "WorkerDiedError", "opmap"]
+__all__ = ["MODES", "MappedFunction", "opmap"]
 
-WorkerDiedError = _pools.WorkerDiedError
 
 _log = logging.getLogger("opero")
 
@@ -97,57 +96,6 @@ MODES = ("thread", "process", "async", "async_process", "dask")
 Mode = Literal["thread", "process", "async", "async_process", "dask"]
 
 R = TypeVar("R")
-
-
-class OpmapFailureWarning(UserWarning):
-    """Some items of an ``@opmap`` call failed; their exceptions are in the results."""
-
-
-class MapError(ExceptionGroup, OperoError):
-    """Raised by ``@opmap(strict=True)`` after every item finished, when some failed.
-
-    It is an ``ExceptionGroup`` of the items' exceptions (in input order), so
-    ``except*`` works on it.
-
-    Attributes:
-        results: The full result list, exceptions in the failed items' places.
-        indices: The positions of the failed items in ``results``.
-
-    """
-
-    results: list[Any]
-    indices: list[int]
-
-    def __new__(
-        cls,
-        message: str,
-        errors: Sequence[Exception],
-        results: list[Any] | None = None,
-        indices: list[int] | None = None,
-    ) -> MapError:
-        """Build the group; ``errors`` must hold at least one exception."""
-        self = super().__new__(cls, message, list(errors))
-        self.results = [] if results is None else results
-        self.indices = [] if indices is None else indices
-        return self
-
-    def __init__(
-        self,
-        message: str,
-        errors: Sequence[Exception],
-        results: list[Any] | None = None,
-        indices: list[int] | None = None,
-    ) -> None:
-        """Store the message and the failures."""
-        super().__init__(message, list(errors))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle with the partial results."""
-        return (MapError, (self.message, list(self.exceptions), self.results, self.indices))
-
-    def derive(self, excs: Sequence[Exception]) -> MapError:  # type: ignore[override]
-        """Build a group of the same type for ``except*`` and ``split``."""
-        return MapError(self.message, excs, self.results, self.indices)
 
 
 def _default_workers(mode: str) -> int:

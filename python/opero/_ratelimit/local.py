@@ -6,7 +6,7 @@ is, in order of precedence:
 * the private ``_limiter=`` object (``@opmap`` shares one across its workers):
   anything with ``reserve(rate=None) -> seconds`` (and optionally ``async
   areserve(rate=None)``);
-* a ``opero._ratelimit_redis.RedisRateLimiter`` when
+* a :class:`opero._ratelimit.redis.RedisRateLimiter` when
   ``rate_limit_backend="redis"`` (shared by processes and hosts);
 * a native :class:`opero._opero_core.TokenBucket`, shared process-wide by every
   function with the same ``rate_limit_key`` (the first decoration's rate and
@@ -128,7 +128,7 @@ class Limiter:
             if self.is_native:
                 self.bucket = policy.limiter
         elif policy.rate_limit_backend == "redis":
-            module = importlib.import_module("opero._ratelimit_redis")
+            module = importlib.import_module("opero._ratelimit.redis")
             url = policy.rate_limit_redis_url
             kwargs: dict[str, Any] = (
                 {"url": url} if url is None or isinstance(url, str) else {"client": url}

@@ -100,12 +100,12 @@ class Outage:
 def _back_pressure(exc: BaseException) -> bool:
     """Return whether ``exc`` is a full redis-py connection pool (never an outage)."""
     module = type(exc).__module__
-    if module == "opero.cache._redis":
-        from opero.cache._redis import PoolExhausted
+    if module == "opero._connections.redis":
+        from opero._connections.redis import PoolExhausted
 
         return isinstance(exc, PoolExhausted)
     if module.startswith("redis"):  # redis-py is installed: it raised this
-        from opero.cache._redis import pool_exhausted
+        from opero._connections.redis import pool_exhausted
 
         return pool_exhausted(exc)
     return False

@@ -32,13 +32,12 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
-
-from opero.cache._health import Outage, outage_for
-from opero.cache._redis import (
+from opero._connections.health import Outage, outage_for
+from opero._connections.redis import (
     PoolExhausted,
     RedisConnector,
     check_interval,
+    import_redis,
     pool_exhausted,
     redact,
 )
@@ -50,6 +49,9 @@ if TYPE_CHECKING:
     from opero._opero_core import TokenBucket
 
 __all__ = ["GCRA_SCRIPT", "GCRA_SHA", "RedisRateLimiter"]
+
+# Without redis-py, choosing this limiter is a ConfigurationError saying what to install.
+NoScriptError = import_redis("rate_limit_backend='redis'").exceptions.NoScriptError
 
 GCRA_SCRIPT = """
 -- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
