@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
-from opero._policy import Policy, check_rate
+from opero._pipeline.policy import Policy, check_rate
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]

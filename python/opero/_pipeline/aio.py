@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opero._ratelimit import MIN_WAIT
-from opero._retry import Engine, _no_reserve, specialize
+from opero._pipeline.engine import Engine, _no_reserve, specialize
 from opero.cache._base import MISS
 
 __all__ = ["TaskFlight", "build_async_call"]

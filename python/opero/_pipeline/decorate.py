@@ -64,12 +64,12 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-from opero._aio import TaskFlight, build_async_call
-from opero._callbacks import adapt_callback
+from opero._pipeline.aio import TaskFlight, build_async_call
+from opero._pipeline.callbacks import adapt_callback
 from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
-from opero._policy import Policy, build_policy
-from opero._retry import Engine, build_sync_call, specialize
-from opero._singleflight import ThreadFlight
+from opero._pipeline.policy import Policy, build_policy
+from opero._pipeline.engine import Engine, build_sync_call, specialize
+from opero._pipeline.singleflight import ThreadFlight
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._identity import function_identity
 from opero.cache._memory import MemoryBackend, MemoryFunctionCache

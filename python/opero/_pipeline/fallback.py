@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from opero._policy import fallback_parameter
+from opero._pipeline.policy import fallback_parameter
 
 __all__ = ["Fallback"]
 

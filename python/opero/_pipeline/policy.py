@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from opero._callbacks import positional_arity
+from opero._pipeline.callbacks import positional_arity
 from opero.errors import ConfigurationError
 
 __all__ = [

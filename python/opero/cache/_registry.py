@@ -25,7 +25,7 @@ import threading
 import weakref
 from typing import Any
 
-from opero._policy import Policy
+from opero._pipeline.policy import Policy
 from opero.cache._base import CacheBackend, FunctionCache
 from opero.cache._memory import MemoryBackend
 
