@@ -21,8 +21,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opero._ratelimit import MIN_WAIT
 from opero._pipeline.engine import Engine, _no_reserve, specialize
+from opero._ratelimit import MIN_WAIT
 from opero.cache._base import MISS
 
 __all__ = ["TaskFlight", "build_async_call"]

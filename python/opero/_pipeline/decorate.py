@@ -64,11 +64,11 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
+from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
 from opero._pipeline.aio import TaskFlight, build_async_call
 from opero._pipeline.callbacks import adapt_callback
-from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
-from opero._pipeline.policy import Policy, build_policy
 from opero._pipeline.engine import Engine, build_sync_call, specialize
+from opero._pipeline.policy import Policy, build_policy
 from opero._pipeline.singleflight import ThreadFlight
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._identity import function_identity

@@ -49,9 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 from opero import _testing
+from opero._opero_core import Backoff
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.fallback import Fallback
-from opero._opero_core import Backoff
 from opero._pipeline.policy import Policy, check_seconds
 from opero._ratelimit import MIN_WAIT, Limiter
 from opero.errors import EARLIER_ERRORS, AllFailedError

@@ -18,9 +18,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from opero._pipeline.policy import fallback_parameter
+from opero.errors import ConfigurationError
 
-__all__ = ["Fallback"]
+__all__ = ["Fallback", "fallback_parameter"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -97,3 +97,35 @@ class Fallback:
         bound.apply_defaults()
         bound.arguments[self.name] = value
         return tuple(bound.args), dict(bound.kwargs)
+
+
+def fallback_parameter(func: Callable[..., Any], name: str) -> inspect.Parameter:
+    """Return the parameter ``name`` of ``func`` for ``arg_fallback``, or raise.
+
+    Raises:
+        ConfigurationError: ``name`` is not a named parameter of ``func``.
+
+    """
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"@opero(arg_fallback={name!r}) needs the signature of {func!r}, which "
+            "cannot be read; decorate a Python function."
+        ) from exc
+    param = sig.parameters.get(name)
+    if param is None or param.kind in (
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ):
+        names = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        qualname = getattr(func, "__qualname__", repr(func))
+        raise ConfigurationError(
+            f"@opero(arg_fallback={name!r}) is invalid: {qualname}{sig} has no "
+            f"parameter named {name!r}; arg_fallback must name one of {names}."
+        )
+    return param
