@@ -117,7 +117,7 @@ class Limiter:
     def __init__(self, policy: Policy, qualname: str) -> None:
         self.qualname = qualname
         self.max_wait = policy.rate_max_wait
-        rate = policy.rate_limit
+        rate = policy.rate.rate_limit
         self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
         static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
         self._last_rate: float | None = static_rate
