@@ -7,9 +7,9 @@ Dask. The hot paths (cache keys, the LRU/TTL store, the token bucket and the
 backoff schedule) run in Rust.
 """
 
-from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._opero_core import __version__
 from opero._opmap import MapError, MappedFunction, OpmapFailureWarning, WorkerDiedError, opmap
+from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._process_pool import WorkerStartError
 from opero._testing import set_testing
 from opero.cache import CacheInfo

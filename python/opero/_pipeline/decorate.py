@@ -316,8 +316,11 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             "use @opero or @opero(retries=3, ...)"
         )
     policy = build_policy(func, options)
-    if func is not None:
-        return _decorate(func, policy)
+    return _decorator(policy) if func is None else _decorate(func, policy)
+
+
+def _decorator(policy: Policy) -> Callable[[Callable[..., Any]], Any]:
+    """Return the decorator of ``opero(**options)`` (options already validated)."""
 
     def decorator(function: Callable[..., Any], /) -> Any:
         if not callable(function) and not isinstance(function, classmethod):

@@ -220,6 +220,19 @@ def _closes_cycle(me: asyncio.Task[Any] | None, owner: asyncio.Task[Any] | None)
     return False
 
 
+async def _wait_for(
+    task: asyncio.Task[Any] | None, owner: asyncio.Task[Any] | None, future: asyncio.Future[Any]
+) -> Any:
+    """Await ``owner``'s flight, noting the edge ``task`` -> ``owner`` in the wait-for graph."""
+    if task is not None:
+        _task_waits[task] = (owner, future)
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if task is not None:
+            _task_waits.pop(task, None)
+
+
 class TaskFlight:
     """Single flight of cache misses across the asyncio tasks of one decorated function."""
 
@@ -272,13 +285,7 @@ class TaskFlight:
                 # Another event loop, or a wait that would deadlock (re-entry from
                 # the computing task, or a cycle of tasks): compute directly.
                 return await compute()
-            if task is not None:
-                _task_waits[task] = (owner, future)
-            try:
-                result = await asyncio.shield(future)
-            finally:
-                if task is not None:
-                    _task_waits.pop(task, None)
+            result = await _wait_for(task, owner, future)
             if result is not _RETRY:
                 return result
         stale = stamp is not None and self._stamps[slot] != stamp
