@@ -190,30 +190,45 @@ class MemoryCache(CacheAdapter):
         """Return the native ``CachedCall`` (sync) or the task-flight wrapper (async)."""
         if not is_async:
             return CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
-        flight, on_hit, store_set = TaskFlight(), self.on_hit, self.native.set
-        key_of, get_call, store_get = self.key_of, self.native.get_call, self.native.get
-        by_call = self.key_func is None
+        flight, on_hit, native, custom = TaskFlight(), self.on_hit, self.native, self.key_func
 
         async def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = await inner(*args, **kwargs)
-            store_set(key, value)
+            native.set(key, value)
             return value
 
-        async def cached(*args: Any, **kwargs: Any) -> Any:
-            key = None if by_call else key_of(args, kwargs)
+        # Two closures, not one with a branch: the hit path is the hot one (~200 ns).
+        if custom is None:
+            get_call = native.get_call
+
+            async def cached(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    value = get_call(args, kwargs)
+                except KeyError:
+                    pass  # computed below, outside the handler (no KeyError as __context__)
+                else:
+                    if on_hit is not None:
+                        on_hit()
+                    return value
+                key = make_key(args, kwargs)
+                return await flight.do(key, lambda: compute(key, args, kwargs))
+
+            return cached
+        store_get = native.get
+
+        async def cached_by_key(*args: Any, **kwargs: Any) -> Any:
+            key = custom(*args, **kwargs)
             try:
-                value = get_call(args, kwargs) if key is None else store_get(key)
+                value = store_get(key)
             except KeyError:
-                pass  # computed below, outside the handler (no KeyError as __context__)
+                pass
             else:
                 if on_hit is not None:
                     on_hit()
                 return value
-            if key is None:
-                key = make_key(args, kwargs)
             return await flight.do(key, lambda: compute(key, args, kwargs))
 
-        return cached
+        return cached_by_key
 
 
 class BackendCache(CacheAdapter):
