@@ -114,3 +114,30 @@ def test_redecorating_reuses_the_linecache_entry() -> None:
     after = {k for k in linecache.cache if str(k).startswith("<opero wrapper of")}
     assert after == before
     assert any("_raiser" in str(k) for k in after)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_fallback_candidates_are_sliced_before_the_first_call(is_async: bool) -> None:
+    """A function that changes its candidate list still gets values[1:] as taken before."""
+    seen: list[list[str]] = []
+
+    def body(hosts: list[str]) -> str:
+        seen.append(list(hosts))
+        if hosts[0] == "a":
+            hosts.clear()  # a hostile body empties the list it was given
+            raise ConnectionError("a down")
+        return hosts[0]
+
+    def sync_f(hosts: list[str] | None = None) -> str:
+        return body(hosts or [])
+
+    async def async_f(hosts: list[str] | None = None) -> str:
+        return body(hosts or [])
+
+    options: dict[str, Any] = {"retries": 0, "arg_fallback": "hosts"}
+    if is_async:
+        result = asyncio.run(opero(**options)(async_f)(["a", "b"]))
+    else:
+        result = opero(**options)(sync_f)(["a", "b"])
+    assert result == "b"
+    assert seen == [["a", "b"], ["b"]]

@@ -17,7 +17,7 @@ from opero._pipeline.engine import Engine
 
 __all__ = ["build_async_call"]
 
-ARetryFrom = Callable[[Exception, tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+ARetryFrom = Callable[[Exception | None, tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 
 
 def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
@@ -32,6 +32,12 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             await asleep(wait)
 
     retry_from = _aretry_from(engine, take_token)
+    if engine.fallback is not None:
+        # The loop makes the first call too: the candidates are sliced before it runs.
+        async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
+            return await retry_from(None, args, kwargs)
+
+        return acall_fallback
     generated = specialize(
         engine.func,
         Template(
@@ -70,19 +76,24 @@ def _generic(
 
 
 def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> ARetryFrom:
-    """Return the loop that continues after the first call failed (the slow path)."""
+    """Return the loop: from the start (``first=None``) or after the first call failed."""
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
     after_failure = engine.after_failure
 
-    async def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        errors = [first]
+    async def retry_from(
+        first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        errors: list[Exception] = []
         error: Exception | None = None
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)
-            round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+            round_, index, wait = 0, 0, 0.0
+            if first is not None:
+                errors.append(first)
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
                 if wait > 0:
                     await asleep(wait)

@@ -3,7 +3,8 @@
 The first call runs in a wrapper generated with the function's own parameters
 (:mod:`opero._pipeline.codegen`) or, for other callables, in a generic
 closure; only a failure enters :func:`_retry_from`, the loop that asks the
-engine what follows each failed call. Waits use ``time.sleep`` (or the
+engine what follows each failed call. With ``arg_fallback`` the loop makes the
+first call too (the candidates are sliced before it). Waits use ``time.sleep`` (or the
 private ``_sleep``).
 """
 
@@ -16,6 +17,8 @@ from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 
 __all__ = ["build_sync_call"]
+
+RetryFrom = Callable[[Exception | None, tuple[Any, ...], dict[str, Any]], Any]
 
 
 def build_sync_call(engine: Engine) -> Callable[..., Any]:
@@ -30,6 +33,13 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     if not limited and on_success is None and not engine.guarded:
         return func
     retry_from = _retry_from(engine)
+    if engine.fallback is not None:
+        # The loop makes the first call too: the candidates are sliced before it runs
+        # (the function may change the list it receives).
+        def call_fallback(*args: Any, **kwargs: Any) -> Any:
+            return retry_from(None, args, kwargs)
+
+        return call_fallback
     generated = specialize(
         func,
         Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded),
@@ -44,7 +54,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     return generated or _generic(engine, retry_from)
 
 
-def _generic(engine: Engine, retry_from: Callable[..., Any]) -> Callable[..., Any]:
+def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
@@ -63,20 +73,23 @@ def _generic(engine: Engine, retry_from: Callable[..., Any]) -> Callable[..., An
     return call
 
 
-def _retry_from(engine: Engine) -> Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any]:
-    """Return the loop that continues after the first call failed (the slow path)."""
+def _retry_from(engine: Engine) -> RetryFrom:
+    """Return the loop: from the start (``first=None``) or after the first call failed."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     after_failure = engine.after_failure
 
-    def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        errors = [first]
+    def retry_from(first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        errors: list[Exception] = []
         error: Exception | None = None
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)
-            round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+            round_, index, wait = 0, 0, 0.0
+            if first is not None:
+                errors.append(first)
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
                 if wait > 0:
                     sleep(wait)
