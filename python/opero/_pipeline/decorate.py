@@ -1,10 +1,12 @@
 """``@opero``: cache, retries, fallbacks and a rate limit around one function.
 
-Options are validated once into a frozen :class:`~opero._policy.Policy`; the
-wrapper is then specialized so each call only pays for the layers configured.
-Per call, outside in: the cache (a hit returns at once, without a token or the
-retry machinery), the retry loop, the fallback chain, one rate-limit token per
-real call, the function.
+Options are validated once into a frozen :class:`~opero._pipeline.policy.Policy`
+(per-stage policies built from the option table); :func:`_decorate` then builds
+the uncached pipeline (the engine and its sync or async driver) and puts the
+cache adapter of :mod:`opero._pipeline.caching` around it, so each call only
+pays for the layers configured. Per call, outside in: the cache (a hit returns
+at once, without a token or the retry machinery), the retry loop, the fallback
+chain, one rate-limit token per real call, the function.
 
 Sync functions with the memory cache become a native
 :class:`~opero._opero_core.CachedCall` (key build, lookup and single flight in
@@ -17,7 +19,7 @@ Internal contract (for ``@opmap`` and other layers of opero)
 Every function returned by ``@opero`` has ``__opero__``, an
 :class:`OperoInternals` with:
 
-* ``policy``: the frozen :class:`~opero._policy.Policy`; ``policy.options``
+* ``policy``: the frozen :class:`~opero._pipeline.policy.Policy`; ``policy.options``
   is the read-only mapping of the options given (normalized, without
   ``_limiter``), so ``opero(**policy.options)`` rebuilds the decorator;
 * ``function``: the function that was decorated; ``is_async``; ``has_cache``;
