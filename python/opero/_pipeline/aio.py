@@ -24,12 +24,21 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
     """Return the async function running retries, fallbacks and the rate limit (no cache)."""
     limited = engine.limiter is not None
     asleep = engine.asleep
-    atoken_wait = engine.atoken_wait
+    atoken_wait, token_wait = engine.atoken_wait, engine.token_wait
 
-    async def take_token() -> None:
-        wait = await atoken_wait()
-        if wait:
-            await asleep(wait)
+    if engine.async_source:
+
+        async def take_token() -> None:
+            wait = await atoken_wait()
+            if wait:
+                await asleep(wait)
+
+    else:  # the native bucket books without an await
+
+        async def take_token() -> None:
+            wait = token_wait()
+            if wait:
+                await asleep(wait)
 
     retry_from = _aretry_from(engine, take_token)
     if engine.fallback is not None:

@@ -85,8 +85,10 @@ class Engine:
 
     __slots__ = (
         "asleep",
+        "async_source",
         "backoff",
         "backoff_function",
+        "check_wait",
         "fallback",
         "func",
         "limiter",
@@ -123,8 +125,13 @@ class Engine:
         arg_fallback = policy.fallback.arg_fallback
         self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
         self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
-        #: The native bucket's (or the source's) ``reserve() -> seconds``, or ``None``.
-        self.reserve = self.limiter.reserve_function() if self.limiter is not None else None
+        limiter = self.limiter
+        #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
+        #: called without a limiter).
+        self.reserve = limiter.reserve_function() if limiter is not None else _no_token
+        self.check_wait = limiter.check_wait if limiter is not None else _no_wait
+        #: Booking a token needs an ``await`` (a Redis limiter).
+        self.async_source = limiter is not None and limiter.has_async_source
         self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
         self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
         callbacks = policy.callbacks
@@ -290,25 +297,31 @@ class Engine:
             RateLimitTimeout: The wait exceeds ``rate_max_wait``.
 
         """
-        assert self.reserve is not None
-        assert self.limiter is not None
         delay = self.reserve()
         if delay > MIN_WAIT:
-            self.limiter.check_wait(delay)
+            self.check_wait(delay)
             return delay
         return 0.0
 
     async def atoken_wait(self) -> float:
         """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
-        limiter = self.limiter
-        assert limiter is not None
-        if not limiter.has_async_source:
+        if not self.async_source:
             return self.token_wait()
-        delay = await limiter.areserve()
+        assert self.limiter is not None
+        delay = await self.limiter.areserve()
         if delay > MIN_WAIT:
-            limiter.check_wait(delay)
+            self.check_wait(delay)
             return delay
         return 0.0
+
+
+def _no_token() -> float:
+    """Stand-in ``reserve`` without a rate limit (the drivers never call it)."""
+    return 0.0
+
+
+def _no_wait(delay: float) -> None:
+    """Stand-in ``check_wait`` without a rate limit."""
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:

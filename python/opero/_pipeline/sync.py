@@ -46,7 +46,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         {
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
-            "__opero_check_wait": engine.limiter.check_wait if engine.limiter else None,
+            "__opero_check_wait": engine.check_wait,
             "__opero_sleep": engine.sleep,
             "__opero_on_success": on_success,
         },
