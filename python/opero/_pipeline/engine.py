@@ -33,10 +33,10 @@ opero-decorated retries only when its own ``retries`` is given explicitly
 (else its ``retries`` is 0), so stacked layers do not multiply attempts.
 
 No cycles: an attempt's traceback references the driver's frame, which holds
-the list of errors; the engine never raises (it returns the error to raise),
-so only the driver's frame is in the traceback, and every driver clears those
-locals in ``finally``: a dropped error is freed by reference counting, with
-the cyclic collector off.
+the list of errors; the engine returns the give-up or exhaustion error instead
+of raising it, so only the driver's frame is in that traceback, and every
+driver clears those locals in ``finally``: a dropped error is freed by
+reference counting, with the cyclic collector off.
 """
 
 from __future__ import annotations
