@@ -10,8 +10,10 @@ objects), holding only what is configured: with ``retries=3`` alone, one
 closures.
 
 The source of every generated wrapper is registered in :mod:`linecache` under
-a file name ``<opero wrapper of module.qualname (digest)>``, so tracebacks and
-debuggers show the lines of the wrapper frame. The digest is of the source:
+a file name ``<opero wrapper of module.qualname (digest)>``, so tracebacks
+formatted by :mod:`traceback` (logging, pytest, debuggers) show the lines of
+the wrapper frame (before 3.13 the interpreter's printer of an uncaught
+exception reads files from disk and shows none). The digest is of the source:
 decorating the same function the same way again reuses the entry, so the
 cache grows with distinct wrappers, not with decorations.
 """
