@@ -1,6 +1,8 @@
 //! Clocks: a monotonic clock in seconds and a manual clock for tests.
 //!
-//! Invariants: every reading is finite and never goes backwards; a
+//! Invariants: every reading is finite and never goes backwards (except
+//! [`recent`] while its thread starts: a reading from the precise clock may
+//! be followed by the thread's first, microseconds older); a
 //! [`ManualClock`] moves only through [`ManualClock::advance`] (by a finite,
 //! non-negative amount), so tests of the store, the bucket and the backoff are
 //! exact and never sleep.
@@ -161,14 +163,156 @@ pub fn coarse() -> f64 {
     }
 }
 
+/// The precise `CLOCK_MONOTONIC` (same epoch as [`coarse`]), in seconds.
+#[inline]
+fn precise() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if vdso::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+        monotonic()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        monotonic()
+    }
+}
+
+/// A monotonic timestamp kept fresh by a background "upkeep" thread, so a
+/// reading is one atomic load (the way `quanta`'s `recent()` serves moka).
+///
+/// The TTL check of a cache hit reads the clock on every hit: the vDSO's
+/// coarse clock costs 2.3 ns of a 26 ns hit (9%), an atomic load about
+/// 0.3 ns. The upkeep thread starts at the first reading, stores
+/// `CLOCK_MONOTONIC` every [`UPKEEP_PERIOD`], never touches Python and never
+/// keeps the process alive (the process exits without joining it).
+///
+/// Fork: a `pthread_atfork` *prepare* handler stops the thread before every
+/// `fork()` (so CPython 3.12+, which counts the process's threads after a
+/// fork, has no reason to warn that the process is multi-threaded), and the
+/// next reading, in the parent or the child, starts a new one and answers
+/// from the precise clock meanwhile. Only atomics are shared with the thread:
+/// no lock can be inherited held by a child. Resolution: the period, plus
+/// however long the thread waits for a CPU on a loaded machine.
+pub mod recent {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+    use std::sync::Once;
+    use std::time::{Duration, Instant};
+
+    /// How often the upkeep thread refreshes the timestamp.
+    pub const UPKEEP_PERIOD: Duration = Duration::from_millis(1);
+    /// The longest a `fork()` waits for the upkeep thread to stop.
+    const STOP_WAIT: Duration = Duration::from_millis(100);
+
+    /// The last timestamp as `f64` bits; 0 while no upkeep thread runs.
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    /// 0: no thread; 1: a thread runs (or is starting); 2: spawning failed.
+    static STATE: AtomicU8 = AtomicU8::new(0);
+    /// Asks the running thread to stop (set by the fork handler).
+    static STOP: AtomicBool = AtomicBool::new(false);
+    /// Whether an upkeep thread is between its start and its exit.
+    static ALIVE: AtomicBool = AtomicBool::new(false);
+    static AT_FORK: Once = Once::new();
+
+    /// The current timestamp in seconds (monotonic, same epoch as `coarse`).
+    #[inline(always)]
+    pub fn now() -> f64 {
+        let bits = NOW.load(Ordering::Relaxed);
+        if bits != 0 {
+            return f64::from_bits(bits);
+        }
+        start()
+    }
+
+    /// Whether an upkeep thread is running (for tests).
+    pub fn running() -> bool {
+        ALIVE.load(Ordering::Acquire)
+    }
+
+    /// What runs before every `fork()`: stop the upkeep thread.
+    pub extern "C" fn before_fork() {
+        if STATE.load(Ordering::Acquire) != 1 {
+            return;
+        }
+        NOW.store(0, Ordering::Relaxed);
+        STOP.store(true, Ordering::Release);
+        let started = Instant::now();
+        while ALIVE.load(Ordering::Acquire) && started.elapsed() < STOP_WAIT {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // The thread may have stored once more between its check and ours.
+        NOW.store(0, Ordering::Relaxed);
+        STOP.store(false, Ordering::Release);
+        STATE.store(0, Ordering::Release);
+    }
+
+    extern "C" fn after_fork_in_child() {
+        // Only atomics here: the child is single-threaded and must not allocate.
+        NOW.store(0, Ordering::Relaxed);
+        STOP.store(false, Ordering::Relaxed);
+        ALIVE.store(false, Ordering::Relaxed);
+        STATE.store(0, Ordering::Relaxed);
+    }
+
+    /// First reading (or first after a fork): start the upkeep thread and
+    /// answer from the precise clock meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn start() -> f64 {
+        let t = super::precise();
+        if STATE
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return t;
+        }
+        AT_FORK.call_once(|| {
+            // SAFETY: registering handlers that only touch atomics (and, in
+            // the parent before the fork, sleep); plain `extern "C" fn()`s.
+            unsafe {
+                libc::pthread_atfork(Some(before_fork), None, Some(after_fork_in_child));
+            }
+        });
+        ALIVE.store(true, Ordering::Release);
+        NOW.store(t.to_bits(), Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name("opero-clock".into())
+            .stack_size(64 * 1024)
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(UPKEEP_PERIOD);
+                    if STOP.load(Ordering::Acquire) {
+                        break;
+                    }
+                    NOW.store(super::precise().to_bits(), Ordering::Relaxed);
+                }
+                ALIVE.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            // No thread (resource limits): every reading uses the precise clock.
+            NOW.store(0, Ordering::Relaxed);
+            ALIVE.store(false, Ordering::Release);
+            STATE.store(2, Ordering::Release);
+        }
+        t
+    }
+}
+
 /// Where a store or a bucket reads the time from.
 #[derive(Debug, Clone, Default)]
 pub enum Clock {
     /// The process's monotonic clock (precise).
     #[default]
     Monotonic,
-    /// The coarse monotonic clock (cheap; used for TTL checks).
+    /// The coarse monotonic clock (cheap).
     Coarse,
+    /// The upkeep thread's timestamp ([`recent`]; cheapest; used for TTL checks).
+    Recent,
     /// A manual clock shared with the test that drives it.
     Manual(Arc<ManualClock>),
 }
@@ -180,6 +324,7 @@ impl Clock {
         match self {
             Clock::Monotonic => monotonic(),
             Clock::Coarse => coarse(),
+            Clock::Recent => recent::now(),
             Clock::Manual(c) => c.now(),
         }
     }
@@ -188,6 +333,34 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_follows_the_monotonic_clock_within_a_few_periods() {
+        let first = recent::now();
+        assert!(first > 0.0);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let later = recent::now();
+        let truth = precise();
+        assert!(
+            later > first,
+            "the upkeep thread did not refresh the timestamp"
+        );
+        // Generous for a loaded CI box: the thread may wait for a CPU.
+        assert!(truth - later < 0.5, "recent lags by {} s", truth - later);
+        assert!(later <= truth);
+    }
+
+    #[test]
+    fn the_fork_handler_stops_the_upkeep_thread_and_a_reading_restarts_it() {
+        let _ = recent::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        recent::before_fork();
+        assert!(!recent::running());
+        let t = recent::now();
+        assert!(recent::running());
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(recent::now() > t);
+    }
 
     #[test]
     fn manual_clock_moves_only_when_advanced() {

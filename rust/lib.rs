@@ -8,6 +8,7 @@ pub mod error;
 pub mod flight;
 pub mod keys;
 pub mod ratelimit;
+pub mod sketch;
 pub mod store;
 
 #[cfg(feature = "python")]

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from faultkit import run_scenario
 from opero._opero_core import ManualClock, Store, make_key
 
 
@@ -589,3 +590,64 @@ def test_set_many_items_bad_input() -> None:
     assert s.get_many_items([1, 3]) == (["a", None], 1)  # the items before it are stored
     with pytest.raises(TypeError, match=r"NoHash.*cache_key="):
         s.get_many_items([NoHash()])
+
+
+def test_ttl_clock_keeps_running_in_a_forked_child() -> None:
+    """A child forked after TTL checks began still sees entries expire: its clock is not frozen."""
+    outcome = run_scenario(
+        """
+        import os, time
+        from opero._opero_core import Store
+
+        s = Store(8, ttl=0.05)
+        s.set("warm", 1)
+        s.get("warm")  # starts the clock's upkeep thread in the parent
+        pid = os.fork()
+        if pid == 0:
+            s.set("k", 1)
+            assert s.get("k") == 1
+            time.sleep(0.3)
+            try:
+                s.get("k")
+            except KeyError:
+                print("child: expired", flush=True)
+            else:
+                print("child: STALE", flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        # The fork handler stopped the upkeep thread (CPython 3.12+ would
+        # otherwise warn that the process forked while multi-threaded).
+        with open("/proc/self/status") as status:
+            threads = [l.split()[1] for l in status if l.startswith("Threads:")]
+        print("parent threads after fork:", threads[0])
+        s.set("p", 1)
+        time.sleep(0.3)
+        print("parent: expired" if "p" not in s else "parent: STALE")
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert sorted(outcome.lines()) == [
+        "child: expired",
+        "parent threads after fork: 1",
+        "parent: expired",
+    ]
+
+
+def test_ttl_clock_thread_does_not_keep_the_process_alive() -> None:
+    """A process that used TTLs exits at the end of its script (the upkeep thread is not joined)."""
+    outcome = run_scenario(
+        """
+        from opero import opero
+
+        @opero(cache=True, cache_ttl=60)
+        def f(x):
+            return x
+
+        assert f(1) == f(1) == 1
+        print("done")
+        """,
+        timeout=30,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["done"]

@@ -4,7 +4,7 @@ Kept equal to the native module (checked by ``python -m mypy.stubtest opero._ope
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, final
+from typing import Any, Literal, final
 
 __all__ = [
     "__version__",
@@ -80,16 +80,21 @@ def stable_digest_call(args: tuple[Any, ...], kwargs: dict[str, Any] | None = No
 
 @final
 class Store:
-    """A bounded LRU store with optional per-entry TTL; thread-safe.
+    """A bounded store with optional per-entry TTL; thread-safe.
 
     Keys are any value ``make_key`` accepts as a single argument, or a
     :class:`Key` (a plain value ``v`` and ``make_key((v,))`` are different
-    keys). TTLs are measured with a coarse monotonic clock (resolution one
-    scheduler tick, 1-4 ms), so an expiry may be off by up to one tick.
+    keys). TTLs are measured with a monotonic timestamp that a background
+    thread refreshes every millisecond (started at the first TTL check, again
+    in a forked child), so an expiry may be late by about 1 ms, more when that
+    thread waits for a CPU on a loaded machine.
 
     Args:
         max_size: The bound on entries (>= 1), ``None`` for unbounded. Default 1024.
         ttl: Seconds an entry lives (> 0, finite), ``None`` for no expiry.
+        policy: What a full store evicts: ``"lru"`` (least recently used,
+            the default) or ``"tinylfu"`` (W-TinyLFU: a recency window in
+            front of a frequency-gated main region; needs ``max_size``).
         clock: A :class:`ManualClock` for tests; the monotonic clock by default.
     """
 
@@ -98,6 +103,7 @@ class Store:
         max_size: int | None = 1024,
         ttl: float | None = None,
         *,
+        policy: Literal["lru", "tinylfu"] = "lru",
         clock: ManualClock | None = None,
     ) -> Store: ...
     @property
@@ -106,6 +112,9 @@ class Store:
     @property
     def ttl(self) -> float | None:
         """The default time to live of an entry in seconds, ``None`` for no expiry."""
+    @property
+    def policy(self) -> Literal["lru", "tinylfu"]:
+        """The eviction policy: ``"lru"`` or ``"tinylfu"``."""
     def get(self, key: Any, /) -> Any:
         """Return the value stored under ``key``; raise ``KeyError`` on a miss."""
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:

@@ -95,7 +95,7 @@ pub(crate) unsafe extern "C" fn vectorcall(
 /// (PyO3's `__call__`) stays as the fallback CPython requires.
 #[cfg(not(Py_LIMITED_API))]
 pub fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
-    let store = Py::new(py, PyStore::new(Some(1), None, None)?)?;
+    let store = Py::new(py, PyStore::new(Some(1), None, "lru", None)?)?;
     let func = py.import("builtins")?.getattr("len")?;
     let probe = Bound::new(py, PyCachedCall::new(store, &func, None, None)?)?;
     let base = probe.as_ptr() as usize;

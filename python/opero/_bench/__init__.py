@@ -43,6 +43,7 @@ __all__ = ["GROUP_MODULES", "GROUP_TIMEOUT_S", "BenchOptions", "all_groups", "ru
 
 GROUP_MODULES: tuple[str, ...] = ("_core", "_cache", "_retry", "_ratelimit", "_map", "_backends")
 """Modules of ``opero._bench`` that define groups, in report order."""
+GROUP_MODULES += ("_hitratio",)  # opt-in (--only hitratio): misses per 1,000 requests
 
 GROUP_TIMEOUT_S = 600.0
 """Seconds one group may take before the run is aborted with its stack traces (exit 1)."""

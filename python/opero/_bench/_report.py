@@ -468,8 +468,8 @@ def write_plot(results: Sequence[GroupResult], path: Path, meta: Meta) -> None:
                 tick.set_fontweight("bold")
         ax.set_xscale("log")
         ax.set_xlim(left, max(values) * 5)  # room for the ratio labels
-        per = "item" if result.group.unit == "items/s" else "op"
-        ax.set_xlabel(f"ns per {per} (log scale; shorter is faster)", fontsize=8)
+        per = {"items/s": "ns per item", "ns/op": "ns per op"}.get(unit := result.group.unit, unit)
+        ax.set_xlabel(f"{per} (log scale; shorter is better)", fontsize=8)
         ax.set_title(result.group.title, fontsize=10, loc="left")
         for y, _, ns, _, note in bars:
             if note:

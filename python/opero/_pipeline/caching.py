@@ -373,6 +373,8 @@ def cache_adapter(
         ttl=caching.cache_ttl,
         max_size=caching.cache_max_size,
         is_async=is_async,
+        # Only the memory backend takes a policy (checked at decoration).
+        **({"policy": caching.cache_policy} if caching.cache_policy != "lru" else {}),
     )
     register(caching.cache_namespace, backend, fcache)
     key_func = functools.partial(caching.cache_key, func) if caching.cache_key else None

@@ -64,7 +64,7 @@ import sys
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._pipeline.aio import build_async_call
 from opero._pipeline.caching import cache_adapter
@@ -244,6 +244,7 @@ def opero(
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_max_size: int | None = 1024,
+    cache_policy: Literal["lru", "tinylfu"] = "lru",
     cache_namespace: str = "opero",
     cache_key: Callable[..., Any] | None = None,
     cache_backend: Any = "memory",
@@ -296,6 +297,8 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
             Cache: ``cache`` (default False), ``cache_ttl`` (seconds > 0 or
             None), ``cache_max_size`` (default 1024, None = unbounded),
+            ``cache_policy`` (memory backend: ``"lru"``, the default, or
+            ``"tinylfu"``, which misses less on skewed traffic),
             ``cache_namespace`` (default ``"opero"``),
             ``cache_key(func, *args, **kwargs)``, ``cache_backend``
             (``"memory"``, ``"redis"``, ``"disk"`` or a backend object),

@@ -20,6 +20,7 @@ from typing import Any
 
 from opero._pipeline import checks as c
 from opero._pipeline.fallback import fallback_parameter
+from opero.cache._memory import MemoryBackend
 from opero.errors import ConfigurationError
 
 __all__ = ["OPTIONS", "OPTION_NAMES", "RULES", "STAGES", "Option"]
@@ -107,6 +108,7 @@ def _rate_limit(option: str, value: Any) -> Any:
 
 
 CACHE_BACKENDS = ("memory", "redis", "disk")
+CACHE_POLICIES = ("lru", "tinylfu")
 
 
 def _cache_backend(option: str, value: Any) -> Any:
@@ -343,6 +345,13 @@ OPTIONS: tuple[Option, ...] = (
         "memory backend only: entries kept; None = unbounded",
     ),
     Option(
+        "cache_policy",
+        "cache",
+        "lru",
+        c.choice(CACHE_POLICIES, "'lru' or 'tinylfu'", "'tinylfu'"),
+        "memory backend only: what a full store evicts (LRU or W-TinyLFU)",
+    ),
+    Option(
         "cache_namespace",
         "cache",
         "opero",
@@ -474,6 +483,7 @@ BACKEND_ONLY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cache_secret", ("redis", "disk")),
     ("cache_strict", ("redis", "disk")),
     ("cache_max_size", ("memory",)),
+    ("cache_policy", ("memory",)),
 )
 
 
@@ -489,6 +499,21 @@ def cache_options_fit_backend(v: Mapping[str, Any], given: Mapping[str, Any], fu
                 f"@opero({name}={given[name]!r}) is only used with cache_backend={wanted}, "
                 f"not {backend!r}; set cache_backend={only[0]!r} or drop {name}."
             )
+
+
+def cache_policy_fits(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) -> None:
+    """Refuse ``tinylfu`` without a bound, and ``cache_policy`` with a non-memory backend object."""
+    if v["cache_policy"] == "tinylfu" and v["cache_max_size"] is None:
+        raise ConfigurationError(
+            "@opero(cache_policy='tinylfu') needs a bound: an unbounded store never evicts; "
+            "set cache_max_size (for example cache_max_size=1024) or drop cache_policy."
+        )
+    backend = v["cache_backend"]
+    if "cache_policy" in given and not isinstance(backend, (str, MemoryBackend)):
+        raise ConfigurationError(
+            f"@opero(cache_policy={v['cache_policy']!r}) is only used with the memory backend, "
+            f"not {type(backend).__name__}; drop cache_policy or use cache_backend='memory'."
+        )
 
 
 def cache_options_need_cache(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) -> None:
@@ -507,5 +532,6 @@ RULES: tuple[Rule, ...] = (
     fallback_names_a_parameter,
     rate_options_need_rate_limit,
     cache_options_fit_backend,
+    cache_policy_fits,
     cache_options_need_cache,
 )

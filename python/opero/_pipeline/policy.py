@@ -102,6 +102,7 @@ class CachePolicy:
     cache: bool
     cache_ttl: float | None
     cache_max_size: int | None
+    cache_policy: str
     cache_namespace: str
     cache_key: Callable[..., Any] | None
     cache_backend: Any

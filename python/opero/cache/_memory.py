@@ -1,4 +1,6 @@
-"""The memory backend: one native LRU/TTL :class:`~opero._opero_core.Store` per function.
+"""The memory backend: one native :class:`~opero._opero_core.Store` per function.
+
+The store evicts by LRU, or by W-TinyLFU with ``cache_policy="tinylfu"``.
 
 ``@opero(cache=True)`` on a sync function does not even go through this
 module's :class:`MemoryFunctionCache` on a call: the decorated function is a
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from opero._opero_core import ManualClock, Store
 from opero.cache._base import MISS, CacheInfo
@@ -108,6 +110,7 @@ class MemoryBackend:
         ttl: float | None,
         max_size: int | None,
         is_async: bool,
+        policy: Literal["lru", "tinylfu"] = "lru",
     ) -> MemoryFunctionCache:
         """Return a new store for one function (no service to reach).
 
@@ -117,9 +120,11 @@ class MemoryBackend:
             ttl: Seconds an entry lives, ``None`` for no expiry.
             max_size: Bound on entries, ``None`` for unbounded.
             is_async: Unused: the store serves sync and async functions alike.
+            policy: What a full store evicts (``cache_policy``): ``"lru"`` or
+                ``"tinylfu"``.
 
         """
-        store = Store(max_size, ttl, clock=self.clock)
+        store = Store(max_size, ttl, policy=policy, clock=self.clock)
         cache = MemoryFunctionCache(store, namespace, qualname)
         with self._lock:
             self._opened.add(cache)
