@@ -315,13 +315,15 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             and the fix).
 
     """
-    if func is not None and not callable(func) and not isinstance(func, classmethod):
-        raise TypeError(
-            f"opero() takes the function to decorate or keyword options, got {func!r}; "
-            "use @opero or @opero(retries=3, ...)"
-        )
+    _check_decoratable(func, "opero() takes the function to decorate or keyword options")
     policy = build_policy(func, options)
     return _decorator(policy) if func is None else _decorate(func, policy)
+
+
+def _check_decoratable(func: Any, what: str) -> None:
+    """Raise ``TypeError`` unless ``func`` is ``None``, callable or a classmethod."""
+    if func is not None and not callable(func) and not isinstance(func, classmethod):
+        raise TypeError(f"{what}, got {func!r}; use @opero or @opero(retries=3, ...)")
 
 
 def _decorator(policy: Policy) -> Callable[[Callable[..., Any]], Any]:
