@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import linecache
+import sys
 import traceback
 from typing import Any
 
@@ -141,3 +142,26 @@ def test_fallback_candidates_are_sliced_before_the_first_call(is_async: bool) ->
         result = opero(**options)(sync_f)(["a", "b"])
     assert result == "b"
     assert seen == [["a", "b"], ["b"]]
+
+
+def test_a_memory_cache_hit_runs_no_python_code_of_opero() -> None:
+    """A sync memory-cache hit stays in the native CachedCall: no Python frame of opero runs."""
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    cached = opero(cache=True, retries=3, rate_limit=1e9, on_success=lambda: None)(double)
+    assert cached(21) == 42  # the miss fills the cache
+    frames: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            frames.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        value = cached(21)
+    finally:
+        sys.setprofile(None)
+    assert value == 42
+    assert frames == []
