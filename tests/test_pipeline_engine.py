@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from faultkit import run_scenario
 from opero import AllFailedError, opero
 from opero._pipeline.engine import Engine
 from opero._pipeline.policy import build_policy
@@ -165,3 +166,43 @@ def test_a_memory_cache_hit_runs_no_python_code_of_opero() -> None:
         sys.setprofile(None)
     assert value == 42
     assert frames == []
+
+
+LONG_CHAIN_SCENARIO = """
+    import asyncio
+    import sys
+    import tracemalloc
+
+    from opero import opero
+
+    hosts = list(range(200_000))
+    tried = []
+
+
+    @opero(arg_fallback="hosts", retries=0)
+    def fetch(hosts):
+        tried.append(len(hosts))
+        if len(tried) < 3:
+            raise ConnectionError(hosts[0])
+        return hosts[0]
+
+
+    @opero(arg_fallback="hosts", retries=0)
+    async def afetch(hosts):
+        return fetch.__wrapped__(hosts)
+
+
+    tracemalloc.start()
+    first = fetch(hosts)
+    tried.clear()
+    second = asyncio.run(afetch(tuple(hosts)))
+    peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    print(first, second, tried, peak_mib < 64)
+"""
+
+
+def test_a_long_fallback_chain_builds_only_the_candidates_it_tries() -> None:
+    """200k candidates cost one copy of the list, not one slice per candidate up front."""
+    outcome = run_scenario(LONG_CHAIN_SCENARIO, timeout=120)
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["2 2 [200000, 199999, 199998] True"]

@@ -9,7 +9,7 @@ and is never caught, retried or wrapped.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opero._pipeline.codegen import Template, specialize
@@ -101,7 +101,7 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)

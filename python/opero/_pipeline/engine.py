@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opero import _testing
@@ -263,7 +263,7 @@ class Engine:
             exc,
         )
 
-    def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Call]:
+    def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[Call]:
         """Return the calls of one round: the fallback candidates, or the call itself."""
         if self.fallback is None:
             return [(args, kwargs)]

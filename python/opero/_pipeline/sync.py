@@ -10,7 +10,7 @@ private ``_sleep``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opero._pipeline.codegen import Template, specialize
@@ -82,7 +82,7 @@ def _retry_from(engine: Engine) -> RetryFrom:
     def retry_from(first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)
