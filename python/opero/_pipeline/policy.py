@@ -152,10 +152,20 @@ class Policy:
     """The validated options of one ``@opero`` decoration (immutable), by stage.
 
     Every option is also readable flat (``policy.retries``, ``policy.cache_ttl``,
-    ``policy.limiter``); ``options`` is the read-only mapping of the options the
-    user passed, after normalization (``retry_on`` as a tuple), without the
-    private ``_limiter``: ``opero(**policy.options)`` rebuilds an equivalent
-    decorator.
+    ``policy.limiter``), for the layers outside the pipeline.
+
+    Attributes:
+        retry: Stage ``retry`` (:class:`RetryPolicy`).
+        fallback: Stage ``fallback`` (:class:`FallbackPolicy`).
+        rate: Stage ``rate_limit`` (:class:`RateLimitPolicy`).
+        callbacks: Stage ``callbacks`` (:class:`CallbackPolicy`).
+        caching: Stage ``cache`` (:class:`CachePolicy`).
+        wait: The private waits (:class:`WaitPolicy`).
+        options: The read-only mapping of the options the user passed, after
+            normalization (``retry_on`` as a tuple), without the private
+            ``_limiter``: ``opero(**policy.options)`` rebuilds an equivalent
+            decorator.
+
     """
 
     retry: RetryPolicy
