@@ -268,7 +268,7 @@ class MappedFunction(Generic[R]):
         token: str | None = None,
         **opero_options: Any,
     ) -> None:
-        from opero import _decorator
+        from opero._pipeline import decorate as _decorator
 
         self._func = func
         self._mode: Mode = mode
@@ -399,7 +399,7 @@ class MappedFunction(Generic[R]):
         key = None if limiter is None else limiter.path
         fn = self._worker_fns.get(key)
         if fn is None:
-            from opero import _decorator
+            from opero._pipeline import decorate as _decorator
 
             options = {
                 k: v

@@ -1,9 +1,11 @@
-"""Retries of ``@opero``: the decision logic shared by both drivers, and the sync driver.
+"""The decisions of ``@opero``'s retry and fallback loop, written once for both drivers.
 
-:class:`Engine` holds every decision of the retry loop (is this error
-retryable, how long to wait before retry ``k``, what to raise when every call
-failed) and fires the callbacks. The sync driver here and the async driver in
-:mod:`opero._aio` only differ in how they call the function and how they wait.
+:class:`Engine` holds every decision (is this error retryable, which call comes
+next, how long to wait before it, what to raise when every call failed, how
+long to wait for a rate-limit token) and fires the callbacks. The drivers,
+:mod:`opero._pipeline.sync` and :mod:`opero._pipeline.aio`, are short loops
+over :meth:`Engine.after_failure`: they only differ in how they call the
+function and how they wait.
 
 Pipeline inside one round (outside in): fallback candidates, then one
 rate-limit token per real call, then the function. Rounds are
@@ -30,33 +32,30 @@ Stacking: an ``@opero`` applied over a function that is already
 opero-decorated retries only when its own ``retries`` is given explicitly
 (else its ``retries`` is 0), so stacked layers do not multiply attempts.
 
-No cycles: an attempt's traceback references the retry loop's frame, which
-holds the list of errors; every loop clears those locals in ``finally`` so a
-dropped error is freed by reference counting, with the cyclic collector off.
-
-The first call of the common configurations is specialized at decoration time
-so a success only pays for what is configured: with ``retries=3`` alone, one
-``try``/``except`` around the call.
+No cycles: an attempt's traceback references the driver's frame, which holds
+the list of errors; the engine returns the give-up or exhaustion error instead
+of raising it, so only the driver's frame is in that traceback, and every
+driver clears those locals in ``finally``: a dropped error is freed by
+reference counting, with the cyclic collector off.
 """
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import logging
 import time
-import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opero import _testing
-from opero._callbacks import adapt_callback
-from opero._fallback import Fallback
 from opero._opero_core import Backoff
-from opero._policy import Policy, check_seconds
+from opero._pipeline.callbacks import adapt_callback
+from opero._pipeline.fallback import Call, Fallback
+from opero._pipeline.policy import Policy, check_seconds
 from opero._ratelimit import MIN_WAIT, Limiter
 from opero.errors import EARLIER_ERRORS, AllFailedError
 
-__all__ = ["Engine", "build_sync_call"]
+__all__ = ["NOTE_PREFIX", "Engine", "Step"]
 
 logger = logging.getLogger("opero")
 
@@ -65,6 +64,11 @@ logger = logging.getLogger("opero")
 NOTE_PREFIX = "opero: "
 #: How many earlier errors the note shows (``attempt_errors`` has them all).
 NOTE_ERRORS = 3
+
+#: What follows a failed call: ``(round, index, wait, error)``. With ``error``
+#: set the driver raises it; else it waits ``wait`` seconds and makes call
+#: ``index`` (a fallback candidate, 0 without fallback) of round ``round``.
+Step = tuple[int, int, float, Exception | None]
 
 
 class Engine:
@@ -80,8 +84,11 @@ class Engine:
     """
 
     __slots__ = (
+        "asleep",
+        "async_source",
         "backoff",
         "backoff_function",
+        "check_wait",
         "fallback",
         "func",
         "limiter",
@@ -92,35 +99,50 @@ class Engine:
         "predicate",
         "predicate_arity",
         "qualname",
+        "reserve",
         "retries",
         "retry_on",
+        "sleep",
     )
 
     def __init__(
         self, policy: Policy, func: Callable[..., Any], qualname: str, *, stacked: bool = False
     ) -> None:
+        retry = policy.retry
         self.policy = policy
         self.func = func
         self.qualname = qualname
         # The inner layer already retries: an implicit default here would multiply
         # the calls ((3 + 1) * (3 + 1) = 16 for two default layers).
-        self.retries = 0 if stacked and "retries" not in policy.options else policy.retries
-        self.retry_on = policy.retry_on
-        self.predicate = policy.retry_predicate
-        self.predicate_arity = policy.retry_predicate_arity
-        self.backoff_function = policy.backoff_function
+        self.retries = 0 if stacked and "retries" not in policy.options else retry.retries
+        self.retry_on = retry.retry_on
+        self.predicate = retry.retry_predicate
+        self.predicate_arity = retry.retry_predicate_arity
+        self.backoff_function = retry.backoff_function
         self.backoff = Backoff(
-            policy.min_delay,
-            policy.max_delay,
-            policy.backoff_factor,
-            policy.jitter,
-            policy.backoff_seed,
+            retry.min_delay, retry.max_delay, retry.backoff_factor, retry.jitter, retry.backoff_seed
         )
-        self.fallback = Fallback(func, policy.arg_fallback) if policy.arg_fallback else None
+        arg_fallback = policy.fallback.arg_fallback
+        self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
         self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
-        self.on_retry = adapt_callback("on_retry", policy.on_retry, (2, 1))
-        self.on_success = adapt_callback("on_success", policy.on_success, (1, 0))
-        self.on_failure = adapt_callback("on_failure", policy.on_failure, (1,))
+        limiter = self.limiter
+        #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
+        #: called without a limiter).
+        self.reserve = limiter.reserve_function() if limiter is not None else _no_token
+        self.check_wait = limiter.check_wait if limiter is not None else _no_wait
+        #: Booking a token needs an ``await`` (a Redis limiter).
+        self.async_source = limiter is not None and limiter.has_async_source
+        self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
+        self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
+        callbacks = policy.callbacks
+        self.on_retry = adapt_callback("on_retry", callbacks.on_retry, (2, 1))
+        self.on_success = adapt_callback("on_success", callbacks.on_success, (1, 0))
+        self.on_failure = adapt_callback("on_failure", callbacks.on_failure, (1,))
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a failed first call needs the engine (else it propagates as is)."""
+        return self.retries > 0 or self.on_failure is not None or self.fallback is not None
 
     # --- decisions -----------------------------------------------------------------
 
@@ -237,9 +259,69 @@ class Engine:
             self.qualname,
             index + 1,
             total,
-            self.policy.arg_fallback,
+            self.policy.fallback.arg_fallback,
             exc,
         )
+
+    def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[Call]:
+        """Return the calls of one round: the fallback candidates, or the call itself."""
+        if self.fallback is None:
+            return [(args, kwargs)]
+        return self.fallback.candidates(args, kwargs)
+
+    def after_failure(self, errors: list[Exception], round_: int, index: int, total: int) -> Step:
+        """Decide what follows the failure of call ``index`` of round ``round_`` (0-based).
+
+        ``errors[-1]`` is the error of that call. In order: an error that is not
+        retryable is raised at once (``on_failure`` fired); the next fallback
+        candidate is tried without waiting; after the last candidate of the last
+        round the exhaustion error is raised; else the next round starts after
+        the backoff wait (``on_retry`` fired). The engine returns the error to
+        raise rather than raising it, so its frame never holds ``errors`` in a
+        traceback.
+        """
+        exc = errors[-1]
+        if not self.is_retryable(exc):
+            return round_, index, 0.0, self.give_up(exc)
+        if index + 1 < total:
+            self.log_fallback(exc, index, total)
+            return round_, index + 1, 0.0, None
+        if round_ >= self.retries:
+            return round_, index, 0.0, self.exhausted(errors)
+        return round_ + 1, 0, self.before_retry(exc, round_), None
+
+    def token_wait(self) -> float:
+        """Book a rate-limit token; return the seconds to sleep first (0 for none).
+
+        Raises:
+            RateLimitTimeout: The wait exceeds ``rate_max_wait``.
+
+        """
+        delay = self.reserve()
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+    async def atoken_wait(self) -> float:
+        """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
+        if not self.async_source:
+            return self.token_wait()
+        assert self.limiter is not None
+        delay = await self.limiter.areserve()
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+
+def _no_token() -> float:
+    """Stand-in ``reserve`` without a rate limit (the drivers never call it)."""
+    return 0.0
+
+
+def _no_wait(delay: float) -> None:
+    """Stand-in ``check_wait`` without a rate limit."""
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:
@@ -249,280 +331,3 @@ def _short_repr(exc: BaseException, limit: int = 120) -> str:
     except Exception:
         text = f"<{type(exc).__qualname__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_PREFIX = "__opero_"
-
-
-def specialize(
-    func: Callable[..., Any],
-    *,
-    is_async: bool,
-    limiter: bool,
-    on_success: bool,
-    guard: bool,
-    namespace: dict[str, Any],
-) -> Callable[..., Any] | None:
-    """Generate the first-call wrapper with ``func``'s exact parameters, or return ``None``.
-
-    Forwarding ``*args, **kwargs`` costs about 80 ns per call on CPython 3.11
-    (packing a tuple and a dict, then unpacking them); a wrapper with the same
-    parameters as ``func`` forwards in about 17 ns. So for plain Python
-    functions without ``*args``/``**kwargs`` the wrapper is generated with
-    ``func``'s own parameter list (defaults are the very same objects). Other
-    callables keep the generic closures.
-
-    Args:
-        func: The function called on each attempt.
-        is_async: Generate an ``async def`` that awaits ``func``.
-        limiter: Take a token first (``__opero_reserve``/``__opero_take_token``).
-        on_success: Call ``__opero_on_success(result)`` after a success.
-        guard: Wrap the call in ``try``/``except Exception`` handing the
-            error to ``__opero_retry_from(exc, args, kwargs)``.
-        namespace: The globals of the generated code (``__opero_func`` and
-            the helpers the template uses).
-
-    """
-    if not isinstance(func, types.FunctionType) or "__signature__" in func.__dict__:
-        # Only the code's own parameters are trusted (a __signature__ may claim others).
-        return None
-    try:
-        sig = inspect.signature(func, follow_wrapped=False)
-    except (TypeError, ValueError):
-        return None
-    params: list[str] = []
-    call: list[str] = []
-    positional: list[str] = []
-    keywords: list[str] = []
-    defaults: dict[str, Any] = {}
-    saw_positional_only = False
-    star_done = False
-    for index, param in enumerate(sig.parameters.values()):
-        name = param.name
-        if name.startswith(_PREFIX) or param.kind in (
-            inspect.Parameter.VAR_POSITIONAL,
-            inspect.Parameter.VAR_KEYWORD,
-        ):
-            return None
-        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
-            saw_positional_only = True
-        elif saw_positional_only:
-            params.append("/")
-            saw_positional_only = False
-        if param.kind is inspect.Parameter.KEYWORD_ONLY:
-            if not star_done:
-                params.append("*")
-                star_done = True
-            call.append(f"{name}={name}")
-            keywords.append(f"{name!r}: {name}")
-        else:
-            call.append(name)
-            positional.append(name)
-        if param.default is not inspect.Parameter.empty:
-            default_name = f"{_PREFIX}default_{index}"
-            defaults[default_name] = param.default
-            params.append(f"{name}={default_name}")
-        else:
-            params.append(name)
-    if saw_positional_only:
-        params.append("/")
-    aw = "await " if is_async else ""
-    lines = [f"{'async ' if is_async else ''}def {_PREFIX}wrapper({', '.join(params)}):"]
-    if limiter:
-        if is_async:
-            lines.append(f"    await {_PREFIX}take_token()")
-        else:
-            lines += [
-                f"    {_PREFIX}d = {_PREFIX}reserve()",
-                f"    if {_PREFIX}d > {_PREFIX}MIN_WAIT:",
-                f"        {_PREFIX}check_wait({_PREFIX}d)",
-                f"        {_PREFIX}sleep({_PREFIX}d)",
-            ]
-    invoke = f"{aw}{_PREFIX}func({', '.join(call)})"
-    args_tuple = f"({', '.join(positional)}{',' if positional else ''})"
-    kwargs_dict = "{" + ", ".join(keywords) + "}"
-    if guard:
-        lines += [
-            "    try:",
-            f"        {_PREFIX}r = {invoke}",
-            f"    except {_PREFIX}Exception as {_PREFIX}e:",
-            f"        return {aw}{_PREFIX}retry_from({_PREFIX}e, {args_tuple}, {kwargs_dict})",
-        ]
-    else:
-        lines.append(f"    {_PREFIX}r = {invoke}")
-    if on_success:
-        lines.append(f"    {_PREFIX}on_success({_PREFIX}r)")
-    lines.append(f"    return {_PREFIX}r")
-    scope: dict[str, Any] = {**namespace, **defaults, f"{_PREFIX}func": func}
-    scope.setdefault(f"{_PREFIX}MIN_WAIT", MIN_WAIT)
-    # Parameters may shadow any builtin name, so the template only uses prefixed globals.
-    scope[f"{_PREFIX}Exception"] = Exception
-    exec(compile("\n".join(lines), f"<opero wrapper of {func.__qualname__}>", "exec"), scope)
-    wrapper: Callable[..., Any] = scope[f"{_PREFIX}wrapper"]
-    wrapper.__name__ = func.__name__
-    wrapper.__qualname__ = func.__qualname__
-    return wrapper
-
-
-def build_sync_call(engine: Engine) -> Callable[..., Any]:
-    """Return the sync function running retries, fallbacks and the rate limit (no cache).
-
-    The result is ``engine.func`` itself when nothing is configured around
-    the call, else a closure specialized for the configured layers.
-    """
-    func = engine.func
-    policy = engine.policy
-    sleep: Callable[[float], Any] = policy.sleep or time.sleep
-    limiter = engine.limiter
-    on_success = engine.on_success
-    retries = engine.retries
-    reserve = limiter.reserve_function() if limiter is not None else _no_reserve
-
-    if engine.fallback is not None:
-        return _general_sync(engine, sleep)
-
-    def retry_from(first: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Continue after the first call failed with ``first`` (the slow path)."""
-        # Tracebacks of the errors reference this frame: drop its references to them
-        # on the way out, or each failed call leaves a cycle for the collector.
-        errors = [first]
-        exc = first
-        try:
-            if retries == 0:
-                raise engine.exhausted(errors)
-            attempt = 0
-            while True:
-                if not engine.is_retryable(exc):
-                    raise engine.give_up(exc)
-                if attempt == retries:
-                    raise engine.exhausted(errors)
-                wait = engine.before_retry(exc, attempt)
-                if wait > 0:
-                    sleep(wait)
-                attempt += 1
-                if limiter is not None:
-                    delay = reserve()
-                    if delay > MIN_WAIT:
-                        limiter.check_wait(delay)
-                        sleep(delay)
-                try:
-                    result = func(*args, **kwargs)
-                except Exception as err:
-                    errors.append(err)
-                    exc = err
-                    continue
-                if on_success is not None:
-                    on_success(result)
-                return result
-        finally:
-            del first, errors, exc
-
-    guard = retries > 0 or engine.on_failure is not None
-    if limiter is None and on_success is None and not guard:
-        return func
-    generated = specialize(
-        func,
-        is_async=False,
-        limiter=limiter is not None,
-        on_success=on_success is not None,
-        guard=guard,
-        namespace={
-            "__opero_retry_from": retry_from,
-            "__opero_reserve": reserve,
-            "__opero_check_wait": limiter.check_wait if limiter is not None else None,
-            "__opero_sleep": sleep,
-            "__opero_on_success": on_success,
-        },
-    )
-    if generated is not None:
-        return generated
-
-    if limiter is None:
-        if on_success is None:
-
-            def call_retry(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return func(*args, **kwargs)
-                except Exception as exc:
-                    return retry_from(exc, args, kwargs)
-
-            return call_retry
-
-        def call_success(*args: Any, **kwargs: Any) -> Any:
-            try:
-                result = func(*args, **kwargs)
-            except Exception as exc:
-                return retry_from(exc, args, kwargs)
-            on_success(result)
-            return result
-
-        return call_success
-
-    check_wait = limiter.check_wait
-
-    def call_limited(*args: Any, **kwargs: Any) -> Any:
-        delay = reserve()
-        if delay > MIN_WAIT:
-            check_wait(delay)
-            sleep(delay)
-        try:
-            result = func(*args, **kwargs)
-        except Exception as exc:
-            return retry_from(exc, args, kwargs)
-        if on_success is not None:
-            on_success(result)
-        return result
-
-    return call_limited
-
-
-def _no_reserve() -> float:
-    """Stand-in token source when no rate limit is configured (never called)."""
-    return 0.0
-
-
-def _general_sync(engine: Engine, sleep: Callable[[float], Any]) -> Callable[..., Any]:
-    """Return the full sync loop: rounds of fallback candidates, a token per call."""
-    func = engine.func
-    limiter = engine.limiter
-    reserve = limiter.reserve_function() if limiter is not None else None
-    on_success = engine.on_success
-    retries = engine.retries
-    fallback = engine.fallback
-    assert fallback is not None
-
-    def call_fallback(*args: Any, **kwargs: Any) -> Any:
-        calls = fallback.candidates(args, kwargs)
-        total = len(calls)
-        errors: list[Exception] = []
-        # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
-        try:
-            for round_ in range(retries + 1):
-                if round_:
-                    wait = engine.before_retry(errors[-1], round_ - 1)
-                    if wait > 0:
-                        sleep(wait)
-                for index, (a, k) in enumerate(calls):
-                    if reserve is not None:
-                        delay = reserve()
-                        if delay > MIN_WAIT:
-                            assert limiter is not None
-                            limiter.check_wait(delay)
-                            sleep(delay)
-                    try:
-                        result = func(*a, **k)
-                    except Exception as exc:
-                        errors.append(exc)
-                        if not engine.is_retryable(exc):
-                            raise engine.give_up(exc)  # noqa: B904 (unchanged, as pinned)
-                        if index + 1 < total:
-                            engine.log_fallback(exc, index, total)
-                        continue
-                    if on_success is not None:
-                        on_success(result)
-                    return result
-            raise engine.exhausted(errors)
-        finally:
-            del errors, calls
-
-    return call_fallback
