@@ -27,11 +27,11 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::keys::stable_digest, m)?)?;
     m.add_function(wrap_pyfunction!(py::keys::stable_digest_call, m)?)?;
     m.add_class::<py::store::PyStore>()?;
-    py::fastcall::install_fast_get(m.py())?;
+    py::fastcall::install_meth_o::<py::store::PyStore>(m.py())?;
     m.add_class::<py::cached_call::PyCachedCall>()?;
     m.add_class::<py::flight::PyFlightToken>()?;
     py::flight::install_fork_hook();
-    py::fastcall::enable_vectorcall(m.py())?;
+    py::cached_call::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;
     m.add_class::<py::backoff::PyBackoff>()?;
     Ok(())

@@ -9,6 +9,7 @@
 //! inserted concurrently may then coexist as two entries: a wasted slot,
 //! never a wrong hit.
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -18,6 +19,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use smallvec::SmallVec;
 
 use super::clock::{pick_clock, PyManualClock};
+use super::fastcall::MethO;
 use super::guarded::Guarded;
 use super::keys::{
     py_eq, short_call1, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey,
@@ -124,7 +126,7 @@ impl PyStore {
                         candidates.push(key.clone());
                     }
                 }
-            })
+            });
         });
         for c in candidates {
             let mut equal = true;
@@ -730,5 +732,18 @@ impl PyStore {
             .ttl
             .map_or_else(|| "None".to_owned(), |t| t.to_string());
         format!("<Store size={len} max_size={max} ttl={ttl}>")
+    }
+}
+
+/// `Store.get` is the store's hot method and takes one argument: module init
+/// re-registers it as METH_O (see `fastcall.rs`).
+impl MethO for PyStore {
+    const METHOD_NAME: &'static CStr = c"get";
+    const METHOD_DOC: &'static CStr =
+        c"get($self, key, /)\n--\n\nReturn the value stored under ``key``; raise ``KeyError`` on a miss.";
+
+    #[inline(always)]
+    fn call_o(&self, key: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.get(key)
     }
 }
