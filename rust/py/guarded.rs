@@ -68,6 +68,8 @@ impl Drop for ExitShield {
 pub(crate) fn shielded<R>(f: impl FnOnce() -> R) -> R {
     let shield = ExitShield;
     let r = f();
+    // Disarm: the shield is a zero-sized marker, so forgetting it leaks nothing.
+    #[allow(clippy::mem_forget)]
     std::mem::forget(shield);
     r
 }
@@ -82,21 +84,25 @@ mod unwinding {
     use std::ffi::c_int;
 
     extern "C-unwind" {
-        pub fn PyObject_Call(
+        pub(crate) fn PyObject_Call(
             callable: *mut PyObject,
             args: *mut PyObject,
             kwargs: *mut PyObject,
         ) -> *mut PyObject;
         #[cfg(not(Py_LIMITED_API))]
-        pub fn PyObject_Vectorcall(
+        pub(crate) fn PyObject_Vectorcall(
             callable: *mut PyObject,
             args: *const *mut PyObject,
             nargsf: usize,
             kwnames: *mut PyObject,
         ) -> *mut PyObject;
-        pub fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
-        pub fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
-        pub fn PyObject_RichCompareBool(a: *mut PyObject, b: *mut PyObject, op: c_int) -> c_int;
+        pub(crate) fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
+        pub(crate) fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
+        pub(crate) fn PyObject_RichCompareBool(
+            a: *mut PyObject,
+            b: *mut PyObject,
+            op: c_int,
+        ) -> c_int;
     }
 }
 
