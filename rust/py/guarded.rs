@@ -33,7 +33,7 @@ extern "C" {
 fn finalizing() -> bool {
     #[cfg(Py_3_13)]
     // SAFETY: reads the runtime's finalizing field (an atomic); no GIL needed.
-    let f = unsafe { pyo3::ffi::Py_IsFinalizing() };
+    let f = unsafe { ffi::Py_IsFinalizing() };
     #[cfg(not(Py_3_13))]
     // SAFETY: as above, through the 3.7-3.12 spelling.
     let f = unsafe { _Py_IsFinalizing() };
