@@ -84,6 +84,24 @@ def test_vectorcall_and_tuple_paths_share_keys() -> None:
     assert len(calls) == 1
 
 
+def test_cachedcall_is_called_through_vectorcall() -> None:
+    """CachedCall instances advertise vectorcall, and the class cannot be subclassed around it."""
+    have_vectorcall = 1 << 11  # Py_TPFLAGS_HAVE_VECTORCALL
+    assert CachedCall.__flags__ & have_vectorcall
+    with pytest.raises(TypeError):
+        type("Sub", (CachedCall,), {})
+
+
+def test_zero_argument_calls_are_cached() -> None:
+    """A call with no arguments at all (a vectorcall whose argument array may be NULL) is cached."""
+    cc, calls = counting()
+    first = cc()
+    assert first == ("result", (), ())
+    assert cc() is first
+    assert type(cc).__call__(cc) is first
+    assert calls == [((), {})]
+
+
 def test_structural_arguments_are_keyed() -> None:
     """Lists, dicts and sets are keyed by structure."""
     cc, calls = counting()
