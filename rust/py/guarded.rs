@@ -17,6 +17,11 @@
 //! forced unwind stops there and the thread is parked for good, which is what
 //! Python 3.14 itself does with such threads (CPython gh-87135). Not covered:
 //! a `__del__` run by a reference dropped in native code at that moment.
+//! PyO3 0.30 hangs such a thread itself when it is PyO3 that takes the GIL
+//! (`Python::attach`, PyO3 #4874; the re-attach after `Python::detach`, PyO3
+//! #6085), but not inside a C API call that runs Python code, where CPython's
+//! eval loop takes the GIL back: hence the declarations and the shield here
+//! (which stays around `detach` as well, at no cost on the normal path).
 
 use parking_lot::{Mutex, MutexGuard};
 use pyo3::ffi;
@@ -117,7 +122,9 @@ pub(crate) unsafe fn call(
     args: *mut ffi::PyObject,
     kwargs: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread, a live callable and
+    // args tuple, and `kwargs` a dict or NULL (this function's contract); the
+    // declaration matches CPython's prototype, only the ABI string differs.
     shielded(|| unsafe { unwinding::PyObject_Call(callable, args, kwargs) })
 }
 
@@ -134,7 +141,8 @@ pub(crate) unsafe fn vectorcall(
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread, a live callable and
+    // `nargs + len(kwnames)` live pointers at `args` (this function's contract).
     shielded(|| unsafe { unwinding::PyObject_Vectorcall(callable, args, nargsf, kwnames) })
 }
 
@@ -144,7 +152,7 @@ pub(crate) unsafe fn vectorcall(
 /// Attached, live `callable`.
 #[inline(always)]
 pub(crate) unsafe fn call0(callable: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread and a live callable.
     shielded(|| unsafe { unwinding::PyObject_CallNoArgs(callable) })
 }
 
@@ -166,7 +174,8 @@ pub(crate) fn hash(obj: &Bound<'_, PyAny>) -> PyResult<isize> {
 /// Attached, live `a` and `b`.
 #[inline]
 pub(crate) unsafe fn eq(a: *mut ffi::PyObject, b: *mut ffi::PyObject) -> std::ffi::c_int {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread and live `a` and `b`;
+    // `Py_EQ` is a valid comparison operator.
     shielded(|| unsafe { unwinding::PyObject_RichCompareBool(a, b, ffi::Py_EQ) })
 }
 

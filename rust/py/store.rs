@@ -404,7 +404,9 @@ impl PyStore {
 fn list_item<'py>(list: &Bound<'py, PyList>, i: usize) -> Option<Bound<'py, PyAny>> {
     if i < list.len() {
         // SAFETY: `i` is in bounds and we hold the GIL; no Python code runs
-        // between the length check and taking the new reference.
+        // between the length check and taking the new reference. (PyO3 only
+        // offers this on GIL builds, PyO3 #4539: another thread could resize
+        // the list in between on a free-threaded one, hence the `cfg`.)
         Some(unsafe { list.get_item_unchecked(i) })
     } else {
         None
@@ -716,7 +718,8 @@ impl PyStore {
     }
 
     fn __clear__(&self) {
-        // SAFETY: tp_clear is only called by the GC, with the thread attached.
+        // SAFETY: tp_clear is only called by the GC, with the thread attached
+        // (PyO3 passes `__clear__` no token, so one is assumed here).
         let py = unsafe { Python::assume_attached() };
         let mut out: Removed = Vec::new();
         self.inner.with(py, |g| g.clear(&mut out));
