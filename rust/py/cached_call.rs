@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use hashbrown::HashTable;
 use parking_lot::{Condvar, Mutex};
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -159,7 +159,8 @@ pub struct PyCachedCall {
     vectorcall: Option<ffi::vectorcallfunc>,
     /// Always `Some` once constructed. An `Option` because the GC may
     /// traverse the object before its fields are written (see
-    /// `__traverse__`), and all-zero memory is a valid `None`.
+    /// `__traverse__`), and all-zero memory is a valid `None`; a use before
+    /// then raises `RuntimeError` ([`not_ready`]).
     store: Option<Py<PyStore>>,
     /// As `store`: always `Some` once constructed.
     func: Option<Py<PyAny>>,
@@ -281,26 +282,33 @@ fn call_on_hit(py: Python<'_>, cb: &Py<PyAny>) -> PyResult<()> {
     owned_result(py, r).map(drop)
 }
 
-/// Why an unset `store` or `func` cannot be seen outside `__traverse__`.
-const SET_BY_NEW: &str = "CachedCall fields are set by __new__ before Python can reach the object";
+/// The error for a use of an instance whose fields are not written yet: only
+/// Python code run by a collection inside `object.__new__` (a `gc.callbacks`
+/// entry walking `gc.get_objects()`) can reach one (see `__traverse__`).
+#[cold]
+fn not_ready() -> PyErr {
+    PyRuntimeError::new_err(
+        "this CachedCall is still being constructed (reached through the garbage collector)",
+    )
+}
 
 impl PyCachedCall {
     /// The store (set by `__new__`).
     #[inline(always)]
-    fn store_ref(&self) -> &Py<PyStore> {
-        self.store.as_ref().expect(SET_BY_NEW)
+    fn store_ref(&self) -> PyResult<&Py<PyStore>> {
+        self.store.as_ref().ok_or_else(not_ready)
     }
 
     /// The wrapped function (set by `__new__`).
     #[inline(always)]
-    fn func_ref(&self) -> &Py<PyAny> {
-        self.func.as_ref().expect(SET_BY_NEW)
+    fn func_ref(&self) -> PyResult<&Py<PyAny>> {
+        self.func.as_ref().ok_or_else(not_ready)
     }
 
     /// The whole call: key, lookup, `on_hit` or the single-flight miss.
     #[inline]
     pub(crate) fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
-        let store = self.store_ref().get();
+        let store = self.store_ref()?.get();
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
             if let Some(short) = args.short_single(py) {
@@ -375,7 +383,7 @@ impl PyCachedCall {
                 // This thread computes the key itself (re-entry), or the owner
                 // waits on it through other threads: waiting would deadlock,
                 // so compute directly.
-                return args.call(py, self.func_ref());
+                return args.call(py, self.func_ref()?);
             }
             let edge = WaitEdge(py);
             // Wait detached, waking every 50 ms to let a pending signal
@@ -449,7 +457,7 @@ impl PyCachedCall {
         if let Some(v) = store.lookup_enc(py, enc, hash, false)? {
             return Ok(v);
         }
-        let v = args.call(py, self.func_ref())?;
+        let v = args.call(py, self.func_ref()?)?;
         store.insert(py, key, v.clone_ref(py), None)?;
         Ok(v)
     }
@@ -534,7 +542,7 @@ impl PyCachedCall {
         let py = slf.py();
         let name = match slf.getattr("__qualname__") {
             Ok(n) => n,
-            Err(_) => slf.get().func_ref().bind(py).getattr("__qualname__")?,
+            Err(_) => slf.get().func_ref()?.bind(py).getattr("__qualname__")?,
         };
         Ok(name.cast_into::<PyString>()?.into_any().unbind())
     }
@@ -542,7 +550,7 @@ impl PyCachedCall {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "<opero CachedCall of {}>",
-            self.func_ref().bind(py).repr()?
+            self.func_ref()?.bind(py).repr()?
         ))
     }
 
@@ -565,14 +573,14 @@ impl PyCachedCall {
 
     /// Where results live.
     #[getter]
-    fn store(&self, py: Python<'_>) -> Py<PyStore> {
-        self.store_ref().clone_ref(py)
+    fn store(&self, py: Python<'_>) -> PyResult<Py<PyStore>> {
+        Ok(self.store_ref()?.clone_ref(py))
     }
 
     /// The wrapped function, called on a miss.
     #[getter]
-    fn func(&self, py: Python<'_>) -> Py<PyAny> {
-        self.func_ref().clone_ref(py)
+    fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self.func_ref()?.clone_ref(py))
     }
 }
 
