@@ -152,11 +152,11 @@ impl Drop for WaitEdge<'_> {
     module = "opero._opero_core",
     name = "CachedCall"
 )]
+// `repr(C)`, `store` first: the order the hit path reads the fields in. With
+// rustc's own order (which moved `store` once it became an `Option`) a 1-int
+// hit measured 31 ns against 26 ns here, with the same instructions.
+#[repr(C)]
 pub struct PyCachedCall {
-    /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`
-    /// (see [`enable_vectorcall`]); `Some` once constructed on a full-API
-    /// build.
-    vectorcall: Option<ffi::vectorcallfunc>,
     /// Always `Some` once constructed. An `Option` because the GC may
     /// traverse the object before its fields are written (see
     /// `__traverse__`), and all-zero memory is a valid `None`; a use before
@@ -166,6 +166,10 @@ pub struct PyCachedCall {
     func: Option<Py<PyAny>>,
     key_func: Option<Py<PyAny>>,
     on_hit: Option<Py<PyAny>>,
+    /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`
+    /// (see [`enable_vectorcall`]); `Some` once constructed on a full-API
+    /// build.
+    vectorcall: Option<ffi::vectorcallfunc>,
     flights: Guarded<Flights>,
 }
 
