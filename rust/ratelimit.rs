@@ -165,7 +165,7 @@ mod tests {
         let mut b = TokenBucket::new(rate, burst).unwrap();
         let mut granted = Vec::new();
         for i in 0..10_000 {
-            let now = i as f64 * 0.001;
+            let now = f64::from(i) * 0.001;
             if b.try_acquire(now) {
                 granted.push(now);
             }
