@@ -31,24 +31,32 @@ else can write to (pickle runs code chosen by whoever wrote the bytes); set
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import sqlite3
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 from opero.cache._entries import CodecEntries
-from opero.cache._health import Outage, outage_for
+from opero.cache._health import Outage, logger, outage_for
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
 
 __all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
 
+T = TypeVar("T")
+
 DIR_ENV = "OPERO_CACHE_DIR"
-_SQLITE_TIMEOUT = 10.0  # seconds a writer waits for the SQLite lock before it counts as a failure
+_SQLITE_TIMEOUT = 10.0  # seconds an operation waits for the SQLite lock before it is a busy miss
+_BUSY_WARN_EVERY = 10.0  # seconds between two warnings about a busy store, per backend
+_FIRST_PAUSE = 0.001  # seconds before the first retry of a busy store; doubles up to _MAX_PAUSE
+_MAX_PAUSE = 0.05
 _PREFIX = "ns-"
 _NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _LOCK = threading.Lock()
@@ -142,6 +150,26 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     return (OSError, sqlite3.Error, diskcache.Timeout)
 
 
+def busy(exc: BaseException) -> bool:
+    """Return whether ``exc`` means "another connection holds the SQLite lock", not a failure.
+
+    That is diskcache's ``Timeout`` (its ``BEGIN IMMEDIATE`` waited the whole
+    SQLite timeout) or an ``OperationalError`` with SQLite's ``SQLITE_BUSY`` or
+    ``SQLITE_LOCKED`` code ("database is locked", raised at once by statements
+    diskcache runs without a busy timeout while it opens a store).
+    """
+    import diskcache
+
+    if isinstance(exc, diskcache.Timeout):
+        return True
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class DiskBackend:
     """Cache results on disk (SQLite via diskcache), persistent and shared by local processes.
 
@@ -216,6 +244,7 @@ class DiskBackend:
             )
         self.directory = path.resolve()
         self.outage: Outage = outage_for(f"disk cache at {self.directory}", self.retry_interval)
+        self._busy_warned = -math.inf
 
     def store(self, namespace: str) -> Any:
         """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared)."""
@@ -256,8 +285,34 @@ class DiskBackend:
         outage = self.outage
         return self.strict or not outage.down or outage.should_try()
 
+    def run(self, operation: Callable[[], T]) -> T:
+        """Run ``operation()``; retry it while the SQLite lock is busy.
+
+        A busy lock is contention from other writers of a healthy store: the
+        operation is retried (pauses of 1 ms doubling to 50 ms) until
+        ``_SQLITE_TIMEOUT`` seconds have passed since the first try. Other
+        errors, and a lock still busy then, propagate.
+        """
+        start = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                return operation()
+            except Exception as exc:
+                if not busy(exc):
+                    raise
+                left = start + _SQLITE_TIMEOUT - time.monotonic()
+                if left <= 0:
+                    raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
+
     def failed(self, exc: BaseException, action: str) -> None:
         """Handle a store error: raise in strict mode, else log once per outage.
+
+        A lock that stayed busy (other processes writing) is never an outage:
+        that call is a miss (its value is not stored), logged every 10 s at
+        most, and the next call uses the store again.
 
         Raises:
             CacheBackendError: In strict mode, chained from ``exc``.
@@ -266,12 +321,41 @@ class DiskBackend:
         """
         if not isinstance(exc, _failure_types()):
             raise exc
+        if busy(exc):
+            self._lock_busy(exc, action)
+            return
         if self.strict:
             raise CacheBackendError(
                 f"disk cache at {self.directory} failed during {action}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         self.outage.failed(exc, "the disk cache acts as a miss")
+
+    def _lock_busy(self, exc: BaseException, action: str) -> None:
+        """Report a lock that stayed busy: never an outage; a miss, logged every 10 s at most.
+
+        Raises:
+            CacheBackendError: In strict mode, chained from ``exc``.
+
+        """
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.strict:
+            raise CacheBackendError(
+                f"disk cache at {self.directory}: {action} found the SQLite lock busy for "
+                f"{_SQLITE_TIMEOUT:g} s ({detail})"
+            ) from exc
+        now = time.monotonic()
+        if now - self._busy_warned >= _BUSY_WARN_EVERY:
+            self._busy_warned = now
+            logger.warning(
+                "opero: disk cache at %s: %s treated as a miss: the SQLite lock stayed busy "
+                "for %g s (%s; other processes are writing; logged every %g s at most)",
+                self.directory,
+                action,
+                _SQLITE_TIMEOUT,
+                detail,
+                _BUSY_WARN_EVERY,
+            )
 
     def open(
         self,
@@ -307,11 +391,15 @@ class DiskBackend:
             if not self.available():
                 return
             try:
-                self.store(name).clear()
+                self.run(functools.partial(self._clear_store, name))
             except Exception as exc:
                 self.failed(exc, "clear")
                 return
             self.outage.succeeded()
+
+    def _clear_store(self, namespace: str) -> None:
+        """Delete every entry of ``namespace``'s store."""
+        self.store(namespace).clear()
 
     def __repr__(self) -> str:
         """Show the directory and options."""
@@ -357,7 +445,7 @@ class DiskFunctionCache(CodecEntries):
         if backend.outage.down and not backend.available():
             return self.miss()
         try:
-            data = self._get_store().get(full)
+            data = backend.run(lambda: self._get_store().get(full))
         except Exception as exc:
             backend.failed(exc, "get")
             return self.miss()
@@ -375,7 +463,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return
         try:
-            self._get_store().set(full, data, expire=self.ttl, tag=self.tag)
+            backend.run(lambda: self._get_store().set(full, data, expire=self.ttl, tag=self.tag))
         except Exception as exc:
             backend.failed(exc, "set")
             return
@@ -388,7 +476,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return False
         try:
-            removed = bool(self._get_store().delete(self.prefix + key))
+            removed = bool(backend.run(lambda: self._get_store().delete(self.prefix + key)))
         except Exception as exc:
             backend.failed(exc, "delete")
             return False
@@ -401,7 +489,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return
         try:
-            self._get_store().evict(self.tag)
+            backend.run(lambda: self._get_store().evict(self.tag))
         except Exception as exc:
             backend.failed(exc, "clear")
             return

@@ -1,0 +1,101 @@
+"""Faults found by the hostile pass on caches, keys, single flight, exit, fork and shared backends.
+
+Each test reproduces one attack that broke the fixed build; scenarios that can hang
+run in a subprocess with a deadline (``faultkit.run_scenario``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opero.cache import MISS
+from opero.cache import _disk as disk_module
+from opero.cache._disk import DiskBackend
+from opero.errors import CacheBackendError
+
+
+def _open_disk(backend: DiskBackend) -> Any:
+    return backend.open(
+        namespace="opero", qualname="tests.f", ttl=None, max_size=None, is_async=False
+    )
+
+
+class _HeldLock:
+    """Holds the SQLite write lock of the ``opero`` namespace's store from another connection."""
+
+    def __init__(self, directory: Path) -> None:
+        self.con = sqlite3.connect(
+            str(directory / "ns-opero" / "cache.db"), isolation_level=None, timeout=0
+        )
+        self.con.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.con.execute("COMMIT")
+        self.con.close()
+
+
+# --------------------------------------------------------------------------------------
+# disk: a busy SQLite lock is back-pressure from other writers, never an outage
+
+
+def test_disk_busy_lock_is_a_miss_not_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A set finding the SQLite lock busy is a logged miss; the next set, lock free, is stored."""
+    monkeypatch.setattr(disk_module, "_SQLITE_TIMEOUT", 0.3)
+    backend = DiskBackend(tmp_path, retry_interval=3600)
+    cache = _open_disk(backend)
+    cache.set("a", 1)  # opens the store
+    lock = _HeldLock(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        cache.set("b", 2)  # another process writes: the lock stays busy
+        lock.release()
+        cache.set("c", 3)
+    assert not backend.outage.down
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, MISS, 3)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("lock stayed busy" in message and "set" in message for message in messages)
+    assert not any("unavailable" in message for message in messages)
+
+
+def test_disk_busy_lock_in_strict_mode_raises_naming_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In strict mode a lock that stays busy raises CacheBackendError saying so."""
+    monkeypatch.setattr(disk_module, "_SQLITE_TIMEOUT", 0.3)
+    backend = DiskBackend(tmp_path, strict=True)
+    cache = _open_disk(backend)
+    cache.set("a", 1)
+    lock = _HeldLock(tmp_path)
+    try:
+        with pytest.raises(CacheBackendError, match="SQLite lock busy"):
+            cache.set("b", 2)
+    finally:
+        lock.release()
+    assert not backend.outage.down
+
+
+def test_disk_operation_retries_an_immediate_database_is_locked(tmp_path: Path) -> None:
+    """A "database is locked" raised at once (no busy timeout, as when a store opens) is retried."""
+    backend = DiskBackend(tmp_path)
+    calls: list[int] = []
+
+    def operation() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "done"
+
+    assert backend.run(operation) == "done"
+    assert len(calls) == 3
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        backend.run(broken)
