@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from faultkit import run_scenario
 from opero.cache import MISS
 from opero.cache import _disk as disk_module
 from opero.cache._disk import DiskBackend
@@ -99,3 +100,69 @@ def test_disk_operation_retries_an_immediate_database_is_locked(tmp_path: Path) 
 
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         backend.run(broken)
+
+
+# --------------------------------------------------------------------------------------
+# single flight of user backends: a key's __eq__ that calls the function again
+
+
+def test_user_backend_flight_survives_a_key_whose_eq_calls_the_function() -> None:
+    """A key compared under the flight table's lock may call the function again: no deadlock."""
+    outcome = run_scenario(
+        """
+        import threading, time
+        from opero import opero
+        from opero.cache import MISS
+
+        class Entries:
+            def __init__(self):
+                self.data = {}
+            def get(self, key):
+                return self.data.get(key, MISS)
+            def set(self, key, value):
+                self.data[key] = value
+            def delete(self, key):
+                return self.data.pop(key, MISS) is not MISS
+            def clear(self):
+                self.data.clear()
+            def info(self):
+                return None
+
+        class Backend:
+            stable_keys = False
+            def open(self, **options):
+                return Entries()
+
+        started = threading.Event()
+        release = threading.Event()
+
+        @opero(cache=True, retries=0, cache_backend=Backend())
+        def f(x):
+            if getattr(x, "slow", False):
+                started.set()
+                release.wait(30)
+            return repr(x)
+
+        class Key:
+            def __init__(self, n, slow=False):
+                self.n, self.slow = n, slow
+            def __hash__(self):
+                return 1  # every Key collides: the table compares them
+            def __eq__(self, other):
+                f(12345)  # hostile: computes another key of f while compared
+                return isinstance(other, Key) and other.n == self.n
+            def __repr__(self):
+                return f"Key({self.n})"
+
+        first = threading.Thread(target=f, args=(Key(1, slow=True),))
+        first.start()
+        started.wait(30)
+        print("second", f(Key(2)))
+        release.set()
+        first.join(30)
+        print("first done", not first.is_alive())
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["second Key(2)", "first done True"]
