@@ -7,13 +7,16 @@ run in a subprocess with a deadline (``faultkit.run_scenario``).
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import pytest
 
 from faultkit import run_scenario
+from opero import opero
 from opero.cache import MISS
 from opero.cache import _disk as disk_module
 from opero.cache._disk import DiskBackend
@@ -166,3 +169,30 @@ def test_user_backend_flight_survives_a_key_whose_eq_calls_the_function() -> Non
     )
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["second Key(2)", "first done True"]
+
+
+# --------------------------------------------------------------------------------------
+# disk: a cache directory deleted under a running process
+
+
+def test_disk_store_deleted_under_a_running_process_is_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After rm -rf of cache_dir the process stops serving the deleted store and writes anew."""
+    monkeypatch.setattr(disk_module, "_CHECK_EVERY", 0.0)
+    directory = tmp_path / "cache"
+    calls: list[int] = []
+
+    @opero(cache=True, retries=0, cache_backend="disk", cache_dir=directory)
+    def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    assert (double(1), double(1), calls) == (2, 2, [1])
+    shutil.rmtree(directory)  # a clean-up job invalidates the cache
+    assert (double(1), double(1), calls) == (2, 2, [1, 1])
+    raw = diskcache.Cache(str(directory / "ns-opero"))
+    try:
+        assert len(raw) == 1  # written where every other process looks
+    finally:
+        raw.close()

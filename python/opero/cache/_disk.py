@@ -57,6 +57,7 @@ _SQLITE_TIMEOUT = 10.0  # seconds an operation waits for the SQLite lock before 
 _BUSY_WARN_EVERY = 10.0  # seconds between two warnings about a busy store, per backend
 _FIRST_PAUSE = 0.001  # seconds before the first retry of a busy store; doubles up to _MAX_PAUSE
 _MAX_PAUSE = 0.05
+_CHECK_EVERY = 1.0  # seconds between two looks at whether a store's database file was replaced
 _PREFIX = "ns-"
 _NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _LOCK = threading.Lock()
@@ -170,6 +171,46 @@ def busy(exc: BaseException) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+def _database_file(cache: Any) -> tuple[int, int] | None:
+    """Return the (device, inode) of a store's database file; ``None`` when it is gone."""
+    try:
+        stat = os.stat(os.path.join(cache.directory, "cache.db"))
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _mark_opened(cache: Any) -> None:
+    """Remember which database file ``cache`` opened (see :func:`replaced`)."""
+    cache.opero_file = _database_file(cache)
+    cache.opero_check = time.monotonic() + _CHECK_EVERY
+    cache.opero_replaced = False
+
+
+def replaced(cache: Any) -> bool:
+    """Return whether ``cache``'s database file was deleted or replaced since it was opened.
+
+    Looks at the file at most every ``_CHECK_EVERY`` seconds; once replaced, stays so.
+    """
+    if cache.opero_replaced:
+        return True
+    now = time.monotonic()
+    if now < cache.opero_check:
+        return False
+    cache.opero_check = now + _CHECK_EVERY
+    try:
+        current = _database_file(cache)
+    except OSError:  # unreadable for now: the operation itself will say why
+        return False
+    if current != cache.opero_file:
+        cache.opero_replaced = True
+        logger.info(
+            "opero: disk cache store %s was deleted or replaced; opening it afresh",
+            cache.directory,
+        )
+    return bool(cache.opero_replaced)
+
+
 class DiskBackend:
     """Cache results on disk (SQLite via diskcache), persistent and shared by local processes.
 
@@ -247,15 +288,20 @@ class DiskBackend:
         self._busy_warned = -math.inf
 
     def store(self, namespace: str) -> Any:
-        """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared)."""
+        """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared).
+
+        A store whose database file was deleted or replaced since it was opened
+        (``rm -rf`` of the cache directory) is opened afresh, so this process
+        never keeps serving, or writing to, a database no other process sees.
+        """
         key = (str(self.directory), namespace, self.size_limit)
         cache = _CACHES.get(key)
-        if cache is None:
+        if cache is None or replaced(cache):
             import diskcache
 
             with _LOCK:
                 cache = _CACHES.get(key)
-                if cache is None:
+                if cache is None or replaced(cache):
                     cache = diskcache.Cache(
                         str(self.directory / (_PREFIX + quote(namespace, safe=""))),
                         disk=_opaque_disk(),
@@ -264,6 +310,7 @@ class DiskBackend:
                         tag_index=True,
                         eviction_policy="least-recently-stored",
                     )
+                    _mark_opened(cache)
                     _CACHES[key] = cache
         return cache
 
@@ -434,7 +481,7 @@ class DiskFunctionCache(CodecEntries):
     def _get_store(self) -> Any:
         """Return the namespace's diskcache, opened at first use."""
         store = self._store
-        if store is None:
+        if store is None or replaced(store):
             store = self._store = self.backend.store(self.namespace)
         return store
 
