@@ -6,9 +6,12 @@ run in a subprocess with a deadline (``faultkit.run_scenario``).
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import shutil
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +199,26 @@ def test_disk_store_deleted_under_a_running_process_is_reopened(
         assert len(raw) == 1  # written where every other process looks
     finally:
         raw.close()
+
+
+# --------------------------------------------------------------------------------------
+# shared caches: results of a class made per call, which no serializer can encode
+
+
+def test_unserializable_class_made_per_call_is_not_kept_alive(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results of a class made per call that cannot be pickled leak no class and warn once."""
+    classes: list[weakref.ref[type]] = []
+
+    @opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)
+    def row(x: int) -> Any:
+        made = collections.namedtuple("made", "x")  # not importable by name: pickle refuses it
+        classes.append(weakref.ref(made))
+        return made(x)
+
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        assert [row(i).x for i in range(50)] == list(range(50))
+    gc.collect()
+    assert sum(ref() is not None for ref in classes) == 0
+    assert sum("is not cached" in record.getMessage() for record in caplog.records) == 1
