@@ -222,3 +222,16 @@ def test_unserializable_class_made_per_call_is_not_kept_alive(
     gc.collect()
     assert sum(ref() is not None for ref in classes) == 0
     assert sum("is not cached" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_shared_cache_get_miss_raises_key_error_for_any_argument(tmp_path: Path) -> None:
+    """cache_get on a miss raises KeyError even when an argument's repr fails or is huge."""
+
+    @opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)
+    def last_digits(x: Any) -> int:
+        return len(str(x)) if isinstance(x, str) else 0
+
+    for argument in (10**5000, "x" * 1_000_000, list(range(100_000))):
+        with pytest.raises(KeyError) as caught:
+            last_digits.cache_get(argument)
+        assert len(str(caught.value)) < 300

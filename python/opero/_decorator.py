@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import reprlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -694,7 +695,9 @@ def _backend_cached(
     def cache_get(*args: Any, **kwargs: Any) -> Any:
         value = get(key_of(args, kwargs))
         if value is MISS:
-            raise KeyError(f"{qualname}: no cached result for args={args!r} kwargs={kwargs!r}")
+            raise KeyError(
+                f"{qualname}: no cached result for args={_short(args)} kwargs={_short(kwargs)}"
+            )
         return value
 
     def cache_delete(*args: Any, **kwargs: Any) -> bool:
@@ -757,6 +760,19 @@ def _backend_cached(
         return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
 
     return _finish(acached, func, internals, helpers)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlong = 40
+
+
+def _short(value: Any) -> str:
+    """Return a short repr for a message; never raises (an int past 4300 digits, a bad repr)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:
+        return f"<{type(value).__qualname__}>"
 
 
 def _key_builder(
