@@ -235,3 +235,50 @@ def test_shared_cache_get_miss_raises_key_error_for_any_argument(tmp_path: Path)
         with pytest.raises(KeyError) as caught:
             last_digits.cache_get(argument)
         assert len(str(caught.value)) < 300
+
+
+# --------------------------------------------------------------------------------------
+# disk: fork while another thread is inside a SQLite write transaction
+
+
+def test_disk_fork_during_another_threads_write_leaves_the_child_able_to_write(
+    tmp_path: Path,
+) -> None:
+    """A child forked while another thread writes the disk cache can write (no inherited lock)."""
+    outcome = run_scenario(
+        f"""
+        import os, threading, time
+        import opero.cache._disk as disk
+        disk._SQLITE_TIMEOUT = 3.0
+        from opero.cache import MISS
+        backend = disk.DiskBackend({str(tmp_path)!r})
+        cache = backend.open(
+            namespace="opero", qualname="m.f", ttl=None, max_size=None, is_async=False
+        )
+        cache.set("before", 1)
+        store = backend.store("opero")
+        inside, release = threading.Event(), threading.Event()
+
+        def slow_write():  # an operation of the cache, caught inside its transaction
+            with store.transact():
+                store.set("slow", b"x")
+                inside.set()
+                release.wait(30)
+
+        writer = threading.Thread(target=backend.run, args=(slow_write,))
+        writer.start()
+        inside.wait(30)
+        threading.Timer(0.3, release.set).start()
+        pid = os.fork()
+        if pid == 0:
+            cache.set("child", 2)
+            os.write(1, f"child {{cache.get('child')}}\\n".encode())
+            os._exit(0)
+        writer.join(30)
+        os.waitpid(pid, 0)
+        print("parent", cache.get("child"), cache.get("before"))
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["child 2", "parent 2 1"], outcome.stderr

@@ -344,7 +344,8 @@ class DiskBackend:
         pause = _FIRST_PAUSE
         while True:
             try:
-                return operation()
+                with _ForkGate.current:
+                    return operation()
             except Exception as exc:
                 if not busy(exc):
                     raise
@@ -559,14 +560,85 @@ class DiskFunctionCache(CodecEntries):
         await asyncio.to_thread(self.clear)
 
 
+class _ForkGate:
+    """Keeps ``fork()`` out of SQLite operations of this process's disk stores.
+
+    SQLite keeps its locks' state in process memory: a child forked while
+    another thread was inside a write transaction inherits a lock nobody in the
+    child will ever release, so every write of the child would wait the whole
+    SQLite timeout and fail. Each operation holds the gate (shared); a fork
+    waits until none is running (at most ``_SQLITE_TIMEOUT`` seconds, and never
+    for the forking thread's own operation) and holds new ones back meanwhile.
+    """
+
+    current: _ForkGate  # the gate of this process (a child gets a fresh one)
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._running = 0
+        self._forking = False
+        self._depth = threading.local()
+
+    def __enter__(self) -> None:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            deadline = time.monotonic() + _SQLITE_TIMEOUT
+            with self._cond:
+                # Bounded: a signal handler of the forking thread may land here.
+                while self._forking and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                self._running += 1
+        self._depth.n = depth + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        depth = getattr(self._depth, "n", 0) - 1
+        self._depth.n = depth
+        if depth == 0:
+            with self._cond:
+                self._running -= 1
+                if self._running == 0:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        """Wait (bounded) until no other thread is inside an operation; hold new ones."""
+        own = getattr(self._depth, "n", 0) > 0  # forking from inside an operation
+        deadline = time.monotonic() + _SQLITE_TIMEOUT
+        with self._cond:
+            self._forking = True
+            while self._running > own and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def after_fork_in_parent(self) -> None:
+        """Let operations run again."""
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+
+_ForkGate.current = _ForkGate()
+
+
+def _before_fork() -> None:
+    _ForkGate.current.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _ForkGate.current.after_fork_in_parent()
+
+
 def _after_fork_in_child() -> None:
-    """Give the child a fresh lock (one held by another parent thread at fork stays held).
+    """Give the child a fresh lock and gate (other parent threads' holds stay held).
 
     The diskcache stores themselves notice the new process id and open their
     own SQLite connections in the child.
     """
     global _LOCK
     _LOCK = threading.Lock()
+    _ForkGate.current = _ForkGate()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
