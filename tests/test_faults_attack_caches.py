@@ -7,6 +7,7 @@ run in a subprocess with a deadline (``faultkit.run_scenario``).
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import logging
 import shutil
@@ -282,3 +283,74 @@ def test_disk_fork_during_another_threads_write_leaves_the_child_able_to_write(
     )
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["child 2", "parent 2 1"], outcome.stderr
+
+
+# --------------------------------------------------------------------------------------
+# shared caches: identity of partials, callable objects and bound built-in methods
+
+
+class _Scale:
+    """A callable object: its name is its class, the same for every instance."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self, x: int) -> int:
+        return x * self.factor
+
+
+def _power(x: int, exp: int) -> int:
+    return int(x**exp)
+
+
+def test_callable_objects_on_a_shared_cache_never_read_each_others_entries(
+    tmp_path: Path,
+) -> None:
+    """Callable objects decorated one after another (ids reused) never get another's result."""
+    results = []
+    for factor in range(1, 20):
+        scaled = opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)(
+            _Scale(factor)
+        )
+        results.append(scaled(3))
+        del scaled
+        gc.collect()  # frees the object: the next one may get its address
+    assert results == [3 * factor for factor in range(1, 20)]
+
+
+def test_partials_on_a_shared_cache_are_told_apart_by_their_bound_arguments(
+    tmp_path: Path,
+) -> None:
+    """Partials of one function differ by bound arguments; a huge or unprintable one decorates."""
+
+    def shared(func: Any) -> Any:
+        return opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)(func)
+
+    square = shared(functools.partial(_power, exp=2))
+    cube = shared(functools.partial(_power, exp=3))
+    assert (square(3), cube(3), shared(functools.partial(_power, exp=2))(3)) == (9, 27, 9)
+    huge = shared(functools.partial(_power, exp=10**5000))  # its repr raises ValueError
+    assert huge.cache_get.__name__ == "cache_get"
+    big = shared(functools.partial(_power, exp=2, **{"unused": list(range(10**5))}))
+    assert len(big.__opero__.cache.prefix) < 200  # keys do not carry the bound values
+
+
+def test_partial_identity_is_the_same_in_every_process() -> None:
+    """A partial of a module-level function over plain values has one identity across runs."""
+    source = """
+        import functools, os
+        from opero.cache._identity import function_identity
+        func = functools.partial(os.path.join, "a", sep={"x", "y", "z"})
+        print(function_identity(func, "functools.partial(posixpath.join)", has_cache_key=False))
+    """
+    identities = {
+        run_scenario(source, env={"PYTHONHASHSEED": seed}).stdout.strip() for seed in "123"
+    }
+    assert len(identities) == 1
+    assert next(iter(identities)).startswith("functools.partial(posixpath.join)#")
+
+
+def test_bound_builtin_methods_on_a_shared_cache_are_told_apart(tmp_path: Path) -> None:
+    """Built-in methods bound to different strings are different functions for a shared cache."""
+    shared = opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)
+    assert (shared("abc".upper)(), shared("xyz".upper)()) == ("ABC", "XYZ")
