@@ -587,7 +587,11 @@ class _ForkGate:
                 # Bounded: a signal handler of the forking thread may land here.
                 while self._forking and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
+                # Depth first: an interrupt between the two lines must not leave the
+                # count raised for good (every later fork would wait its full bound).
+                self._depth.n = 1
                 self._running += 1
+            return
         self._depth.n = depth + 1
 
     def __exit__(self, *exc_info: object) -> None:
