@@ -6,6 +6,7 @@ run in a subprocess with a deadline (``faultkit.run_scenario``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import gc
@@ -354,3 +355,25 @@ def test_bound_builtin_methods_on_a_shared_cache_are_told_apart(tmp_path: Path) 
     """Built-in methods bound to different strings are different functions for a shared cache."""
     shared = opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)
     assert (shared("abc".upper)(), shared("xyz".upper)()) == ("ABC", "XYZ")
+
+
+# --------------------------------------------------------------------------------------
+# memory, async: a cache_key that returns a list (keyed by structure, as in sync code)
+
+
+def test_async_cache_key_returning_a_list_works_and_computes_once() -> None:
+    """An async function whose cache_key returns a list is cached and single-flighted."""
+    calls: list[str] = []
+
+    @opero(cache=True, retries=0, cache_key=lambda func, name: ["user", name])
+    async def lookup(name: str) -> str:
+        calls.append(name)
+        await asyncio.sleep(0.05)
+        return name.upper()
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(lookup("ann") for _ in range(5))))
+
+    assert asyncio.run(main()) == ["ANN"] * 5
+    assert asyncio.run(lookup("ann")) == "ANN"
+    assert calls == ["ann"]

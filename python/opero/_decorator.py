@@ -652,7 +652,9 @@ def _memory_cached(
                 if on_hit is not None:
                     on_hit()
                 return value
-            return await flight.do(key, lambda: compute(key, args, kwargs))
+            # The store keys a cache_key result by structure (a list is fine, as in
+            # the sync wrapper); the flight table needs that as a hashable key too.
+            return await flight.do(make_key((key,), {}), lambda: compute(key, args, kwargs))
 
     return _finish(cached, func, internals, helpers)
 
