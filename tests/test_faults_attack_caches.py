@@ -19,6 +19,7 @@ from typing import Any
 
 import diskcache
 import pytest
+import redis
 
 from faultkit import run_scenario
 from opero import opero
@@ -377,3 +378,30 @@ def test_async_cache_key_returning_a_list_works_and_computes_once() -> None:
     assert asyncio.run(main()) == ["ANN"] * 5
     assert asyncio.run(lookup("ann")) == "ANN"
     assert calls == ["ann"]
+
+
+# --------------------------------------------------------------------------------------
+# redis: an error answer on every call (OOM at maxmemory) is not a log flood
+
+
+def test_redis_error_answer_on_every_call_is_logged_once_not_per_call(
+    restartable_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis answering OOM to every SET gives misses and one warning, not one per call."""
+    admin = redis.Redis.from_url(restartable_redis.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # every write is refused: OutOfMemoryError
+    try:
+
+        @opero(cache=True, retries=0, cache_backend="redis", cache_redis_url=restartable_redis.url)
+        def label(x: int) -> str:
+            return f"item-{x}"
+
+        with caplog.at_level(logging.WARNING, logger="opero"):
+            assert [label(i) for i in range(30)] == [f"item-{i}" for i in range(30)]
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+    refused = [r.getMessage() for r in caplog.records if "OutOfMemoryError" in r.getMessage()]
+    assert len(refused) == 1, refused
+    assert not label.__opero__.cache.backend.outage.down
