@@ -26,7 +26,7 @@ from opero import opero
 from opero.cache import MISS
 from opero.cache import _disk as disk_module
 from opero.cache._disk import DiskBackend
-from opero.errors import CacheBackendError
+from opero.errors import CacheBackendError, ConfigurationError
 
 
 def _open_disk(backend: DiskBackend) -> Any:
@@ -405,3 +405,13 @@ def test_redis_error_answer_on_every_call_is_logged_once_not_per_call(
     refused = [r.getMessage() for r in caplog.records if "OutOfMemoryError" in r.getMessage()]
     assert len(refused) == 1, refused
     assert not label.__opero__.cache.backend.outage.down
+
+
+def test_empty_cache_dir_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cache_dir="" (an unset variable) is refused at decoration, not the current directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="cache_dir='' is empty"):
+        opero(cache=True, cache_backend="disk", cache_dir="")(len)
+    assert list(tmp_path.iterdir()) == []

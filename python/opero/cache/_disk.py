@@ -270,6 +270,13 @@ class DiskBackend:
         self.retry_interval = float(retry_interval)
         if directory is not None and not isinstance(directory, str | os.PathLike):
             raise ConfigurationError(f"cache_dir={directory!r} must be a path (str or os.PathLike)")
+        if directory is not None and not os.fspath(directory):
+            # An unset variable (os.environ.get("CACHE_DIR", "")) would mean the current
+            # directory: SQLite files wherever the process happens to run.
+            raise ConfigurationError(
+                "cache_dir='' is empty; pass a directory, or None for $OPERO_CACHE_DIR "
+                "(else ~/.cache/opero)"
+            )
         path = default_directory() if directory is None else Path(directory).expanduser()
         try:
             path.mkdir(parents=True, exist_ok=True)
