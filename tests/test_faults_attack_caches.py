@@ -454,3 +454,70 @@ def test_redis_entries_of_dead_private_decorations_do_not_accumulate(redis_url: 
         assert len(admin.keys("per-request:*")) <= 1
     finally:
         admin.close()
+
+
+# --------------------------------------------------------------------------------------
+# user backends: a cache_key result that is a list
+
+
+class _ListKeyEntries:
+    """A user backend's entries that accept any key, hashable or not (keyed by repr)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        return self.data.get(repr(key), MISS)
+
+    def set(self, key: Any, value: Any) -> None:
+        self.data[repr(key)] = value
+
+    def delete(self, key: Any) -> bool:
+        return self.data.pop(repr(key), MISS) is not MISS
+
+    def clear(self) -> None:
+        self.data.clear()
+
+    def info(self) -> None:
+        return None
+
+    async def aget(self, key: Any) -> Any:
+        return self.get(key)
+
+    async def aset(self, key: Any, value: Any) -> None:
+        self.set(key, value)
+
+
+class _ListKeyBackend:
+    stable_keys = False
+
+    def open(self, **options: Any) -> _ListKeyEntries:
+        return _ListKeyEntries()
+
+
+def test_user_backend_cache_key_returning_a_list_single_flights() -> None:
+    """A user backend gets a list cache_key as it is; concurrent misses still compute once."""
+    calls: list[int] = []
+    release = threading.Event()
+
+    @opero(
+        cache=True,
+        retries=0,
+        cache_backend=_ListKeyBackend(),
+        cache_key=lambda func, x: ["item", x],
+    )
+    def slow(x: int) -> int:
+        calls.append(x)
+        release.wait(10)
+        return x * 2
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(slow(4))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    threading.Timer(0.3, release.set).start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [8, 8, 8, 8]
+    assert calls == [4]
+    assert slow.__opero__.cache.data == {"['item', 4]": 8}

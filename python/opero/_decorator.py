@@ -680,6 +680,9 @@ def _backend_cached(
     aflight = TaskFlight()
     # A value stored outside a flight also tells a flight's winner to look again.
     stored = aflight.stored if is_async else tflight.stored
+    # A user backend's cache_key result goes to the backend as it is; the flight
+    # tables need it hashable (a list is keyed by structure, as the memory cache does).
+    fk = _flight_key if key_func is not None and not stable else _same
 
     def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = get(key_of(args, kwargs))
@@ -690,7 +693,7 @@ def _backend_cached(
     def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
         key = key_of(args, kwargs)
         put(key, value)
-        stored(key)
+        stored(fk(key))
 
     async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
         value = await fcache.aget(key_of(args, kwargs))
@@ -701,7 +704,7 @@ def _backend_cached(
     async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
         key = key_of(args, kwargs)
         await fcache.aset(key, value)
-        stored(key)
+        stored(fk(key))
 
     def cache_get(*args: Any, **kwargs: Any) -> Any:
         value = get(key_of(args, kwargs))
@@ -742,13 +745,13 @@ def _backend_cached(
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
-            stamp = tflight.stamp(key)
+            stamp = tflight.stamp(fk(key))
             value = get(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
-            return tflight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
+            return tflight.do(fk(key), lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
         return _finish(cached, func, internals, helpers)
 
@@ -762,15 +765,30 @@ def _backend_cached(
 
     async def acached(*args: Any, **kwargs: Any) -> Any:
         key = key_of(args, kwargs)
-        stamp = aflight.stamp(key)
+        stamp = aflight.stamp(fk(key))
         value = await aget(key)
         if value is not MISS:
             if on_hit is not None:
                 on_hit()
             return value
-        return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
+        return await aflight.do(
+            fk(key), lambda: acompute(key, args, kwargs), stamp, lambda: aget(key)
+        )
 
     return _finish(acached, func, internals, helpers)
+
+
+def _same(key: Any) -> Any:
+    return key
+
+
+def _flight_key(key: Any) -> Any:
+    """Return ``key`` if hashable, else its in-process key by structure (a list...)."""
+    try:
+        hash(key)
+    except TypeError:
+        return make_key((key,), {})
+    return key
 
 
 _SHORT = reprlib.Repr()
