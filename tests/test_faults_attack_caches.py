@@ -357,6 +357,11 @@ def test_bound_builtin_methods_on_a_shared_cache_are_told_apart(tmp_path: Path) 
     """Built-in methods bound to different strings are different functions for a shared cache."""
     shared = opero(cache=True, retries=0, cache_backend="disk", cache_dir=tmp_path)
     assert (shared("abc".upper)(), shared("xyz".upper)()) == ("ABC", "XYZ")
+    first: dict[str, int] = {}
+    second: dict[str, int] = {}
+    get_first, get_second = shared(first.get), shared(second.get)  # equal (empty) when decorated
+    first["k"], second["k"] = 1, 2
+    assert (get_first("k"), get_second("k")) == (1, 2)
 
 
 # --------------------------------------------------------------------------------------

@@ -251,11 +251,15 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
                 encoder.value(func.keywords, "its bound arguments"),
             )
         elif wrapper == "builtin":
-            encoded = (
-                "builtin",
-                encoder.value(func.__self__, "the object it is bound to"),
-                ("b", *_name(func)),
-            )
+            owner = func.__self__
+            where = "the object it is bound to"
+            if type(owner) in _MUTABLE:  # {}.get: its content at decoration is no identity
+                if not encoder.lenient:
+                    raise _Unencodable(where, owner)
+                bound_to: Any = ("?", *_name(type(owner)))
+            else:
+                bound_to = encoder.value(owner, where)
+            encoded = ("builtin", bound_to, ("b", *_name(func)))
         elif wrapper is not None:  # a callable object: its class, and its content
             encoded = ("object", encoder.value(func, "the callable object itself"))
         else:
@@ -270,6 +274,9 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
+
+
+_MUTABLE = (list, dict, set, bytearray)  # a built-in method bound to one: private
 
 
 def _wrapper_kind(func: Any) -> str | None:
