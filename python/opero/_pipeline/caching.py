@@ -19,6 +19,7 @@ the uncached pipeline), the helpers (``cache_get``, ``cache_delete``,
 from __future__ import annotations
 
 import functools
+import reprlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -226,7 +227,9 @@ class MemoryCache(CacheAdapter):
                 if on_hit is not None:
                     on_hit()
                 return value
-            return await flight.do(key, lambda: compute(key, args, kwargs))
+            # The store keys a cache_key result by structure (a list is fine, as in
+            # the sync wrapper); the flight table needs that as a hashable key too.
+            return await flight.do(make_key((key,), {}), lambda: compute(key, args, kwargs))
 
         return cached_by_key
 
@@ -262,7 +265,7 @@ class BackendCache(CacheAdapter):
         """Store a successful result of one call."""
         key = self.key_of(args, kwargs)
         self.fcache.set(key, value)
-        self.stored(key)
+        self.stored(_flight_key(key))
 
     async def alookup(self, args: Args, kwargs: Kwargs) -> Any:
         """Look up one call through the backend's ``aget``."""
@@ -275,7 +278,7 @@ class BackendCache(CacheAdapter):
         """Store one result through the backend's ``aset``."""
         key = self.key_of(args, kwargs)
         await self.fcache.aset(key, value)
-        self.stored(key)
+        self.stored(_flight_key(key))
 
     def helpers(self) -> dict[str, Any]:
         """Return the helpers over the backend."""
@@ -284,7 +287,9 @@ class BackendCache(CacheAdapter):
         def cache_get(*args: Any, **kwargs: Any) -> Any:
             value = fcache.get(key_of(args, kwargs))
             if value is MISS:
-                raise KeyError(f"{qualname}: no cached result for args={args!r} kwargs={kwargs!r}")
+                raise KeyError(
+                    f"{qualname}: no cached result for args={_short(args)} kwargs={_short(kwargs)}"
+                )
             return value
 
         def cache_delete(*args: Any, **kwargs: Any) -> bool:
@@ -317,13 +322,14 @@ class BackendCache(CacheAdapter):
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
-            stamp = flight.stamp(key)
+            fkey = _flight_key(key)
+            stamp = flight.stamp(fkey)
             value = get(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
-            return flight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
+            return flight.do(fkey, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
         return cached
 
@@ -343,17 +349,44 @@ class BackendCache(CacheAdapter):
 
         async def acached(*args: Any, **kwargs: Any) -> Any:
             key = key_of(args, kwargs)
-            stamp = flight.stamp(key)
+            fkey = _flight_key(key)
+            stamp = flight.stamp(fkey)
             value = await aget(key)
             if value is not MISS:
                 if on_hit is not None:
                     on_hit()
                 return value
             return await flight.do(
-                key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key)
+                fkey, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key)
             )
 
         return acached
+
+
+def _flight_key(key: Any) -> Any:
+    """Return ``key`` if hashable, else its in-process key by structure (a list...).
+
+    A user backend gets a ``cache_key`` result as it is; the flight tables need a
+    hashable key (a list is keyed by structure, as the memory cache does).
+    """
+    try:
+        hash(key)
+    except TypeError:
+        return make_key((key,), {})
+    return key
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlong = 40
+
+
+def _short(value: Any) -> str:
+    """Return a short repr for a message; never raises (an int past 4300 digits, a bad repr)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:
+        return f"<{type(value).__qualname__}>"
 
 
 def cache_adapter(

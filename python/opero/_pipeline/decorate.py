@@ -342,9 +342,18 @@ def _decorator(policy: Policy) -> Callable[[Callable[..., Any]], Any]:
 
 
 def _qualname(func: Callable[..., Any]) -> str:
-    module = getattr(func, "__module__", None) or "?"
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return f"{module}.{name}"
+    """Return ``module.qualname``; a partial or callable object is named without its repr.
+
+    A repr may be megabytes long (a partial over a large list), fail (an int past
+    4300 digits) or hold a memory address that a later object reuses.
+    """
+    if isinstance(func, functools.partial):
+        return f"functools.partial({_qualname(func.func)})"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if not isinstance(name, str):  # a callable object: named by its class
+        kind = type(func)
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return f"{getattr(func, '__module__', None) or '?'}.{name}"
 
 
 def _is_opero(func: Callable[..., Any]) -> bool:

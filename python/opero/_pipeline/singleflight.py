@@ -80,7 +80,9 @@ class ThreadFlight:
         _live.add(self)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: the table compares keys with their __eq__ under this lock, and
+        # a key's __eq__ (or __hash__) may call the decorated function again.
+        self._lock = threading.RLock()
         self._flights: dict[Any, _Flight] = {}
         self._stamps = [0] * _STRIPES
 
@@ -90,8 +92,9 @@ class ThreadFlight:
 
     def stored(self, key: Any) -> None:
         """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        slot = hash(key) % _STRIPES
         with self._lock:
-            self._stamps[hash(key) % _STRIPES] += 1
+            self._stamps[slot] += 1
 
     def do(
         self,

@@ -32,12 +32,18 @@ A bound method (``opero(...)(client.fetch)``) is the same function for every
 object, so its identity also covers the object it is bound to, encoded the same
 way: a class (a ``classmethod``) or a module by name, a plain value by content;
 an instance of your own class gets a private identity unless ``cache_key=`` is
-given.
+given. A built-in method bound to a value (``"abc".upper``) likewise. A
+``functools.partial`` is identified by the function it wraps and its bound
+arguments; a callable object (an instance with ``__call__`` and no
+``__qualname__`` of its own) by its content, so in practice privately. None of
+them is ever named by its ``repr``, which may hold a memory address that a
+later object reuses.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -206,16 +212,30 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
     while (internals := _opero_internals(func)) is not None:
         func = internals.function  # @opero over @opero: the identity of what is decorated
     bound = isinstance(func, types.MethodType)
-    if not bound and (not is_local(func) or not isinstance(func, types.FunctionType)):
+    wrapper = _wrapper_kind(func)
+    if (
+        not bound
+        and wrapper is None
+        and (not is_local(func) or not isinstance(func, types.FunctionType))
+    ):
         return qualname
     encoder = _Encoder(lenient=has_cache_key)
-    what = (
-        "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
-        "method of other objects by the object it is bound to"
-        if bound
-        else "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
-        "from others of the same name by its code and closure"
-    )
+    if bound or wrapper == "builtin":
+        what = (
+            "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
+            "method of other objects by the object it is bound to"
+        )
+    elif wrapper is not None:
+        what = (
+            f"a {wrapper}, so a shared cache (Redis, disk) tells it apart from others of "
+            "its kind by what it wraps and holds"
+        )
+    else:
+        what = (
+            "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
+            "from others of the same name by its code and closure"
+        )
+    encoded: Any
     try:
         if bound:
             encoded = (
@@ -223,6 +243,25 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
                 encoder.value(func.__self__, "the object it is bound to"),
                 encoder.value(func.__func__, _TOP),
             )
+        elif wrapper == "functools.partial":
+            encoded = (
+                "partial",
+                encoder.value(func.func, "the function it wraps"),
+                encoder.value(func.args, "its bound arguments"),
+                encoder.value(func.keywords, "its bound arguments"),
+            )
+        elif wrapper == "builtin":
+            owner = func.__self__
+            where = "the object it is bound to"
+            if type(owner) in _MUTABLE:  # {}.get: its content at decoration is no identity
+                if not encoder.lenient:
+                    raise _Unencodable(where, owner)
+                bound_to: Any = ("?", *_name(type(owner)))
+            else:
+                bound_to = encoder.value(owner, where)
+            encoded = ("builtin", bound_to, ("b", *_name(func)))
+        elif wrapper is not None:  # a callable object: its class, and its content
+            encoded = ("object", encoder.value(func, "the callable object itself"))
         else:
             encoded = encoder.function(func, _TOP)
         digest = stable_digest(encoded)
@@ -235,6 +274,28 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
+
+
+_MUTABLE = (list, dict, set, bytearray)  # a built-in method bound to one: private
+
+
+def _wrapper_kind(func: Any) -> str | None:
+    """Name the kind of a callable whose name does not identify it; ``None`` for the rest.
+
+    That is a ``functools.partial``, a built-in method bound to an object
+    (``"abc".upper``), or a callable object that has no ``__qualname__`` of its
+    own (an instance of a class with ``__call__``): their name is the same for
+    every instance, or (``repr``) holds a memory address another object may reuse.
+    """
+    if isinstance(func, functools.partial):
+        return "functools.partial"
+    if isinstance(func, types.BuiltinMethodType):
+        owner = getattr(func, "__self__", None)
+        return None if owner is None or isinstance(owner, types.ModuleType) else "builtin"
+    if isinstance(func, types.FunctionType | types.MethodType | type):
+        return None
+    name = getattr(func, "__qualname__", None)
+    return None if isinstance(name, str) else "callable object"
 
 
 def _private_identity(qualname: str, what: str, exc: _Unencodable) -> str:
