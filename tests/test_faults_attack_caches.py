@@ -339,11 +339,11 @@ def test_partials_on_a_shared_cache_are_told_apart_by_their_bound_arguments(
 
 
 def test_partial_identity_is_the_same_in_every_process() -> None:
-    """A partial of a module-level function over plain values has one identity across runs."""
+    """A partial of a module-level function over frozen values has one identity across runs."""
     source = """
         import functools, os
         from opero.cache._identity import function_identity
-        func = functools.partial(os.path.join, "a", sep={"x", "y", "z"})
+        func = functools.partial(os.path.join, "a", sep=frozenset({"x", "y", "z"}))
         print(function_identity(func, "functools.partial(posixpath.join)", has_cache_key=False))
     """
     identities = {
@@ -532,14 +532,6 @@ def test_user_backend_cache_key_returning_a_list_single_flights() -> None:
 # identity: local functions over a mutable container filled after decoration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a closure's list/dict/set is encoded by its content at decoration time; two "
-    "closures over containers equal then (empty) but filled differently later share "
-    "one identity and read each other's entries. Making such closures private conflicts "
-    "with test_faults_backends::test_local_function_identity_is_stable_across_processes "
-    "(a closure over a set shared across processes): the lead's call",
-)
 def test_closures_over_containers_filled_later_keep_separate_entries(tmp_path: Path) -> None:
     """Two closures over their own table, equal when decorated, never get each other's result."""
 

@@ -16,17 +16,20 @@ shares them. The rule:
   bytecode differs) starts new entries.
 
 Closure values are encoded like cache keys: ``None``, ``bool``, ``int``,
-``float``, ``str``, ``bytes`` and tuples, lists, dicts and sets of them; a
-function, class or module by its name (a local function by its own identity);
-an enum member by its class and name; an empty cell (a function that refers to
-itself) as empty. Any other value (a client, a lock, an instance) cannot be
-encoded stably, so no other process could tell the function apart from its
-namesakes: unless the function has a ``cache_key=`` (whose result must then tell
-such closures apart), the decoration gets a *private* identity,
-``module.qualname#p<process nonce>-<n>``, unique to this decoration in this
-process (and its forked children). Its entries are never shared with another
-decoration, another process or a later run, and a warning on the ``opero``
-logger says so once per qualname and points to ``cache_key=``.
+``float``, ``str``, ``bytes`` and tuples and frozensets of them; a function,
+class or module by its name (a local function by its own identity); an enum
+member by its class and name; an empty cell (a function that refers to itself)
+as empty. A mutable container (``list``, ``dict``, ``set``, ``bytearray``) is
+no identity, since what it holds at decoration may change later (two closures
+over tables that are both empty when decorated must not share entries). Such a
+value, or any other (a client, a lock, an instance), cannot be encoded stably,
+so no other process could tell the function apart from its namesakes: unless
+the function has a ``cache_key=`` (whose result must then tell such closures
+apart), the decoration gets a *private* identity, ``module.qualname#p<process
+nonce>-<n>``, unique to this decoration in this process (and its forked
+children). Its entries are never shared with another decoration, another
+process or a later run, and a warning on the ``opero`` logger says so once per
+qualname and points to ``cache_key=``.
 
 A bound method (``opero(...)(client.fetch)``) is the same function for every
 object, so its identity also covers the object it is bound to, encoded the same
@@ -109,6 +112,12 @@ class _Encoder:
         self.budget = _BUDGET
         self.active: set[int] = set()  # functions being encoded (cycles)
 
+    def keywords(self, mapping: dict[str, Any] | None, where: str) -> Any:
+        """Encode a function's own name -> value mapping (keyword defaults, bound keywords)."""
+        if mapping is None:
+            return None
+        return ("kw", *(("t", name, self.value(v, where)) for name, v in sorted(mapping.items())))
+
     def value(self, value: Any, where: str) -> Any:
         self.budget -= 1
         if self.budget < 0:
@@ -118,12 +127,15 @@ class _Encoder:
             return value
         if kind is tuple:
             return ("t", *(self.value(item, where) for item in value))
-        if kind is list:
-            return [self.value(item, where) for item in value]
-        if kind is dict:
-            return {self.value(k, where): self.value(v, where) for k, v in value.items()}
-        if kind is set or kind is frozenset:
+        if kind is frozenset:
             return ("s", frozenset(self.value(item, where) for item in value))
+        if kind in _MUTABLE:
+            # A list, dict, set or bytearray is no identity: what it holds at decoration
+            # may change, so two closures over containers equal then (two empty tables
+            # filled later) would read each other's entries.
+            if self.lenient:
+                return ("?", *_name(kind))
+            raise _Unencodable(where, value)
         internals = _opero_internals(value)
         if internals is not None:  # an @opero function (any wrapper kind): what it decorates
             return ("o", self.value(internals.function, where))
@@ -186,7 +198,7 @@ class _Encoder:
                     inner = f"{where}, through {func.__qualname__}'s {inner}"
                 cells.append(("t", name, self.value(content, inner)))
             defaults = self.value(func.__defaults__, "a default value")
-            kwdefaults = self.value(func.__kwdefaults__, "a keyword-only default value")
+            kwdefaults = self.keywords(func.__kwdefaults__, "a keyword-only default value")
             code = self.code(func.__code__, where)
             return ("l", module, qualname, code, defaults, kwdefaults, cells)
         finally:
@@ -248,7 +260,7 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
                 "partial",
                 encoder.value(func.func, "the function it wraps"),
                 encoder.value(func.args, "its bound arguments"),
-                encoder.value(func.keywords, "its bound arguments"),
+                encoder.keywords(func.keywords, "its bound arguments"),
             )
         elif wrapper == "builtin":
             owner = func.__self__
