@@ -2,11 +2,12 @@
 
 Each decision is one atomic Lua script (one ``EVALSHA`` round trip) running
 GCRA on the Redis server's clock (``redis.call('TIME')``), so the clocks of the
-calling hosts never matter. The state is one integer, the theoretical arrival
-time in microseconds, under the key ``{opero:rl:<key>}``: the whole key is a
-Redis Cluster hash tag, so it lives in one slot and the script never crosses
-slots. The key expires once the bucket is full again, so idle limits leave
-nothing behind.
+calling hosts never matter. The state is the theoretical arrival time in
+microseconds and the interval its tokens were booked at (so a changed rate
+rescales the debt instead of reinterpreting it), under the key
+``{opero:rl:<key>}``: the whole key is a Redis Cluster hash tag, so it lives in
+one slot and the script never crosses slots. The key expires once the bucket is
+full again, so idle limits leave nothing behind.
 
 Guarantee (the same as the in-process bucket): over any window of T seconds at
 most ``burst + rate * T`` calls are scheduled to start, across every process
@@ -54,19 +55,43 @@ __all__ = ["GCRA_SCRIPT", "GCRA_SHA", "RedisRateLimiter"]
 GCRA_SCRIPT = """
 -- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
 -- Returns {server time, wait}, both in microseconds: the reserved call may start
--- at server time + wait. The theoretical arrival time (TAT) only moves forward.
+-- at server time + wait. The state is "<tat> <interval>": the theoretical arrival
+-- time (TAT) and the interval its tokens were booked at (a bare TAT, as older
+-- versions stored it, counts as booked at this call's interval). A decision at
+-- another interval first rescales the debt, as the native bucket's set_rate does:
+-- the tokens still owed keep their number at the new interval, and after a rise
+-- the next start comes no sooner than one new interval after the last booked one.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
+local raw = redis.call('GET', KEYS[1])
+local tat = nil
+local booked = interval
+if raw then
+  local a, b = string.match(raw, '^(%S+) (%S+)$')
+  if a then
+    tat = tonumber(a)
+    booked = tonumber(b) or interval
+  else
+    tat = tonumber(raw)
+  end
+end
+if tat == nil or tat < now then
+  tat = now
+elseif booked > 0 and booked ~= interval then
+  local rescaled = now + (tat - now) / booked * interval
+  if interval < booked then
+    rescaled = math.max(rescaled, tat - burst * booked + burst * interval)
+  end
+  tat = rescaled
+end
 local start = tat - (burst - 1) * interval
 local wait = 0
 if start > now then wait = math.ceil(start - now) end
 local new_tat = math.ceil(tat + interval)
-redis.call('SET', KEYS[1], string.format('%d', new_tat),
+redis.call('SET', KEYS[1], string.format('%d %.17g', new_tat, interval),
            'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {string.format('%d', now), wait}
 """

@@ -3,14 +3,14 @@
 ``@opmap`` makes a rate limit global across the map's workers. Threads and
 asyncio tasks share the decorated function's own bucket; worker processes
 (``mode="process"``, ``"async_process"``, ``"dask"`` and process executors)
-share this one instead: the GCRA state (one double, the theoretical arrival
-time) lives in a small file mapped into memory (``/dev/shm`` when present), and
-every decision holds an exclusive lock on that file: ``flock`` on POSIX,
-``msvcrt.locking`` on a byte past the state on Windows (which has no
-``fcntl``). Both are released by the system when a process dies, so a
-worker killed mid-decision never leaves the bucket locked. ``time.monotonic()``
-reads ``CLOCK_MONOTONIC``, which is system-wide on Linux and macOS, so readings
-from different processes compare.
+share this one instead: the GCRA state (two doubles: the theoretical arrival
+time and the interval between tokens it was booked at) lives in a small file
+mapped into memory (``/dev/shm`` when present), and every decision holds an
+exclusive lock on that file: ``flock`` on POSIX, ``msvcrt.locking`` on a byte
+past the state on Windows (which has no ``fcntl``). Both are released by the
+system when a process dies, so a worker killed mid-decision never leaves the
+bucket locked. ``time.monotonic()`` reads ``CLOCK_MONOTONIC``, which is
+system-wide on Linux and macOS, so readings from different processes compare.
 
 The limiter pickles as its path, rate and burst: a worker that unpickles it
 opens the same file. It is global for the processes of one host; Dask workers
@@ -35,7 +35,12 @@ import time
 import weakref
 from typing import Any
 
-_TAT = struct.Struct("d")
+#: The shared state: the theoretical arrival time and the emission interval (seconds
+#: per token) of the last decision; 0.0 until the first one. Knowing the interval the
+#: booked tokens were spaced at lets a decision at another rate rescale the debt
+#: instead of reading it at the new interval (a lowered rate would otherwise turn
+#: the old debt into ``burst - 1`` extra free tokens).
+_TAT = struct.Struct("dd")
 
 if sys.platform == "win32":
     import msvcrt
@@ -94,6 +99,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _rescale(tat: float, old: float, new: float, burst: int, now: float) -> float:
+    """Return the arrival time ``tat`` (booked at ``old`` s per token) at ``new`` s per token.
+
+    The rule of the native bucket's ``set_rate`` (rust/ratelimit.rs): the tokens
+    still owed keep their number, spaced at the new interval, and after a rise the
+    next start never comes less than one new interval after the last booked one.
+    """
+    if tat <= now or old <= 0.0 or old == new:
+        return tat
+    rescaled = now + (tat - now) / old * new
+    if new < old:
+        return max(rescaled, tat - burst * old + burst * new)
+    return rescaled
+
+
 def _unlink(path: str) -> None:
     """Remove the state file, ignoring a file that is already gone."""
     with contextlib.suppress(FileNotFoundError):
@@ -125,7 +145,7 @@ class SharedTokenBucket:
         self.burst = burst
         if path is None:
             fd, path = tempfile.mkstemp(prefix="opero-ratelimit-", dir=_shm_dir())
-            os.write(fd, _TAT.pack(0.0))
+            os.write(fd, _TAT.pack(0.0, 0.0))
             os.close(fd)
             self._finalizer: Any = weakref.finalize(self, _unlink, path)
         else:
@@ -166,16 +186,26 @@ class SharedTokenBucket:
         Returns:
             0.0 when a token is free now, else the delay in seconds.
 
+        Raises:
+            ValueError: ``rate`` is not a finite number > 0 (NaN, 0 or negative
+                would otherwise poison the shared state or lift the limit).
+
         """
-        emission = 1.0 / (self.rate if rate is None or rate <= 0 else rate)
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        emission = 1.0 / (self.rate if rate is None else rate)
+        if not math.isfinite(emission):
+            raise ValueError(f"rate {rate!r} is too small: its interval is not finite")
         tolerance = (self.burst - 1) * emission
         with self._lock:
             shared = self._attach()
             _lock(self._fd)
             try:
                 now = time.monotonic()
-                tat: float = max(_TAT.unpack_from(shared, 0)[0], now)
-                _TAT.pack_into(shared, 0, tat + emission)
+                stored, booked_at = _TAT.unpack_from(shared, 0)
+                stored = _rescale(stored, booked_at, emission, self.burst, now)
+                tat: float = max(stored, now)
+                _TAT.pack_into(shared, 0, tat + emission, emission)
             finally:
                 _unlock(self._fd)
         return max(0.0, tat - tolerance - now)

@@ -1,0 +1,135 @@
+"""Hostile pass on @opmap pools and the rate limiters: each test is an attack that broke a build.
+
+Scenarios that can hang (forks, kills, signals) run in their own interpreter with a
+deadline (tests/faultkit.py).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import pickle
+from typing import TYPE_CHECKING
+
+import pytest
+
+from opero._ratelimit_redis import RedisRateLimiter
+from opero._shared_limiter import SharedTokenBucket
+
+if TYPE_CHECKING:
+    from conftest import RedisServer  # noqa: F401
+
+
+# ------------------------------------------------------------ SharedTokenBucket
+
+
+def test_shared_bucket_lowered_rate_frees_no_extra_burst() -> None:
+    """After a burst at 100/s, a drop to 1/s repays the owed tokens at 1/s: no free grants."""
+    bucket = SharedTokenBucket(rate=100.0, burst=10)
+    try:
+        assert [bucket.reserve() for _ in range(10)] == [0.0] * 10
+        waits = [bucket.reserve(1.0) for _ in range(5)]
+        # The 10 owed tokens take 10 s at 1/s, minus the 9 s of burst tolerance.
+        assert all(w > 0.5 for w in waits), waits
+        for k in range(1, 5):
+            assert waits[k] - waits[k - 1] == pytest.approx(1.0, abs=1e-3)
+    finally:
+        bucket.close()
+
+
+def test_shared_bucket_raised_rate_keeps_booked_starts() -> None:
+    """After 20 calls booked at 50/s, a rise to 100/s starts the next one after the last booked."""
+    bucket = SharedTokenBucket(rate=50.0, burst=1)
+    try:
+        booked = [bucket.reserve() for _ in range(21)]
+        assert booked[20] == pytest.approx(0.4, abs=0.05)
+        nxt = bucket.reserve(100.0)
+        assert nxt - booked[20] == pytest.approx(0.01, abs=1e-3)
+    finally:
+        bucket.close()
+
+
+def test_shared_bucket_alternating_rates_keep_the_window_bound() -> None:
+    """Two processes' rates alternating on one bucket never grant more than burst + rate*T."""
+    bucket = SharedTokenBucket(rate=1.0, burst=5)
+    try:
+        waits = [bucket.reserve(1.0 if i % 2 else 1000.0) for i in range(40)]
+        # Whatever the order of rates, the free grants cannot exceed the burst plus what
+        # the fastest rate earns over the (tiny) time this loop takes.
+        assert sum(1 for w in waits if w == 0.0) <= 5 + 2
+    finally:
+        bucket.close()
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, math.nan, math.inf, 1e-320])
+def test_shared_bucket_rejects_a_bad_rate_per_decision(rate: float) -> None:
+    """reserve(rate) with NaN, 0, a negative, inf or a denormal rate raises, not lifts the limit."""
+    bucket = SharedTokenBucket(rate=0.001, burst=1)
+    try:
+        assert bucket.reserve() == 0.0
+        with pytest.raises(ValueError, match="rate"):
+            bucket.reserve(rate)
+        # The state is intact: the next token is still ~1000 s away.
+        assert bucket.reserve() > 900.0
+    finally:
+        bucket.close()
+
+
+def _reserve_at(bucket: SharedTokenBucket, rate: float, n: int, out: multiprocessing.Queue) -> None:
+    """Reserve ``n`` tokens at ``rate`` in a child; report how many were free."""
+    out.put(sum(1 for _ in range(n) if bucket.reserve(rate) == 0.0))
+
+
+def test_shared_bucket_lowered_rate_across_processes() -> None:
+    """A child lowering the rate after the parent's burst gets no free token from the old debt."""
+    ctx = multiprocessing.get_context("spawn")
+    # The parent's burst leaves 100 s of debt at 0.1/s, ample for a child's start-up.
+    bucket = SharedTokenBucket(rate=0.1, burst=10)
+    try:
+        assert sum(1 for _ in range(10) if bucket.reserve() == 0.0) == 10
+        out = ctx.Queue()
+        copy = pickle.loads(pickle.dumps(bucket))
+        proc = ctx.Process(target=_reserve_at, args=(copy, 0.001, 5, out))
+        proc.start()
+        free = out.get(timeout=60)
+        proc.join(timeout=60)
+        assert free == 0
+    finally:
+        bucket.close()
+
+
+# ------------------------------------------------------------ Redis GCRA
+
+
+@pytest.mark.redis
+def test_redis_lowered_rate_frees_no_extra_burst(redis_url: str) -> None:
+    """After a burst at 100/s, a drop to 1/s repays the owed tokens at 1/s: no free grants."""
+    limiter = RedisRateLimiter("attack-lower", rate=100, burst=10, url=redis_url)
+    assert [limiter.reserve() for _ in range(10)] == [0.0] * 10
+    waits = [limiter.reserve(1.0) for _ in range(5)]
+    assert all(w > 0.5 for w in waits), waits
+    for k in range(1, 5):
+        assert waits[k] - waits[k - 1] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.redis
+def test_redis_raised_rate_keeps_booked_starts(redis_url: str) -> None:
+    """After 20 calls booked at 50/s, a rise to 100/s starts the next one after the last booked."""
+    limiter = RedisRateLimiter("attack-raise", rate=50, burst=1, url=redis_url)
+    starts = [sum(limiter.reserve_with_time()) for _ in range(21)]
+    now, wait = limiter.reserve_with_time(100.0)
+    assert now + wait - starts[20] == pytest.approx(0.01, abs=1e-5)
+
+
+@pytest.mark.redis
+def test_redis_reads_the_state_of_older_versions(redis_url: str) -> None:
+    """A bare arrival time (the format before 3.0) is read as booked at the current interval."""
+    import redis
+
+    limiter = RedisRateLimiter("attack-old", rate=1, burst=1, url=redis_url)
+    now, wait = limiter.reserve_with_time()
+    assert wait == 0.0
+    raw = redis.Redis.from_url(redis_url)
+    # What the old script stored after that one call: TAT = now + 1 s, in microseconds.
+    raw.set("{opero:rl:attack-old}", str(int(now * 1e6) + 1_000_000), px=5000)
+    assert limiter.reserve() == pytest.approx(1.0, abs=0.1)
