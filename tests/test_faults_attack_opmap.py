@@ -6,13 +6,16 @@ deadline (tests/faultkit.py).
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import pickle
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from faultkit import run_scenario
 from opero._ratelimit_redis import RedisRateLimiter
 from opero._shared_limiter import SharedTokenBucket
 
@@ -133,3 +136,62 @@ def test_redis_reads_the_state_of_older_versions(redis_url: str) -> None:
     # What the old script stored after that one call: TAT = now + 1 s, in microseconds.
     raw.set("{opero:rl:attack-old}", str(int(now * 1e6) + 1_000_000), px=5000)
     assert limiter.reserve() == pytest.approx(1.0, abs=0.1)
+
+
+# ------------------------------------------------------------ process pool
+
+POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX fork and signals")
+
+
+def _result(source: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Run a scenario; return the JSON of its last ``RESULT`` line."""
+    outcome = run_scenario(source, timeout=timeout)
+    lines = [line[7:] for line in outcome.lines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT (exit {outcome.returncode})\n{outcome.stdout}\n{outcome.stderr}"
+    return dict(json.loads(lines[-1]))
+
+
+@POSIX
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit"])
+def test_result_whose_unpickling_raises_a_base_exception_fails_only_its_item(raised: str) -> None:
+    """A result raising KeyboardInterrupt/SystemExit when unpickled fails its item, not the pool."""
+    result = _result(
+        f"""
+        import json, threading, time, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+
+        def hostile():
+            raise {raised}("raised by a result's __reduce__")
+
+        class Hostile:
+            def __reduce__(self):
+                return (hostile, ())
+
+        def f(x):
+            if x == "bad":
+                return Hostile()
+            if x == "slow":
+                time.sleep(1.0)
+            return x
+
+        if __name__ == "__main__":
+            m = opmap(mode="process", workers=2, progress=False)(f)
+            other = {{}}
+            t = threading.Thread(target=lambda: other.setdefault("r", m(["slow", 1, 2])))
+            t.start()
+            time.sleep(0.3)
+            mine = m(["bad", 5])
+            t.join(60)
+            print("RESULT " + json.dumps({{
+                "mine": [type(r).__name__ if isinstance(r, BaseException) else r for r in mine],
+                "note": str(mine[0]),
+                "other": other.get("r"),
+                "again": m([7, 8]),
+            }}), flush=True)
+        """
+    )
+    assert result["mine"] == ["OperoError", 5]
+    assert raised in result["note"]
+    assert result["other"] == ["slow", 1, 2]
+    assert result["again"] == [7, 8]

@@ -114,6 +114,24 @@ def _encode_result(
         return pickle.dumps((job_id, values, errors or None), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _unpickling_error(exc: BaseException) -> Exception:
+    """Return the error of a job whose results raised ``exc`` while unpickled in the parent.
+
+    Unpickling runs code of the results' classes in the dispatcher thread, which
+    a signal never interrupts: a ``KeyboardInterrupt`` or ``SystemExit`` raised
+    there comes from that code, not from the user, and must fail the job's
+    items, never the dispatcher (which would fail every map on the pool).
+    """
+    if isinstance(exc, Exception):
+        return exc
+    error = OperoError(
+        f"unpickling this item's result in the parent process raised {exc!r} "
+        "(its class's __reduce__ or __setstate__)"
+    )
+    error.__cause__ = exc
+    return error
+
+
 def _died(pid: int | None, exitcode: int | None) -> WorkerDiedError:
     """Build the error of an item whose worker process died."""
     how = f"exit code {exitcode}" if exitcode is None or exitcode >= 0 else f"signal {-exitcode}"
@@ -625,8 +643,8 @@ class ProcessPool:
             job = w.jobs.popleft()
             try:
                 _job_id, values, errors = pickle.loads(message)
-            except Exception as exc:  # a result that pickles but does not unpickle here
-                values, errors = None, exc
+            except BaseException as exc:  # a result that pickles but does not unpickle here
+                values, errors = None, _unpickling_error(exc)
             if values is None and job.size > 1 and not job.run.cancelled:
                 # The job failed as a whole (an item or a result that does not
                 # unpickle): run its items one per job, so only the bad one fails.
