@@ -195,3 +195,31 @@ def test_result_whose_unpickling_raises_a_base_exception_fails_only_its_item(rai
     assert raised in result["note"]
     assert result["other"] == ["slow", 1, 2]
     assert result["again"] == [7, 8]
+
+
+@POSIX
+def test_process_pool_starts_only_the_workers_its_jobs_need() -> None:
+    """workers=10**6 over three items starts three processes, not a million (a fork bomb)."""
+    result = _result(
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+        from opero._process_pool import process_pool
+
+        def f(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            huge = opmap(mode="process", workers=10**6, chunksize=1, progress=False)(f)
+            out = huge([1, 2, 3])
+            started = len(process_pool(10**6).pids())
+            for w in range(1, 9):  # one pool per worker count, each asked for one item
+                opmap(mode="process", workers=w, progress=False)(f)([w])
+            total = sum(len(process_pool(w).pids()) for w in range(1, 9))
+            print("RESULT " + json.dumps({"out": out, "started": started, "total": total}))
+        """
+    )
+    assert result["out"] == [2, 4, 6]
+    assert 1 <= result["started"] <= 3
+    assert result["total"] == 8

@@ -433,8 +433,15 @@ class ProcessPool:
         Workers are missing at first, after a worker died, and after a worker
         failed to start (see :class:`WorkerStartError`): then the next map
         tries again, so a pool that cannot start does not spawn forever.
+
+        Only as many are started as there are jobs waiting for a worker, up
+        to ``workers``: a map of two items with ``workers=64`` starts two
+        processes, not 64 that would idle until exit.
         """
-        while len(self._procs) < self.workers and self._start_failed is None:
+        idle = sum(1 for w in self._procs if not w.jobs and not w.killed)
+        waiting = sum(len(run.pending) for run in self._runs if not run.cancelled)
+        while len(self._procs) < self.workers and waiting > idle and self._start_failed is None:
+            idle += 1
             try:
                 self._procs.append(self._spawn())
             except Exception as exc:  # out of processes or file descriptors, ...
