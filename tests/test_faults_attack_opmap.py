@@ -101,6 +101,31 @@ def test_shared_bucket_lowered_rate_across_processes() -> None:
         bucket.close()
 
 
+def test_shared_bucket_survives_its_state_file_being_removed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process attaching after the state file was removed starts a new one (logged), no error."""
+    import os
+
+    bucket = SharedTokenBucket(rate=0.001, burst=2)
+    try:
+        assert bucket.reserve() == 0.0
+        os.unlink(bucket.path)
+        copy = pickle.loads(pickle.dumps(bucket))  # attaches afresh, like a new worker
+        with caplog.at_level("WARNING", logger="opero"):
+            assert copy.reserve() == 0.0
+        assert any("had been removed" in r.getMessage() for r in caplog.records)
+        # The new file is shared by every later attacher: its state holds the decision.
+        later = pickle.loads(pickle.dumps(bucket))
+        assert later.reserve() == 0.0
+        assert later.reserve() > 900.0
+        copy.close()
+        later.close()
+    finally:
+        bucket.close()
+    assert not os.path.exists(bucket.path)
+
+
 # ------------------------------------------------------------ Redis GCRA
 
 
@@ -223,3 +248,39 @@ def test_process_pool_starts_only_the_workers_its_jobs_need() -> None:
     assert result["out"] == [2, 4, 6]
     assert 1 <= result["started"] <= 3
     assert result["total"] == 8
+
+
+@POSIX
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_callable_rate_that_fails_fails_the_items_in_every_mode(mode: str) -> None:
+    """A rate_limit callable that raises or returns NaN fails each item, as in thread mode."""
+    result = _result(
+        f"""
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+
+        def down():
+            raise RuntimeError("quota service down")
+
+        def nan():
+            return float("nan")
+
+        def f(x):
+            return x
+
+        if __name__ == "__main__":
+            out = {{}}
+            for rate in (down, nan):
+                m = opmap(mode={mode!r}, workers=2, rate_limit=rate, retries=0, progress=False)(f)
+                try:
+                    out[rate.__name__] = [type(r).__name__ for r in m([1, 2])]
+                except BaseException as exc:
+                    out[rate.__name__] = "raised " + type(exc).__name__
+            print("RESULT " + json.dumps(out), flush=True)
+        """
+    )
+    assert result == {
+        "down": ["RuntimeError", "RuntimeError"],
+        "nan": ["ConfigurationError", "ConfigurationError"],
+    }

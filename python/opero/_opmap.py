@@ -476,7 +476,10 @@ class MappedFunction(Generic[R]):
             return None
         with self._limiter_lock:
             if self._limiter is None:
-                current = rate() if callable(rate) else rate
+                # A callable rate is read by the workers on every call and passed to
+                # reserve(rate); 1.0 is a placeholder (reading it here would fail the
+                # whole map, not its items, when it raises or returns a bad rate).
+                current = 1.0 if callable(rate) else rate
                 burst = self._opero_options.get("rate_burst") or 1
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter

@@ -24,6 +24,7 @@ A decision costs two lock calls and a few bytes of shared memory, about
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -41,6 +42,8 @@ from typing import Any
 #: instead of reading it at the new interval (a lowered rate would otherwise turn
 #: the old debt into ``burst - 1`` extra free tokens).
 _TAT = struct.Struct("dd")
+
+_log = logging.getLogger("opero")
 
 if sys.platform == "win32":
     import msvcrt
@@ -169,8 +172,27 @@ class SharedTokenBucket:
         """
         pid = os.getpid()
         if self._pid != pid or self._map is None:
-            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-            self._map = mmap.mmap(fd, _TAT.size)
+            flags = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                # Removed under us (a /dev/shm or tmp clean-up): start a new, full
+                # bucket at the same path rather than failing every call from now on.
+                # Processes still attached to the old file keep deciding on it until
+                # they are replaced, so the limit may be exceeded once, by one burst.
+                fd = os.open(self.path, flags | os.O_CREAT, 0o600)
+                _log.warning(
+                    "opero: the shared rate-limit state %s had been removed; "
+                    "a new one starts with a full bucket",
+                    self.path,
+                )
+            try:
+                if os.fstat(fd).st_size < _TAT.size:  # new (or cut short): zeros are a full bucket
+                    os.ftruncate(fd, _TAT.size)
+                self._map = mmap.mmap(fd, _TAT.size)
+            except BaseException:
+                os.close(fd)
+                raise
             self._fd = fd
             self._pid = pid
         return self._map
