@@ -284,3 +284,88 @@ def test_callable_rate_that_fails_fails_the_items_in_every_mode(mode: str) -> No
         "down": ["RuntimeError", "RuntimeError"],
         "nan": ["ConfigurationError", "ConfigurationError"],
     }
+
+
+@POSIX
+def test_async_process_worker_death_fails_only_the_items_that_killed_it() -> None:
+    """An async_process worker killed by os._exit, SIGKILL or a segfault fails only its item."""
+    result = _result(
+        """
+        import asyncio, ctypes, json, os, signal, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+
+        async def f(x):
+            if x == 5:
+                os._exit(9)
+            if x == 17:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if x == 30:
+                ctypes.string_at(0)
+            await asyncio.sleep(0.001)
+            return x * 2
+
+        if __name__ == "__main__":
+            m = opmap(mode="async_process", workers=2, retries=0, progress=False)(f)
+            out = m(range(40))
+            print("RESULT " + json.dumps({
+                "failed": [i for i, r in enumerate(out) if isinstance(r, BaseException)],
+                "kinds": sorted({type(r).__name__ for r in out if isinstance(r, BaseException)}),
+                "right": all(r == 2 * i for i, r in enumerate(out)
+                             if not isinstance(r, BaseException)),
+                "again": m([1, 2]),
+            }), flush=True)
+        """,
+        timeout=120,
+    )
+    assert result["failed"] == [5, 17, 30]
+    assert result["kinds"] == ["WorkerDiedError"]
+    assert result["right"] is True
+    assert result["again"] == [2, 4]
+
+
+@POSIX
+def test_ctrl_c_stops_an_async_process_map() -> None:
+    """Ctrl-C during an async_process map stops its queued items: no item starts afterwards."""
+    result = _result(
+        """
+        import json, os, signal, tempfile, threading, time, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+
+        LOG = os.path.join(tempfile.mkdtemp(), "started")
+
+        async def f(x):
+            with open(LOG, "a") as log:
+                log.write(f"{x}\\n")
+            time.sleep(0.05)  # blocks its worker: items run one after another
+            return x
+
+        if __name__ == "__main__":
+            m = opmap(mode="async_process", workers=2, retries=0, progress=False)(f)
+            assert m([1, 2]) == [1, 2]
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            t0 = time.monotonic()
+            try:
+                m(range(400))
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            took = time.monotonic() - t0
+            time.sleep(0.5)  # items already running finish
+            with open(LOG) as log:
+                at_stop = len(log.read().split())
+            time.sleep(1.5)
+            with open(LOG) as log:
+                later = len(log.read().split())
+            print("RESULT " + json.dumps({
+                "interrupted": interrupted, "took": took, "at_stop": at_stop, "later": later,
+                "again": m([7, 8]),
+            }), flush=True)
+        """,
+        timeout=120,
+    )
+    assert result["interrupted"] is True
+    assert result["later"] == result["at_stop"], "items kept starting after the interrupt"
+    assert result["at_stop"] < 400
+    assert result["again"] == [7, 8]

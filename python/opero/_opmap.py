@@ -388,7 +388,12 @@ class MappedFunction(Generic[R]):
             with cf.ThreadPoolExecutor(1, thread_name_prefix="opero-opmap-async") as helper:
                 return helper.submit(asyncio.run, self._amap_async(values)).result()
         if self._executor is None and self._mode == "async_process":
-            return _pools.background_loop().submit(self._amap_aio_process(values)).result()
+            future = _pools.background_loop().submit(self._amap_aio_process(values))
+            try:
+                return future.result()
+            except BaseException:  # Ctrl-C: stop the map on the background loop too
+                future.cancel()
+                raise
         return self._map_sync(values)
 
     async def amap(self, items: Iterable[Any]) -> list[Any]:
