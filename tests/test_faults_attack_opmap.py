@@ -277,7 +277,7 @@ def test_callable_rate_that_fails_fails_the_items_in_every_mode(mode: str) -> No
                     out[rate.__name__] = [type(r).__name__ for r in m([1, 2])]
                 except BaseException as exc:
                     out[rate.__name__] = "raised " + type(exc).__name__
-            print("RESULT " + json.dumps(out), flush=True)
+            print("RESULT " + json.dumps([[type(r).__name__, str(r)] for r in out]), flush=True)
         """
     )
     assert result == {
@@ -369,3 +369,27 @@ def test_ctrl_c_stops_an_async_process_map() -> None:
     assert result["later"] == result["at_stop"], "items kept starting after the interrupt"
     assert result["at_stop"] < 400
     assert result["again"] == [7, 8]
+
+
+@POSIX
+def test_nested_process_map_names_the_fix() -> None:
+    """A process map called inside a process-map worker fails with an error saying what to use."""
+    result = _result(
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from opero import opmap
+
+        def inner(x):
+            return x + 1
+
+        def outer(x):
+            return opmap(mode="process", workers=2, retries=0, progress=False)(inner)([x])
+
+        if __name__ == "__main__":
+            out = opmap(mode="process", workers=2, retries=0, progress=False)(outer)([1, 2])
+            print("RESULT " + json.dumps([[type(r).__name__, str(r)] for r in out]), flush=True)
+        """
+    )
+    assert [kind for kind, _ in result] == ["WorkerStartError", "WorkerStartError"]
+    assert all("mode='thread'" in message for _, message in result)

@@ -445,7 +445,14 @@ class ProcessPool:
             try:
                 self._procs.append(self._spawn())
             except Exception as exc:  # out of processes or file descriptors, ...
-                error = WorkerStartError(f"opmap: could not start a worker process: {exc!r}")
+                hint = ""
+                if multiprocessing.current_process().daemon:
+                    hint = (
+                        "; this map runs inside a worker process of another process-mode "
+                        "map, which cannot start processes: use mode='thread' (or 'async') "
+                        "for the inner map"
+                    )
+                error = WorkerStartError(f"opmap: could not start a worker process: {exc!r}{hint}")
                 error.__cause__ = exc
                 self._fail_all(error)
 
