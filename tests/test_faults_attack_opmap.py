@@ -277,7 +277,8 @@ def test_callable_rate_that_fails_fails_the_items_in_every_mode(mode: str) -> No
                     out[rate.__name__] = [type(r).__name__ for r in m([1, 2])]
                 except BaseException as exc:
                     out[rate.__name__] = "raised " + type(exc).__name__
-            print("RESULT " + json.dumps([[type(r).__name__, str(r)] for r in out]), flush=True)
+            errors = [[type(r).__name__, str(r)] for r in out]
+            print("RESULT " + json.dumps({"errors": errors}), flush=True)
         """
     )
     assert result == {
@@ -388,8 +389,10 @@ def test_nested_process_map_names_the_fix() -> None:
 
         if __name__ == "__main__":
             out = opmap(mode="process", workers=2, retries=0, progress=False)(outer)([1, 2])
-            print("RESULT " + json.dumps([[type(r).__name__, str(r)] for r in out]), flush=True)
+            errors = [[type(r).__name__, str(r)] for r in out]
+            print("RESULT " + json.dumps({"errors": errors}), flush=True)
         """
     )
-    assert [kind for kind, _ in result] == ["WorkerStartError", "WorkerStartError"]
-    assert all("mode='thread'" in message for _, message in result)
+    errors = result["errors"]
+    assert [kind for kind, _ in errors] == ["WorkerStartError", "WorkerStartError"]
+    assert all("mode='thread'" in message for _, message in errors)
