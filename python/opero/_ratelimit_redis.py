@@ -3,8 +3,8 @@
 Each decision is one atomic Lua script (one ``EVALSHA`` round trip) running
 GCRA on the Redis server's clock (``redis.call('TIME')``), so the clocks of the
 calling hosts never matter. The state is the theoretical arrival time in
-microseconds and the interval its tokens were booked at (so a changed rate
-rescales the debt instead of reinterpreting it), under the key
+microseconds, the interval its tokens were booked at (so a changed rate
+rescales the debt instead of reinterpreting it) and the last booked start, under the key
 ``{opero:rl:<key>}``: the whole key is a Redis Cluster hash tag, so it lives in
 one slot and the script never crosses slots. The key expires once the bucket is
 full again, so idle limits leave nothing behind.
@@ -55,12 +55,12 @@ __all__ = ["GCRA_SCRIPT", "GCRA_SHA", "RedisRateLimiter"]
 GCRA_SCRIPT = """
 -- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
 -- Returns {server time, wait}, both in microseconds: the reserved call may start
--- at server time + wait. The state is "<tat> <interval>": the theoretical arrival
--- time (TAT) and the interval its tokens were booked at (a bare TAT, as older
--- versions stored it, counts as booked at this call's interval). A decision at
--- another interval first rescales the debt, as the native bucket's set_rate does:
--- the tokens still owed keep their number at the new interval, and after a rise
--- the next start comes no sooner than one new interval after the last booked one.
+-- at server time + wait. The state is "<tat> <interval> <last start>": the
+-- theoretical arrival time (TAT), the interval its tokens were booked at, and the
+-- start of the latest call that had to wait (a bare TAT, as older versions stored
+-- it, counts as booked at this call's interval). The rules are the native
+-- bucket's (rust/ratelimit.rs): a decision at another interval rescales the tokens
+-- owed to it, and no call starts less than one interval after the last booked one.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -69,11 +69,13 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local raw = redis.call('GET', KEYS[1])
 local tat = nil
 local booked = interval
+local last = nil
 if raw then
-  local a, b = string.match(raw, '^(%S+) (%S+)$')
+  local a, b, c = string.match(raw, '^(%S+) (%S+) (%S+)$')
   if a then
     tat = tonumber(a)
     booked = tonumber(b) or interval
+    last = tonumber(c)
   else
     tat = tonumber(raw)
   end
@@ -81,18 +83,20 @@ end
 if tat == nil or tat < now then
   tat = now
 elseif booked > 0 and booked ~= interval then
-  local rescaled = now + (tat - now) / booked * interval
-  if interval < booked then
-    rescaled = math.max(rescaled, tat - burst * booked + burst * interval)
-  end
-  tat = rescaled
+  tat = now + (tat - now) / booked * interval
 end
 local start = tat - (burst - 1) * interval
+if last ~= nil and last + interval > start then start = last + interval end
 local wait = 0
-if start > now then wait = math.ceil(start - now) end
+if start > now then
+  wait = math.ceil(start - now)
+  last = now + wait
+end
 local new_tat = math.ceil(tat + interval)
-redis.call('SET', KEYS[1], string.format('%d %.17g', new_tat, interval),
-           'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local expire_at = new_tat
+if last ~= nil and last > expire_at then expire_at = last end
+redis.call('SET', KEYS[1], string.format('%d %.17g %d', new_tat, interval, last or 0),
+           'PX', math.ceil((expire_at - now) / 1000) + 1000)
 return {string.format('%d', now), wait}
 """
 

@@ -3,8 +3,8 @@
 ``@opmap`` makes a rate limit global across the map's workers. Threads and
 asyncio tasks share the decorated function's own bucket; worker processes
 (``mode="process"``, ``"async_process"``, ``"dask"`` and process executors)
-share this one instead: the GCRA state (two doubles: the theoretical arrival
-time and the interval between tokens it was booked at) lives in a small file
+share this one instead: the GCRA state (three doubles: the theoretical arrival
+time, the interval between tokens it was booked at, the last booked start) lives in a small file
 mapped into memory (``/dev/shm`` when present), and every decision holds an
 exclusive lock on that file: ``flock`` on POSIX, ``msvcrt.locking`` on a byte
 past the state on Windows (which has no ``fcntl``). Both are released by the
@@ -36,12 +36,14 @@ import time
 import weakref
 from typing import Any
 
-#: The shared state: the theoretical arrival time and the emission interval (seconds
-#: per token) of the last decision; 0.0 until the first one. Knowing the interval the
-#: booked tokens were spaced at lets a decision at another rate rescale the debt
-#: instead of reading it at the new interval (a lowered rate would otherwise turn
-#: the old debt into ``burst - 1`` extra free tokens).
-_TAT = struct.Struct("dd")
+#: The shared state: the theoretical arrival time, the emission interval (seconds per
+#: token) of the last decision (0.0 until the first one) and the start of the latest
+#: reservation that had to wait. Knowing the interval the booked tokens were spaced at
+#: lets a decision at another rate rescale the debt instead of reading it at the new
+#: interval (a lowered rate would otherwise turn the old debt into ``burst - 1`` extra
+#: free tokens); the last booked start keeps a raised rate from slotting new calls
+#: between the booked ones. The rules are those of the native bucket (rust/ratelimit.rs).
+_TAT = struct.Struct("ddd")
 
 _log = logging.getLogger("opero")
 
@@ -102,19 +104,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _rescale(tat: float, old: float, new: float, burst: int, now: float) -> float:
+def _rescale(tat: float, old: float, new: float, now: float) -> float:
     """Return the arrival time ``tat`` (booked at ``old`` s per token) at ``new`` s per token.
 
-    The rule of the native bucket's ``set_rate`` (rust/ratelimit.rs): the tokens
-    still owed keep their number, spaced at the new interval, and after a rise the
-    next start never comes less than one new interval after the last booked one.
+    The tokens still owed keep their number (the rule of the native bucket's
+    ``set_rate``, rust/ratelimit.rs), so a rate that goes down and up again owes
+    what it owed; the booked starts are kept by :meth:`SharedTokenBucket.reserve`.
     """
     if tat <= now or old <= 0.0 or old == new:
         return tat
-    rescaled = now + (tat - now) / old * new
-    if new < old:
-        return max(rescaled, tat - burst * old + burst * new)
-    return rescaled
+    return now + (tat - now) / old * new
 
 
 def _unlink(path: str) -> None:
@@ -148,7 +147,7 @@ class SharedTokenBucket:
         self.burst = burst
         if path is None:
             fd, path = tempfile.mkstemp(prefix="opero-ratelimit-", dir=_shm_dir())
-            os.write(fd, _TAT.pack(0.0, 0.0))
+            os.write(fd, _TAT.pack(0.0, 0.0, 0.0))
             os.close(fd)
             self._finalizer: Any = weakref.finalize(self, _unlink, path)
         else:
@@ -224,13 +223,19 @@ class SharedTokenBucket:
             _lock(self._fd)
             try:
                 now = time.monotonic()
-                stored, booked_at = _TAT.unpack_from(shared, 0)
-                stored = _rescale(stored, booked_at, emission, self.burst, now)
-                tat: float = max(stored, now)
-                _TAT.pack_into(shared, 0, tat + emission, emission)
+                stored, booked_at, last_start = _TAT.unpack_from(shared, 0)
+                if booked_at <= 0.0:  # a new state (all zeros): nothing booked yet
+                    last_start = -math.inf
+                tat: float = max(_rescale(stored, booked_at, emission, now), now)
+                # Never before one interval after the last booked start (a raised
+                # rate must not slot new calls between the booked ones).
+                start: float = max(tat - tolerance, last_start + emission)
+                if start > now:
+                    last_start = start
+                _TAT.pack_into(shared, 0, tat + emission, emission, last_start)
             finally:
                 _unlock(self._fd)
-        return max(0.0, tat - tolerance - now)
+        return max(0.0, start - now)
 
     def close(self) -> None:
         """Unmap the file in this process and, in its creator, remove it."""
