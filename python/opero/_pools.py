@@ -485,7 +485,15 @@ async def arun_tracked_chunk(
         os.write(fd, str(os.getpid()).encode())
     finally:
         os.close(fd)
-    return await arun_chunk(target, items, stop=lambda: not os.path.isdir(folder))
+    checked = [time.monotonic(), False]  # last look at the folder, and what it said
+
+    def stop() -> bool:  # looks at most every 10 ms: a stat per item costs 2 us
+        now = time.monotonic()
+        if not checked[1] and now - checked[0] >= 0.01:
+            checked[0], checked[1] = now, not os.path.isdir(folder)
+        return bool(checked[1])
+
+    return await arun_chunk(target, items, stop=stop)
 
 
 #: Seconds a job may stay unstarted after a later job of its map started, once a
@@ -526,6 +534,8 @@ async def run_aio_process_jobs(
     suspects: collections.deque[tuple[int, int, Sequence[Any]]] = collections.deque()
     started_upto = -1  # the latest submit order known to have started
     death_seen = False
+    known_workers = set(pool.processes)  # a worker replaced since means one died
+    pids: dict[int, int] = {}  # submit order -> the pid its job noted
     unstarted_since: dict[asyncio.Future[Any], float] = {}
 
     def submit(j: int, position: int, items: Sequence[Any], suspect: bool = False) -> None:
@@ -548,12 +558,16 @@ async def run_aio_process_jobs(
             del partial[j]
             done(j, acc_values, acc_errors or None)
 
-    def noted_pid(seq: int) -> int:
+    def noted_pid(seq: int, present: set[str]) -> int:
+        pid = pids.get(seq, 0)
+        if pid or str(seq) not in present:
+            return pid
         try:
             with open(os.path.join(folder, str(seq)), "rb") as note:
-                return int(note.read() or 0)
-        except (OSError, ValueError):  # not started yet
+                pid = pids[seq] = int(note.read() or 0)
+        except (OSError, ValueError):  # being written
             return 0
+        return pid
 
     def lose(task: asyncio.Future[Any], pid: int, alone: bool) -> None:
         _seq, j, position, _suspect = tasks.pop(task)
@@ -575,25 +589,31 @@ async def run_aio_process_jobs(
 
     def replace_lost() -> None:
         nonlocal started_upto, death_seen
-        live = {p.pid for p in list(pool.processes) if p.is_alive()}
+        workers = list(pool.processes)
+        alive = [p for p in workers if p.is_alive()]
+        if not death_seen and len(alive) == len(workers) and set(workers) == known_workers:
+            return  # no worker died since the map started: nothing to look for
+        death_seen = True
+        live = {p.pid for p in alive}
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            present = set()
         lost: dict[int, list[asyncio.Future[Any]]] = {}
         unstarted: list[asyncio.Future[Any]] = []
         for task, (seq, _j, _position, _suspect) in tasks.items():
             if task.done():
                 continue
-            pid = noted_pid(seq)
+            pid = noted_pid(seq, present)
             if not pid:
                 unstarted.append(task)
                 continue
             started_upto = max(started_upto, seq)
             if pid not in live:
                 lost.setdefault(pid, []).append(task)
-        death_seen = death_seen or bool(lost)
         for pid, group in lost.items():
             for task in group:
                 lose(task, pid, alone=len(group) == 1)
-        if not death_seen:
-            return
         now = time.monotonic()
         for task in unstarted:
             if task not in tasks or tasks[task][0] > started_upto:
