@@ -432,3 +432,53 @@ def test_native_bucket_alternating_rates_do_not_inflate_the_debt() -> None:
         waits.append(bucket.reserve())
     assert all(math.isfinite(w) and w <= 200.0 for w in waits), max(waits)
     assert waits[-1] > 50.0
+
+
+@POSIX
+def test_async_process_workers_exit_when_the_parent_is_killed() -> None:
+    """async_process workers notice that their parent died (SIGKILL) and exit, not linger."""
+    result = _result(
+        """
+        import json, os, subprocess, sys, time
+        code = "\\n".join([
+            "import sys, warnings",
+            "warnings.simplefilter('ignore')",
+            "from opero import opmap, _pools",
+            "async def f(x):",
+            "    return x",
+            "if __name__ == '__main__':",
+            "    m = opmap(mode='async_process', workers=2, retries=0, progress=False)(f)",
+            "    assert m([1, 2]) == [1, 2]",
+            "    pool = _pools._AIO_POOLS[2]",
+            "    print(' '.join(str(p.pid) for p in pool.processes), flush=True)",
+            "    sys.stdin.read()",
+        ])
+        import tempfile
+        script = os.path.join(tempfile.mkdtemp(), "parent.py")
+        with open(script, "w") as fh:
+            fh.write(code)
+        child = subprocess.Popen(
+            [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        pids = [int(p) for p in child.stdout.readline().split()]
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 20
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+        for pid in alive:
+            os.kill(pid, 9)
+        print("RESULT " + json.dumps({"workers": len(pids), "alive": alive}), flush=True)
+        """,
+        timeout=90,
+    )
+    assert result["workers"] == 2
+    assert result["alive"] == []

@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util  # its atexit hook joins children: register ours after it
 import os
 import pickle
@@ -445,6 +446,24 @@ def background_loop() -> _LoopThread:
         return _BACKGROUND
 
 
+def _exit_with_parent() -> None:
+    """In an async_process worker: exit as soon as the parent process is gone.
+
+    aiomultiprocess workers poll their queue forever and never notice that
+    the parent died (SIGKILL, a crash); without this they would linger as
+    orphans, polling every 5 ms, until the machine restarts.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "_sentinel", None) is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="opero-parent-watch", daemon=True).start()
+
+
 def aio_process_pool(workers: int) -> Any:
     """Return the ``aiomultiprocess.Pool`` with ``workers`` processes.
 
@@ -453,8 +472,30 @@ def aio_process_pool(workers: int) -> Any:
     pool = _AIO_POOLS.get(workers)
     if pool is None:
         aiomultiprocess = importlib.import_module("aiomultiprocess")
-        pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(processes=workers)
+        _start_aio_manager()
+        pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(
+            processes=workers, initializer=_exit_with_parent
+        )
     return pool
+
+
+def _start_aio_manager() -> None:
+    """Start aiomultiprocess's shared manager process ourselves, with the parent watch.
+
+    aiomultiprocess starts a ``SyncManager`` server process on first use (each
+    worker keeps a namespace there); it too would outlive a killed parent
+    forever. Started here with :func:`_exit_with_parent` as its initializer, it
+    exits with its parent. Versions without the ``core._manager`` singleton
+    are left alone.
+    """
+    core = importlib.import_module("aiomultiprocess.core")
+    if getattr(core, "_manager", False) is not None or not hasattr(core, "context"):
+        return
+    import multiprocessing.managers
+
+    manager = multiprocessing.managers.SyncManager(ctx=core.context)
+    manager.start(initializer=_exit_with_parent)
+    setattr(core, "_manager", manager)  # noqa: B010 (a private name mypy does not see)
 
 
 #: Seconds between two looks at the async_process workers for one that died.
