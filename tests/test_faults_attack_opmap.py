@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from faultkit import run_scenario
-from opero._ratelimit_redis import RedisRateLimiter
-from opero._shared_limiter import SharedTokenBucket
+from opero._ratelimit import SharedTokenBucket
+from opero._ratelimit.redis import RedisRateLimiter
 
 if TYPE_CHECKING:
     from conftest import RedisServer  # noqa: F401
@@ -232,7 +232,7 @@ def test_process_pool_starts_only_the_workers_its_jobs_need() -> None:
         import json, warnings
         warnings.simplefilter("ignore")
         from opero import opmap
-        from opero._process_pool import process_pool
+        from opero._map.process_pool import process_pool
 
         def f(x):
             return x * 2

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from opero.errors import OperoError
+from opero.errors import OperoError, WorkerDiedError
 
 __all__ = [
     "CancelScope",
