@@ -1,0 +1,131 @@
+"""Hostile pass on the @opero call pipeline after the restructure (issue 9, third pass)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import opero
+from opero import opero as op
+
+CALLS = 200
+
+
+@pytest.fixture(autouse=True)
+def _instant_and_quiet() -> Iterator[None]:
+    """Make retries instant and silence the exhaustion warnings."""
+    opero.set_testing(True)
+    logger = logging.getLogger("opero")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        opero.set_testing(False)
+
+
+async def afails(x: int, endpoint: tuple[str, ...] = ("a", "b")) -> None:
+    """Raise ValueError(x) asynchronously, always."""
+    raise ValueError(x)
+
+
+async def aleft_for_collector(call: Any) -> int:
+    """Await ``call(i)`` CALLS times, collector off, dropping errors; return collect()."""
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(CALLS):
+            try:
+                await call(i)
+            except Exception:
+                continue
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+ASYNC_CACHED = {
+    "memory": {"retries": 2, "cache": True},
+    "memory+key": {"retries": 2, "cache": True, "cache_key": lambda f, x: ("k", x)},
+    "memory+fallback": {"retries": 1, "cache": True, "arg_fallback": "endpoint"},
+    "disk": {"retries": 1, "cache": True, "cache_backend": "disk"},
+}
+
+
+@pytest.mark.parametrize("config", sorted(ASYNC_CACHED))
+def test_async_cached_exhaustion_leaves_no_cycle(config: str, tmp_path: Any) -> None:
+    """A failed async call through the cache's task flight is freed by refcounting."""
+    options = dict(ASYNC_CACHED[config])
+    if options.get("cache_backend") == "disk":
+        options["cache_dir"] = str(tmp_path)
+    func = op(**options)(afails)
+
+    async def main() -> tuple[int, int]:
+        with pytest.raises(Exception):  # noqa: B017 (warm-up)
+            await func(-1)
+        return await aleft_for_collector(afails), await aleft_for_collector(func)
+
+    baseline, leaked = asyncio.run(main())
+    assert baseline == 0
+    assert leaked == 0
+
+
+def fails(x: int) -> None:
+    """Raise ValueError(x), always."""
+    raise ValueError(x)
+
+
+def test_sync_flight_exhaustion_leaves_no_cycle(tmp_path: Any) -> None:
+    """A failed sync call through the thread flight (disk cache) is freed by refcounting."""
+    func = op(retries=1, cache=True, cache_backend="disk", cache_dir=str(tmp_path))(fails)
+    with pytest.raises(ValueError):
+        func(-1)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(CALLS // 4):
+            with pytest.raises(ValueError):
+                func(i)
+        leaked = gc.collect()
+    finally:
+        gc.enable()
+    assert leaked == 0
+
+
+def test_async_cached_waiters_leave_no_cycle() -> None:
+    """Tasks that wait on a failing flight get its error and leave no cycle behind."""
+    gate: list[asyncio.Event] = []
+
+    @op(retries=0, cache=True)
+    async def slow_fail(x: int) -> None:
+        await gate[0].wait()
+        raise ValueError(x)
+
+    async def round_(i: int) -> list[BaseException | None]:
+        gate[:] = [asyncio.Event()]
+        tasks = [asyncio.ensure_future(slow_fail(i)) for _ in range(3)]
+        await asyncio.sleep(0)
+        gate[0].set()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    async def main() -> tuple[list[BaseException | None], int]:
+        first = await round_(-1)
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(50):
+                await round_(i)
+            return first, gc.collect()
+        finally:
+            gc.enable()
+
+    first, leaked = asyncio.run(main())
+    assert [type(e) for e in first] == [ValueError] * 3
+    assert first[0] is first[1] is first[2]
+    assert leaked == 0
