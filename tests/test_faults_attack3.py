@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 import opero
 from opero import opero as op
+from opero.errors import attempt_errors
 
 CALLS = 200
 
@@ -129,3 +131,70 @@ def test_async_cached_waiters_leave_no_cycle() -> None:
     assert [type(e) for e in first] == [ValueError] * 3
     assert first[0] is first[1] is first[2]
     assert leaked == 0
+
+
+class AsyncCallable:
+    """A callable object whose ``__call__`` is ``async def`` and fails twice."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, x: int) -> int:
+        """Fail on the first two calls, then return ``x``."""
+        self.calls += 1
+        if self.calls < 3:
+            raise ConnectionError(self.calls)
+        return x
+
+
+def test_async_callable_object_is_retried() -> None:
+    """An object with an ``async def __call__`` is decorated as async: its errors are retried."""
+    target = AsyncCallable()
+    func = op(retries=3)(target)
+    assert func.__opero__.is_async
+
+    assert asyncio.run(func(7)) == 7
+    assert target.calls == 3
+
+
+def test_partial_of_async_callable_object_is_retried() -> None:
+    """A ``functools.partial`` over an async callable object is async too."""
+    target = AsyncCallable()
+    func = op(retries=3)(functools.partial(target, 5))
+    assert func.__opero__.is_async
+    assert asyncio.run(func()) == 5
+    assert target.calls == 3
+
+
+def test_async_callable_object_exhaustion_is_annotated() -> None:
+    """An async callable object failing every call raises its own last error, annotated."""
+
+    class Down:
+        async def __call__(self) -> None:
+            raise ConnectionError("down")
+
+    func = op(retries=2)(Down())
+    with pytest.raises(ConnectionError) as info:
+        asyncio.run(func())
+    assert len(attempt_errors(info.value)) == 3
+
+
+def test_opmap_async_mode_awaits_async_callable_object() -> None:
+    """``@opmap(mode="async")`` over an async callable object returns results, not coroutines."""
+
+    class Double:
+        async def __call__(self, x: int) -> int:
+            return x * 2
+
+    assert opero.opmap(mode="async", workers=2)(Double())([1, 2, 3]) == [2, 4, 6]
+
+
+def test_opmap_thread_mode_refuses_async_callable_object() -> None:
+    """``@opmap(mode="thread")`` refuses an async callable object at decoration, naming mode."""
+
+    class Double:
+        async def __call__(self, x: int) -> int:
+            return x * 2
+
+    with pytest.raises(opero.ConfigurationError, match="mode='async'"):
+        opero.opmap(mode="thread")(Double())

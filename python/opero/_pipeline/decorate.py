@@ -356,6 +356,25 @@ def _qualname(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', None) or '?'}.{name}"
 
 
+def is_async_callable(func: Any) -> bool:
+    """Return whether calling ``func`` returns a coroutine to await.
+
+    True for an ``async def`` function or method, a ``functools.partial`` of
+    one, and an object whose class defines ``async def __call__`` (which
+    :func:`inspect.iscoroutinefunction` does not see before Python 3.13's
+    ``markcoroutinefunction``): decorated as sync, such an object would return
+    its coroutine unawaited, and its errors would never be retried.
+    """
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.iscoroutinefunction(func):
+        return True
+    if isinstance(func, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
+        return False
+    # Looked up statically: no descriptor or metaclass __getattr__ runs.
+    return inspect.iscoroutinefunction(inspect.getattr_static(type(func), "__call__", None))
+
+
 def _is_opero(func: Callable[..., Any]) -> bool:
     """Return whether ``func`` is already opero-decorated (it carries ``__opero__``)."""
     try:
@@ -371,7 +390,7 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         # (the native wrapper binds like a plain function, so a bare staticmethod would
         # receive the instance).
         return type(func)(_decorate(func.__func__, policy))
-    is_async = inspect.iscoroutinefunction(func)
+    is_async = is_async_callable(func)
     qualname = _qualname(func)
     engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)
