@@ -198,3 +198,59 @@ def test_opmap_thread_mode_refuses_async_callable_object() -> None:
 
     with pytest.raises(opero.ConfigurationError, match="mode='async'"):
         opero.opmap(mode="thread")(Double())
+
+
+class UnprintableError(Exception):
+    """An error whose ``repr`` and ``str`` raise."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr failed")
+
+    def __str__(self) -> str:
+        raise RuntimeError("str failed")
+
+
+class HugeReprError(Exception):
+    """An error whose ``repr`` is ten megabytes long."""
+
+    def __repr__(self) -> str:
+        return "x" * 10_000_000
+
+
+@pytest.mark.parametrize("error", [UnprintableError, HugeReprError])
+@pytest.mark.parametrize("is_async", [False, True])
+def test_exhausted_fallback_with_hostile_repr_raises_all_failed(
+    error: type, is_async: bool
+) -> None:
+    """An exhausted fallback chain raises AllFailedError, its message short, whatever the repr."""
+    if is_async:
+
+        async def abody(endpoint: tuple[str, ...] = ("a", "b")) -> None:
+            raise error()
+
+        func: Any = op(retries=1, arg_fallback="endpoint")(abody)
+    else:
+
+        def body(endpoint: tuple[str, ...] = ("a", "b")) -> None:
+            raise error()
+
+        func = op(retries=1, arg_fallback="endpoint")(body)
+
+    async def caught() -> BaseException | None:
+        # Caught inside the task: asyncio itself reprs a task's outcome in some paths.
+        try:
+            await func()
+        except BaseException as exc:  # asserted below
+            return exc
+        return None
+
+    if is_async:
+        raised = asyncio.run(caught())
+    else:
+        with pytest.raises(opero.AllFailedError) as info:
+            func()
+        raised = info.value
+    assert isinstance(raised, opero.AllFailedError)
+    assert [type(e) for e in raised.errors] == [error] * 4
+    assert raised.__cause__ is raised.errors[-1]
+    assert len(raised.message) < 400

@@ -217,7 +217,7 @@ class Engine:
                 )
             return self.give_up(last)
         error = AllFailedError(
-            f"{self.qualname} failed on all {len(errors)} calls; last error: {last!r}",
+            f"{self.qualname} failed on all {len(errors)} calls; last error: {_short_repr(last)}",
             errors,
         )
         error.__cause__ = last
