@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import linecache
 import logging
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,3 +256,51 @@ def test_exhausted_fallback_with_hostile_repr_raises_all_failed(
     assert [type(e) for e in raised.errors] == [error] * 4
     assert raised.__cause__ is raised.errors[-1]
     assert len(raised.message) < 400
+
+
+def _wrapper_entries() -> set[str]:
+    """Return the linecache file names of generated wrappers."""
+    return {k for k in list(linecache.cache) if str(k).startswith("<opero wrapper of")}
+
+
+def test_linecache_does_not_grow_with_dropped_distinct_wrappers() -> None:
+    """Decorating ever new functions and dropping them keeps linecache bounded (KEEP_DEAD)."""
+    from opero._pipeline.codegen import KEEP_DEAD
+
+    def make(i: int) -> Any:
+        def body(x: int) -> int:
+            return x + i
+
+        body.__qualname__ = f"tenant_{i}.body"
+        return body
+
+    for i in range(3 * KEEP_DEAD):
+        assert op(retries=1)(make(i))(1) == 1 + i
+    gc.collect()  # a decorated function is in a cycle with its __opero__ internals
+    op(retries=1)(make(-1))  # a registration accounts for the wrappers gone since
+    names = [k for k in _wrapper_entries() if ".tenant_" in k]
+    assert len(names) <= KEEP_DEAD + 1
+    assert any("tenant_-1.body" in k for k in names)
+
+
+def test_live_wrapper_keeps_its_linecache_entry() -> None:
+    """A wrapper still in use keeps its source in linecache however many others came and went."""
+    from opero._pipeline.codegen import KEEP_DEAD
+
+    def keeper(x: int) -> int:
+        raise ValueError(x)
+
+    kept = op(retries=0, on_failure=lambda exc: None)(keeper)
+    for i in range(2 * KEEP_DEAD):
+
+        def other(x: int) -> int:
+            return x
+
+        other.__qualname__ = f"churn_{i}"
+        op(retries=1)(other)
+    gc.collect()
+    op(retries=1)(keeper)  # accounts for the dropped ones
+    with pytest.raises(ValueError) as info:
+        kept(1)
+    text = "".join(traceback.format_exception(info.value))
+    assert "return __opero_retry_from(" in text
