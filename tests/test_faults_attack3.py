@@ -304,3 +304,77 @@ def test_live_wrapper_keeps_its_linecache_entry() -> None:
         kept(1)
     text = "".join(traceback.format_exception(info.value))
     assert "return __opero_retry_from(" in text
+
+
+class SignatureRaises:
+    """A callable whose ``__signature__`` raises when inspected (and whose repr raises)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    @property
+    def __signature__(self) -> Any:
+        raise RuntimeError("signature failed")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr failed")
+
+    def __call__(self, *args: Any) -> bool:
+        """Record the call and ask for a retry."""
+        self.seen.append(args)
+        return True
+
+
+@pytest.mark.parametrize("option", ["on_retry", "retry_predicate", "on_failure"])
+def test_callback_whose_signature_raises_is_still_called(option: str) -> None:
+    """A callback that cannot be inspected is accepted at decoration and called with its args."""
+    callback = SignatureRaises()
+    calls: list[int] = []
+
+    @op(retries=1, **{option: callback})
+    def flaky(x: int) -> int:
+        calls.append(x)
+        if len(calls) < 2:
+            raise ConnectionError(x)
+        return x
+
+    assert flaky(4) == 4
+    assert calls == [4, 4]
+    if option == "on_failure":
+        assert callback.seen == []
+    else:
+        assert [type(args[0]) for args in callback.seen] == [ConnectionError]
+
+
+def test_rate_limit_callable_whose_signature_raises_is_read() -> None:
+    """A rate_limit callable that cannot be inspected is accepted and read on calls."""
+
+    class Rate(SignatureRaises):
+        def __call__(self, *args: Any) -> float:  # type: ignore[override]
+            self.seen.append(args)
+            return 1e6
+
+    rate = Rate()
+    func = op(rate_limit=rate, retries=0)(lambda x: x)
+    assert func(3) == 3
+    assert rate.seen
+
+
+def test_arg_fallback_on_uninspectable_callable_is_a_configuration_error() -> None:
+    """arg_fallback over a callable whose signature raises is a ConfigurationError naming it."""
+    with pytest.raises(opero.ConfigurationError, match=r"arg_fallback='x'.*cannot be read"):
+        op(arg_fallback="x")(SignatureRaises())
+
+
+def test_short_callback_with_failing_repr_is_a_configuration_error() -> None:
+    """A callback taking too few arguments is refused with a ConfigurationError, even unreprable."""
+
+    class NoArgs:
+        def __repr__(self) -> str:
+            raise RuntimeError("repr failed")
+
+        def __call__(self) -> bool:
+            return True
+
+    with pytest.raises(opero.ConfigurationError, match="retry_predicate"):
+        op(retry_predicate=NoArgs())

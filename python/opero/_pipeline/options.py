@@ -90,7 +90,7 @@ def _rate_limit(option: str, value: Any) -> Any:
         return _RATE(option, value)
     try:
         sig = inspect.signature(value)
-    except (TypeError, ValueError):
+    except Exception:  # unreadable (a builtin), or a __signature__ that raises
         return value
     required = [
         p.name
@@ -100,7 +100,7 @@ def _rate_limit(option: str, value: Any) -> Any:
     ]
     if required:
         raise ConfigurationError(
-            f"@opero({option}={value!r}) is invalid: a callable {option} is read on every "
+            f"@opero({option}={c.show(value)}) is invalid: a callable {option} is read on every "
             f"call with no arguments, but it requires {', '.join(required)}; for example "
             f"{option}=lambda: 10.0."
         )
