@@ -378,3 +378,40 @@ def test_short_callback_with_failing_repr_is_a_configuration_error() -> None:
 
     with pytest.raises(opero.ConfigurationError, match="retry_predicate"):
         op(retry_predicate=NoArgs())
+
+
+def _gen(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+async def _agen(n: int) -> Any:
+    for i in range(n):
+        yield i
+
+
+class _GenCall:
+    def __call__(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [_gen, _agen, functools.partial(_gen, 2), _GenCall()],
+    ids=["generator", "async generator", "partial", "callable object"],
+)
+@pytest.mark.parametrize("options", [{}, {"cache": True}, {"retries": 0, "rate_limit": 10.0}])
+def test_generator_function_is_refused_at_decoration(target: Any, options: dict[str, Any]) -> None:
+    """A generator function is a ConfigurationError at decoration (a cache replays it empty)."""
+    with pytest.raises(opero.ConfigurationError, match="generator function"):
+        op(**options)(target)
+
+
+def test_function_returning_a_list_is_cached_whole() -> None:
+    """The documented fix, a function returning the items, is cached and replayed in full."""
+
+    @op(cache=True)
+    def items(n: int) -> list[int]:
+        return list(_gen(n))
+
+    assert items(3) == [0, 1, 2]
+    assert items(3) == [0, 1, 2]
