@@ -415,3 +415,50 @@ def test_function_returning_a_list_is_cached_whole() -> None:
 
     assert items(3) == [0, 1, 2]
     assert items(3) == [0, 1, 2]
+
+
+def _backoff_fails_after_first(attempt: int) -> float:
+    """Return 0 for the first retry; raise for the later ones."""
+    if attempt >= 1:
+        raise ZeroDivisionError(f"backoff {attempt}")
+    return 0.0
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_failing_backoff_function_chains_to_the_call_it_followed(
+    is_async: bool, fallback: bool
+) -> None:
+    """A backoff_function that raises propagates chained to the error of the call before it."""
+    opero.set_testing(False)  # backoff_function is only asked outside testing mode
+    calls: list[int] = []
+    options: dict[str, Any] = {"retries": 3, "backoff_function": _backoff_fails_after_first}
+    if fallback:
+        options["arg_fallback"] = "endpoint"
+
+    def body(endpoint: tuple[str, ...] = ("a",)) -> None:
+        calls.append(len(calls))
+        raise KeyError(f"call {len(calls)}")
+
+    async def abody(endpoint: tuple[str, ...] = ("a",)) -> None:
+        body(endpoint)
+
+    func: Any = op(**options)(abody if is_async else body)
+
+    async def caught() -> BaseException | None:
+        try:
+            await func()
+        except BaseException as exc:  # asserted below
+            return exc
+        return None
+
+    if is_async:
+        raised = asyncio.run(caught())
+    else:
+        with pytest.raises(ZeroDivisionError) as info:
+            func()
+        raised = info.value
+    assert isinstance(raised, ZeroDivisionError)
+    assert len(calls) == 2
+    assert isinstance(raised.__context__, KeyError)
+    assert raised.__context__.args == ("call 2",)
