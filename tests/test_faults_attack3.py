@@ -462,3 +462,28 @@ def test_failing_backoff_function_chains_to_the_call_it_followed(
     assert len(calls) == 2
     assert isinstance(raised.__context__, KeyError)
     assert raised.__context__.args == ("call 2",)
+
+
+class DictRaises(Exception):
+    """An error whose ``__dict__`` is a property that raises."""
+
+    @property  # type: ignore[override]
+    def __dict__(self) -> Any:  # type: ignore[override]
+        raise RuntimeError("no __dict__")
+
+
+def test_exhausted_error_with_raising_dict_still_propagates() -> None:
+    """An exhausted error whose __dict__ raises propagates itself, not the RuntimeError."""
+    error = DictRaises("down")
+    calls: list[int] = []
+
+    @op(retries=2)
+    def down() -> None:
+        calls.append(1)
+        raise error
+
+    with pytest.raises(DictRaises) as info:
+        down()
+    assert info.value is error
+    assert len(calls) == 3
+    assert attempt_errors(info.value) == [error]

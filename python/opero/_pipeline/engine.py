@@ -241,15 +241,15 @@ class Engine:
             + (f"; earlier errors: {shown}" if shown else "")
             + "; opero.errors.attempt_errors(exc) lists them all"
         )
-        last.__dict__[EARLIER_ERRORS] = earlier
         try:
+            last.__dict__[EARLIER_ERRORS] = earlier
             notes = last.__dict__.get("__notes__")
             if isinstance(notes, list):
                 notes[:] = [
                     n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))
                 ]
             last.add_note(note)
-        except Exception:  # __notes__ set to a non-list by the function: raise it without ours
+        except Exception:  # a non-list __notes__, a __dict__ property: raise it without ours
             logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
     def log_fallback(self, exc: Exception, index: int, total: int) -> None:
