@@ -487,3 +487,88 @@ def test_exhausted_error_with_raising_dict_still_propagates() -> None:
     assert info.value is error
     assert len(calls) == 3
     assert attempt_errors(info.value) == [error]
+
+
+class HostileStr(str):
+    """A str whose comparison, hash and length raise."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("__eq__")
+
+    def __hash__(self) -> int:
+        raise RuntimeError("__hash__")
+
+    def __len__(self) -> int:
+        raise RuntimeError("__len__")
+
+
+class HostileFloat(float):
+    """A float whose conversion and comparison raise."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("__float__")
+
+    def __lt__(self, other: object) -> bool:
+        raise RuntimeError("__lt__")
+
+
+class HostileInt(int):
+    """An int whose conversion and comparison raise."""
+
+    def __index__(self) -> int:
+        raise RuntimeError("__index__")
+
+    def __int__(self) -> int:
+        raise RuntimeError("__int__")
+
+    def __gt__(self, other: object) -> bool:
+        raise RuntimeError("__gt__")
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "expected"),
+    [
+        ({"retries": HostileInt(2)}, "retries", 2),
+        ({"min_delay": HostileFloat(0.5)}, "min_delay", 0.5),
+        ({"rate_limit": HostileFloat(50.0)}, "rate_limit", 50.0),
+        ({"cache": True, "cache_policy": HostileStr("lru")}, "cache_policy", "lru"),
+        ({"cache": True, "cache_namespace": HostileStr("ns")}, "cache_namespace", "ns"),
+        ({"arg_fallback": HostileStr("x")}, "arg_fallback", "x"),
+    ],
+)
+def test_hostile_subclass_option_is_read_as_its_plain_value(
+    options: dict[str, Any], field: str, expected: Any
+) -> None:
+    """An option given as a hostile int/float/str subclass is kept as its plain value."""
+    func = op(**options)(lambda x=[1]: x)
+    value = getattr(func.__opero__.policy, field)
+    assert value == expected
+    assert type(value) is type(expected)
+    assert func([5]) == [5]
+
+
+class Unreprable:
+    """A value whose repr raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr failed")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"cache_dir": Unreprable()},
+        {"cache_redis_url": Unreprable()},
+        {"rate_limit_redis_url": Unreprable()},
+        {"cache": True, "cache_serializer": Unreprable()},
+        {"cache": True, "cache_secret": Unreprable()},
+        {"rate_burst": 10**5000},
+        {"min_delay": HostileFloat(50.0), "max_delay": 1.0},
+    ],
+)
+def test_option_rule_message_survives_unreprable_value(options: dict[str, Any]) -> None:
+    """A rule refusing an unreprable or huge value raises ConfigurationError, not its repr error."""
+    with pytest.raises(opero.ConfigurationError):
+        op(**options)

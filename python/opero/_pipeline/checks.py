@@ -87,7 +87,7 @@ def as_float(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (OverflowError, TypeError, ValueError):
+    except Exception:  # too large, or a number type whose __float__ raises
         return None
     return number if math.isfinite(number) else None
 
@@ -180,7 +180,7 @@ def integer(need: str, example: str, *, low: int, high: int = MAX_COUNT) -> Chec
             raise bad(option, value, need, example)
         try:
             number = operator.index(value)
-        except TypeError:
+        except Exception:  # not integral, or an __index__ that raises
             raise bad(option, value, need, example) from None
         if number < low or number > high:
             raise bad(option, value, need, example)
