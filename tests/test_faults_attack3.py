@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import opero
+from faultkit import run_scenario
 from opero import opero as op
 from opero.errors import attempt_errors
 
@@ -572,3 +573,36 @@ def test_option_rule_message_survives_unreprable_value(options: dict[str, Any]) 
     """A rule refusing an unreprable or huge value raises ConfigurationError, not its repr error."""
     with pytest.raises(opero.ConfigurationError):
         op(**options)
+
+
+def test_fork_while_the_linecache_registry_is_locked_does_not_hang() -> None:
+    """A child forked while a parent thread holds the wrapper-source lock can still decorate."""
+    out = run_scenario(
+        """
+import os, threading, time
+from opero import opero
+from opero._pipeline import codegen
+
+codegen._lock.acquire()  # as if a parent thread were registering a wrapper at the fork
+pid = os.fork()
+if pid == 0:
+    def body(x):
+        return x + 1
+    ok = opero(retries=1)(body)(1) == 2
+    os._exit(0 if ok else 3)
+codegen._lock.release()
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exit", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+""",
+        timeout=60,
+    )
+    assert out.lines() == ["child exit 0"], out

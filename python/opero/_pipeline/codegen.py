@@ -28,6 +28,7 @@ import collections
 import hashlib
 import inspect
 import linecache
+import os
 import threading
 import types
 import weakref
@@ -55,6 +56,16 @@ _dead: collections.OrderedDict[str, None] = collections.OrderedDict()
 #: appends here (it may run inside a registration, from the collector): the
 #: bookkeeping happens under the lock at the next registration.
 _released: collections.deque[str] = collections.deque()
+
+
+def _new_lock_in_child() -> None:
+    """After ``fork()``: a parent thread may have held the lock; it is not in the child."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 @dataclass(frozen=True, slots=True)
