@@ -606,3 +606,34 @@ else:
         timeout=60,
     )
     assert out.lines() == ["child exit 0"], out
+
+
+@pytest.mark.parametrize("options", ["cache=True", "retries=3", "retries=2, arg_fallback='hosts'"])
+def test_recursion_error_in_recursive_function_is_not_retried(options: str) -> None:
+    """A decorated recursive function past the recursion limit raises RecursionError at once."""
+    out = run_scenario(
+        f"""
+import logging, sys
+import opero
+from opero import opero as op
+
+logging.disable(logging.CRITICAL)
+opero.set_testing(True)
+sys.setrecursionlimit(400)
+calls = [0]
+
+@op({options})
+def depth(n, hosts=("a", "b")):
+    calls[0] += 1
+    return 0 if n == 0 else 1 + depth(n - 1)
+
+assert depth(10) == 10
+calls[0] = 0
+try:
+    depth(10_000)
+except RecursionError:
+    print("RecursionError after", "few" if calls[0] < 1000 else calls[0], "calls")
+""",
+        timeout=60,
+    )
+    assert out.lines() == ["RecursionError after few calls"], out
