@@ -8,6 +8,7 @@ import gc
 import linecache
 import logging
 import traceback
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -637,3 +638,18 @@ except RecursionError:
         timeout=60,
     )
     assert out.lines() == ["RecursionError after few calls"], out
+
+
+def test_parameter_name_folded_by_the_parser_is_forwarded_as_is() -> None:
+    """A keyword-only parameter whose name is not NFKC-normal still reaches the function."""
+
+    def template(*, fi: int = 1) -> int:
+        return fi
+
+    name = "\ufb01"  # the "fi" ligature: the parser reads it as "fi" in source
+    code = template.__code__.replace(co_varnames=(name,))
+    func = types.FunctionType(code, globals(), "ligature", None, None)
+    func.__kwdefaults__ = {name: 1}
+    assert func(**{name: 5}) == 5
+    assert op(retries=1)(func)(**{name: 5}) == 5
+    assert op(retries=1)(func)() == 1

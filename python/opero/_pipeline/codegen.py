@@ -31,6 +31,7 @@ import linecache
 import os
 import threading
 import types
+import unicodedata
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,10 @@ def _signature(func: Callable[..., Any]) -> _Signature | None:
         name = param.name
         if name.startswith(PREFIX) or param.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD):
             return None
+        if unicodedata.normalize("NFKC", name) != name:
+            # The parser folds identifiers to NFKC: generated source would say another name
+            # (only a hand-built code object can have such a parameter).
+            return None
         if param.kind is kinds.POSITIONAL_ONLY:
             in_positional_only = True
         elif in_positional_only:
@@ -181,7 +186,8 @@ def register_source(source: str, label: str) -> str:
     filename = f"<opero wrapper of {label} ({digest})>"
     entry = (len(source), None, source.splitlines(True), filename)
     with _lock:
-        _forget_released()
+        # Trim only when this adds an entry: re-registering a source changes nothing else.
+        _forget_released(trim=filename not in linecache.cache)
         _dead.pop(filename, None)
         _live[filename] = _live.get(filename, 0) + 1
         # mtime None: linecache.checkcache() keeps the entry (no file to compare with).
@@ -189,8 +195,11 @@ def register_source(source: str, label: str) -> str:
     return filename
 
 
-def _forget_released() -> None:
-    """Account for wrappers that died; drop the oldest entries past ``KEEP_DEAD`` (locked)."""
+def _forget_released(*, trim: bool) -> None:
+    """Account for wrappers that died; with ``trim``, drop the oldest past ``KEEP_DEAD``.
+
+    Called with the lock held.
+    """
     while _released:
         filename = _released.popleft()
         count = _live.get(filename, 0) - 1
@@ -199,7 +208,7 @@ def _forget_released() -> None:
             continue
         _live.pop(filename, None)
         _dead[filename] = None
-    while len(_dead) > KEEP_DEAD:
+    while trim and len(_dead) > KEEP_DEAD:
         filename, _ = _dead.popitem(last=False)
         linecache.cache.pop(filename, None)
 
