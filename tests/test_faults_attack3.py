@@ -653,3 +653,29 @@ def test_parameter_name_folded_by_the_parser_is_forwarded_as_is() -> None:
     assert func(**{name: 5}) == 5
     assert op(retries=1)(func)(**{name: 5}) == 5
     assert op(retries=1)(func)() == 1
+
+
+def test_kept_traceback_keeps_its_wrapper_lines_after_churn() -> None:
+    """A traceback kept after its wrapper was dropped still shows the wrapper's line later."""
+    from opero._pipeline.codegen import KEEP_DEAD
+
+    def dropped(x: int) -> int:
+        raise ValueError(x)
+
+    try:
+        op(retries=0, on_failure=lambda exc: None)(dropped)(1)
+    except ValueError as exc:
+        kept = exc
+    for i in range(2 * KEEP_DEAD):
+
+        def other(x: int) -> int:
+            return x
+
+        other.__qualname__ = f"churn_kept_{i}"
+        op(retries=1)(other)
+        if i % 64 == 0:
+            gc.collect()
+    gc.collect()
+    op(retries=2)(other)  # a new entry: trims the dead ones
+    text = "".join(traceback.format_exception(kept))
+    assert "return __opero_retry_from(" in text
