@@ -180,5 +180,8 @@ def attempt_errors(exc: BaseException) -> list[BaseException]:
     """
     if isinstance(exc, AllFailedError):
         return list(exc.exceptions)
-    earlier = exc.__dict__.get(EARLIER_ERRORS, ()) if hasattr(exc, "__dict__") else ()
+    try:
+        earlier = tuple(vars(exc).get(EARLIER_ERRORS, ()))
+    except Exception:  # a __dict__ property that raises: no earlier errors were kept
+        earlier = ()
     return [*earlier, exc]

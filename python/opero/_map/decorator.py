@@ -69,7 +69,6 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import importlib
-import inspect
 import logging
 import os
 import threading
@@ -156,7 +155,9 @@ def _check_function(func: Any, mode: str, executor: Any) -> bool:
     """Check that ``func`` fits ``mode``; return whether it is an ``async def``."""
     if not callable(func):
         raise ConfigurationError(f"opmap: decorates a callable, got {func!r}")
-    is_async = inspect.iscoroutinefunction(func)
+    from opero._pipeline.decorate import is_async_callable  # import cycle
+
+    is_async = is_async_callable(func)  # an async def, or an object with async __call__
     name = getattr(func, "__qualname__", repr(func))
     if executor is not None:
         if is_async:

@@ -119,11 +119,13 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
                     errors.append(exc)
+                    # Decided while handling exc: an error of the decision itself (a
+                    # raising backoff_function, retry_on check...) chains to it.
+                    round_, index, wait, error = after_failure(errors, round_, index, len(calls))
                 else:
                     if on_success is not None:
                         on_success(result)
                     return result
-                round_, index, wait, error = after_failure(errors, round_, index, len(calls))
             raise error
         finally:
             del first, errors, calls, error

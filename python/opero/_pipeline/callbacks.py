@@ -29,7 +29,7 @@ def positional_arity(func: Callable[..., Any], most: int) -> int:
     """
     try:
         sig = inspect.signature(func)
-    except (TypeError, ValueError):
+    except Exception:  # unreadable (a builtin), or a __signature__ that raises
         return most
     count = 0
     for param in sig.parameters.values():
@@ -44,7 +44,12 @@ def positional_arity(func: Callable[..., Any], most: int) -> int:
 
 
 def _name(func: Callable[..., Any]) -> str:
-    return getattr(func, "__qualname__", None) or repr(func)
+    """Name ``func`` in log records: its ``__qualname__``, else its class (never raises)."""
+    name = getattr(func, "__qualname__", None)
+    if isinstance(name, str) and name:
+        return name
+    kind = type(func)
+    return f"<{kind.__module__}.{kind.__qualname__} object>"
 
 
 def adapt_callback(

@@ -87,7 +87,7 @@ def as_float(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (OverflowError, TypeError, ValueError):
+    except Exception:  # too large, or a number type whose __float__ raises
         return None
     return number if math.isfinite(number) else None
 
@@ -180,7 +180,7 @@ def integer(need: str, example: str, *, low: int, high: int = MAX_COUNT) -> Chec
             raise bad(option, value, need, example)
         try:
             number = operator.index(value)
-        except TypeError:
+        except Exception:  # not integral, or an __index__ that raises
             raise bad(option, value, need, example) from None
         if number < low or number > high:
             raise bad(option, value, need, example)
@@ -218,7 +218,7 @@ def function(need: str, example: str, *, least: int = 0, shape: str = "") -> Che
             raise bad(option, value, need, example)
         if least and positional_arity(value, least) < least:
             raise ConfigurationError(
-                f"@opero({option}={value!r}) is invalid: {option} is called as {shape}, "
+                f"@opero({option}={show(value)}) is invalid: {option} is called as {shape}, "
                 f"but it takes fewer positional arguments; define it as {shape}."
             )
         return value  # type: ignore[no-any-return]
@@ -252,7 +252,7 @@ def required_positional(func: Callable[..., Any]) -> int:
     """Return how many positional parameters of ``func`` have no default (1 or 2)."""
     try:
         sig = inspect.signature(func)
-    except (TypeError, ValueError):
+    except Exception:  # unreadable (a builtin), or a __signature__ that raises
         return 1
     count = sum(
         1

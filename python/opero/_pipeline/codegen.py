@@ -15,26 +15,58 @@ formatted by :mod:`traceback` (logging, pytest, debuggers) show the lines of
 the wrapper frame (before 3.13 the interpreter's printer of an uncaught
 exception reads files from disk and shows none). The digest is of the source:
 decorating the same function the same way again reuses the entry, so the
-cache grows with distinct wrappers, not with decorations.
+cache grows with distinct wrappers, not with decorations. An entry stays while
+a wrapper compiled from it is alive, and the last :data:`KEEP_DEAD` entries
+whose wrappers are gone stay too (a redecoration reuses them); older ones are
+removed from :mod:`linecache`, so decorating ever new functions in a loop (code
+generated per tenant, per request) does not grow it without bound.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import linecache
+import os
+import threading
 import types
+import unicodedata
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from opero._ratelimit import MIN_WAIT
 
-__all__ = ["PREFIX", "Template", "specialize"]
+__all__ = ["KEEP_DEAD", "PREFIX", "Template", "specialize"]
 
 #: Every name the template uses starts with this (a parameter may shadow any builtin).
 PREFIX = "__opero_"
 P = PREFIX
+
+#: How many linecache entries without a live wrapper are kept (most recent first).
+KEEP_DEAD = 256
+
+_lock = threading.Lock()
+#: How many live wrappers were compiled from each registered file name.
+_live: dict[str, int] = {}
+#: File names whose wrappers are all gone, oldest first.
+_dead: collections.OrderedDict[str, None] = collections.OrderedDict()
+#: File names of wrappers that died since the last registration. A finalizer only
+#: appends here (it may run inside a registration, from the collector): the
+#: bookkeeping happens under the lock at the next registration.
+_released: collections.deque[str] = collections.deque()
+
+
+def _new_lock_in_child() -> None:
+    """After ``fork()``: a parent thread may have held the lock; it is not in the child."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +116,10 @@ def _signature(func: Callable[..., Any]) -> _Signature | None:
     for index, param in enumerate(sig.parameters.values()):
         name = param.name
         if name.startswith(PREFIX) or param.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD):
+            return None
+        if unicodedata.normalize("NFKC", name) != name:
+            # The parser folds identifiers to NFKC: generated source would say another name
+            # (only a hand-built code object can have such a parameter).
             return None
         if param.kind is kinds.POSITIONAL_ONLY:
             in_positional_only = True
@@ -141,12 +177,45 @@ def _source(sig: _Signature, template: Template) -> str:
 
 
 def register_source(source: str, label: str) -> str:
-    """Put ``source`` in :mod:`linecache` and return its file name (shown in tracebacks)."""
+    """Put ``source`` in :mod:`linecache` and return its file name (shown in tracebacks).
+
+    The caller passes the compiled wrapper to :func:`_track` so the entry is
+    released when the last wrapper compiled from it is gone.
+    """
     digest = hashlib.blake2b(source.encode(), digest_size=6).hexdigest()
     filename = f"<opero wrapper of {label} ({digest})>"
-    # mtime None: linecache.checkcache() keeps the entry (no file to compare with).
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    entry = (len(source), None, source.splitlines(True), filename)
+    with _lock:
+        # Trim only when this adds an entry: re-registering a source changes nothing else.
+        _forget_released(trim=filename not in linecache.cache)
+        _dead.pop(filename, None)
+        _live[filename] = _live.get(filename, 0) + 1
+        # mtime None: linecache.checkcache() keeps the entry (no file to compare with).
+        linecache.cache[filename] = entry
     return filename
+
+
+def _forget_released(*, trim: bool) -> None:
+    """Account for wrappers that died; with ``trim``, drop the oldest past ``KEEP_DEAD``.
+
+    Called with the lock held.
+    """
+    while _released:
+        filename = _released.popleft()
+        count = _live.get(filename, 0) - 1
+        if count > 0:
+            _live[filename] = count
+            continue
+        _live.pop(filename, None)
+        _dead[filename] = None
+    while trim and len(_dead) > KEEP_DEAD:
+        filename, _ = _dead.popitem(last=False)
+        linecache.cache.pop(filename, None)
+
+
+def _track(wrapper: Callable[..., Any], filename: str) -> None:
+    """Note ``filename`` as released when ``wrapper`` is garbage."""
+    weakref.finalize(wrapper, _released.append, filename).atexit = False
 
 
 def specialize(
@@ -168,8 +237,15 @@ def specialize(
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
-    exec(compile(source, register_source(source, label), "exec"), scope)
-    wrapper: Callable[..., Any] = scope[f"{P}wrapper"]
+    filename = register_source(source, label)
+    try:
+        exec(compile(source, filename, "exec"), scope)
+    except BaseException:
+        _released.append(filename)  # no wrapper holds the entry
+        raise
+    # Out of its own globals: no cycle, the wrapper dies with its last reference.
+    wrapper: Callable[..., Any] = scope.pop(f"{P}wrapper")
+    _track(wrapper, filename)
     wrapper.__name__ = func.__name__
     wrapper.__qualname__ = func.__qualname__
     return wrapper

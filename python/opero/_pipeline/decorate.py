@@ -73,6 +73,7 @@ from opero._pipeline.policy import Policy, build_policy
 from opero._pipeline.sync import build_sync_call
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._registry import clear_cache
+from opero.errors import ConfigurationError
 
 __all__ = ["OperoDecorator", "OperoFunction", "OperoInternals", "clear_cache", "opero"]
 
@@ -356,6 +357,52 @@ def _qualname(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', None) or '?'}.{name}"
 
 
+def is_async_callable(func: Any) -> bool:
+    """Return whether calling ``func`` returns a coroutine to await.
+
+    True for an ``async def`` function or method, a ``functools.partial`` of
+    one, and an object whose class defines ``async def __call__`` (which
+    :func:`inspect.iscoroutinefunction` does not see before Python 3.13's
+    ``markcoroutinefunction``): decorated as sync, such an object would return
+    its coroutine unawaited, and its errors would never be retried.
+    """
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.iscoroutinefunction(func):
+        return True
+    if isinstance(func, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
+        return False
+    # Looked up statically: no descriptor or metaclass __getattr__ runs.
+    return inspect.iscoroutinefunction(inspect.getattr_static(type(func), "__call__", None))
+
+
+def _check_not_generator(func: Any) -> None:
+    """Refuse a generator or async generator function (or a partial or object of one).
+
+    Its body runs while the caller iterates, after the wrapper has returned:
+    retries and fallbacks would never see its errors, and a cached generator is
+    returned exhausted to every later call.
+
+    Raises:
+        ConfigurationError: ``func`` returns a generator.
+
+    """
+    target = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not isinstance(target, (types.FunctionType, types.MethodType)):
+        target = inspect.getattr_static(type(target), "__call__", None)
+    if not (inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target)):
+        return
+    kind = "an async generator" if inspect.isasyncgenfunction(target) else "a generator"
+    raise ConfigurationError(
+        f"@opero cannot decorate {_qualname(func)}: it is {kind} function, whose body runs "
+        "while the caller iterates, after opero returned (retries and fallbacks would not "
+        "see its errors, and the cache would return an exhausted generator); decorate a "
+        "function that returns the items, for example a list."
+    )
+
+
 def _is_opero(func: Callable[..., Any]) -> bool:
     """Return whether ``func`` is already opero-decorated (it carries ``__opero__``)."""
     try:
@@ -371,7 +418,8 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         # (the native wrapper binds like a plain function, so a bare staticmethod would
         # receive the instance).
         return type(func)(_decorate(func.__func__, policy))
-    is_async = inspect.iscoroutinefunction(func)
+    _check_not_generator(func)
+    is_async = is_async_callable(func)
     qualname = _qualname(func)
     engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)

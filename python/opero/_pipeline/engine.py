@@ -14,9 +14,9 @@ rate-limit token per real call, then the function. Rounds are
 (the native :class:`~opero._opero_core.Backoff`), or ``backoff_function(k)``;
 zero while :func:`opero.set_testing` is on. A zero wait never sleeps.
 
-An error that is not retryable (outside ``retry_on``, or refused by
-``retry_predicate``) propagates at once, unchanged, even inside a fallback
-chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
+An error that is not retryable (outside ``retry_on``, refused by
+``retry_predicate``, or a ``RecursionError``) propagates at once, unchanged,
+even inside a fallback chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
 ``asyncio.CancelledError`` are never caught (they are not ``Exception``
 subclasses).
 
@@ -147,8 +147,13 @@ class Engine:
     # --- decisions -----------------------------------------------------------------
 
     def is_retryable(self, exc: Exception) -> bool:
-        """Return whether another call may follow ``exc`` (``retry_on``, then the predicate)."""
-        if not isinstance(exc, self.retry_on):
+        """Return whether another call may follow ``exc`` (``retry_on``, then the predicate).
+
+        A ``RecursionError`` is never retried: the same call at the same depth
+        fails the same way, and in a recursive decorated function every level
+        retrying its subtree would make ``(retries + 1) ** depth`` calls.
+        """
+        if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError):
             return False
         predicate = self.predicate
         if predicate is None:
@@ -217,7 +222,7 @@ class Engine:
                 )
             return self.give_up(last)
         error = AllFailedError(
-            f"{self.qualname} failed on all {len(errors)} calls; last error: {last!r}",
+            f"{self.qualname} failed on all {len(errors)} calls; last error: {_short_repr(last)}",
             errors,
         )
         error.__cause__ = last
@@ -241,15 +246,15 @@ class Engine:
             + (f"; earlier errors: {shown}" if shown else "")
             + "; opero.errors.attempt_errors(exc) lists them all"
         )
-        last.__dict__[EARLIER_ERRORS] = earlier
         try:
+            last.__dict__[EARLIER_ERRORS] = earlier
             notes = last.__dict__.get("__notes__")
             if isinstance(notes, list):
                 notes[:] = [
                     n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))
                 ]
             last.add_note(note)
-        except Exception:  # __notes__ set to a non-list by the function: raise it without ours
+        except Exception:  # a non-list __notes__, a __dict__ property: raise it without ours
             logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
     def log_fallback(self, exc: Exception, index: int, total: int) -> None:

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
+from opero._pipeline.checks import show
 from opero.errors import ConfigurationError
 
 __all__ = ["Fallback", "fallback_parameter"]
@@ -107,10 +108,10 @@ def fallback_parameter(func: Callable[..., Any], name: str) -> inspect.Parameter
     """
     try:
         sig = inspect.signature(func)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # unreadable (a builtin), or a __signature__ that raises
         raise ConfigurationError(
-            f"@opero(arg_fallback={name!r}) needs the signature of {func!r}, which "
-            "cannot be read; decorate a Python function."
+            f"@opero(arg_fallback={name!r}) needs the signature of {show(func)}, which "
+            f"cannot be read ({type(exc).__name__}); decorate a Python function."
         ) from exc
     param = sig.parameters.get(name)
     if param is None or param.kind in (

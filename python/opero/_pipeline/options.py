@@ -68,7 +68,7 @@ def _retry_on(option: str, value: Any) -> tuple[type[BaseException], ...]:
             )
         if not issubclass(item, Exception):
             raise ConfigurationError(
-                f"@opero(retry_on={value!r}) is invalid: {item.__name__} is not an "
+                f"@opero(retry_on={c.show(value)}) is invalid: {item.__name__} is not an "
                 "Exception subclass; KeyboardInterrupt, SystemExit, GeneratorExit and "
                 "asyncio.CancelledError are never retried. Use Exception subclasses, "
                 f"for example retry_on={example}."
@@ -90,7 +90,7 @@ def _rate_limit(option: str, value: Any) -> Any:
         return _RATE(option, value)
     try:
         sig = inspect.signature(value)
-    except (TypeError, ValueError):
+    except Exception:  # unreadable (a builtin), or a __signature__ that raises
         return value
     required = [
         p.name
@@ -100,7 +100,7 @@ def _rate_limit(option: str, value: Any) -> Any:
     ]
     if required:
         raise ConfigurationError(
-            f"@opero({option}={value!r}) is invalid: a callable {option} is read on every "
+            f"@opero({option}={c.show(value)}) is invalid: a callable {option} is read on every "
             f"call with no arguments, but it requires {', '.join(required)}; for example "
             f"{option}=lambda: 10.0."
         )
@@ -438,9 +438,9 @@ def delays_ordered(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) ->
     """``max_delay`` must be at least ``min_delay``."""
     if v["max_delay"] < v["min_delay"]:
         raise ConfigurationError(
-            f"@opero(min_delay={given.get('min_delay', v['min_delay'])!r}, "
-            f"max_delay={given.get('max_delay', v['max_delay'])!r}) is invalid: max_delay must "
-            f"be >= min_delay; for example max_delay={max(30.0, v['min_delay'])!r}."
+            f"@opero(min_delay={c.show(given.get('min_delay', v['min_delay']))}, "
+            f"max_delay={c.show(given.get('max_delay', v['max_delay']))}) is invalid: "
+            f"max_delay must be >= min_delay; for example max_delay={max(30.0, v['min_delay'])!r}."
         )
 
 
@@ -458,7 +458,7 @@ def rate_options_need_rate_limit(v: Mapping[str, Any], given: Mapping[str, Any],
     extra = [n for n in (*_RATE_OPTIONS, "rate_limit_redis_url") if n in given]
     if v["rate_limit"] is None and extra:
         raise ConfigurationError(
-            f"@opero({extra[0]}={given[extra[0]]!r}) has no effect without rate_limit; "
+            f"@opero({extra[0]}={c.show(given[extra[0]])}) has no effect without rate_limit; "
             "set rate_limit=<calls per second>, for example rate_limit=10.0."
         )
     if v["rate_limit_backend"] == "redis" and v["rate_limit_key"] is None:
@@ -468,7 +468,7 @@ def rate_options_need_rate_limit(v: Mapping[str, Any], given: Mapping[str, Any],
         )
     if v["rate_limit_redis_url"] is not None and v["rate_limit_backend"] != "redis":
         raise ConfigurationError(
-            f"@opero(rate_limit_redis_url={v['rate_limit_redis_url']!r}) is only used with "
+            f"@opero(rate_limit_redis_url={c.show(v['rate_limit_redis_url'])}) is only used with "
             "rate_limit_backend='redis'; add rate_limit_backend='redis' or drop it."
         )
 
@@ -496,8 +496,8 @@ def cache_options_fit_backend(v: Mapping[str, Any], given: Mapping[str, Any], fu
         if name in given and backend not in only:
             wanted = " or ".join(repr(b) for b in only)
             raise ConfigurationError(
-                f"@opero({name}={given[name]!r}) is only used with cache_backend={wanted}, "
-                f"not {backend!r}; set cache_backend={only[0]!r} or drop {name}."
+                f"@opero({name}={c.show(given[name])}) is only used with cache_backend={wanted}, "
+                f"not {c.show(backend)}; set cache_backend={only[0]!r} or drop {name}."
             )
 
 
@@ -521,7 +521,7 @@ def cache_options_need_cache(v: Mapping[str, Any], given: Mapping[str, Any], fun
     extra = [n for n in given if n.startswith("cache_")]
     if not v["cache"] and extra:
         raise ConfigurationError(
-            f"@opero({extra[0]}={given[extra[0]]!r}) has no effect without cache=True; "
+            f"@opero({extra[0]}={c.show(given[extra[0]])}) has no effect without cache=True; "
             "add cache=True to cache results."
         )
 

@@ -219,6 +219,30 @@ def check_options(func: Callable[..., Any] | None, options: Mapping[str, Any]) -
     return values
 
 
+def _plain_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``options`` with subclasses of ``str``, ``int`` and ``float`` as the plain type.
+
+    The value is read the way the base type stores it, so a subclass's own
+    ``__eq__``, ``__hash__``, ``__len__``, ``__index__`` or ``__float__`` (which may
+    raise, or disagree with the value) never runs in a check, in a message or when
+    the value is used later (a cache namespace or bucket name as a dict key).
+    """
+    plain: dict[str, Any] = {}
+    for name, value in options.items():
+        kind = type(value)
+        if kind is bool or kind in (str, int, float):
+            plain[name] = value
+        elif isinstance(value, str):
+            plain[name] = str.__str__(value)
+        elif isinstance(value, int):
+            plain[name] = int.__int__(value)
+        elif isinstance(value, float):
+            plain[name] = float.__float__(value)
+        else:
+            plain[name] = value
+    return plain
+
+
 def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) -> Policy:
     """Validate ``options`` (for ``func`` when known) and return the frozen policy.
 
@@ -233,6 +257,7 @@ def build_policy(func: Callable[..., Any] | None, options: Mapping[str, Any]) ->
             value received and the fix).
 
     """
+    options = _plain_values(options)
     values = check_options(func, options)
     stages = {
         stage: cls(**{o.field: values[o.name] for o in OPTIONS if o.stage == stage})

@@ -115,40 +115,46 @@ class ThreadFlight:
 
         """
         slot = hash(key) % _STRIPES
-        while True:
-            with self._lock:
-                flight = self._flights.get(key)
-                if flight is not None and flight.token.done:
-                    # Finished: its owner may have been stopped before unlisting it.
-                    del self._flights[key]
-                    if flight.abandoned:
-                        flight = None
-                owner = flight is None
-                if flight is None:
-                    flight = self._flights[key] = _Flight()
-                    stale = stamp is not None and self._stamps[slot] != stamp
-            if owner:
-                break
-            if not flight.token.done:
-                if not flight.token.wait_begin():
-                    # This thread computes the key itself, or the owner waits on
-                    # it through other threads: waiting would deadlock.
-                    return compute()
-                try:
-                    # Finishing the token is the owner's first act once done (one
-                    # native call, which a signal cannot split): a second Ctrl-C
-                    # that stops the owner before it sets the event, or unlists
-                    # the flight, leaves no waiter stuck.
-                    while not flight.done.wait(_POLL) and not flight.token.done:
-                        pass
-                finally:
-                    flight.token.wait_end()
-            if flight.abandoned:
-                continue  # the owner was interrupted: one waiter computes
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
-        return self._own(key, slot, flight, compute, recheck if stale else None)
+        flight: _Flight | None = None
+        # A raised error's traceback holds this frame, and the flight holds the
+        # error: drop the local on the way out (no cycle).
+        try:
+            while True:
+                with self._lock:
+                    flight = self._flights.get(key)
+                    if flight is not None and flight.token.done:
+                        # Finished: its owner may have been stopped before unlisting it.
+                        del self._flights[key]
+                        if flight.abandoned:
+                            flight = None
+                    owner = flight is None
+                    if flight is None:
+                        flight = self._flights[key] = _Flight()
+                        stale = stamp is not None and self._stamps[slot] != stamp
+                if owner:
+                    break
+                if not flight.token.done:
+                    if not flight.token.wait_begin():
+                        # This thread computes the key itself, or the owner waits on
+                        # it through other threads: waiting would deadlock.
+                        return compute()
+                    try:
+                        # Finishing the token is the owner's first act once done (one
+                        # native call, which a signal cannot split): a second Ctrl-C
+                        # that stops the owner before it sets the event, or unlists
+                        # the flight, leaves no waiter stuck.
+                        while not flight.done.wait(_POLL) and not flight.token.done:
+                            pass
+                    finally:
+                        flight.token.wait_end()
+                if flight.abandoned:
+                    continue  # the owner was interrupted: one waiter computes
+                if flight.error is not None:
+                    raise flight.error
+                return flight.value
+            return self._own(key, slot, flight, compute, recheck if stale else None)
+        finally:
+            flight = None
 
     def _own(
         self,
@@ -184,6 +190,7 @@ class ThreadFlight:
                 # After a fork the event's lock may be held by a parent thread
                 # that is gone; nobody in this process waits on it anyway.
                 flight.done.set()
+            del flight  # the error's traceback holds this frame (no cycle)
 
 
 def _after_fork_in_child() -> None:
@@ -234,6 +241,8 @@ async def _wait_for(
     finally:
         if task is not None:
             _task_waits.pop(task, None)
+        # The error's traceback holds this frame, and a task holds its error (no cycle).
+        del task, owner, future
 
 
 class TaskFlight:
@@ -279,39 +288,47 @@ class TaskFlight:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         slot = hash(key) % _STRIPES
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            flight_loop, future, owner = flight
-            if flight_loop is not loop or _closes_cycle(task, owner):
-                # Another event loop, or a wait that would deadlock (re-entry from
-                # the computing task, or a cycle of tasks): compute directly.
-                return await compute()
-            result = await _wait_for(task, owner, future)
-            if result is not _RETRY:
-                return result
-        stale = stamp is not None and self._stamps[slot] != stamp
-        future = loop.create_future()
-        entry = (loop, future, task)
-        self._flights[key] = entry
+        flight: tuple[Any, ...] | None = None
+        future: asyncio.Future[Any] | None = None
+        entry: tuple[Any, ...] | None = None
+        # A raised error's traceback holds this frame, and the future (and the task
+        # that raises it) hold the error: drop the locals on the way out (no cycle).
         try:
-            value = MISS
-            if stale and recheck is not None:
-                value = await recheck()
-            if value is MISS:
-                value = await compute()
-        except Exception as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: the caller re-raises it below anyway
-            raise
-        except BaseException:
-            future.set_result(_RETRY)
-            raise
-        else:
-            self._stamps[slot] += 1
-            future.set_result(value)
-            return value
+            while True:
+                flight = self._flights.get(key)
+                if flight is None:
+                    break
+                flight_loop, future, owner = flight
+                if flight_loop is not loop or _closes_cycle(task, owner):
+                    # Another event loop, or a wait that would deadlock (re-entry from
+                    # the computing task, or a cycle of tasks): compute directly.
+                    return await compute()
+                result = await _wait_for(task, owner, future)
+                if result is not _RETRY:
+                    return result
+            stale = stamp is not None and self._stamps[slot] != stamp
+            future = loop.create_future()
+            entry = (loop, future, task)
+            self._flights[key] = entry
+            try:
+                value = MISS
+                if stale and recheck is not None:
+                    value = await recheck()
+                if value is MISS:
+                    value = await compute()
+            except Exception as exc:
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: the caller re-raises it below anyway
+                raise
+            except BaseException:
+                future.set_result(_RETRY)
+                raise
+            else:
+                self._stamps[slot] += 1
+                future.set_result(value)
+                return value
+            finally:
+                if self._flights.get(key) is entry:
+                    del self._flights[key]
         finally:
-            if self._flights.get(key) is entry:
-                del self._flights[key]
+            flight = future = entry = task = owner = None
