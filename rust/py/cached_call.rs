@@ -32,7 +32,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::flight::{begin_wait, end_wait, fork_generation, thread_ident};
 use super::guarded::{self, detach, Guarded};
 use super::keys::{short_call1, ArgName, Encoder, KeyRef, Mode};
-use super::store::PyStore;
+use super::store::{Expired, PyStore};
 use crate::error::CoreError;
 use crate::keys::{hash_short, Short};
 
@@ -353,13 +353,15 @@ impl PyCachedCall {
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
             if let Some(short) = args.short_single(py) {
-                if let Some(v) = store.lookup_short(py, short, true) {
+                let mut expired = Expired::default();
+                if let Some(v) = store.lookup_short_keep(py, short, true, &mut expired) {
                     if let Some(cb) = &self.on_hit {
                         call_on_hit(py, cb)?;
                     }
                     return Ok(v);
                 }
-                return self.miss(py, store, &FlightKey::Short(short), hash_short(short), args);
+                let key = FlightKey::Short(short);
+                return self.miss(py, store, &key, hash_short(short), Some(expired), args);
             }
         }
         let mut enc = Encoder::new(Mode::InProcess);
@@ -383,10 +385,15 @@ impl PyCachedCall {
             None => FlightKey::Long(enc.to_key(hash)),
         };
         drop(enc);
-        self.miss(py, store, &key, hash, args)
+        self.miss(py, store, &key, hash, None, args)
     }
 
     /// Join the key's flight (or start it) until this call has an outcome.
+    ///
+    /// `expired`: `Some` when no Python code ran since the lookup that
+    /// missed (an entry it found expired is only dropped now): then, on a
+    /// GIL build, no other thread can have stored the key in between, and
+    /// the owner skips re-checking the store.
     #[inline]
     fn miss(
         &self,
@@ -394,6 +401,7 @@ impl PyCachedCall {
         store: &PyStore,
         key: &FlightKey,
         hash: u64,
+        mut expired: Option<Expired>,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
         loop {
@@ -439,8 +447,10 @@ impl PyCachedCall {
                 Step::Own(id)
             });
             drop(stale);
+            // Listed or waiting: Python code may run from here on.
+            let fresh = expired.take().is_some() && !cfg!(Py_GIL_DISABLED);
             let (owner, flight) = match step {
-                Step::Own(id) => return self.own(py, store, key, hash, id, args),
+                Step::Own(id) => return self.own(py, store, key, hash, id, !fresh, args),
                 Step::Wait(owner, flight) => (owner, flight),
             };
             if !begin_wait(py, owner, &flight.done) {
@@ -479,6 +489,7 @@ impl PyCachedCall {
     /// Compute as the flight's owner (entry `id`) and publish the outcome to
     /// its waiters.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn own(
         &self,
         py: Python<'_>,
@@ -486,6 +497,7 @@ impl PyCachedCall {
         key: &FlightKey,
         hash: u64,
         id: u64,
+        recheck: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
         let guard = FlightGuard {
@@ -495,27 +507,31 @@ impl PyCachedCall {
             id,
             finished: false,
         };
-        let result = self.compute(py, store, key, args);
+        let result = self.compute(py, store, key, recheck, args);
         guard.finish(&result);
         result
     }
 
-    /// The owner's work on a miss: re-check the store, call, store a success.
+    /// The owner's work on a miss: re-check the store (`recheck`), call,
+    /// store a success.
     #[inline]
     fn compute(
         &self,
         py: Python<'_>,
         store: &PyStore,
         key: &FlightKey,
+        recheck: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
-        // A thread may have stored the value between our miss and our flight.
-        let stored = match key {
-            FlightKey::Short(s) => store.lookup_short(py, *s, false),
-            FlightKey::Long(k) => store.lookup_key(py, k, false)?,
-        };
-        if let Some(v) = stored {
-            return Ok(v);
+        if recheck {
+            // A thread may have stored the value between our miss and our flight.
+            let stored = match key {
+                FlightKey::Short(s) => store.lookup_short(py, *s, false),
+                FlightKey::Long(k) => store.lookup_key(py, k, false)?,
+            };
+            if let Some(v) = stored {
+                return Ok(v);
+            }
         }
         let v = args.call(py, &self.func)?;
         match key {
