@@ -360,8 +360,11 @@ impl PyCachedCall {
                     }
                     return Ok(v);
                 }
+                // Dropping an expired entry may run Python code (`__del__`).
+                let fresh = expired.is_empty();
+                drop(expired);
                 let key = FlightKey::Short(short);
-                return self.miss(py, store, &key, hash_short(short), Some(expired), args);
+                return self.miss(py, store, &key, hash_short(short), fresh, args);
             }
         }
         let mut enc = Encoder::new(Mode::InProcess);
@@ -385,15 +388,15 @@ impl PyCachedCall {
             None => FlightKey::Long(enc.to_key(hash)),
         };
         drop(enc);
-        self.miss(py, store, &key, hash, None, args)
+        self.miss(py, store, &key, hash, false, args)
     }
 
     /// Join the key's flight (or start it) until this call has an outcome.
     ///
-    /// `expired`: `Some` when no Python code ran since the lookup that
-    /// missed (an entry it found expired is only dropped now): then, on a
-    /// GIL build, no other thread can have stored the key in between, and
-    /// the owner skips re-checking the store. Not inlined: it would make the
+    /// `fresh`: no Python code ran since the lookup that missed (it dropped
+    /// no expired entry). Then, on a GIL build, no other thread can have
+    /// stored the key before this one lists it, and the owner skips
+    /// re-checking the store. Not inlined: it would make the
     /// hit path's frame bigger (8 more instructions per hit).
     #[inline(never)]
     fn miss(
@@ -402,7 +405,7 @@ impl PyCachedCall {
         store: &PyStore,
         key: &FlightKey,
         hash: u64,
-        mut expired: Option<Expired>,
+        mut fresh: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
         loop {
@@ -448,10 +451,11 @@ impl PyCachedCall {
                 Step::Own(id)
             });
             drop(stale);
+            let recheck = !fresh || cfg!(Py_GIL_DISABLED);
             // Listed or waiting: Python code may run from here on.
-            let fresh = expired.take().is_some() && !cfg!(Py_GIL_DISABLED);
+            fresh = false;
             let (owner, flight) = match step {
-                Step::Own(id) => return self.own(py, store, key, hash, id, !fresh, args),
+                Step::Own(id) => return self.own(py, store, key, hash, id, recheck, args),
                 Step::Wait(owner, flight) => (owner, flight),
             };
             if !begin_wait(py, owner, &flight.done) {

@@ -42,6 +42,14 @@ pub(crate) struct SlotKey {
 #[derive(Default)]
 pub(crate) struct Expired(Option<(SlotKey, Py<PyAny>)>);
 
+impl Expired {
+    /// Whether the lookup removed nothing.
+    #[inline(always)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
 type Inner = Store<SlotKey, Py<PyAny>>;
 type Removed = Vec<(SlotKey, Py<PyAny>)>;
 /// What one insert removes: one evicted or replaced entry, usually, kept
@@ -205,8 +213,8 @@ impl PyStore {
     }
 
     /// `lookup_short`, handing an expired entry it removes to `expired`
-    /// instead of dropping it: no Python code (a `__del__`) runs before the
-    /// caller drops it.
+    /// instead of dropping it, so the caller knows whether dropping it may
+    /// have run Python code (a `__del__`).
     #[inline(always)]
     pub(crate) fn lookup_short_keep(
         &self,
