@@ -32,7 +32,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::flight::{begin_wait, end_wait, fork_generation, thread_ident};
 use super::guarded::{self, detach, Guarded};
 use super::keys::{short_call1, ArgName, Encoder, KeyRef, Mode};
-use super::store::{Expired, PyStore};
+use super::store::PyStore;
 use crate::error::CoreError;
 use crate::keys::{hash_short, Short};
 
@@ -353,16 +353,15 @@ impl PyCachedCall {
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
             if let Some(short) = args.short_single(py) {
-                let mut expired = Expired::default();
-                if let Some(v) = store.lookup_short_keep(py, short, true, &mut expired) {
+                let (found, dropped) = store.lookup_short_said(py, short, true);
+                if let Some(v) = found {
                     if let Some(cb) = &self.on_hit {
                         call_on_hit(py, cb)?;
                     }
                     return Ok(v);
                 }
-                // Dropping an expired entry may run Python code (`__del__`).
-                let fresh = expired.is_empty();
-                drop(expired);
+                // Dropping an expired entry may have run Python code (`__del__`).
+                let fresh = !dropped;
                 let key = FlightKey::Short(short);
                 return self.miss(py, store, &key, hash_short(short), fresh, args);
             }

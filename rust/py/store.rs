@@ -32,22 +32,9 @@ use crate::store::{check_ttl, Lookup, Policy, Store};
 /// data. A short form is the whole key, so short keys hold no heap data
 /// (a 10k `set_many_items` into a 1024-entry store: 0.74 ms with a `KeyData`
 /// per entry, 0.43 ms without; `clear` of 10k entries 0.25 to 0.04 ms).
-pub(crate) struct SlotKey {
+struct SlotKey {
     short: Short,
     key: Option<KeyRef>,
-}
-
-/// An expired entry a lookup removed, for the caller to drop (see
-/// [`PyStore::lookup_short_keep`]).
-#[derive(Default)]
-pub(crate) struct Expired(Option<(SlotKey, Py<PyAny>)>);
-
-impl Expired {
-    /// Whether the lookup removed nothing.
-    #[inline(always)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_none()
-    }
 }
 
 type Inner = Store<SlotKey, Py<PyAny>>;
@@ -206,25 +193,21 @@ impl PyStore {
         short: Short,
         count_miss: bool,
     ) -> Option<Py<PyAny>> {
-        let mut expired = Expired::default();
-        let found = self.lookup_short_keep(py, short, count_miss, &mut expired);
-        drop(expired);
-        found
+        self.lookup_short_said(py, short, count_miss).0
     }
 
-    /// `lookup_short`, handing an expired entry it removes to `expired`
-    /// instead of dropping it, so the caller knows whether dropping it may
-    /// have run Python code (a `__del__`).
+    /// `lookup_short`, and whether it dropped an expired entry (so Python
+    /// code, a `__del__`, may have run since the lookup decided).
     #[inline(always)]
-    pub(crate) fn lookup_short_keep(
+    pub(crate) fn lookup_short_said(
         &self,
         py: Python<'_>,
         short: Short,
         count_miss: bool,
-        expired: &mut Expired,
-    ) -> Option<Py<PyAny>> {
+    ) -> (Option<Py<PyAny>>, bool) {
         let hash = hash_short(short);
-        self.inner.with(py, |g| {
+        let mut expired = None;
+        let found = self.inner.with(py, |g| {
             match g.get(
                 hash,
                 || self.clock.now(),
@@ -234,11 +217,14 @@ impl PyStore {
                 Lookup::Hit(v) => Some(v.clone_ref(py)),
                 Lookup::Miss => None,
                 Lookup::Expired(k, v) => {
-                    expired.0 = Some((k, v));
+                    expired = Some((k, v));
                     None
                 }
             }
-        })
+        });
+        let dropped = expired.is_some();
+        drop(expired);
+        (found, dropped)
     }
 
     /// Look up an encoded key.
