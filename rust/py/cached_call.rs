@@ -10,7 +10,10 @@
 //! whose wait would close a cycle (it computes the key itself, or the owner
 //! waits on it through other threads) computes directly. The in-flight table
 //! is guarded by the GIL (never held across a fork); a flight made before a
-//! `fork()` is dropped in the child, never waited on. No Python runs under the
+//! `fork()` is dropped in the child, never waited on. An uncontended miss only
+//! lists a marker there (key, id, owner thread, fork generation: no
+//! allocation for a short key); the waiters' meeting point (outcome, condvar,
+//! done flag) is made by the first thread that waits. No Python runs under the
 //! table's guard. Calls into Python (the function, `key_func`, `on_hit`, and
 //! `__hash__`/`__eq__` of opaque arguments) and re-attaching after a wait are
 //! shielded against the forced unwind of interpreter exit (see `guarded.rs`).
