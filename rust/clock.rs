@@ -100,17 +100,19 @@ mod vdso {
     #[cold]
     fn resolve() -> usize {
         // SAFETY: RTLD_NOLOAD only looks up an already loaded object and
-        // loads nothing; the names are NUL-terminated constants.
-        let addr = unsafe {
-            let handle = libc::dlopen(
+        // loads nothing; the name is a NUL-terminated constant.
+        let handle = unsafe {
+            libc::dlopen(
                 c"linux-vdso.so.1".as_ptr(),
                 libc::RTLD_LAZY | libc::RTLD_NOLOAD,
-            );
-            if handle.is_null() {
-                std::ptr::null_mut()
-            } else {
-                libc::dlsym(handle, c"__vdso_clock_gettime".as_ptr())
-            }
+            )
+        };
+        let addr = if handle.is_null() {
+            std::ptr::null_mut()
+        } else {
+            // SAFETY: `handle` is a live handle from dlopen; the name is a
+            // NUL-terminated constant.
+            unsafe { libc::dlsym(handle, c"__vdso_clock_gettime".as_ptr()) }
         };
         let v = if addr.is_null() { 1 } else { addr as usize };
         FUNC.store(v, Ordering::Relaxed);
@@ -119,7 +121,7 @@ mod vdso {
 
     /// Read `clock` into `ts`; returns 0 on success like `clock_gettime`.
     #[inline(always)]
-    pub fn clock_gettime(clock: libc::clockid_t, ts: &mut libc::timespec) -> libc::c_int {
+    pub(crate) fn clock_gettime(clock: libc::clockid_t, ts: &mut libc::timespec) -> libc::c_int {
         let mut f = FUNC.load(Ordering::Relaxed);
         if f == 0 {
             f = resolve();
@@ -129,12 +131,10 @@ mod vdso {
             return unsafe { libc::clock_gettime(clock, ts) };
         }
         // SAFETY: `f` is the address of the vDSO's `__vdso_clock_gettime`,
-        // whose C signature is `int (clockid_t, struct timespec *)`, and
-        // `ts` is a valid, writable timespec.
-        unsafe {
-            let func: ClockGettime = std::mem::transmute::<usize, ClockGettime>(f);
-            func(clock, ts)
-        }
+        // whose C signature is `int (clockid_t, struct timespec *)`.
+        let func = unsafe { std::mem::transmute::<usize, ClockGettime>(f) };
+        // SAFETY: `ts` is a valid, writable timespec.
+        unsafe { func(clock, ts) }
     }
 }
 
@@ -406,10 +406,8 @@ mod tests {
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid, writable timespec.
-        assert_eq!(
-            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
-            0
-        );
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        assert_eq!(rc, 0);
         let kernel = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
         let ours = coarse();
         assert!(ours >= kernel && ours - kernel < 1.0, "{ours} vs {kernel}");

@@ -22,6 +22,8 @@ pub struct TokenBucket {
     interval: f64,
     burst: u32,
     tat: f64,
+    /// The start of the latest reservation that had to wait (`-inf`: none).
+    last_start: f64,
 }
 
 /// Slack in grant decisions: 1 ns plus a few ulps of the clock reading, so
@@ -66,6 +68,7 @@ impl TokenBucket {
             interval,
             burst: burst as u32,
             tat: f64::NEG_INFINITY,
+            last_start: f64::NEG_INFINITY,
         })
     }
 
@@ -81,29 +84,29 @@ impl TokenBucket {
 
     /// Change the rate from `now` on.
     ///
-    /// Reservations already booked keep their start times (their callers are
-    /// already waiting): the last of them starts at `tat - burst * old`. A
-    /// lower rate keeps the outstanding debt in tokens, rescaled to the new
-    /// interval (never earlier than that last start). A higher rate rescales
-    /// the debt too, but never schedules the next reservation less than one
-    /// new interval after the last booked start: rescaling alone would slot
-    /// new callers between the booked ones and break `burst + rate * T`.
+    /// The tokens owed keep their number, rescaled to the new interval, so a
+    /// lower rate repays them at the new, slower rate and a rate that goes
+    /// down and up again owes what it owed. Reservations already booked keep
+    /// their start times (their callers are already waiting): the next one
+    /// never starts less than one new interval after the last booked start
+    /// (see [`Self::reserve`]), so after a rise new callers are not slotted
+    /// between the booked ones, which would break `burst + rate * T`.
     pub fn set_rate(&mut self, rate: f64, now: f64) -> Result<(), CoreError> {
         let interval = check_rate(rate)?;
         if self.tat > now {
-            let owed_tokens = (self.tat - now) / self.interval;
-            let rescaled = now + owed_tokens * interval;
-            let burst = f64::from(self.burst);
-            let after_booked = self.tat - burst * self.interval + burst * interval;
-            self.tat = if interval < self.interval {
-                rescaled.max(after_booked)
-            } else {
-                rescaled
-            };
+            self.tat = now + (self.tat - now) / self.interval * interval;
         }
         self.rate = rate;
         self.interval = interval;
         Ok(())
+    }
+
+    /// The start of a reservation whose arrival time is `tat`: `burst`
+    /// intervals early, never before one interval after the last booked start.
+    #[inline]
+    fn start(&self, tat: f64) -> f64 {
+        let interval = self.interval;
+        (tat - f64::from(self.burst) * interval).max(self.last_start + interval)
     }
 
     /// Reserve one token; return the seconds to wait before using it.
@@ -111,8 +114,9 @@ impl TokenBucket {
     pub fn reserve(&mut self, now: f64) -> f64 {
         let tat = self.tat.max(now) + self.interval;
         self.tat = tat;
-        let wait = tat - f64::from(self.burst) * self.interval - now;
+        let wait = self.start(tat) - now;
         if wait > slack(now) {
+            self.last_start = now + wait;
             wait
         } else {
             0.0
@@ -123,7 +127,7 @@ impl TokenBucket {
     #[inline]
     pub fn try_acquire(&mut self, now: f64) -> bool {
         let tat = self.tat.max(now) + self.interval;
-        if tat - f64::from(self.burst) * self.interval - now <= slack(now) {
+        if self.start(tat) - now <= slack(now) {
             self.tat = tat;
             true
         } else {
@@ -165,7 +169,7 @@ mod tests {
         let mut b = TokenBucket::new(rate, burst).unwrap();
         let mut granted = Vec::new();
         for i in 0..10_000 {
-            let now = i as f64 * 0.001;
+            let now = f64::from(i) * 0.001;
             if b.try_acquire(now) {
                 granted.push(now);
             }
@@ -222,6 +226,22 @@ mod tests {
         for (i, d) in next.iter().enumerate() {
             assert!((d - (0.41 + 0.01 * i as f64)).abs() < 1e-9, "{next:?}");
         }
+    }
+
+    #[test]
+    fn alternating_rates_never_inflate_the_debt() {
+        // Drops and rises in turn, all at one instant: the debt must stay the
+        // tokens actually reserved, not grow by the ratio of the rates each cycle.
+        let mut b = TokenBucket::new(200.0, 5).unwrap();
+        let mut last = 0.0;
+        for i in 0..400 {
+            let rate = if i % 2 == 0 { 200.0 } else { 2.0 };
+            b.set_rate(rate, 0.0).unwrap();
+            last = b.reserve(0.0);
+        }
+        // 400 reservations, at worst all at the slow interval: at most 200 s.
+        assert!(last.is_finite() && last <= 400.0 * 0.5, "{last}");
+        assert!(last > 0.0);
     }
 
     #[test]

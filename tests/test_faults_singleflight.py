@@ -744,7 +744,7 @@ def test_the_computing_thread_may_fork(kind: str) -> None:
 
 STUCK_OWNER_SCENARIO = """
     import threading
-    from opero._singleflight import ThreadFlight, _Flight
+    from opero._pipeline.singleflight import ThreadFlight, _Flight
 
     flight = ThreadFlight()
 

@@ -22,7 +22,6 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "opero._connections",
         "opero.errors",
         "opero._opero_core",
-        "opero._policy",
         "opero._pipeline.policy",
         "opero._pipeline.checks",
         "opero._pipeline.options",

@@ -6,6 +6,7 @@ import _thread
 import functools
 import gc
 import pickle
+import sys
 import threading
 import time
 import weakref
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from faultkit import run_scenario
 from opero._opero_core import CachedCall, ManualClock, Store, make_key
 
 
@@ -82,6 +84,24 @@ def test_vectorcall_and_tuple_paths_share_keys() -> None:
     assert cc(*args, **kwargs) == cc.store.get_call((1,), {"x": [1, 2]})
     assert functools.partial(cc, 1)(x=[1, 2]) == cc.store.get(make_key((1,), {"x": [1, 2]}))
     assert len(calls) == 1
+
+
+def test_cachedcall_is_called_through_vectorcall() -> None:
+    """CachedCall instances advertise vectorcall, and the class cannot be subclassed around it."""
+    have_vectorcall = 1 << 11  # Py_TPFLAGS_HAVE_VECTORCALL
+    assert CachedCall.__flags__ & have_vectorcall
+    with pytest.raises(TypeError):
+        type("Sub", (CachedCall,), {})
+
+
+def test_zero_argument_calls_are_cached() -> None:
+    """A call with no arguments at all (a vectorcall whose argument array may be NULL) is cached."""
+    cc, calls = counting()
+    first = cc()
+    assert first == ("result", (), ())
+    assert cc() is first
+    assert type(cc).__call__(cc) is first
+    assert calls == [((), {})]
 
 
 def test_structural_arguments_are_keyed() -> None:
@@ -483,3 +503,57 @@ def test_collection_during_construction_does_not_crash() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(2 * sum(i % 5 for i in range(3000)))
+
+
+def test_half_built_instance_reached_by_gc_callback_raises_runtime_error() -> None:
+    """Python reaching a CachedCall still under construction gets RuntimeError, not a crash."""
+    outcome = run_scenario(
+        """
+        import gc
+        from opero._opero_core import CachedCall, Store
+
+        seen = {"ok": 0, "errors": set(), "referents": 0}
+
+        def poke(phase, info):
+            # Runs inside collections, some of them inside object.__new__ of a
+            # CachedCall (3.11/3.12 build its __dict__ there), before its fields
+            # are written.
+            if phase != "start":
+                return
+            for o in gc.get_objects():
+                if type(o) is not CachedCall:
+                    continue
+                seen["referents"] += len(gc.get_referents(o))
+                for act in (lambda: o(1), lambda: o.store, lambda: o.func, lambda: repr(o)):
+                    try:
+                        act()
+                        seen["ok"] += 1
+                    except BaseException as e:
+                        seen["errors"].add(type(e).__name__)
+
+        gc.callbacks.append(poke)
+        gc.set_threshold(1, 1, 1)
+        store = Store(10)
+        keep = []
+        for i in range(300):
+            keep.append(CachedCall(store, abs, on_hit=(lambda: None) if i % 2 else None))
+            if len(keep) > 20:
+                keep.clear()
+        gc.callbacks.remove(poke)
+        print("ok", seen["ok"] > 0)
+        print("errors", ",".join(sorted(seen["errors"])) or "-")
+        print("referents", seen["referents"] > 0)
+        """,
+        timeout=240,
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    lines = outcome.lines()
+    assert lines[0] == "ok True"
+    # Built instances work; a half-built one only ever raises RuntimeError: never
+    # PanicException, never a crash. 3.11 and 3.12 always expose one here; 3.13+
+    # build the __dict__ lazily, so they may not.
+    if sys.version_info < (3, 13):
+        assert lines[1] == "errors RuntimeError"
+    else:
+        assert lines[1] in ("errors -", "errors RuntimeError")
+    assert lines[2] == "referents True"

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from opero._opero_core import ManualClock, TokenBucket
@@ -173,12 +173,28 @@ def test_never_more_than_burst_plus_rate_times_t(
     assert window_counts_ok(starts, rate, burst, window)
 
 
-def window_counts_ok_varying(starts: list[tuple[float, float]], burst: int, window: float) -> bool:
-    """Whether each window holds at most burst + r*window starts (r: their highest booking rate)."""
+def window_counts_ok_varying(
+    starts: list[tuple[float, float]],
+    burst: int,
+    window: float,
+    rates: list[tuple[float, float]] | None = None,
+) -> bool:
+    """Whether each window holds at most burst + r*window starts.
+
+    r is the highest rate that could have paid for a start inside the window: the
+    rate each start was booked at, and every rate in force during the window
+    (``rates``: the (time, rate) settings, in order), since tokens accrue at the
+    rate in force even while nobody calls.
+    """
     starts = sorted(starts)
+    rates = rates or []
     for i, (start, _) in enumerate(starts):
-        inside = [r for t, r in starts[i:] if t <= start + window - 1e-6]
-        if len(inside) > burst + max(inside) * window + 1e-9:
+        end = start + window - 1e-6
+        inside = [r for t, r in starts[i:] if t <= end]
+        before = [r for t, r in rates if t <= start]
+        during = [r for t, r in rates if start < t <= end]
+        highest = max(inside + (before[-1:] if before else []) + during)
+        if len(inside) > burst + highest * window + 1e-9:
             return False
     return True
 
@@ -198,25 +214,39 @@ def window_counts_ok_varying(starts: list[tuple[float, float]], burst: int, wind
     ),
     window=st.floats(0.05, 3.0),
 )
+@example(  # a token earned at rate 4 while nobody called, spent after a drop to 1
+    rate=1.0,
+    burst=6,
+    steps=[(0.0, "reserve", 1.0)] * 6
+    + [(0.0, "rate", 4.0), (0.25, "rate", 1.0)]
+    + [(0.0, "reserve", 1.0)],
+    window=0.3,
+)
 def test_never_more_than_burst_plus_rate_times_t_when_the_rate_changes(
     rate: float, burst: int, steps: list[tuple[float, str, float]], window: float
 ) -> None:
-    """With set_rate mixed in, any window T holds at most burst + r*T starts (r: highest rate)."""
+    """With set_rate mixed in, any window T holds at most burst + r*T starts (r: highest rate).
+
+    The highest rate is the one any start inside was booked at, or any rate in force
+    during the window (the bucket earns tokens at the rate in force).
+    """
     clock = ManualClock()
     b = TokenBucket(rate, burst, clock=clock)
     starts: list[tuple[float, float]] = []
+    rates: list[tuple[float, float]] = [(clock.now(), rate)]
     for dt, op, new_rate in steps:
         clock.advance(dt)
         now = clock.now()
         if op == "rate":
             b.set_rate(new_rate)
+            rates.append((now, new_rate))
         elif op == "reserve":
             delay = b.reserve()
             assert delay >= 0.0
             starts.append((now + delay, b.rate))
         elif b.try_acquire():
             starts.append((now, b.rate))
-    assert window_counts_ok_varying(starts, burst, window)
+    assert window_counts_ok_varying(starts, burst, window, rates)
 
 
 @settings(max_examples=50, deadline=None)

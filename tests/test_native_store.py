@@ -41,6 +41,24 @@ def test_get_set_delete_and_len() -> None:
     assert len(s) == 1
 
 
+def test_get_is_a_one_argument_method() -> None:
+    """Store.get takes its key directly (METH_O), refuses other arities and foreign selves."""
+    s = Store(4)
+    s.set("k", 1)
+    assert Store.get.__text_signature__ == "($self, key, /)"
+    assert Store.get(s, "k") == s.get("k") == 1
+    with pytest.raises(TypeError):
+        s.get(key="k")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        s.get()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        s.get("k", "extra")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Store.get(object(), "k")  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        s.get("absent")
+
+
 def test_lru_eviction_order() -> None:
     """The least recently used entry is evicted first; a get refreshes recency."""
     s = Store(2)

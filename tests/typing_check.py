@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import assert_type
 
-from opero import CacheInfo, opero
-from opero._decorator import OperoFunction
+from opero import CacheInfo, OperoFunction, opero
 
 
 @opero(retries=3, cache=True)

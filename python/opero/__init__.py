@@ -7,9 +7,9 @@ Dask. The hot paths (cache keys, the LRU/TTL store, the token bucket and the
 backoff schedule) run in Rust.
 """
 
-from opero._decorator import OperoFunction, clear_cache, opero
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
+from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._testing import set_testing
 from opero.cache import CacheInfo
 from opero.errors import (

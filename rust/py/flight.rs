@@ -29,7 +29,7 @@ extern "C" fn after_fork_in_child() {
 }
 
 /// Register the `fork()` child handler (once per process, at module init).
-pub fn install_fork_hook() {
+pub(crate) fn install_fork_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: registers a handler that only bumps an atomic (async-signal

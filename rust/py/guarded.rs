@@ -17,6 +17,11 @@
 //! forced unwind stops there and the thread is parked for good, which is what
 //! Python 3.14 itself does with such threads (CPython gh-87135). Not covered:
 //! a `__del__` run by a reference dropped in native code at that moment.
+//! PyO3 0.30 hangs such a thread itself when it is PyO3 that takes the GIL
+//! (`Python::attach`, PyO3 #4874; the re-attach after `Python::detach`, PyO3
+//! #6085), but not inside a C API call that runs Python code, where CPython's
+//! eval loop takes the GIL back: hence the declarations and the shield here
+//! (which stays around `detach` as well, at no cost on the normal path).
 
 use parking_lot::{Mutex, MutexGuard};
 use pyo3::ffi;
@@ -33,7 +38,7 @@ extern "C" {
 fn finalizing() -> bool {
     #[cfg(Py_3_13)]
     // SAFETY: reads the runtime's finalizing field (an atomic); no GIL needed.
-    let f = unsafe { pyo3::ffi::Py_IsFinalizing() };
+    let f = unsafe { ffi::Py_IsFinalizing() };
     #[cfg(not(Py_3_13))]
     // SAFETY: as above, through the 3.7-3.12 spelling.
     let f = unsafe { _Py_IsFinalizing() };
@@ -68,9 +73,7 @@ impl Drop for ExitShield {
 pub(crate) fn shielded<R>(f: impl FnOnce() -> R) -> R {
     let shield = ExitShield;
     let r = f();
-    // The shield only acts while unwinding: on a normal return it is defused
-    // by forgetting it (a zero-sized value, so nothing leaks), which keeps the
-    // happy path free of the `Drop` check.
+    // Disarm: the shield is a zero-sized marker, so forgetting it leaks nothing.
     #[allow(clippy::mem_forget)]
     std::mem::forget(shield);
     r
@@ -86,21 +89,25 @@ mod unwinding {
     use std::ffi::c_int;
 
     extern "C-unwind" {
-        pub fn PyObject_Call(
+        pub(crate) fn PyObject_Call(
             callable: *mut PyObject,
             args: *mut PyObject,
             kwargs: *mut PyObject,
         ) -> *mut PyObject;
         #[cfg(not(Py_LIMITED_API))]
-        pub fn PyObject_Vectorcall(
+        pub(crate) fn PyObject_Vectorcall(
             callable: *mut PyObject,
             args: *const *mut PyObject,
             nargsf: usize,
             kwnames: *mut PyObject,
         ) -> *mut PyObject;
-        pub fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
-        pub fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
-        pub fn PyObject_RichCompareBool(a: *mut PyObject, b: *mut PyObject, op: c_int) -> c_int;
+        pub(crate) fn PyObject_CallNoArgs(callable: *mut PyObject) -> *mut PyObject;
+        pub(crate) fn PyObject_Hash(obj: *mut PyObject) -> Py_hash_t;
+        pub(crate) fn PyObject_RichCompareBool(
+            a: *mut PyObject,
+            b: *mut PyObject,
+            op: c_int,
+        ) -> c_int;
     }
 }
 
@@ -115,7 +122,9 @@ pub(crate) unsafe fn call(
     args: *mut ffi::PyObject,
     kwargs: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread, a live callable and
+    // args tuple, and `kwargs` a dict or NULL (this function's contract); the
+    // declaration matches CPython's prototype, only the ABI string differs.
     shielded(|| unsafe { unwinding::PyObject_Call(callable, args, kwargs) })
 }
 
@@ -132,7 +141,8 @@ pub(crate) unsafe fn vectorcall(
     nargsf: usize,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread, a live callable and
+    // `nargs + len(kwnames)` live pointers at `args` (this function's contract).
     shielded(|| unsafe { unwinding::PyObject_Vectorcall(callable, args, nargsf, kwnames) })
 }
 
@@ -142,7 +152,7 @@ pub(crate) unsafe fn vectorcall(
 /// Attached, live `callable`.
 #[inline(always)]
 pub(crate) unsafe fn call0(callable: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread and a live callable.
     shielded(|| unsafe { unwinding::PyObject_CallNoArgs(callable) })
 }
 
@@ -164,7 +174,8 @@ pub(crate) fn hash(obj: &Bound<'_, PyAny>) -> PyResult<isize> {
 /// Attached, live `a` and `b`.
 #[inline]
 pub(crate) unsafe fn eq(a: *mut ffi::PyObject, b: *mut ffi::PyObject) -> std::ffi::c_int {
-    // SAFETY: per this function's contract.
+    // SAFETY: the caller guarantees an attached thread and live `a` and `b`;
+    // `Py_EQ` is a valid comparison operator.
     shielded(|| unsafe { unwinding::PyObject_RichCompareBool(a, b, ffi::Py_EQ) })
 }
 

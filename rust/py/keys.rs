@@ -21,10 +21,10 @@ use crate::keys::{self as k, MAX_DEPTH};
 
 /// Inline capacity of a stored key's bytes: covers a call of a few small ints
 /// or short strings without a second allocation.
-pub type KeyBytes = SmallVec<[u8; 48]>;
+pub(crate) type KeyBytes = SmallVec<[u8; 48]>;
 
 /// A built key: encoding, hash and opaque objects.
-pub struct KeyData {
+pub(crate) struct KeyData {
     /// In-process hash (bytes hash mixed with the opaque objects' hashes).
     pub hash: u64,
     /// The short form (encodings of at most 16 bytes without opaque objects).
@@ -36,11 +36,11 @@ pub struct KeyData {
 }
 
 /// Keys are shared between the store, the in-flight table and `Key` objects.
-pub type KeyRef = Arc<KeyData>;
+pub(crate) type KeyRef = Arc<KeyData>;
 
 /// Whether to accept opaque objects (in process) or refuse them (stable digest).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Opaque objects are keyed by their `__hash__`/`__eq__`.
     InProcess,
     /// Only the canonical set is accepted.
@@ -49,7 +49,7 @@ pub enum Mode {
 
 /// Where a value came from, for error messages.
 #[derive(Clone, Copy)]
-pub enum ArgName<'a> {
+pub(crate) enum ArgName<'a> {
     /// `args[i]`.
     Pos(usize),
     /// `kwargs['name']`.
@@ -69,7 +69,7 @@ impl fmt::Display for ArgName<'_> {
 }
 
 /// An encoding in progress.
-pub struct Encoder<'py> {
+pub(crate) struct Encoder<'py> {
     /// The bytes written so far.
     pub buf: k::KeyBuf,
     /// Opaque objects met so far, in slot order.
@@ -87,7 +87,7 @@ type KwItems<'py> = SmallVec<[(Bound<'py, PyString>, Bound<'py, PyAny>); 8]>;
 impl<'py> Encoder<'py> {
     /// An empty encoder (its buffer lives on the stack).
     #[inline]
-    pub fn new(mode: Mode) -> Self {
+    pub(crate) fn new(mode: Mode) -> Self {
         Self {
             buf: k::KeyBuf::new(),
             opaque: SmallVec::new(),
@@ -99,7 +99,7 @@ impl<'py> Encoder<'py> {
 
     /// The key's hash.
     #[inline]
-    pub fn hash(&self) -> u64 {
+    pub(crate) fn hash(&self) -> u64 {
         let h = k::hash_bytes(&self.buf);
         if self.opaque.is_empty() {
             h
@@ -110,7 +110,7 @@ impl<'py> Encoder<'py> {
 
     /// The short form, when there are no opaque objects and at most 16 bytes.
     #[inline]
-    pub fn short(&self) -> Option<k::Short> {
+    pub(crate) fn short(&self) -> Option<k::Short> {
         if self.opaque.is_empty() {
             k::Short::from_bytes(&self.buf)
         } else {
@@ -119,7 +119,7 @@ impl<'py> Encoder<'py> {
     }
 
     /// Copy the encoding into a stored key.
-    pub fn to_key(&self, hash: u64) -> KeyRef {
+    pub(crate) fn to_key(&self, hash: u64) -> KeyRef {
         Arc::new(KeyData {
             hash,
             short: self.short().unwrap_or(k::Short::NOT_SHORT),
@@ -130,7 +130,7 @@ impl<'py> Encoder<'py> {
 
     /// Encode a call: positional items, then keyword items sorted by name.
     #[inline]
-    pub fn call(
+    pub(crate) fn call(
         &mut self,
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
@@ -174,7 +174,7 @@ impl<'py> Encoder<'py> {
     /// Encode a call with one positional argument and no keywords: the same
     /// bytes as [`Self::call`] on `(item,)`, without building the tuple.
     #[inline]
-    pub fn call1(&mut self, item: &Bound<'py, PyAny>) -> PyResult<()> {
+    pub(crate) fn call1(&mut self, item: &Bound<'py, PyAny>) -> PyResult<()> {
         k::put_header(&mut self.buf, k::CALL, 1);
         self.value(item, 0, ArgName::Pos(0))
     }
@@ -186,7 +186,7 @@ impl<'py> Encoder<'py> {
     /// `args` must point to `nargs + len(kwnames)` live object pointers
     /// (the vectorcall protocol guarantees it for the duration of the call).
     #[inline]
-    pub unsafe fn call_vector(
+    pub(crate) unsafe fn call_vector(
         &mut self,
         py: Python<'py>,
         args: *const *mut ffi::PyObject,
@@ -195,8 +195,10 @@ impl<'py> Encoder<'py> {
     ) -> PyResult<()> {
         k::put_header(&mut self.buf, k::CALL, nargs);
         for i in 0..nargs {
-            // SAFETY: i < nargs, and the caller guarantees the pointers are live.
-            let item = unsafe { Borrowed::from_ptr(py, *args.add(i)) };
+            // SAFETY: i < nargs: in bounds of the caller's array.
+            let ptr = unsafe { *args.wrapping_add(i) };
+            // SAFETY: the caller guarantees the pointers are live objects.
+            let item = unsafe { Borrowed::from_ptr(py, ptr) };
             self.value(&item, 0, ArgName::Pos(i))?;
         }
         if let Some(names) = kwnames {
@@ -204,10 +206,12 @@ impl<'py> Encoder<'py> {
             if m > 0 {
                 let mut items: KwItems<'py> = SmallVec::with_capacity(m);
                 for (j, name) in names.iter().enumerate() {
-                    // SAFETY: kwnames holds only str (vectorcall protocol); the
-                    // value pointer is in bounds per the caller's guarantee.
+                    // SAFETY: kwnames holds only str (vectorcall protocol).
                     let name = unsafe { name.cast_into_unchecked::<PyString>() };
-                    let value = unsafe { Borrowed::from_ptr(py, *args.add(nargs + j)) }.to_owned();
+                    // SAFETY: j < len(kwnames): in bounds of the caller's array.
+                    let ptr = unsafe { *args.wrapping_add(nargs + j) };
+                    // SAFETY: the caller guarantees the pointers are live objects.
+                    let value = unsafe { Borrowed::from_ptr(py, ptr) }.to_owned();
                     items.push((name, value));
                 }
                 self.kwargs(&items)?;
@@ -237,7 +241,7 @@ impl<'py> Encoder<'py> {
     }
 
     /// Encode one value.
-    pub fn value(
+    pub(crate) fn value(
         &mut self,
         obj: &Bound<'py, PyAny>,
         depth: usize,
@@ -649,14 +653,11 @@ fn for_each_item<'py>(
         if more == 0 {
             return Ok(());
         }
-        // SAFETY: PyDict_Next returned borrowed, non-null references; they are
-        // made owned before `f` runs any Python code.
-        let (k, v) = unsafe {
-            (
-                Bound::from_borrowed_ptr(py, key),
-                Bound::from_borrowed_ptr(py, value),
-            )
-        };
+        // SAFETY: PyDict_Next returned a borrowed, non-null key; it is made
+        // owned before `f` runs any Python code.
+        let k = unsafe { Bound::from_borrowed_ptr(py, key) };
+        // SAFETY: likewise for the value.
+        let v = unsafe { Bound::from_borrowed_ptr(py, value) };
         f(k, v)?;
     }
 }
@@ -689,7 +690,7 @@ fn exact_str<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
 
 /// The short key of one value (an int or a short str), built in registers.
 #[inline(always)]
-pub fn short_value(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
+pub(crate) fn short_value(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
     if let Some(v) = small_int(obj) {
         return Some(k::Short::int(v));
     }
@@ -698,7 +699,7 @@ pub fn short_value(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
 
 /// The short key of a call with one positional argument (an int or a short str).
 #[inline(always)]
-pub fn short_call1(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
+pub(crate) fn short_call1(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
     if let Some(v) = small_int(obj) {
         return Some(k::Short::call_int(v));
     }
@@ -707,7 +708,7 @@ pub fn short_call1(obj: &Bound<'_, PyAny>) -> Option<k::Short> {
 
 /// Python `==` with the identity shortcut, errors propagated.
 #[inline]
-pub fn py_eq(py: Python<'_>, a: &Py<PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
+pub(crate) fn py_eq(py: Python<'_>, a: &Py<PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
     if a.as_ptr() == b.as_ptr() {
         return Ok(true);
     }
@@ -794,7 +795,10 @@ impl PyKey {
 ///         ``__hash__`` that keys its argument again.
 #[pyfunction]
 #[pyo3(signature = (args, kwargs = None))]
-pub fn make_key(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyKey> {
+pub(crate) fn make_key(
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<PyKey> {
     let mut enc = Encoder::new(Mode::InProcess);
     enc.call(args, kwargs)?;
     let hash = enc.hash();
@@ -808,7 +812,7 @@ pub fn make_key(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -
 /// Identical across processes, runs and machines. Raises ``TypeError`` for a
 /// value outside None/bool/int/float/str/bytes/tuple/list/dict/set/frozenset.
 #[pyfunction]
-pub fn stable_digest(value: &Bound<'_, PyAny>) -> PyResult<String> {
+pub(crate) fn stable_digest(value: &Bound<'_, PyAny>) -> PyResult<String> {
     let mut enc = Encoder::new(Mode::Stable);
     enc.value(value, 0, ArgName::Value("value"))?;
     Ok(k::stable_digest(&enc.buf))
@@ -817,7 +821,7 @@ pub fn stable_digest(value: &Bound<'_, PyAny>) -> PyResult<String> {
 /// Return the stable hex digest of a call's arguments (keyword order ignored).
 #[pyfunction]
 #[pyo3(signature = (args, kwargs = None))]
-pub fn stable_digest_call(
+pub(crate) fn stable_digest_call(
     args: &Bound<'_, PyTuple>,
     kwargs: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<String> {

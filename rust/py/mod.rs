@@ -1,13 +1,13 @@
 //! PyO3 bindings of the pure cores: one file per core file, plus the error
 //! conversion. Nothing outside this folder (and `lib.rs`) uses pyo3.
 
-pub mod backoff;
-pub mod cached_call;
-pub mod clock;
-pub mod error;
-pub mod fastcall;
-pub mod flight;
-pub mod guarded;
-pub mod keys;
-pub mod ratelimit;
-pub mod store;
+pub(crate) mod backoff;
+pub(crate) mod cached_call;
+pub(crate) mod clock;
+pub(crate) mod error;
+pub(crate) mod fastcall;
+pub(crate) mod flight;
+pub(crate) mod guarded;
+pub(crate) mod keys;
+pub(crate) mod ratelimit;
+pub(crate) mod store;

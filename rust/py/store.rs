@@ -9,6 +9,7 @@
 //! inserted concurrently may then coexist as two entries: a wasted slot,
 //! never a wrong hit.
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -18,6 +19,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use smallvec::SmallVec;
 
 use super::clock::{pick_clock, PyManualClock};
+use super::fastcall::MethO;
 use super::guarded::Guarded;
 use super::keys::{
     py_eq, short_call1, short_value, ArgName, Encoder, KeyData, KeyRef, Mode, PyKey,
@@ -151,7 +153,7 @@ impl PyStore {
                         candidates.push(key.clone());
                     }
                 }
-            })
+            });
         });
         for c in candidates {
             let mut equal = true;
@@ -465,7 +467,9 @@ impl PyStore {
 fn list_item<'py>(list: &Bound<'py, PyList>, i: usize) -> Option<Bound<'py, PyAny>> {
     if i < list.len() {
         // SAFETY: `i` is in bounds and we hold the GIL; no Python code runs
-        // between the length check and taking the new reference.
+        // between the length check and taking the new reference. (PyO3 only
+        // offers this on GIL builds, PyO3 #4539: another thread could resize
+        // the list in between on a free-threaded one, hence the `cfg`.)
         Some(unsafe { list.get_item_unchecked(i) })
     } else {
         None
@@ -787,7 +791,8 @@ impl PyStore {
     }
 
     fn __clear__(&self) {
-        // SAFETY: tp_clear is only called by the GC, with the thread attached.
+        // SAFETY: tp_clear is only called by the GC, with the thread attached
+        // (PyO3 passes `__clear__` no token, so one is assumed here).
         let py = unsafe { Python::assume_attached() };
         let mut out: Removed = Vec::new();
         self.inner.with(py, |g| g.clear(&mut out));
@@ -804,5 +809,18 @@ impl PyStore {
             .map_or_else(|| "None".to_owned(), |t| t.to_string());
         let policy = self.policy.name();
         format!("<Store size={len} max_size={max} ttl={ttl} policy={policy}>")
+    }
+}
+
+/// `Store.get` is the store's hot method and takes one argument: module init
+/// re-registers it as METH_O (see `fastcall.rs`).
+impl MethO for PyStore {
+    const METHOD_NAME: &'static CStr = c"get";
+    const METHOD_DOC: &'static CStr =
+        c"get($self, key, /)\n--\n\nReturn the value stored under ``key``; raise ``KeyError`` on a miss.";
+
+    #[inline(always)]
+    fn call_o(&self, key: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.get(key)
     }
 }

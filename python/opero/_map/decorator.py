@@ -268,7 +268,7 @@ class MappedFunction(Generic[R]):
         token: str | None = None,
         **opero_options: Any,
     ) -> None:
-        from opero import _decorator
+        from opero._pipeline import decorate as _decorator
 
         self._func = func
         self._mode: Mode = mode
@@ -336,7 +336,12 @@ class MappedFunction(Generic[R]):
             with cf.ThreadPoolExecutor(1, thread_name_prefix="opero-opmap-async") as helper:
                 return helper.submit(asyncio.run, self._amap_async(values)).result()
         if self._executor is None and self._mode == "async_process":
-            return _pools.background_loop().submit(self._amap_aio_process(values)).result()
+            future = _pools.background_loop().submit(self._amap_aio_process(values))
+            try:
+                return future.result()
+            except BaseException:  # Ctrl-C: stop the map on the background loop too
+                future.cancel()
+                raise
         return self._map_sync(values)
 
     async def amap(self, items: Iterable[Any]) -> list[Any]:
@@ -399,7 +404,7 @@ class MappedFunction(Generic[R]):
         key = None if limiter is None else limiter.path
         fn = self._worker_fns.get(key)
         if fn is None:
-            from opero import _decorator
+            from opero._pipeline import decorate as _decorator
 
             options = {
                 k: v
@@ -424,7 +429,10 @@ class MappedFunction(Generic[R]):
             return None
         with self._limiter_lock:
             if self._limiter is None:
-                current = rate() if callable(rate) else rate
+                # A callable rate is read by the workers on every call and passed to
+                # reserve(rate); 1.0 is a placeholder (reading it here would fail the
+                # whole map, not its items, when it raises or returns a bad rate).
+                current = 1.0 if callable(rate) else rate
                 burst = self._opero_options.get("rate_burst") or 1
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter

@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures as cf
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util  # its atexit hook joins children: register ours after it
 import os
 import pickle
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from opero.errors import OperoError
+from opero.errors import OperoError, WorkerDiedError
 
 __all__ = [
     "CancelScope",
@@ -157,12 +162,18 @@ def run_chunk(
 
 
 async def arun_chunk(
-    target: Target, items: Sequence[Any]
+    target: Target, items: Sequence[Any], stop: Callable[[], bool] | None = None
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
-    """Run the ``async`` per-item function on every item of a job concurrently."""
+    """Run the ``async`` per-item function on every item of a job concurrently.
+
+    ``stop``, when given, is asked before each item starts: once it answers
+    ``True`` (the map was cancelled), the items not yet started are skipped.
+    """
     fn = target.resolve()
 
     async def one(item: Any) -> tuple[bool, Any]:
+        if stop is not None and stop():
+            return False, cf.CancelledError("opmap: the map was cancelled before this item")
         try:
             return True, await fn(item)
         except Exception as exc:
@@ -427,6 +438,24 @@ def background_loop() -> _LoopThread:
         return _BACKGROUND
 
 
+def _exit_with_parent() -> None:
+    """In an async_process worker: exit as soon as the parent process is gone.
+
+    aiomultiprocess workers poll their queue forever and never notice that
+    the parent died (SIGKILL, a crash); without this they would linger as
+    orphans, polling every 5 ms, until the machine restarts.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "_sentinel", None) is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="opero-parent-watch", daemon=True).start()
+
+
 def aio_process_pool(workers: int) -> Any:
     """Return the ``aiomultiprocess.Pool`` with ``workers`` processes.
 
@@ -435,8 +464,75 @@ def aio_process_pool(workers: int) -> Any:
     pool = _AIO_POOLS.get(workers)
     if pool is None:
         aiomultiprocess = importlib.import_module("aiomultiprocess")
-        pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(processes=workers)
+        _start_aio_manager()
+        pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(
+            processes=workers, initializer=_exit_with_parent
+        )
     return pool
+
+
+def _start_aio_manager() -> None:
+    """Start aiomultiprocess's shared manager process ourselves, with the parent watch.
+
+    aiomultiprocess starts a ``SyncManager`` server process on first use (each
+    worker keeps a namespace there); it too would outlive a killed parent
+    forever. Started here with :func:`_exit_with_parent` as its initializer, it
+    exits with its parent. Versions without the ``core._manager`` singleton
+    are left alone.
+    """
+    core = importlib.import_module("aiomultiprocess.core")
+    if getattr(core, "_manager", False) is not None or not hasattr(core, "context"):
+        return
+    import multiprocessing.managers
+
+    manager = multiprocessing.managers.SyncManager(ctx=core.context)
+    manager.start(initializer=_exit_with_parent)
+    setattr(core, "_manager", manager)  # noqa: B010 (a private name mypy does not see)
+
+
+#: Seconds between two looks at the async_process workers for one that died.
+AIO_WATCH_INTERVAL = 0.05
+
+
+def _aio_folder() -> str:
+    """Create the folder of one async_process map (RAM-backed when the system has one)."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="opero-aio-", dir=shm)
+
+
+async def arun_tracked_chunk(
+    target: Target, items: Sequence[Any], folder: str, name: str
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Run one async_process job in a worker, first noting the worker's pid in ``folder/name``.
+
+    The parent reads the note to tell which jobs a dead worker was running
+    (aiomultiprocess does not know). A map that was cancelled (its folder is
+    gone) runs none of its jobs still queued, and no item not yet started.
+    """
+    try:
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:  # the map is over (interrupted or cancelled): skip its jobs
+        error = cf.CancelledError("opmap: the map was cancelled before this item")
+        return [None] * len(items), dict.fromkeys(range(len(items)), error)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    checked = [time.monotonic(), False]  # last look at the folder, and what it said
+
+    def stop() -> bool:  # looks at most every 10 ms: a stat per item costs 2 us
+        now = time.monotonic()
+        if not checked[1] and now - checked[0] >= 0.01:
+            checked[0], checked[1] = now, not os.path.isdir(folder)
+        return bool(checked[1])
+
+    return await arun_chunk(target, items, stop=stop)
+
+
+#: Seconds a job may stay unstarted after a later job of its map started, once a
+#: worker died, before it counts as lost with that worker (taken from the queue,
+#: never started). A job merely late runs twice at worst, never wrongly.
+AIO_LOST_GRACE = 1.0
 
 
 async def run_aio_process_jobs(
@@ -445,17 +541,148 @@ async def run_aio_process_jobs(
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
 ) -> None:
-    """Run every job on the aiomultiprocess pool (on the background loop)."""
+    """Run every job on the aiomultiprocess pool (on the background loop).
+
+    A worker that dies loses the jobs it held, and aiomultiprocess, which
+    replaces the process, never reports them. So each job notes its worker's
+    pid when it starts (:func:`arun_tracked_chunk`), and every
+    :data:`AIO_WATCH_INTERVAL` the jobs noted by a pid that is no longer a
+    live worker are taken as lost; so are, once a worker died, jobs left
+    unstarted for :data:`AIO_LOST_GRACE` s after a later job of the map
+    started (the queue is first in, first out: the dead worker had taken
+    them). A lost job of several items runs again one item per job. A worker
+    runs several jobs at once, so a lost item is a suspect: suspects run
+    again one at a time, and an item that was the only job of the map its
+    worker held when it died gets a :class:`WorkerDiedError`.
+
+    A cancelled map (Ctrl-C, a cancelled ``amap``) removes its folder: its
+    queued jobs and unstarted items are skipped.
+    """
     pool = aio_process_pool(workers)
+    folder = _aio_folder()
+    seqs = itertools.count()
+    # task -> (note name / submit order, job, position in the job or -1, suspect)
+    tasks: dict[asyncio.Future[Any], tuple[int, int, int, bool]] = {}
+    partial: dict[int, tuple[list[Any], dict[int, BaseException], list[int]]] = {}
+    suspects: collections.deque[tuple[int, int, Sequence[Any]]] = collections.deque()
+    started_upto = -1  # the latest submit order known to have started
+    death_seen = False
+    known_workers = set(pool.processes)  # a worker replaced since means one died
+    pids: dict[int, int] = {}  # submit order -> the pid its job noted
+    unstarted_since: dict[asyncio.Future[Any], float] = {}
 
-    async def one(j: int) -> None:
+    def submit(j: int, position: int, items: Sequence[Any], suspect: bool = False) -> None:
+        seq = next(seqs)
+        task = asyncio.ensure_future(
+            pool.apply(arun_tracked_chunk, (target, items, folder, str(seq)))
+        )
+        tasks[task] = (seq, j, position, suspect)
+
+    def settle(j: int, position: int, values: list[Any], errors: Any) -> None:
+        if position < 0:
+            done(j, values, errors)
+            return
+        acc_values, acc_errors, left = partial[j]
+        acc_values[position] = values[0]
+        if errors:
+            acc_errors[position] = errors[0]
+        left[0] -= 1
+        if left[0] == 0:
+            del partial[j]
+            done(j, acc_values, acc_errors or None)
+
+    def noted_pid(seq: int, present: set[str]) -> int:
+        pid = pids.get(seq, 0)
+        if pid or str(seq) not in present:
+            return pid
         try:
-            values, errors = await pool.apply(arun_chunk, (target, jobs[j]))
-        except Exception as exc:
-            values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
-        done(j, values, errors)
+            with open(os.path.join(folder, str(seq)), "rb") as note:
+                pid = pids[seq] = int(note.read() or 0)
+        except (OSError, ValueError):  # being written
+            return 0
+        return pid
 
-    await asyncio.gather(*(one(j) for j in range(len(jobs))))
+    def lose(task: asyncio.Future[Any], pid: int, alone: bool) -> None:
+        _seq, j, position, _suspect = tasks.pop(task)
+        unstarted_since.pop(task, None)
+        task.cancel()
+        items = jobs[j] if position < 0 else [jobs[j][position]]
+        if len(items) > 1:
+            partial[j] = ([None] * len(items), {}, [len(items)])
+            for k, item in enumerate(items):
+                submit(j, k, [item])
+        elif alone and pid:
+            died = WorkerDiedError(
+                f"worker process {pid} died while running this item (os._exit, a signal "
+                "or a crash in native code); the pool replaced it and the other items ran"
+            )
+            settle(j, position, [None], {0: died})
+        else:
+            suspects.append((j, position, items))
+
+    def replace_lost() -> None:
+        nonlocal started_upto, death_seen
+        workers = list(pool.processes)
+        alive = [p for p in workers if p.is_alive()]
+        if not death_seen and len(alive) == len(workers) and set(workers) == known_workers:
+            return  # no worker died since the map started: nothing to look for
+        death_seen = True
+        live = {p.pid for p in alive}
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            present = set()
+        lost: dict[int, list[asyncio.Future[Any]]] = {}
+        unstarted: list[asyncio.Future[Any]] = []
+        for task, (seq, _j, _position, _suspect) in tasks.items():
+            if task.done():
+                continue
+            pid = noted_pid(seq, present)
+            if not pid:
+                unstarted.append(task)
+                continue
+            started_upto = max(started_upto, seq)
+            if pid not in live:
+                lost.setdefault(pid, []).append(task)
+        for pid, group in lost.items():
+            for task in group:
+                lose(task, pid, alone=len(group) == 1)
+        now = time.monotonic()
+        for task in unstarted:
+            if task not in tasks or tasks[task][0] > started_upto:
+                continue
+            since = unstarted_since.setdefault(task, now)
+            if now - since >= AIO_LOST_GRACE:
+                lose(task, 0, alone=False)
+
+    try:
+        for j, job in enumerate(jobs):
+            submit(j, -1, job)
+        while tasks or suspects:
+            if suspects and not any(entry[3] for entry in tasks.values()):
+                submit(*suspects.popleft(), suspect=True)  # one suspect at a time
+            finished, _ = await asyncio.wait(
+                tasks, timeout=AIO_WATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in finished:
+                seq, j, position, _suspect = tasks.pop(task)
+                unstarted_since.pop(task, None)
+                started_upto = max(started_upto, seq)
+                size = len(jobs[j]) if position < 0 else 1
+                try:
+                    values, errors = task.result()
+                except Exception as exc:
+                    values, errors = [None] * size, dict.fromkeys(range(size), exc)
+                settle(j, position, values, errors)
+            if tasks:
+                replace_lost()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # first: the workers skip what is left
+        for task in tasks:
+            task.cancel()
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- shutdown

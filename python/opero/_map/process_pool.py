@@ -113,6 +113,24 @@ def _encode_result(
         return pickle.dumps((job_id, values, errors or None), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _unpickling_error(exc: BaseException) -> Exception:
+    """Return the error of a job whose results raised ``exc`` while unpickled in the parent.
+
+    Unpickling runs code of the results' classes in the dispatcher thread, which
+    a signal never interrupts: a ``KeyboardInterrupt`` or ``SystemExit`` raised
+    there comes from that code, not from the user, and must fail the job's
+    items, never the dispatcher (which would fail every map on the pool).
+    """
+    if isinstance(exc, Exception):
+        return exc
+    error = OperoError(
+        f"unpickling this item's result in the parent process raised {exc!r} "
+        "(its class's __reduce__ or __setstate__)"
+    )
+    error.__cause__ = exc
+    return error
+
+
 def _died(pid: int | None, exitcode: int | None) -> WorkerDiedError:
     """Build the error of an item whose worker process died."""
     how = f"exit code {exitcode}" if exitcode is None or exitcode >= 0 else f"signal {-exitcode}"
@@ -410,12 +428,26 @@ class ProcessPool:
         Workers are missing at first, after a worker died, and after a worker
         failed to start (see :class:`WorkerStartError`): then the next map
         tries again, so a pool that cannot start does not spawn forever.
+
+        Only as many are started as there are jobs waiting for a worker, up
+        to ``workers``: a map of two items with ``workers=64`` starts two
+        processes, not 64 that would idle until exit.
         """
-        while len(self._procs) < self.workers and self._start_failed is None:
+        idle = sum(1 for w in self._procs if not w.jobs and not w.killed)
+        waiting = sum(len(run.pending) for run in self._runs if not run.cancelled)
+        while len(self._procs) < self.workers and waiting > idle and self._start_failed is None:
+            idle += 1
             try:
                 self._procs.append(self._spawn())
             except Exception as exc:  # out of processes or file descriptors, ...
-                error = WorkerStartError(f"opmap: could not start a worker process: {exc!r}")
+                hint = ""
+                if multiprocessing.current_process().daemon:
+                    hint = (
+                        "; this map runs inside a worker process of another process-mode "
+                        "map, which cannot start processes: use mode='thread' (or 'async') "
+                        "for the inner map"
+                    )
+                error = WorkerStartError(f"opmap: could not start a worker process: {exc!r}{hint}")
                 error.__cause__ = exc
                 self._fail_all(error)
 
@@ -620,8 +652,8 @@ class ProcessPool:
             job = w.jobs.popleft()
             try:
                 _job_id, values, errors = pickle.loads(message)
-            except Exception as exc:  # a result that pickles but does not unpickle here
-                values, errors = None, exc
+            except BaseException as exc:  # a result that pickles but does not unpickle here
+                values, errors = None, _unpickling_error(exc)
             if values is None and job.size > 1 and not job.run.cancelled:
                 # The job failed as a whole (an item or a result that does not
                 # unpickle): run its items one per job, so only the bad one fails.

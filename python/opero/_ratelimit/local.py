@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
-from opero._policy import Policy, check_rate
+from opero._pipeline.policy import Policy, check_rate
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
@@ -117,7 +117,7 @@ class Limiter:
     def __init__(self, policy: Policy, qualname: str) -> None:
         self.qualname = qualname
         self.max_wait = policy.rate_max_wait
-        rate = policy.rate_limit
+        rate = policy.rate.rate_limit
         self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
         static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
         self._last_rate: float | None = static_rate

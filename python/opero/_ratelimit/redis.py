@@ -2,11 +2,12 @@
 
 Each decision is one atomic Lua script (one ``EVALSHA`` round trip) running
 GCRA on the Redis server's clock (``redis.call('TIME')``), so the clocks of the
-calling hosts never matter. The state is one integer, the theoretical arrival
-time in microseconds, under the key ``{opero:rl:<key>}``: the whole key is a
-Redis Cluster hash tag, so it lives in one slot and the script never crosses
-slots. The key expires once the bucket is full again, so idle limits leave
-nothing behind.
+calling hosts never matter. The state is the theoretical arrival time in
+microseconds, the interval its tokens were booked at (so a changed rate
+rescales the debt instead of reinterpreting it) and the last booked start, under the key
+``{opero:rl:<key>}``: the whole key is a Redis Cluster hash tag, so it lives in
+one slot and the script never crosses slots. The key expires once the bucket is
+full again, so idle limits leave nothing behind.
 
 Guarantee (the same as the in-process bucket): over any window of T seconds at
 most ``burst + rate * T`` calls are scheduled to start, across every process
@@ -56,20 +57,48 @@ NoScriptError = import_redis("rate_limit_backend='redis'").exceptions.NoScriptEr
 GCRA_SCRIPT = """
 -- KEYS[1]: the bucket; ARGV[1]: microseconds per token (1e6 / rate); ARGV[2]: burst.
 -- Returns {server time, wait}, both in microseconds: the reserved call may start
--- at server time + wait. The theoretical arrival time (TAT) only moves forward.
+-- at server time + wait. The state is "<tat> <interval> <last start>": the
+-- theoretical arrival time (TAT), the interval its tokens were booked at, and the
+-- start of the latest call that had to wait (a bare TAT, as older versions stored
+-- it, counts as booked at this call's interval). The rules are the native
+-- bucket's (rust/ratelimit.rs): a decision at another interval rescales the tokens
+-- owed to it, and no call starts less than one interval after the last booked one.
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
+local raw = redis.call('GET', KEYS[1])
+local tat = nil
+local booked = interval
+local last = nil
+if raw then
+  local a, b, c = string.match(raw, '^(%S+) (%S+) (%S+)$')
+  if a then
+    tat = tonumber(a)
+    booked = tonumber(b) or interval
+    last = tonumber(c)
+  else
+    tat = tonumber(raw)
+  end
+end
+if tat == nil or tat < now then
+  tat = now
+elseif booked > 0 and booked ~= interval then
+  tat = now + (tat - now) / booked * interval
+end
 local start = tat - (burst - 1) * interval
+if last ~= nil and last + interval > start then start = last + interval end
 local wait = 0
-if start > now then wait = math.ceil(start - now) end
+if start > now then
+  wait = math.ceil(start - now)
+  last = now + wait
+end
 local new_tat = math.ceil(tat + interval)
-redis.call('SET', KEYS[1], string.format('%d', new_tat),
-           'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local expire_at = new_tat
+if last ~= nil and last > expire_at then expire_at = last end
+redis.call('SET', KEYS[1], string.format('%d %.17g %d', new_tat, interval, last or 0),
+           'PX', math.ceil((expire_at - now) / 1000) + 1000)
 return {string.format('%d', now), wait}
 """
 

@@ -3,14 +3,14 @@
 ``@opmap`` makes a rate limit global across the map's workers. Threads and
 asyncio tasks share the decorated function's own bucket; worker processes
 (``mode="process"``, ``"async_process"``, ``"dask"`` and process executors)
-share this one instead: the GCRA state (one double, the theoretical arrival
-time) lives in a small file mapped into memory (``/dev/shm`` when present), and
-every decision holds an exclusive lock on that file: ``flock`` on POSIX,
-``msvcrt.locking`` on a byte past the state on Windows (which has no
-``fcntl``). Both are released by the system when a process dies, so a
-worker killed mid-decision never leaves the bucket locked. ``time.monotonic()``
-reads ``CLOCK_MONOTONIC``, which is system-wide on Linux and macOS, so readings
-from different processes compare.
+share this one instead: the GCRA state (three doubles: the theoretical arrival
+time, the interval between tokens it was booked at, the last booked start) lives in a small file
+mapped into memory (``/dev/shm`` when present), and every decision holds an
+exclusive lock on that file: ``flock`` on POSIX, ``msvcrt.locking`` on a byte
+past the state on Windows (which has no ``fcntl``). Both are released by the
+system when a process dies, so a worker killed mid-decision never leaves the
+bucket locked. ``time.monotonic()`` reads ``CLOCK_MONOTONIC``, which is
+system-wide on Linux and macOS, so readings from different processes compare.
 
 The limiter pickles as its path, rate and burst: a worker that unpickles it
 opens the same file. It is global for the processes of one host; Dask workers
@@ -24,6 +24,7 @@ A decision costs two lock calls and a few bytes of shared memory, about
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -35,7 +36,16 @@ import time
 import weakref
 from typing import Any
 
-_TAT = struct.Struct("d")
+#: The shared state: the theoretical arrival time, the emission interval (seconds per
+#: token) of the last decision (0.0 until the first one) and the start of the latest
+#: reservation that had to wait. Knowing the interval the booked tokens were spaced at
+#: lets a decision at another rate rescale the debt instead of reading it at the new
+#: interval (a lowered rate would otherwise turn the old debt into ``burst - 1`` extra
+#: free tokens); the last booked start keeps a raised rate from slotting new calls
+#: between the booked ones. The rules are those of the native bucket (rust/ratelimit.rs).
+_TAT = struct.Struct("ddd")
+
+_log = logging.getLogger("opero")
 
 if sys.platform == "win32":
     import msvcrt
@@ -94,6 +104,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _rescale(tat: float, old: float, new: float, now: float) -> float:
+    """Return the arrival time ``tat`` (booked at ``old`` s per token) at ``new`` s per token.
+
+    The tokens still owed keep their number (the rule of the native bucket's
+    ``set_rate``, rust/ratelimit.rs), so a rate that goes down and up again owes
+    what it owed; the booked starts are kept by :meth:`SharedTokenBucket.reserve`.
+    """
+    if tat <= now or old <= 0.0 or old == new:
+        return tat
+    return now + (tat - now) / old * new
+
+
 def _unlink(path: str) -> None:
     """Remove the state file, ignoring a file that is already gone."""
     with contextlib.suppress(FileNotFoundError):
@@ -125,7 +147,7 @@ class SharedTokenBucket:
         self.burst = burst
         if path is None:
             fd, path = tempfile.mkstemp(prefix="opero-ratelimit-", dir=_shm_dir())
-            os.write(fd, _TAT.pack(0.0))
+            os.write(fd, _TAT.pack(0.0, 0.0, 0.0))
             os.close(fd)
             self._finalizer: Any = weakref.finalize(self, _unlink, path)
         else:
@@ -149,8 +171,27 @@ class SharedTokenBucket:
         """
         pid = os.getpid()
         if self._pid != pid or self._map is None:
-            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-            self._map = mmap.mmap(fd, _TAT.size)
+            flags = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                # Removed under us (a /dev/shm or tmp clean-up): start a new, full
+                # bucket at the same path rather than failing every call from now on.
+                # Processes still attached to the old file keep deciding on it until
+                # they are replaced, so the limit may be exceeded once, by one burst.
+                fd = os.open(self.path, flags | os.O_CREAT, 0o600)
+                _log.warning(
+                    "opero: the shared rate-limit state %s had been removed; "
+                    "a new one starts with a full bucket",
+                    self.path,
+                )
+            try:
+                if os.fstat(fd).st_size < _TAT.size:  # new (or cut short): zeros are a full bucket
+                    os.ftruncate(fd, _TAT.size)
+                self._map = mmap.mmap(fd, _TAT.size)
+            except BaseException:
+                os.close(fd)
+                raise
             self._fd = fd
             self._pid = pid
         return self._map
@@ -166,19 +207,35 @@ class SharedTokenBucket:
         Returns:
             0.0 when a token is free now, else the delay in seconds.
 
+        Raises:
+            ValueError: ``rate`` is not a finite number > 0 (NaN, 0 or negative
+                would otherwise poison the shared state or lift the limit).
+
         """
-        emission = 1.0 / (self.rate if rate is None or rate <= 0 else rate)
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        emission = 1.0 / (self.rate if rate is None else rate)
+        if not math.isfinite(emission):
+            raise ValueError(f"rate {rate!r} is too small: its interval is not finite")
         tolerance = (self.burst - 1) * emission
         with self._lock:
             shared = self._attach()
             _lock(self._fd)
             try:
                 now = time.monotonic()
-                tat: float = max(_TAT.unpack_from(shared, 0)[0], now)
-                _TAT.pack_into(shared, 0, tat + emission)
+                stored, booked_at, last_start = _TAT.unpack_from(shared, 0)
+                if booked_at <= 0.0:  # a new state (all zeros): nothing booked yet
+                    last_start = -math.inf
+                tat: float = max(_rescale(stored, booked_at, emission, now), now)
+                # Never before one interval after the last booked start (a raised
+                # rate must not slot new calls between the booked ones).
+                start: float = max(tat - tolerance, last_start + emission)
+                if start > now:
+                    last_start = start
+                _TAT.pack_into(shared, 0, tat + emission, emission, last_start)
             finally:
                 _unlock(self._fd)
-        return max(0.0, tat - tolerance - now)
+        return max(0.0, start - now)
 
     def close(self) -> None:
         """Unmap the file in this process and, in its creator, remove it."""

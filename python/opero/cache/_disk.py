@@ -31,24 +31,33 @@ else can write to (pickle runs code chosen by whoever wrote the bytes); set
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import sqlite3
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
-from opero._connections.health import Outage, outage_for
+from opero._connections.health import Outage, logger, outage_for
 from opero.cache._entries import CodecEntries
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError, ConfigurationError
 
 __all__ = ["DiskBackend", "DiskFunctionCache", "default_directory"]
 
+T = TypeVar("T")
+
 DIR_ENV = "OPERO_CACHE_DIR"
-_SQLITE_TIMEOUT = 10.0  # seconds a writer waits for the SQLite lock before it counts as a failure
+_SQLITE_TIMEOUT = 10.0  # seconds an operation waits for the SQLite lock before it is a busy miss
+_BUSY_WARN_EVERY = 10.0  # seconds between two warnings about a busy store, per backend
+_FIRST_PAUSE = 0.001  # seconds before the first retry of a busy store; doubles up to _MAX_PAUSE
+_MAX_PAUSE = 0.05
+_CHECK_EVERY = 1.0  # seconds between two looks at whether a store's database file was replaced
 _PREFIX = "ns-"
 _NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _LOCK = threading.Lock()
@@ -142,6 +151,66 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     return (OSError, sqlite3.Error, diskcache.Timeout)
 
 
+def busy(exc: BaseException) -> bool:
+    """Return whether ``exc`` means "another connection holds the SQLite lock", not a failure.
+
+    That is diskcache's ``Timeout`` (its ``BEGIN IMMEDIATE`` waited the whole
+    SQLite timeout) or an ``OperationalError`` with SQLite's ``SQLITE_BUSY`` or
+    ``SQLITE_LOCKED`` code ("database is locked", raised at once by statements
+    diskcache runs without a busy timeout while it opens a store).
+    """
+    import diskcache
+
+    if isinstance(exc, diskcache.Timeout):
+        return True
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _database_file(cache: Any) -> tuple[int, int] | None:
+    """Return the (device, inode) of a store's database file; ``None`` when it is gone."""
+    try:
+        stat = os.stat(os.path.join(cache.directory, "cache.db"))
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _mark_opened(cache: Any) -> None:
+    """Remember which database file ``cache`` opened (see :func:`replaced`)."""
+    cache.opero_file = _database_file(cache)
+    cache.opero_check = time.monotonic() + _CHECK_EVERY
+    cache.opero_replaced = False
+
+
+def replaced(cache: Any) -> bool:
+    """Return whether ``cache``'s database file was deleted or replaced since it was opened.
+
+    Looks at the file at most every ``_CHECK_EVERY`` seconds; once replaced, stays so.
+    """
+    if cache.opero_replaced:
+        return True
+    now = time.monotonic()
+    if now < cache.opero_check:
+        return False
+    cache.opero_check = now + _CHECK_EVERY
+    try:
+        current = _database_file(cache)
+    except OSError:  # unreadable for now: the operation itself will say why
+        return False
+    if current != cache.opero_file:
+        cache.opero_replaced = True
+        logger.info(
+            "opero: disk cache store %s was deleted or replaced; opening it afresh",
+            cache.directory,
+        )
+    return bool(cache.opero_replaced)
+
+
 class DiskBackend:
     """Cache results on disk (SQLite via diskcache), persistent and shared by local processes.
 
@@ -201,6 +270,13 @@ class DiskBackend:
         self.retry_interval = float(retry_interval)
         if directory is not None and not isinstance(directory, str | os.PathLike):
             raise ConfigurationError(f"cache_dir={directory!r} must be a path (str or os.PathLike)")
+        if directory is not None and not os.fspath(directory):
+            # An unset variable (os.environ.get("CACHE_DIR", "")) would mean the current
+            # directory: SQLite files wherever the process happens to run.
+            raise ConfigurationError(
+                "cache_dir='' is empty; pass a directory, or None for $OPERO_CACHE_DIR "
+                "(else ~/.cache/opero)"
+            )
         path = default_directory() if directory is None else Path(directory).expanduser()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -216,17 +292,23 @@ class DiskBackend:
             )
         self.directory = path.resolve()
         self.outage: Outage = outage_for(f"disk cache at {self.directory}", self.retry_interval)
+        self._busy_warned = -math.inf
 
     def store(self, namespace: str) -> Any:
-        """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared)."""
+        """Return the ``diskcache.Cache`` of ``namespace`` (opened at first use, then shared).
+
+        A store whose database file was deleted or replaced since it was opened
+        (``rm -rf`` of the cache directory) is opened afresh, so this process
+        never keeps serving, or writing to, a database no other process sees.
+        """
         key = (str(self.directory), namespace, self.size_limit)
         cache = _CACHES.get(key)
-        if cache is None:
+        if cache is None or replaced(cache):
             import diskcache
 
             with _LOCK:
                 cache = _CACHES.get(key)
-                if cache is None:
+                if cache is None or replaced(cache):
                     cache = diskcache.Cache(
                         str(self.directory / (_PREFIX + quote(namespace, safe=""))),
                         disk=_opaque_disk(),
@@ -235,6 +317,7 @@ class DiskBackend:
                         tag_index=True,
                         eviction_policy="least-recently-stored",
                     )
+                    _mark_opened(cache)
                     _CACHES[key] = cache
         return cache
 
@@ -256,8 +339,35 @@ class DiskBackend:
         outage = self.outage
         return self.strict or not outage.down or outage.should_try()
 
+    def run(self, operation: Callable[[], T]) -> T:
+        """Run ``operation()``; retry it while the SQLite lock is busy.
+
+        A busy lock is contention from other writers of a healthy store: the
+        operation is retried (pauses of 1 ms doubling to 50 ms) until
+        ``_SQLITE_TIMEOUT`` seconds have passed since the first try. Other
+        errors, and a lock still busy then, propagate.
+        """
+        start = time.monotonic()
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                with _ForkGate.current:
+                    return operation()
+            except Exception as exc:
+                if not busy(exc):
+                    raise
+                left = start + _SQLITE_TIMEOUT - time.monotonic()
+                if left <= 0:
+                    raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
+
     def failed(self, exc: BaseException, action: str) -> None:
         """Handle a store error: raise in strict mode, else log once per outage.
+
+        A lock that stayed busy (other processes writing) is never an outage:
+        that call is a miss (its value is not stored), logged every 10 s at
+        most, and the next call uses the store again.
 
         Raises:
             CacheBackendError: In strict mode, chained from ``exc``.
@@ -266,12 +376,41 @@ class DiskBackend:
         """
         if not isinstance(exc, _failure_types()):
             raise exc
+        if busy(exc):
+            self._lock_busy(exc, action)
+            return
         if self.strict:
             raise CacheBackendError(
                 f"disk cache at {self.directory} failed during {action}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         self.outage.failed(exc, "the disk cache acts as a miss")
+
+    def _lock_busy(self, exc: BaseException, action: str) -> None:
+        """Report a lock that stayed busy: never an outage; a miss, logged every 10 s at most.
+
+        Raises:
+            CacheBackendError: In strict mode, chained from ``exc``.
+
+        """
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.strict:
+            raise CacheBackendError(
+                f"disk cache at {self.directory}: {action} found the SQLite lock busy for "
+                f"{_SQLITE_TIMEOUT:g} s ({detail})"
+            ) from exc
+        now = time.monotonic()
+        if now - self._busy_warned >= _BUSY_WARN_EVERY:
+            self._busy_warned = now
+            logger.warning(
+                "opero: disk cache at %s: %s treated as a miss: the SQLite lock stayed busy "
+                "for %g s (%s; other processes are writing; logged every %g s at most)",
+                self.directory,
+                action,
+                _SQLITE_TIMEOUT,
+                detail,
+                _BUSY_WARN_EVERY,
+            )
 
     def open(
         self,
@@ -307,11 +446,15 @@ class DiskBackend:
             if not self.available():
                 return
             try:
-                self.store(name).clear()
+                self.run(functools.partial(self._clear_store, name))
             except Exception as exc:
                 self.failed(exc, "clear")
                 return
             self.outage.succeeded()
+
+    def _clear_store(self, namespace: str) -> None:
+        """Delete every entry of ``namespace``'s store."""
+        self.store(namespace).clear()
 
     def __repr__(self) -> str:
         """Show the directory and options."""
@@ -346,7 +489,7 @@ class DiskFunctionCache(CodecEntries):
     def _get_store(self) -> Any:
         """Return the namespace's diskcache, opened at first use."""
         store = self._store
-        if store is None:
+        if store is None or replaced(store):
             store = self._store = self.backend.store(self.namespace)
         return store
 
@@ -357,7 +500,7 @@ class DiskFunctionCache(CodecEntries):
         if backend.outage.down and not backend.available():
             return self.miss()
         try:
-            data = self._get_store().get(full)
+            data = backend.run(lambda: self._get_store().get(full))
         except Exception as exc:
             backend.failed(exc, "get")
             return self.miss()
@@ -375,7 +518,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return
         try:
-            self._get_store().set(full, data, expire=self.ttl, tag=self.tag)
+            backend.run(lambda: self._get_store().set(full, data, expire=self.ttl, tag=self.tag))
         except Exception as exc:
             backend.failed(exc, "set")
             return
@@ -388,7 +531,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return False
         try:
-            removed = bool(self._get_store().delete(self.prefix + key))
+            removed = bool(backend.run(lambda: self._get_store().delete(self.prefix + key)))
         except Exception as exc:
             backend.failed(exc, "delete")
             return False
@@ -401,7 +544,7 @@ class DiskFunctionCache(CodecEntries):
         if not backend.available():
             return
         try:
-            self._get_store().evict(self.tag)
+            backend.run(lambda: self._get_store().evict(self.tag))
         except Exception as exc:
             backend.failed(exc, "clear")
             return
@@ -424,14 +567,89 @@ class DiskFunctionCache(CodecEntries):
         await asyncio.to_thread(self.clear)
 
 
+class _ForkGate:
+    """Keeps ``fork()`` out of SQLite operations of this process's disk stores.
+
+    SQLite keeps its locks' state in process memory: a child forked while
+    another thread was inside a write transaction inherits a lock nobody in the
+    child will ever release, so every write of the child would wait the whole
+    SQLite timeout and fail. Each operation holds the gate (shared); a fork
+    waits until none is running (at most ``_SQLITE_TIMEOUT`` seconds, and never
+    for the forking thread's own operation) and holds new ones back meanwhile.
+    """
+
+    current: _ForkGate  # the gate of this process (a child gets a fresh one)
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._running = 0
+        self._forking = False
+        self._depth = threading.local()
+
+    def __enter__(self) -> None:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            deadline = time.monotonic() + _SQLITE_TIMEOUT
+            with self._cond:
+                # Bounded: a signal handler of the forking thread may land here.
+                while self._forking and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                # Depth first: an interrupt between the two lines must not leave the
+                # count raised for good (every later fork would wait its full bound).
+                self._depth.n = 1
+                self._running += 1
+            return
+        self._depth.n = depth + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        depth = getattr(self._depth, "n", 0) - 1
+        self._depth.n = depth
+        if depth == 0:
+            with self._cond:
+                self._running -= 1
+                if self._running == 0:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        """Wait (bounded) until no other thread is inside an operation; hold new ones."""
+        own = getattr(self._depth, "n", 0) > 0  # forking from inside an operation
+        deadline = time.monotonic() + _SQLITE_TIMEOUT
+        with self._cond:
+            self._forking = True
+            while self._running > own and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def after_fork_in_parent(self) -> None:
+        """Let operations run again."""
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+
+_ForkGate.current = _ForkGate()
+
+
+def _before_fork() -> None:
+    _ForkGate.current.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _ForkGate.current.after_fork_in_parent()
+
+
 def _after_fork_in_child() -> None:
-    """Give the child a fresh lock (one held by another parent thread at fork stays held).
+    """Give the child a fresh lock and gate (other parent threads' holds stay held).
 
     The diskcache stores themselves notice the new process id and open their
     own SQLite connections in the child.
     """
     global _LOCK
     _LOCK = threading.Lock()
+    _ForkGate.current = _ForkGate()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -70,7 +70,9 @@ class CodecEntries:
         self.prefix = entry_prefix(namespace, qualname)
         self.hits = 0
         self.misses = 0
-        self._unserializable: set[type] = set()
+        # Names, not classes: a class made per call (make_dataclass, a local
+        # namedtuple) would otherwise be kept alive, and warned about, once per call.
+        self._unserializable: set[str] = set()
 
     def miss(self) -> Any:
         """Count a miss and return :data:`MISS`."""
@@ -114,21 +116,22 @@ class CodecEntries:
         return value
 
     def encode(self, key: str, value: Any) -> bytes | None:
-        """Serialize a value for ``key``, or log once per type and return ``None``."""
+        """Serialize a value for ``key``, or log once per type name and return ``None``."""
         try:
             return self.codec.encode(key, value)
         except Exception as exc:
             kind = type(value)
-            if kind not in self._unserializable:
-                self._unserializable.add(kind)
+            name = f"{kind.__module__}.{kind.__qualname__}"
+            if name not in self._unserializable:
+                self._unserializable.add(name)
                 logger.warning(
                     "opero: a %s result of %s is not cached: the %s serializer cannot "
-                    "encode it (%s: %s); logged once per type",
+                    "encode it (%s: %s); logged once per type name",
                     kind.__qualname__,
                     self.prefix[:-1],
                     self.codec.name,
                     type(exc).__name__,
-                    exc,
+                    str(exc),  # not the exception: its frames hold the value (and its class)
                 )
             return None
 

@@ -16,28 +16,37 @@ shares them. The rule:
   bytecode differs) starts new entries.
 
 Closure values are encoded like cache keys: ``None``, ``bool``, ``int``,
-``float``, ``str``, ``bytes`` and tuples, lists, dicts and sets of them; a
-function, class or module by its name (a local function by its own identity);
-an enum member by its class and name; an empty cell (a function that refers to
-itself) as empty. Any other value (a client, a lock, an instance) cannot be
-encoded stably, so no other process could tell the function apart from its
-namesakes: unless the function has a ``cache_key=`` (whose result must then tell
-such closures apart), the decoration gets a *private* identity,
-``module.qualname#p<process nonce>-<n>``, unique to this decoration in this
-process (and its forked children). Its entries are never shared with another
-decoration, another process or a later run, and a warning on the ``opero``
-logger says so once per qualname and points to ``cache_key=``.
+``float``, ``str``, ``bytes`` and tuples and frozensets of them; a function,
+class or module by its name (a local function by its own identity); an enum
+member by its class and name; an empty cell (a function that refers to itself)
+as empty. A mutable container (``list``, ``dict``, ``set``, ``bytearray``) is
+no identity, since what it holds at decoration may change later (two closures
+over tables that are both empty when decorated must not share entries). Such a
+value, or any other (a client, a lock, an instance), cannot be encoded stably,
+so no other process could tell the function apart from its namesakes: unless
+the function has a ``cache_key=`` (whose result must then tell such closures
+apart), the decoration gets a *private* identity, ``module.qualname#p<process
+nonce>-<n>``, unique to this decoration in this process (and its forked
+children). Its entries are never shared with another decoration, another
+process or a later run, and a warning on the ``opero`` logger says so once per
+qualname and points to ``cache_key=``.
 
 A bound method (``opero(...)(client.fetch)``) is the same function for every
 object, so its identity also covers the object it is bound to, encoded the same
 way: a class (a ``classmethod``) or a module by name, a plain value by content;
 an instance of your own class gets a private identity unless ``cache_key=`` is
-given.
+given. A built-in method bound to a value (``"abc".upper``) likewise. A
+``functools.partial`` is identified by the function it wraps and its bound
+arguments; a callable object (an instance with ``__call__`` and no
+``__qualname__`` of its own) by its content, so in practice privately. None of
+them is ever named by its ``repr``, which may hold a memory address that a
+later object reuses.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -103,6 +112,12 @@ class _Encoder:
         self.budget = _BUDGET
         self.active: set[int] = set()  # functions being encoded (cycles)
 
+    def keywords(self, mapping: dict[str, Any] | None, where: str) -> Any:
+        """Encode a function's own name -> value mapping (keyword defaults, bound keywords)."""
+        if mapping is None:
+            return None
+        return ("kw", *(("t", name, self.value(v, where)) for name, v in sorted(mapping.items())))
+
     def value(self, value: Any, where: str) -> Any:
         self.budget -= 1
         if self.budget < 0:
@@ -112,12 +127,15 @@ class _Encoder:
             return value
         if kind is tuple:
             return ("t", *(self.value(item, where) for item in value))
-        if kind is list:
-            return [self.value(item, where) for item in value]
-        if kind is dict:
-            return {self.value(k, where): self.value(v, where) for k, v in value.items()}
-        if kind is set or kind is frozenset:
+        if kind is frozenset:
             return ("s", frozenset(self.value(item, where) for item in value))
+        if kind in _MUTABLE:
+            # A list, dict, set or bytearray is no identity: what it holds at decoration
+            # may change, so two closures over containers equal then (two empty tables
+            # filled later) would read each other's entries.
+            if self.lenient:
+                return ("?", *_name(kind))
+            raise _Unencodable(where, value)
         internals = _opero_internals(value)
         if internals is not None:  # an @opero function (any wrapper kind): what it decorates
             return ("o", self.value(internals.function, where))
@@ -180,7 +198,7 @@ class _Encoder:
                     inner = f"{where}, through {func.__qualname__}'s {inner}"
                 cells.append(("t", name, self.value(content, inner)))
             defaults = self.value(func.__defaults__, "a default value")
-            kwdefaults = self.value(func.__kwdefaults__, "a keyword-only default value")
+            kwdefaults = self.keywords(func.__kwdefaults__, "a keyword-only default value")
             code = self.code(func.__code__, where)
             return ("l", module, qualname, code, defaults, kwdefaults, cells)
         finally:
@@ -206,16 +224,30 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
     while (internals := _opero_internals(func)) is not None:
         func = internals.function  # @opero over @opero: the identity of what is decorated
     bound = isinstance(func, types.MethodType)
-    if not bound and (not is_local(func) or not isinstance(func, types.FunctionType)):
+    wrapper = _wrapper_kind(func)
+    if (
+        not bound
+        and wrapper is None
+        and (not is_local(func) or not isinstance(func, types.FunctionType))
+    ):
         return qualname
     encoder = _Encoder(lenient=has_cache_key)
-    what = (
-        "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
-        "method of other objects by the object it is bound to"
-        if bound
-        else "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
-        "from others of the same name by its code and closure"
-    )
+    if bound or wrapper == "builtin":
+        what = (
+            "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
+            "method of other objects by the object it is bound to"
+        )
+    elif wrapper is not None:
+        what = (
+            f"a {wrapper}, so a shared cache (Redis, disk) tells it apart from others of "
+            "its kind by what it wraps and holds"
+        )
+    else:
+        what = (
+            "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
+            "from others of the same name by its code and closure"
+        )
+    encoded: Any
     try:
         if bound:
             encoded = (
@@ -223,6 +255,25 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
                 encoder.value(func.__self__, "the object it is bound to"),
                 encoder.value(func.__func__, _TOP),
             )
+        elif wrapper == "functools.partial":
+            encoded = (
+                "partial",
+                encoder.value(func.func, "the function it wraps"),
+                encoder.value(func.args, "its bound arguments"),
+                encoder.keywords(func.keywords, "its bound arguments"),
+            )
+        elif wrapper == "builtin":
+            owner = func.__self__
+            where = "the object it is bound to"
+            if type(owner) in _MUTABLE:  # {}.get: its content at decoration is no identity
+                if not encoder.lenient:
+                    raise _Unencodable(where, owner)
+                bound_to: Any = ("?", *_name(type(owner)))
+            else:
+                bound_to = encoder.value(owner, where)
+            encoded = ("builtin", bound_to, ("b", *_name(func)))
+        elif wrapper is not None:  # a callable object: its class, and its content
+            encoded = ("object", encoder.value(func, "the callable object itself"))
         else:
             encoded = encoder.function(func, _TOP)
         digest = stable_digest(encoded)
@@ -235,6 +286,28 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
+
+
+_MUTABLE = (list, dict, set, bytearray)  # a built-in method bound to one: private
+
+
+def _wrapper_kind(func: Any) -> str | None:
+    """Name the kind of a callable whose name does not identify it; ``None`` for the rest.
+
+    That is a ``functools.partial``, a built-in method bound to an object
+    (``"abc".upper``), or a callable object that has no ``__qualname__`` of its
+    own (an instance of a class with ``__call__``): their name is the same for
+    every instance, or (``repr``) holds a memory address another object may reuse.
+    """
+    if isinstance(func, functools.partial):
+        return "functools.partial"
+    if isinstance(func, types.BuiltinMethodType):
+        owner = getattr(func, "__self__", None)
+        return None if owner is None or isinstance(owner, types.ModuleType) else "builtin"
+    if isinstance(func, types.FunctionType | types.MethodType | type):
+        return None
+    name = getattr(func, "__qualname__", None)
+    return None if isinstance(name, str) else "callable object"
 
 
 def _private_identity(qualname: str, what: str, exc: _Unencodable) -> str:

@@ -132,6 +132,7 @@ class RedisBackend:
             pool_timeout=pool_timeout,
         )
         self._pool_warned = -math.inf
+        self._errors_warned: dict[tuple[str, str], float] = {}
         self.retry_interval = check_interval(retry_interval)
         self._outage: Outage | None = None
         # Weak: a dropped function's cache (and its namespace) is not kept here.
@@ -185,13 +186,22 @@ class RedisBackend:
             ) from exc
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
             self.outage.failed(exc, "the Redis cache acts as a miss")
-        else:
+            return
+        # An error answer (OOM at maxmemory, a read-only replica, a wrong type): the
+        # server is up, so no outage; warned every 10 s at most per action and error
+        # type, not on every call of a busy service.
+        now = time.monotonic()
+        what = (action, type(exc).__name__)
+        if now - self._errors_warned.get(what, -math.inf) >= _POOL_WARN_EVERY:
+            self._errors_warned[what] = now
             logger.warning(
-                "opero: Redis cache at %s: %s failed (%s: %s); treated as a miss",
+                "opero: Redis cache at %s: %s failed (%s: %s); treated as a miss "
+                "(logged every %g s at most)",
                 redact(self.url),
                 action,
                 type(exc).__name__,
                 exc,
+                _POOL_WARN_EVERY,
             )
 
     def _pool_full(self, exc: BaseException, action: str) -> None:

@@ -1,10 +1,12 @@
 """``@opero``: cache, retries, fallbacks and a rate limit around one function.
 
-Options are validated once into a frozen :class:`~opero._policy.Policy`; the
-wrapper is then specialized so each call only pays for the layers configured.
-Per call, outside in: the cache (a hit returns at once, without a token or the
-retry machinery), the retry loop, the fallback chain, one rate-limit token per
-real call, the function.
+Options are validated once into a frozen :class:`~opero._pipeline.policy.Policy`
+(per-stage policies built from the option table); :func:`_decorate` then builds
+the uncached pipeline (the engine and its sync or async driver) and puts the
+cache adapter of :mod:`opero._pipeline.caching` around it, so each call only
+pays for the layers configured. Per call, outside in: the cache (a hit returns
+at once, without a token or the retry machinery), the retry loop, the fallback
+chain, one rate-limit token per real call, the function.
 
 Sync functions with the memory cache become a native
 :class:`~opero._opero_core.CachedCall` (key build, lookup and single flight in
@@ -17,7 +19,7 @@ Internal contract (for ``@opmap`` and other layers of opero)
 Every function returned by ``@opero`` has ``__opero__``, an
 :class:`OperoInternals` with:
 
-* ``policy``: the frozen :class:`~opero._policy.Policy`; ``policy.options``
+* ``policy``: the frozen :class:`~opero._pipeline.policy.Policy`; ``policy.options``
   is the read-only mapping of the options given (normalized, without
   ``_limiter``), so ``opero(**policy.options)`` rebuilds the decorator;
 * ``function``: the function that was decorated; ``is_async``; ``has_cache``;
@@ -64,16 +66,13 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from opero._aio import TaskFlight, build_async_call
-from opero._callbacks import adapt_callback
-from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
-from opero._policy import Policy, build_policy
-from opero._retry import Engine, build_sync_call, specialize
-from opero._singleflight import ThreadFlight
+from opero._pipeline.aio import build_async_call
+from opero._pipeline.caching import cache_adapter
+from opero._pipeline.engine import Engine
+from opero._pipeline.policy import Policy, build_policy
+from opero._pipeline.sync import build_sync_call
 from opero.cache._base import MISS, CacheInfo, FunctionCache
-from opero.cache._identity import function_identity
-from opero.cache._memory import MemoryBackend, MemoryFunctionCache
-from opero.cache._registry import clear_cache, register, resolve_backend
+from opero.cache._registry import clear_cache
 
 __all__ = ["OperoDecorator", "OperoFunction", "OperoInternals", "clear_cache", "opero"]
 
@@ -316,14 +315,19 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             and the fix).
 
     """
-    if func is not None and not callable(func) and not isinstance(func, classmethod):
-        raise TypeError(
-            f"opero() takes the function to decorate or keyword options, got {func!r}; "
-            "use @opero or @opero(retries=3, ...)"
-        )
+    _check_decoratable(func, "opero() takes the function to decorate or keyword options")
     policy = build_policy(func, options)
-    if func is not None:
-        return _decorate(func, policy)
+    return _decorator(policy) if func is None else _decorate(func, policy)
+
+
+def _check_decoratable(func: Any, what: str) -> None:
+    """Raise ``TypeError`` unless ``func`` is ``None``, callable or a classmethod."""
+    if func is not None and not callable(func) and not isinstance(func, classmethod):
+        raise TypeError(f"{what}, got {func!r}; use @opero or @opero(retries=3, ...)")
+
+
+def _decorator(policy: Policy) -> Callable[[Callable[..., Any]], Any]:
+    """Return the decorator of ``opero(**options)`` (options already validated)."""
 
     def decorator(function: Callable[..., Any], /) -> Any:
         if not callable(function) and not isinstance(function, classmethod):
@@ -338,9 +342,18 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
 
 def _qualname(func: Callable[..., Any]) -> str:
-    module = getattr(func, "__module__", None) or "?"
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return f"{module}.{name}"
+    """Return ``module.qualname``; a partial or callable object is named without its repr.
+
+    A repr may be megabytes long (a partial over a large list), fail (an int past
+    4300 digits) or hold a memory address that a later object reuses.
+    """
+    if isinstance(func, functools.partial):
+        return f"functools.partial({_qualname(func.func)})"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if not isinstance(name, str):  # a callable object: named by its class
+        kind = type(func)
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return f"{getattr(func, '__module__', None) or '?'}.{name}"
 
 
 def _is_opero(func: Callable[..., Any]) -> bool:
@@ -352,7 +365,7 @@ def _is_opero(func: Callable[..., Any]) -> bool:
 
 
 def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
-    """Build the wrapper of ``func`` for ``policy``."""
+    """Build the wrapper of ``func`` for ``policy``: the cache adapter around the pipeline."""
     if isinstance(func, (staticmethod, classmethod)):
         # @opero over @staticmethod/@classmethod: wrap the function, keep the binding rule
         # (the native wrapper binds like a plain function, so a bare staticmethod would
@@ -362,53 +375,28 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
     qualname = _qualname(func)
     engine = Engine(policy, func, qualname, stacked=_is_opero(func))
     inner: Callable[..., Any] = build_async_call(engine) if is_async else build_sync_call(engine)
-
     if is_async:
         call_uncached: Callable[..., Any] = functools.partial(_run_coroutine, inner)
         acall_uncached: Callable[..., Awaitable[Any]] = inner
     else:
         call_uncached = inner
         acall_uncached = functools.partial(asyncio.to_thread, inner)
-
-    if not policy.cache:
-        return _uncached(func, policy, inner, is_async, call_uncached, acall_uncached)
-
-    on_hit = adapt_callback("on_cache_hit", policy.on_cache_hit, (0,))
-    backend = resolve_backend(policy)
-    stable_keys = bool(getattr(backend, "stable_keys", False))
-    identity = (
-        function_identity(func, qualname, has_cache_key=policy.cache_key is not None)
-        if stable_keys
-        else qualname
-    )
-    fcache = backend.open(
-        namespace=policy.cache_namespace,
-        qualname=identity,
-        ttl=policy.cache_ttl,
-        max_size=policy.cache_max_size,
+    adapter = cache_adapter(func, policy, qualname, is_async)
+    internals = OperoInternals(
+        policy=policy,
+        function=func,
         is_async=is_async,
-        # Only the memory backend takes a policy (checked at decoration).
-        **({"policy": policy.cache_policy} if policy.cache_policy != "lru" else {}),
+        cache=adapter.cache,
+        call_uncached=call_uncached,
+        acall_uncached=acall_uncached,
+        cache_lookup=adapter.lookup,
+        cache_store=adapter.store,
+        acache_lookup=adapter.alookup,
+        acache_store=adapter.astore,
+        cache_lookup_many=adapter.lookup_many,
+        cache_store_many=adapter.store_many,
     )
-    register(policy.cache_namespace, backend, fcache)
-    key_func = functools.partial(policy.cache_key, func) if policy.cache_key is not None else None
-    if isinstance(backend, MemoryBackend) and isinstance(fcache, MemoryFunctionCache):
-        return _memory_cached(
-            func, policy, inner, is_async, fcache, key_func, on_hit, call_uncached, acall_uncached
-        )
-    return _backend_cached(
-        func,
-        policy,
-        inner,
-        is_async,
-        fcache,
-        stable_keys,
-        key_func,
-        on_hit,
-        qualname,
-        call_uncached,
-        acall_uncached,
-    )
+    return _finish(adapter.wrap(inner, is_async), func, internals, adapter.helpers())
 
 
 def _run_coroutine(inner: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
@@ -509,361 +497,3 @@ def _store_many_loop(
             cache_store((item,), {}, value)
 
     return store_many
-
-
-async def _miss_async(args: Args, kwargs: Kwargs) -> Any:
-    return MISS
-
-
-def _nothing(args: Args, kwargs: Kwargs, value: Any) -> None:
-    return None
-
-
-async def _anothing(args: Args, kwargs: Kwargs, value: Any) -> None:
-    return None
-
-
-def _uncached(
-    func: Callable[..., Any],
-    policy: Policy,
-    inner: Callable[..., Any],
-    is_async: bool,
-    call_uncached: Callable[..., Any],
-    acall_uncached: Callable[..., Awaitable[Any]],
-) -> Any:
-    """Build the wrapper without a cache: the pipeline itself (a fresh function)."""
-    if inner is func:
-        # Nothing configured around the call: a fresh forwarder carries the helpers.
-        generated = specialize(
-            func, is_async=False, limiter=False, on_success=False, guard=False, namespace={}
-        )
-        if generated is not None:
-            wrapper: Any = generated
-        else:
-
-            def plain(*args: Any, **kwargs: Any) -> Any:
-                return func(*args, **kwargs)
-
-            wrapper = plain
-    else:
-        wrapper = inner
-    qualname = _qualname(func)
-
-    def cache_get(*args: Any, **kwargs: Any) -> Any:
-        raise KeyError(f"{qualname} has no cache (add cache=True to @opero)")
-
-    def cache_delete(*args: Any, **kwargs: Any) -> bool:
-        return False
-
-    def cache_clear() -> None:
-        return None
-
-    def cache_info() -> CacheInfo:
-        return CacheInfo(0, 0, 0, 0)
-
-    internals: OperoInternals = OperoInternals(
-        policy=policy,
-        function=func,
-        is_async=is_async,
-        cache=None,
-        call_uncached=call_uncached,
-        acall_uncached=acall_uncached,
-        cache_lookup=lambda args, kwargs: MISS,
-        cache_store=_nothing,
-        acache_lookup=_miss_async,
-        acache_store=_anothing,
-    )
-    helpers: dict[str, Any] = {
-        "cache_get": cache_get,
-        "cache_delete": cache_delete,
-        "cache_clear": cache_clear,
-        "cache_info": cache_info,
-    }
-    return _finish(wrapper, func, internals, helpers)
-
-
-def _memory_cached(
-    func: Callable[..., Any],
-    policy: Policy,
-    inner: Callable[..., Any],
-    is_async: bool,
-    fcache: MemoryFunctionCache,
-    key_func: Callable[..., Any] | None,
-    on_hit: Callable[[], None] | None,
-    call_uncached: Callable[..., Any],
-    acall_uncached: Callable[..., Awaitable[Any]],
-) -> Any:
-    """Build the memory-cached wrapper: a native ``CachedCall`` or an async wrapper."""
-    store = fcache.store
-    get_call = store.get_call
-    store_get = store.get
-    store_set = store.set
-
-    if key_func is None:
-
-        def key_of(args: Args, kwargs: Kwargs) -> Any:
-            return make_key(args, kwargs)
-
-        def lookup(args: Args, kwargs: Kwargs) -> Any:
-            return get_call(args, kwargs)
-
-    else:
-        custom = key_func
-
-        def key_of(args: Args, kwargs: Kwargs) -> Any:
-            return custom(*args, **kwargs)
-
-        def lookup(args: Args, kwargs: Kwargs) -> Any:
-            return store_get(custom(*args, **kwargs))
-
-    def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
-        try:
-            value = lookup(args, kwargs)
-        except KeyError:
-            return MISS
-        if on_hit is not None:
-            on_hit()
-        return value
-
-    def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        store_set(key_of(args, kwargs), value)
-
-    async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
-        return cache_lookup(args, kwargs)
-
-    async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        cache_store(args, kwargs, value)
-
-    lookup_many: Callable[[list[Any]], tuple[list[Any], int]] | None = None
-    store_many: Callable[[list[Any], list[Any]], None] | None = None
-    if key_func is None:
-        # One native call per batch: a single lookup costs ~0.5 us from Python
-        # (a miss raises KeyError); the batch costs ~10 ns per item.
-        get_many_items = store.get_many_items
-        store_many = store.set_many_items
-
-        def lookup_many(items: list[Any]) -> tuple[list[Any], int]:
-            values, hits = get_many_items(items, MISS)
-            if hits and on_hit is not None:
-                for _ in range(hits):
-                    on_hit()
-            return values, hits
-
-    def cache_get(*args: Any, **kwargs: Any) -> Any:
-        return lookup(args, kwargs)
-
-    def cache_delete(*args: Any, **kwargs: Any) -> bool:
-        return store.delete(key_of(args, kwargs))
-
-    helpers: dict[str, Any] = {
-        "cache_get": cache_get,
-        "cache_delete": cache_delete,
-        "cache_clear": fcache.clear,
-        "cache_info": fcache.info,
-    }
-    internals: OperoInternals = OperoInternals(
-        policy=policy,
-        function=func,
-        is_async=is_async,
-        cache=fcache,
-        call_uncached=call_uncached,
-        acall_uncached=acall_uncached,
-        cache_lookup=cache_lookup,
-        cache_store=cache_store,
-        acache_lookup=acache_lookup,
-        acache_store=acache_store,
-        cache_lookup_many=lookup_many,
-        cache_store_many=store_many,
-    )
-
-    if not is_async:
-        wrapper: Any = CachedCall(store, inner, key_func=key_func, on_hit=on_hit)
-        return _finish(wrapper, func, internals, helpers)
-
-    flight = TaskFlight()
-
-    async def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
-        value = await inner(*args, **kwargs)
-        store_set(key, value)
-        return value
-
-    if key_func is None:
-
-        async def cached(*args: Any, **kwargs: Any) -> Any:
-            try:
-                value = get_call(args, kwargs)
-            except KeyError:
-                pass
-            else:
-                if on_hit is not None:
-                    on_hit()
-                return value
-            key = make_key(args, kwargs)
-            return await flight.do(key, lambda: compute(key, args, kwargs))
-
-    else:
-
-        async def cached(*args: Any, **kwargs: Any) -> Any:
-            key = custom(*args, **kwargs)
-            try:
-                value = store_get(key)
-            except KeyError:
-                pass
-            else:
-                if on_hit is not None:
-                    on_hit()
-                return value
-            return await flight.do(key, lambda: compute(key, args, kwargs))
-
-    return _finish(cached, func, internals, helpers)
-
-
-def _backend_cached(
-    func: Callable[..., Any],
-    policy: Policy,
-    inner: Callable[..., Any],
-    is_async: bool,
-    fcache: FunctionCache,
-    stable: bool,
-    key_func: Callable[..., Any] | None,
-    on_hit: Callable[[], None] | None,
-    qualname: str,
-    call_uncached: Callable[..., Any],
-    acall_uncached: Callable[..., Awaitable[Any]],
-) -> Any:
-    """Build the wrapper for Redis, disk and user backends (``FunctionCache`` protocol)."""
-    key_of = _key_builder(stable, key_func, qualname)
-    get = fcache.get
-    put = fcache.set
-    tflight = ThreadFlight()
-    aflight = TaskFlight()
-    # A value stored outside a flight also tells a flight's winner to look again.
-    stored = aflight.stored if is_async else tflight.stored
-
-    def cache_lookup(args: Args, kwargs: Kwargs) -> Any:
-        value = get(key_of(args, kwargs))
-        if value is not MISS and on_hit is not None:
-            on_hit()
-        return value
-
-    def cache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        key = key_of(args, kwargs)
-        put(key, value)
-        stored(key)
-
-    async def acache_lookup(args: Args, kwargs: Kwargs) -> Any:
-        value = await fcache.aget(key_of(args, kwargs))
-        if value is not MISS and on_hit is not None:
-            on_hit()
-        return value
-
-    async def acache_store(args: Args, kwargs: Kwargs, value: Any) -> None:
-        key = key_of(args, kwargs)
-        await fcache.aset(key, value)
-        stored(key)
-
-    def cache_get(*args: Any, **kwargs: Any) -> Any:
-        value = get(key_of(args, kwargs))
-        if value is MISS:
-            raise KeyError(f"{qualname}: no cached result for args={args!r} kwargs={kwargs!r}")
-        return value
-
-    def cache_delete(*args: Any, **kwargs: Any) -> bool:
-        return fcache.delete(key_of(args, kwargs))
-
-    helpers: dict[str, Any] = {
-        "cache_get": cache_get,
-        "cache_delete": cache_delete,
-        "cache_clear": fcache.clear,
-        "cache_info": fcache.info,
-    }
-    internals: OperoInternals = OperoInternals(
-        policy=policy,
-        function=func,
-        is_async=is_async,
-        cache=fcache,
-        call_uncached=call_uncached,
-        acall_uncached=acall_uncached,
-        cache_lookup=cache_lookup,
-        cache_store=cache_store,
-        acache_lookup=acache_lookup,
-        acache_store=acache_store,
-    )
-
-    if not is_async:
-
-        def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
-            value = inner(*args, **kwargs)
-            put(key, value)
-            return value
-
-        def cached(*args: Any, **kwargs: Any) -> Any:
-            key = key_of(args, kwargs)
-            stamp = tflight.stamp(key)
-            value = get(key)
-            if value is not MISS:
-                if on_hit is not None:
-                    on_hit()
-                return value
-            return tflight.do(key, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
-
-        return _finish(cached, func, internals, helpers)
-
-    aget = fcache.aget
-    aset = fcache.aset
-
-    async def acompute(key: Any, args: Args, kwargs: Kwargs) -> Any:
-        value = await inner(*args, **kwargs)
-        await aset(key, value)
-        return value
-
-    async def acached(*args: Any, **kwargs: Any) -> Any:
-        key = key_of(args, kwargs)
-        stamp = aflight.stamp(key)
-        value = await aget(key)
-        if value is not MISS:
-            if on_hit is not None:
-                on_hit()
-            return value
-        return await aflight.do(key, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key))
-
-    return _finish(acached, func, internals, helpers)
-
-
-def _key_builder(
-    stable: bool, key_func: Callable[..., Any] | None, qualname: str
-) -> Callable[[Args, Kwargs], Any]:
-    """Return ``key_of(args, kwargs)`` for a backend (stable digests when it needs them)."""
-    if not stable:
-        if key_func is None:
-            return make_key
-        custom = key_func
-        return lambda args, kwargs: custom(*args, **kwargs)
-
-    def hint(exc: TypeError) -> TypeError:
-        if "cache_key" in str(exc):
-            return exc
-        return TypeError(
-            f"{qualname}: {exc}; a shared cache needs arguments made of None, bool, int, "
-            "float, str, bytes, tuple, list, dict or set: pass cache_key= to build the key"
-        )
-
-    if key_func is None:
-
-        def stable_call(args: Args, kwargs: Kwargs) -> Any:
-            try:
-                return stable_digest_call(args, kwargs)
-            except TypeError as exc:
-                raise hint(exc) from exc
-
-        return stable_call
-    custom = key_func
-
-    def stable_custom(args: Args, kwargs: Kwargs) -> Any:
-        value = custom(*args, **kwargs)
-        try:
-            return stable_digest(value)
-        except TypeError as exc:
-            raise hint(exc) from exc
-
-    return stable_custom

@@ -70,52 +70,67 @@ def adapt_callback(
     accepted = positional_arity(func, full)
     # Pick the largest arity the callback can take among the documented ones.
     use = next((a for a in arities if a <= accepted), arities[-1])
-    label = _name(func)
-    user = func
+    return _ADAPTERS[full, use](func, option, _name(func))
 
-    if full == 0:
 
-        def call0() -> None:
-            try:
-                user()
-            except Exception:
-                logger.exception("opero: %s callback %s raised; ignored", option, label)
+# One factory per (arity called with, arity the callback takes): the adapted callbacks
+# run on the hot path (on_success after every call), so each is a direct closure.
 
-        return call0
 
-    if full == 1:
-        if use == 1:
+def _adapt_0_0(user: Callable[..., Any], option: str, label: str) -> Callable[..., None]:
+    def call0() -> None:
+        try:
+            user()
+        except Exception:
+            logger.exception("opero: %s callback %s raised; ignored", option, label)
 
-            def call1(a: Any) -> None:
-                try:
-                    user(a)
-                except Exception:
-                    logger.exception("opero: %s callback %s raised; ignored", option, label)
+    return call0
 
-        else:
 
-            def call1(a: Any) -> None:
-                try:
-                    user()
-                except Exception:
-                    logger.exception("opero: %s callback %s raised; ignored", option, label)
+def _adapt_1_1(user: Callable[..., Any], option: str, label: str) -> Callable[..., None]:
+    def call1(a: Any) -> None:
+        try:
+            user(a)
+        except Exception:
+            logger.exception("opero: %s callback %s raised; ignored", option, label)
 
-        return call1
+    return call1
 
-    if use == 2:
 
-        def call2(a: Any, b: Any) -> None:
-            try:
-                user(a, b)
-            except Exception:
-                logger.exception("opero: %s callback %s raised; ignored", option, label)
+def _adapt_1_0(user: Callable[..., Any], option: str, label: str) -> Callable[..., None]:
+    def call1(a: Any) -> None:
+        try:
+            user()
+        except Exception:
+            logger.exception("opero: %s callback %s raised; ignored", option, label)
 
-    else:
+    return call1
 
-        def call2(a: Any, b: Any) -> None:
-            try:
-                user(a)
-            except Exception:
-                logger.exception("opero: %s callback %s raised; ignored", option, label)
+
+def _adapt_2_2(user: Callable[..., Any], option: str, label: str) -> Callable[..., None]:
+    def call2(a: Any, b: Any) -> None:
+        try:
+            user(a, b)
+        except Exception:
+            logger.exception("opero: %s callback %s raised; ignored", option, label)
 
     return call2
+
+
+def _adapt_2_1(user: Callable[..., Any], option: str, label: str) -> Callable[..., None]:
+    def call2(a: Any, b: Any) -> None:
+        try:
+            user(a)
+        except Exception:
+            logger.exception("opero: %s callback %s raised; ignored", option, label)
+
+    return call2
+
+
+_ADAPTERS: dict[tuple[int, int], Callable[[Callable[..., Any], str, str], Callable[..., None]]] = {
+    (0, 0): _adapt_0_0,
+    (1, 1): _adapt_1_1,
+    (1, 0): _adapt_1_0,
+    (2, 2): _adapt_2_2,
+    (2, 1): _adapt_2_1,
+}

@@ -1,4 +1,8 @@
-"""Single flight across threads for the cache backends other than memory.
+"""Single flight: concurrent cache misses on one key compute once (threads and tasks).
+
+Threads
+-------
+
 
 The memory backend gets single flight from the native
 :class:`~opero._opero_core.CachedCall`; Redis, disk and user backends go
@@ -19,20 +23,31 @@ through :class:`ThreadFlight`, with the same rules:
   another key of the stripe may cause a needless look, never a missed one);
 * after ``fork()`` the child starts with empty tables: flights of the
   parent's threads are gone, never waited on.
+
+Asyncio tasks
+-------------
+:class:`TaskFlight` does the same across the tasks of one event loop: the
+first task computes, the others await the same future and get the same result
+or the same exception. A task that re-enters a key it is computing itself, or
+whose wait would close a cycle of tasks waiting on each other, computes
+directly (no deadlock). If the computing task is cancelled (or stopped by any
+``BaseException`` that is not an ``Exception``), a waiter takes over instead of
+inheriting it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opero._opero_core import FlightToken
 from opero.cache._base import MISS
 
-__all__ = ["ThreadFlight"]
+__all__ = ["TaskFlight", "ThreadFlight"]
 
 _STRIPES = 64  # completion counters per function, indexed by the key's hash
 _POLL = 0.05  # seconds between two looks at a waited-on token
@@ -65,7 +80,9 @@ class ThreadFlight:
         _live.add(self)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: the table compares keys with their __eq__ under this lock, and
+        # a key's __eq__ (or __hash__) may call the decorated function again.
+        self._lock = threading.RLock()
         self._flights: dict[Any, _Flight] = {}
         self._stamps = [0] * _STRIPES
 
@@ -75,8 +92,9 @@ class ThreadFlight:
 
     def stored(self, key: Any) -> None:
         """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        slot = hash(key) % _STRIPES
         with self._lock:
-            self._stamps[hash(key) % _STRIPES] += 1
+            self._stamps[slot] += 1
 
     def do(
         self,
@@ -178,3 +196,122 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Retry:
+    """Result of a flight whose computing task was cancelled: the waiters try again."""
+
+
+_RETRY = _Retry()
+
+# Which task waits on which task's computation (the wait-for graph of tasks).
+_task_waits: dict[asyncio.Task[Any], tuple[asyncio.Task[Any] | None, asyncio.Future[Any]]] = {}
+
+
+def _closes_cycle(me: asyncio.Task[Any] | None, owner: asyncio.Task[Any] | None) -> bool:
+    """Whether ``me`` waiting on ``owner`` would deadlock (``owner`` waits on ``me``)."""
+    at = owner
+    for _ in range(len(_task_waits) + 1):
+        if at is None:
+            return False
+        if at is me:
+            return True
+        edge = _task_waits.get(at)
+        if edge is None or edge[1].done():
+            return False
+        at = edge[0]
+    return False
+
+
+async def _wait_for(
+    task: asyncio.Task[Any] | None, owner: asyncio.Task[Any] | None, future: asyncio.Future[Any]
+) -> Any:
+    """Await ``owner``'s flight, noting the edge ``task`` -> ``owner`` in the wait-for graph."""
+    if task is not None:
+        _task_waits[task] = (owner, future)
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if task is not None:
+            _task_waits.pop(task, None)
+
+
+class TaskFlight:
+    """Single flight of cache misses across the asyncio tasks of one decorated function."""
+
+    __slots__ = ("_flights", "_stamps")
+
+    def __init__(self) -> None:
+        self._flights: dict[
+            Any, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], asyncio.Task[Any] | None]
+        ] = {}
+        self._stamps = [0] * _STRIPES
+
+    def stamp(self, key: Any) -> int:
+        """Return the completion count of ``key``'s stripe: take it before the lookup."""
+        return self._stamps[hash(key) % _STRIPES]
+
+    def stored(self, key: Any) -> None:
+        """Note a value stored for ``key`` outside a flight (a later winner looks again)."""
+        self._stamps[hash(key) % _STRIPES] += 1
+
+    async def do(
+        self,
+        key: Any,
+        compute: Callable[[], Awaitable[Any]],
+        stamp: int | None = None,
+        recheck: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """Run ``compute()`` once for concurrent callers of ``key``; share its outcome.
+
+        A task whose wait would deadlock (it computes the key itself, or the
+        computing task waits on it through other tasks) computes directly.
+
+        Args:
+            key: The cache key (hashable).
+            compute: Computes the value and stores it in the cache before returning.
+            stamp: :meth:`stamp` of ``key`` taken before the caller's cache lookup.
+            recheck: Looks the key up again (``MISS`` on a miss); awaited by the
+                winner of the flight when a computation of a key of the same
+                stripe finished since ``stamp``.
+
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        slot = hash(key) % _STRIPES
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            flight_loop, future, owner = flight
+            if flight_loop is not loop or _closes_cycle(task, owner):
+                # Another event loop, or a wait that would deadlock (re-entry from
+                # the computing task, or a cycle of tasks): compute directly.
+                return await compute()
+            result = await _wait_for(task, owner, future)
+            if result is not _RETRY:
+                return result
+        stale = stamp is not None and self._stamps[slot] != stamp
+        future = loop.create_future()
+        entry = (loop, future, task)
+        self._flights[key] = entry
+        try:
+            value = MISS
+            if stale and recheck is not None:
+                value = await recheck()
+            if value is MISS:
+                value = await compute()
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the caller re-raises it below anyway
+            raise
+        except BaseException:
+            future.set_result(_RETRY)
+            raise
+        else:
+            self._stamps[slot] += 1
+            future.set_result(value)
+            return value
+        finally:
+            if self._flights.get(key) is entry:
+                del self._flights[key]

@@ -1,0 +1,175 @@
+"""First-call wrappers generated with the decorated function's own parameters.
+
+Forwarding ``*args, **kwargs`` costs about 80 ns per call on CPython 3.11
+(packing a tuple and a dict, then unpacking them); a wrapper with the same
+parameters as ``func`` forwards in about 17 ns. So for plain Python functions
+without ``*args``/``**kwargs`` the wrapper of the first call is generated at
+decoration time with ``func``'s own parameter list (defaults are the very same
+objects), holding only what is configured: with ``retries=3`` alone, one
+``try``/``except`` around the call. Other callables keep the drivers' generic
+closures.
+
+The source of every generated wrapper is registered in :mod:`linecache` under
+a file name ``<opero wrapper of module.qualname (digest)>``, so tracebacks
+formatted by :mod:`traceback` (logging, pytest, debuggers) show the lines of
+the wrapper frame (before 3.13 the interpreter's printer of an uncaught
+exception reads files from disk and shows none). The digest is of the source:
+decorating the same function the same way again reuses the entry, so the
+cache grows with distinct wrappers, not with decorations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import linecache
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opero._ratelimit import MIN_WAIT
+
+__all__ = ["PREFIX", "Template", "specialize"]
+
+#: Every name the template uses starts with this (a parameter may shadow any builtin).
+PREFIX = "__opero_"
+P = PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """What the generated wrapper does around ``func``.
+
+    Attributes:
+        is_async: Generate an ``async def`` that awaits ``func``.
+        limiter: Take a token first: sync ``__opero_reserve()`` (checked by
+            ``__opero_check_wait``, slept by ``__opero_sleep``) or async
+            ``await __opero_take_token()``.
+        on_success: Call ``__opero_on_success(result)`` after a success.
+        guard: Wrap the call in ``try``/``except Exception`` handing the error
+            to ``__opero_retry_from(exc, args, kwargs)``.
+
+    """
+
+    is_async: bool = False
+    limiter: bool = False
+    on_success: bool = False
+    guard: bool = False
+
+
+@dataclass(slots=True)
+class _Signature:
+    """``func``'s parameters as source: the ``def`` list, the call, args and kwargs."""
+
+    params: list[str] = field(default_factory=list)
+    call: list[str] = field(default_factory=list)
+    positional: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _signature(func: Callable[..., Any]) -> _Signature | None:
+    """Return ``func``'s parameters as source, or ``None`` when it cannot be generated."""
+    if not isinstance(func, types.FunctionType) or "__signature__" in func.__dict__:
+        # Only the code's own parameters are trusted (a __signature__ may claim others).
+        return None
+    try:
+        sig = inspect.signature(func, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    out = _Signature()
+    kinds = inspect.Parameter
+    in_positional_only = star_done = False
+    for index, param in enumerate(sig.parameters.values()):
+        name = param.name
+        if name.startswith(PREFIX) or param.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD):
+            return None
+        if param.kind is kinds.POSITIONAL_ONLY:
+            in_positional_only = True
+        elif in_positional_only:
+            out.params.append("/")
+            in_positional_only = False
+        if param.kind is kinds.KEYWORD_ONLY:
+            if not star_done:
+                out.params.append("*")
+                star_done = True
+            out.call.append(f"{name}={name}")
+            out.keywords.append(f"{name!r}: {name}")
+        else:
+            out.call.append(name)
+            out.positional.append(name)
+        if param.default is kinds.empty:
+            out.params.append(name)
+        else:
+            out.defaults[f"{P}default_{index}"] = param.default
+            out.params.append(f"{name}={P}default_{index}")
+    if in_positional_only:
+        out.params.append("/")
+    return out
+
+
+def _source(sig: _Signature, template: Template) -> str:
+    """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
+    aw = "await " if template.is_async else ""
+    lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    if template.limiter and template.is_async:
+        lines.append(f"    await {P}take_token()")
+    elif template.limiter:
+        lines += [
+            f"    {P}d = {P}reserve()",
+            f"    if {P}d > {P}MIN_WAIT:",
+            f"        {P}check_wait({P}d)",
+            f"        {P}sleep({P}d)",
+        ]
+    invoke = f"{aw}{P}func({', '.join(sig.call)})"
+    if template.guard:
+        args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
+        kwargs = "{" + ", ".join(sig.keywords) + "}"
+        lines += [
+            "    try:",
+            f"        {P}r = {invoke}",
+            f"    except {P}Exception as {P}e:",
+            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})",
+        ]
+    else:
+        lines.append(f"    {P}r = {invoke}")
+    if template.on_success:
+        lines.append(f"    {P}on_success({P}r)")
+    lines.append(f"    return {P}r")
+    return "\n".join(lines) + "\n"
+
+
+def register_source(source: str, label: str) -> str:
+    """Put ``source`` in :mod:`linecache` and return its file name (shown in tracebacks)."""
+    digest = hashlib.blake2b(source.encode(), digest_size=6).hexdigest()
+    filename = f"<opero wrapper of {label} ({digest})>"
+    # mtime None: linecache.checkcache() keeps the entry (no file to compare with).
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return filename
+
+
+def specialize(
+    func: Callable[..., Any], template: Template, namespace: dict[str, Any]
+) -> Callable[..., Any] | None:
+    """Generate the first-call wrapper with ``func``'s exact parameters, or return ``None``.
+
+    Args:
+        func: The function called on each attempt.
+        template: What the wrapper does around the call.
+        namespace: The helpers the template uses (``__opero_retry_from``, ...).
+
+    """
+    sig = _signature(func)
+    if sig is None:
+        return None
+    source = _source(sig, template)
+    label = f"{getattr(func, '__module__', None) or '?'}.{func.__qualname__}"
+    scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
+    scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
+    scope[f"{P}Exception"] = Exception
+    exec(compile(source, register_source(source, label), "exec"), scope)
+    wrapper: Callable[..., Any] = scope[f"{P}wrapper"]
+    wrapper.__name__ = func.__name__
+    wrapper.__qualname__ = func.__qualname__
+    return wrapper

@@ -1,0 +1,333 @@
+"""The decisions of ``@opero``'s retry and fallback loop, written once for both drivers.
+
+:class:`Engine` holds every decision (is this error retryable, which call comes
+next, how long to wait before it, what to raise when every call failed, how
+long to wait for a rate-limit token) and fires the callbacks. The drivers,
+:mod:`opero._pipeline.sync` and :mod:`opero._pipeline.aio`, are short loops
+over :meth:`Engine.after_failure`: they only differ in how they call the
+function and how they wait.
+
+Pipeline inside one round (outside in): fallback candidates, then one
+rate-limit token per real call, then the function. Rounds are
+``0..retries``; the wait before retry ``k`` (0-based) is
+``min(max_delay, min_delay * backoff_factor**k)`` jittered into ``[d/2, d]``
+(the native :class:`~opero._opero_core.Backoff`), or ``backoff_function(k)``;
+zero while :func:`opero.set_testing` is on. A zero wait never sleeps.
+
+An error that is not retryable (outside ``retry_on``, or refused by
+``retry_predicate``) propagates at once, unchanged, even inside a fallback
+chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
+``asyncio.CancelledError`` are never caught (they are not ``Exception``
+subclasses).
+
+Exhaustion: when every call failed and no ``arg_fallback`` is configured, the
+function's own last exception propagates (the same object, so callers'
+``except`` clauses keep working), with a PEP 678 note saying how many calls
+were made; the earlier errors are kept on it as a tuple (attribute
+``__opero_errors__``, read through :func:`opero.errors.attempt_errors`). When an
+``arg_fallback`` chain is exhausted, :class:`~opero.errors.AllFailedError` is
+raised from the last error with every error in call order.
+
+Stacking: an ``@opero`` applied over a function that is already
+opero-decorated retries only when its own ``retries`` is given explicitly
+(else its ``retries`` is 0), so stacked layers do not multiply attempts.
+
+No cycles: an attempt's traceback references the driver's frame, which holds
+the list of errors; the engine returns the give-up or exhaustion error instead
+of raising it, so only the driver's frame is in that traceback, and every
+driver clears those locals in ``finally``: a dropped error is freed by
+reference counting, with the cyclic collector off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from opero import _testing
+from opero._opero_core import Backoff
+from opero._pipeline.callbacks import adapt_callback
+from opero._pipeline.fallback import Call, Fallback
+from opero._pipeline.policy import Policy, check_seconds
+from opero._ratelimit import MIN_WAIT, Limiter
+from opero.errors import EARLIER_ERRORS, AllFailedError
+
+__all__ = ["NOTE_PREFIX", "Engine", "Step"]
+
+logger = logging.getLogger("opero")
+
+#: Every note opero adds to a re-raised error starts with this (a re-raised
+#: instance keeps one opero note, not one per call).
+NOTE_PREFIX = "opero: "
+#: How many earlier errors the note shows (``attempt_errors`` has them all).
+NOTE_ERRORS = 3
+
+#: What follows a failed call: ``(round, index, wait, error)``. With ``error``
+#: set the driver raises it; else it waits ``wait`` seconds and makes call
+#: ``index`` (a fallback candidate, 0 without fallback) of round ``round``.
+Step = tuple[int, int, float, Exception | None]
+
+
+class Engine:
+    """The policy of one decorated function, compiled for both drivers.
+
+    Args:
+        policy: The validated options.
+        func: The decorated function (the inner one, called on each attempt).
+        qualname: ``module.qualname`` used in messages and log records.
+        stacked: ``func`` is itself opero-decorated: without an explicit
+            ``retries`` option this layer makes a single round.
+
+    """
+
+    __slots__ = (
+        "asleep",
+        "async_source",
+        "backoff",
+        "backoff_function",
+        "check_wait",
+        "fallback",
+        "func",
+        "limiter",
+        "on_failure",
+        "on_retry",
+        "on_success",
+        "policy",
+        "predicate",
+        "predicate_arity",
+        "qualname",
+        "reserve",
+        "retries",
+        "retry_on",
+        "sleep",
+    )
+
+    def __init__(
+        self, policy: Policy, func: Callable[..., Any], qualname: str, *, stacked: bool = False
+    ) -> None:
+        retry = policy.retry
+        self.policy = policy
+        self.func = func
+        self.qualname = qualname
+        # The inner layer already retries: an implicit default here would multiply
+        # the calls ((3 + 1) * (3 + 1) = 16 for two default layers).
+        self.retries = 0 if stacked and "retries" not in policy.options else retry.retries
+        self.retry_on = retry.retry_on
+        self.predicate = retry.retry_predicate
+        self.predicate_arity = retry.retry_predicate_arity
+        self.backoff_function = retry.backoff_function
+        self.backoff = Backoff(
+            retry.min_delay, retry.max_delay, retry.backoff_factor, retry.jitter, retry.backoff_seed
+        )
+        arg_fallback = policy.fallback.arg_fallback
+        self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
+        self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
+        limiter = self.limiter
+        #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
+        #: called without a limiter).
+        self.reserve = limiter.reserve_function() if limiter is not None else _no_token
+        self.check_wait = limiter.check_wait if limiter is not None else _no_wait
+        #: Booking a token needs an ``await`` (a Redis limiter).
+        self.async_source = limiter is not None and limiter.has_async_source
+        self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
+        self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
+        callbacks = policy.callbacks
+        self.on_retry = adapt_callback("on_retry", callbacks.on_retry, (2, 1))
+        self.on_success = adapt_callback("on_success", callbacks.on_success, (1, 0))
+        self.on_failure = adapt_callback("on_failure", callbacks.on_failure, (1,))
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a failed first call needs the engine (else it propagates as is)."""
+        return self.retries > 0 or self.on_failure is not None or self.fallback is not None
+
+    # --- decisions -----------------------------------------------------------------
+
+    def is_retryable(self, exc: Exception) -> bool:
+        """Return whether another call may follow ``exc`` (``retry_on``, then the predicate)."""
+        if not isinstance(exc, self.retry_on):
+            return False
+        predicate = self.predicate
+        if predicate is None:
+            return True
+        try:
+            if self.predicate_arity >= 2:
+                return bool(predicate(exc, None))
+            return bool(predicate(exc))
+        except Exception:
+            logger.exception(
+                "opero: retry_predicate of %s raised on %r; the error is not retried",
+                self.qualname,
+                exc,
+            )
+            return False
+
+    def delay(self, attempt: int) -> float:
+        """Return the seconds to wait before retry ``attempt`` (0-based)."""
+        if _testing._enabled:
+            return 0.0
+        if self.backoff_function is None:
+            return self.backoff.delay(attempt)
+        return check_seconds(
+            f"backoff_function of {self.qualname}, for attempt {attempt}, returned",
+            self.backoff_function(attempt),
+        )
+
+    def before_retry(self, exc: Exception, attempt: int) -> float:
+        """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""
+        if self.on_retry is not None:
+            self.on_retry(exc, attempt)
+        wait = self.delay(attempt)
+        logger.debug(
+            "opero: %s failed with %r; retry %d of %d in %.3fs",
+            self.qualname,
+            exc,
+            attempt + 1,
+            self.retries,
+            wait,
+        )
+        return wait
+
+    def give_up(self, exc: Exception) -> Exception:
+        """Fire ``on_failure`` for an error that is not retried, and return it."""
+        if self.on_failure is not None:
+            self.on_failure(exc)
+        return exc
+
+    def exhausted(self, errors: list[Exception]) -> Exception:
+        """Return the error to raise when every call failed (and fire ``on_failure``).
+
+        With a fallback configured: ``AllFailedError`` with every error,
+        chained from the last one (as ``raise ... from`` would). Without: the
+        function's own last exception, unchanged in type and identity; after
+        more than one call it gets a note and the earlier errors (see
+        :func:`opero.errors.attempt_errors`).
+        """
+        last = errors[-1]
+        if self.fallback is None:
+            if len(errors) > 1:
+                self._annotate(last, errors)
+                logger.warning(
+                    "opero: %s failed on all %d calls; raising the last error",
+                    self.qualname,
+                    len(errors),
+                )
+            return self.give_up(last)
+        error = AllFailedError(
+            f"{self.qualname} failed on all {len(errors)} calls; last error: {last!r}",
+            errors,
+        )
+        error.__cause__ = last
+        error.__suppress_context__ = True
+        logger.warning("opero: %s", error.message)
+        return self.give_up(error)
+
+    def _annotate(self, last: Exception, errors: list[Exception]) -> None:
+        """Note the number of calls on ``last`` and keep the earlier errors on it.
+
+        The earlier errors never include ``last`` itself (a function raising one
+        shared instance would otherwise make ``last`` reference itself: a cycle).
+        """
+        earlier = tuple(e for e in errors[:-1] if e is not last)
+        shown = ", ".join(_short_repr(e) for e in earlier[-NOTE_ERRORS:])
+        if len(earlier) > NOTE_ERRORS:
+            shown = f"..., {shown}"
+        note = (
+            f"{NOTE_PREFIX}{self.qualname} failed on all {len(errors)} calls "
+            f"(1 + {len(errors) - 1} retries)"
+            + (f"; earlier errors: {shown}" if shown else "")
+            + "; opero.errors.attempt_errors(exc) lists them all"
+        )
+        last.__dict__[EARLIER_ERRORS] = earlier
+        try:
+            notes = last.__dict__.get("__notes__")
+            if isinstance(notes, list):
+                notes[:] = [
+                    n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))
+                ]
+            last.add_note(note)
+        except Exception:  # __notes__ set to a non-list by the function: raise it without ours
+            logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
+
+    def log_fallback(self, exc: Exception, index: int, total: int) -> None:
+        """Log a failed fallback candidate before the next one is tried."""
+        logger.debug(
+            "opero: %s candidate %d of %d (%s) failed with %r; trying the next one",
+            self.qualname,
+            index + 1,
+            total,
+            self.policy.fallback.arg_fallback,
+            exc,
+        )
+
+    def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[Call]:
+        """Return the calls of one round: the fallback candidates, or the call itself."""
+        if self.fallback is None:
+            return [(args, kwargs)]
+        return self.fallback.candidates(args, kwargs)
+
+    def after_failure(self, errors: list[Exception], round_: int, index: int, total: int) -> Step:
+        """Decide what follows the failure of call ``index`` of round ``round_`` (0-based).
+
+        ``errors[-1]`` is the error of that call. In order: an error that is not
+        retryable is raised at once (``on_failure`` fired); the next fallback
+        candidate is tried without waiting; after the last candidate of the last
+        round the exhaustion error is raised; else the next round starts after
+        the backoff wait (``on_retry`` fired). The engine returns the error to
+        raise rather than raising it, so its frame never holds ``errors`` in a
+        traceback.
+        """
+        exc = errors[-1]
+        if not self.is_retryable(exc):
+            return round_, index, 0.0, self.give_up(exc)
+        if index + 1 < total:
+            self.log_fallback(exc, index, total)
+            return round_, index + 1, 0.0, None
+        if round_ >= self.retries:
+            return round_, index, 0.0, self.exhausted(errors)
+        return round_ + 1, 0, self.before_retry(exc, round_), None
+
+    def token_wait(self) -> float:
+        """Book a rate-limit token; return the seconds to sleep first (0 for none).
+
+        Raises:
+            RateLimitTimeout: The wait exceeds ``rate_max_wait``.
+
+        """
+        delay = self.reserve()
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+    async def atoken_wait(self) -> float:
+        """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
+        if not self.async_source:
+            return self.token_wait()
+        assert self.limiter is not None
+        delay = await self.limiter.areserve()
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+
+def _no_token() -> float:
+    """Stand-in ``reserve`` without a rate limit (the drivers never call it)."""
+    return 0.0
+
+
+def _no_wait(delay: float) -> None:
+    """Stand-in ``check_wait`` without a rate limit."""
+
+
+def _short_repr(exc: BaseException, limit: int = 120) -> str:
+    """Return ``repr(exc)`` cut to ``limit`` characters (a failing ``__repr__`` gives the type)."""
+    try:
+        text = repr(exc)
+    except Exception:
+        text = f"<{type(exc).__qualname__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
