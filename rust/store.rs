@@ -22,7 +22,7 @@
 //! never returned, it is removed and counted as one expiration and one miss;
 //! `hits + misses` equals the number of counted lookups. The store is generic
 //! over the key `K` and value `V` and never drops either while the caller
-//! holds its lock: everything it removes is pushed to an `out` vector the
+//! holds its lock: everything it removes is pushed to an `out` collection the
 //! caller drops after unlocking (Python values may run `__del__`). Lookups
 //! take the key's hash and an equality closure, so a caller can probe with a
 //! borrowed encoding and allocate a key only on insert.
@@ -497,7 +497,7 @@ impl<K, V> Store<K, V> {
     /// bound (the hill climber grew it), the window's oldest entry duels the
     /// main region's victim in place: the window grows only at the expense
     /// of less popular main entries.
-    fn evict_tinylfu(&mut self, max: usize, newest: usize, out: &mut Vec<(K, V)>) {
+    fn evict_tinylfu(&mut self, max: usize, newest: usize, out: &mut impl Extend<(K, V)>) {
         let Some(lfu) = self.lfu.as_ref() else {
             return;
         };
@@ -509,7 +509,7 @@ impl<K, V> Store<K, V> {
             if self.len > max {
                 let v = self.victim(c);
                 let drop = self.duel(c, v);
-                out.push(self.take(drop));
+                out.extend(Some(self.take(drop)));
                 self.evictions += 1;
             }
         }
@@ -531,7 +531,7 @@ impl<K, V> Store<K, V> {
                 }
                 (c, v) => self.duel(c, v),
             };
-            out.push(self.take(drop));
+            out.extend(Some(self.take(drop)));
             self.evictions += 1;
         }
         self.demote_protected();
@@ -666,7 +666,7 @@ impl<K, V> Store<K, V> {
     }
 
     /// Remove every expired entry (counted as expirations) into `out`.
-    pub fn purge_expired(&mut self, now: f64, out: &mut Vec<(K, V)>) {
+    pub fn purge_expired(&mut self, now: f64, out: &mut impl Extend<(K, V)>) {
         while let Some(Reverse(d)) = self.deadlines.peek().copied() {
             let slot = &self.slots[d.slot];
             let stale = slot.gen != d.gen || slot.entry.is_none();
@@ -675,7 +675,7 @@ impl<K, V> Store<K, V> {
             }
             self.deadlines.pop();
             if !stale {
-                out.push(self.take(d.slot));
+                out.extend(Some(self.take(d.slot)));
                 self.expirations += 1;
             }
         }
@@ -699,7 +699,7 @@ impl<K, V> Store<K, V> {
         ttl: Option<Option<f64>>,
         now: impl FnOnce() -> f64,
         eq: impl FnMut(&K) -> bool,
-        out: &mut Vec<(K, V)>,
+        out: &mut impl Extend<(K, V)>,
     ) {
         let ttl = ttl.unwrap_or(self.ttl);
         let mut expires = f64::INFINITY;
@@ -716,7 +716,7 @@ impl<K, V> Store<K, V> {
         if let Some(i) = self.find(hash, eq) {
             if let Some((_, v)) = &mut self.slots[i].entry {
                 let old = std::mem::replace(v, value);
-                out.push((key, old));
+                out.extend(Some((key, old)));
             }
             self.set_expiry(i, expires);
             self.touch(i);
@@ -726,7 +726,7 @@ impl<K, V> Store<K, V> {
             let tail = usize::from(WINDOW);
             while self.len >= max && self.lists[tail].tail != NIL {
                 let t = self.lists[tail].tail;
-                out.push(self.take(t));
+                out.extend(Some(self.take(t)));
                 self.evictions += 1;
             }
         }

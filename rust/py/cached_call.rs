@@ -10,7 +10,10 @@
 //! whose wait would close a cycle (it computes the key itself, or the owner
 //! waits on it through other threads) computes directly. The in-flight table
 //! is guarded by the GIL (never held across a fork); a flight made before a
-//! `fork()` is dropped in the child, never waited on. No Python runs under the
+//! `fork()` is dropped in the child, never waited on. An uncontended miss only
+//! lists a marker there (key, id, owner thread, fork generation: no
+//! allocation for a short key); the waiters' meeting point (outcome, condvar,
+//! done flag) is made by the first thread that waits. No Python runs under the
 //! table's guard. Calls into Python (the function, `key_func`, `on_hit`, and
 //! `__hash__`/`__eq__` of opaque arguments) and re-attaching after a wait are
 //! shielded against the forced unwind of interpreter exit (see `guarded.rs`).
@@ -19,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 use parking_lot::{Condvar, Mutex};
 use pyo3::exceptions::{PyException, PyRuntimeError};
@@ -31,10 +35,10 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::fastcall::{self, Vectorcall};
 use super::flight::{begin_wait, end_wait, fork_generation, thread_ident};
 use super::guarded::{self, detach, Guarded};
-use super::keys::{short_call1, ArgName, Encoder, KeyData, KeyRef, Mode};
+use super::keys::{short_call1, ArgName, Encoder, KeyRef, Mode};
 use super::store::PyStore;
 use crate::error::CoreError;
-use crate::keys::Short;
+use crate::keys::{hash_short, Short};
 
 /// Where a computation stands.
 enum Outcome {
@@ -47,70 +51,136 @@ enum Outcome {
     Abandoned,
 }
 
-/// One computation in progress, awaited by the other threads missing the same key.
+/// Where the threads waiting on one computation meet its outcome. Made by
+/// the first thread that waits: an uncontended miss never allocates one.
 struct Flight {
-    /// `threading.get_ident()` of the computing thread.
-    owner: u64,
-    /// The fork generation it was made in (older: its owner is not in this process).
-    generation: u64,
     /// Set once the outcome is published (read by the wait-for graph).
     done: Arc<AtomicBool>,
     outcome: Mutex<Outcome>,
     published: Condvar,
 }
 
-type Flights = HashTable<(KeyRef, Arc<Flight>)>;
+/// What a flight is keyed by.
+enum FlightKey {
+    /// A key without opaque objects of at most 16 bytes, compared in registers.
+    Short(Short),
+    /// Any other key: equal bytes and identical opaque objects (no Python
+    /// runs under the in-flight guard, so equal-but-distinct opaque
+    /// arguments compute separately).
+    Long(KeyRef),
+}
+
+impl FlightKey {
+    #[inline]
+    fn same(&self, other: &FlightKey) -> bool {
+        match (self, other) {
+            (FlightKey::Short(a), FlightKey::Short(b)) => a == b,
+            (FlightKey::Long(a), FlightKey::Long(b)) => {
+                a.bytes == b.bytes
+                    && a.opaque.len() == b.opaque.len()
+                    && a.opaque
+                        .iter()
+                        .zip(b.opaque.iter())
+                        .all(|(x, y)| x.as_ptr() == y.as_ptr())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A key being computed, listed in the in-flight table.
+struct InFlight {
+    key: FlightKey,
+    hash: u64,
+    /// Unique among the table's entries ever: how the owner finds its own.
+    id: u64,
+    /// `threading.get_ident()` of the computing thread.
+    owner: u64,
+    /// The fork generation it was made in (older: its owner is not in this process).
+    generation: u64,
+    /// The waiters' meeting point, made by the first one.
+    flight: Option<Arc<Flight>>,
+}
+
+/// The keys being computed (by hash), and the next entry id.
+#[derive(Default)]
+struct Flights {
+    table: HashTable<InFlight>,
+    next_id: u64,
+}
+
+/// What a miss does about the key's flight.
+enum Step {
+    /// Compute it: this thread listed the entry `id`.
+    Own(u64),
+    /// Wait on `owner`'s computation.
+    Wait(u64, Arc<Flight>),
+}
 
 /// How often a thread waiting on another's computation checks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-/// Whether `a` is the same call as `b` for single flight: equal bytes and
-/// identical opaque objects (no Python runs under the in-flight guard, so
-/// equal-but-distinct opaque arguments compute separately).
-fn same_flight(a: &KeyData, b: &KeyData) -> bool {
-    a.bytes == b.bytes
-        && a.opaque.len() == b.opaque.len()
-        && a.opaque
-            .iter()
-            .zip(b.opaque.iter())
-            .all(|(x, y)| x.as_ptr() == y.as_ptr())
-}
-
-/// Completes a flight when dropped: unlists it, publishes the outcome (an
-/// owner that unwound before publishing abandons it) and wakes the waiters.
+/// Completes a flight: unlists its entry and, if a thread waits, publishes
+/// the outcome and wakes the waiters. Dropped without [`FlightGuard::finish`]
+/// (the owner unwound: a panic), the flight is abandoned.
 struct FlightGuard<'a, 'py> {
     py: Python<'py>,
     flights: &'a Guarded<Flights>,
-    key: KeyRef,
-    flight: Arc<Flight>,
-    outcome: Outcome,
+    hash: u64,
+    id: u64,
+    finished: bool,
+}
+
+impl FlightGuard<'_, '_> {
+    /// Publish the owner's `result`: waiters get exactly what the owner gets,
+    /// an `Exception` included; a `BaseException` that is not one
+    /// (KeyboardInterrupt...) stays the owner's own and abandons the flight.
+    #[inline]
+    fn finish(mut self, result: &PyResult<Py<PyAny>>) {
+        self.finished = true;
+        let py = self.py;
+        self.complete(|| match result {
+            Ok(v) => Outcome::Done(Ok(v.clone_ref(py))),
+            Err(e) if e.is_instance_of::<PyException>(py) => Outcome::Done(Err(e.clone_ref(py))),
+            Err(_) => Outcome::Abandoned,
+        });
+    }
+
+    #[inline]
+    fn complete(&self, outcome: impl FnOnce() -> Outcome) {
+        let id = self.id;
+        let removed = self.flights.with(self.py, |f| {
+            f.table
+                .find_entry(self.hash, |e| e.id == id)
+                .ok()
+                .map(|e| e.remove().0)
+        });
+        // Gone: a thread of a forked child replaced the entry (see `miss`).
+        let Some(entry) = removed else { return };
+        if let Some(flight) = &entry.flight {
+            if entry.generation == fork_generation() {
+                let old = {
+                    let mut o = flight.outcome.lock();
+                    std::mem::replace(&mut *o, outcome())
+                };
+                flight.done.store(true, Ordering::Release);
+                flight.published.notify_all();
+                drop(old);
+            }
+            // Else this process was forked from the one that started the
+            // flight: no thread here waits on it, and its lock may have been
+            // held by a thread of the parent at fork time. Leave it alone.
+        }
+        // Dropped outside the guard: opaque key objects may run `__del__`.
+        drop(entry);
+    }
 }
 
 impl Drop for FlightGuard<'_, '_> {
     fn drop(&mut self) {
-        let removed = self.flights.with(self.py, |t| {
-            t.find_entry(self.key.hash, |(k, f)| {
-                Arc::ptr_eq(k, &self.key) && Arc::ptr_eq(f, &self.flight)
-            })
-            .ok()
-            .map(|e| e.remove().0)
-        });
-        // Dropped outside the guard: opaque key objects may run `__del__`.
-        drop(removed);
-        if self.flight.generation != fork_generation() {
-            // This process was forked from the one that started the flight:
-            // no thread here waits on it, and its lock may have been held by
-            // a thread of the parent at fork time. Leave it alone.
-            return;
+        if !self.finished {
+            self.complete(|| Outcome::Abandoned);
         }
-        let outcome = std::mem::replace(&mut self.outcome, Outcome::Abandoned);
-        let old = {
-            let mut o = self.flight.outcome.lock();
-            std::mem::replace(&mut *o, outcome)
-        };
-        self.flight.done.store(true, Ordering::Release);
-        self.flight.published.notify_all();
-        drop(old);
     }
 }
 
@@ -316,16 +386,17 @@ impl PyCachedCall {
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
             if let Some(short) = args.short_single(py) {
-                if let Some(v) = store.lookup_short(py, short, true) {
+                let (found, dropped) = store.lookup_short_said(py, short, true);
+                if let Some(v) = found {
                     if let Some(cb) = &self.on_hit {
                         call_on_hit(py, cb)?;
                     }
                     return Ok(v);
                 }
-                let mut enc = Encoder::new(Mode::InProcess);
-                args.encode(py, &mut enc)?;
-                let hash = enc.hash();
-                return self.miss(py, store, &enc, hash, args);
+                // Dropping an expired entry may have run Python code (`__del__`).
+                let fresh = !dropped;
+                let key = FlightKey::Short(short);
+                return self.miss(py, store, &key, hash_short(short), fresh, args);
             }
         }
         let mut enc = Encoder::new(Mode::InProcess);
@@ -344,46 +415,82 @@ impl PyCachedCall {
             }
             return Ok(v);
         }
-        self.miss(py, store, &enc, hash, args)
+        let key = match enc.short() {
+            Some(s) => FlightKey::Short(s),
+            None => FlightKey::Long(enc.to_key(hash)),
+        };
+        drop(enc);
+        self.miss(py, store, &key, hash, false, args)
     }
 
     /// Join the key's flight (or start it) until this call has an outcome.
+    ///
+    /// `fresh`: no Python code ran since the lookup that missed (it dropped
+    /// no expired entry). Then, on a GIL build, no other thread can have
+    /// stored the key before this one lists it, and the owner skips
+    /// re-checking the store. Not inlined: it would make the
+    /// hit path's frame bigger (8 more instructions per hit).
+    #[inline(never)]
     fn miss(
         &self,
         py: Python<'_>,
         store: &PyStore,
-        enc: &Encoder<'_>,
+        key: &FlightKey,
         hash: u64,
+        mut fresh: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
-        let key = enc.to_key(hash);
         loop {
             let generation = fork_generation();
             let mut stale = None;
-            let (flight, owner) = self.flights.with(py, |t| {
-                match t.find_entry(hash, |(k, _)| same_flight(k, &key)) {
-                    Ok(e) if e.get().1.generation == generation => {
-                        return (e.get().1.clone(), false);
-                    }
-                    // Started before a fork by a thread that is not in this process.
-                    Ok(e) => stale = Some(e.remove().0),
-                    Err(_) => {}
-                }
-                let flight = Arc::new(Flight {
+            let step = self.flights.with(py, |f| {
+                // One probe: the key's entry, or where to list it.
+                let entry = f.table.entry(hash, |e| e.key.same(key), |e| e.hash);
+                let id = f.next_id;
+                let listed = || InFlight {
+                    key: match key {
+                        FlightKey::Short(s) => FlightKey::Short(*s),
+                        FlightKey::Long(k) => FlightKey::Long(k.clone()),
+                    },
+                    hash,
+                    id,
                     owner: thread_ident(),
                     generation,
-                    done: Arc::new(AtomicBool::new(false)),
-                    outcome: Mutex::new(Outcome::Pending),
-                    published: Condvar::new(),
-                });
-                t.insert_unique(hash, (key.clone(), flight.clone()), |(k, _)| k.hash);
-                (flight, true)
+                    flight: None,
+                };
+                match entry {
+                    Entry::Occupied(mut o) if o.get().generation == generation => {
+                        let e = o.get_mut();
+                        let flight = e.flight.get_or_insert_with(|| {
+                            Arc::new(Flight {
+                                done: Arc::new(AtomicBool::new(false)),
+                                outcome: Mutex::new(Outcome::Pending),
+                                published: Condvar::new(),
+                            })
+                        });
+                        return Step::Wait(e.owner, flight.clone());
+                    }
+                    // Started before a fork by a thread that is not in this
+                    // process: take its place.
+                    Entry::Occupied(mut o) => {
+                        stale = Some(std::mem::replace(o.get_mut(), listed()));
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(listed());
+                    }
+                }
+                f.next_id = id.wrapping_add(1);
+                Step::Own(id)
             });
             drop(stale);
-            if owner {
-                return self.own(py, store, enc, hash, key, flight, args);
-            }
-            if !begin_wait(py, flight.owner, &flight.done) {
+            let recheck = !fresh || cfg!(Py_GIL_DISABLED);
+            // Listed or waiting: Python code may run from here on.
+            fresh = false;
+            let (owner, flight) = match step {
+                Step::Own(id) => return self.own(py, store, key, hash, id, recheck, args),
+                Step::Wait(owner, flight) => (owner, flight),
+            };
+            if !begin_wait(py, owner, &flight.done) {
                 // This thread computes the key itself (re-entry), or the owner
                 // waits on it through other threads: waiting would deadlock,
                 // so compute directly.
@@ -416,53 +523,58 @@ impl PyCachedCall {
         }
     }
 
-    /// Compute as the flight's owner and publish the outcome to its waiters.
+    /// Compute as the flight's owner (entry `id`) and publish the outcome to
+    /// its waiters.
+    #[inline]
     #[allow(clippy::too_many_arguments)]
     fn own(
         &self,
         py: Python<'_>,
         store: &PyStore,
-        enc: &Encoder<'_>,
+        key: &FlightKey,
         hash: u64,
-        key: KeyRef,
-        flight: Arc<Flight>,
+        id: u64,
+        recheck: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
-        let mut guard = FlightGuard {
+        let guard = FlightGuard {
             py,
             flights: &self.flights,
-            key: key.clone(),
-            flight,
-            outcome: Outcome::Abandoned,
+            hash,
+            id,
+            finished: false,
         };
-        let result = self.compute(py, store, enc, hash, key, args);
-        // Waiters get exactly what the owner gets, an `Exception` included; a
-        // `BaseException` that is not one (KeyboardInterrupt...) stays the
-        // owner's own and abandons the flight.
-        guard.outcome = match &result {
-            Ok(v) => Outcome::Done(Ok(v.clone_ref(py))),
-            Err(e) if e.is_instance_of::<PyException>(py) => Outcome::Done(Err(e.clone_ref(py))),
-            Err(_) => Outcome::Abandoned,
-        };
+        let result = self.compute(py, store, key, recheck, args);
+        guard.finish(&result);
         result
     }
 
-    /// The owner's work on a miss: re-check the store, call, store a success.
+    /// The owner's work on a miss: re-check the store (`recheck`), call,
+    /// store a success.
+    #[inline]
     fn compute(
         &self,
         py: Python<'_>,
         store: &PyStore,
-        enc: &Encoder<'_>,
-        hash: u64,
-        key: KeyRef,
+        key: &FlightKey,
+        recheck: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
-        // A thread may have stored the value between our miss and our flight.
-        if let Some(v) = store.lookup_enc(py, enc, hash, false)? {
-            return Ok(v);
+        if recheck {
+            // A thread may have stored the value between our miss and our flight.
+            let stored = match key {
+                FlightKey::Short(s) => store.lookup_short(py, *s, false),
+                FlightKey::Long(k) => store.lookup_key(py, k, false)?,
+            };
+            if let Some(v) = stored {
+                return Ok(v);
+            }
         }
         let v = args.call(py, self.func_ref()?)?;
-        store.insert(py, key, v.clone_ref(py), None)?;
+        match key {
+            FlightKey::Short(s) => store.insert_short_default(py, *s, v.clone_ref(py)),
+            FlightKey::Long(k) => store.insert(py, k.clone(), v.clone_ref(py), None)?,
+        }
         Ok(v)
     }
 }
@@ -512,7 +624,7 @@ impl PyCachedCall {
             func: Some(func.clone().unbind()),
             key_func: callable("key_func", key_func)?,
             on_hit: callable("on_hit", on_hit)?,
-            flights: Guarded::new(HashTable::new()),
+            flights: Guarded::new(Flights::default()),
             vectorcall: fastcall::entry_point::<Self>(),
         })
     }
