@@ -80,7 +80,7 @@ def test_async_cached_exhaustion_leaves_no_cycle(config: str, tmp_path: Any) -> 
     # The control must find nothing: garbage that another thread of the test run
     # (a pool, a previous test's executor) makes while the collector is off would be
     # counted too, so the measurement is repeated until the control is clean.
-    runs = [asyncio.run(main()) for _ in range(1)]
+    runs = [asyncio.run(main())]
     while runs[-1][0] != 0 and len(runs) < 4:
         runs.append(asyncio.run(main()))
     baseline, leaked = runs[-1]
