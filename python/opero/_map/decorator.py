@@ -70,9 +70,12 @@ import concurrent.futures as cf
 import functools
 import importlib
 import inspect
+import io
 import logging
 import os
+import pickle
 import threading
+import types
 import uuid
 import warnings
 import weakref
@@ -234,6 +237,88 @@ _SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any]] = (
 """Mapped functions this process sent by value (in-process executors get the original)."""
 
 
+def _importable(obj: Any) -> bool:
+    """Return whether ``obj`` can be found again by its module and ``__qualname__``."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
+        return False
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return False
+    return found is obj
+
+
+def _dumps_by_value(obj: Any) -> bytes:
+    """Return ``obj`` pickled by cloudpickle, ``@opero`` functions it reaches rebuilt by options.
+
+    cloudpickle copies a function of ``__main__`` (or a local one) by value,
+    closure and globals included; the closure of an ``@opero`` function holds
+    native objects (the backoff schedule, locks) that do not pickle, so a mapped
+    function calling an ``@opero`` helper of a script could not be sent to a
+    worker. Such a function is sent as the function it decorates and its
+    options instead, and decorated again in the worker.
+    """
+    cloudpickle = importlib.import_module("cloudpickle")
+    from opero._pipeline import decorate as _decorator
+
+    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+        def reducer_override(self, value: Any) -> Any:
+            if (
+                isinstance(value, types.FunctionType)
+                and _decorator._is_opero(value)
+                and not _importable(value)
+            ):
+                internals = value.__opero__  # type: ignore[attr-defined]
+                # The function is memoized before its state is pickled, so a
+                # decorated function that calls itself by its global name pickles.
+                return (
+                    _opero_trampoline,
+                    (internals.is_async,),
+                    (internals.function, dict(internals.policy.options)),
+                    None,
+                    None,
+                    _install_opero,
+                )
+            return super().reducer_override(value)
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _opero_trampoline(is_async: bool) -> Callable[..., Any]:
+    """Return a function calling the ``@opero`` function that :func:`_install_opero` builds."""
+    target: list[Callable[..., Any]] = []
+    if is_async:
+
+        async def acall(*args: Any, **kwargs: Any) -> Any:
+            return await target[0](*args, **kwargs)
+
+        acall.__dict__["_opero_target"] = target
+        return acall
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target[0](*args, **kwargs)
+
+    call.__dict__["_opero_target"] = target
+    return call
+
+
+def _install_opero(trampoline: Any, state: tuple[Callable[..., Any], dict[str, Any]]) -> None:
+    """Decorate the unpickled function with its options behind ``trampoline``."""
+    from opero._pipeline import decorate as _decorator
+
+    func, options = state
+    wrapper = _decorator.opero(**options)(func)
+    target = trampoline.__dict__.pop("_opero_target")
+    target.append(wrapper)
+    functools.update_wrapper(trampoline, wrapper)
+
+
 def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
     mapped = _SENT_BY_VALUE.get(token) or _BY_VALUE.get(token)
@@ -367,19 +452,9 @@ class MappedFunction(Generic[R]):
 
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
-        module_name = getattr(self, "__module__", None)
-        qualname = getattr(self, "__qualname__", None)
-        if module_name and qualname and module_name != "__main__" and "<" not in qualname:
-            try:
-                obj: Any = importlib.import_module(module_name)
-                for part in qualname.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError):
-                obj = None
-            if obj is self:
-                return qualname
+        if _importable(self):
+            return str(self.__dict__["__qualname__"])  # set by update_wrapper
         if self._blob is None:
-            cloudpickle = importlib.import_module("cloudpickle")
             options = dict(self._opero_options)
             options.update(
                 mode=self._mode,
@@ -389,7 +464,7 @@ class MappedFunction(Generic[R]):
                 strict=self._strict,
                 chunksize=self._chunksize,
             )
-            self._blob = cloudpickle.dumps((self._func, options))
+            self._blob = _dumps_by_value((self._func, options))
             _SENT_BY_VALUE[self._token] = self
         return (_rebuild_by_value, (self._token, self._blob))
 

@@ -1,0 +1,94 @@
+"""Hostile pass on the product as a user meets it after the restructure (attack 4).
+
+Each test is an attack that broke the build. Scenarios that start processes run in
+their own interpreter with a deadline (tests/faultkit.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from faultkit import run_scenario
+
+
+def _result(source: str, *, timeout: float = 120.0, args: tuple[str, ...] = ()) -> Any:
+    """Run a scenario; return the JSON of its last ``RESULT`` line."""
+    outcome = run_scenario(source, timeout=timeout, args=args)
+    lines = [line[7:] for line in outcome.lines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT (exit {outcome.returncode})\n{outcome.stdout}\n{outcome.stderr}"
+    return json.loads(lines[-1])
+
+
+# A script whose process-mapped functions reach @opero functions of its own __main__.
+_MAIN_HELPERS = """
+    import json, multiprocessing, sys
+    from opero import opmap, opero
+
+    seen = {}
+
+    @opero(retries=3)
+    def flaky(x):
+        seen[x] = seen.get(x, 0) + 1
+        if seen[x] < 2:
+            raise ValueError("first call fails")
+        return x * 10
+
+    @opero(retries=1)
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    @opero(retries=1)
+    async def doubled(x):
+        return x * 2
+
+    class Scaler:
+        def __init__(self, factor):
+            self.factor = factor
+
+        @opero(retries=1)
+        def scale(self, x):
+            return x * self.factor
+
+    def uses_flaky(x):
+        return flaky(x)
+
+    def uses_fib(x):
+        return fib(x)
+
+    def uses_method(x):
+        return Scaler(3).scale(x)
+
+    async def uses_async(x):
+        return await doubled(x)
+
+    if __name__ == "__main__":
+        multiprocessing.set_start_method(sys.argv[1], force=True)
+        def mapped(fn, mode="process"):
+            return opmap(mode=mode, workers=2, progress=False, strict=True)(fn)
+        out = {
+            "flaky": mapped(uses_flaky)(range(4)),
+            "fib": mapped(uses_fib)(range(8)),
+            "method": mapped(uses_method)(range(4)),
+            "decorated": mapped(flaky)([7]),
+            "bound": mapped(Scaler(5).scale)(range(3)),
+        }
+        if sys.argv[1] != "forkserver":  # one async_process run is enough
+            out["async"] = mapped(uses_async, "async_process")(range(3))
+        print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_process_map_of_script_calling_its_opero_helpers(method: str) -> None:
+    """A process map of a script's function that calls the script's @opero functions runs them."""
+    result = _result(_MAIN_HELPERS, args=(method,))
+    assert result["flaky"] == [0, 10, 20, 30]  # retried in the worker, first call failed
+    assert result["fib"] == [0, 1, 1, 2, 3, 5, 8, 13]  # calls itself by its global name
+    assert result["method"] == [0, 3, 6, 9]
+    assert result["decorated"] == [70]
+    assert result["bound"] == [0, 5, 10]
+    if method != "forkserver":
+        assert result["async"] == [0, 2, 4]
