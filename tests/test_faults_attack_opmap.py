@@ -443,7 +443,8 @@ def test_async_process_workers_exit_when_the_parent_is_killed() -> None:
         code = "\\n".join([
             "import sys, warnings",
             "warnings.simplefilter('ignore')",
-            "from opero import opmap, _pools",
+            "from opero import opmap",
+            "from opero._map import pools as _pools",
             "async def f(x):",
             "    return x",
             "if __name__ == '__main__':",
