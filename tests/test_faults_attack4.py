@@ -92,3 +92,36 @@ def test_process_map_of_script_calling_its_opero_helpers(method: str) -> None:
     assert result["bound"] == [0, 5, 10]
     if method != "forkserver":
         assert result["async"] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("mode", ["process", "async_process"])
+def test_item_error_that_pickles_but_does_not_unpickle_keeps_its_message(mode: str) -> None:
+    """An item's exception whose __init__ breaks unpickling reaches the parent with its message."""
+    result = _result(
+        f"""
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from opero import OperoError, opmap
+
+        class NeedsTwo(Exception):
+            def __init__(self, message, code):
+                super().__init__(message)
+                self.code = code
+
+        @opmap(mode={mode!r}, workers=2, progress=False)
+        {"async " if mode == "async_process" else ""}def f(x):
+            if x == 1:
+                raise NeedsTwo("quota exceeded for tenant 42", 429)
+            return x
+
+        if __name__ == "__main__":
+            out = f([0, 1, 2])
+            error = out[1]
+            print("RESULT " + json.dumps([
+                out[0], out[2], isinstance(error, OperoError), str(error),
+            ]))
+        """
+    )
+    assert result[:3] == [0, 2, True]
+    assert "NeedsTwo: quota exceeded for tenant 42" in result[3]
+    assert "could not be pickled to the parent process" in result[3]

@@ -106,13 +106,20 @@ class _Progress(Protocol):
 
 
 def portable(exc: BaseException) -> BaseException:
-    """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle."""
+    """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle.
+
+    The exception must also unpickle: one whose ``__init__`` takes other
+    arguments than it passes to ``Exception.__init__`` pickles, but rebuilding
+    it in the parent raises a ``TypeError`` about that ``__init__`` that hides
+    the item's real error.
+    """
     try:
-        pickle.dumps(exc)
-    except Exception as pickling_error:  # the error must still reach the parent
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as pickling_error:  # the error must still reach the parent
         return OperoError(
             f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-            f"(the original exception could not be pickled: {pickling_error})"
+            "(the original exception could not be pickled to the parent process: "
+            f"{type(pickling_error).__name__}: {pickling_error})"
         )
     return exc
 
