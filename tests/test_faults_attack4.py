@@ -125,3 +125,25 @@ def test_item_error_that_pickles_but_does_not_unpickle_keeps_its_message(mode: s
     assert result[:3] == [0, 2, True]
     assert "NeedsTwo: quota exceeded for tenant 42" in result[3]
     assert "could not be pickled to the parent process" in result[3]
+
+
+@pytest.mark.parametrize("bare", ["https://example.com/a", b"payload", bytearray(b"xy")])
+def test_map_over_a_bare_string_is_a_clear_type_error(bare: str | bytes) -> None:
+    """Calling a map with one str/bytes item raises a TypeError naming the fix, runs nothing."""
+    import asyncio
+
+    from opero import opmap
+
+    calls: list[Any] = []
+
+    @opmap(mode="thread", workers=2, progress=False)
+    def fetch(url: Any) -> Any:
+        calls.append(url)
+        return url
+
+    with pytest.raises(TypeError, match=r"fetch\(\) takes an iterable.*pass \[value\]"):
+        fetch(bare)
+    with pytest.raises(TypeError, match=r"one character at a time"):
+        asyncio.run(fetch.amap(bare))
+    assert calls == []
+    assert fetch([bare]) == [bare]  # the fix the message names works

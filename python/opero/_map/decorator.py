@@ -197,9 +197,17 @@ def _check_function(func: Any, mode: str, executor: Any) -> bool:
 
 
 def _as_list(items: Any, name: str) -> list[Any]:
-    """Materialize the argument; a non-iterable is a TypeError naming it."""
+    """Materialize the argument; a non-iterable or a string is a TypeError naming it."""
     if isinstance(items, list):
         return items
+    if isinstance(items, (str, bytes, bytearray)):
+        # Almost always one item passed bare (a URL, a path): mapping its characters
+        # would run the function on each of them and "succeed" with garbage.
+        raise TypeError(
+            f"{name}() takes an iterable of items, got {type(items).__name__} (it would be "
+            "mapped one character at a time): pass [value] to map over one item, or "
+            "list(value) to map over its characters"
+        )
     try:
         return list(items)
     except TypeError as exc:
