@@ -64,6 +64,20 @@ _MAIN_HELPERS = """
     async def uses_async(x):
         return await doubled(x)
 
+    def make_local():
+        @opero(cache=True)
+        def cached(x):
+            return x + 1
+
+        @opero(retries=1)
+        def retried(x):
+            return x + 2
+
+        def uses_both(x):
+            return cached(x) + retried(x)
+
+        return uses_both
+
     if __name__ == "__main__":
         multiprocessing.set_start_method(sys.argv[1], force=True)
         def mapped(fn, mode="process"):
@@ -74,6 +88,7 @@ _MAIN_HELPERS = """
             "method": mapped(uses_method)(range(4)),
             "decorated": mapped(flaky)([7]),
             "bound": mapped(Scaler(5).scale)(range(3)),
+            "local": mapped(make_local())(range(3)),
         }
         if sys.argv[1] != "forkserver":  # one async_process run is enough
             out["async"] = mapped(uses_async, "async_process")(range(3))
@@ -83,13 +98,14 @@ _MAIN_HELPERS = """
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_process_map_of_script_calling_its_opero_helpers(method: str) -> None:
-    """A process map of a script's function that calls the script's @opero functions runs them."""
+    """A process map of a script's (or a local) function calling @opero functions runs them."""
     result = _result(_MAIN_HELPERS, args=(method,))
     assert result["flaky"] == [0, 10, 20, 30]  # retried in the worker, first call failed
     assert result["fib"] == [0, 1, 1, 2, 3, 5, 8, 13]  # calls itself by its global name
     assert result["method"] == [0, 3, 6, 9]
     assert result["decorated"] == [70]
     assert result["bound"] == [0, 5, 10]
+    assert result["local"] == [3, 5, 7]  # local cached and retried helpers
     if method != "forkserver":
         assert result["async"] == [0, 2, 4]
 

@@ -85,6 +85,7 @@ from typing import Any, Generic, Literal, TypeVar
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
 from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
 from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
 
@@ -265,9 +266,10 @@ def _dumps_by_value(obj: Any) -> bytes:
 
     cloudpickle copies a function of ``__main__`` (or a local one) by value,
     closure and globals included; the closure of an ``@opero`` function holds
-    native objects (the backoff schedule, locks) that do not pickle, so a mapped
-    function calling an ``@opero`` helper of a script could not be sent to a
-    worker. Such a function is sent as the function it decorates and its
+    native objects (the backoff schedule, locks) that do not pickle, and a
+    cached one pickles by its name, which a local function cannot be found by,
+    so a mapped function calling such an ``@opero`` helper could not be sent to
+    a worker. Such a function is sent as the function it decorates and its
     options instead, and decorated again in the worker.
     """
     cloudpickle = importlib.import_module("cloudpickle")
@@ -276,11 +278,11 @@ def _dumps_by_value(obj: Any) -> bytes:
     class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
         def reducer_override(self, value: Any) -> Any:
             if (
-                isinstance(value, types.FunctionType)
+                isinstance(value, (types.FunctionType, CachedCall))  # not a bound method
                 and _decorator._is_opero(value)
                 and not _importable(value)
             ):
-                internals = value.__opero__  # type: ignore[attr-defined]
+                internals: Any = getattr(value, "__opero__")  # noqa: B009 (checked above)
                 # The function is memoized before its state is pickled, so a
                 # decorated function that calls itself by its global name pickles.
                 return (
