@@ -163,3 +163,19 @@ def test_map_over_a_bare_string_is_a_clear_type_error(bare: str | bytes) -> None
         asyncio.run(fetch.amap(bare))
     assert calls == []
     assert fetch([bare]) == [bare]  # the fix the message names works
+
+
+def test_function_sent_by_value_reaching_something_unpicklable_names_itself_and_the_fix() -> None:
+    """A by-value map function reaching a lock fails to pickle with its name and the fix."""
+    import pickle
+    import threading
+
+    from opero import opmap
+
+    lock = threading.Lock()
+    mapped = opmap(mode="process", workers=1, progress=False)(lambda x: (lock, x))
+    with pytest.raises(TypeError, match=r"cannot send \S*<lambda> to other processes") as caught:
+        pickle.dumps(mapped)
+    message = str(caught.value)
+    assert "_thread.lock" in message
+    assert "importable module" in message

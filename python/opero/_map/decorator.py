@@ -474,7 +474,17 @@ class MappedFunction(Generic[R]):
                 strict=self._strict,
                 chunksize=self._chunksize,
             )
-            self._blob = _dumps_by_value((self._func, options))
+            try:
+                self._blob = _dumps_by_value((self._func, options))
+            except Exception as exc:
+                raise TypeError(
+                    f"opmap: cannot send {self._label} to other processes: it cannot be "
+                    "imported by name (defined in __main__, a notebook or a function), so "
+                    "it is pickled by value with what it reaches (globals, closure, the "
+                    f"options of the @opero functions it calls), and that failed: "
+                    f"{type(exc).__name__}: {exc}. Define it, and what it uses, in an "
+                    "importable module, or use mode='thread'"
+                ) from exc
             _SENT_BY_VALUE[self._token] = self
         return (_rebuild_by_value, (self._token, self._blob))
 
