@@ -179,3 +179,45 @@ def test_function_sent_by_value_reaching_something_unpicklable_names_itself_and_
     message = str(caught.value)
     assert "_thread.lock" in message
     assert "importable module" in message
+
+
+@pytest.mark.parametrize(
+    ("method", "mode", "warm"),
+    [("spawn", "process", False), ("fork", "process", True), ("spawn", "async_process", False)],
+)
+def test_set_testing_reaches_worker_processes(method: str, mode: str, warm: bool) -> None:
+    """With set_testing() on, process-map workers retry without the backoff sleeps too."""
+    result = _result(
+        f"""
+        import json, multiprocessing
+        import opero
+        from opero import opmap
+
+        calls = {{}}
+
+        def f(x):
+            if x == 0:
+                return x  # warms the pool up without a retry
+            calls[x] = calls.get(x, 0) + 1
+            if calls[x] < 3:
+                raise ValueError("fails twice")
+            return x
+
+        async def af(x):
+            return f(x)
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method({method!r}, force=True)
+            mapped = opmap(
+                mode={mode!r}, workers=2, progress=False, strict=True,
+                retries=3, min_delay=30.0, max_delay=30.0, jitter=False,
+            )(af if {mode!r} == "async_process" else f)
+            if {warm!r}:
+                mapped([0, 0, 0, 0])  # the pool starts (and forks) before the switch
+            with opero.set_testing():
+                out = mapped([1, 2])
+            print("RESULT " + json.dumps(out))
+        """,
+        timeout=50,  # two real 30 s waits would overrun it
+    )
+    assert result == [1, 2]

@@ -82,6 +82,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
+from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
 from opero._map.progress import PROGRESS_VALUES, make_progress
@@ -221,21 +222,38 @@ def _as_list(items: Any, name: str) -> list[Any]:
 
 
 class _WorkerTarget:
-    """What a worker receives: the mapped function and the shared rate limiter."""
+    """What a worker receives: the mapped function, the shared rate limiter, the testing switch.
 
-    __slots__ = ("limiter", "mapped")
+    :func:`opero.set_testing` is a global of the parent process: a worker
+    started by spawn or forkserver, or forked before the switch changed, does
+    not see it, and would sleep every retry wait of a test suite. The target
+    carries the parent's switch at the start of the map, and a worker process
+    takes it before running the job.
+    """
 
-    def __init__(self, mapped: MappedFunction[Any], limiter: SharedTokenBucket | None) -> None:
+    __slots__ = ("limiter", "mapped", "pid", "testing")
+
+    def __init__(
+        self,
+        mapped: MappedFunction[Any],
+        limiter: SharedTokenBucket | None,
+        testing: bool | None = None,
+        pid: int | None = None,
+    ) -> None:
         self.mapped = mapped
         self.limiter = limiter
+        self.testing = _testing.is_testing() if testing is None else testing
+        self.pid = os.getpid() if pid is None else pid
 
     def resolve(self) -> Callable[[Any], Any]:
         """Return the uncached per-item function of this process (built once)."""
+        if os.getpid() != self.pid:  # a worker process: the parent's switch applies
+            _testing._enabled = self.testing
         return self.mapped._worker_call(self.limiter)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle the mapped function (by reference when importable) and the limiter."""
-        return (_WorkerTarget, (self.mapped, self.limiter))
+        """Pickle the mapped function (by reference when importable), limiter and switch."""
+        return (_WorkerTarget, (self.mapped, self.limiter, self.testing, self.pid))
 
 
 _BY_VALUE: dict[str, MappedFunction[Any]] = {}
