@@ -221,3 +221,32 @@ def test_set_testing_reaches_worker_processes(method: str, mode: str, warm: bool
         timeout=50,  # two real 30 s waits would overrun it
     )
     assert result == [1, 2]
+
+
+def test_worker_keeps_a_bounded_number_of_functions_sent_by_value() -> None:
+    """A worker drops the oldest of many by-value maps (a fresh closure per request) it ran."""
+    result = _result(
+        """
+        import gc, json
+        from opero import opmap
+        from opero._map.decorator import BY_VALUE_KEPT
+
+        class Payload(list):
+            pass
+
+        def alive(_):
+            gc.collect()
+            return sum(1 for o in gc.get_objects() if type(o).__name__ == "Payload")
+
+        if __name__ == "__main__":
+            for n in range(BY_VALUE_KEPT + 40):
+                payload = Payload(range(100))  # what a request's closure holds
+                mapped = opmap(mode="process", workers=1, progress=False)(
+                    lambda x, payload=payload: x + len(payload)
+                )
+                assert mapped([1]) == [101]
+            probe = opmap(mode="process", workers=1, progress=False)(lambda x: alive(x))
+            print("RESULT " + json.dumps({"alive": probe([0])[0], "kept": BY_VALUE_KEPT}))
+        """
+    )
+    assert 0 < result["alive"] <= result["kept"]

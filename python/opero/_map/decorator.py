@@ -66,6 +66,7 @@ item has finished, with the partial results in ``.results``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import functools
 import importlib
@@ -256,8 +257,14 @@ class _WorkerTarget:
         return (_WorkerTarget, (self.mapped, self.limiter, self.testing, self.pid))
 
 
-_BY_VALUE: dict[str, MappedFunction[Any]] = {}
-"""Mapped functions received by value, by token: a worker rebuilds each one once."""
+_BY_VALUE: collections.OrderedDict[str, MappedFunction[Any]] = collections.OrderedDict()
+"""Mapped functions received by value, by token, least recently used first: a worker
+rebuilds each one once while it is among the last :data:`BY_VALUE_KEPT` it ran."""
+BY_VALUE_KEPT = 64
+"""How many mapped functions received by value a worker keeps. A service that maps
+a fresh closure per request would otherwise keep every one of them (and what it
+holds) in every long-lived worker, growing without bound."""
+_BY_VALUE_LOCK = threading.Lock()  # a Dask worker runs tasks on several threads
 _SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any]] = (
     weakref.WeakValueDictionary()
 )
@@ -349,12 +356,22 @@ def _install_opero(trampoline: Any, state: tuple[Callable[..., Any], dict[str, A
 
 def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
-    mapped = _SENT_BY_VALUE.get(token) or _BY_VALUE.get(token)
-    if mapped is None:
-        cloudpickle = importlib.import_module("cloudpickle")
-        func, options = cloudpickle.loads(blob)
-        mapped = MappedFunction(func, token=token, **options)
-        _BY_VALUE[token] = mapped
+    mapped = _SENT_BY_VALUE.get(token)
+    if mapped is not None:
+        return mapped
+    with _BY_VALUE_LOCK:
+        mapped = _BY_VALUE.get(token)
+        if mapped is not None:
+            _BY_VALUE.move_to_end(token)
+            return mapped
+    cloudpickle = importlib.import_module("cloudpickle")
+    func, options = cloudpickle.loads(blob)
+    mapped = MappedFunction(func, token=token, **options)
+    with _BY_VALUE_LOCK:
+        mapped = _BY_VALUE.setdefault(token, mapped)
+        _BY_VALUE.move_to_end(token)
+        while len(_BY_VALUE) > BY_VALUE_KEPT:
+            _BY_VALUE.popitem(last=False)
     return mapped
 
 
