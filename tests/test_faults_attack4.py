@@ -6,7 +6,9 @@ their own interpreter with a deadline (tests/faultkit.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from typing import Any
 
 import pytest
@@ -250,3 +252,32 @@ def test_worker_keeps_a_bounded_number_of_functions_sent_by_value() -> None:
         """
     )
     assert 0 < result["alive"] <= result["kept"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_collected_shared_bucket_closes_its_state_file() -> None:
+    """A SharedTokenBucket attached and then collected without close() leaves no file open."""
+    import gc
+
+    from opero._ratelimit import SharedTokenBucket
+
+    def open_on(path: str) -> int:
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{name}") == path
+        return count
+
+    owner = SharedTokenBucket(rate=1e6, burst=10)
+    try:
+        for _ in range(30):  # each map's copy in a worker, attached by its first call
+            copy = SharedTokenBucket(owner.rate, owner.burst, owner.path)
+            assert copy.reserve() == 0.0
+            del copy
+        gc.collect()
+        assert open_on(owner.path) == 0
+        owner.reserve()
+        assert open_on(owner.path) >= 1  # the count sees an attached bucket
+    finally:
+        owner.close()
+    assert open_on(owner.path) == 0
