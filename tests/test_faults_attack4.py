@@ -281,3 +281,23 @@ def test_collected_shared_bucket_closes_its_state_file() -> None:
     finally:
         owner.close()
     assert open_on(owner.path) == 0
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bench_output_in_a_missing_folder_is_refused_before_the_run(flag: str) -> None:
+    """``bench --json/--plot`` into a missing folder exits 2 at once, not after the run."""
+    import subprocess
+    import sys
+
+    name = "/nonexistent-opero-dir/figures" + (".json" if flag == "--json" else ".png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "opero", "bench", "--only", "core", "--budget-ms", "1", flag, name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{flag}: the folder of" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "core" not in proc.stdout  # nothing ran
