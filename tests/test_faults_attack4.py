@@ -301,3 +301,53 @@ def test_bench_output_in_a_missing_folder_is_refused_before_the_run(flag: str) -
     assert f"{flag}: the folder of" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "core" not in proc.stdout  # nothing ran
+
+
+def test_async_process_item_that_does_not_pickle_fails_in_its_place() -> None:
+    """async_process: an unpicklable item fails alone (it hung the map), a hostile one stops it."""
+    result = _result(
+        """
+        import json, threading, warnings
+        warnings.simplefilter("ignore")
+        from opero import OperoError, opmap
+
+        lock = threading.Lock()
+
+        class ExitsWhenPickled:
+            def __reduce__(self):
+                raise SystemExit("from __reduce__")
+
+        async def f(x):
+            return x * 2
+
+        async def reaches_lock(x):
+            return (x, lock)
+
+        if __name__ == "__main__":
+            mapped = opmap(mode="async_process", workers=2, progress=False, chunksize=2)(f)
+            out = mapped([1, threading.Lock(), 3, 4])
+            try:
+                mapped([1, ExitsWhenPickled()])
+                hostile = "no error"
+            except OperoError as exc:
+                hostile = str(exc)
+            try:
+                opmap(mode="async_process", workers=2, progress=False)(reaches_lock)([1])
+                unsendable = "no error"
+            except TypeError as exc:
+                unsendable = str(exc)
+            print("RESULT " + json.dumps({
+                "values": [out[0], out[2], out[3]],
+                "bad": str(out[1]),
+                "hostile": hostile,
+                "unsendable": unsendable,
+                "after": mapped([5, 6]),
+            }))
+        """,
+        timeout=90,
+    )
+    assert result["values"] == [2, 6, 8]
+    assert "could not be pickled to a worker process" in result["bad"]
+    assert "SystemExit" in result["hostile"]
+    assert "cannot send reaches_lock to other processes" in result["unsendable"]
+    assert result["after"] == [10, 12]  # the background loop and the pool still work
