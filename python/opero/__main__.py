@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         parser.error(f"--plot: expected a .png file name, got {str(args.plot)!r}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        # Checked now, not after a run of minutes that could then not be saved.
+        if path is not None and not path.resolve().parent.is_dir():
+            parser.error(f"{flag}: the folder of {str(path)!r} does not exist")
     settings = Settings(target_ns=int(budget_ms * 1e6), repeat=repeat, quick=args.quick)
     try:
         return run_bench(BenchOptions(settings, only, args.json, args.plot))

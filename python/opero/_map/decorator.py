@@ -66,21 +66,27 @@ item has finished, with the partial results in ``.results``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import functools
 import importlib
+import io
 import logging
 import os
+import pickle
 import threading
+import types
 import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
+from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
 from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
 from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
 
@@ -195,9 +201,17 @@ def _check_function(func: Any, mode: str, executor: Any) -> bool:
 
 
 def _as_list(items: Any, name: str) -> list[Any]:
-    """Materialize the argument; a non-iterable is a TypeError naming it."""
+    """Materialize the argument; a non-iterable or a string is a TypeError naming it."""
     if isinstance(items, list):
         return items
+    if isinstance(items, (str, bytes, bytearray)):
+        # Almost always one item passed bare (a URL, a path): mapping its characters
+        # would run the function on each of them and "succeed" with garbage.
+        raise TypeError(
+            f"{name}() takes an iterable of items, got {type(items).__name__} (it would be "
+            "mapped one character at a time): pass [value] to map over one item, or "
+            "list(value) to map over its characters"
+        )
     try:
         return list(items)
     except TypeError as exc:
@@ -210,39 +224,155 @@ def _as_list(items: Any, name: str) -> list[Any]:
 
 
 class _WorkerTarget:
-    """What a worker receives: the mapped function and the shared rate limiter."""
+    """What a worker receives: the mapped function, the shared rate limiter, the testing switch.
 
-    __slots__ = ("limiter", "mapped")
+    :func:`opero.set_testing` is a global of the parent process: a worker
+    started by spawn or forkserver, or forked before the switch changed, does
+    not see it, and would sleep every retry wait of a test suite. The target
+    carries the parent's switch at the start of the map, and a worker process
+    takes it before running the job.
+    """
 
-    def __init__(self, mapped: MappedFunction[Any], limiter: SharedTokenBucket | None) -> None:
+    __slots__ = ("limiter", "mapped", "pid", "testing")
+
+    def __init__(
+        self,
+        mapped: MappedFunction[Any],
+        limiter: SharedTokenBucket | None,
+        testing: bool | None = None,
+        pid: int | None = None,
+    ) -> None:
         self.mapped = mapped
         self.limiter = limiter
+        self.testing = _testing.is_testing() if testing is None else testing
+        self.pid = os.getpid() if pid is None else pid
 
     def resolve(self) -> Callable[[Any], Any]:
         """Return the uncached per-item function of this process (built once)."""
+        if os.getpid() != self.pid:  # a worker process: the parent's switch applies
+            _testing._enabled = self.testing
         return self.mapped._worker_call(self.limiter)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle the mapped function (by reference when importable) and the limiter."""
-        return (_WorkerTarget, (self.mapped, self.limiter))
+        """Pickle the mapped function (by reference when importable), limiter and switch."""
+        return (_WorkerTarget, (self.mapped, self.limiter, self.testing, self.pid))
 
 
-_BY_VALUE: dict[str, MappedFunction[Any]] = {}
-"""Mapped functions received by value, by token: a worker rebuilds each one once."""
+_BY_VALUE: collections.OrderedDict[str, MappedFunction[Any]] = collections.OrderedDict()
+"""Mapped functions received by value, by token, least recently used first: a worker
+rebuilds each one once while it is among the last :data:`BY_VALUE_KEPT` it ran."""
+BY_VALUE_KEPT = 64
+"""How many mapped functions received by value a worker keeps. A service that maps
+a fresh closure per request would otherwise keep every one of them (and what it
+holds) in every long-lived worker, growing without bound."""
+_BY_VALUE_LOCK = threading.Lock()  # a Dask worker runs tasks on several threads
 _SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any]] = (
     weakref.WeakValueDictionary()
 )
 """Mapped functions this process sent by value (in-process executors get the original)."""
 
 
+def _importable(obj: Any) -> bool:
+    """Return whether ``obj`` can be found again by its module and ``__qualname__``."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
+        return False
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return False
+    return found is obj
+
+
+def _dumps_by_value(obj: Any) -> bytes:
+    """Return ``obj`` pickled by cloudpickle, ``@opero`` functions it reaches rebuilt by options.
+
+    cloudpickle copies a function of ``__main__`` (or a local one) by value,
+    closure and globals included; the closure of an ``@opero`` function holds
+    native objects (the backoff schedule, locks) that do not pickle, and a
+    cached one pickles by its name, which a local function cannot be found by,
+    so a mapped function calling such an ``@opero`` helper could not be sent to
+    a worker. Such a function is sent as the function it decorates and its
+    options instead, and decorated again in the worker.
+    """
+    cloudpickle = importlib.import_module("cloudpickle")
+    from opero._pipeline import decorate as _decorator
+
+    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+        def reducer_override(self, value: Any) -> Any:
+            if (
+                isinstance(value, (types.FunctionType, CachedCall))  # not a bound method
+                and _decorator._is_opero(value)
+                and not _importable(value)
+            ):
+                internals: Any = getattr(value, "__opero__")  # noqa: B009 (checked above)
+                # The function is memoized before its state is pickled, so a
+                # decorated function that calls itself by its global name pickles.
+                return (
+                    _opero_trampoline,
+                    (internals.is_async,),
+                    (internals.function, dict(internals.policy.options)),
+                    None,
+                    None,
+                    _install_opero,
+                )
+            return super().reducer_override(value)
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _opero_trampoline(is_async: bool) -> Callable[..., Any]:
+    """Return a function calling the ``@opero`` function that :func:`_install_opero` builds."""
+    target: list[Callable[..., Any]] = []
+    if is_async:
+
+        async def acall(*args: Any, **kwargs: Any) -> Any:
+            return await target[0](*args, **kwargs)
+
+        acall.__dict__["_opero_target"] = target
+        return acall
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target[0](*args, **kwargs)
+
+    call.__dict__["_opero_target"] = target
+    return call
+
+
+def _install_opero(trampoline: Any, state: tuple[Callable[..., Any], dict[str, Any]]) -> None:
+    """Decorate the unpickled function with its options behind ``trampoline``."""
+    from opero._pipeline import decorate as _decorator
+
+    func, options = state
+    wrapper = _decorator.opero(**options)(func)
+    target = trampoline.__dict__.pop("_opero_target")
+    target.append(wrapper)
+    functools.update_wrapper(trampoline, wrapper)
+
+
 def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
-    mapped = _SENT_BY_VALUE.get(token) or _BY_VALUE.get(token)
-    if mapped is None:
-        cloudpickle = importlib.import_module("cloudpickle")
-        func, options = cloudpickle.loads(blob)
-        mapped = MappedFunction(func, token=token, **options)
-        _BY_VALUE[token] = mapped
+    mapped = _SENT_BY_VALUE.get(token)
+    if mapped is not None:
+        return mapped
+    with _BY_VALUE_LOCK:
+        mapped = _BY_VALUE.get(token)
+        if mapped is not None:
+            _BY_VALUE.move_to_end(token)
+            return mapped
+    cloudpickle = importlib.import_module("cloudpickle")
+    func, options = cloudpickle.loads(blob)
+    mapped = MappedFunction(func, token=token, **options)
+    with _BY_VALUE_LOCK:
+        mapped = _BY_VALUE.setdefault(token, mapped)
+        _BY_VALUE.move_to_end(token)
+        while len(_BY_VALUE) > BY_VALUE_KEPT:
+            _BY_VALUE.popitem(last=False)
     return mapped
 
 
@@ -368,19 +498,9 @@ class MappedFunction(Generic[R]):
 
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
-        module_name = getattr(self, "__module__", None)
-        qualname = getattr(self, "__qualname__", None)
-        if module_name and qualname and module_name != "__main__" and "<" not in qualname:
-            try:
-                obj: Any = importlib.import_module(module_name)
-                for part in qualname.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError):
-                obj = None
-            if obj is self:
-                return qualname
+        if _importable(self):
+            return str(self.__dict__["__qualname__"])  # set by update_wrapper
         if self._blob is None:
-            cloudpickle = importlib.import_module("cloudpickle")
             options = dict(self._opero_options)
             options.update(
                 mode=self._mode,
@@ -390,7 +510,17 @@ class MappedFunction(Generic[R]):
                 strict=self._strict,
                 chunksize=self._chunksize,
             )
-            self._blob = cloudpickle.dumps((self._func, options))
+            try:
+                self._blob = _dumps_by_value((self._func, options))
+            except Exception as exc:
+                raise TypeError(
+                    f"opmap: cannot send {self._label} to other processes: it cannot be "
+                    "imported by name (defined in __main__, a notebook or a function), so "
+                    "it is pickled by value with what it reaches (globals, closure, the "
+                    f"options of the @opero functions it calls), and that failed: "
+                    f"{type(exc).__name__}: {exc}. Define it, and what it uses, in an "
+                    "importable module, or use mode='thread'"
+                ) from exc
             _SENT_BY_VALUE[self._token] = self
         return (_rebuild_by_value, (self._token, self._blob))
 

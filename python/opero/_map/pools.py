@@ -106,13 +106,20 @@ class _Progress(Protocol):
 
 
 def portable(exc: BaseException) -> BaseException:
-    """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle."""
+    """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle.
+
+    The exception must also unpickle: one whose ``__init__`` takes other
+    arguments than it passes to ``Exception.__init__`` pickles, but rebuilding
+    it in the parent raises a ``TypeError`` about that ``__init__`` that hides
+    the item's real error.
+    """
     try:
-        pickle.dumps(exc)
-    except Exception as pickling_error:  # the error must still reach the parent
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as pickling_error:  # the error must still reach the parent
         return OperoError(
             f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-            f"(the original exception could not be pickled: {pickling_error})"
+            "(the original exception could not be pickled to the parent process: "
+            f"{type(pickling_error).__name__}: {pickling_error})"
         )
     return exc
 
@@ -422,7 +429,25 @@ class _LoopThread:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
         """Schedule ``coro`` on the loop; return a thread-safe future of its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return asyncio.run_coroutine_threadsafe(_contained(coro), self.loop)
+
+
+async def _contained(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro``; a ``KeyboardInterrupt`` or ``SystemExit`` it raises becomes an error.
+
+    Code of the user runs here, on the background loop's thread (an item's
+    ``__reduce__``, a key's ``__eq__``...). asyncio lets these two escape
+    ``run_forever``: the loop's thread would die, and this map and every later
+    ``async_process`` map would wait forever. A real Ctrl-C reaches the
+    caller's thread, never this one.
+    """
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise OperoError(
+            f"opmap: {exc!r} was raised in opero's background event loop, by code of the "
+            "map's items (a __reduce__, __hash__ or __eq__), and stopped the map"
+        ) from exc
 
 
 _BACKGROUND: _LoopThread | None = None
@@ -501,14 +526,27 @@ def _aio_folder() -> str:
 
 
 async def arun_tracked_chunk(
-    target: Target, items: Sequence[Any], folder: str, name: str
-) -> tuple[list[Any], dict[int, BaseException] | None]:
+    target_blob: bytes, items_blob: bytes, size: int, folder: str, name: str
+) -> tuple[list[Any] | None, dict[int, BaseException] | BaseException | None]:
     """Run one async_process job in a worker, first noting the worker's pid in ``folder/name``.
 
     The parent reads the note to tell which jobs a dead worker was running
     (aiomultiprocess does not know). A map that was cancelled (its folder is
     gone) runs none of its jobs still queued, and no item not yet started.
+
+    The target and the ``size`` items come pickled by the parent (a pickling
+    error inside aiomultiprocess's queue would be printed by its feeder thread
+    and the job never run: the map would wait forever). When they do not
+    unpickle here, the job returns ``(None, error)`` and the parent runs its
+    items one per job, so only the bad one fails.
     """
+    try:
+        target: Target = pickle.loads(target_blob)
+        items: Sequence[Any] = pickle.loads(items_blob)
+    except Exception as exc:
+        return None, portable(exc)
+    if len(items) != size:  # pragma: no cover - a bug of the parent, not of the user
+        return None, OperoError(f"opmap: a job of {size} items arrived with {len(items)}")
     try:
         fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError:  # the map is over (interrupted or cancelled): skip its jobs
@@ -558,6 +596,7 @@ async def run_aio_process_jobs(
     A cancelled map (Ctrl-C, a cancelled ``amap``) removes its folder: its
     queued jobs and unstarted items are skipped.
     """
+    target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)  # errors: the caller's
     pool = aio_process_pool(workers)
     folder = _aio_folder()
     seqs = itertools.count()
@@ -572,11 +611,31 @@ async def run_aio_process_jobs(
     unstarted_since: dict[asyncio.Future[Any], float] = {}
 
     def submit(j: int, position: int, items: Sequence[Any], suspect: bool = False) -> None:
+        try:
+            items_blob = pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:  # fails in its place, like the process pool's items
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: _contained ends the map
+            if len(items) > 1:
+                split(j, position, items)
+            else:
+                error = TypeError(
+                    f"this item could not be pickled to a worker process: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                settle(j, position, [None], {0: error})
+            return
         seq = next(seqs)
         task = asyncio.ensure_future(
-            pool.apply(arun_tracked_chunk, (target, items, folder, str(seq)))
+            pool.apply(arun_tracked_chunk, (target_blob, items_blob, len(items), folder, str(seq)))
         )
         tasks[task] = (seq, j, position, suspect)
+
+    def split(j: int, position: int, items: Sequence[Any]) -> None:
+        """Run the items of a whole job one per job (``position`` is -1)."""
+        partial[j] = ([None] * len(items), {}, [len(items)])
+        for k, item in enumerate(items):
+            submit(j, k, [item])
 
     def settle(j: int, position: int, values: list[Any], errors: Any) -> None:
         if position < 0:
@@ -608,9 +667,7 @@ async def run_aio_process_jobs(
         task.cancel()
         items = jobs[j] if position < 0 else [jobs[j][position]]
         if len(items) > 1:
-            partial[j] = ([None] * len(items), {}, [len(items)])
-            for k, item in enumerate(items):
-                submit(j, k, [item])
+            split(j, position, items)
         elif alone and pid:
             died = WorkerDiedError(
                 f"worker process {pid} died while running this item (os._exit, a signal "
@@ -673,6 +730,11 @@ async def run_aio_process_jobs(
                     values, errors = task.result()
                 except Exception as exc:
                     values, errors = [None] * size, dict.fromkeys(range(size), exc)
+                if values is None:  # the job did not unpickle in the worker
+                    if size > 1:
+                        split(j, position, jobs[j])
+                        continue
+                    values, errors = [None], {0: errors}
                 settle(j, position, values, errors)
             if tasks:
                 replace_lost()

@@ -116,6 +116,13 @@ def _rescale(tat: float, old: float, new: float, now: float) -> float:
     return now + (tat - now) / old * new
 
 
+def _close_fd(fd: int, pid: int) -> None:
+    """Close the state file ``fd`` opened by process ``pid`` (a collected bucket's)."""
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _unlink(path: str) -> None:
     """Remove the state file, ignoring a file that is already gone."""
     with contextlib.suppress(FileNotFoundError):
@@ -156,6 +163,7 @@ class SharedTokenBucket:
         self._lock = threading.Lock()
         self._pid = -1
         self._fd = -1
+        self._fd_closer: Any = None  # closes _fd when the bucket is collected
         self._map: mmap.mmap | None = None
         _live.add(self)
 
@@ -192,6 +200,13 @@ class SharedTokenBucket:
             except BaseException:
                 os.close(fd)
                 raise
+            if self._fd_closer is not None:
+                self._fd_closer.detach()  # a forked parent's descriptor: not this one's
+            # A bucket collected without close() (each map's, in every worker) must
+            # not keep its descriptor open: one leaked per map, forever. Not at exit,
+            # where a daemon thread may still be using it.
+            self._fd_closer = weakref.finalize(self, _close_fd, fd, pid)
+            self._fd_closer.atexit = False
             self._fd = fd
             self._pid = pid
         return self._map
@@ -242,7 +257,9 @@ class SharedTokenBucket:
         with self._lock:
             if self._map is not None and self._pid == os.getpid():
                 self._map.close()
-                os.close(self._fd)
+                if self._fd_closer is not None:
+                    self._fd_closer()  # closes self._fd, once
+                    self._fd_closer = None
             self._map = None
             self._pid = -1
         if self._finalizer is not None:
