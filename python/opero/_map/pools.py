@@ -234,24 +234,67 @@ def run_thread_items(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    n = len(items)
-    n_batches = -(-n // batch)
-    counter = itertools.count()
-    pieces: list[Piece] = []
-    stopped = threading.Event()
-    running: set[Any] = set()
+    run = _ThreadRun(fn, items, batch, bar)
+    helpers = min(workers - 1, run.n_batches - 1)
+    futures: list[cf.Future[None]] = []
+    try:
+        # Inside the try: an interrupt while helpers are submitted stops them.
+        if helpers > 0:
+            pool = thread_pool(workers)
+            for _ in range(helpers):
+                futures.append(pool.submit(run.loop))
+        if scope is not None:
+            scope.add(run.stop)
+        run.loop()
+        for future in futures:
+            if not future.cancel():
+                future.result()
+    except BaseException:
+        run.stop()
+        for future in futures:
+            future.cancel()
+        raise
+    if run.stopped.is_set():
+        raise cf.CancelledError("opmap: the map was cancelled")
+    return run.pieces
 
-    def stop() -> None:
+
+class _ThreadRun:
+    """The state of one thread map: the batch counter, the pieces, and what is running."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        batch: int,
+        bar: _Progress | None,
+    ) -> None:
+        self.fn = fn
+        self.items = items
+        self.batch = batch
+        self.bar = bar
+        self.n = len(items)
+        self.n_batches = -(-self.n // batch)
+        self.counter = itertools.count()
+        self.pieces: list[Piece] = []
+        self.stopped = threading.Event()
+        self.running: set[Any] = set()
+
+    def stop(self) -> None:
+        """Stop every loop after the item it is running; no later batch starts."""
         # A batch runs at C speed over a list iterator (see map_items); moving
         # that iterator to its end from here makes the batch stop after the
         # item in progress, without a Python check per item.
-        stopped.set()
-        for source in list(running):
-            source.__setstate__(batch)
+        self.stopped.set()
+        for source in list(self.running):
+            source.__setstate__(self.batch)
 
-    def loop() -> None:
-        add = pieces.append
-        for b in counter:
+    def loop(self) -> None:
+        """Run batches pulled from the shared counter until none is left or the map stopped."""
+        fn, items, batch, n, bar = self.fn, self.items, self.batch, self.n, self.bar
+        n_batches, stopped, running = self.n_batches, self.stopped, self.running
+        add = self.pieces.append
+        for b in self.counter:
             if b >= n_batches or stopped.is_set():
                 return
             lo = b * batch
@@ -267,29 +310,6 @@ def run_thread_items(
             add((range(lo, hi), values, errors))
             if bar is not None:
                 bar.update(hi - lo)
-
-    helpers = min(workers - 1, n_batches - 1)
-    futures: list[cf.Future[None]] = []
-    try:
-        # Inside the try: an interrupt while helpers are submitted stops them.
-        if helpers > 0:
-            pool = thread_pool(workers)
-            for _ in range(helpers):
-                futures.append(pool.submit(loop))
-        if scope is not None:
-            scope.add(stop)
-        loop()
-        for future in futures:
-            if not future.cancel():
-                future.result()
-    except BaseException:
-        stop()
-        for future in futures:
-            future.cancel()
-        raise
-    if stopped.is_set():
-        raise cf.CancelledError("opmap: the map was cancelled")
-    return pieces
 
 
 # --------------------------------------------------------------------------- asyncio
