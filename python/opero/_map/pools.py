@@ -234,24 +234,67 @@ def run_thread_items(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    n = len(items)
-    n_batches = -(-n // batch)
-    counter = itertools.count()
-    pieces: list[Piece] = []
-    stopped = threading.Event()
-    running: set[Any] = set()
+    run = _ThreadRun(fn, items, batch, bar)
+    helpers = min(workers - 1, run.n_batches - 1)
+    futures: list[cf.Future[None]] = []
+    try:
+        # Inside the try: an interrupt while helpers are submitted stops them.
+        if helpers > 0:
+            pool = thread_pool(workers)
+            for _ in range(helpers):
+                futures.append(pool.submit(run.loop))
+        if scope is not None:
+            scope.add(run.stop)
+        run.loop()
+        for future in futures:
+            if not future.cancel():
+                future.result()
+    except BaseException:
+        run.stop()
+        for future in futures:
+            future.cancel()
+        raise
+    if run.stopped.is_set():
+        raise cf.CancelledError("opmap: the map was cancelled")
+    return run.pieces
 
-    def stop() -> None:
+
+class _ThreadRun:
+    """The state of one thread map: the batch counter, the pieces, and what is running."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        batch: int,
+        bar: _Progress | None,
+    ) -> None:
+        self.fn = fn
+        self.items = items
+        self.batch = batch
+        self.bar = bar
+        self.n = len(items)
+        self.n_batches = -(-self.n // batch)
+        self.counter = itertools.count()
+        self.pieces: list[Piece] = []
+        self.stopped = threading.Event()
+        self.running: set[Any] = set()
+
+    def stop(self) -> None:
+        """Stop every loop after the item it is running; no later batch starts."""
         # A batch runs at C speed over a list iterator (see map_items); moving
         # that iterator to its end from here makes the batch stop after the
         # item in progress, without a Python check per item.
-        stopped.set()
-        for source in list(running):
-            source.__setstate__(batch)
+        self.stopped.set()
+        for source in list(self.running):
+            source.__setstate__(self.batch)
 
-    def loop() -> None:
-        add = pieces.append
-        for b in counter:
+    def loop(self) -> None:
+        """Run batches pulled from the shared counter until none is left or the map stopped."""
+        fn, items, batch, n, bar = self.fn, self.items, self.batch, self.n, self.bar
+        n_batches, stopped, running = self.n_batches, self.stopped, self.running
+        add = self.pieces.append
+        for b in self.counter:
             if b >= n_batches or stopped.is_set():
                 return
             lo = b * batch
@@ -267,29 +310,6 @@ def run_thread_items(
             add((range(lo, hi), values, errors))
             if bar is not None:
                 bar.update(hi - lo)
-
-    helpers = min(workers - 1, n_batches - 1)
-    futures: list[cf.Future[None]] = []
-    try:
-        # Inside the try: an interrupt while helpers are submitted stops them.
-        if helpers > 0:
-            pool = thread_pool(workers)
-            for _ in range(helpers):
-                futures.append(pool.submit(loop))
-        if scope is not None:
-            scope.add(stop)
-        loop()
-        for future in futures:
-            if not future.cancel():
-                future.result()
-    except BaseException:
-        stop()
-        for future in futures:
-            future.cancel()
-        raise
-    if stopped.is_set():
-        raise cf.CancelledError("opmap: the map was cancelled")
-    return pieces
 
 
 # --------------------------------------------------------------------------- asyncio
@@ -597,154 +617,193 @@ async def run_aio_process_jobs(
     queued jobs and unstarted items are skipped.
     """
     target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)  # errors: the caller's
-    pool = aio_process_pool(workers)
-    folder = _aio_folder()
-    seqs = itertools.count()
-    # task -> (note name / submit order, job, position in the job or -1, suspect)
-    tasks: dict[asyncio.Future[Any], tuple[int, int, int, bool]] = {}
-    partial: dict[int, tuple[list[Any], dict[int, BaseException], list[int]]] = {}
-    suspects: collections.deque[tuple[int, int, Sequence[Any]]] = collections.deque()
-    started_upto = -1  # the latest submit order known to have started
-    death_seen = False
-    known_workers = set(pool.processes)  # a worker replaced since means one died
-    pids: dict[int, int] = {}  # submit order -> the pid its job noted
-    unstarted_since: dict[asyncio.Future[Any], float] = {}
+    await _AioProcessRun(aio_process_pool(workers), target_blob, jobs, done).run()
 
-    def submit(j: int, position: int, items: Sequence[Any], suspect: bool = False) -> None:
+
+class _AioProcessRun:
+    """The state of one async_process map: its tasks, partial jobs, suspects and dead workers.
+
+    A job is ``(j, position)``: ``position`` is -1 for the whole ``jobs[j]``,
+    else the index of the one item of ``jobs[j]`` it runs (after a split).
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        target_blob: bytes,
+        jobs: Sequence[Sequence[Any]],
+        done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+    ) -> None:
+        self.pool = pool
+        self.target_blob = target_blob
+        self.jobs = jobs
+        self.done = done
+        self.folder = _aio_folder()
+        self.seqs = itertools.count()
+        # task -> (note name / submit order, job, position in the job or -1, suspect)
+        self.tasks: dict[asyncio.Future[Any], tuple[int, int, int, bool]] = {}
+        self.partial: dict[int, tuple[list[Any], dict[int, BaseException], list[int]]] = {}
+        self.suspects: collections.deque[tuple[int, int, Sequence[Any]]] = collections.deque()
+        self.started_upto = -1  # the latest submit order known to have started
+        self.death_seen = False
+        self.known_workers = set(pool.processes)  # a worker replaced since means one died
+        self.pids: dict[int, int] = {}  # submit order -> the pid its job noted
+        self.unstarted_since: dict[asyncio.Future[Any], float] = {}
+
+    async def run(self) -> None:
+        """Submit every job and wait until each one settled; remove the folder at the end."""
+        try:
+            for j, job in enumerate(self.jobs):
+                self.submit(j, -1, job)
+            while self.tasks or self.suspects:
+                if self.suspects and not any(entry[3] for entry in self.tasks.values()):
+                    self.submit(*self.suspects.popleft(), suspect=True)  # one suspect at a time
+                finished, _ = await asyncio.wait(
+                    self.tasks, timeout=AIO_WATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in finished:
+                    self.finish(task)
+                if self.tasks:
+                    self.replace_lost()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)  # first: the workers skip what is left
+            for task in self.tasks:
+                task.cancel()
+            raise
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def submit(self, j: int, position: int, items: Sequence[Any], suspect: bool = False) -> None:
+        """Pickle ``items`` and start their job; an item that does not pickle fails in its place."""
         try:
             items_blob = pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:  # fails in its place, like the process pool's items
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: _contained ends the map
             if len(items) > 1:
-                split(j, position, items)
+                self.split(j, position, items)
             else:
                 error = TypeError(
                     f"this item could not be pickled to a worker process: "
                     f"{type(exc).__name__}: {exc}"
                 )
-                settle(j, position, [None], {0: error})
+                self.settle(j, position, [None], {0: error})
             return
-        seq = next(seqs)
-        task = asyncio.ensure_future(
-            pool.apply(arun_tracked_chunk, (target_blob, items_blob, len(items), folder, str(seq)))
-        )
-        tasks[task] = (seq, j, position, suspect)
+        seq = next(self.seqs)
+        args = (self.target_blob, items_blob, len(items), self.folder, str(seq))
+        task = asyncio.ensure_future(self.pool.apply(arun_tracked_chunk, args))
+        self.tasks[task] = (seq, j, position, suspect)
 
-    def split(j: int, position: int, items: Sequence[Any]) -> None:
+    def split(self, j: int, position: int, items: Sequence[Any]) -> None:
         """Run the items of a whole job one per job (``position`` is -1)."""
-        partial[j] = ([None] * len(items), {}, [len(items)])
+        self.partial[j] = ([None] * len(items), {}, [len(items)])
         for k, item in enumerate(items):
-            submit(j, k, [item])
+            self.submit(j, k, [item])
 
-    def settle(j: int, position: int, values: list[Any], errors: Any) -> None:
+    def settle(self, j: int, position: int, values: list[Any], errors: Any) -> None:
+        """Report a whole job, or gather one item of a split job and report it when complete."""
         if position < 0:
-            done(j, values, errors)
+            self.done(j, values, errors)
             return
-        acc_values, acc_errors, left = partial[j]
+        acc_values, acc_errors, left = self.partial[j]
         acc_values[position] = values[0]
         if errors:
             acc_errors[position] = errors[0]
         left[0] -= 1
         if left[0] == 0:
-            del partial[j]
-            done(j, acc_values, acc_errors or None)
+            del self.partial[j]
+            self.done(j, acc_values, acc_errors or None)
 
-    def noted_pid(seq: int, present: set[str]) -> int:
-        pid = pids.get(seq, 0)
+    def finish(self, task: asyncio.Future[Any]) -> None:
+        """Settle a finished task (a job that did not unpickle in the worker is split)."""
+        seq, j, position, _suspect = self.tasks.pop(task)
+        self.unstarted_since.pop(task, None)
+        self.started_upto = max(self.started_upto, seq)
+        size = len(self.jobs[j]) if position < 0 else 1
+        try:
+            values, errors = task.result()
+        except Exception as exc:
+            values, errors = [None] * size, dict.fromkeys(range(size), exc)
+        if values is None:  # the job did not unpickle in the worker
+            if size > 1:
+                self.split(j, position, self.jobs[j])
+                return
+            values, errors = [None], {0: errors}
+        self.settle(j, position, values, errors)
+
+    def noted_pid(self, seq: int, present: set[str]) -> int:
+        """Return the pid the job ``seq`` noted in the folder, or 0 when not (yet) noted."""
+        pid = self.pids.get(seq, 0)
         if pid or str(seq) not in present:
             return pid
         try:
-            with open(os.path.join(folder, str(seq)), "rb") as note:
-                pid = pids[seq] = int(note.read() or 0)
+            with open(os.path.join(self.folder, str(seq)), "rb") as note:
+                pid = self.pids[seq] = int(note.read() or 0)
         except (OSError, ValueError):  # being written
             return 0
         return pid
 
-    def lose(task: asyncio.Future[Any], pid: int, alone: bool) -> None:
-        _seq, j, position, _suspect = tasks.pop(task)
-        unstarted_since.pop(task, None)
+    def lose(self, task: asyncio.Future[Any], pid: int, alone: bool) -> None:
+        """Give up ``task`` (its worker died): split it, fail its item, or make it a suspect."""
+        _seq, j, position, _suspect = self.tasks.pop(task)
+        self.unstarted_since.pop(task, None)
         task.cancel()
-        items = jobs[j] if position < 0 else [jobs[j][position]]
+        items = self.jobs[j] if position < 0 else [self.jobs[j][position]]
         if len(items) > 1:
-            split(j, position, items)
+            self.split(j, position, items)
         elif alone and pid:
             died = WorkerDiedError(
                 f"worker process {pid} died while running this item (os._exit, a signal "
                 "or a crash in native code); the pool replaced it and the other items ran"
             )
-            settle(j, position, [None], {0: died})
+            self.settle(j, position, [None], {0: died})
         else:
-            suspects.append((j, position, items))
+            self.suspects.append((j, position, items))
 
-    def replace_lost() -> None:
-        nonlocal started_upto, death_seen
-        workers = list(pool.processes)
+    def replace_lost(self) -> None:
+        """Once a worker died, find the tasks it took down with it and :meth:`lose` them."""
+        workers = list(self.pool.processes)
         alive = [p for p in workers if p.is_alive()]
-        if not death_seen and len(alive) == len(workers) and set(workers) == known_workers:
+        if (
+            not self.death_seen
+            and len(alive) == len(workers)
+            and set(workers) == self.known_workers
+        ):
             return  # no worker died since the map started: nothing to look for
-        death_seen = True
-        live = {p.pid for p in alive}
+        self.death_seen = True
+        lost, unstarted = self.scan({p.pid for p in alive})
+        for pid, group in lost.items():
+            for task in group:
+                self.lose(task, pid, alone=len(group) == 1)
+        now = time.monotonic()
+        for task in unstarted:
+            if task not in self.tasks or self.tasks[task][0] > self.started_upto:
+                continue
+            since = self.unstarted_since.setdefault(task, now)
+            if now - since >= AIO_LOST_GRACE:
+                self.lose(task, 0, alone=False)
+
+    def scan(
+        self, live: set[int]
+    ) -> tuple[dict[int, list[asyncio.Future[Any]]], list[asyncio.Future[Any]]]:
+        """Return the running tasks noted by a dead pid (by pid), and the unstarted ones."""
         try:
-            present = set(os.listdir(folder))
+            present = set(os.listdir(self.folder))
         except OSError:
             present = set()
         lost: dict[int, list[asyncio.Future[Any]]] = {}
         unstarted: list[asyncio.Future[Any]] = []
-        for task, (seq, _j, _position, _suspect) in tasks.items():
+        for task, (seq, _j, _position, _suspect) in self.tasks.items():
             if task.done():
                 continue
-            pid = noted_pid(seq, present)
+            pid = self.noted_pid(seq, present)
             if not pid:
                 unstarted.append(task)
                 continue
-            started_upto = max(started_upto, seq)
+            self.started_upto = max(self.started_upto, seq)
             if pid not in live:
                 lost.setdefault(pid, []).append(task)
-        for pid, group in lost.items():
-            for task in group:
-                lose(task, pid, alone=len(group) == 1)
-        now = time.monotonic()
-        for task in unstarted:
-            if task not in tasks or tasks[task][0] > started_upto:
-                continue
-            since = unstarted_since.setdefault(task, now)
-            if now - since >= AIO_LOST_GRACE:
-                lose(task, 0, alone=False)
-
-    try:
-        for j, job in enumerate(jobs):
-            submit(j, -1, job)
-        while tasks or suspects:
-            if suspects and not any(entry[3] for entry in tasks.values()):
-                submit(*suspects.popleft(), suspect=True)  # one suspect at a time
-            finished, _ = await asyncio.wait(
-                tasks, timeout=AIO_WATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in finished:
-                seq, j, position, _suspect = tasks.pop(task)
-                unstarted_since.pop(task, None)
-                started_upto = max(started_upto, seq)
-                size = len(jobs[j]) if position < 0 else 1
-                try:
-                    values, errors = task.result()
-                except Exception as exc:
-                    values, errors = [None] * size, dict.fromkeys(range(size), exc)
-                if values is None:  # the job did not unpickle in the worker
-                    if size > 1:
-                        split(j, position, jobs[j])
-                        continue
-                    values, errors = [None], {0: errors}
-                settle(j, position, values, errors)
-            if tasks:
-                replace_lost()
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # first: the workers skip what is left
-        for task in tasks:
-            task.cancel()
-        raise
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        return lost, unstarted
 
 
 # --------------------------------------------------------------------------- shutdown

@@ -288,22 +288,14 @@ class TaskFlight:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         slot = hash(key) % _STRIPES
-        flight: tuple[Any, ...] | None = None
         future: asyncio.Future[Any] | None = None
         entry: tuple[Any, ...] | None = None
         # A raised error's traceback holds this frame, and the future (and the task
         # that raises it) hold the error: drop the locals on the way out (no cycle).
         try:
-            while True:
-                flight = self._flights.get(key)
-                if flight is None:
-                    break
-                flight_loop, future, owner = flight
-                if flight_loop is not loop or _closes_cycle(task, owner):
-                    # Another event loop, or a wait that would deadlock (re-entry from
-                    # the computing task, or a cycle of tasks): compute directly.
-                    return await compute()
-                result = await _wait_for(task, owner, future)
+            flight = self._flights.get(key)
+            if flight is not None:  # no coroutine for the wait on an uncontended miss
+                result = await self._join(key, flight, loop, task, compute)
                 if result is not _RETRY:
                     return result
             stale = stamp is not None and self._stamps[slot] != stamp
@@ -331,4 +323,37 @@ class TaskFlight:
                 if self._flights.get(key) is entry:
                     del self._flights[key]
         finally:
-            flight = future = entry = task = owner = None
+            flight = future = entry = task = None
+
+    async def _join(
+        self,
+        key: Any,
+        flight: tuple[Any, ...] | None,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any] | None,
+        compute: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """Await ``flight`` of ``key`` (and the flights that replace it) as a waiter.
+
+        A wait that would deadlock computes directly instead.
+
+        Returns:
+            This caller's result, or ``_RETRY`` once no flight of ``key`` is
+            left (the caller starts one, with no await in between).
+
+        """
+        # The error's traceback holds this frame, and the future holds the error.
+        try:
+            while flight is not None:
+                flight_loop, future, owner = flight
+                if flight_loop is not loop or _closes_cycle(task, owner):
+                    # Another event loop, or a wait that would deadlock (re-entry from
+                    # the computing task, or a cycle of tasks): compute directly.
+                    return await compute()
+                result = await _wait_for(task, owner, future)
+                if result is not _RETRY:
+                    return result
+                flight = self._flights.get(key)
+            return _RETRY
+        finally:
+            flight = future = owner = task = None

@@ -232,50 +232,9 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
     ):
         return qualname
     encoder = _Encoder(lenient=has_cache_key)
-    if bound or wrapper == "builtin":
-        what = (
-            "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
-            "method of other objects by the object it is bound to"
-        )
-    elif wrapper is not None:
-        what = (
-            f"a {wrapper}, so a shared cache (Redis, disk) tells it apart from others of "
-            "its kind by what it wraps and holds"
-        )
-    else:
-        what = (
-            "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
-            "from others of the same name by its code and closure"
-        )
-    encoded: Any
+    what = _what_it_is(bound, wrapper)
     try:
-        if bound:
-            encoded = (
-                "bound",
-                encoder.value(func.__self__, "the object it is bound to"),
-                encoder.value(func.__func__, _TOP),
-            )
-        elif wrapper == "functools.partial":
-            encoded = (
-                "partial",
-                encoder.value(func.func, "the function it wraps"),
-                encoder.value(func.args, "its bound arguments"),
-                encoder.keywords(func.keywords, "its bound arguments"),
-            )
-        elif wrapper == "builtin":
-            owner = func.__self__
-            where = "the object it is bound to"
-            if type(owner) in _MUTABLE:  # {}.get: its content at decoration is no identity
-                if not encoder.lenient:
-                    raise _Unencodable(where, owner)
-                bound_to: Any = ("?", *_name(type(owner)))
-            else:
-                bound_to = encoder.value(owner, where)
-            encoded = ("builtin", bound_to, ("b", *_name(func)))
-        elif wrapper is not None:  # a callable object: its class, and its content
-            encoded = ("object", encoder.value(func, "the callable object itself"))
-        else:
-            encoded = encoder.function(func, _TOP)
+        encoded = _encode(func, encoder, bound, wrapper)
         digest = stable_digest(encoded)
     except _Unencodable as exc:
         return _private_identity(qualname, what, exc)
@@ -286,6 +245,56 @@ def function_identity(func: Any, qualname: str, *, has_cache_key: bool) -> str:
             "at module level"
         ) from None
     return f"{qualname}#{digest[:_DIGEST_CHARS]}"
+
+
+def _what_it_is(bound: bool, wrapper: str | None) -> str:
+    """Say what ``func`` is and why a shared cache needs more than its name (for errors)."""
+    if bound or wrapper == "builtin":
+        return (
+            "a bound method, so a shared cache (Redis, disk) tells it apart from the same "
+            "method of other objects by the object it is bound to"
+        )
+    elif wrapper is not None:
+        return (
+            f"a {wrapper}, so a shared cache (Redis, disk) tells it apart from others of "
+            "its kind by what it wraps and holds"
+        )
+    else:
+        return (
+            "a local function or lambda, so a shared cache (Redis, disk) tells it apart "
+            "from others of the same name by its code and closure"
+        )
+
+
+def _encode(func: Any, encoder: _Encoder, bound: bool, wrapper: str | None) -> Any:
+    """Encode what identifies ``func`` beyond its name (raises what ``encoder`` raises)."""
+    if bound:
+        return (
+            "bound",
+            encoder.value(func.__self__, "the object it is bound to"),
+            encoder.value(func.__func__, _TOP),
+        )
+    elif wrapper == "functools.partial":
+        return (
+            "partial",
+            encoder.value(func.func, "the function it wraps"),
+            encoder.value(func.args, "its bound arguments"),
+            encoder.keywords(func.keywords, "its bound arguments"),
+        )
+    elif wrapper == "builtin":
+        owner = func.__self__
+        where = "the object it is bound to"
+        if type(owner) in _MUTABLE:  # {}.get: its content at decoration is no identity
+            if not encoder.lenient:
+                raise _Unencodable(where, owner)
+            bound_to: Any = ("?", *_name(type(owner)))
+        else:
+            bound_to = encoder.value(owner, where)
+        return ("builtin", bound_to, ("b", *_name(func)))
+    elif wrapper is not None:  # a callable object: its class, and its content
+        return ("object", encoder.value(func, "the callable object itself"))
+    else:
+        return encoder.function(func, _TOP)
 
 
 _MUTABLE = (list, dict, set, bytearray)  # a built-in method bound to one: private
