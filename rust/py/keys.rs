@@ -142,7 +142,8 @@ impl<'py> Encoder<'py> {
         if let Some(kw) = kwargs {
             if !kw.is_empty() {
                 let n = kw.len();
-                let mut items: KwItems<'py> = SmallVec::with_capacity(n);
+                // Built in place (see `call_vector`).
+                let mut items: KwItems<'py> = SmallVec::new();
                 // Not pyo3's dict iterator: it panics if the dict changes size
                 // (another thread on a free-threaded build).
                 for_each_item(kw, |name, value| {
@@ -204,7 +205,10 @@ impl<'py> Encoder<'py> {
         if let Some(names) = kwnames {
             let m = names.len();
             if m > 0 {
-                let mut items: KwItems<'py> = SmallVec::with_capacity(m);
+                // `new`, not `with_capacity`: built in place (`with_capacity`
+                // returned it by value, a 136-byte memcpy per hit); a call
+                // with more than 8 keywords spills to the heap as it fills.
+                let mut items: KwItems<'py> = SmallVec::new();
                 for (j, name) in names.iter().enumerate() {
                     // SAFETY: kwnames holds only str (vectorcall protocol).
                     let name = unsafe { name.cast_into_unchecked::<PyString>() };
@@ -222,7 +226,8 @@ impl<'py> Encoder<'py> {
 
     fn kwargs(&mut self, items: &KwItems<'py>) -> PyResult<()> {
         let m = items.len();
-        let mut names: SmallVec<[&str; 8]> = SmallVec::with_capacity(m);
+        // Built in place (see `call_vector`).
+        let mut names: SmallVec<[&str; 8]> = SmallVec::new();
         for (name, _) in items {
             names.push(name.to_str()?);
         }

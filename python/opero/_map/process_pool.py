@@ -561,6 +561,11 @@ class ProcessPool:
                 for obj in ready:
                     if obj in self._by_sentinel:
                         outcomes.extend(self._bury(self._by_sentinel[obj]))
+                if outcomes:
+                    # The workers that just finished get their next job before the
+                    # maps' `done` callbacks run: a cache fill of a job's results
+                    # costs about as long as the job, and held the workers back.
+                    self._feed()
             self._deliver(outcomes)
 
     def _forget_worker(self, w: _Worker) -> None:
