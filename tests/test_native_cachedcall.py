@@ -550,9 +550,9 @@ def test_half_built_instance_reached_by_gc_callback_raises_runtime_error() -> No
     lines = outcome.lines()
     assert lines[0] == "ok True"
     # Built instances work; a half-built one only ever raises RuntimeError: never
-    # PanicException, never a crash. 3.11 and 3.12 always expose one here; 3.13+
-    # build the __dict__ lazily, so they may not.
-    if sys.version_info < (3, 13):
+    # PanicException, never a crash. 3.11 exposes one here in every run seen; 3.12
+    # only in some runs, and 3.13+ build the __dict__ lazily, so they may not.
+    if sys.version_info < (3, 12):
         assert lines[1] == "errors RuntimeError"
     else:
         assert lines[1] in ("errors -", "errors RuntimeError")
