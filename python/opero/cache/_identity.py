@@ -57,7 +57,7 @@ from typing import Any
 from opero._opero_core import stable_digest
 from opero.errors import ConfigurationError
 
-__all__ = ["function_identity", "is_local"]
+__all__ = ["function_identity", "is_local", "is_private"]
 
 _PRIMITIVES = (type(None), bool, int, float, str, bytes)
 _BUDGET = 10_000  # nodes encoded per function: a closure over a huge value asks for cache_key=
@@ -338,3 +338,8 @@ def _private_identity(qualname: str, what: str, exc: _Unencodable) -> str:
             type(exc.value).__qualname__,
         )
     return f"{qualname}#p{_PROCESS_NONCE}-{next(_PRIVATE_SEQUENCE)}"
+
+
+def is_private(identity: str) -> bool:
+    """Return whether ``identity`` is a private one (unique to one decoration in this process)."""
+    return f"#p{_PROCESS_NONCE}-" in identity

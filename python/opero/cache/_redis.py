@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ from opero._connections.redis import (
     redact,
 )
 from opero.cache._entries import CodecEntries, escape_part
+from opero.cache._identity import is_private
 from opero.cache._serializers import Codec
 from opero.errors import CacheBackendError
 
@@ -245,6 +247,10 @@ class RedisBackend:
         cache = RedisFunctionCache(self, namespace, qualname, ttl)
         with _LOCK:
             self._opened.add(cache)
+        if is_private(qualname):
+            # No other decoration or process can ever read these entries: they go with
+            # the function (a decoration per request must not grow Redis without bound).
+            weakref.finalize(cache, _JANITOR.clear, self, _glob_escape(cache.prefix) + "*")
         return cache
 
     def clear_namespace(self, namespace: str | None) -> None:
@@ -282,6 +288,49 @@ class RedisBackend:
             f"RedisBackend({redact(self.url)!r}, serializer={self.codec.name!r}, "
             f"signed={self.codec.signed}, strict={self.strict})"
         )
+
+
+class _Janitor:
+    """Deletes the Redis entries of dropped private decorations, off the caller's thread.
+
+    A finalizer only queues the pattern (it may run in any thread, inside an event
+    loop): one daemon thread runs the SCAN + UNLINK. Restarted lazily after a fork.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[RedisBackend, str]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def clear(self, backend: RedisBackend, pattern: str) -> None:
+        """Queue the deletion of the keys matching ``pattern`` (never raises, never blocks)."""
+        self._queue.put((backend, pattern))
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="opero-redis-janitor", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            backend, pattern = self._queue.get()
+            try:
+                backend.delete_matching(pattern)
+            except Exception as exc:  # strict mode raises: logged, the next one goes on
+                logger.warning(
+                    "opero: Redis cache at %s: entries %s of a dropped private decoration "
+                    "were not deleted (%s: %s)",
+                    redact(backend.url),
+                    pattern,
+                    type(exc).__name__,
+                    exc,
+                )
+
+
+_JANITOR = _Janitor()
 
 
 class RedisFunctionCache(CodecEntries):
