@@ -25,6 +25,7 @@ verified before it is unpickled, or use ``serializer="json"``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
@@ -318,9 +319,12 @@ class _Janitor:
         while True:
             backend, pattern = self._queue.get()
             try:
-                backend.delete_matching(pattern)
-            except Exception as exc:  # strict mode raises: logged, the next one goes on
-                logger.warning(
+                # Straight to the server, not through the backend's failure policy: a
+                # clean-up that fails (Redis gone, often at shutdown) is no outage of
+                # the cache, and strict mode has no caller to raise to here.
+                backend.connector.run(functools.partial(_delete_matching, pattern=pattern))
+            except Exception as exc:
+                logger.debug(
                     "opero: Redis cache at %s: entries %s of a dropped private decoration "
                     "were not deleted (%s: %s)",
                     redact(backend.url),
