@@ -251,7 +251,10 @@ class RedisBackend:
         if is_private(qualname):
             # No other decoration or process can ever read these entries: they go with
             # the function (a decoration per request must not grow Redis without bound).
-            weakref.finalize(cache, _JANITOR.clear, self, _glob_escape(cache.prefix) + "*")
+            finalizer = weakref.finalize(
+                cache, _JANITOR.clear, self, _glob_escape(cache.prefix) + "*"
+            )
+            finalizer.atexit = False  # at exit no thread can start, and Redis may be gone
         return cache
 
     def clear_namespace(self, namespace: str | None) -> None:
@@ -309,11 +312,13 @@ class _Janitor:
         self._queue.put((backend, pattern))
         with self._lock:
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, name="opero-redis-janitor", daemon=True
-                )
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="opero-redis-janitor", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # interpreter shutdown: nothing runs any more
+                    logger.debug("opero: Redis clean-up of %s skipped (%s)", pattern, exc)
+                    return
+                self._pid, self._thread = os.getpid(), thread
 
     def _run(self) -> None:
         while True:
