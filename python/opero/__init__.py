@@ -10,6 +10,7 @@ backoff schedule) run in Rust.
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
 from opero._pipeline.decorate import OperoFunction, clear_cache, opero
+from opero._pipeline.details import CallDetails
 from opero._testing import set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
@@ -29,6 +30,7 @@ __all__ = [
     "AllFailedError",
     "CacheBackendError",
     "CacheInfo",
+    "CallDetails",
     "ConfigurationError",
     "MapError",
     "MappedFunction",
