@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 from opero._ratelimit import MIN_WAIT
@@ -46,7 +47,8 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 check_wait(delay)
                 await asleep(delay)
 
-    retry_from = _aretry_from(engine, take_token)
+    guard = breaker_guard(engine.policy, engine.qualname)
+    retry_from = _aretry_from(engine, take_token, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
@@ -60,29 +62,63 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             limiter=limited,
             on_success=engine.on_success is not None,
             guard=engine.guarded,
+            breaker=guard is not None,
+            breaker_await=guard is not None and guard.shared,
         ),
         {
             "__opero_retry_from": retry_from,
             "__opero_take_token": take_token,
             "__opero_on_success": engine.on_success,
+            **_breaker_names(guard),
         },
     )
-    return generated or _generic(engine, retry_from, take_token if limited else None)
+    return generated or _generic(engine, retry_from, take_token if limited else None, guard)
+
+
+def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
+    """Return the generated wrapper's names for the breaker (awaited when shared in Redis)."""
+    if guard is None:
+        return {}
+    if guard.shared:
+        return {
+            "__opero_cb": guard.breaker,
+            "__opero_enter": guard.aenter,
+            "__opero_ok": guard.aok,
+            "__opero_failed": guard.afailed,
+        }
+    # Local state: no await (its lock is never held across one).
+    return {
+        "__opero_cb": guard.breaker,
+        "__opero_enter": guard.enter,
+        "__opero_ok": guard.ok,
+        "__opero_failed": guard.failed,
+    }
 
 
 def _generic(
-    engine: Engine, retry_from: ARetryFrom, take_token: Callable[[], Awaitable[None]] | None
+    engine: Engine,
+    retry_from: ARetryFrom,
+    take_token: Callable[[], Awaitable[None]] | None,
+    guard: BreakerGuard | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
+    guarded = engine.guarded
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
+        probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
         if take_token is not None:
             await take_token()
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
+            if guard is not None:
+                await guard.afailed(exc, probe, args, kwargs)
+                if not guarded:
+                    raise
             return await retry_from(exc, args, kwargs)
+        if guard is not None and (probe or guard.breaker._dirty):
+            await guard.aok(probe)
         if on_success is not None:
             on_success(result)
         return result
@@ -90,8 +126,16 @@ def _generic(
     return acall
 
 
-def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> ARetryFrom:
-    """Return the loop: from the start (``first=None``) or after the first call failed."""
+def _aretry_from(
+    engine: Engine,
+    take_token: Callable[[], Awaitable[None]],
+    guard: BreakerGuard | None = None,
+) -> ARetryFrom:
+    """Return the loop: from the start (``first=None``) or after the first call failed.
+
+    With a circuit breaker, each call asks it before its wait and token: an open
+    circuit ends the loop at once with ``CircuitOpenError`` (never retried).
+    """
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
     after_failure = engine.after_failure
@@ -110,6 +154,7 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
                     await asleep(wait)
                 if limited:
@@ -118,11 +163,15 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
+                    if guard is not None:
+                        await guard.afailed(exc, probe, call_args, call_kwargs)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
                 else:
+                    if guard is not None:
+                        await guard.aok(probe)
                     if on_success is not None:
                         on_success(result)
                     return result

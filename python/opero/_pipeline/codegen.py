@@ -81,6 +81,11 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
+        breaker: Ask the circuit breaker ``__opero_cb`` first, when its
+            ``_check`` flag says so (``__opero_enter()``), and record the outcome
+            (``__opero_failed(exc, probe, args, kwargs)``; ``__opero_ok(probe)``
+            when ``probe`` or ``__opero_cb._dirty``).
+        breaker_await: The breaker's methods are awaited (state in Redis).
 
     """
 
@@ -88,6 +93,8 @@ class Template:
     limiter: bool = False
     on_success: bool = False
     guard: bool = False
+    breaker: bool = False
+    breaker_await: bool = False
 
 
 @dataclass(slots=True)
@@ -149,6 +156,10 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    bw = "await " if template.breaker_await else ""
+    if template.breaker:
+        # A closed breaker without failures costs one attribute read here and one after.
+        lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token()")
     elif template.limiter:
@@ -159,17 +170,20 @@ def _source(sig: _Signature, template: Template) -> str:
             f"        {P}sleep({P}d)",
         ]
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
-    if template.guard:
-        args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
-        kwargs = "{" + ", ".join(sig.keywords) + "}"
-        lines += [
-            "    try:",
-            f"        {P}r = {invoke}",
-            f"    except {P}Exception as {P}e:",
-            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})",
-        ]
+    args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
+    kwargs = "{" + ", ".join(sig.keywords) + "}"
+    if template.guard or template.breaker:
+        lines += ["    try:", f"        {P}r = {invoke}", f"    except {P}Exception as {P}e:"]
+        if template.breaker:
+            lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
+        if template.guard:
+            lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})")
+        else:
+            lines.append("        raise")
     else:
         lines.append(f"    {P}r = {invoke}")
+    if template.breaker:
+        lines += [f"    if {P}p or {P}cb._dirty:", f"        {bw}{P}ok({P}p)"]
     if template.on_success:
         lines.append(f"    {P}on_success({P}r)")
     lines.append(f"    return {P}r")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 
@@ -30,9 +31,10 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     func = engine.func
     limited = engine.limiter is not None
     on_success = engine.on_success
-    if not limited and on_success is None and not engine.guarded:
+    guard = breaker_guard(engine.policy, engine.qualname)
+    if not limited and on_success is None and not engine.guarded and guard is None:
         return func
-    retry_from = _retry_from(engine)
+    retry_from = _retry_from(engine, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
         # (the function may change the list it receives).
@@ -42,30 +44,58 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         return call_fallback
     generated = specialize(
         func,
-        Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded),
+        Template(
+            limiter=limited,
+            on_success=on_success is not None,
+            guard=engine.guarded,
+            breaker=guard is not None,
+        ),
         {
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
             "__opero_check_wait": engine.check_wait,
             "__opero_sleep": engine.sleep,
             "__opero_on_success": on_success,
+            **_breaker_names(guard),
         },
     )
-    return generated or _generic(engine, retry_from)
+    return generated or _generic(engine, retry_from, guard)
 
 
-def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
+def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
+    """Return the generated wrapper's names for the circuit breaker (none without one)."""
+    if guard is None:
+        return {}
+    return {
+        "__opero_cb": guard.breaker,
+        "__opero_enter": guard.enter,
+        "__opero_ok": guard.ok,
+        "__opero_failed": guard.failed,
+    }
+
+
+def _generic(
+    engine: Engine, retry_from: RetryFrom, guard: BreakerGuard | None
+) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
+    guarded = engine.guarded
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        probe = guard.breaker._check and guard.enter() if guard is not None else 0
         if token_wait is not None and (wait := token_wait()):
             sleep(wait)
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
+            if guard is not None:
+                guard.failed(exc, probe, args, kwargs)
+                if not guarded:
+                    raise
             return retry_from(exc, args, kwargs)
+        if guard is not None and (probe or guard.breaker._dirty):
+            guard.ok(probe)
         if on_success is not None:
             on_success(result)
         return result
@@ -73,8 +103,12 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     return call
 
 
-def _retry_from(engine: Engine) -> RetryFrom:
-    """Return the loop: from the start (``first=None``) or after the first call failed."""
+def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
+    """Return the loop: from the start (``first=None``) or after the first call failed.
+
+    With a circuit breaker, each call asks it before its wait and token: an open
+    circuit ends the loop at once with ``CircuitOpenError`` (never retried).
+    """
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     after_failure = engine.after_failure
@@ -91,6 +125,7 @@ def _retry_from(engine: Engine) -> RetryFrom:
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                probe = guard.enter() if guard is not None else 0
                 if wait > 0:
                     sleep(wait)
                 if token_wait is not None and (wait := token_wait()):
@@ -99,11 +134,15 @@ def _retry_from(engine: Engine) -> RetryFrom:
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
+                    if guard is not None:
+                        guard.failed(exc, probe, call_args, call_kwargs)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
                 else:
+                    if guard is not None:
+                        guard.ok(probe)
                     if on_success is not None:
                         on_success(result)
                     return result
