@@ -1,9 +1,9 @@
-"""The circuit breaker of @opero: its state machine (manual clock), its place in the pipeline,
-its hook and logs, its checks, and races between threads and tasks."""
+"""The circuit breaker of @opero: states, pipeline place, hook, logs, checks and races."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import pickle
@@ -31,6 +31,7 @@ class Clock:
         self.now = 1000.0
 
     def __call__(self) -> float:
+        """Return the current time."""
         return self.now
 
 
@@ -42,6 +43,7 @@ class Flaky:
         self.error: Exception | None = ConnectionError("down")
 
     def __call__(self, x: int = 0) -> int:
+        """Count the call, then raise or return ``x``."""
         self.calls += 1
         if self.error is not None:
             raise self.error
@@ -79,11 +81,14 @@ def test_opens_after_consecutive_failures_and_refuses_without_calling() -> None:
     breaker, _, flaky, f = make(failures=3)
     for expected in (1, 2):
         assert isinstance(fail(f), ConnectionError)
-        assert breaker.state == "closed" and breaker.failures == expected
+        assert breaker.state == "closed"
+        assert breaker.failures == expected
     assert isinstance(fail(f), ConnectionError)
-    assert breaker.state == "open" and breaker.failures == 3
+    assert breaker.state == "open"
+    assert breaker.failures == 3
     error = fail(f)
-    assert isinstance(error, CircuitOpenError) and isinstance(error, OperoError)
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error, OperoError)
     assert flaky.calls == 3
 
 
@@ -96,7 +101,8 @@ def test_a_success_resets_the_failure_count() -> None:
     assert breaker.failures == 0
     flaky.error = ConnectionError("down")
     fail(f)
-    assert breaker.state == "closed" and breaker.failures == 1
+    assert breaker.state == "closed"
+    assert breaker.failures == 1
 
 
 def test_open_error_carries_name_retry_after_and_cause() -> None:
@@ -112,7 +118,8 @@ def test_open_error_carries_name_retry_after_and_cause() -> None:
     assert error.name == "payments"
     assert error.retry_after == pytest.approx(6.0)
     assert error.__cause__ is opening
-    assert "payments" in str(error) and "was not called" in str(error)
+    assert "payments" in str(error)
+    assert "was not called" in str(error)
     assert breaker.retry_after == pytest.approx(6.0)
 
 
@@ -126,7 +133,9 @@ def test_half_open_probe_success_closes() -> None:
     assert breaker.state == "half_open"
     flaky.error = None
     assert f(7) == 7
-    assert breaker.state == "closed" and breaker.failures == 0 and breaker.retry_after == 0.0
+    assert breaker.state == "closed"
+    assert breaker.failures == 0
+    assert breaker.retry_after == 0.0
 
 
 def test_half_open_probe_failure_reopens_for_another_period() -> None:
@@ -157,7 +166,7 @@ def test_a_stuck_probe_frees_its_slot_after_reset_after() -> None:
 
 
 def test_late_results_are_ignored() -> None:
-    """A call admitted while closed that ends after the circuit opened neither extends nor closes it."""
+    """A call admitted while closed that ends after it opened neither extends nor closes it."""
     breaker, clock, _, _ = make(failures=1, reset_after=10.0)
     early = breaker._local_enter("f")  # admitted while closed
     breaker._local_failed(ConnectionError("a"), 0)
@@ -191,7 +200,8 @@ def test_reset_closes_an_open_circuit() -> None:
     fail(f)
     assert breaker.state == "open"
     breaker.reset()
-    assert breaker.state == "closed" and breaker.failures == 0
+    assert breaker.state == "closed"
+    assert breaker.failures == 0
     flaky.error = None
     assert f(3) == 3
 
@@ -232,7 +242,8 @@ def test_open_circuit_takes_no_rate_limit_token() -> None:
     fail(f)
     for _ in range(3):
         assert isinstance(fail(f), CircuitOpenError)
-    assert limiter.tokens == 1 and flaky.calls == 1
+    assert limiter.tokens == 1
+    assert flaky.calls == 1
 
 
 def test_cache_hit_never_asks_the_breaker() -> None:
@@ -271,7 +282,8 @@ def test_each_retry_counts_as_a_failure() -> None:
     flaky = Flaky()
     f = opero(retries=3, min_delay=0, circuit_breaker=breaker)(lambda: flaky())
     assert isinstance(fail(f), ConnectionError)
-    assert breaker.failures == 4 and breaker.state == "closed"
+    assert breaker.failures == 4
+    assert breaker.state == "closed"
     assert isinstance(fail(f), CircuitOpenError)
     assert flaky.calls == 5
 
@@ -303,7 +315,8 @@ def test_generic_wrapper_guards_like_the_generated_one() -> None:
     assert isinstance(fail(g), CircuitOpenError)
     breaker.reset()
     flaky.error = None
-    assert f(4) == 4 and g(5) == 5
+    assert f(4) == 4
+    assert g(5) == 5
 
 
 def test_no_breaker_generates_the_same_wrapper_as_before() -> None:
@@ -312,8 +325,10 @@ def test_no_breaker_generates_the_same_wrapper_as_before() -> None:
     assert sig is not None
     plain = _source(sig, Template(guard=True))
     guarded = _source(sig, Template(guard=True, breaker=True))
-    assert "__opero_cb" not in plain and "__opero_enter" not in plain
-    assert "__opero_cb._check" in guarded and "__opero_cb._dirty" in guarded
+    assert "__opero_cb" not in plain
+    assert "__opero_enter" not in plain
+    assert "__opero_cb._check" in guarded
+    assert "__opero_cb._dirty" in guarded
 
 
 # --- async --------------------------------------------------------------------------
@@ -346,7 +361,8 @@ def test_async_function_opens_and_closes() -> None:
         return seen
 
     assert asyncio.run(main()) == ["TimeoutError", "TimeoutError", "CircuitOpenError", "9"]
-    assert state["calls"] == 3 and breaker.state == "closed"
+    assert state["calls"] == 3
+    assert breaker.state == "closed"
 
 
 def test_async_retry_loop_stops_at_open_circuit() -> None:
@@ -406,7 +422,8 @@ def test_async_tasks_racing_half_open_run_exactly_the_probe_slots() -> None:
         return await asyncio.gather(*(probe() for _ in range(20)), return_exceptions=True)
 
     outcomes = asyncio.run(main())
-    assert outcomes.count("ok") == 3 and running == [3]
+    assert outcomes.count("ok") == 3
+    assert running == [3]
     assert all(isinstance(o, CircuitOpenError) for o in outcomes if o != "ok")
     assert breaker.state == "closed"
 
@@ -453,7 +470,8 @@ def test_threads_racing_half_open_run_exactly_the_probe_slots() -> None:
     for t in threads:
         t.join(30)
     assert sorted(outcomes) == ["ok", "ok"] + ["refused"] * 14
-    assert ran == [2] and breaker.state == "closed"
+    assert ran == [2]
+    assert breaker.state == "closed"
 
 
 def test_threads_counting_failures_open_exactly_once() -> None:
@@ -467,17 +485,16 @@ def test_threads_counting_failures_open_exactly_once() -> None:
 
     def worker() -> None:
         for _ in range(50):
-            try:
+            with contextlib.suppress(Exception):
                 bad()
-            except Exception:
-                pass
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert breaker.state == "open" and len(opened) == 1
+    assert breaker.state == "open"
+    assert len(opened) == 1
 
 
 # --- hook and logs -----------------------------------------------------------------
@@ -506,12 +523,15 @@ def test_on_circuit_open_gets_details(caplog: pytest.LogCaptureFixture) -> None:
     assert len(seen) == 1
     details = seen[0]
     assert details.event == "circuit_open"
-    assert details.args == ("select 2",) and details.kwargs == {"timeout": 1.0}
-    assert isinstance(details.exception, ConnectionResetError) and details.wait == 7.0
+    assert details.args == ("select 2",)
+    assert details.kwargs == {"timeout": 1.0}
+    assert isinstance(details.exception, ConnectionResetError)
+    assert details.wait == 7.0
     assert details.function.endswith("query")
     assert bare == [1]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "opened" in r.message]
-    assert len(warnings) == 2 and "'db'" in warnings[0].message
+    assert len(warnings) == 2
+    assert "'db'" in warnings[0].message
 
 
 def test_raising_hook_is_logged_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
@@ -530,7 +550,7 @@ def test_raising_hook_is_logged_and_changes_nothing(caplog: pytest.LogCaptureFix
 
 def test_closing_logs_info(caplog: pytest.LogCaptureFixture) -> None:
     """A probe success that closes the circuit is an INFO record on the opero logger."""
-    breaker, clock, flaky, f = make(failures=1, reset_after=1.0)
+    _breaker, clock, flaky, f = make(failures=1, reset_after=1.0)
     fail(f)
     clock.now += 1.0
     flaky.error = None
@@ -596,7 +616,8 @@ def test_errors_and_breakers_pickle() -> None:
     breaker._local_failed(ValueError(), 0)
     clone = pickle.loads(pickle.dumps(breaker))
     assert repr(clone) == repr(breaker)
-    assert clone.failure_on == (ValueError,) and clone.failures == 0
+    assert clone.failure_on == (ValueError,)
+    assert clone.failures == 0
 
 
 def test_child_process_after_fork_gets_a_free_lock() -> None:
