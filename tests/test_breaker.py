@@ -328,7 +328,7 @@ def test_no_breaker_generates_the_same_wrapper_as_before() -> None:
     assert "__opero_cb" not in plain
     assert "__opero_enter" not in plain
     assert "__opero_cb._check" in guarded
-    assert "__opero_cb._dirty" in guarded
+    assert "if __opero_p:" in guarded
 
 
 # --- async --------------------------------------------------------------------------

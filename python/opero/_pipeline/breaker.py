@@ -21,9 +21,10 @@ inside). States:
 Results of calls that started in another state are ignored (a call admitted
 while closed that fails after the circuit opened does not extend the wait).
 
-Speed: a closed breaker with no failures costs the generated wrapper two
-attribute reads (``_check`` before the call, ``_dirty`` after it); the lock
-is only taken once something failed. ``backend="redis"`` makes one
+Speed: a closed breaker with no failures costs the generated wrapper one
+attribute read (``_check``) and a test of a local; the lock is only taken
+once something failed (``_enter`` then returns :data:`RESET`, so the next
+success resets the count). ``backend="redis"`` makes one
 ``EVALSHA`` per call (and one more after a success that ends a failure
 streak or a probe), on the server's clock; Redis down means the local state
 decides (logged once per outage), Redis back means the shared state again.
@@ -56,9 +57,11 @@ logger = logging.getLogger("opero")
 
 BACKENDS = ("memory", "redis")
 
-#: What ``_enter`` returns: 0 (or False) for an ordinary call, ``-1`` for a call
-#: whose success must reset a failure count kept in Redis, else a probe's id.
+#: What ``_enter`` returns: 0 (or False) for an ordinary call, :data:`RESET` for a
+#: call whose success must reset a failure count, else a probe's id.
 Probe = Any
+#: ``_enter``'s token for a closed circuit with failures counted: a success resets them.
+RESET = -1
 
 _BREAKERS: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 
@@ -151,7 +154,6 @@ class CircuitBreaker:
         "_cause",
         "_check",
         "_clock",
-        "_dirty",
         "_failures",
         "_ids",
         "_lock",
@@ -206,10 +208,8 @@ class CircuitBreaker:
         self._probes: dict[int, float] = {}  # probe id -> the clock's time its slot expires
         self._ids = itertools.count(1)
         self._cause: BaseException | None = None
-        #: The wrapper must call ``_enter`` (not closed, or shared through Redis).
+        #: The wrapper must call ``_enter``: not closed, failures counted, or shared in Redis.
         self._check = False
-        #: The wrapper must call ``_ok`` after a success (a failure streak to reset).
-        self._dirty = False
         self._redis: RedisState | None = None
         if backend == "redis":
             if name is None:
@@ -303,14 +303,12 @@ class CircuitBreaker:
         self._probes.clear()
         self._cause = None
         self._check = self._redis is not None
-        self._dirty = False
 
     def _open(self, now: float, cause: BaseException | None) -> None:
         self._open_until = now + self.reset_after
         self._probes.clear()
         self._cause = cause
         self._check = True
-        self._dirty = False
 
     def _label(self) -> str:
         return "circuit breaker" + ("" if self.name is None else f" {self.name!r}")
@@ -338,7 +336,7 @@ class CircuitBreaker:
         with self._lock:
             until = self._open_until
             if not until:
-                return 0
+                return RESET if self._failures else 0
             cause = self._cause
             if now < until:
                 wait = until - now
@@ -367,7 +365,7 @@ class CircuitBreaker:
                 closed = True
             else:
                 self._failures = 0
-                self._dirty = False
+                self._check = self._redis is not None
                 return False
         if closed:
             logger.info("opero: %s closed: a probe call succeeded", self._label())
@@ -384,7 +382,7 @@ class CircuitBreaker:
                 count = self._failures
             else:
                 self._failures = count = self._failures + 1
-                self._dirty = True
+                self._check = True
                 if count < self.failure_threshold:
                     return False
                 self._open(now, exc)
@@ -620,8 +618,6 @@ return {2, failures, 0}
 """
 
 _STATES = ("closed", "open", "half_open")
-#: ``_enter``'s token for a closed shared circuit with failures: a success resets them.
-RESET = -1
 
 
 class RedisState:
@@ -742,23 +738,23 @@ class RedisState:
     def ok(self, probe: Probe) -> None:
         """Record a success (no round trip for a closed circuit without failures)."""
         if not probe:
-            if self.breaker._dirty:  # failures counted locally while Redis was down
-                self.breaker._local_ok(0)
             return
         if isinstance(probe, int) and probe > 0:  # admitted by the local state
             self.breaker._local_ok(probe)
             return
+        if self.breaker._failures:  # failures counted locally while Redis was down
+            self.breaker._local_ok(0)
         self._record("s", probe, None)
 
     async def aok(self, probe: Probe) -> None:
         """Async :meth:`ok`."""
         if not probe:
-            if self.breaker._dirty:
-                self.breaker._local_ok(0)
             return
         if isinstance(probe, int) and probe > 0:
             self.breaker._local_ok(probe)
             return
+        if self.breaker._failures:
+            self.breaker._local_ok(0)
         await self._arecord("s", probe, None)
 
     def failed(self, exc: BaseException, probe: Probe) -> bool:

@@ -84,7 +84,7 @@ class Template:
         breaker: Ask the circuit breaker ``__opero_cb`` first, when its
             ``_check`` flag says so (``__opero_enter()``), and record the outcome
             (``__opero_failed(exc, probe, args, kwargs)``; ``__opero_ok(probe)``
-            when ``probe`` or ``__opero_cb._dirty``).
+            when ``probe`` is truthy: a probe, or a failure streak to reset).
         breaker_await: The breaker's methods are awaited (state in Redis).
 
     """
@@ -158,7 +158,7 @@ def _source(sig: _Signature, template: Template) -> str:
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
     bw = "await " if template.breaker_await else ""
     if template.breaker:
-        # A closed breaker without failures costs one attribute read here and one after.
+        # A closed breaker without failures costs one attribute read and a local test.
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token()")
@@ -183,7 +183,7 @@ def _source(sig: _Signature, template: Template) -> str:
     else:
         lines.append(f"    {P}r = {invoke}")
     if template.breaker:
-        lines += [f"    if {P}p or {P}cb._dirty:", f"        {bw}{P}ok({P}p)"]
+        lines += [f"    if {P}p:", f"        {bw}{P}ok({P}p)"]
     if template.on_success:
         lines.append(f"    {P}on_success({P}r)")
     lines.append(f"    return {P}r")

@@ -94,7 +94,7 @@ def _generic(
                 if not guarded:
                     raise
             return retry_from(exc, args, kwargs)
-        if guard is not None and (probe or guard.breaker._dirty):
+        if guard is not None and probe:
             guard.ok(probe)
         if on_success is not None:
             on_success(result)
