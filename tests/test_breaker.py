@@ -651,3 +651,60 @@ def test_child_process_after_fork_gets_a_free_lock() -> None:
         timeout=60,
     )
     assert outcome.lines() == ["child 0"], outcome.stderr
+
+
+def test_a_cancelled_probe_gives_its_slot_back() -> None:
+    """A probe task cancelled mid-call frees its half-open slot at once (no wait for expiry)."""
+    clock = Clock()
+    breaker = CircuitBreaker(1, 10.0, _clock=clock)
+    breaker._local_failed(ConnectionError("x"), 0)
+    clock.now += 10.0
+    started = asyncio.Event()
+
+    @opero(retries=0, circuit_breaker=breaker)
+    async def probe(hang: bool) -> str:
+        if hang:
+            started.set()
+            await asyncio.sleep(3600)
+        return "ok"
+
+    async def main() -> str:
+        task = asyncio.ensure_future(probe(True))
+        await started.wait()
+        with pytest.raises(CircuitOpenError):
+            await probe(False)  # the hanging probe holds the only slot
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await probe(False)
+
+    assert asyncio.run(main()) == "ok"
+    assert breaker.state == "closed"
+
+
+def test_an_interrupted_sync_probe_gives_its_slot_back() -> None:
+    """A KeyboardInterrupt inside a probe (retry loop or first call) frees its slot."""
+    clock = Clock()
+    breaker = CircuitBreaker(1, 10.0, _clock=clock)
+    breaker._local_failed(ConnectionError("x"), 0)
+    clock.now += 10.0
+    mode = {"interrupt": True}
+
+    def body() -> str:
+        if mode["interrupt"]:
+            raise KeyboardInterrupt
+        return "ok"
+
+    for options in ({"retries": 0}, {"retries": 2, "arg_fallback": None}):
+        f = opero(circuit_breaker=breaker, **options)(body)
+        with pytest.raises(KeyboardInterrupt):
+            f()
+        assert breaker._probes == {}
+    g = opero(retries=1, min_delay=0, arg_fallback="h", circuit_breaker=breaker)(
+        lambda h=("a", "b"): body()
+    )
+    with pytest.raises(KeyboardInterrupt):
+        g()
+    assert breaker._probes == {}
+    mode["interrupt"] = False
+    assert g() == "ok"

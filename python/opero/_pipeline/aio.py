@@ -92,6 +92,7 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
         "__opero_enter": guard.enter,
         "__opero_ok": guard.ok,
         "__opero_failed": guard.failed,
+        "__opero_release": guard.release,
     }
 
 
@@ -117,6 +118,10 @@ def _generic(
                 if not guarded:
                     raise
             return await retry_from(exc, args, kwargs)
+        except BaseException:
+            if probe:
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         if guard is not None and probe:
             await guard.aok(probe)
         if on_success is not None:
@@ -169,6 +174,10 @@ def _aretry_from(
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                except BaseException:
+                    if probe:
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 else:
                     if guard is not None:
                         await guard.aok(probe)

@@ -14,9 +14,10 @@ inside). States:
   taking a token, for ``reset_after`` seconds.
 * **half-open**: then up to ``half_open_calls`` probe calls run at once
   (others get ``CircuitOpenError``). The first probe that succeeds closes the
-  circuit; a probe that fails opens it for another ``reset_after``. A probe
-  that has not finished after ``reset_after`` seconds (a hung or cancelled
-  call, a crashed process) frees its slot.
+  circuit; a probe that fails opens it for another ``reset_after``. A
+  cancelled or interrupted probe gives its slot back (local state); one that
+  has not finished after ``reset_after`` seconds (a hung call, a crashed
+  process) frees its slot.
 
 Results of calls that started in another state are ignored (a call admitted
 while closed that fails after the circuit opened does not extend the wait).
@@ -493,6 +494,17 @@ class BreakerGuard:
         if opened:
             self.opened(exc, args, kwargs)
 
+    def release(self, probe: Probe) -> None:
+        """Give back the slot of a probe that was cancelled or interrupted (it decided nothing).
+
+        A probe admitted through Redis keeps its slot until it expires (a
+        cancelled task cannot reliably await the round trip).
+        """
+        if isinstance(probe, int) and probe > 0:
+            breaker = self.breaker
+            with breaker._lock:
+                breaker._probes.pop(probe, None)
+
     async def aenter(self) -> Probe:
         """Async :meth:`enter` (through ``redis.asyncio`` when shared)."""
         redis = self.breaker._redis
@@ -658,9 +670,18 @@ class RedisState:
         return not outage.down or outage.should_try()
 
     def _down(self, exc: Exception) -> None:
-        """Record a Redis failure (logged once per outage); re-raise anything else."""
+        """Record a Redis failure (logged once per outage); re-raise anything else.
+
+        A full connection pool (back-pressure, Redis is up) is not an outage:
+        the local state decides that one call, with a debug record.
+        """
         import redis
 
+        from opero._connections.redis import PoolExhausted
+
+        if isinstance(exc, PoolExhausted):
+            logger.debug("opero: %s: %s; the local state decides", self.breaker._label(), exc)
+            return
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
         self.outage.failed(exc, "circuit breakers use local per-process state")

@@ -180,6 +180,14 @@ def _source(sig: _Signature, template: Template) -> str:
             lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})")
         else:
             lines.append("        raise")
+        if template.breaker:
+            # Cancelled or interrupted: a probe gives its slot back (it decided nothing).
+            lines += [
+                f"    except {P}BaseException:",
+                f"        if {P}p:",
+                f"            {P}release({P}p)",
+                "        raise",
+            ]
     else:
         lines.append(f"    {P}r = {invoke}")
     if template.breaker:
@@ -251,6 +259,7 @@ def specialize(
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
+    scope[f"{P}BaseException"] = BaseException
     filename = register_source(source, label)
     try:
         exec(compile(source, filename, "exec"), scope)

@@ -71,6 +71,7 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
         "__opero_enter": guard.enter,
         "__opero_ok": guard.ok,
         "__opero_failed": guard.failed,
+        "__opero_release": guard.release,
     }
 
 
@@ -94,6 +95,10 @@ def _generic(
                 if not guarded:
                     raise
             return retry_from(exc, args, kwargs)
+        except BaseException:
+            if probe:
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         if guard is not None and probe:
             guard.ok(probe)
         if on_success is not None:
@@ -140,6 +145,10 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                except BaseException:
+                    if probe:
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 else:
                     if guard is not None:
                         guard.ok(probe)
