@@ -310,3 +310,31 @@ def test_redis_backend_needs_a_name() -> None:
     """backend='redis' without name= is a ConfigurationError saying why."""
     with pytest.raises(ConfigurationError, match="name="):
         CircuitBreaker(backend="redis")
+
+
+def test_async_calls_fall_back_to_local_state_while_redis_is_down(
+    restartable_redis: RedisServer,
+) -> None:
+    """Async calls with Redis stopped use the local state and never hang the loop."""
+    breaker = shared(restartable_redis.url, name="aoutage", failures=2, reset_after=60)
+    ran: list[int] = []
+
+    @opero(retries=0, circuit_breaker=breaker)
+    async def get() -> None:
+        ran.append(1)
+        raise ConnectionError("down")
+
+    async def main() -> list[str]:
+        seen = []
+        for _ in range(3):
+            try:
+                await asyncio.wait_for(get(), timeout=30)
+            except Exception as exc:
+                seen.append(type(exc).__name__)
+        return seen
+
+    restartable_redis.stop()
+    assert asyncio.run(main()) == ["ConnectionError", "ConnectionError", "CircuitOpenError"]
+    assert len(ran) == 2
+    assert breaker._redis is not None
+    assert breaker._redis.outage.down

@@ -38,7 +38,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -65,6 +64,11 @@ Probe = Any
 RESET = -1
 
 _BREAKERS: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+#: Probe ids in Redis: this process's random prefix and a counter (unique across
+#: processes and hosts without a system call per decision).
+_PROBE_PREFIX = os.urandom(8).hex()
+_PROBE_IDS = itertools.count(1)
 
 
 def _bad(option: str, value: Any, need: str, example: str) -> ConfigurationError:
@@ -431,7 +435,9 @@ def _rebuild(
 
 
 def _after_fork_in_child() -> None:
-    """Give every breaker a fresh lock: one held by another parent thread stays held."""
+    """Give every breaker a fresh lock (one held by a parent thread stays held), new probe ids."""
+    global _PROBE_PREFIX
+    _PROBE_PREFIX = os.urandom(8).hex()
     for breaker in list(_BREAKERS):
         breaker._lock = threading.Lock()
 
@@ -695,7 +701,8 @@ class RedisState:
 
     def _enter_args(self) -> tuple[Any, ...]:
         breaker = self.breaker
-        return (breaker.half_open_calls, int(breaker.reset_after * 1e6), uuid.uuid4().hex)
+        probe_id = f"{_PROBE_PREFIX}:{next(_PROBE_IDS)}"
+        return (breaker.half_open_calls, int(breaker.reset_after * 1e6), probe_id)
 
     def _record_args(self, kind: str, probe: Probe) -> tuple[Any, ...]:
         breaker = self.breaker
