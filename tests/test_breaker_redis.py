@@ -97,7 +97,7 @@ def test_a_success_resets_the_shared_count(redis_url: str) -> None:
 
 def test_half_open_probe_on_the_server_clock(redis_url: str) -> None:
     """After reset_after (server time) one probe runs: a failure reopens, a success closes."""
-    breaker = shared(redis_url, failures=1, reset_after=0.2)
+    breaker = shared(redis_url, failures=1, reset_after=1.0)
     state = {"fail": True, "calls": 0}
 
     def flaky() -> str:
@@ -109,12 +109,12 @@ def test_half_open_probe_on_the_server_clock(redis_url: str) -> None:
     f = opero(retries=0, circuit_breaker=breaker)(flaky)
     assert call(f) == "ConnectionError"
     assert call(f) == "CircuitOpenError"
-    time.sleep(0.25)
+    time.sleep(1.05)
     assert breaker.state == "half_open"
     assert call(f) == "ConnectionError"  # the probe failed: open again
     assert breaker.state == "open"
     assert call(f) == "CircuitOpenError"
-    time.sleep(0.25)
+    time.sleep(1.05)
     state["fail"] = False
     assert call(f) == "ok"
     assert breaker.state == "closed"
@@ -123,9 +123,10 @@ def test_half_open_probe_on_the_server_clock(redis_url: str) -> None:
 
 def test_threads_racing_half_open_get_exactly_the_probe_slots(redis_url: str) -> None:
     """Threads at a half-open shared breaker: exactly half_open_calls probes are admitted."""
-    breaker = shared(redis_url, failures=1, reset_after=0.1, half_open_calls=2)
+    # Probe slots live reset_after (2 s): far longer than the race takes.
+    breaker = shared(redis_url, failures=1, reset_after=2.0, half_open_calls=2)
     call(failing(breaker))
-    time.sleep(0.15)
+    time.sleep(2.05)
     guard_results: list[Any] = []
     start = threading.Barrier(10, timeout=30)
     from opero._pipeline.breaker import BreakerGuard
@@ -150,27 +151,37 @@ def test_threads_racing_half_open_get_exactly_the_probe_slots(redis_url: str) ->
 
 
 def test_a_crashed_probe_frees_its_slot(redis_url: str) -> None:
-    """A probe whose process died frees its slot after reset_after (the slot expires)."""
-    breaker = shared(redis_url, name="crash", failures=1, reset_after=0.3)
+    """A probe whose process died holds its slot only until it expires (reset_after)."""
+    breaker = shared(redis_url, name="crash", failures=1, reset_after=1.0)
     call(failing(breaker))
     outcome = run_scenario(
         f"""
         import os, time
         from opero import CircuitBreaker
         from opero._pipeline.breaker import BreakerGuard
-        b = CircuitBreaker(failures=1, reset_after=0.3, name="crash", backend="redis",
+        b = CircuitBreaker(failures=1, reset_after=1.0, name="crash", backend="redis",
                            redis_url={redis_url!r})
-        time.sleep(0.35)
+        deadline = time.monotonic() + 30
+        while b.state != "half_open" and time.monotonic() < deadline:
+            time.sleep(0.02)
         print("probe", bool(BreakerGuard(b, "f", None).enter()))
         os._exit(0)  # dies holding the probe slot
         """,
         timeout=60,
     )
     assert outcome.lines() == ["probe True"], outcome.stderr
+    raw = redis.Redis.from_url(redis_url)
+    assert raw.zcard("{opero:cb:crash}:probes") == 1  # the dead probe's slot
     f = opero(retries=0, circuit_breaker=breaker)(lambda: "ok")
-    assert call(f) == "CircuitOpenError"  # the dead probe still holds the slot
-    time.sleep(0.35)
-    assert call(f) == "ok"
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen.append(call(f))
+        if seen[-1] == "ok":
+            break
+        time.sleep(0.05)
+    assert seen[-1] == "ok"
+    assert set(seen[:-1]) <= {"CircuitOpenError"}
     assert breaker.state == "closed"
 
 
@@ -208,7 +219,7 @@ def test_processes_share_one_state(redis_url: str) -> None:
 
 def test_async_functions_use_the_async_client(redis_url: str) -> None:
     """An async function guarded by a Redis breaker opens, refuses and closes it with await."""
-    breaker = shared(redis_url, name="async", failures=2, reset_after=0.2)
+    breaker = shared(redis_url, name="async", failures=2, reset_after=1.0)
     state = {"fail": True}
 
     @opero(retries=0, circuit_breaker=breaker)
@@ -225,7 +236,7 @@ def test_async_functions_use_the_async_client(redis_url: str) -> None:
                 await get(1)
             except Exception as exc:
                 seen.append(type(exc).__name__)
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(1.05)
         state["fail"] = False
         seen.append(str(await get(5)))
         return seen
