@@ -349,3 +349,18 @@ def test_async_calls_fall_back_to_local_state_while_redis_is_down(
     assert len(ran) == 2
     assert breaker._redis is not None
     assert breaker._redis.outage.down
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"redis_client": object()}, "redis_client"),
+        ({"redis_url": 42}, "redis_url"),
+        ({"redis_url": "http://localhost"}, "redis_url"),
+        ({"redis_url": "redis://localhost:99999/0"}, "redis_url"),
+    ],
+)
+def test_bad_redis_arguments_name_the_argument(kwargs: dict[str, Any], named: str) -> None:
+    """A bad Redis URL or client is a ConfigurationError naming the argument, before connecting."""
+    with pytest.raises(ConfigurationError, match=named):
+        CircuitBreaker(name="x", backend="redis", **kwargs)

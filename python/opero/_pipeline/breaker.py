@@ -656,7 +656,8 @@ class RedisState:
         import_redis("CircuitBreaker(backend='redis')")
         self.breaker = breaker
         self.url = url
-        self.connector: RedisConnector = RedisConnector(url, client=client, option="redis_url")
+        option = "redis_client" if client is not None and url is None else "redis_url"
+        self.connector: RedisConnector = RedisConnector(url, client=client, option=option)
         tag = "{opero:cb:" + (breaker.name or "") + "}"
         self.keys = (tag, tag + ":probes")
         self._outage: Outage | None = None
