@@ -364,3 +364,46 @@ def test_bad_redis_arguments_name_the_argument(kwargs: dict[str, Any], named: st
     """A bad Redis URL or client is a ConfigurationError naming the argument, before connecting."""
     with pytest.raises(ConfigurationError, match=named):
         CircuitBreaker(name="x", backend="redis", **kwargs)
+
+
+def test_concurrent_processes_open_one_shared_circuit(redis_url: str) -> None:
+    """Four processes failing at once open one shared circuit after about `failures` calls."""
+    outcome = run_scenario(
+        f"""
+        import multiprocessing as mp
+
+        def work(queue):
+            from opero import CircuitBreaker, CircuitOpenError, opero
+            b = CircuitBreaker(failures=5, reset_after=60, name="fleet", backend="redis",
+                               redis_url={redis_url!r})
+            calls = []
+            f = opero(retries=0, circuit_breaker=b)(lambda: calls.append(1) or 1 / 0)
+            refused = 0
+            for _ in range(25):
+                try:
+                    f()
+                except CircuitOpenError:
+                    refused += 1
+                except ZeroDivisionError:
+                    pass
+            queue.put((len(calls), refused))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("fork")
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=work, args=(queue,)) for _ in range(4)]
+            for p in procs:
+                p.start()
+            results = [queue.get(timeout=60) for _ in procs]
+            for p in procs:
+                p.join(60)
+            print(sum(c for c, _ in results), sum(r for _, r in results))
+        """,
+        timeout=120,
+    )
+    calls, refused = (int(x) for x in outcome.lines()[-1].split())
+    # 5 failures open it; calls already admitted when it opened may still run (one per
+    # other process at most).
+    assert 5 <= calls <= 5 + 3, outcome.stdout
+    assert calls + refused == 100
+    assert shared(redis_url, name="fleet").state == "open"
