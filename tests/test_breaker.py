@@ -50,12 +50,18 @@ class Flaky:
         return x
 
 
+def on_clock(breaker: CircuitBreaker, clock: Clock) -> CircuitBreaker:
+    """Return ``breaker`` with its local state on the manual ``clock``."""
+    breaker._clock = clock
+    return breaker
+
+
 def make(
     failures: int = 3, reset_after: float = 10.0, half_open_calls: int = 1, **options: Any
 ) -> tuple[CircuitBreaker, Clock, Flaky, Any]:
     """Return a breaker on a manual clock and a decorated flaky function (no retries)."""
     clock = Clock()
-    breaker = CircuitBreaker(failures, reset_after, half_open_calls, _clock=clock)
+    breaker = on_clock(CircuitBreaker(failures, reset_after, half_open_calls), clock)
     flaky = Flaky()
 
     def call(x: int = 0) -> int:
@@ -108,7 +114,7 @@ def test_a_success_resets_the_failure_count() -> None:
 def test_open_error_carries_name_retry_after_and_cause() -> None:
     """CircuitOpenError has the breaker's name, the seconds left and the failure that opened it."""
     clock = Clock()
-    breaker = CircuitBreaker(1, 10.0, name="payments", _clock=clock)
+    breaker = on_clock(CircuitBreaker(1, 10.0, name="payments"), clock)
     flaky = Flaky()
     f = opero(retries=0, circuit_breaker=breaker)(lambda: flaky())
     opening = fail(f)
@@ -337,7 +343,7 @@ def test_no_breaker_generates_the_same_wrapper_as_before() -> None:
 def test_async_function_opens_and_closes() -> None:
     """An async function is guarded: it opens, refuses, and a probe closes it."""
     clock = Clock()
-    breaker = CircuitBreaker(2, 5.0, _clock=clock)
+    breaker = on_clock(CircuitBreaker(2, 5.0), clock)
     state = {"fail": True, "calls": 0}
 
     @opero(retries=0, circuit_breaker=breaker)
@@ -407,7 +413,7 @@ def test_sync_and_async_functions_share_one_breaker() -> None:
 def test_async_tasks_racing_half_open_run_exactly_the_probe_slots() -> None:
     """Many tasks reaching a half-open breaker at once: exactly half_open_calls probes run."""
     clock = Clock()
-    breaker = CircuitBreaker(1, 1.0, half_open_calls=3, _clock=clock)
+    breaker = on_clock(CircuitBreaker(1, 1.0, half_open_calls=3), clock)
     breaker._local_failed(ConnectionError("x"), 0)
     clock.now += 1.0
     running = [0]
@@ -434,7 +440,7 @@ def test_async_tasks_racing_half_open_run_exactly_the_probe_slots() -> None:
 def test_threads_racing_half_open_run_exactly_the_probe_slots() -> None:
     """Threads reaching a half-open breaker at once: exactly half_open_calls probes run."""
     clock = Clock()
-    breaker = CircuitBreaker(1, 1.0, half_open_calls=2, _clock=clock)
+    breaker = on_clock(CircuitBreaker(1, 1.0, half_open_calls=2), clock)
     breaker._local_failed(ConnectionError("x"), 0)
     clock.now += 1.0
     inside = threading.Barrier(3, timeout=30)  # the two probes and the test
@@ -656,7 +662,7 @@ def test_child_process_after_fork_gets_a_free_lock() -> None:
 def test_a_cancelled_probe_gives_its_slot_back() -> None:
     """A probe task cancelled mid-call frees its half-open slot at once (no wait for expiry)."""
     clock = Clock()
-    breaker = CircuitBreaker(1, 10.0, _clock=clock)
+    breaker = on_clock(CircuitBreaker(1, 10.0), clock)
     breaker._local_failed(ConnectionError("x"), 0)
     clock.now += 10.0
     started = asyncio.Event()
@@ -685,7 +691,7 @@ def test_a_cancelled_probe_gives_its_slot_back() -> None:
 def test_an_interrupted_sync_probe_gives_its_slot_back() -> None:
     """A KeyboardInterrupt inside a probe (retry loop or first call) frees its slot."""
     clock = Clock()
-    breaker = CircuitBreaker(1, 10.0, _clock=clock)
+    breaker = on_clock(CircuitBreaker(1, 10.0), clock)
     breaker._local_failed(ConnectionError("x"), 0)
     clock.now += 10.0
     mode = {"interrupt": True}

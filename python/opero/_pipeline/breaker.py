@@ -184,7 +184,6 @@ class CircuitBreaker:
         backend: str = "memory",
         redis_url: str | None = None,
         redis_client: Any = None,
-        _clock: Callable[[], float] | None = None,
     ) -> None:
         """Validate the arguments; nothing connects before the first call."""
         self.failure_threshold: int = _check(_FAILURES, "failures", failures)
@@ -204,9 +203,8 @@ class CircuitBreaker:
                         f"CircuitBreaker({option}=...) is only used with backend='redis'; "
                         "add backend='redis' (and a name=) or drop it."
                     )
-        if _clock is not None and not callable(_clock):
-            raise _bad("_clock", _clock, "a callable returning seconds", "time.monotonic")
-        self._clock: Callable[[], float] = _clock or time.monotonic
+        #: The local state's monotonic clock in seconds (tests replace it).
+        self._clock: Callable[[], float] = time.monotonic
         self._lock = threading.Lock()
         self._open_until = 0.0  # 0.0: closed; else the clock's time it half-opens at
         self._failures = 0
