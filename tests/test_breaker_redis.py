@@ -407,3 +407,20 @@ def test_concurrent_processes_open_one_shared_circuit(redis_url: str) -> None:
     assert 5 <= calls <= 5 + 3, outcome.stdout
     assert calls + refused == 100
     assert shared(redis_url, name="fleet").state == "open"
+
+
+def test_the_cause_is_forgotten_once_another_process_closed_it(redis_url: str) -> None:
+    """A refusal never names a failure from an earlier open period that ended elsewhere."""
+    breaker = shared(redis_url, name="cause", failures=1)
+    f = failing(breaker)
+    call(f)
+    with pytest.raises(CircuitOpenError) as info:
+        f()
+    assert isinstance(info.value.__cause__, ConnectionError)
+    shared(redis_url, name="cause").reset()  # closed by another object (another process)
+    assert call(opero(retries=0, circuit_breaker=breaker)(lambda: "ok")) == "ok"
+    raw = redis.Redis.from_url(redis_url)
+    raw.hset("{opero:cb:cause}", mapping={"open_until": 2**52, "failures": 1})  # opened elsewhere
+    with pytest.raises(CircuitOpenError) as info:
+        f()
+    assert info.value.__cause__ is None

@@ -188,6 +188,8 @@ class RedisState:
     def _admitted(self, function: str, reply: Any, probe_id: str) -> Probe:
         code, failures, wait = (int(x) for x in reply)
         if code == 0:
+            if self.breaker._cause is not None:  # closed elsewhere: that failure is history
+                self.breaker._cause = None
             return RESET if failures else 0
         if code == 3:
             return probe_id
