@@ -534,6 +534,7 @@ def test_on_circuit_open_gets_details(caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(details.exception, ConnectionResetError)
     assert details.wait == 7.0
     assert details.function.endswith("query")
+    assert details.attempt == 1
     assert bare == [1]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "opened" in r.message]
     assert len(warnings) == 2
@@ -714,3 +715,15 @@ def test_an_interrupted_sync_probe_gives_its_slot_back() -> None:
     assert breaker._probes == {}
     mode["interrupt"] = False
     assert g() == "ok"
+
+
+def test_on_circuit_open_counts_the_attempt() -> None:
+    """The details of an opening inside the retry loop give that call's 1-based number."""
+    seen: list[CallDetails] = []
+    breaker = CircuitBreaker(3, 30.0)
+    flaky = Flaky()
+    f = opero(retries=5, min_delay=0, circuit_breaker=breaker, on_circuit_open=seen.append)(
+        lambda: flaky()
+    )
+    assert isinstance(fail(f), CircuitOpenError)
+    assert [d.attempt for d in seen] == [3]

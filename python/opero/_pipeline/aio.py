@@ -169,7 +169,7 @@ def _aretry_from(
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
                     if guard is not None:
-                        await guard.afailed(exc, probe, call_args, call_kwargs)
+                        await guard.afailed(exc, probe, call_args, call_kwargs, len(errors) + 1)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.

@@ -479,7 +479,12 @@ class BreakerGuard:
             self.breaker._local_ok(probe)
 
     def failed(
-        self, exc: BaseException, probe: Probe, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        exc: BaseException,
+        probe: Probe,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attempt: int = 1,
     ) -> None:
         """Record a failed call (an error outside ``failure_on`` counts as a success)."""
         breaker = self.breaker
@@ -491,7 +496,7 @@ class BreakerGuard:
             redis.failed(exc, probe) if redis is not None else breaker._local_failed(exc, probe)
         )
         if opened:
-            self.opened(exc, args, kwargs)
+            self.opened(exc, args, kwargs, attempt)
 
     def release(self, probe: Probe) -> None:
         """Give back the slot of a probe that was cancelled or interrupted (it decided nothing).
@@ -520,7 +525,12 @@ class BreakerGuard:
             self.breaker._local_ok(probe)
 
     async def afailed(
-        self, exc: BaseException, probe: Probe, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        exc: BaseException,
+        probe: Probe,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attempt: int = 1,
     ) -> None:
         """Async :meth:`failed`."""
         breaker = self.breaker
@@ -533,9 +543,11 @@ class BreakerGuard:
         else:
             opened = breaker._local_failed(exc, probe)
         if opened:
-            self.opened(exc, args, kwargs)
+            self.opened(exc, args, kwargs, attempt)
 
-    def opened(self, exc: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def opened(
+        self, exc: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any], attempt: int
+    ) -> None:
         """Fire ``on_circuit_open`` (a raising hook is logged by its adapter)."""
         if self.on_open is not None:
             self.on_open(
@@ -543,6 +555,7 @@ class BreakerGuard:
                     function=self.function,
                     args=args,
                     kwargs=kwargs,
+                    attempt=attempt,
                     exception=exc,
                     wait=self.breaker.reset_after,
                     event="circuit_open",

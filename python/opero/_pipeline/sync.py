@@ -140,7 +140,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
                     if guard is not None:
-                        guard.failed(exc, probe, call_args, call_kwargs)
+                        guard.failed(exc, probe, call_args, call_kwargs, len(errors) + 1)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
