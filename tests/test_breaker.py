@@ -727,3 +727,13 @@ def test_on_circuit_open_counts_the_attempt() -> None:
     )
     assert isinstance(fail(f), CircuitOpenError)
     assert [d.attempt for d in seen] == [3]
+
+
+def test_one_breaker_on_two_stacked_layers_is_refused() -> None:
+    """The same breaker on an @opero layer and the layer it wraps would count twice: refused."""
+    breaker = CircuitBreaker()
+    inner = opero(retries=0, circuit_breaker=breaker)(lambda: 1)
+    with pytest.raises(ConfigurationError, match="count twice"):
+        opero(circuit_breaker=breaker)(inner)
+    other = opero(retries=2, circuit_breaker=CircuitBreaker())(inner)
+    assert other() == 1

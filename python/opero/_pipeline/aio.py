@@ -47,7 +47,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 check_wait(delay)
                 await asleep(delay)
 
-    guard = breaker_guard(engine.policy, engine.qualname)
+    guard = breaker_guard(engine.policy, engine.qualname, engine.func)
     retry_from = _aretry_from(engine, take_token, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.

@@ -563,9 +563,26 @@ class BreakerGuard:
             )
 
 
-def breaker_guard(policy: Any, function: str) -> BreakerGuard | None:
-    """Return the guard of a decorated function, or ``None`` without ``circuit_breaker``."""
+def breaker_guard(policy: Any, function: str, inner: Any = None) -> BreakerGuard | None:
+    """Return the guard of a decorated function, or ``None`` without ``circuit_breaker``.
+
+    Raises:
+        ConfigurationError: ``inner`` (the function being decorated) is an
+            ``@opero`` function guarded by the same breaker: each failure
+            would count twice.
+
+    """
     breaker = policy.breaker.circuit_breaker
     if breaker is None:
         return None
+    try:
+        inner_breaker = inner.__opero__.policy.breaker.circuit_breaker
+    except Exception:  # not opero-decorated (or a hostile __getattr__)
+        inner_breaker = None
+    if inner_breaker is breaker:
+        raise ConfigurationError(
+            f"@opero(circuit_breaker=...) on {function}: the function it decorates is "
+            "already guarded by the same CircuitBreaker, so each failure would count "
+            "twice; keep circuit_breaker on one of the two layers."
+        )
     return BreakerGuard(breaker, function, policy.callbacks.on_circuit_open)

@@ -31,7 +31,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     func = engine.func
     limited = engine.limiter is not None
     on_success = engine.on_success
-    guard = breaker_guard(engine.policy, engine.qualname)
+    guard = breaker_guard(engine.policy, engine.qualname, engine.func)
     if not limited and on_success is None and not engine.guarded and guard is None:
         return func
     retry_from = _retry_from(engine, guard)
