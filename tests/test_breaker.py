@@ -144,12 +144,16 @@ def test_half_open_probe_success_closes() -> None:
     assert breaker.retry_after == 0.0
 
 
-def test_half_open_probe_failure_reopens_for_another_period() -> None:
-    """A failed probe opens the circuit again for a full reset_after."""
+def test_half_open_probe_failure_reopens_for_another_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed probe opens the circuit again for a full reset_after (a "reopened" WARNING)."""
     breaker, clock, flaky, f = make(failures=1, reset_after=10.0)
     fail(f)
     clock.now += 10.0
-    assert isinstance(fail(f), ConnectionError)  # the probe ran and failed
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        assert isinstance(fail(f), ConnectionError)  # the probe ran and failed
+    assert any("reopened: a probe failed" in r.getMessage() for r in caplog.records)
     assert flaky.calls == 2
     assert breaker.state == "open"
     assert breaker.retry_after == pytest.approx(10.0)

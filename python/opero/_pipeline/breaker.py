@@ -315,13 +315,13 @@ class CircuitBreaker:
 
     def _refusal(self, function: str, retry_after: float, cause: BaseException | None) -> Exception:
         """Build the ``CircuitOpenError`` of a refused call (raised by the caller)."""
-        when = (
-            f"it half-opens in {retry_after:.3g} s"
+        state = (
+            f"is open (it half-opens in {retry_after:.3g} s)"
             if retry_after > 0
-            else f"it is half-open and its {self.half_open_calls} probe call(s) are running"
+            else f"is half-open and its {self.half_open_calls} probe call(s) are running"
         )
         error = CircuitOpenError(
-            f"{self._label()} is open; {when}; {function} was not called",
+            f"{self._label()} {state}; {function} was not called",
             name=self.name,
             retry_after=retry_after,
         )
@@ -379,7 +379,7 @@ class CircuitBreaker:
                 if not (probe and probe in self._probes):
                     return False  # a late result, or a probe of an earlier period
                 self._open(now, exc)
-                count = self._failures
+                count = 0  # a probe failed: reopened
             else:
                 self._failures = count = self._failures + 1
                 self._check = True
@@ -390,11 +390,12 @@ class CircuitBreaker:
         return True
 
     def _log_open(self, count: int, exc: BaseException, seconds: float) -> None:
+        """Log a WARNING: opened after ``count`` failures (0: a probe failed, reopened)."""
+        why = f"opened after {count} consecutive failures" if count else "reopened: a probe failed"
         logger.warning(
-            "opero: %s opened after %d consecutive failures (last: %s); calls fail with "
-            "CircuitOpenError for %.3g s",
+            "opero: %s %s (last: %s); calls fail with CircuitOpenError for %.3g s",
             self._label(),
-            count,
+            why,
             _short(exc),
             seconds,
         )

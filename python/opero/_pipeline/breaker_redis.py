@@ -198,13 +198,13 @@ class RedisState:
             cause = breaker._cause
         raise breaker._refusal(function, wait / 1e6, cause)
 
-    def _recorded(self, reply: Any, exc: BaseException | None) -> bool:
+    def _recorded(self, reply: Any, exc: BaseException | None, probe_id: str) -> bool:
         code, failures = (int(x) for x in reply)
         breaker = self.breaker
         if code == 1 and exc is not None:
             with breaker._lock:
                 breaker._cause = exc
-            breaker._log_open(failures, exc, breaker.reset_after)
+            breaker._log_open(0 if probe_id else failures, exc, breaker.reset_after)
             return True
         if code == 2:
             with breaker._lock:
@@ -282,7 +282,7 @@ class RedisState:
             self._down(error)
             return self._record_locally(kind, exc)
         self._up()
-        return self._recorded(reply, exc)
+        return self._recorded(reply, exc, args[1])
 
     async def _arecord(self, kind: str, probe: Probe, exc: BaseException | None) -> bool:
         if not self._usable():
@@ -294,7 +294,7 @@ class RedisState:
             self._down(error)
             return self._record_locally(kind, exc)
         self._up()
-        return self._recorded(reply, exc)
+        return self._recorded(reply, exc, args[1])
 
     def _record_locally(self, kind: str, exc: BaseException | None) -> bool:
         if kind == "s" or exc is None:
