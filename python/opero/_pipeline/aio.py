@@ -77,13 +77,24 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
 def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
     """Return ``take_token(key)`` for a callable ``rate_limit_key``."""
     akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
+    if engine.async_source:
 
-    async def take_token(key: Any) -> None:
-        wait = await akey_token_wait(key)
-        if wait:
-            await asleep(wait)
+        async def take_token(key: Any) -> None:
+            wait = await akey_token_wait(key)
+            if wait:
+                await asleep(wait)
 
-    return take_token
+        return take_token
+    # An in-memory map books without an await: inlined, as for a single bucket.
+    reserve, check_wait = engine.reserve, engine.check_wait
+
+    async def take_native_token(key: Any) -> None:
+        delay = reserve(key)
+        if delay > MIN_WAIT:
+            check_wait(delay)
+            await asleep(delay)
+
+    return take_native_token
 
 
 def _generic(

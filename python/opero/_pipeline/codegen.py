@@ -81,6 +81,9 @@ class Template:
         keyed: With ``limiter``, book the token in the bucket of
             ``__opero_key(<the call's arguments>)`` (a callable ``rate_limit_key``):
             ``__opero_reserve(key)`` / ``await __opero_take_token(key)``.
+        key_map: With ``keyed`` (sync): look the key up in ``__opero_buckets``
+            (a dict of native buckets) inline, calling ``__opero_reserve(key)``
+            only for a key that is not there or not a ``str``.
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
@@ -90,6 +93,7 @@ class Template:
     is_async: bool = False
     limiter: bool = False
     keyed: bool = False
+    key_map: bool = False
     on_success: bool = False
     guard: bool = False
 
@@ -156,6 +160,15 @@ def _source(sig: _Signature, template: Template) -> str:
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token({key})")
+    elif template.limiter and template.key_map:
+        lines += [
+            f"    {P}k = {key}",
+            f"    {P}b = {P}buckets.get({P}k) if {P}k.__class__ is {P}str else None",
+            f"    {P}d = {P}b.reserve() if {P}b is not None else {P}reserve({P}k)",
+            f"    if {P}d > {P}MIN_WAIT:",
+            f"        {P}check_wait({P}d)",
+            f"        {P}sleep({P}d)",
+        ]
     elif template.limiter:
         lines += [
             f"    {P}d = {P}reserve({key})",
@@ -241,6 +254,7 @@ def specialize(
     label = f"{getattr(func, '__module__', None) or '?'}.{func.__qualname__}"
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
+    scope[f"{P}str"] = str
     scope[f"{P}Exception"] = Exception
     filename = register_source(source, label)
     try:

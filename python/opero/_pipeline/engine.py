@@ -92,6 +92,7 @@ class Engine:
         "fallback",
         "func",
         "key_function",
+        "key_map",
         "limiter",
         "on_failure",
         "on_retry",
@@ -137,6 +138,8 @@ class Engine:
         self.async_source = limiter is not None and limiter.has_async_source
         #: A callable ``rate_limit_key``: ``self.reserve`` then takes the key it returns.
         self.key_function = limiter.key_function if limiter is not None else None
+        #: The key -> native bucket dict a generated wrapper may read inline, or None.
+        self.key_map = limiter.key_map() if limiter is not None else None
         self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
         self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
         callbacks = policy.callbacks

@@ -45,11 +45,13 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         Template(
             limiter=limited,
             keyed=engine.key_function is not None,
+            key_map=engine.key_map is not None,
             on_success=on_success is not None,
             guard=engine.guarded,
         ),
         {
             "__opero_key": engine.key_function,
+            "__opero_buckets": engine.key_map,
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
             "__opero_check_wait": engine.check_wait,

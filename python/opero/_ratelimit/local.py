@@ -33,7 +33,7 @@ from typing import Any
 
 from opero._opero_core import TokenBucket
 from opero._pipeline.policy import Policy, check_rate
-from opero._ratelimit.keyed import KeyedBuckets
+from opero._ratelimit.keyed import KeyedBuckets, bucket_key
 from opero._ratelimit.windows import Windows
 from opero.errors import ConfigurationError, RateLimitTimeout
 
@@ -233,6 +233,17 @@ class Limiter:
             return self.source.reserve
         return self.reserve
 
+    def key_map(self) -> dict[str, Any] | None:
+        """Return the live key -> bucket dict when a wrapper may book in it directly.
+
+        Only for a keyed in-memory limiter with a static rate: the bucket's own
+        ``reserve()`` is then the whole booking of a known key.
+        """
+        if self.keyed is not None and self._rate_fn is None:
+            buckets: dict[str, Any] = self.keyed.buckets
+            return buckets
+        return None
+
     def current_rate(self) -> float | None:
         """Read the callable ``rate_limit`` (validated); ``None`` for a static rate."""
         if self._rate_fn is None:
@@ -259,7 +270,7 @@ class Limiter:
         """Book one token in the bucket of ``key`` (what the key function returned)."""
         rate = self.current_rate()
         if self.keyed is None:
-            return float(self.source.reserve_key(key, rate))
+            return float(self.source.reserve_key(bucket_key(key, self.qualname), rate))
         bucket = self.keyed.bucket(key)
         if rate is not None and bucket.rate != rate:
             bucket.set_rate(rate)
@@ -270,7 +281,7 @@ class Limiter:
         if self.keyed is not None:
             return self.reserve_key(key)
         rate = self.current_rate()
-        return float(await self.source.areserve_key(key, rate))
+        return float(await self.source.areserve_key(bucket_key(key, self.qualname), rate))
 
     async def areserve(self) -> float:
         """Async :meth:`reserve`: uses the source's ``areserve`` when it has one."""
