@@ -81,9 +81,9 @@ class Template:
         keyed: With ``limiter``, book the token in the bucket of
             ``__opero_key(<the call's arguments>)`` (a callable ``rate_limit_key``):
             ``__opero_reserve(key)`` / ``await __opero_take_token(key)``.
-        key_map: With ``keyed`` (sync): look the key up in ``__opero_buckets``
-            (a dict of native buckets) inline, calling ``__opero_reserve(key)``
-            only for a key that is not there or not a ``str``.
+        key_map: With ``keyed`` (sync): book in ``__opero_buckets[key]`` (a
+            dict of native buckets) inline, calling ``__opero_reserve(key)``
+            only when that fails (a new key, a non-``str``).
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
@@ -161,10 +161,14 @@ def _source(sig: _Signature, template: Template) -> str:
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token({key})")
     elif template.limiter and template.key_map:
+        # Stored keys are plain str: anything else (a new key, a digested long one, a
+        # non-str, an unhashable or hash-hostile object) takes the checked slow path.
         lines += [
             f"    {P}k = {key}",
-            f"    {P}b = {P}buckets.get({P}k) if {P}k.__class__ is {P}str else None",
-            f"    {P}d = {P}b.reserve() if {P}b is not None else {P}reserve({P}k)",
+            "    try:",
+            f"        {P}d = {P}buckets[{P}k].reserve()",
+            f"    except {P}Exception:",
+            f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
             f"        {P}sleep({P}d)",
@@ -254,7 +258,6 @@ def specialize(
     label = f"{getattr(func, '__module__', None) or '?'}.{func.__qualname__}"
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
-    scope[f"{P}str"] = str
     scope[f"{P}Exception"] = Exception
     filename = register_source(source, label)
     try:

@@ -65,7 +65,7 @@ def bucket_key(key: Any, qualname: str) -> str:
             f"rate_limit_key of {qualname} returned {type(key).__name__}, not str; the key "
             "function must return the bucket's name, for example "
             "rate_limit_key=lambda user, *a, **k: f'user:{user}'"
-        )
+        ) from None
     text: str = str.__str__(key)
     if len(text) > MAX_KEY_LENGTH:
         raw = text.encode("utf-8", "surrogatepass")
