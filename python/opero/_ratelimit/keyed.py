@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -83,12 +84,24 @@ class KeyedBuckets:
 
     """
 
-    __slots__ = ("_factory", "_skip_sweeps", "_warned", "buckets", "max_keys", "qualname")
+    __slots__ = (
+        "_factory",
+        "_order",
+        "_skip_sweeps",
+        "_warned",
+        "buckets",
+        "max_keys",
+        "qualname",
+    )
 
     def __init__(self, factory: Callable[[], Any], max_keys: int, qualname: str) -> None:
         self._factory = factory
         # A plain dict (in creation order): its get is the fastest lookup there is.
         self.buckets: dict[str, Any] = {}
+        # The keys in creation order, for eviction (``next(iter(dict))`` would scan the
+        # holes the evictions leave at the dict's front: O(n) each). A key the sweep
+        # removed stays here until it reaches the front, where it is skipped.
+        self._order: deque[str] = deque()
         self.max_keys = max_keys
         self.qualname = qualname
         self._warned = False
@@ -123,14 +136,16 @@ class KeyedBuckets:
                 if len(buckets) >= self.max_keys:
                     self._make_room()
                 bucket = buckets[key] = self._factory()
+                self._order.append(key)
         return bucket
 
     def _make_room(self) -> None:
         """Drop full buckets, else the oldest busy one (called with the lock held)."""
-        buckets = self.buckets
-        oldest_key, oldest = next(iter(buckets.items()))
-        if oldest.is_full():
-            del buckets[oldest_key]
+        buckets, order = self.buckets, self._order
+        while order[0] not in buckets:  # swept earlier
+            order.popleft()
+        if buckets[order[0]].is_full():
+            del buckets[order.popleft()]
             return
         if self._skip_sweeps > 0:
             self._skip_sweeps -= 1
@@ -139,11 +154,15 @@ class KeyedBuckets:
             for k in full:
                 del buckets[k]
             if full:
+                if len(order) > 2 * self.max_keys:  # drop the swept keys now
+                    self._order = deque(k for k in order if k in buckets)
                 return
             # Everything is busy: sweep again only after an eighth of the bound
             # more keys, so a flood of new keys costs O(1) each, not O(max_keys).
             self._skip_sweeps = self.max_keys // 8
-        del buckets[next(iter(buckets))]
+        while order[0] not in buckets:
+            order.popleft()
+        del buckets[order.popleft()]
         if not self._warned:
             self._warned = True
             logger.warning(
