@@ -12,6 +12,11 @@ active within one refill time than the bound) is the oldest busy bucket dropped:
 that key starts again with a full bucket, so it may get one extra burst; a
 warning says so once per function, with the fix (a larger bound).
 
+A thread that looked a full bucket up just before another thread's eviction
+dropped it books in the dropped bucket; a call made meanwhile for the same key
+gets a new, full bucket. Only a full bucket is dropped that way, and only while
+the map is at its bound: the key may get at most one extra burst, once.
+
 Keys longer than :data:`MAX_KEY_LENGTH` characters are replaced by a 128-bit
 digest of them, so a key function returning huge strings cannot hold more than
 ``rate_limit_max_keys`` short strings.

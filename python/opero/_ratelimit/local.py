@@ -8,6 +8,10 @@ is, in order of precedence:
   areserve(rate=None)``);
 * a :class:`opero._ratelimit.redis.RedisRateLimiter` when
   ``rate_limit_backend="redis"`` (shared by processes and hosts);
+* with a callable ``rate_limit_key``, a :class:`~opero._ratelimit.keyed.KeyedBuckets`:
+  one bucket per key the callable returns, bounded by ``rate_limit_max_keys``;
+* with windows (``rate_limit=[(calls, seconds), ...]``), a
+  :class:`~opero._ratelimit.windows.Windows` (shared by name like a bucket);
 * a native :class:`opero._opero_core.TokenBucket`, shared process-wide by every
   function with the same ``rate_limit_key`` (the first decoration's rate and
   burst win; a later one that disagrees is logged).
