@@ -393,10 +393,11 @@ def test_callable_rate_applies_to_every_key() -> None:
             {"rate_limit": 1, "rate_limit_key": "name", "rate_limit_max_keys": 10},
             "only used with a callable rate_limit_key",
         ),
-        ({"rate_limit": 1, "rate_limit_key": lambda: "k", "rate_limit_max_keys": 0}, "max_keys"),
+        ({"rate_limit": 1, "rate_limit_key": lambda k: k, "rate_limit_max_keys": 0}, "max_keys"),
+        ({"rate_limit": 1, "rate_limit_key": lambda: "k"}, "takes none"),
         ({"rate_limit": 1, "rate_limit_key": ""}, "rate_limit_key"),
         ({"rate_limit": 1, "rate_limit_key": 5}, "rate_limit_key"),
-        ({"rate_limit_key": lambda: "k"}, "without rate_limit"),
+        ({"rate_limit_key": lambda k: k}, "without rate_limit"),
     ],
 )
 def test_bad_key_configuration(options: dict[str, Any], fragment: str) -> None:

@@ -199,6 +199,7 @@ def test_windows_are_normalized_and_sorted() -> None:
         ([(True, 1.0)], "calls must be an int"),
         ([(MAX_WINDOW_CALLS + 1, 1.0)], "calls must be an int"),
         ([(1, 0)], "seconds must be finite"),
+        ([(1, 1e-7)], "seconds must be finite"),
         ([(1, -1.0)], "seconds must be finite"),
         ([(1, float("nan"))], "seconds must be finite"),
         ([(1, float("inf"))], "seconds must be finite"),

@@ -139,6 +139,17 @@ _KEY_TEXT = c.text(
 
 def _rate_limit_key(option: str, value: Any) -> Any:
     if callable(value) and not isinstance(value, str):
+        try:
+            params = inspect.signature(value).parameters.values()
+        except Exception:  # unreadable (a builtin): called as it is
+            return value
+        if not params:
+            raise ConfigurationError(
+                f"@opero({option}={c.show(value)}) is invalid: a callable {option} is called "
+                "with each call's arguments and returns its bucket's name, but it takes none; "
+                f"a fixed name is written {option}='github-api', a name per call "
+                f"{option}=lambda user, *args, **kwargs: f'user:{{user}}'."
+            )
         return value
     return _KEY_TEXT(option, value)
 

@@ -240,7 +240,7 @@ class RedisRateLimiter:
             return GCRA_SHA, GCRA_SCRIPT, self._args(rate)
         argv: list[Any] = []
         for calls, seconds in self.windows:
-            argv += [calls, round(seconds * 1_000_000)]
+            argv += [calls, max(1, round(seconds * 1_000_000))]
         return WINDOWS_SHA, WINDOWS_SCRIPT, tuple(argv)
 
     def _new_local(self) -> Any:

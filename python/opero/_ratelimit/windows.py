@@ -36,6 +36,9 @@ __all__ = ["MAX_WINDOW_CALLS", "Windows", "check_windows"]
 #: each), per bucket, so a window of a million calls already holds 8 MB.
 MAX_WINDOW_CALLS = 1_000_000
 
+#: The shortest window: one microsecond (Redis counts in microseconds).
+MIN_WINDOW_SECONDS = 1e-6
+
 Window = tuple[int, float]
 
 #: Every live :class:`Windows`, so a forked child can replace their locks.
@@ -95,10 +98,11 @@ def check_windows(value: Any) -> tuple[Window, ...]:
             period = float(seconds)
         except OverflowError:
             period = math.inf
-        if not (math.isfinite(period) and 0 < period <= MAX_SECONDS):
+        if not (math.isfinite(period) and MIN_WINDOW_SECONDS <= period <= MAX_SECONDS):
             raise _bad(
                 value,
-                f"seconds must be finite, > 0 and <= {MAX_SECONDS:g}, got {show(seconds)}",
+                f"seconds must be finite, >= {MIN_WINDOW_SECONDS:g} and <= {MAX_SECONDS:g}, "
+                f"got {show(seconds)}",
             )
         windows.append((calls, period))
     windows.sort(key=lambda w: (w[1], w[0]))
