@@ -199,3 +199,18 @@ def test_four_processes_share_per_key_buckets(redis_url: str) -> None:
             for j in range(i, len(starts)):
                 assert j - i + 1 <= 2 + 20 * (starts[j] - starts[i]) + 1e-3, (user, i, j)
         assert 0.9 * allowed <= len(starts) <= allowed + 1, (user, len(starts))
+
+
+def test_windows_script_survives_a_server_restart(restartable_redis: RedisServer) -> None:
+    """A restarted Redis (empty script cache) reloads the windows script; it decides again."""
+    limiter = RedisRateLimiter(
+        "wr", 1.0, windows=((5, 1.0),), url=restartable_redis.url, retry_interval=0.0
+    )
+    assert limiter.reserve() == 0.0
+    restartable_redis.restart()
+    deadline = time.monotonic() + 20
+    while math.isnan(limiter.reserve_with_time()[0]):
+        assert time.monotonic() < deadline, "the limiter did not go back to Redis"
+        time.sleep(0.02)
+    client = redis.Redis.from_url(restartable_redis.url)
+    assert client.llen("{opero:rl:wr}:w5/1.0") >= 1
