@@ -129,7 +129,7 @@ def _build(settings: Settings) -> list[Case]:
             ],
         ),
         Case(
-            "rate_limit=1e9, per-key (100 keys)",
+            "call, per-key (100 keys)",
             Impl("opero", _opero_keyed),
             [Impl("opero rate_limit=1e9", _opero_plain_cycled)],
             targets={"opero rate_limit=1e9": 1.5},
