@@ -404,3 +404,49 @@ def test_bad_key_configuration(options: dict[str, Any], fragment: str) -> None:
     """Key options that make no sense fail at decoration with ConfigurationError."""
     with pytest.raises(ConfigurationError, match=fragment):
         op(**options)
+
+
+def test_a_method_key_function_gets_self_first() -> None:
+    """On a method, the key function receives self, then the call's arguments."""
+    clock = ManualClock()
+
+    class Client:
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+
+        @op(
+            rate_limit=1.0,
+            rate_limit_key=lambda self, path: self.tenant,
+            rate_max_wait=0,
+            retries=0,
+            _rate_clock=clock,
+        )
+        def get(self, path: str) -> str:
+            return f"{self.tenant}{path}"
+
+    a, b = Client("a"), Client("b")
+    assert (a.get("/x"), b.get("/x")) == ("a/x", "b/x")
+    with pytest.raises(RateLimitTimeout):
+        a.get("/y")
+
+
+def test_async_generic_wrapper_books_per_key() -> None:
+    """An async function with *args (not generated) books in its key's bucket too."""
+    clock = ManualClock()
+
+    @op(
+        rate_limit=1.0,
+        rate_limit_key=lambda *args: str(args[0]),
+        rate_max_wait=0,
+        retries=0,
+        _rate_clock=clock,
+    )
+    async def f(*args: int) -> int:
+        return sum(args)
+
+    async def main() -> list[int]:
+        return [await f(1, 2), await f(2, 2)]
+
+    assert asyncio.run(main()) == [3, 4]
+    with pytest.raises(RateLimitTimeout):
+        asyncio.run(f(1, 5))
