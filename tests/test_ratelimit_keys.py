@@ -450,3 +450,36 @@ def test_async_generic_wrapper_books_per_key() -> None:
     assert asyncio.run(main()) == [3, 4]
     with pytest.raises(RateLimitTimeout):
         asyncio.run(f(1, 5))
+
+
+def test_a_flood_of_busy_keys_stays_bounded_and_linear(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """50,000 new keys, all busy: the map keeps its bound and checks O(1) buckets per new key."""
+    from opero._ratelimit.windows import Windows
+
+    checks = 0
+    is_full = Windows.is_full
+
+    def counting(self: Windows) -> bool:
+        nonlocal checks
+        checks += 1
+        return is_full(self)
+
+    monkeypatch.setattr(Windows, "is_full", counting)
+
+    @op(
+        rate_limit=[(1, 3600.0)],
+        rate_limit_key=lambda i: f"k{i}",
+        rate_limit_max_keys=1000,
+        retries=0,
+    )
+    def f(i: int) -> int:
+        return i
+
+    with caplog.at_level(logging.ERROR, logger="opero"):
+        for i in range(50_000):
+            f(i)
+    assert len(_keyed(f)) == 1000
+    # One sweep of 1,000 per 125 new keys at most: ~8 checks per key, not 1,000.
+    assert checks < 20 * 50_000, checks
