@@ -424,3 +424,30 @@ def test_the_cause_is_forgotten_once_another_process_closed_it(redis_url: str) -
     with pytest.raises(CircuitOpenError) as info:
         f()
     assert info.value.__cause__ is None
+
+
+def test_a_cancelled_async_probe_through_redis_raises_cancelled(redis_url: str) -> None:
+    """Cancelling an async probe of a Redis breaker raises CancelledError (its slot expires)."""
+    breaker = shared(redis_url, name="acancel", failures=1, reset_after=1.0)
+    call(failing(breaker))
+    time.sleep(1.05)
+    started = asyncio.Event()
+
+    @opero(retries=0, circuit_breaker=breaker)
+    async def probe() -> str:
+        started.set()
+        await asyncio.sleep(3600)
+        return "never"
+
+    async def main() -> str:
+        task = asyncio.ensure_future(probe())
+        await started.wait()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "not cancelled"
+
+    assert asyncio.run(main()) == "cancelled"
+    assert redis.Redis.from_url(redis_url).zcard("{opero:cb:acancel}:probes") == 1

@@ -47,8 +47,10 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 check_wait(delay)
                 await asleep(delay)
 
+    # A callable rate_limit_key: the token is booked in the bucket of the key.
+    token = take_token if engine.key_function is None else _key_token(engine)
     guard = breaker_guard(engine.policy, engine.qualname, engine.func)
-    retry_from = _aretry_from(engine, take_token, guard)
+    retry_from = _aretry_from(engine, token, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
@@ -60,19 +62,21 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         Template(
             is_async=True,
             limiter=limited,
+            keyed=engine.key_function is not None,
             on_success=engine.on_success is not None,
             guard=engine.guarded,
             breaker=guard is not None,
             breaker_await=guard is not None and guard.shared,
         ),
         {
+            "__opero_key": engine.key_function,
             "__opero_retry_from": retry_from,
-            "__opero_take_token": take_token,
+            "__opero_take_token": token,
             "__opero_on_success": engine.on_success,
             **_breaker_names(guard),
         },
     )
-    return generated or _generic(engine, retry_from, take_token if limited else None, guard)
+    return generated or _generic(engine, retry_from, token if limited else None, guard)
 
 
 def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
@@ -85,6 +89,7 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
             "__opero_enter": guard.aenter,
             "__opero_ok": guard.aok,
             "__opero_failed": guard.afailed,
+            "__opero_release": guard.release,
         }
     # Local state: no await (its lock is never held across one).
     return {
@@ -96,19 +101,46 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
     }
 
 
+def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
+    """Return ``take_token(key)`` for a callable ``rate_limit_key``."""
+    akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
+    if engine.async_source:
+
+        async def take_token(key: Any) -> None:
+            wait = await akey_token_wait(key)
+            if wait:
+                await asleep(wait)
+
+        return take_token
+    # An in-memory map books without an await: inlined, as for a single bucket.
+    reserve, check_wait = engine.reserve, engine.check_wait
+
+    async def take_native_token(key: Any) -> None:
+        delay = reserve(key)
+        if delay > MIN_WAIT:
+            check_wait(delay)
+            await asleep(delay)
+
+    return take_native_token
+
+
 def _generic(
     engine: Engine,
     retry_from: ARetryFrom,
-    take_token: Callable[[], Awaitable[None]] | None,
+    take_token: Callable[..., Awaitable[None]] | None,
     guard: BreakerGuard | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
+    key_function = engine.key_function
     guarded = engine.guarded
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
         probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
-        if take_token is not None:
+        if key_function is not None:
+            assert take_token is not None
+            await take_token(key_function(*args, **kwargs))
+        elif take_token is not None:
             await take_token()
         try:
             result = await func(*args, **kwargs)
@@ -133,7 +165,7 @@ def _generic(
 
 def _aretry_from(
     engine: Engine,
-    take_token: Callable[[], Awaitable[None]],
+    take_token: Callable[..., Awaitable[None]],
     guard: BreakerGuard | None = None,
 ) -> ARetryFrom:
     """Return the loop: from the start (``first=None``) or after the first call failed.
@@ -143,6 +175,7 @@ def _aretry_from(
     """
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
+    key_function = engine.key_function
     after_failure = engine.after_failure
 
     async def retry_from(
@@ -162,9 +195,11 @@ def _aretry_from(
                 probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
                     await asleep(wait)
-                if limited:
-                    await take_token()
                 call_args, call_kwargs = calls[index]
+                if key_function is not None:
+                    await take_token(key_function(*call_args, **call_kwargs))
+                elif limited:
+                    await take_token()
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
