@@ -741,3 +741,25 @@ def test_one_breaker_on_two_stacked_layers_is_refused() -> None:
         opero(circuit_breaker=breaker)(inner)
     other = opero(retries=2, circuit_breaker=CircuitBreaker())(inner)
     assert other() == 1
+
+
+def test_breaker_with_a_per_key_rate_limit() -> None:
+    """With a callable rate_limit_key the breaker still refuses before any key is computed."""
+    keys: list[str] = []
+    breaker = CircuitBreaker(2, 30.0)
+    flaky = Flaky()
+
+    def key(x: int) -> str:
+        keys.append(str(x))
+        return str(x)
+
+    f = opero(retries=0, rate_limit=1e6, rate_limit_key=key, circuit_breaker=breaker)(
+        lambda x: flaky(x)
+    )
+    fail(f, 1)
+    fail(f, 2)
+    assert isinstance(fail(f, 3), CircuitOpenError)
+    assert keys == ["1", "2"]
+    breaker.reset()
+    flaky.error = None
+    assert f(4) == 4
