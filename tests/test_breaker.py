@@ -763,3 +763,25 @@ def test_breaker_with_a_per_key_rate_limit() -> None:
     breaker.reset()
     flaky.error = None
     assert f(4) == 4
+
+
+def test_an_error_whose_repr_raises_still_opens_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure with a raising __repr__ opens the circuit; the WARNING names its type."""
+
+    class Hostile(ConnectionError):
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    breaker = CircuitBreaker(1, 30.0)
+
+    def bad() -> None:
+        raise Hostile("x")
+
+    f = opero(retries=0, circuit_breaker=breaker)(bad)
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        assert isinstance(fail(f), Hostile)
+    assert breaker.state == "open"
+    assert any("<" in r.getMessage() and "Hostile>" in r.getMessage() for r in caplog.records)
+    error = fail(f)
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error.__cause__, Hostile)

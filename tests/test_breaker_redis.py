@@ -451,3 +451,31 @@ def test_a_cancelled_async_probe_through_redis_raises_cancelled(redis_url: str) 
 
     assert asyncio.run(main()) == "cancelled"
     assert redis.Redis.from_url(redis_url).zcard("{opero:cb:acancel}:probes") == 1
+
+
+def test_a_forked_child_shares_the_parents_redis_breaker(redis_url: str) -> None:
+    """After fork() a child keeps using the parent's Redis breaker (new connections, one state)."""
+    outcome = run_scenario(
+        f"""
+        import os
+        from opero import CircuitBreaker, opero
+        b = CircuitBreaker(failures=2, reset_after=60, name="forked", backend="redis",
+                           redis_url={redis_url!r})
+        f = opero(retries=0, circuit_breaker=b)(lambda: 1 / 0)
+        try:
+            f()
+        except ZeroDivisionError:
+            pass
+        pid = os.fork()
+        if pid == 0:
+            try:
+                f()
+            except ZeroDivisionError:
+                pass
+            os._exit(0 if b.state == "open" else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), "parent sees", b.state)
+        """,
+        timeout=60,
+    )
+    assert outcome.lines() == ["child 0 parent sees open"], outcome.stderr
