@@ -81,6 +81,9 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
+        clock: Read ``__opero_clock()`` once before anything else (``timeout``):
+            a token wait is checked by ``__opero_token_deadline(wait, start)``
+            and the start is handed to ``__opero_retry_from`` on a failure.
 
     """
 
@@ -88,6 +91,7 @@ class Template:
     limiter: bool = False
     on_success: bool = False
     guard: bool = False
+    clock: bool = False
 
 
 @dataclass(slots=True)
@@ -149,15 +153,19 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    if template.clock:
+        lines.append(f"    {P}t0 = {P}clock()")
     if template.limiter and template.is_async:
-        lines.append(f"    await {P}take_token()")
+        lines.append(f"    await {P}take_token({P}t0)" if template.clock else f"    await {P}take_token()")
     elif template.limiter:
         lines += [
             f"    {P}d = {P}reserve()",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
-            f"        {P}sleep({P}d)",
         ]
+        if template.clock:
+            lines.append(f"        {P}token_deadline({P}d, {P}t0)")
+        lines.append(f"        {P}sleep({P}d)")
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
     if template.guard:
         args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
@@ -166,7 +174,8 @@ def _source(sig: _Signature, template: Template) -> str:
             "    try:",
             f"        {P}r = {invoke}",
             f"    except {P}Exception as {P}e:",
-            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})",
+            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}"
+            + (f", {P}t0)" if template.clock else ")"),
         ]
     else:
         lines.append(f"    {P}r = {invoke}")
