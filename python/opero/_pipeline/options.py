@@ -475,19 +475,19 @@ OPTIONS: tuple[Option, ...] = (
         private=True,
     ),
     Option(
-        "_clock",
-        "wait",
-        None,
-        c.optional(c.function("a callable clock() -> seconds", "time.monotonic")),
-        "monotonic clock() of the timeout deadline",
-        private=True,
-    ),
-    Option(
         "_backoff_seed",
         "retry",
         None,
         c.optional(c.integer("an int in [0, 2**64)", "42", low=0, high=2**64 - 1)),
         "seed of the jitter RNG, for reproducible schedules",
+        private=True,
+    ),
+    Option(
+        "_clock",
+        "wait",
+        None,
+        c.optional(c.function("a callable clock() -> seconds", "time.monotonic")),
+        "monotonic clock() of the timeout deadline",
         private=True,
     ),
 )
