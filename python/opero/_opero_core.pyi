@@ -213,6 +213,11 @@ class CachedCall:
     @property
     def func(self) -> Callable[..., Any]:
         """The wrapped function, called on a miss."""
+    @property
+    def bypass(self) -> bool:
+        """Whether every call bypasses the store (calls ``func``, no lookup, no store)."""
+    def set_bypass(self, on: bool) -> None:
+        """Turn the bypass on or off (``opero.set_testing(cache=False)`` does)."""
     __dict__: dict[str, Any]
 
 @final

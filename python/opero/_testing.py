@@ -35,7 +35,6 @@ import threading
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
 __all__ = ["is_testing", "set_testing"]
 
@@ -55,7 +54,7 @@ State = tuple[bool, "int | None", bool, bool]
 
 _lock = threading.Lock()
 #: Called with no argument after ``cache`` or ``rate_limit`` changed (weakly held).
-_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+_listeners: weakref.WeakSet[Callable[[], None]] = weakref.WeakSet()
 
 
 def is_testing() -> bool:
@@ -85,16 +84,18 @@ def restore(saved: State | bool) -> None:
         _notify()
 
 
-def listen(listener: Any) -> None:
-    """Call ``listener.testing_changed()`` whenever ``cache`` or ``rate_limit`` flips.
+def listen(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever ``cache`` or ``rate_limit`` flips.
 
-    The listener is held weakly; it is called once at registration when the
-    switch is already bypassing something.
+    The listener is held weakly (its owner keeps it alive: a wrapper's
+    ``__dict__`` or globals); it is called once at registration when the switch
+    is already bypassing something. This is how a hot path learns of the switch
+    without reading it on every call.
     """
     with _lock:
         _listeners.add(listener)
     if not (_cache and _rate_limit):
-        listener.testing_changed()
+        listener()
 
 
 def _notify() -> None:
@@ -102,7 +103,7 @@ def _notify() -> None:
         listeners = list(_listeners)
     for listener in listeners:
         try:
-            listener.testing_changed()
+            listener()
         except Exception:
             logger.exception("opero: applying the testing switch to %r failed", listener)
 
@@ -189,10 +190,3 @@ def set_testing(
     restore((enabled, attempts, cache, rate_limit))
     return _TestingSwitch(previous)
 
-
-def bypass(kind: str) -> bool:
-    """Return whether ``kind`` (``"cache"`` or ``"rate_limit"``) is bypassed now."""
-    return not (_cache if kind == "cache" else _rate_limit)
-
-
-Listener = Callable[[], None]

@@ -236,6 +236,9 @@ pub struct PyCachedCall {
     func: Option<Py<PyAny>>,
     key_func: Option<Py<PyAny>>,
     on_hit: Option<Py<PyAny>>,
+    /// `opero.set_testing(cache=False)`: every call runs `func`, no lookup, no
+    /// store (set through `set_bypass` when the switch flips; all-zero is off).
+    bypass: AtomicBool,
     /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`
     /// (see [`enable_vectorcall`]); `Some` once constructed on a full-API
     /// build.
@@ -382,6 +385,9 @@ impl PyCachedCall {
     /// The whole call: key, lookup, `on_hit` or the single-flight miss.
     #[inline]
     pub(crate) fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        if self.bypass.load(Ordering::Relaxed) {
+            return args.call(py, self.func_ref()?);
+        }
         let store = self.store_ref()?.get();
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
@@ -624,6 +630,7 @@ impl PyCachedCall {
             func: Some(func.clone().unbind()),
             key_func: callable("key_func", key_func)?,
             on_hit: callable("on_hit", on_hit)?,
+            bypass: AtomicBool::new(false),
             flights: Guarded::new(Flights::default()),
             vectorcall: fastcall::entry_point::<Self>(),
         })
@@ -697,6 +704,17 @@ impl PyCachedCall {
     #[getter]
     fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(self.func_ref()?.clone_ref(py))
+    }
+
+    /// Whether every call bypasses the store (calls `func`, no lookup, no store).
+    #[getter]
+    fn bypass(&self) -> bool {
+        self.bypass.load(Ordering::Relaxed)
+    }
+
+    /// Turn the bypass on or off (``opero.set_testing(cache=False)`` does).
+    fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, Ordering::Relaxed);
     }
 }
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import reprlib
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opero import _testing
 from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.codegen import Template, specialize
@@ -190,17 +192,26 @@ class MemoryCache(CacheAdapter):
     def wrap(self, inner: Callable[..., Any], is_async: bool) -> Any:
         """Return the native ``CachedCall`` (sync) or the task-flight wrapper (async)."""
         if not is_async:
-            return CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
+            call = CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
+            return _listening(call, _native_bypass(call))
         flight, on_hit, native, custom = TaskFlight(), self.on_hit, self.native, self.key_func
+        # set_testing(cache=False) rebinds these (no per-call check of the switch).
+        get_call, store_get, put, do = native.get_call, native.get, native.set, flight.do
+
+        def testing_changed() -> None:
+            nonlocal get_call, store_get, put, do
+            if _testing._cache:
+                get_call, store_get, put, do = native.get_call, native.get, native.set, flight.do
+            else:
+                get_call, store_get, put, do = _miss, _miss, _no_store, _direct
 
         async def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = await inner(*args, **kwargs)
-            native.set(key, value)
+            put(key, value)
             return value
 
         # Two closures, not one with a branch: the hit path is the hot one (~200 ns).
         if custom is None:
-            get_call = native.get_call
 
             async def cached(*args: Any, **kwargs: Any) -> Any:
                 try:
@@ -212,10 +223,9 @@ class MemoryCache(CacheAdapter):
                         on_hit()
                     return value
                 key = make_key(args, kwargs)
-                return await flight.do(key, lambda: compute(key, args, kwargs))
+                return await do(key, lambda: compute(key, args, kwargs))
 
-            return cached
-        store_get = native.get
+            return _listening(cached, testing_changed)
 
         async def cached_by_key(*args: Any, **kwargs: Any) -> Any:
             key = custom(*args, **kwargs)
@@ -229,9 +239,9 @@ class MemoryCache(CacheAdapter):
                 return value
             # The store keys a cache_key result by structure (a list is fine, as in
             # the sync wrapper); the flight table needs that as a hashable key too.
-            return await flight.do(make_key((key,), {}), lambda: compute(key, args, kwargs))
+            return await do(make_key((key,), {}), lambda: compute(key, args, kwargs))
 
-        return cached_by_key
+        return _listening(cached_by_key, testing_changed)
 
 
 class BackendCache(CacheAdapter):
@@ -315,6 +325,13 @@ class BackendCache(CacheAdapter):
             self.tflight,
         )
 
+        fcache = self.fcache
+
+        def testing_changed() -> None:
+            nonlocal get, put
+            on = _testing._cache
+            get, put = (fcache.get, fcache.set) if on else (_miss_value, _no_store)
+
         def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = inner(*args, **kwargs)
             put(key, value)
@@ -329,9 +346,11 @@ class BackendCache(CacheAdapter):
                 if on_hit is not None:
                     on_hit()
                 return value
+            if put is _no_store:  # set_testing(cache=False): the function runs, alone
+                return inner(*args, **kwargs)
             return flight.do(fkey, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
-        return cached
+        return _listening(cached, testing_changed)
 
     def _awrap(self, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         key_of, aget, aset, on_hit, flight = (
@@ -341,6 +360,13 @@ class BackendCache(CacheAdapter):
             self.on_hit,
             self.aflight,
         )
+
+        fcache = self.fcache
+
+        def testing_changed() -> None:
+            nonlocal aget, aset
+            on = _testing._cache
+            aget, aset = (fcache.aget, fcache.aset) if on else (_amiss_value, _ano_store)
 
         async def acompute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = await inner(*args, **kwargs)
@@ -356,11 +382,65 @@ class BackendCache(CacheAdapter):
                 if on_hit is not None:
                     on_hit()
                 return value
+            if aset is _ano_store:  # set_testing(cache=False): the function runs, alone
+                return await inner(*args, **kwargs)
             return await flight.do(
                 fkey, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key)
             )
 
-        return acached
+        return _listening(acached, testing_changed)
+
+
+# --- set_testing(cache=False) ------------------------------------------------------------
+# A wrapper's lookups and stores are rebound by a listener of the switch, so the hit path
+# never reads it. The listener lives in the wrapper's __dict__ (the switch holds it weakly).
+
+
+def _listening(wrapper: Callable[..., Any], listener: Callable[[], None]) -> Callable[..., Any]:
+    """Keep ``listener`` alive with ``wrapper`` and register it with the testing switch."""
+    wrapper.__dict__["__opero_testing_listener__"] = listener
+    _testing.listen(listener)
+    return wrapper
+
+
+def _native_bypass(call: CachedCall) -> Callable[[], None]:
+    """Return the listener flagging the native ``call`` (held weakly: no cycle)."""
+    ref = weakref.ref(call)
+
+    def testing_changed() -> None:
+        target = ref()
+        if target is not None:
+            target.set_bypass(not _testing._cache)
+
+    return testing_changed
+
+
+def _miss(*args: Any) -> Any:
+    """A lookup of the native store that always misses (cache bypassed)."""
+    raise KeyError("cache bypassed by set_testing(cache=False)")
+
+
+def _miss_value(key: Any) -> Any:
+    """A backend lookup that always misses (cache bypassed)."""
+    return MISS
+
+
+async def _amiss_value(key: Any) -> Any:
+    """An async backend lookup that always misses (cache bypassed)."""
+    return MISS
+
+
+def _no_store(key: Any, value: Any) -> None:
+    """A store that keeps nothing (cache bypassed)."""
+
+
+async def _ano_store(key: Any, value: Any) -> None:
+    """An async store that keeps nothing (cache bypassed)."""
+
+
+async def _direct(key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``compute`` without a flight (cache bypassed: every call runs the function)."""
+    return await compute()
 
 
 def _flight_key(key: Any) -> Any:

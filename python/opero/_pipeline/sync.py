@@ -94,7 +94,7 @@ class _TokenSwitch:
         wrapper.__globals__["__opero_token_switch"] = self
         _testing.listen(self)
 
-    def testing_changed(self) -> None:
+    def __call__(self) -> None:
         """Point the wrapper at the bucket, or at no token while tokens are bypassed."""
         wrapper = self.wrapper()
         if wrapper is not None:
