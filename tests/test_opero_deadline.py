@@ -22,19 +22,22 @@ class Clock:
         self.reads = 0
 
     def __call__(self) -> float:
+        """Return the current time (and count the read)."""
         self.reads += 1
         return self.now
 
     def sleep(self, seconds: float) -> None:
+        """Record the wait and advance the clock by it."""
         self.waits.append(seconds)
         self.now += seconds
 
     async def asleep(self, seconds: float) -> None:
+        """Async :meth:`sleep`."""
         self.sleep(seconds)
 
 
 def options(clock: Clock, **more: Any) -> dict[str, Any]:
-    """The options of a decoration on ``clock`` with a fixed 1 s schedule."""
+    """Return the options of a decoration on ``clock`` with a fixed 1 s schedule."""
     return {
         "_clock": clock,
         "_sleep": clock.sleep,
@@ -62,8 +65,9 @@ def test_no_wait_begins_that_would_end_past_the_deadline() -> None:
     # starts at 100, 101.5, 103; after the third call (ends 103.5) a 1 s wait would end at 104.5
     assert calls == [100.0, 101.5, 103.0]
     assert clock.waits == [1.0, 1.0]
-    assert "gave up: the next retry (after a wait of 1 s) would end past timeout=4 s" in (
-        info.value.__notes__[-1]
+    assert (
+        "gave up: the next retry (after a wait of 1 s) would end past timeout=4 s"
+        in (info.value.__notes__[-1])
     )
     assert len(attempt_errors(info.value)) == 3
 
@@ -92,7 +96,8 @@ def test_success_reads_the_clock_once() -> None:
         return x + 1
 
     g = op(retries=3, timeout=5.0, **options(clock))(plain)
-    assert f(1) == 2 and g(1) == 2
+    assert f(1) == 2
+    assert g(1) == 2
     assert clock.reads == 2
 
 
@@ -167,7 +172,7 @@ def test_token_wait_past_the_deadline_after_a_failure_raises_the_last_error() ->
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "10"])
 def test_bad_timeouts_are_refused_at_decoration(bad: Any) -> None:
-    """timeout and attempt_timeout must be positive seconds, refused at decoration."""
+    """Timeout and attempt_timeout must be positive seconds, refused at decoration."""
     with pytest.raises(ConfigurationError, match="timeout"):
         op(timeout=bad)
     with pytest.raises(ConfigurationError, match="attempt_timeout"):
@@ -176,7 +181,7 @@ def test_bad_timeouts_are_refused_at_decoration(bad: Any) -> None:
 
 def test_attempt_timeout_on_a_sync_function_says_why() -> None:
     """attempt_timeout on a def function is refused at decoration, suggesting timeout=."""
-    with pytest.raises(ConfigurationError, match="a thread cannot be cancelled.*timeout="):
+    with pytest.raises(ConfigurationError, match=r"a thread cannot be cancelled.*timeout="):
 
         @op(attempt_timeout=1.0)
         def sync() -> None: ...

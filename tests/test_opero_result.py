@@ -40,7 +40,7 @@ def test_rejected_results_are_retried_until_accepted() -> None:
 
 
 def test_exhaustion_raises_retry_result_error_with_the_last_result() -> None:
-    """When every result is rejected, RetryResultError carries .result, .attempts and names the function."""
+    """When every result is rejected, RetryResultError has .result, .attempts and the name."""
     results = iter(range(10))
 
     @op(retries=2, retry_on_result=lambda r: r < 100, _sleep=lambda s: None)
@@ -52,7 +52,8 @@ def test_exhaustion_raises_retry_result_error_with_the_last_result() -> None:
     error = info.value
     assert error.result == 2
     assert error.attempts == 3
-    assert "count" in str(error) and ": 2" in str(error)
+    assert "count" in str(error)
+    assert ": 2" in str(error)
     assert [e.result for e in attempt_errors(error)] == [0, 1, 2]  # type: ignore[attr-defined]
     assert isinstance(error, opero.OperoError)
 
@@ -67,7 +68,9 @@ def test_error_pickles_with_its_fields() -> None:
     with pytest.raises(RetryResultError) as info:
         truthy()
     copy = pickle.loads(pickle.dumps(info.value))
-    assert copy.result == [1, 2] and copy.attempts == 2 and str(copy) == str(info.value)
+    assert copy.result == [1, 2]
+    assert copy.attempts == 2
+    assert str(copy) == str(info.value)
 
 
 def test_long_result_repr_is_shortened_and_hostile_repr_survives() -> None:
@@ -131,7 +134,12 @@ def test_rejected_result_is_never_cached() -> None:
 def test_in_a_fallback_chain_all_failed_holds_the_result_errors() -> None:
     """Inside arg_fallback, rejected results are errors of the AllFailedError, in call order."""
 
-    @op(retries=1, arg_fallback="hosts", retry_on_result=lambda r: r == "busy", _sleep=lambda s: None)
+    @op(
+        retries=1,
+        arg_fallback="hosts",
+        retry_on_result=lambda r: r == "busy",
+        _sleep=lambda s: None,
+    )
     def fetch(hosts: tuple[str, ...] = ("a", "b")) -> str:
         return "busy"
 

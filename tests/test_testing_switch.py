@@ -1,4 +1,4 @@
-"""opero.set_testing: zero waits, attempts cap, cache and rate-limit bypass, context manager, workers."""
+"""opero.set_testing: zero waits, attempts, cache and rate-limit bypass, nesting, workers."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_attempts_caps_total_calls() -> None:
         calls: list[int] = []
 
         @op(retries=5, min_delay=30.0)
-        def down() -> None:
+        def down(calls: list[int] = calls) -> None:
             calls.append(1)
             raise ConnectionError("down")
 
@@ -80,7 +80,7 @@ def test_attempts_keep_every_fallback_candidate() -> None:
 
 @pytest.mark.parametrize("kind", ["memory-sync", "memory-async", "memory-key", "disk"])
 def test_cache_false_bypasses_lookups_and_stores(kind: str, tmp_path: Any) -> None:
-    """cache=False runs the function on every call and stores nothing; leaving restores the cache."""
+    """cache=False runs the function on every call, stores nothing; leaving restores the cache."""
     calls: list[int] = []
     options: dict[str, Any] = {"cache": True}
     if kind == "memory-key":
@@ -110,7 +110,8 @@ def test_cache_false_bypasses_lookups_and_stores(kind: str, tmp_path: Any) -> No
 
     assert compute(1) == 2  # cached before the switch
     with opero.set_testing(cache=False):
-        assert compute(1) == 2 and compute(1) == 2  # not served from the cache
+        assert compute(1) == 2
+        assert compute(1) == 2
         assert compute(5) == 10  # not stored
     assert calls == [1, 1, 1, 5]
     assert compute(1) == 2  # the entry from before is served again
@@ -166,7 +167,8 @@ def test_rate_limit_false_takes_no_token(is_async: bool) -> None:
     assert limited(9) == 9  # the burst token was never taken
     assert waits == []
     assert limited(10) == 10  # the limit is back: the next token is 1000 s away
-    assert len(waits) == 1 and waits[0] > 900
+    assert len(waits) == 1
+    assert waits[0] > 900
 
 
 def test_rate_limit_bypass_in_the_generic_wrapper() -> None:

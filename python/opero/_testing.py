@@ -189,4 +189,3 @@ def set_testing(
     previous = state()
     restore((enabled, attempts, cache, rate_limit))
     return _TestingSwitch(previous)
-

@@ -196,7 +196,10 @@ class MemoryCache(CacheAdapter):
             return _listening(call, _native_bypass(call))
         flight, on_hit, native, custom = TaskFlight(), self.on_hit, self.native, self.key_func
         # set_testing(cache=False) rebinds these (no per-call check of the switch).
-        get_call, store_get, put, do = native.get_call, native.get, native.set, flight.do
+        get_call: Callable[..., Any] = native.get_call
+        store_get: Callable[..., Any] = native.get
+        put: Callable[..., Any] = native.set
+        do: Callable[..., Awaitable[Any]] = flight.do
 
         def testing_changed() -> None:
             nonlocal get_call, store_get, put, do
@@ -416,26 +419,26 @@ def _native_bypass(call: CachedCall) -> Callable[[], None]:
 
 
 def _miss(*args: Any) -> Any:
-    """A lookup of the native store that always misses (cache bypassed)."""
+    """Miss, always: the native store's lookup while the cache is bypassed."""
     raise KeyError("cache bypassed by set_testing(cache=False)")
 
 
 def _miss_value(key: Any) -> Any:
-    """A backend lookup that always misses (cache bypassed)."""
+    """Miss, always: a backend lookup while the cache is bypassed."""
     return MISS
 
 
 async def _amiss_value(key: Any) -> Any:
-    """An async backend lookup that always misses (cache bypassed)."""
+    """Miss, always: an async backend lookup while the cache is bypassed."""
     return MISS
 
 
 def _no_store(key: Any, value: Any) -> None:
-    """A store that keeps nothing (cache bypassed)."""
+    """Keep nothing: a store while the cache is bypassed."""
 
 
 async def _ano_store(key: Any, value: Any) -> None:
-    """An async store that keeps nothing (cache bypassed)."""
+    """Keep nothing: an async store while the cache is bypassed."""
 
 
 async def _direct(key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:

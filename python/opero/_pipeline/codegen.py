@@ -156,7 +156,9 @@ def _source(sig: _Signature, template: Template) -> str:
     if template.clock:
         lines.append(f"    {P}t0 = {P}clock()")
     if template.limiter and template.is_async:
-        lines.append(f"    await {P}take_token({P}t0)" if template.clock else f"    await {P}take_token()")
+        lines.append(
+            f"    await {P}take_token({P}t0)" if template.clock else f"    await {P}take_token()"
+        )
     elif template.limiter:
         lines += [
             f"    {P}d = {P}reserve()",

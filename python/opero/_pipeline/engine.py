@@ -247,7 +247,9 @@ class Engine:
         value = source(exc)
         if value is None:
             return None
-        return check_seconds(f"retry_after of {self.qualname}, for {_short_repr(exc)}, returned", value)
+        return check_seconds(
+            f"retry_after of {self.qualname}, for {_short_repr(exc)}, returned", value
+        )
 
     def rejected(self, result: Any, attempt: int) -> RetryResultError | None:
         """Return the error standing for a ``result`` that ``retry_on_result`` rejects, or ``None``.
@@ -412,7 +414,7 @@ class Engine:
         return round_ + 1, 0, self.before_retry(exc, round_, wait), None
 
     def _late(self, wait: float = 0.0) -> str:
-        """The reason of a give-up at the deadline (the wait it would have started)."""
+        """Return the reason of a give-up at the deadline (after a planned ``wait``)."""
         after = f" (after a wait of {wait:g} s)" if wait > 0 else ""
         return f"gave up: the next retry{after} would end past timeout={self.timeout:g} s"
 
@@ -423,8 +425,7 @@ class Engine:
         call: the exhaustion error of ``errors`` with the reason.
         """
         reason = (
-            f"gave up: the rate-limit token is {wait:.3f} s away, past "
-            f"timeout={self.timeout:g} s"
+            f"gave up: the rate-limit token is {wait:.3f} s away, past timeout={self.timeout:g} s"
         )
         if not errors:
             return self.give_up(RateLimitTimeout(f"{self.qualname}: {reason}"))

@@ -85,7 +85,7 @@ def _seconds(value: Any, now: Callable[[], float]) -> float | None:
     try:
         return _clamp(float(value))
     except (OverflowError, ValueError, TypeError):
-        return MAX_SECONDS if value > 0 else None
+        return MAX_SECONDS if value > 0 else None  # type: ignore[operator]
 
 
 def _clamp(seconds: float) -> float | None:
@@ -120,5 +120,5 @@ def parse_retry_after(value: Any, now: Callable[[], float] = time.time) -> float
         logger.debug("opero: ignoring an unreadable Retry-After %r", text)
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return _clamp(when.timestamp() - now())
