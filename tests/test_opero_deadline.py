@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -303,3 +304,82 @@ def test_timeout_under_testing_counts_only_the_calls() -> None:
         down()
     assert clock.waits == []
     assert len(calls) == 4  # ends at 100.3, .6, .9, 1.2: the 4th call ended past the deadline
+
+
+# --- the native first call (default clock) -----------------------------------------------
+
+
+def test_first_attempt_duration_counts_on_the_real_clock() -> None:
+    """With the default clock, a first call that outlasts the timeout is not retried."""
+    calls: list[int] = []
+
+    @op(retries=5, timeout=0.2, min_delay=0.0)
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.3)
+        raise ConnectionError("slow")
+
+    with pytest.raises(ConnectionError) as info:
+        slow()
+    assert calls == [1]
+    assert "past timeout=0.2 s" in info.value.__notes__[-1]
+
+
+def test_real_clock_deadline_bounds_the_retries() -> None:
+    """With the default clock and 50 ms waits, timeout=0.3 stops long before 100 retries."""
+    calls: list[int] = []
+
+    @op(retries=100, timeout=0.3, min_delay=0.05, backoff_factor=1.0, jitter=False)
+    def down(x: int, *, scale: int = 1) -> None:
+        calls.append(x * scale)
+        raise ConnectionError("down")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        down(2, scale=3)
+    assert 2 <= len(calls) <= 7
+    assert set(calls) == {6}  # every retry got the same arguments
+    assert time.monotonic() - started < 5.0  # generous: a loaded 2-core box
+
+
+def test_native_first_call_success_and_base_exceptions() -> None:
+    """A success returns the value; a BaseException that is not an Exception is never retried."""
+    calls: list[int] = []
+
+    class Stop(BaseException):
+        """Not an Exception: never retried."""
+
+    @op(retries=3, timeout=10.0)
+    def f(x: int) -> int:
+        calls.append(x)
+        if x < 0:
+            raise Stop
+        return x * 2
+
+    assert f(4) == 8
+    with pytest.raises(Stop):
+        f(-1)
+    assert calls == [4, -1]
+    assert f.__name__ == "f"
+    assert f.__wrapped__(5) == 10
+
+
+def test_native_first_call_binds_as_a_method() -> None:
+    """A method decorated with timeout= receives its instance, on success and on retry."""
+    seen: list[Any] = []
+
+    class Client:
+        def __init__(self) -> None:
+            self.fails = 1
+
+        @op(retries=2, timeout=10.0, min_delay=0.0)
+        def get(self, path: str) -> str:
+            seen.append(self)
+            if self.fails:
+                self.fails -= 1
+                raise ConnectionError(path)
+            return f"got {path}"
+
+    client = Client()
+    assert client.get("/x") == "got /x"
+    assert seen == [client, client]

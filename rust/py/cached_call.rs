@@ -315,9 +315,53 @@ impl<'py> CallArgs<'_, 'py> {
         }
     }
 
+    /// Call `f` with `first`, then the same arguments, shielded (`TimedCall`'s failure).
+    pub(crate) fn call_prepended(
+        &self,
+        py: Python<'py>,
+        f: &Py<PyAny>,
+        first: &[Py<PyAny>],
+    ) -> PyResult<Py<PyAny>> {
+        let r = match self {
+            CallArgs::Tuple(a, k) => {
+                let mut items: Vec<Bound<'py, PyAny>> =
+                    first.iter().map(|o| o.bind(py).clone()).collect();
+                items.extend(a.iter());
+                let tuple = PyTuple::new(py, items)?;
+                let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+                // SAFETY: `f`, the new tuple and the optional dict are live for the call.
+                unsafe { guarded::call(f.as_ptr(), tuple.as_ptr(), kw) }
+            }
+            #[cfg(not(Py_LIMITED_API))]
+            CallArgs::Vector {
+                args,
+                nargsf,
+                kwnames,
+            } => {
+                // SAFETY: per the vectorcall protocol (a plain bit mask).
+                let nargs = unsafe { ffi::PyVectorcall_NARGS(*nargsf) } as usize;
+                let total = nargs + kwnames.map_or(0, |k| k.len());
+                let mut vector: Vec<*mut ffi::PyObject> = Vec::with_capacity(first.len() + total);
+                vector.extend(first.iter().map(|o| o.as_ptr()));
+                for i in 0..total {
+                    // SAFETY: the vectorcall protocol guarantees `nargs + len(kwnames)`
+                    // live pointers at `args` for the duration of the call.
+                    vector.push(unsafe { *args.add(i) });
+                }
+                let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+                // SAFETY: `vector` holds `first.len() + nargs` positional pointers then one
+                // per keyword name, all live (borrowed from `first` and our caller).
+                unsafe {
+                    guarded::vectorcall(f.as_ptr(), vector.as_ptr(), first.len() + nargs, kw)
+                }
+            }
+        };
+        owned_result(py, r)
+    }
+
     /// Call `f` with the same arguments, shielded (see `guarded.rs`).
     #[inline]
-    fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
+    pub(crate) fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
         let r = match self {
             CallArgs::Tuple(a, k) => {
                 let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());

@@ -67,6 +67,31 @@ def _async(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack]
     return make
 
 
+def _opero_timeout_sync(stack: contextlib.ExitStack) -> LoopFn:
+    now = [0.0]
+
+    def down() -> None:
+        now[0] += 1.0
+        raise ConnectionError("down")
+
+    deadline = opero_decorator(
+        retries=10, timeout=2.5, min_delay=0.0, _clock=lambda: now[0], _sleep=lambda s: None
+    )(down)
+    try:
+        deadline()
+    except ConnectionError:
+        pass
+    check(now[0] == 3.0, f"timeout=2.5 with 1 s calls made {now[0]:g} calls, expected 3")
+    return call_loop("f(1)", {"f": opero_decorator(retries=3, timeout=10.0)(ok)})
+
+
+def _opero_timeout_async(stack: contextlib.ExitStack) -> LoopFn:
+    loop = event_loop(stack)
+    f = opero_decorator(retries=3, timeout=10.0)(aok)
+    check(loop.run_until_complete(f(1)) == 2, "wrong result")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
 def _tenacity() -> Decorator:
     import tenacity
 
@@ -108,6 +133,20 @@ def _build(settings: Settings) -> list[Case]:
                 Impl("backoff.on_exception", _async(_backoff), ("backoff",)),
             ],
             targets={"handwritten try/except": 1.2},
+        ),
+        # issue 12: a deadline costs one clock read on success (h-breaker adds a closed
+        # breaker to these rows).
+        Case(
+            "success, retries=3, timeout=10, sync",
+            Impl("opero", _opero_timeout_sync),
+            [Impl("opero retries=3", _opero_sync)],
+            targets={"opero retries=3": 1.2},
+        ),
+        Case(
+            "success, retries=3, timeout=10, async",
+            Impl("opero", _opero_timeout_async),
+            [Impl("opero retries=3", _opero_async)],
+            targets={"opero retries=3": 1.2},
         ),
     ]
 

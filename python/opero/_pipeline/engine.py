@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opero import _testing
-from opero._opero_core import Backoff
+from opero._opero_core import Backoff, coarse_monotonic
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.fallback import Call, Fallback
 from opero._pipeline.policy import Policy, check_seconds
@@ -151,7 +151,8 @@ class Engine:
         self.rejects = retry.retry_on_result
         self.timeout = retry.timeout
         self.attempt_timeout = retry.attempt_timeout
-        self.clock: Callable[[], float] = policy.wait.clock or time.monotonic
+        # A native coarse clock (a few ns, 1-4 ms resolution): read once per call.
+        self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
         self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
         self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None

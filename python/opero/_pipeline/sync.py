@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opero import _testing
+from opero._opero_core import TimedCall
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine, _no_token
 from opero.errors import ConfigurationError
@@ -54,6 +55,14 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
 
         return call_loop
     timed = engine.timeout is not None
+    if timed and engine.guarded and not limited and on_success is None:
+        if engine.policy.wait.clock is None:
+            # The native first call reads the same coarse clock as the engine, in Rust:
+            # a success costs no Python-level clock call.
+            def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
+                return retry_from(exc, args, kwargs, start)
+
+            return TimedCall(func, on_fail)
     generated = specialize(
         func,
         Template(
