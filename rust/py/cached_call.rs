@@ -343,17 +343,16 @@ impl<'py> CallArgs<'_, 'py> {
                 let total = nargs + kwnames.map_or(0, |k| k.len());
                 let mut vector: Vec<*mut ffi::PyObject> = Vec::with_capacity(first.len() + total);
                 vector.extend(first.iter().map(|o| o.as_ptr()));
-                for i in 0..total {
+                if total > 0 {
                     // SAFETY: the vectorcall protocol guarantees `nargs + len(kwnames)`
-                    // live pointers at `args` for the duration of the call.
-                    vector.push(unsafe { *args.add(i) });
+                    // live pointers at `args` (non-null when there are any) for the call.
+                    let passed = unsafe { std::slice::from_raw_parts(*args, total) };
+                    vector.extend_from_slice(passed);
                 }
                 let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
                 // SAFETY: `vector` holds `first.len() + nargs` positional pointers then one
                 // per keyword name, all live (borrowed from `first` and our caller).
-                unsafe {
-                    guarded::vectorcall(f.as_ptr(), vector.as_ptr(), first.len() + nargs, kw)
-                }
+                unsafe { guarded::vectorcall(f.as_ptr(), vector.as_ptr(), first.len() + nargs, kw) }
             }
         };
         owned_result(py, r)

@@ -18,8 +18,8 @@ use pyo3::types::{PyDict, PyFloat, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::cached_call::CallArgs;
-use crate::error::CoreError;
 use super::fastcall::{self, Vectorcall};
+use crate::error::CoreError;
 
 /// The first call of a function decorated with ``timeout=``.
 ///
@@ -36,7 +36,13 @@ use super::fastcall::{self, Vectorcall};
 ///     func: The function to call.
 ///     on_fail: Called as ``on_fail(exc, start, *args, **kwargs)`` after an
 ///         ``Exception``.
-#[pyclass(frozen, dict, weakref, module = "opero._opero_core", name = "TimedCall")]
+#[pyclass(
+    frozen,
+    dict,
+    weakref,
+    module = "opero._opero_core",
+    name = "TimedCall"
+)]
 #[repr(C)]
 pub struct PyTimedCall {
     /// Always `Some` once constructed (an `Option` for the GC; see `CachedCall`).
