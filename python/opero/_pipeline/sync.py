@@ -55,14 +55,13 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
 
         return call_loop
     timed = engine.timeout is not None
-    if timed and engine.guarded and not limited and on_success is None:
-        if engine.policy.wait.clock is None:
-            # The native first call reads the same coarse clock as the engine, in Rust:
-            # a success costs no Python-level clock call.
-            def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
-                return retry_from(exc, args, kwargs, start)
+    native = engine.policy.wait.clock is None  # the engine reads the native coarse clock
+    if timed and native and engine.guarded and not limited and on_success is None:
+        # The native first call reads that clock in Rust: a success costs no Python call.
+        def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
+            return retry_from(exc, args, kwargs, start)
 
-            return TimedCall(func, on_fail)
+        return TimedCall(func, on_fail)
     generated = specialize(
         func,
         Template(
