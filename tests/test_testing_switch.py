@@ -266,3 +266,20 @@ def test_attempts_and_cache_reach_process_workers(method: str) -> None:
         """
     )
     assert result == [[1, 1], [False]]
+
+
+def test_cache_false_reaches_opmap_cache_lookups() -> None:
+    """An @opmap with cache=True runs every item while the cache is bypassed, and stores none."""
+    calls: list[int] = []
+
+    @opero.opmap(mode="thread", workers=2, progress=False, cache=True)
+    def double(x: int) -> int:
+        calls.append(x)
+        return x * 2
+
+    assert double([1, 2]) == [2, 4]
+    with opero.set_testing(cache=False):
+        assert double([1, 2, 3]) == [2, 4, 6]
+    assert sorted(calls) == [1, 1, 2, 2, 3]
+    assert double([1, 2, 3]) == [2, 4, 6]  # 3 was not stored during the bypass
+    assert sorted(calls) == [1, 1, 2, 2, 3, 3]

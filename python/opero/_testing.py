@@ -31,6 +31,7 @@ listeners (:func:`listen`), so the hot paths never read the switch.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -53,6 +54,16 @@ _rate_limit = True
 State = tuple[bool, "int | None", bool, bool]
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """After ``fork()``: a parent thread may have held the lock; it is not in the child."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 #: Called with no argument after ``cache`` or ``rate_limit`` changed (weakly held).
 _listeners: weakref.WeakSet[Callable[[], None]] = weakref.WeakSet()
 

@@ -495,8 +495,53 @@ def cache_adapter(
     register(caching.cache_namespace, backend, fcache)
     key_func = functools.partial(caching.cache_key, func) if caching.cache_key else None
     if isinstance(backend, MemoryBackend) and isinstance(fcache, MemoryFunctionCache):
-        return MemoryCache(fcache, key_func, on_hit)
-    return BackendCache(fcache, key_builder(stable, key_func, qualname), on_hit, qualname, is_async)
+        return _bypassable(MemoryCache(fcache, key_func, on_hit))
+    return _bypassable(
+        BackendCache(fcache, key_builder(stable, key_func, qualname), on_hit, qualname, is_async)
+    )
+
+
+def _bypassable(adapter: CacheAdapter) -> CacheAdapter:
+    """Make the lookups of ``__opero__`` (``@opmap``'s cache path) honour ``cache=False``.
+
+    Per lookup or per batch, not per item: the switch is read here, where a map
+    already pays a Python call.
+    """
+    lookup, alookup, store, astore = adapter.lookup, adapter.alookup, adapter.store, adapter.astore
+    lookup_many, store_many = adapter.lookup_many, adapter.store_many
+
+    def checked_lookup(args: Args, kwargs: Kwargs) -> Any:
+        return lookup(args, kwargs) if _testing._cache else MISS
+
+    async def checked_alookup(args: Args, kwargs: Kwargs) -> Any:
+        return await alookup(args, kwargs) if _testing._cache else MISS
+
+    def checked_store(args: Args, kwargs: Kwargs, value: Any) -> None:
+        if _testing._cache:
+            store(args, kwargs, value)
+
+    async def checked_astore(args: Args, kwargs: Kwargs, value: Any) -> None:
+        if _testing._cache:
+            await astore(args, kwargs, value)
+
+    adapter.lookup, adapter.alookup = checked_lookup, checked_alookup  # type: ignore[method-assign]
+    adapter.store, adapter.astore = checked_store, checked_astore  # type: ignore[method-assign]
+    if lookup_many is not None:
+        many = lookup_many
+
+        def checked_lookup_many(items: list[Any]) -> tuple[list[Any], int]:
+            return many(items) if _testing._cache else ([MISS] * len(items), 0)
+
+        adapter.lookup_many = checked_lookup_many
+    if store_many is not None:
+        put_many = store_many
+
+        def checked_store_many(items: list[Any], values: list[Any]) -> None:
+            if _testing._cache:
+                put_many(items, values)
+
+        adapter.store_many = checked_store_many
+    return adapter
 
 
 def key_builder(
