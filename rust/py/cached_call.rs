@@ -425,11 +425,19 @@ impl PyCachedCall {
         self.func.as_ref().ok_or_else(not_ready)
     }
 
+    /// A call while `opero.set_testing(cache=False)` is on: `func`, no lookup, no store.
+    /// Out of line and cold, so the hit path's code stays as it was.
+    #[cold]
+    #[inline(never)]
+    fn bypassed(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        args.call(py, self.func_ref()?)
+    }
+
     /// The whole call: key, lookup, `on_hit` or the single-flight miss.
     #[inline]
     pub(crate) fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
         if self.bypass.load(Ordering::Relaxed) {
-            return args.call(py, self.func_ref()?);
+            return self.bypassed(py, args);
         }
         let store = self.store_ref()?.get();
         if self.key_func.is_none() {
