@@ -23,7 +23,7 @@ from typing import Any
 
 from opero import _testing
 from opero._pipeline.codegen import Template, specialize
-from opero._pipeline.engine import ATTEMPT_TIMEOUT, Engine
+from opero._pipeline.engine import ATTEMPT_TIMEOUT, Engine, _no_token
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["build_async_call"]
@@ -57,15 +57,19 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         # per call of a rate-limited async function.
         reserve, check_wait = engine.reserve, engine.check_wait
 
+        def testing_changed() -> None:
+            # set_testing(rate_limit=False) rebinds the bucket: no per-call check.
+            nonlocal reserve
+            reserve = engine.reserve if _testing._rate_limit else _no_token
+
         async def take_token(start: float | None = None) -> None:
-            if not _testing._rate_limit:
-                return
             delay = reserve()
             if delay > MIN_WAIT:
                 check_wait(delay)
                 check_deadline(delay, start)
                 await asleep(delay)
 
+    listener = None if engine.async_source else testing_changed
     func = engine.func
     if engine.attempt_timeout is not None:
         func = _with_attempt_timeout(func, engine.attempt_timeout)
@@ -76,7 +80,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         async def acall_loop(*args: Any, **kwargs: Any) -> Any:
             return await retry_from(None, args, kwargs)
 
-        return acall_loop
+        return _listening(acall_loop, listener if limited else None)
     generated = None
     if func is engine.func:
         generated = specialize(
@@ -95,7 +99,18 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 "__opero_clock": clock,
             },
         )
-    return generated or _generic(engine, retry_from, take_token if limited else None, func)
+    wrapper = generated or _generic(engine, retry_from, take_token if limited else None, func)
+    return _listening(wrapper, listener if limited else None)
+
+
+def _listening(
+    wrapper: Callable[..., Awaitable[Any]], listener: Callable[[], None] | None
+) -> Callable[..., Awaitable[Any]]:
+    """Keep ``listener`` alive with ``wrapper`` and register it with the testing switch."""
+    if listener is not None:
+        wrapper.__dict__["__opero_testing_listener__"] = listener
+        _testing.listen(listener)
+    return wrapper
 
 
 def _with_attempt_timeout(
