@@ -316,14 +316,14 @@ class Engine:
             if len(errors) > 1 or reason:
                 self._annotate(last, errors, why)
                 logger.warning(
-                    "opero: %s failed on all %d calls%s; raising the last error",
+                    "opero: %s failed on %s%s; raising the last error",
                     self.qualname,
-                    len(errors),
+                    _calls(len(errors)),
                     why,
                 )
             return self.give_up(last)
         error = AllFailedError(
-            f"{self.qualname} failed on all {len(errors)} calls{why}; "
+            f"{self.qualname} failed on {_calls(len(errors))}{why}; "
             f"last error: {_short_repr(last)}",
             errors,
         )
@@ -343,8 +343,9 @@ class Engine:
         if len(earlier) > NOTE_ERRORS:
             shown = f"..., {shown}"
         note = (
-            f"{NOTE_PREFIX}{self.qualname} failed on all {len(errors)} calls "
-            f"(1 + {len(errors) - 1} retries){why}"
+            f"{NOTE_PREFIX}{self.qualname} failed on {_calls(len(errors))}"
+            + (f" (1 + {len(errors) - 1} retries)" if len(errors) > 1 else "")
+            + why
             + (f"; earlier errors: {shown}" if shown else "")
             + "; opero.errors.attempt_errors(exc) lists them all"
         )
@@ -470,6 +471,11 @@ def _no_token() -> float:
 
 def _no_wait(delay: float) -> None:
     """Stand-in ``check_wait`` without a rate limit."""
+
+
+def _calls(count: int) -> str:
+    """Return "all 3 calls", or "its only call" for one."""
+    return "its only call" if count == 1 else f"all {count} calls"
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:
