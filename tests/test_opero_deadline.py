@@ -383,3 +383,25 @@ def test_native_first_call_binds_as_a_method() -> None:
     client = Client()
     assert client.get("/x") == "got /x"
     assert seen == [client, client]
+
+
+def test_callbacks_at_the_deadline() -> None:
+    """on_retry fires only for retries that happen; on_failure fires once at the give-up."""
+    clock = Clock()
+    retried: list[int] = []
+    failed: list[BaseException] = []
+
+    @op(
+        retries=10,
+        timeout=2.5,
+        on_retry=lambda exc, attempt: retried.append(attempt),
+        on_failure=failed.append,
+        **options(clock),
+    )
+    def down() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError) as info:
+        down()
+    assert retried == [0, 1]  # waits end at 101 and 102; a third would end at 103 > 102.5
+    assert failed == [info.value]
