@@ -135,13 +135,13 @@ def _build(settings: Settings) -> list[Case]:
         # issue 12: a deadline costs one clock read on success (h-breaker adds a closed
         # breaker to these rows).
         Case(
-            "success, retries=3, timeout=10, sync",
+            "retries=3, timeout=10, sync",
             Impl("opero", _opero_timeout_sync),
             [Impl("opero retries=3", _opero_sync)],
             targets={"opero retries=3": 1.2},
         ),
         Case(
-            "success, retries=3, timeout=10, async",
+            "retries=3, timeout=10, async",
             Impl("opero", _opero_timeout_async),
             [Impl("opero retries=3", _opero_async)],
             targets={"opero retries=3": 1.2},
