@@ -241,3 +241,32 @@ def test_bad_predicates_are_refused_at_decoration(bad: Any) -> None:
     """retry_on_result must be a one-argument callable, refused at decoration."""
     with pytest.raises(ConfigurationError, match="retry_on_result"):
         op(retry_on_result=bad)
+
+
+def test_async_fallback_with_result_check_and_deadline() -> None:
+    """Async: candidates with rejected results move on; the deadline ends the rounds."""
+    now = [0.0]
+    tried: list[str] = []
+
+    async def asleep(seconds: float) -> None:
+        now[0] += seconds
+
+    @op(
+        retries=10,
+        timeout=2.5,
+        arg_fallback="hosts",
+        retry_on_result=lambda r: r == "busy",
+        min_delay=1.0,
+        backoff_factor=1.0,
+        jitter=False,
+        _asleep=asleep,
+        _clock=lambda: now[0],
+    )
+    async def fetch(hosts: tuple[str, ...] = ("a", "b")) -> str:
+        tried.append(hosts[0])
+        return "busy"
+
+    with pytest.raises(AllFailedError, match=r"past timeout=2\.5 s") as info:
+        asyncio.run(fetch())
+    assert tried == ["a", "b", "a", "b", "a", "b"]  # rounds at 0, 1, 2
+    assert all(isinstance(e, RetryResultError) for e in info.value.errors)
