@@ -405,3 +405,38 @@ def test_callbacks_at_the_deadline() -> None:
         down()
     assert retried == [0, 1]  # waits end at 101 and 102; a third would end at 103 > 102.5
     assert failed == [info.value]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_redis_token_wait_past_the_deadline(redis_url: str, is_async: bool) -> None:
+    """A shared Redis bucket's token wait past the deadline raises RateLimitTimeout, no call."""
+    calls: list[int] = []
+    options: dict[str, Any] = {
+        "rate_limit": 0.01,  # a token every 100 s
+        "rate_limit_backend": "redis",
+        "rate_limit_key": f"deadline-{is_async}",
+        "rate_limit_redis_url": redis_url,
+        "timeout": 5.0,
+    }
+    if is_async:
+
+        @op(**options)
+        async def alimited(x: int) -> int:
+            calls.append(x)
+            return x
+
+        def limited(x: int) -> int:
+            return asyncio.run(alimited(x))  # type: ignore[no-any-return]
+
+    else:
+
+        @op(**options)
+        def limited(x: int) -> int:
+            calls.append(x)
+            return x
+
+    assert limited(1) == 1  # the burst token
+    with pytest.raises(RateLimitTimeout, match="past timeout=5 s"):
+        limited(2)
+    assert calls == [1]
