@@ -3,6 +3,8 @@
 The function succeeds at once, so this times what the retry machinery costs
 when it is not needed, against a handwritten ``try``/``except`` loop, tenacity
 and backoff. Before timing, opero proves it really retries a flaky function.
+The ``timeout=10`` rows (issue 12) time the same success with a deadline against
+plain ``retries=3``: the deadline must cost at most 1.2x.
 """
 
 from __future__ import annotations
