@@ -270,3 +270,27 @@ def test_async_fallback_with_result_check_and_deadline() -> None:
         asyncio.run(fetch())
     assert tried == ["a", "b", "a", "b", "a", "b"]  # rounds at 0, 1, 2
     assert all(isinstance(e, RetryResultError) for e in info.value.errors)
+
+
+def test_dropped_retry_result_error_is_freed_without_the_collector() -> None:
+    """A caught and dropped RetryResultError is freed by reference counting (no cycle)."""
+    import gc
+    import weakref
+
+    @op(retries=2, retry_on_result=lambda r: True, _sleep=lambda s: None)
+    def always() -> object:
+        return object()
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ref: Any = None
+        try:
+            always()
+        except RetryResultError as error:
+            ref = weakref.ref(error)
+        assert ref is not None
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()

@@ -175,6 +175,7 @@ def _aretry_from(
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
+        refused: Exception | None = None
         calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
@@ -217,6 +218,6 @@ def _aretry_from(
                 return result
             raise error
         finally:
-            del first, errors, calls, error
+            del first, errors, calls, error, refused
 
     return retry_from

@@ -160,6 +160,7 @@ def _retry_from(engine: Engine) -> RetryFrom:
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
+        refused: Exception | None = None
         calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
@@ -199,6 +200,6 @@ def _retry_from(engine: Engine) -> RetryFrom:
                 return result
             raise error
         finally:
-            del first, errors, calls, error
+            del first, errors, calls, error, refused
 
     return retry_from
