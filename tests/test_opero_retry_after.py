@@ -272,3 +272,14 @@ def test_aiohttp_client_response_error() -> None:
     exc = aiohttp.ClientResponseError(None, (), status=429, headers=headers)  # type: ignore[arg-type]
     assert server_wait(exc) == 3.0
     assert server_wait(aiohttp.ClientResponseError(None, (), status=500)) is None  # type: ignore[arg-type]
+
+
+def test_urllib_http_error() -> None:
+    """urllib.error.HTTPError's headers Retry-After is read."""
+    import email.message
+    import urllib.error
+
+    headers = email.message.Message()
+    headers["Retry-After"] = "6"
+    exc = urllib.error.HTTPError("https://api.test/", 503, "busy", headers, None)
+    assert server_wait(exc) == 6.0
