@@ -28,6 +28,7 @@ __all__ = [
     "OperoError",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
     "attempt_errors",
@@ -81,6 +82,34 @@ class CircuitOpenError(OperoError):
         super().__init__(message)
         self.name = name
         self.retry_after = retry_after
+
+
+class RetryResultError(OperoError):
+    """Every call returned a result that ``retry_on_result`` rejected.
+
+    Raised when retries run out (or a ``timeout`` stops them) after the
+    ``retry_on_result`` predicate returned True for the last call's result, like
+    tenacity's ``RetryError``. Inside an ``arg_fallback`` chain it is one of the
+    :class:`AllFailedError`'s errors.
+
+    Args:
+        message: Names the function and shows a short repr of the result.
+        result: The last result returned (and rejected).
+        attempts: How many calls were made.
+
+    """
+
+    def __init__(self, message: str, result: Any = None, attempts: int = 1) -> None:
+        """Store the message, the last rejected result and the number of calls."""
+        super().__init__(message)
+        self.message = message
+        self.result = result
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the result and the number of calls."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_opero_owner"}
+        return (type(self), (self.message, self.result, self.attempts), state)
 
 
 class AllFailedError(ExceptionGroup, OperoError):
