@@ -88,7 +88,7 @@ from opero._map import process_pool as _process_pool
 from opero._map.progress import PROGRESS_VALUES, make_progress
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
-from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
+from opero.errors import ConfigurationError, MapError, OpmapFailureWarning, WorkerStartError
 
 __all__ = ["MODES", "MappedFunction", "opmap"]
 
@@ -157,6 +157,68 @@ def _check_options(
         raise ConfigurationError(f"opmap: client= is only used with mode='dask', got mode={mode!r}")
 
 
+def _check_worker_options(
+    mode: Any, executor: Any, initializer: Any, initargs: Any, max_tasks: Any
+) -> None:
+    """Validate ``initializer``, ``initargs`` and ``max_tasks_per_child``."""
+    if initializer is not None and not callable(initializer):
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} must be a callable run once per worker (or None)"
+        )
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, (tuple, list)):
+        raise ConfigurationError(
+            f"opmap: initargs={initargs!r} must be a tuple of the initializer's arguments, "
+            "e.g. initargs=(path,)"
+        )
+    if initargs and initializer is None:
+        raise ConfigurationError("opmap: initargs= is given without initializer=")
+    if initializer is not None and (executor is not None or mode == "async"):
+        where = "executor=" if executor is not None else "mode='async'"
+        raise ConfigurationError(
+            f"opmap: initializer= is not supported with {where}: "
+            + (
+                "give it to your executor (ThreadPoolExecutor(initializer=...))"
+                if executor is not None
+                else "its one worker is the event loop; do the setup before the call"
+            )
+        )
+    if max_tasks is not None:
+        if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
+            raise ConfigurationError(
+                f"opmap: max_tasks_per_child={max_tasks!r} must be an int >= 1, or None "
+                "(workers live until exit)"
+            )
+        if mode != "process" or executor is not None:
+            raise ConfigurationError(
+                "opmap: max_tasks_per_child= recycles opero's own worker processes: use it "
+                f"with mode='process', not {'executor=' if executor is not None else repr(mode)}"
+            )
+
+
+def _init_blob(
+    initializer: Callable[..., object] | None, initargs: tuple[Any, ...], mode: str, executor: Any
+) -> bytes | None:
+    """Pickle ``(initializer, initargs)`` for worker processes (by value when needed)."""
+    if initializer is None or executor is not None or mode == "thread":
+        return None
+    state = (initializer, initargs)
+    try:
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a lambda, a closure: by value
+        pass
+    try:
+        blob: bytes = importlib.import_module("cloudpickle").dumps(
+            state, protocol=pickle.HIGHEST_PROTOCOL
+        )
+    except Exception as exc:
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} with initargs={initargs!r} cannot be pickled "
+            f"to the worker processes ({type(exc).__name__}: {exc}); define the initializer "
+            "at module level and pass picklable initargs (paths, not open files)"
+        ) from exc
+    return blob
+
+
 def _check_function(func: Any, mode: str, executor: Any) -> bool:
     """Check that ``func`` fits ``mode``; return whether it is an ``async def``."""
     if not callable(func):
@@ -221,6 +283,42 @@ def _as_list(items: Any, name: str) -> list[Any]:
                 f"got {type(items).__name__}: pass [item] to map over one item"
             ) from None
         raise exc
+
+
+class _InitFailed(BaseException):
+    """Carries a thread's failed initializer out of the thread engine, which catches Exception."""
+
+    def __init__(self, error: WorkerStartError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _with_thread_init(
+    fn: Callable[[Any], Any], initializer: Callable[..., object], initargs: tuple[Any, ...]
+) -> Callable[[Any], Any]:
+    """Return ``fn`` preceded, once per thread, by ``initializer(*initargs)``.
+
+    A raising initializer stops the map with :class:`WorkerStartError`; the
+    thread runs it again at the next call.
+    """
+    local = threading.local()
+
+    def call(item: Any) -> Any:
+        if "ready" not in local.__dict__:
+            try:
+                initializer(*initargs)
+            except Exception as exc:
+                error = WorkerStartError(
+                    f"opmap: the initializer raised in thread "
+                    f"{threading.current_thread().name!r}: {type(exc).__name__}: {exc}; the map "
+                    "stopped (its items that had not run never will)"
+                )
+                error.__cause__ = exc
+                raise _InitFailed(error) from None
+            local.ready = True
+        return fn(item)
+
+    return call
 
 
 class _WorkerTarget:
@@ -397,6 +495,9 @@ class MappedFunction(Generic[R]):
         executor: cf.Executor | None = None,
         chunksize: int | None = None,
         token: str | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Sequence[Any] = (),
+        max_tasks_per_child: int | None = None,
         **opero_options: Any,
     ) -> None:
         from opero._pipeline import decorate as _decorator
@@ -410,12 +511,20 @@ class MappedFunction(Generic[R]):
         self._client = client
         self._executor = executor
         self._chunksize = chunksize
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_child
+        self._init_blob = _init_blob(initializer, self._initargs, mode, executor)
         self._opero_options = opero_options
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
         self.item_function: Any = _decorator.opero(**opero_options)(func)
         self._meta: Any = getattr(self.item_function, "__opero__", None)
         self._has_cache = bool(getattr(self._meta, "has_cache", False))
+        self._thread_fn: Callable[[Any], Any] = self.item_function
+        if initializer is not None and mode == "thread" and executor is None:
+            self._thread_fn = _with_thread_init(self.item_function, initializer, self._initargs)
+        self._dask_clients: weakref.WeakSet[Any] = weakref.WeakSet()  # plugin registered
         self._token = token or uuid.uuid4().hex
         self._worker_fns: dict[str | None, Callable[[Any], Any]] = {}
         self._limiter: SharedTokenBucket | None = None
@@ -568,6 +677,16 @@ class MappedFunction(Generic[R]):
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter
 
+    def _register_dask_initializer(self, client: Any) -> None:
+        """Register the initializer as a worker plugin on ``client``, once per client."""
+        if client in self._dask_clients:
+            return
+        from opero._map.dask_init import register
+
+        assert self._init_blob is not None
+        register(client, self._init_blob, self._label)
+        self._dask_clients.add(client)
+
     def _dask_client(self) -> Any:
         """Return ``client=`` or the current Dask client; a clear error when there is none."""
         if self._client is not None:
@@ -643,7 +762,7 @@ class MappedFunction(Generic[R]):
                 workers = self.workers
                 batch = self._chunksize or max(1, min(256, n // (workers * 4)))
                 pieces = _pools.run_thread_items(
-                    self.item_function,
+                    self._thread_fn,
                     items,
                     workers,
                     batch,
@@ -652,6 +771,8 @@ class MappedFunction(Generic[R]):
                 )
                 return self._finish(n, pieces)
             return self._finish(n, self._dispatch(items, bar, scope))
+        except _InitFailed as failed:
+            raise failed.error from failed.error.__cause__
         finally:
             bar.close()
 
@@ -782,11 +903,12 @@ class MappedFunction(Generic[R]):
         if self._executor is not None:
             _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
         elif client is not None:
+            if self._init_blob is not None:
+                self._register_dask_initializer(client)
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
-            _process_pool.run_process_jobs(
-                _process_pool.process_pool(workers), target, jobs, done, job_indices, scope
-            )
+            pool = _process_pool.process_pool(workers, None, self._init_blob, self._max_tasks)
+            _process_pool.run_process_jobs(pool, target, jobs, done, job_indices, scope)
         return pieces
 
     async def _amap_async(self, items: list[Any]) -> list[Any]:
@@ -816,7 +938,9 @@ class MappedFunction(Generic[R]):
                 jobs, job_indices = self._plan(items, missing, workers)
                 target = _WorkerTarget(self, self._shared_limiter())
                 done = self._collector(items, job_indices, pieces, bar)
-                await _pools.run_aio_process_jobs(workers, target, jobs, done)
+                await _pools.run_aio_process_jobs(
+                    workers, target, jobs, done, init_blob=self._init_blob
+                )
         finally:
             bar.close()
         return self._finish(n, pieces)
@@ -831,6 +955,9 @@ def opmap(
     client: Any = None,
     executor: cf.Executor | None = None,
     chunksize: int | None = None,
+    initializer: Callable[..., object] | None = None,
+    initargs: Sequence[Any] = (),
+    max_tasks_per_child: int | None = None,
     **opero_options: Any,
 ) -> Callable[[Callable[..., Any]], MappedFunction[Any]]:
     """Turn a one-item function into a function over an iterable of items.
@@ -857,6 +984,16 @@ def opmap(
             instead of opero's own pools (``mode`` is then ignored).
         chunksize: Items per batch or job; automatic (about four jobs per
             worker, at most 256 items per thread batch) when ``None``.
+        initializer: Called as ``initializer(*initargs)`` once per worker
+            before its first item: per thread (the calling thread included)
+            in ``"thread"`` mode, per worker process in ``"process"`` and
+            ``"async_process"`` modes, per Dask worker (a worker plugin) in
+            ``"dask"`` mode. If it raises, the call raises
+            :class:`WorkerStartError` (its ``__cause__`` is that error).
+        initargs: The arguments of ``initializer``.
+        max_tasks_per_child: ``"process"`` mode: a worker process runs this
+            many jobs (chunks of ``chunksize`` items), then exits and a new
+            one replaces it. ``None``: workers live until exit.
         **opero_options: Options of ``@opero``, applied per item.
 
     Returns:
@@ -870,6 +1007,7 @@ def opmap(
 
     """
     _check_options(mode, workers, ordered, progress, strict, client, executor, chunksize)
+    _check_worker_options(mode, executor, initializer, initargs, max_tasks_per_child)
 
     def decorate(func: Callable[..., Any]) -> MappedFunction[Any]:
         return MappedFunction(
@@ -882,6 +1020,9 @@ def opmap(
             client=client,
             executor=executor,
             chunksize=chunksize,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
             **opero_options,
         )
 
