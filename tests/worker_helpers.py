@@ -84,3 +84,10 @@ def logged_pid(arg: tuple[str, int]) -> tuple[int, int]:
     path, x = arg
     record(path, str(x))
     return x, os.getpid()
+
+
+def fail_thirds(x: int) -> int:
+    """Fail every item divisible by 3 with a ValueError."""
+    if x % 3 == 0:
+        raise ValueError(f"item {x}")
+    return x

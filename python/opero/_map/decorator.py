@@ -677,6 +677,40 @@ class MappedFunction(Generic[R]):
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter
 
+    def _told(self, fn: Callable[[Any], Any], bar: Any) -> Callable[[Any], Any]:
+        """Return ``fn`` telling the shown bar of each failed item as it happens.
+
+        Only used when a bar is shown: a map without one runs ``fn`` itself.
+        """
+        if self._is_async and self._mode == "async":
+
+            async def atold(item: Any) -> Any:
+                try:
+                    return await fn(item)
+                except Exception:
+                    bar.fail(1)
+                    raise
+
+            return atold
+
+        def told(item: Any) -> Any:
+            try:
+                return fn(item)
+            except Exception:
+                bar.fail(1)
+                raise
+
+        return told
+
+    def _cache_hits(self) -> int:
+        """Return the item function's cache hit count (0 without a cache or counters)."""
+        if not self._has_cache:
+            return 0
+        try:
+            return int(self.item_function.cache_info().hits)
+        except Exception:  # a backend without counters: no cached count
+            return 0
+
     def _register_dask_initializer(self, client: Any) -> None:
         """Register the initializer as a worker plugin on ``client``, once per client."""
         if client in self._dask_clients:
@@ -759,16 +793,19 @@ class MappedFunction(Generic[R]):
         bar = make_progress(self._progress, n, self.__name__)
         try:
             if self._executor is None and self._mode == "thread":
+                hits = self._cache_hits() if bar.shown else 0
                 workers = self.workers
                 batch = self._chunksize or max(1, min(256, n // (workers * 4)))
                 pieces = _pools.run_thread_items(
-                    self._thread_fn,
+                    self._thread_fn if not bar.shown else self._told(self._thread_fn, bar),
                     items,
                     workers,
                     batch,
                     bar if self._progress else None,
                     scope,
                 )
+                if bar.shown:
+                    bar.cache(self._cache_hits() - hits)
                 return self._finish(n, pieces)
             return self._finish(n, self._dispatch(items, bar, scope))
         except _InitFailed as failed:
@@ -794,6 +831,9 @@ class MappedFunction(Generic[R]):
         if not hits and not unkeyable:
             return [], range(len(items))
         bar.update(hits + len(unkeyable))
+        bar.cache(hits)
+        if unkeyable:
+            bar.fail(len(unkeyable))
         if hits == len(items):
             return [(range(len(items)), found, None)], []
         pieces: list[_pools.Piece] = []
@@ -870,6 +910,8 @@ class MappedFunction(Generic[R]):
                 else:
                     store([items[i] for i in indices], values)
             bar.update(len(indices))
+            if errors:
+                bar.fail(len(errors))
 
         return done
 
@@ -915,14 +957,17 @@ class MappedFunction(Generic[R]):
         """Run a map on the running loop (``mode="async"``)."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
+        hits = self._cache_hits() if bar.shown else 0
         try:
             pieces = await _pools.run_async_items(
-                self.item_function,
+                self.item_function if not bar.shown else self._told(self.item_function, bar),
                 items,
                 self.workers,
                 self._is_async,
                 bar if self._progress else None,
             )
+            if bar.shown:
+                bar.cache(self._cache_hits() - hits)
         finally:
             bar.close()
         return self._finish(n, pieces)

@@ -4,16 +4,26 @@
 ``opero[progress]`` extra) and stderr is a terminal; ``progress="force"`` shows
 it whenever tqdm is installed (notebooks, logs); ``progress=False`` never does.
 A missing tqdm is never an error: the bar is simply off. The bar counts items,
-cache hits included.
+cache hits included; its postfix shows the failures (``failed=3``) as they
+happen, refreshed at most :data:`POSTFIX_EVERY` seconds apart, and when the
+map ends a summary line is written below it (``tqdm.write``), only when the
+bar was shown::
+
+    opmap fetch: 1997 done, 3 failed, 120 cached in 12.4 s
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import threading
+import time
 from typing import Any, Literal, Protocol
 
-__all__ = ["PROGRESS_VALUES", "Progress", "make_progress"]
+__all__ = ["POSTFIX_EVERY", "PROGRESS_VALUES", "Progress", "StoryBar", "make_progress"]
+
+POSTFIX_EVERY = 0.25
+"""Seconds between two refreshes of the bar's postfix (failures come in bursts)."""
 
 PROGRESS_VALUES: tuple[Any, ...] = (True, False, "force")
 """The accepted values of ``@opmap(progress=...)``."""
@@ -28,12 +38,26 @@ class Progress(Protocol):
     def close(self) -> Any:
         """Finish the bar."""
 
+    def fail(self, n: int = 1) -> Any:
+        """Count ``n`` more failed items (they are counted by :meth:`update` too)."""
+
+    def cache(self, n: int = 1) -> Any:
+        """Count ``n`` more items served from the cache (counted by :meth:`update` too)."""
+
 
 class _NoProgress:
     """The progress bar that shows nothing (and costs nothing)."""
 
+    shown = False
+
     def update(self, n: int = 1) -> None:
         """Ignore the update."""
+
+    def fail(self, n: int = 1) -> None:
+        """Ignore the failures."""
+
+    def cache(self, n: int = 1) -> None:
+        """Ignore the cache hits."""
 
     def close(self) -> None:
         """Nothing to close."""
@@ -73,5 +97,74 @@ def make_progress(
         tqdm = importlib.import_module("tqdm.auto").tqdm
     except ImportError:
         return NO_PROGRESS
-    bar: Progress = tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
-    return bar
+    return StoryBar(tqdm(total=total, desc=desc, unit="item", file=sys.stderr), desc)
+
+
+class StoryBar:
+    """A tqdm bar that also counts failures and cache hits, and sums the map up at the end.
+
+    Args:
+        bar: The tqdm bar.
+        label: The map's name, used in the summary line.
+        clock: The time source (seconds).
+
+    """
+
+    shown = True
+
+    def __init__(self, bar: Any, label: str, clock: Any = time.monotonic) -> None:
+        self.bar = bar
+        self.label = label
+        self.clock = clock
+        self.started = clock()
+        self.done = 0
+        self.failed = 0
+        self.cached = 0
+        self._shown_at = -POSTFIX_EVERY
+        self._shown_failed = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more finished items."""
+        with self._lock:
+            self.done += n
+            self.bar.update(n)
+
+    def fail(self, n: int = 1) -> None:
+        """Count ``n`` failed items; refresh the postfix when it is due."""
+        with self._lock:
+            self.failed += n
+            now = self.clock()
+            if now - self._shown_at >= POSTFIX_EVERY:
+                self._postfix(now)
+
+    def cache(self, n: int = 1) -> None:
+        """Count ``n`` items served from the cache."""
+        with self._lock:
+            self.cached += n
+
+    def _postfix(self, now: float) -> None:
+        """Show the failure count in the postfix (lock held)."""
+        self._shown_at = now
+        self._shown_failed = self.failed
+        self.bar.set_postfix_str(f"failed={self.failed}", refresh=True)
+
+    def summary(self) -> str:
+        """Return the summary line: finished (failed and cached included), failed, cached, time."""
+        elapsed = self.clock() - self.started
+        return (
+            f"opmap {self.label}: {self.done} done, {self.failed} failed, {self.cached} cached "
+            f"in {elapsed:.1f} s"
+        )
+
+    def close(self) -> None:
+        """Show the last counts, close the bar and write the summary line below it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.failed != self._shown_failed:
+                self._postfix(self.clock())
+        self.bar.close()
+        self.bar.write(self.summary(), file=self.bar.fp)
