@@ -1,4 +1,4 @@
-"""The progress bar tells the story: failures in the postfix as they happen, a summary at the end."""
+"""The bar tells the story: failures in the postfix as they happen, a summary at the end."""
 
 from __future__ import annotations
 
