@@ -27,10 +27,11 @@ async def aboom(x: int) -> int:
 
 
 class Unpicklable(Exception):
-    """An exception that cannot be rebuilt in the parent (its __init__ takes two args)."""
+    """An exception that cannot be pickled (it holds a lock)."""
 
     def __init__(self, a: int, b: int) -> None:
         super().__init__(f"{a}-{b}")
+        self.lock = threading.Lock()
 
 
 def unpicklable_boom(x: int) -> int:
@@ -91,3 +92,18 @@ def fail_thirds(x: int) -> int:
     if x % 3 == 0:
         raise ValueError(f"item {x}")
     return x
+
+
+def flaky_path(arg: tuple[str, int]) -> int:
+    """Fail the first call of each item (noted in the folder ``arg[0]``), succeed the second."""
+    folder, x = arg
+    mark = os.path.join(folder, str(x))
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise ConnectionError(f"first call of {x}")
+    return x
+
+
+async def aflaky_path(arg: tuple[str, int]) -> int:
+    """Async twin of :func:`flaky_path`."""
+    return flaky_path(arg)

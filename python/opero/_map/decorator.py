@@ -85,7 +85,7 @@ from typing import Any, Generic, Literal, TypeVar
 from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._map.progress import CURRENT_BAR, PROGRESS_VALUES, counting_retries, make_progress
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
 from opero.errors import ConfigurationError, MapError, OpmapFailureWarning, WorkerStartError
@@ -518,7 +518,7 @@ class MappedFunction(Generic[R]):
         self._opero_options = opero_options
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
-        self.item_function: Any = _decorator.opero(**opero_options)(func)
+        self.item_function: Any = _decorator.opero(**self._counted(opero_options))(func)
         self._meta: Any = getattr(self.item_function, "__opero__", None)
         self._has_cache = bool(getattr(self._meta, "has_cache", False))
         self._thread_fn: Callable[[Any], Any] = self.item_function
@@ -653,6 +653,7 @@ class MappedFunction(Generic[R]):
             }
             if limiter is not None:
                 options["_limiter"] = limiter
+            options = self._counted(options)
             wrapped = _decorator.opero(**options)(self._func)
             meta = getattr(wrapped, "__opero__", None)
             if meta is None:
@@ -677,28 +678,45 @@ class MappedFunction(Generic[R]):
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter
 
+    def _counted(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Return ``options`` with an ``on_retry`` that counts retries for the progress bar.
+
+        ``progress=False`` keeps the options as they are (no cost); so does an
+        ``on_retry`` that is not callable, which ``@opero`` then rejects.
+        """
+        user = options.get("on_retry")
+        if self._progress is False or not (user is None or callable(user)):
+            return options
+        return {**options, "on_retry": counting_retries(user)}
+
     def _told(self, fn: Callable[[Any], Any], bar: Any) -> Callable[[Any], Any]:
-        """Return ``fn`` telling the shown bar of each failed item as it happens.
+        """Return ``fn`` telling the shown bar of each failure and retry as they happen.
 
         Only used when a bar is shown: a map without one runs ``fn`` itself.
         """
         if self._is_async and self._mode == "async":
 
             async def atold(item: Any) -> Any:
+                token = CURRENT_BAR.set(bar)
                 try:
                     return await fn(item)
                 except Exception:
                     bar.fail(1)
                     raise
+                finally:
+                    CURRENT_BAR.reset(token)
 
             return atold
 
         def told(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
             try:
                 return fn(item)
             except Exception:
                 bar.fail(1)
                 raise
+            finally:
+                CURRENT_BAR.reset(token)
 
         return told
 
@@ -950,7 +968,10 @@ class MappedFunction(Generic[R]):
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
             pool = _process_pool.process_pool(workers, None, self._init_blob, self._max_tasks)
-            _process_pool.run_process_jobs(pool, target, jobs, done, job_indices, scope)
+            retried = bar.retry if bar.shown else None
+            _process_pool.run_process_jobs(
+                pool, target, jobs, done, job_indices, scope, retried=retried
+            )
         return pieces
 
     async def _amap_async(self, items: list[Any]) -> list[Any]:

@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from opero.errors import OperoError, RemoteTraceback, WorkerDiedError, WorkerStartError
 
@@ -130,7 +130,8 @@ def portable(exc: BaseException) -> BaseException:
             "(the original exception could not be pickled to the parent process: "
             f"{type(pickling_error).__name__}: {pickling_error})"
         )
-    return exc if text is None else _WithTraceback(exc, text)
+    # Travels in the place of ``exc`` and unpickles as ``exc`` (see _WithTraceback).
+    return exc if text is None else cast(BaseException, _WithTraceback(exc, text))
 
 
 def _traceback_text(exc: BaseException) -> str | None:
@@ -143,11 +144,17 @@ def _traceback_text(exc: BaseException) -> str | None:
         return None
 
 
-class _WithTraceback(Exception):
-    """An exception on its way to the parent with its traceback text (pickles as the former)."""
+class _WithTraceback:
+    """An exception on its way to the parent with its traceback text (pickles as the former).
+
+    Not an exception class itself: ``tblib.pickling_support.install()`` (which
+    ``distributed`` may call) registers a ``copyreg`` reducer for every
+    exception class, which would bypass :meth:`__reduce__`.
+    """
+
+    __slots__ = ("exc", "text")
 
     def __init__(self, exc: BaseException, text: str) -> None:
-        super().__init__()
         self.exc = exc
         self.text = text
 

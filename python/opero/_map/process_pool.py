@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opero._map.pools import CancelScope, Target, portable, run_chunk
+from opero._map.progress import WORKER_RETRIES
 from opero.errors import OperoError, WorkerDiedError, WorkerStartError
 
 __all__ = [
@@ -91,6 +92,7 @@ def _worker_main(conn: Any, init_blob: bytes | None = None, max_jobs: int | None
         except BaseException as exc:  # SystemExit too: the parent must learn why
             conn.send_bytes(_INIT_FAILED + pickle.dumps(portable(exc)))
             return
+    WORKER_RETRIES[0] = 0  # forked: the parent's count is not this worker's
     conn.send_bytes(_READY)
     jobs = itertools.count(1)
     while True:
@@ -101,20 +103,21 @@ def _worker_main(conn: Any, init_blob: bytes | None = None, max_jobs: int | None
         job_id, target_blob, items_blob = pickle.loads(message)
         try:
             values, errors = run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
-            reply = _encode_result(job_id, values, errors)
+            retries, WORKER_RETRIES[0] = WORKER_RETRIES[0], 0
+            reply = _encode_result(job_id, values, errors, retries)
         except Exception as exc:  # the target or the items could not be rebuilt here
-            reply = pickle.dumps((job_id, None, portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = pickle.dumps((job_id, None, portable(exc), 0), protocol=pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(reply)
         if max_jobs is not None and next(jobs) >= max_jobs:
             return  # recycled: the parent sent no other job, and replaces this worker
 
 
 def _encode_result(
-    job_id: int, values: list[Any], errors: dict[int, BaseException] | None
+    job_id: int, values: list[Any], errors: dict[int, BaseException] | None, retries: int = 0
 ) -> bytes:
-    """Pickle a job's results; a value that does not pickle fails only its own item."""
+    """Pickle a job's results (and its retry count); a value that does not pickle fails its item."""
     try:
-        return pickle.dumps((job_id, values, errors), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((job_id, values, errors, retries), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # find the values that do not pickle: each fails its own item
         errors = dict(errors or {})
         for position, value in enumerate(values):
@@ -130,7 +133,9 @@ def _encode_result(
                         f"process: {type(exc).__name__}: {exc}"
                     )
                 )
-        return pickle.dumps((job_id, values, errors or None), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(
+            (job_id, values, errors or None, retries), protocol=pickle.HIGHEST_PROTOCOL
+        )
 
 
 def _unpickling_error(exc: BaseException) -> Exception:
@@ -194,6 +199,7 @@ class _Run:
         jobs: Sequence[Sequence[Any]],
         done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
         indices: Sequence[Sequence[int]] | None,
+        retried: Callable[[int], object] | None = None,
     ) -> None:
         self.target_blob = target_blob
         self.jobs = jobs
@@ -205,6 +211,8 @@ class _Run:
         self.finished = threading.Event()
         self.cancelled = False
         self.failure: BaseException | None = None
+        self.retried = retried
+        self.retries = 0  # counted by the dispatcher, not yet told to ``retried``
 
     def label(self, j: int, position: int) -> str:
         """Name an item by its index in the map (its position in the job when unknown)."""
@@ -712,9 +720,11 @@ class ProcessPool:
                 continue
             job = w.jobs.popleft()
             try:
-                _job_id, values, errors = pickle.loads(message)
+                _job_id, values, errors, retries = pickle.loads(message)
             except BaseException as exc:  # a result that pickles but does not unpickle here
-                values, errors = None, _unpickling_error(exc)
+                values, errors, retries = None, _unpickling_error(exc), 0
+            if retries:
+                job.run.retries += retries
             if values is None and job.size > 1 and not job.run.cancelled:
                 # The job failed as a whole (an item or a result that does not
                 # unpickle): run its items one per job, so only the bad one fails.
@@ -844,6 +854,12 @@ class ProcessPool:
                 run.failure = exc
                 self.cancel(run)
         for run in touched:
+            if run.retries and run.retried is not None:
+                count, run.retries = run.retries, 0
+                try:
+                    run.retried(count)
+                except Exception:  # the progress bar's: never the dispatcher's problem
+                    _log.warning("opmap: the progress bar failed", exc_info=True)
             if run.open == 0:
                 run.finished.set()
 
@@ -882,10 +898,13 @@ def run_process_jobs(
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
     indices: Sequence[Sequence[int]] | None = None,
     scope: CancelScope | None = None,
+    retried: Callable[[int], object] | None = None,
 ) -> None:
     """Run every job on the process pool; ``done(job, values, errors)`` as each finishes.
 
-    ``done`` runs in the pool's dispatcher thread. An interrupt
+    ``done`` runs in the pool's dispatcher thread; so does ``retried(n)``,
+    told of the retries the workers made for the map's items (counted only
+    when the mapped function counts them: a shown progress bar). An interrupt
     (``KeyboardInterrupt``) or a cancelled ``scope`` drops the map's jobs
     that have not started; the pool stays usable.
 
@@ -893,7 +912,7 @@ def run_process_jobs(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices)
+    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices, retried)
     try:
         pool.submit(run)
         if scope is not None:

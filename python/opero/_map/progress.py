@@ -14,13 +14,59 @@ bar was shown::
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-__all__ = ["POSTFIX_EVERY", "PROGRESS_VALUES", "Progress", "StoryBar", "make_progress"]
+__all__ = [
+    "CURRENT_BAR",
+    "POSTFIX_EVERY",
+    "PROGRESS_VALUES",
+    "WORKER_RETRIES",
+    "Progress",
+    "StoryBar",
+    "counting_retries",
+    "make_progress",
+]
+
+CURRENT_BAR: contextvars.ContextVar[StoryBar | None] = contextvars.ContextVar(
+    "opero_opmap_bar", default=None
+)
+"""The shown bar of the map whose item runs in this thread or task (thread and async modes)."""
+
+WORKER_RETRIES = [0]
+"""Retries made in this worker process since its last job's results were sent (process mode)."""
+
+
+def counting_retries(
+    user: Callable[..., object] | None,
+) -> Callable[[BaseException, int], None]:
+    """Return an ``on_retry`` that counts each retry for the map's bar, then calls ``user``.
+
+    The count goes to the bar of the item's map when it runs in this process
+    (:data:`CURRENT_BAR`), else to :data:`WORKER_RETRIES`, which a process
+    worker sends back with its job's results. Only maps whose ``progress`` is
+    not ``False`` use it: the others keep the user's ``on_retry`` as it is.
+    """
+    from opero._pipeline.callbacks import adapt_callback  # import cycle
+
+    adapted = adapt_callback("on_retry", user, (2, 1))
+
+    def on_retry(exc: BaseException, attempt: int) -> None:
+        bar = CURRENT_BAR.get()
+        if bar is not None:
+            bar.retry(1)
+        else:
+            WORKER_RETRIES[0] += 1
+        if adapted is not None:
+            adapted(exc, attempt)
+
+    return on_retry
+
 
 POSTFIX_EVERY = 0.25
 """Seconds between two refreshes of the bar's postfix (failures come in bursts)."""
@@ -44,6 +90,9 @@ class Progress(Protocol):
     def cache(self, n: int = 1) -> Any:
         """Count ``n`` more items served from the cache (counted by :meth:`update` too)."""
 
+    def retry(self, n: int = 1) -> Any:
+        """Count ``n`` more retries (calls of an item after its first one)."""
+
 
 class _NoProgress:
     """The progress bar that shows nothing (and costs nothing)."""
@@ -58,6 +107,9 @@ class _NoProgress:
 
     def cache(self, n: int = 1) -> None:
         """Ignore the cache hits."""
+
+    def retry(self, n: int = 1) -> None:
+        """Ignore the retries."""
 
     def close(self) -> None:
         """Nothing to close."""
@@ -120,8 +172,9 @@ class StoryBar:
         self.done = 0
         self.failed = 0
         self.cached = 0
+        self.retried = 0
         self._shown_at = -POSTFIX_EVERY
-        self._shown_failed = 0
+        self._shown = (0, 0)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -139,23 +192,32 @@ class StoryBar:
             if now - self._shown_at >= POSTFIX_EVERY:
                 self._postfix(now)
 
+    def retry(self, n: int = 1) -> None:
+        """Count ``n`` retries; refresh the postfix when it is due."""
+        with self._lock:
+            self.retried += n
+            now = self.clock()
+            if now - self._shown_at >= POSTFIX_EVERY:
+                self._postfix(now)
+
     def cache(self, n: int = 1) -> None:
         """Count ``n`` items served from the cache."""
         with self._lock:
             self.cached += n
 
     def _postfix(self, now: float) -> None:
-        """Show the failure count in the postfix (lock held)."""
+        """Show the failure and retry counts in the postfix (lock held)."""
         self._shown_at = now
-        self._shown_failed = self.failed
-        self.bar.set_postfix_str(f"failed={self.failed}", refresh=True)
+        self._shown = (self.failed, self.retried)
+        self.bar.set_postfix_str(f"failed={self.failed} retried={self.retried}", refresh=True)
 
     def summary(self) -> str:
         """Return the summary line: finished (failed and cached included), failed, cached, time."""
         elapsed = self.clock() - self.started
+        retried = f", {self.retried} retries" if self.retried else ""
         return (
-            f"opmap {self.label}: {self.done} done, {self.failed} failed, {self.cached} cached "
-            f"in {elapsed:.1f} s"
+            f"opmap {self.label}: {self.done} done, {self.failed} failed, {self.cached} cached"
+            f"{retried} in {elapsed:.1f} s"
         )
 
     def close(self) -> None:
@@ -164,7 +226,7 @@ class StoryBar:
             if self._closed:
                 return
             self._closed = True
-            if self.failed != self._shown_failed:
+            if (self.failed, self.retried) != self._shown:
                 self._postfix(self.clock())
         self.bar.close()
         self.bar.write(self.summary(), file=self.bar.fp)
