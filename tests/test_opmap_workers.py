@@ -327,3 +327,42 @@ def test_bad_worker_options_are_configuration_errors(options, named):
     """A bad initializer, initargs, max_tasks_per_child or chunksize fails at decoration."""
     with pytest.raises(ConfigurationError, match=named.replace("(", r"\(").replace("?", r"\?")):
         opmap(progress=False, **options)(wh.with_state)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_script_global_set_by_initializer_is_seen_by_the_function(tmp_path, method):
+    """In a script (functions sent by value), the global the initializer sets is the one read."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, os, warnings
+            from opero import opmap
+
+            MODEL = {{}}
+
+            def load(name):
+                MODEL["name"] = name
+                MODEL["pid"] = os.getpid()
+
+            @opmap(mode="process", workers=2, retries=0, progress=False,
+                   initializer=load, initargs=("weights",))
+            def predict(x):
+                return x, MODEL.get("name"), MODEL.get("pid") == os.getpid()
+
+            if __name__ == "__main__":
+                multiprocessing.set_start_method({method!r}, force=True)
+                warnings.simplefilter("ignore")
+                print("RESULT", predict(range(6)) == [(x, "weights", True) for x in range(6)])
+                print("PARENT", MODEL)
+            """
+        )
+    )
+    outcome = run_scenario(
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+        args=(str(script),),
+        timeout=120,
+    )
+    assert "RESULT True" in outcome.stdout, outcome.stdout + outcome.stderr
+    assert "PARENT {}" in outcome.stdout  # the parent never ran the initializer

@@ -18,7 +18,7 @@ from opero.errors import WorkerStartError
 __all__ = ["InitializerPlugin", "register"]
 
 
-class InitializerPlugin(WorkerPlugin):  # type: ignore[misc]
+class InitializerPlugin(WorkerPlugin):
     """Runs the pickled ``(initializer, initargs)`` once per Dask worker."""
 
     def __init__(self, init_blob: bytes) -> None:

@@ -198,14 +198,20 @@ def _check_worker_options(
 def _init_blob(
     initializer: Callable[..., object] | None, initargs: tuple[Any, ...], mode: str, executor: Any
 ) -> bytes | None:
-    """Pickle ``(initializer, initargs)`` for worker processes (by value when needed)."""
+    """Pickle ``(initializer, initargs)`` for the workers, at decoration time.
+
+    Like the mapped function: by reference when the initializer can be
+    imported by name, else by value through cloudpickle (``__main__``, a
+    notebook, a lambda or closure), which a spawned worker can rebuild.
+    """
     if initializer is None or executor is not None or mode == "thread":
         return None
     state = (initializer, initargs)
-    try:
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # a lambda, a closure: by value
-        pass
+    if _importable(initializer):
+        try:
+            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # initargs holding a lambda: by value below
+            pass
     try:
         blob: bytes = importlib.import_module("cloudpickle").dumps(
             state, protocol=pickle.HIGHEST_PROTOCOL
@@ -474,6 +480,31 @@ def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     return mapped
 
 
+def _init_with_mapped(
+    token: str,
+    state: tuple[Callable[..., Any], dict[str, Any]],
+    initializer: Callable[..., object],
+    initargs: tuple[Any, ...],
+) -> None:
+    """In a worker: rebuild a mapped function sent by value, then run its initializer.
+
+    Unpickled together, the function and the initializer share their globals;
+    the function is kept under its token, where :func:`_rebuild_by_value`
+    finds it when the jobs arrive (in a forked worker, instead of the parent's
+    original it inherited).
+    """
+    func, options = state
+    mapped = MappedFunction(func, token=token, **options)
+    # A forked worker inherited the parent's original: it must use this copy instead.
+    _SENT_BY_VALUE.pop(token, None)
+    with _BY_VALUE_LOCK:
+        _BY_VALUE[token] = mapped
+        _BY_VALUE.move_to_end(token)
+        while len(_BY_VALUE) > BY_VALUE_KEPT:
+            _BY_VALUE.popitem(last=False)
+    initializer(*initargs)
+
+
 class MappedFunction(Generic[R]):
     """A one-item function mapped over iterables; built by :func:`opmap`.
 
@@ -515,6 +546,7 @@ class MappedFunction(Generic[R]):
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks_per_child
         self._init_blob = _init_blob(initializer, self._initargs, mode, executor)
+        self._shared_init_blob: bytes | None = None
         self._opero_options = opero_options
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
@@ -604,6 +636,35 @@ class MappedFunction(Generic[R]):
             # wait for the whole map when it joins its executor.
             scope.cancel()
             raise
+
+    def _worker_init_blob(self) -> bytes | None:
+        """Return what a worker process runs first: the initializer, pickled at decoration.
+
+        When this function travels by value (``__main__``, a notebook), the
+        initializer travels in one pickle with it, and the worker rebuilds the
+        function there (:func:`_init_with_mapped`): both then share one copy of
+        the globals they use, so a global the initializer sets (a model) is the
+        one the function reads. Pickled separately, each would get its own.
+        """
+        if self._init_blob is None or _importable(self):
+            return self._init_blob
+        if self._shared_init_blob is None:
+            # The options a copy by value is rebuilt with (as in __reduce__).
+            options = dict(self._opero_options)
+            options.update(
+                mode=self._mode,
+                workers=self._workers,
+                ordered=self._ordered,
+                progress=self._progress,
+                strict=self._strict,
+                chunksize=self._chunksize,
+            )
+            state = (self._token, (self._func, options), self._initializer, self._initargs)
+            try:
+                self._shared_init_blob = _dumps_by_value((_init_with_mapped, state))
+            except Exception:  # __reduce__ reports it when the function is sent
+                self._shared_init_blob = self._init_blob
+        return self._shared_init_blob
 
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
@@ -735,8 +796,9 @@ class MappedFunction(Generic[R]):
             return
         from opero._map.dask_init import register
 
-        assert self._init_blob is not None
-        register(client, self._init_blob, self._label)
+        blob = self._worker_init_blob()
+        assert blob is not None
+        register(client, blob, self._label)
         self._dask_clients.add(client)
 
     def _dask_client(self) -> Any:
@@ -967,7 +1029,9 @@ class MappedFunction(Generic[R]):
                 self._register_dask_initializer(client)
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
-            pool = _process_pool.process_pool(workers, None, self._init_blob, self._max_tasks)
+            pool = _process_pool.process_pool(
+                workers, None, self._worker_init_blob(), self._max_tasks
+            )
             retried = bar.retry if bar.shown else None
             _process_pool.run_process_jobs(
                 pool, target, jobs, done, job_indices, scope, retried=retried
@@ -1005,7 +1069,7 @@ class MappedFunction(Generic[R]):
                 target = _WorkerTarget(self, self._shared_limiter())
                 done = self._collector(items, job_indices, pieces, bar)
                 await _pools.run_aio_process_jobs(
-                    workers, target, jobs, done, init_blob=self._init_blob
+                    workers, target, jobs, done, init_blob=self._worker_init_blob()
                 )
         finally:
             bar.close()

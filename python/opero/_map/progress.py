@@ -78,6 +78,9 @@ PROGRESS_VALUES: tuple[Any, ...] = (True, False, "force")
 class Progress(Protocol):
     """What ``@opmap`` needs from a progress bar."""
 
+    shown: bool
+    """Whether a bar is on screen (``False``: every method is a no-op)."""
+
     def update(self, n: int = 1) -> Any:
         """Count ``n`` more finished items."""
 
@@ -126,9 +129,7 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def make_progress(
-    progress: bool | Literal["force"], total: int, desc: str
-) -> Progress | _NoProgress:
+def make_progress(progress: bool | Literal["force"], total: int, desc: str) -> Progress:
     """Return a bar for ``total`` items, or the silent one.
 
     Args:
