@@ -494,7 +494,7 @@ def _init_with_mapped(
     original it inherited).
     """
     func, options = state
-    mapped = MappedFunction(func, token=token, **options)
+    mapped: MappedFunction[Any] = MappedFunction(func, token=token, **options)
     # A forked worker inherited the parent's original: it must use this copy instead.
     _SENT_BY_VALUE.pop(token, None)
     with _BY_VALUE_LOCK:
