@@ -366,3 +366,21 @@ def test_script_global_set_by_initializer_is_seen_by_the_function(tmp_path, meth
     )
     assert "RESULT True" in outcome.stdout, outcome.stdout + outcome.stderr
     assert "PARENT {}" in outcome.stdout  # the parent never ran the initializer
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and process groups")
+def test_initializer_that_exits_the_worker_ends_the_map():
+    """An initializer that kills its worker fails the map with WorkerStartError naming it."""
+    res = _result_of(
+        """
+        f = opmap(mode="process", workers=2, retries=0, progress=False,
+                  initializer=wh.init_exit)(wh.with_state)
+        try:
+            f(range(10))
+            report(raised=None)
+        except WorkerStartError as exc:
+            report(raised=str(exc), notes=getattr(exc, "__notes__", []))
+        """
+    )
+    assert "exit code 7" in res["raised"]
+    assert any("initializer" in note for note in res["notes"])

@@ -107,3 +107,8 @@ def flaky_path(arg: tuple[str, int]) -> int:
 async def aflaky_path(arg: tuple[str, int]) -> int:
     """Async twin of :func:`flaky_path`."""
     return flaky_path(arg)
+
+
+def init_exit() -> None:
+    """End the worker process from its initializer, as a crash in native code would."""
+    os._exit(7)

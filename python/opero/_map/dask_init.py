@@ -7,6 +7,7 @@ Dask runs its ``setup`` once on every worker, and on workers that join later.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 from typing import Any
@@ -42,6 +43,9 @@ def register(client: Any, init_blob: bytes, label: str) -> None:
     try:
         client.register_plugin(InitializerPlugin(init_blob), name=name)
     except Exception as exc:
+        # Unregistered, so that a worker joining later does not fail the same way.
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)
         error = WorkerStartError(
             f"opmap {label}: the initializer raised on a Dask worker: "
             f"{type(exc).__name__}: {exc}; the map did not start"

@@ -752,7 +752,13 @@ class ProcessPool:
             if w.init_error is not None:
                 self._fail_all(_init_error(w.process.pid, w.init_error))
             else:
-                self._fail_all(_start_error(w.process.exitcode, self._ctx.get_start_method()))
+                error = _start_error(w.process.exitcode, self._ctx.get_start_method())
+                if self.init_blob is not None:
+                    error.add_note(
+                        "opmap: this pool's workers run an initializer first; it may have "
+                        "ended the process (os._exit, a signal, a crash in native code)"
+                    )
+                self._fail_all(error)
             return outcomes
         if job is None or job.run.cancelled:
             return outcomes

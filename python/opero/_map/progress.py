@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import logging
 import sys
 import threading
 import time
@@ -67,6 +68,8 @@ def counting_retries(
 
     return on_retry
 
+
+_log = logging.getLogger("opero")
 
 POSTFIX_EVERY = 0.25
 """Seconds between two refreshes of the bar's postfix (failures come in bursts)."""
@@ -210,7 +213,10 @@ class StoryBar:
         """Show the failure and retry counts in the postfix (lock held)."""
         self._shown_at = now
         self._shown = (self.failed, self.retried)
-        self.bar.set_postfix_str(f"failed={self.failed} retried={self.retried}", refresh=True)
+        try:
+            self.bar.set_postfix_str(f"failed={self.failed} retried={self.retried}", refresh=True)
+        except Exception:  # a closed stream: the item's outcome must not change
+            _log.debug("opmap %s: could not refresh the progress bar", self.label, exc_info=True)
 
     def summary(self) -> str:
         """Return the summary line: finished (failed and cached included), failed, cached, time."""
@@ -230,4 +236,7 @@ class StoryBar:
             if (self.failed, self.retried) != self._shown:
                 self._postfix(self.clock())
         self.bar.close()
-        self.bar.write(self.summary(), file=self.bar.fp)
+        try:
+            self.bar.write(self.summary(), file=self.bar.fp)
+        except Exception:  # a closed stream
+            _log.debug("opmap %s: could not write the summary", self.label, exc_info=True)
