@@ -8,7 +8,15 @@ import traceback
 import pytest
 
 import worker_helpers as wh
-from opero import MapError, OperoError, OpmapFailureWarning, RemoteTraceback, opmap, set_testing
+from opero import (
+    MapError,
+    OperoError,
+    OpmapFailureWarning,
+    RemoteTraceback,
+    attempt_errors,
+    opmap,
+    set_testing,
+)
 
 
 def _line(marker: str) -> int:
@@ -60,6 +68,19 @@ def test_unpicklable_exception_gets_a_traceback_too():
     assert isinstance(exc, OperoError)
     assert "Unpicklable" in str(exc)
     _assert_worker_line(exc, "UNPICKLABLE-LINE")
+
+
+def test_unpicklable_earlier_attempt_keeps_the_item_type(tmp_path):
+    """An earlier attempt's unpicklable error is described; the item keeps its own exception."""
+    f = opmap(mode="process", workers=1, retries=1, progress=False)(wh.unpicklable_then_value_error)
+    with set_testing(), pytest.warns(OpmapFailureWarning, match="failed"):
+        exc = f([(str(tmp_path), 5)])[0]
+    assert type(exc) is ValueError
+    assert exc.args == ("second call", 5)
+    first, last = attempt_errors(exc)
+    assert isinstance(first, OperoError)
+    assert "Unpicklable" in str(first)
+    assert last is exc
 
 
 def test_async_process_item_carries_worker_traceback():

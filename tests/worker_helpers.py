@@ -112,3 +112,13 @@ async def aflaky_path(arg: tuple[str, int]) -> int:
 def init_exit() -> None:
     """End the worker process from its initializer, as a crash in native code would."""
     os._exit(7)
+
+
+def unpicklable_then_value_error(arg: tuple[str, int]) -> int:
+    """Raise an unpicklable exception on an item's first call, a ValueError on later ones."""
+    folder, x = arg
+    mark = os.path.join(folder, str(x))
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise Unpicklable(x, x)
+    raise ValueError("second call", x)

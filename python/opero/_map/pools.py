@@ -41,7 +41,13 @@ import traceback
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
-from opero.errors import OperoError, RemoteTraceback, WorkerDiedError, WorkerStartError
+from opero.errors import (
+    EARLIER_ERRORS,
+    OperoError,
+    RemoteTraceback,
+    WorkerDiedError,
+    WorkerStartError,
+)
 
 __all__ = [
     "CancelScope",
@@ -114,7 +120,9 @@ def portable(exc: BaseException) -> BaseException:
     whose ``__cause__`` is an :class:`opero.errors.RemoteTraceback` holding
     the traceback formatted here, in the worker, the way ``concurrent.futures``
     does; or, when ``exc`` does not pickle, an :class:`OperoError` describing
-    it, with that same traceback.
+    it, with that same traceback. An earlier attempt's error kept on ``exc``
+    (:func:`opero.errors.attempt_errors`) that does not pickle is described
+    the same way, and ``exc`` keeps its type.
 
     The exception must also unpickle: one whose ``__init__`` takes other
     arguments than it passes to ``Exception.__init__`` pickles, but rebuilding
@@ -122,16 +130,46 @@ def portable(exc: BaseException) -> BaseException:
     the item's real error.
     """
     text = _traceback_text(exc)
-    try:
-        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
-    except BaseException as pickling_error:  # the error must still reach the parent
-        exc = OperoError(
-            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-            "(the original exception could not be pickled to the parent process: "
-            f"{type(pickling_error).__name__}: {pickling_error})"
-        )
+    exc = _plain(exc, attempts=True)
     # Travels in the place of ``exc`` and unpickles as ``exc`` (see _WithTraceback).
     return exc if text is None else cast(BaseException, _WithTraceback(exc, text))
+
+
+def _round_trips(exc: BaseException) -> BaseException | None:
+    """Return why ``exc`` does not pickle and unpickle, ``None`` when it does."""
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as pickling_error:
+        return pickling_error
+    return None
+
+
+def _plain(exc: BaseException, attempts: bool = False) -> BaseException:
+    """Return ``exc`` when it pickles, else an :class:`OperoError` describing it.
+
+    With ``attempts``, an exception that does not pickle only because of an
+    earlier attempt's error it keeps (see :func:`opero.errors.attempt_errors`)
+    keeps its type: each such error is made plain instead.
+    """
+    pickling_error = _round_trips(exc)
+    if pickling_error is None:
+        return exc
+    try:
+        earlier = vars(exc).get(EARLIER_ERRORS) if attempts else None
+    except Exception:  # a __dict__ property that raises
+        earlier = None
+    if isinstance(earlier, tuple) and earlier:
+        vars(exc)[EARLIER_ERRORS] = tuple(
+            _plain(e) if isinstance(e, BaseException) else e for e in earlier
+        )
+        if _round_trips(exc) is None:
+            return exc
+        vars(exc)[EARLIER_ERRORS] = earlier
+    return OperoError(
+        f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+        "(the original exception could not be pickled to the parent process: "
+        f"{type(pickling_error).__name__}: {pickling_error})"
+    )
 
 
 def _traceback_text(exc: BaseException) -> str | None:
