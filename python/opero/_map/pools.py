@@ -626,7 +626,7 @@ _AIO_INIT_ERROR: list[BaseException] = []
 """In an async_process worker: what its initializer raised (empty when it did not)."""
 
 
-class InitializerFailed(Exception):
+class _InitializerFailed(Exception):
     """What an async_process job returns when its worker's initializer raised."""
 
 
@@ -635,7 +635,7 @@ def _aio_worker_init(init_blob: bytes) -> None:
 
     aiomultiprocess replaces a worker whose initializer raises, which raises
     again: a loop that never runs a job. So the error is kept, and every job
-    of this worker returns it (:class:`InitializerFailed`) to end the map.
+    of this worker returns it (:class:`_InitializerFailed`) to end the map.
     """
     _exit_with_parent()
     try:
@@ -690,7 +690,7 @@ async def arun_tracked_chunk(
     items one per job, so only the bad one fails.
     """
     if _AIO_INIT_ERROR:
-        return None, InitializerFailed(os.getpid(), _AIO_INIT_ERROR[0])
+        return None, _InitializerFailed(os.getpid(), _AIO_INIT_ERROR[0])
     try:
         target: Target = pickle.loads(target_blob)
         items: Sequence[Any] = pickle.loads(items_blob)
@@ -859,7 +859,7 @@ class _AioProcessRun:
             values, errors = task.result()
         except Exception as exc:
             values, errors = [None] * size, dict.fromkeys(range(size), exc)
-        if values is None and isinstance(errors, InitializerFailed):
+        if values is None and isinstance(errors, _InitializerFailed):
             pid, cause = errors.args
             error = WorkerStartError(
                 f"opmap: the initializer raised in worker process {pid}: "
