@@ -21,11 +21,20 @@ fed by one dispatcher thread that owns the pool's state:
 * a process forked from this one forgets the pools (``os.register_at_fork``)
   and builds its own.
 
-Room for what comes next (``imap`` streaming, ``initializer=``,
-``max_tasks_per_child=``, worker tracebacks) is in the same places: a run's
-``done`` callback streams pieces as they come, :func:`_worker_main` is the one
-place a worker starts, and :meth:`ProcessPool._bury` the one place a worker
-is replaced.
+* a pool with an initializer (``initializer=``) runs it in each worker before
+  it says it is ready; an initializer that raises sends its error instead,
+  and the maps on the pool fail with :class:`WorkerStartError` (its cause);
+  pools are keyed by initializer, so no other map runs on such workers;
+* with ``max_jobs`` (``max_tasks_per_child=``) a worker is sent at most that
+  many jobs, exits after the last one, and is replaced like a dead worker,
+  with no job to re-run;
+* a failed item's exception travels with the worker's formatted traceback
+  (``RemoteTraceback`` as its ``__cause__``, see :func:`opero._map.pools.portable`),
+  and each job's reply carries the retries made for its items (progress bars).
+
+A run's ``done`` callback streams pieces as they come (``imap``),
+:func:`_worker_main` is the one place a worker starts, and
+:meth:`ProcessPool._bury` the one place a worker is replaced.
 """
 
 from __future__ import annotations
