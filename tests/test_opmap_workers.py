@@ -384,3 +384,29 @@ def test_initializer_that_exits_the_worker_ends_the_map():
     )
     assert "exit code 7" in res["raised"]
     assert any("initializer" in note for note in res["notes"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+def test_interrupt_during_a_slow_initializer_stops_the_map():
+    """Ctrl-C while workers are still in their initializer stops the map; the pool is usable."""
+    res = _result_of(
+        """
+        import signal, threading
+        f = opmap(mode="process", workers=2, retries=0, progress=False,
+                  initializer=wh.init_sleep, initargs=(60,))(wh.with_state)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        try:
+            f(range(10))
+            outcome = "finished"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        took = time.monotonic() - start
+        plain = opmap(mode="process", workers=2, retries=0, progress=False)(wh.with_state)
+        report(outcome=outcome, took=took, after=[r[0] for r in plain(range(3))])
+        """,
+        timeout=60,
+    )
+    assert res["outcome"] == "interrupted"
+    assert res["took"] < 20
+    assert res["after"] == [0, 1, 2]

@@ -122,3 +122,10 @@ def unpicklable_then_value_error(arg: tuple[str, int]) -> int:
         open(mark, "w").close()
         raise Unpicklable(x, x)
     raise ValueError("second call", x)
+
+
+def init_sleep(seconds: float) -> None:
+    """Set up very slowly (a huge model on a slow disk)."""
+    import time
+
+    time.sleep(seconds)

@@ -99,10 +99,14 @@ def _worker_main(conn: Any, init_blob: bytes | None = None, max_jobs: int | None
             initializer, initargs = pickle.loads(init_blob)
             initializer(*initargs)
         except BaseException as exc:  # SystemExit too: the parent must learn why
-            conn.send_bytes(_INIT_FAILED + pickle.dumps(portable(exc)))
+            with contextlib.suppress(OSError):  # the parent is gone (or stopped this worker)
+                conn.send_bytes(_INIT_FAILED + pickle.dumps(portable(exc)))
             return
     WORKER_RETRIES[0] = 0  # forked: the parent's count is not this worker's
-    conn.send_bytes(_READY)
+    try:
+        conn.send_bytes(_READY)
+    except OSError:  # the parent hung up during a slow initializer: nothing to do
+        return
     jobs = itertools.count(1)
     while True:
         try:
