@@ -57,6 +57,9 @@ def test_process_retried_item_keeps_opero_note_and_traceback():
         exc = f([2])[0]
     assert type(exc) is ValueError
     assert exc.__notes__, "opero's note was lost in transit"
+    earlier, last = attempt_errors(exc)  # both calls' errors crossed the pipe
+    assert earlier.args == ("bad item", 2)
+    assert last is exc
     _assert_worker_line(exc, "BOOM-LINE")
 
 
