@@ -164,6 +164,14 @@ def _plain(exc: BaseException, attempts: bool = False) -> BaseException:
         )
         if _round_trips(exc) is None:
             return exc
+    if exc.__context__ is not None or exc.__cause__ is not None:
+        # Plain pickle drops the chain; tblib's reducers (installed by distributed)
+        # pickle it, and an unpicklable link would fail the whole exception. The
+        # traceback text already shows the chain.
+        exc.__cause__ = exc.__context__ = None
+        if _round_trips(exc) is None:
+            return exc
+    if isinstance(earlier, tuple) and earlier:
         vars(exc)[EARLIER_ERRORS] = earlier
     return OperoError(
         f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
