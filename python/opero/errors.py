@@ -28,6 +28,7 @@ __all__ = [
     "OperoError",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RemoteTraceback",
     "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
@@ -190,8 +191,10 @@ class MapError(ExceptionGroup, OperoError):
         super().__init__(message, list(errors))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle with the partial results."""
-        return (MapError, (self.message, list(self.exceptions), self.results, self.indices))
+        """Pickle with the partial results and the notes (``__notes__``)."""
+        args = (self.message, list(self.exceptions), self.results, self.indices)
+        notes = self.__dict__.get("__notes__")
+        return (MapError, args) if notes is None else (MapError, args, {"__notes__": notes})
 
     def derive(self, excs: Sequence[Exception]) -> MapError:  # type: ignore[override]
         """Build a group of the same type for ``except*`` and ``split``."""
@@ -211,7 +214,30 @@ class WorkerDiedError(OperoError):
 
 
 class WorkerStartError(OperoError):
-    """A worker process of a process-mode ``@opmap`` died before it could take a job."""
+    """A worker of an ``@opmap`` could not start, so the map stopped.
+
+    Either a worker process died before its first job, or the map's
+    ``initializer=`` raised in a worker (that error is then the ``__cause__``).
+    """
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an item that failed in a worker process or on Dask.
+
+    ``@opmap`` sets it as the ``__cause__`` of such an item's exception, the
+    way ``concurrent.futures`` does, so ``traceback.print_exception(exc)``
+    shows the lines of the worker that raised. Its ``str()`` is that text;
+    ``.tb`` holds it too.
+    """
+
+    def __init__(self, tb: str) -> None:
+        """Keep the traceback text."""
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        """Return the traceback text."""
+        return self.tb
 
 
 def attempt_errors(exc: BaseException) -> list[BaseException]:

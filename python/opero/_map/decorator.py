@@ -85,10 +85,10 @@ from typing import Any, Generic, Literal, TypeVar
 from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._map.progress import CURRENT_BAR, PROGRESS_VALUES, counting_retries, make_progress
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
-from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
+from opero.errors import ConfigurationError, MapError, OpmapFailureWarning, WorkerStartError
 
 __all__ = ["MODES", "MappedFunction", "opmap"]
 
@@ -157,6 +157,74 @@ def _check_options(
         raise ConfigurationError(f"opmap: client= is only used with mode='dask', got mode={mode!r}")
 
 
+def _check_worker_options(
+    mode: Any, executor: Any, initializer: Any, initargs: Any, max_tasks: Any
+) -> None:
+    """Validate ``initializer``, ``initargs`` and ``max_tasks_per_child``."""
+    if initializer is not None and not callable(initializer):
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} must be a callable run once per worker (or None)"
+        )
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, (tuple, list)):
+        raise ConfigurationError(
+            f"opmap: initargs={initargs!r} must be a tuple of the initializer's arguments, "
+            "e.g. initargs=(path,)"
+        )
+    if initargs and initializer is None:
+        raise ConfigurationError("opmap: initargs= is given without initializer=")
+    if initializer is not None and (executor is not None or mode == "async"):
+        where = "executor=" if executor is not None else "mode='async'"
+        raise ConfigurationError(
+            f"opmap: initializer= is not supported with {where}: "
+            + (
+                "give it to your executor (ThreadPoolExecutor(initializer=...))"
+                if executor is not None
+                else "its one worker is the event loop; do the setup before the call"
+            )
+        )
+    if max_tasks is not None:
+        if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
+            raise ConfigurationError(
+                f"opmap: max_tasks_per_child={max_tasks!r} must be an int >= 1, or None "
+                "(workers live until exit)"
+            )
+        if mode != "process" or executor is not None:
+            raise ConfigurationError(
+                "opmap: max_tasks_per_child= recycles opero's own worker processes: use it "
+                f"with mode='process', not {'executor=' if executor is not None else repr(mode)}"
+            )
+
+
+def _init_blob(
+    initializer: Callable[..., object] | None, initargs: tuple[Any, ...], mode: str, executor: Any
+) -> bytes | None:
+    """Pickle ``(initializer, initargs)`` for the workers, at decoration time.
+
+    Like the mapped function: by reference when the initializer can be
+    imported by name, else by value through cloudpickle (``__main__``, a
+    notebook, a lambda or closure), which a spawned worker can rebuild.
+    """
+    if initializer is None or executor is not None or mode == "thread":
+        return None
+    state = (initializer, initargs)
+    if _importable(initializer):
+        try:
+            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # initargs holding a lambda: by value below
+            pass
+    try:
+        blob: bytes = importlib.import_module("cloudpickle").dumps(
+            state, protocol=pickle.HIGHEST_PROTOCOL
+        )
+    except Exception as exc:
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} with initargs={initargs!r} cannot be pickled "
+            f"to the worker processes ({type(exc).__name__}: {exc}); define the initializer "
+            "at module level and pass picklable initargs (paths, not open files)"
+        ) from exc
+    return blob
+
+
 def _check_function(func: Any, mode: str, executor: Any) -> bool:
     """Check that ``func`` fits ``mode``; return whether it is an ``async def``."""
     if not callable(func):
@@ -221,6 +289,42 @@ def _as_list(items: Any, name: str) -> list[Any]:
                 f"got {type(items).__name__}: pass [item] to map over one item"
             ) from None
         raise exc
+
+
+class _InitFailed(BaseException):
+    """Carries a thread's failed initializer out of the thread engine, which catches Exception."""
+
+    def __init__(self, error: WorkerStartError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _with_thread_init(
+    fn: Callable[[Any], Any], initializer: Callable[..., object], initargs: tuple[Any, ...]
+) -> Callable[[Any], Any]:
+    """Return ``fn`` preceded, once per thread, by ``initializer(*initargs)``.
+
+    A raising initializer stops the map with :class:`WorkerStartError`; the
+    thread runs it again at the next call.
+    """
+    local = threading.local()
+
+    def call(item: Any) -> Any:
+        if "ready" not in local.__dict__:
+            try:
+                initializer(*initargs)
+            except Exception as exc:
+                error = WorkerStartError(
+                    f"opmap: the initializer raised in thread "
+                    f"{threading.current_thread().name!r}: {type(exc).__name__}: {exc}; the map "
+                    "stopped (its items that had not run never will)"
+                )
+                error.__cause__ = exc
+                raise _InitFailed(error) from None
+            local.ready = True
+        return fn(item)
+
+    return call
 
 
 class _WorkerTarget:
@@ -376,6 +480,31 @@ def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     return mapped
 
 
+def _init_with_mapped(
+    token: str,
+    state: tuple[Callable[..., Any], dict[str, Any]],
+    initializer: Callable[..., object],
+    initargs: tuple[Any, ...],
+) -> None:
+    """In a worker: rebuild a mapped function sent by value, then run its initializer.
+
+    Unpickled together, the function and the initializer share their globals;
+    the function is kept under its token, where :func:`_rebuild_by_value`
+    finds it when the jobs arrive (in a forked worker, instead of the parent's
+    original it inherited).
+    """
+    func, options = state
+    mapped: MappedFunction[Any] = MappedFunction(func, token=token, **options)
+    # A forked worker inherited the parent's original: it must use this copy instead.
+    _SENT_BY_VALUE.pop(token, None)
+    with _BY_VALUE_LOCK:
+        _BY_VALUE[token] = mapped
+        _BY_VALUE.move_to_end(token)
+        while len(_BY_VALUE) > BY_VALUE_KEPT:
+            _BY_VALUE.popitem(last=False)
+    initializer(*initargs)
+
+
 class MappedFunction(Generic[R]):
     """A one-item function mapped over iterables; built by :func:`opmap`.
 
@@ -397,6 +526,9 @@ class MappedFunction(Generic[R]):
         executor: cf.Executor | None = None,
         chunksize: int | None = None,
         token: str | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Sequence[Any] = (),
+        max_tasks_per_child: int | None = None,
         **opero_options: Any,
     ) -> None:
         from opero._pipeline import decorate as _decorator
@@ -410,12 +542,21 @@ class MappedFunction(Generic[R]):
         self._client = client
         self._executor = executor
         self._chunksize = chunksize
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_child
+        self._init_blob = _init_blob(initializer, self._initargs, mode, executor)
+        self._shared_init_blob: bytes | None = None
         self._opero_options = opero_options
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
-        self.item_function: Any = _decorator.opero(**opero_options)(func)
+        self.item_function: Any = _decorator.opero(**self._counted(opero_options))(func)
         self._meta: Any = getattr(self.item_function, "__opero__", None)
         self._has_cache = bool(getattr(self._meta, "has_cache", False))
+        self._thread_fn: Callable[[Any], Any] = self.item_function
+        if initializer is not None and mode == "thread" and executor is None:
+            self._thread_fn = _with_thread_init(self.item_function, initializer, self._initargs)
+        self._dask_clients: weakref.WeakSet[Any] = weakref.WeakSet()  # plugin registered
         self._token = token or uuid.uuid4().hex
         self._worker_fns: dict[str | None, Callable[[Any], Any]] = {}
         self._limiter: SharedTokenBucket | None = None
@@ -496,6 +637,35 @@ class MappedFunction(Generic[R]):
             scope.cancel()
             raise
 
+    def _worker_init_blob(self) -> bytes | None:
+        """Return what a worker process runs first: the initializer, pickled at decoration.
+
+        When this function travels by value (``__main__``, a notebook), the
+        initializer travels in one pickle with it, and the worker rebuilds the
+        function there (:func:`_init_with_mapped`): both then share one copy of
+        the globals they use, so a global the initializer sets (a model) is the
+        one the function reads. Pickled separately, each would get its own.
+        """
+        if self._init_blob is None or _importable(self):
+            return self._init_blob
+        if self._shared_init_blob is None:
+            # The options a copy by value is rebuilt with (as in __reduce__).
+            options = dict(self._opero_options)
+            options.update(
+                mode=self._mode,
+                workers=self._workers,
+                ordered=self._ordered,
+                progress=self._progress,
+                strict=self._strict,
+                chunksize=self._chunksize,
+            )
+            state = (self._token, (self._func, options), self._initializer, self._initargs)
+            try:
+                self._shared_init_blob = _dumps_by_value((_init_with_mapped, state))
+            except Exception:  # __reduce__ reports it when the function is sent
+                self._shared_init_blob = self._init_blob
+        return self._shared_init_blob
+
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
         if _importable(self):
@@ -544,6 +714,7 @@ class MappedFunction(Generic[R]):
             }
             if limiter is not None:
                 options["_limiter"] = limiter
+            options = self._counted(options)
             wrapped = _decorator.opero(**options)(self._func)
             meta = getattr(wrapped, "__opero__", None)
             if meta is None:
@@ -569,6 +740,68 @@ class MappedFunction(Generic[R]):
                 burst = self._opero_options.get("rate_burst") or 1
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter
+
+    def _counted(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Return ``options`` with an ``on_retry`` that counts retries for the progress bar.
+
+        ``progress=False`` keeps the options as they are (no cost); so does an
+        ``on_retry`` that is not callable, which ``@opero`` then rejects.
+        """
+        user = options.get("on_retry")
+        if self._progress is False or not (user is None or callable(user)):
+            return options
+        return {**options, "on_retry": counting_retries(user)}
+
+    def _told(self, fn: Callable[[Any], Any], bar: Any) -> Callable[[Any], Any]:
+        """Return ``fn`` telling the shown bar of each failure and retry as they happen.
+
+        Only used when a bar is shown: a map without one runs ``fn`` itself.
+        """
+        if self._is_async and self._mode == "async":
+
+            async def atold(item: Any) -> Any:
+                token = CURRENT_BAR.set(bar)
+                try:
+                    return await fn(item)
+                except Exception:
+                    bar.fail(1)
+                    raise
+                finally:
+                    CURRENT_BAR.reset(token)
+
+            return atold
+
+        def told(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
+            try:
+                return fn(item)
+            except Exception:
+                bar.fail(1)
+                raise
+            finally:
+                CURRENT_BAR.reset(token)
+
+        return told
+
+    def _cache_hits(self) -> int:
+        """Return the item function's cache hit count (0 without a cache or counters)."""
+        if not self._has_cache:
+            return 0
+        try:
+            return int(self.item_function.cache_info().hits)
+        except Exception:  # a backend without counters: no cached count
+            return 0
+
+    def _register_dask_initializer(self, client: Any) -> None:
+        """Register the initializer as a worker plugin on ``client``, once per client."""
+        if client in self._dask_clients:
+            return
+        from opero._map.dask_init import register
+
+        blob = self._worker_init_blob()
+        assert blob is not None
+        register(client, blob, self._label)
+        self._dask_clients.add(client)
 
     def _dask_client(self) -> Any:
         """Return ``client=`` or the current Dask client; a clear error when there is none."""
@@ -642,18 +875,23 @@ class MappedFunction(Generic[R]):
         bar = make_progress(self._progress, n, self.__name__)
         try:
             if self._executor is None and self._mode == "thread":
+                hits = self._cache_hits() if bar.shown else 0
                 workers = self.workers
                 batch = self._chunksize or max(1, min(256, n // (workers * 4)))
                 pieces = _pools.run_thread_items(
-                    self.item_function,
+                    self._thread_fn if not bar.shown else self._told(self._thread_fn, bar),
                     items,
                     workers,
                     batch,
                     bar if self._progress else None,
                     scope,
                 )
+                if bar.shown:
+                    bar.cache(self._cache_hits() - hits)
                 return self._finish(n, pieces)
             return self._finish(n, self._dispatch(items, bar, scope))
+        except _InitFailed as failed:
+            raise failed.error from failed.error.__cause__
         finally:
             bar.close()
 
@@ -675,6 +913,9 @@ class MappedFunction(Generic[R]):
         if not hits and not unkeyable:
             return [], range(len(items))
         bar.update(hits + len(unkeyable))
+        bar.cache(hits)
+        if unkeyable:
+            bar.fail(len(unkeyable))
         if hits == len(items):
             return [(range(len(items)), found, None)], []
         pieces: list[_pools.Piece] = []
@@ -751,6 +992,8 @@ class MappedFunction(Generic[R]):
                 else:
                     store([items[i] for i in indices], values)
             bar.update(len(indices))
+            if errors:
+                bar.fail(len(errors))
 
         return done
 
@@ -784,10 +1027,16 @@ class MappedFunction(Generic[R]):
         if self._executor is not None:
             _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
         elif client is not None:
+            if self._init_blob is not None:
+                self._register_dask_initializer(client)
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
+            pool = _process_pool.process_pool(
+                workers, None, self._worker_init_blob(), self._max_tasks
+            )
+            retried = bar.retry if bar.shown else None
             _process_pool.run_process_jobs(
-                _process_pool.process_pool(workers), target, jobs, done, job_indices, scope
+                pool, target, jobs, done, job_indices, scope, retried=retried
             )
         return pieces
 
@@ -795,14 +1044,17 @@ class MappedFunction(Generic[R]):
         """Run a map on the running loop (``mode="async"``)."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
+        hits = self._cache_hits() if bar.shown else 0
         try:
             pieces = await _pools.run_async_items(
-                self.item_function,
+                self.item_function if not bar.shown else self._told(self.item_function, bar),
                 items,
                 self.workers,
                 self._is_async,
                 bar if self._progress else None,
             )
+            if bar.shown:
+                bar.cache(self._cache_hits() - hits)
         finally:
             bar.close()
         return self._finish(n, pieces)
@@ -818,7 +1070,9 @@ class MappedFunction(Generic[R]):
                 jobs, job_indices = self._plan(items, missing, workers)
                 target = _WorkerTarget(self, self._shared_limiter())
                 done = self._collector(items, job_indices, pieces, bar)
-                await _pools.run_aio_process_jobs(workers, target, jobs, done)
+                await _pools.run_aio_process_jobs(
+                    workers, target, jobs, done, init_blob=self._worker_init_blob()
+                )
         finally:
             bar.close()
         return self._finish(n, pieces)
@@ -833,6 +1087,9 @@ def opmap(
     client: Any = None,
     executor: cf.Executor | None = None,
     chunksize: int | None = None,
+    initializer: Callable[..., object] | None = None,
+    initargs: Sequence[Any] = (),
+    max_tasks_per_child: int | None = None,
     **opero_options: Any,
 ) -> Callable[[Callable[..., Any]], MappedFunction[Any]]:
     """Turn a one-item function into a function over an iterable of items.
@@ -859,6 +1116,16 @@ def opmap(
             instead of opero's own pools (``mode`` is then ignored).
         chunksize: Items per batch or job; automatic (about four jobs per
             worker, at most 256 items per thread batch) when ``None``.
+        initializer: Called as ``initializer(*initargs)`` once per worker
+            before its first item: per thread (the calling thread included)
+            in ``"thread"`` mode, per worker process in ``"process"`` and
+            ``"async_process"`` modes, per Dask worker (a worker plugin) in
+            ``"dask"`` mode. If it raises, the call raises
+            :class:`WorkerStartError` (its ``__cause__`` is that error).
+        initargs: The arguments of ``initializer``.
+        max_tasks_per_child: ``"process"`` mode: a worker process runs this
+            many jobs (chunks of ``chunksize`` items), then exits and a new
+            one replaces it. ``None``: workers live until exit.
         **opero_options: Options of ``@opero``, applied per item.
 
     Returns:
@@ -872,6 +1139,7 @@ def opmap(
 
     """
     _check_options(mode, workers, ordered, progress, strict, client, executor, chunksize)
+    _check_worker_options(mode, executor, initializer, initargs, max_tasks_per_child)
 
     def decorate(func: Callable[..., Any]) -> MappedFunction[Any]:
         return MappedFunction(
@@ -884,6 +1152,9 @@ def opmap(
             client=client,
             executor=executor,
             chunksize=chunksize,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
             **opero_options,
         )
 
