@@ -33,7 +33,12 @@ def _result_of(source: str, timeout: float = 90) -> dict:
         "import worker_helpers as wh\nfrom opero import opmap, WorkerStartError\n"
         "def report(**fields):\n    print('RESULT ' + json.dumps(fields), flush=True)\n"
     )
-    outcome = run_scenario(prelude + textwrap.dedent(source), timeout=timeout)
+    # The scenario imports this directory's helpers (and spawned workers import them too).
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    outcome = run_scenario(
+        prelude + textwrap.dedent(source), timeout=timeout, env={"PYTHONPATH": path}
+    )
     found = [line[7:] for line in outcome.lines() if line.startswith("RESULT ")]
     assert found, f"no RESULT (exit {outcome.returncode})\n{outcome.stdout}\n{outcome.stderr}"
     return json.loads(found[-1])
