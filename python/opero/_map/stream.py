@@ -7,10 +7,15 @@ that were pulled and not yet yielded (``2 * workers``; ``workers`` single
 items in ``"async"`` mode), each of at most ``chunksize`` items, so an endless
 generator streams in flat memory.
 
-Chunks grow from one item, doubling while jobs take under :data:`FAST_JOB`
-seconds, up to :data:`MAX_CHUNK`, and halve when a job takes over
-:data:`SLOW_JOB` (``chunksize=`` fixes the size): the first result of slow
-items comes after one item, and trivial items travel in big jobs.
+The first chunk is one item; after each job the size becomes what would
+take about :data:`TARGET_JOB` seconds at the time per item that job showed
+(sent to received), between 1 and :data:`MAX_CHUNK` (``chunksize=`` fixes
+the size): the first result of slow items comes after one item, and trivial
+items travel in big jobs after two or three.
+
+:func:`imap` returns an ``itertools.chain`` over the chunks' result lists (a
+subclass with ``close()``), so the consumer takes each result at C speed; the
+driver's generator runs once per chunk.
 
 Backends call ``deliver(job_id, values, errors)`` from any thread when a job
 finishes, exactly once per job (a job that fails as a whole fails each of its
@@ -48,16 +53,14 @@ from opero.errors import MapError, OperoError, OpmapFailureWarning
 if TYPE_CHECKING:
     from opero._map.decorator import MappedFunction
 
-__all__ = ["FAST_JOB", "MAX_CHUNK", "SLOW_JOB", "aimap", "imap"]
+__all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "imap"]
 
 _log = logging.getLogger("opero")
 
 MAX_CHUNK = 1024
 """The largest automatic chunk (items per job) of a stream."""
-FAST_JOB = 0.005
-"""A job answered faster than this (seconds, sent to received) doubles the chunk."""
-SLOW_JOB = 0.05
-"""A job answered slower than this halves the chunk."""
+TARGET_JOB = 0.01
+"""Seconds an automatic chunk aims to take (sent to received)."""
 
 Deliver = Callable[[int, list[Any], "dict[int, BaseException] | None"], None]
 
@@ -487,12 +490,9 @@ class _Driver:
         record = self.records.get(job)
         if record is None or record.done:  # pragma: no cover - a job is delivered once
             return
-        if not self.fixed:
-            elapsed = time.monotonic() - record.sent
-            if elapsed < FAST_JOB and self.size < MAX_CHUNK:
-                self.size = min(MAX_CHUNK, self.size * 2)
-            elif elapsed > SLOW_JOB and self.size > 1:
-                self.size //= 2
+        if not self.fixed and values:
+            per_item = max(time.monotonic() - record.sent, 1e-9) / len(values)
+            self.size = max(1, min(MAX_CHUNK, int(TARGET_JOB / per_item)))
         self.bar.update(len(values))
         items = record.items
         assert items is not None
@@ -537,8 +537,8 @@ class _Driver:
         if not self.ordered:
             self.ready.append(record)
 
-    def take(self) -> Iterator[Any]:
-        """Yield the results that may be handed back now (in order, or as completed)."""
+    def take(self) -> Iterator[list[Any]]:
+        """Yield the result lists that may be handed back now (in order, or as completed)."""
         while True:
             if self.ordered:
                 record = self.records.get(self.next_yield)
@@ -551,15 +551,13 @@ class _Driver:
                 record = self.ready.popleft()
             del self.records[record.job]
             errors = record.errors
-            if not errors:
-                yield from record.values
-                continue
             values = record.values
-            for position in sorted(errors):
-                exc = errors[position]
-                values[position] = exc
-                self._count(record.base + position, exc)
-            yield from values
+            if errors:
+                for position in sorted(errors):
+                    exc = errors[position]
+                    values[position] = exc
+                    self._count(record.base + position, exc)
+            yield values
 
     def _count(self, index: int, exc: BaseException) -> None:
         self.failed += 1
@@ -607,6 +605,19 @@ class _Driver:
 # --------------------------------------------------------------------------- front ends
 
 
+class Stream(itertools.chain):  # type: ignore[type-arg]
+    """The iterator ``f.imap(items)`` returns: results at C speed, and ``close()``.
+
+    Closing it (or dropping the last reference to it) stops the map.
+    """
+
+    _chunks: Any
+
+    def close(self) -> None:
+        """Stop the map: no more items are pulled, jobs not started are dropped."""
+        self._chunks.close()
+
+
 def imap(
     mapped: MappedFunction[Any, Any],
     source: Iterator[Any],
@@ -614,7 +625,11 @@ def imap(
     kw: dict[str, Any] | None,
 ) -> Iterator[Any]:
     """Return the iterator of ``f.imap(items)`` (nothing runs before the first ``next``)."""
-    return _imap(mapped, source, ordered, kw)
+    chunks = _imap(mapped, source, ordered, kw)
+    stream: Any = Stream.from_iterable(chunks)  # a Stream: from_iterable keeps the subclass
+    stream._chunks = chunks
+    result: Iterator[Any] = stream
+    return result
 
 
 def _imap(
@@ -622,7 +637,7 @@ def _imap(
     source: Iterator[Any],
     ordered: bool,
     kw: dict[str, Any] | None,
-) -> Iterator[Any]:
+) -> Iterator[list[Any]]:
     results: queue.SimpleQueue[tuple[int, list[Any], Any]] = queue.SimpleQueue()
 
     def deliver(job: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
@@ -702,8 +717,9 @@ async def _aimap(
                     driver.exhausted = True
                     break
                 driver.add(chunk)
-            for value in driver.take():
-                yield value
+            for values in driver.take():
+                for value in values:
+                    yield value
             if driver.finished():
                 break
             if driver.want_more():  # take() freed room: pull before waiting
