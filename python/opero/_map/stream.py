@@ -80,6 +80,10 @@ def _all_failed(n: int, exc: BaseException) -> tuple[list[Any], dict[int, BaseEx
 class _Backend:
     """Runs jobs; reports each one through ``deliver``; :meth:`cancel` drops the rest."""
 
+    def help(self) -> bool:
+        """Run a queued job in the consumer's thread, when the backend allows; return whether."""
+        return False
+
     def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
         """Start a job over ``items`` (their input ``indices``, for messages)."""
         raise NotImplementedError
@@ -90,21 +94,66 @@ class _Backend:
 
 
 class _ThreadBackend(_Backend):
-    """Jobs on the shared thread pool: a job runs at C speed over its items."""
+    """Jobs on the shared thread pool, pulled from a queue; the consumer may run one too.
 
-    def __init__(self, fn: Callable[[Any], Any], workers: int, deliver: Deliver) -> None:
+    Like the list call, the consuming thread is one of the ``workers``: rather
+    than wait for a result it runs the next job itself (:meth:`help`), so at
+    most ``workers - 1`` pool threads help (``workers`` for ``aimap``, whose
+    consumer is an event loop that must not block). A job runs at C speed
+    over its items (see :func:`~opero._map.pools.map_items`).
+    """
+
+    def __init__(
+        self, fn: Callable[[Any], Any], workers: int, deliver: Deliver, consumer_helps: bool
+    ) -> None:
         self.fn = fn
-        self.pool = _pools.thread_pool(workers)
+        self.workers = workers
+        self.max_helpers = workers - 1 if consumer_helps else workers
         self.deliver = deliver
-        self.futures: dict[int, cf.Future[None]] = {}
+        self.pending: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self.helpers = 0
         self.running: dict[int, tuple[Any, int]] = {}
         self.stopped = False
         self.lock = threading.Lock()
 
     def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
-        self.futures[job_id] = self.pool.submit(self._run, job_id, items)
+        with self.lock:
+            self.pending.append((job_id, items))
+            if self.helpers >= self.max_helpers:
+                return
+            self.helpers += 1
+        try:
+            _pools.thread_pool(self.workers).submit(self._loop)
+        except BaseException:
+            with self.lock:
+                self.helpers -= 1
+            raise
 
-    def _run(self, job_id: int, items: list[Any]) -> None:
+    def _next(self) -> tuple[int, list[Any]] | None:
+        with self.lock:
+            if self.stopped or not self.pending:
+                return None
+            return self.pending.popleft()
+
+    def _loop(self) -> None:
+        """Run queued jobs in a pool thread until none is left."""
+        while True:
+            with self.lock:
+                if self.stopped or not self.pending:
+                    self.helpers -= 1
+                    return
+                job_id, items = self.pending.popleft()
+            self._run(job_id, items)
+
+    def help(self) -> bool:
+        """Run the next queued job in the consumer's thread; return whether there was one."""
+        job = self._next()
+        if job is None:
+            return False
+        self._run(*job, inline=True)
+        return True
+
+    def _run(self, job_id: int, items: list[Any], inline: bool = False) -> None:
         source = iter(items)
         with self.lock:
             if self.stopped:
@@ -112,21 +161,23 @@ class _ThreadBackend(_Backend):
             self.running[job_id] = (source, len(items))
         try:
             values, errors = _pools.map_items(self.fn, source)
-        except BaseException as exc:  # an item raised KeyboardInterrupt or SystemExit
+        except Exception as exc:  # pragma: no cover - map_items keeps an item's Exception
+            values, errors = _all_failed(len(items), exc)
+        except BaseException as exc:  # KeyboardInterrupt or SystemExit raised by an item
+            if inline:
+                raise  # in the consumer's thread: its Ctrl-C stops the stream
             values, errors = _all_failed(len(items), exc)
         finally:
             with self.lock:
                 self.running.pop(job_id, None)
-        self.futures.pop(job_id, None)
         if not self.stopped:
             self.deliver(job_id, values, errors)
 
     def cancel(self) -> None:
         with self.lock:
             self.stopped = True
+            self.pending.clear()
             running = list(self.running.values())
-        for future in list(self.futures.values()):
-            future.cancel()
         # A job runs over a list iterator at C speed (see map_items): moving the
         # iterator to its end stops it after the item in progress.
         for source, n in running:
@@ -463,7 +514,9 @@ class _Driver:
 
         backend: _Backend
         if self.mode == "thread":
-            backend = _ThreadBackend(mapped._item_fn(self.kw), self.workers, self.deliver)
+            backend = _ThreadBackend(
+                mapped._item_fn(self.kw), self.workers, self.deliver, self.loop is None
+            )
         elif self.mode == "async":
             backend = _AsyncBackend(
                 mapped._item_fn(self.kw), mapped._is_async, self.deliver, self.loop
@@ -566,6 +619,10 @@ class _Driver:
         if self.mapped._strict and isinstance(exc, Exception):
             self.strict_errors.append((index, exc))
 
+    def help(self) -> bool:
+        """Run a queued job in the consumer's thread (thread mode); return whether it did."""
+        return self.backend is not None and self.backend.help()
+
     def finished(self) -> bool:
         """Return whether every item was pulled and handed back."""
         return self.exhausted and not self.records
@@ -657,7 +714,8 @@ def _imap(
                 break
             if driver.want_more():  # take() freed room: pull before waiting
                 continue
-            driver.on_result(*results.get())
+            if not driver.help():  # nothing to run here: wait for a worker
+                driver.on_result(*results.get())
             while True:
                 try:
                     message = results.get_nowait()
