@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opero._map import pools as _pools
@@ -84,7 +84,7 @@ class _Backend:
         """Run a queued job in the consumer's thread, when the backend allows; return whether."""
         return False
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         """Start a job over ``items`` (their input ``indices``, for messages)."""
         raise NotImplementedError
 
@@ -116,7 +116,7 @@ class _ThreadBackend(_Backend):
         self.stopped = False
         self.lock = threading.Lock()
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         with self.lock:
             self.pending.append((job_id, items))
             if self.helpers >= self.max_helpers:
@@ -194,7 +194,7 @@ class _ExecutorBackend(_Backend):
         self.futures: dict[int, cf.Future[Any]] = {}
         self.stopped = False
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         future = self.executor.submit(_pools.run_chunk, self.target, items)
         self.futures[job_id] = future
         n = len(items)
@@ -240,7 +240,7 @@ class _ProcessBackend(_Backend):
         self.stopped = False
         self.lock = threading.Lock()
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         n = len(items)
         delivered = [False]
 
@@ -288,7 +288,7 @@ class _DaskBackend(_Backend):
         self.futures: dict[int, Any] = {}
         self.stopped = False
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         future = self.client.submit(_pools.run_chunk, self.target, items, pure=False)
         self.futures[job_id] = future
         n = len(items)
@@ -326,7 +326,7 @@ class _AioProcessBackend(_Backend):
         self.futures: dict[int, cf.Future[Any]] = {}
         self.stopped = False
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         n = len(items)
         delivered = [False]
 
@@ -390,7 +390,7 @@ class _AsyncBackend(_Backend):
         if not self.stopped:
             self.deliver(job_id, values, errors)
 
-    def start(self, job_id: int, items: list[Any], indices: list[int]) -> None:
+    def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         if self.loop is not None:
             self.tasks[job_id] = self.loop.create_task(self._run(job_id, items))
             return
@@ -499,11 +499,15 @@ class _Driver:
                     self._complete(record)
                     return
                 record.misses = list(missing)
-        send = chunk if record.misses is None else [chunk[p] for p in record.misses]
         base = record.base
-        positions = range(n) if record.misses is None else record.misses
+        labels: Sequence[int]  # the input indices, for error messages
+        if record.misses is None:
+            send, labels = chunk, range(base, base + n)
+        else:
+            send = [chunk[p] for p in record.misses]
+            labels = [base + p for p in record.misses]
         record.sent = time.monotonic()
-        self._backend().start(job, send, [base + p for p in positions])
+        self._backend().start(job, send, labels)
 
     def _backend(self) -> _Backend:
         """Return the mode's backend (built at the first job)."""
