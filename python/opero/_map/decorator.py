@@ -95,6 +95,7 @@ from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
 from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._map.stream import failure_message
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
 from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
@@ -425,25 +426,6 @@ class _Results(list):  # type: ignore[type-arg]
 
     _opmap_items: Sequence[Any]
     _opmap_indices: list[int] | None
-
-
-def _short(exc: BaseException) -> str:
-    """Return ``Type: message`` of ``exc``, the message cut to one short line."""
-    try:
-        text = str(exc)
-    except Exception:  # a hostile __str__ must not hide the failure report
-        text = "<str() failed>"
-    text = " ".join(text.split())
-    if len(text) > 120:
-        text = text[:117] + "..."
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-def _failure_message(label: str, count: int, total: int | None, first: int, exc: Any) -> str:
-    """Return ``opmap f: 2 of 10 items failed; the first at index 3: ValueError: bad``."""
-    of = f"{count} of {total} items" if total is not None else f"{count} items"
-    return f"opmap {label}: {of} failed; the first at index {first}: {_short(exc)}"
 
 
 class MappedFunction(Generic[T, R]):
@@ -802,6 +784,10 @@ class MappedFunction(Generic[T, R]):
             self._worker_fns[key] = fn
         return fn
 
+    def _worker_target(self, kw: dict[str, Any] | None) -> _WorkerTarget:
+        """Return what the workers of one map run: this function, the limiter, the keywords."""
+        return _WorkerTarget(self, self._shared_limiter(), kwargs=kw)
+
     def _shared_limiter(self) -> SharedTokenBucket | None:
         """Return the bucket shared with worker processes, when a local rate limit is set."""
         rate = self._opero_options.get("rate_limit")
@@ -872,7 +858,7 @@ class MappedFunction(Generic[T, R]):
         if failed:
             if self._ordered:
                 first_input = first_place = failed[0]
-            message = _failure_message(
+            message = failure_message(
                 self._label, len(failed), n, first_input, results[first_place]
             )
             if self._strict:
@@ -1084,7 +1070,7 @@ class MappedFunction(Generic[T, R]):
             client = None
             workers = self.workers
         jobs, job_indices = self._plan(items, missing, workers)
-        target = _WorkerTarget(self, self._shared_limiter(), kwargs=kw)
+        target = self._worker_target(kw)
         done = self._collector(items, job_indices, pieces, bar, kw)
         if self._executor is not None:
             _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
@@ -1123,7 +1109,7 @@ class MappedFunction(Generic[T, R]):
             if missing:
                 workers = self.workers
                 jobs, job_indices = self._plan(items, missing, workers)
-                target = _WorkerTarget(self, self._shared_limiter(), kwargs=kw)
+                target = self._worker_target(kw)
                 done = self._collector(items, job_indices, pieces, bar, kw)
                 await _pools.run_aio_process_jobs(workers, target, jobs, done)
         finally:

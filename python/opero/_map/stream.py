@@ -53,7 +53,7 @@ from opero.errors import MapError, OperoError, OpmapFailureWarning
 if TYPE_CHECKING:
     from opero._map.decorator import MappedFunction
 
-__all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "imap"]
+__all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "failure_message", "imap", "short"]
 
 _log = logging.getLogger("opero")
 
@@ -72,6 +72,25 @@ def _all_failed(n: int, exc: BaseException) -> tuple[list[Any], dict[int, BaseEx
         error.__cause__ = exc
         exc = error
     return [None] * n, dict.fromkeys(range(n), exc)
+
+
+def short(exc: BaseException) -> str:
+    """Return ``Type: message`` of ``exc``, the message cut to one short line."""
+    try:
+        text = str(exc)
+    except Exception:  # a hostile __str__ must not hide the failure report
+        text = "<str() failed>"
+    text = " ".join(text.split())
+    if len(text) > 120:
+        text = text[:117] + "..."
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def failure_message(label: str, count: int, total: int | None, first: int, exc: Any) -> str:
+    """Return ``opmap f: 2 of 10 items failed; the first at index 3: ValueError: bad``."""
+    of = f"{count} of {total} items" if total is not None else f"{count} items"
+    return f"opmap {label}: {of} failed; the first at index {first}: {short(exc)}"
 
 
 # --------------------------------------------------------------------------- backends
@@ -514,8 +533,6 @@ class _Driver:
         if self.backend is not None:
             return self.backend
         mapped = self.mapped
-        from opero._map.decorator import _WorkerTarget
-
         backend: _Backend
         if self.mode == "thread":
             backend = _ThreadBackend(
@@ -526,7 +543,7 @@ class _Driver:
                 mapped._item_fn(self.kw), mapped._is_async, self.deliver, self.loop
             )
         else:
-            target = _WorkerTarget(mapped, mapped._shared_limiter(), kwargs=self.kw)
+            target = mapped._worker_target(self.kw)
             if mapped._executor is not None:
                 backend = _ExecutorBackend(mapped._executor, target, self.deliver)
             elif self.mode == "process":
@@ -635,9 +652,7 @@ class _Driver:
         """At the end of the stream: warn about the failures, or raise them when strict."""
         if not self.failed:
             return
-        from opero._map.decorator import _failure_message
-
-        message = _failure_message(
+        message = failure_message(
             self.mapped._label, self.failed, self.pulled, self.first_index, self.first_error
         )
         if self.mapped._strict:
