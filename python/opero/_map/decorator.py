@@ -939,7 +939,7 @@ class MappedFunction(Generic[T, R]):
         return store_with
 
     def _lookup(
-        self, items: list[Any], bar: Any, kw: dict[str, Any] | None = None
+        self, items: list[Any], bar: Any, kw: dict[str, Any] | None = None, offset: int = 0
     ) -> tuple[list[_pools.Piece], Sequence[int]]:
         """Serve cached items in the parent; return their piece and the misses to dispatch.
 
@@ -955,7 +955,7 @@ class MappedFunction(Generic[T, R]):
             found, hits = lookup_many(items)
             unkeyable: dict[int, Exception] = {}
         except Exception:  # some item cannot be keyed: look the items up one by one
-            found, hits, unkeyable = self._lookup_each(items, lookup_many)
+            found, hits, unkeyable = self._lookup_each(items, lookup_many, offset)
         if not hits and not unkeyable:
             return [], range(len(items))
         bar.update(hits + len(unkeyable))
@@ -973,7 +973,7 @@ class MappedFunction(Generic[T, R]):
         return pieces, missing
 
     def _lookup_each(
-        self, items: list[Any], lookup_many: Callable[[list[Any]], Any]
+        self, items: list[Any], lookup_many: Callable[[list[Any]], Any], offset: int = 0
     ) -> tuple[list[Any], int, dict[int, Exception]]:
         """Look every item up alone; return the values, the hit count and the unkeyable items."""
         from opero.cache import MISS
@@ -986,9 +986,9 @@ class MappedFunction(Generic[T, R]):
                 value = lookup_many([item])[0][0]
             except Exception as exc:
                 exc.add_note(
-                    f"opmap {self._label}: the cache lookup of item {i} failed (its key could "
-                    "not be built, or the backend raised); it failed in its place and the other "
-                    "items ran"
+                    f"opmap {self._label}: the cache lookup of item {offset + i} failed (its key "
+                    "could not be built, or the backend raised); it failed in its place and the "
+                    "other items ran"
                 )
                 unkeyable[i] = exc
                 value = MISS

@@ -504,7 +504,7 @@ class _Driver:
         self.records[job] = record
         n = len(chunk)
         if self.parent_cache:
-            pieces, missing = self.mapped._lookup(chunk, self.bar, self.kw)
+            pieces, missing = self.mapped._lookup(chunk, self.bar, self.kw, record.base)
             if pieces:
                 record.values = [None] * n
                 for indices, values, errors in pieces:
