@@ -314,3 +314,46 @@ def test_imap_no_failures_no_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sum(f.imap(range(2000))) == sum(range(2000))
+
+
+class Unhashable:
+    """An item whose cache key cannot be built (its __hash__ raises)."""
+
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash for you")
+
+    def __reduce__(self) -> Any:
+        return (Unhashable, ())
+
+
+def test_imap_unkeyable_item_fails_in_place_naming_its_index() -> None:
+    """In a cached process stream, an item that cannot be keyed fails alone, its index named."""
+    f = build("process", h.identity, cache=True, chunksize=2)
+    with pytest.warns(OpmapFailureWarning, match="the first at index 5"):
+        results = list(f.imap([0, 1, 2, 3, 4, Unhashable(), 6]))
+    assert results[:5] == [0, 1, 2, 3, 4]
+    assert results[6] == 6
+    error = results[5]
+    assert isinstance(error, Exception)
+    assert any("item 5" in note for note in getattr(error, "__notes__", []))
+
+
+def test_imap_unpicklable_item_fails_alone() -> None:
+    """In a process stream, an item that cannot be pickled fails in its place; the rest run."""
+    f = build("process", h.identity)
+    with pytest.warns(OpmapFailureWarning, match="the first at index 1: TypeError"):
+        results = list(f.imap([1, threading.Lock(), 3]))
+    assert results[0] == 1
+    assert results[2] == 3
+    assert isinstance(results[1], TypeError)
+
+
+def test_nested_imap_in_a_thread_map_makes_progress() -> None:
+    """An imap inside a thread-mode map item finishes (its consumer runs jobs itself)."""
+    inner = build("thread", h.identity)
+
+    def total(n: int) -> int:
+        return sum(inner.imap(range(n)))
+
+    outer = build("thread", total)
+    assert list(outer.imap(range(12))) == [n * (n - 1) // 2 for n in range(12)]
