@@ -357,3 +357,21 @@ def test_nested_imap_in_a_thread_map_makes_progress() -> None:
 
     outer = build("thread", total)
     assert list(outer.imap(range(12))) == [n * (n - 1) // 2 for n in range(12)]
+
+
+def test_chunks_grow_for_trivial_items_and_the_next_stream_starts_there() -> None:
+    """Trivial items travel in big chunks after the first job; a later stream starts big."""
+    f = build("thread", h.identity)
+    first = Counted()
+    stream = f.imap(first)
+    assert next(stream) == 0
+    assert first.pulled <= 4  # the first chunks are one item each: slow items start at once
+    stream.close()
+    assert sum(f.imap(range(20_000))) == sum(range(20_000))
+    learned = f._stream_chunk
+    assert learned > 16
+    second = Counted()
+    stream = f.imap(second)
+    assert next(stream) == 0
+    assert second.pulled >= learned
+    stream.close()

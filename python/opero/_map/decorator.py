@@ -476,6 +476,7 @@ class MappedFunction(Generic[T, R]):
         self._limiter: SharedTokenBucket | None = None
         self._limiter_lock = threading.Lock()
         self._blob: bytes | None = None
+        self._stream_chunk = 1  # the chunk size the last imap/aimap reached (see stream.py)
         functools.update_wrapper(self, func)
         self._label: str = getattr(func, "__qualname__", repr(func))
         self.__name__ = getattr(func, "__name__", "opmap")
@@ -569,8 +570,8 @@ class MappedFunction(Generic[T, R]):
 
         Items are pulled lazily (an endless generator works): at most
         ``2 * workers`` jobs are in flight, each of at most ``chunksize`` items
-        (automatic: from 1 up to 1024 items while jobs take under 5 ms; one
-        item per job in ``"async"`` mode), so at most ``2 * workers * 1024``
+        (automatic: one item at first, then what takes about 10 ms, at most
+        1024; one item per job in ``"async"`` mode), so at most ``2 * workers * 1024``
         items are pulled and not yet yielded. When the loop over it stops
         (``break``, ``close()``, an exception, Ctrl-C, garbage collection),
         no further item is pulled, jobs not started are dropped, and the

@@ -7,7 +7,9 @@ that were pulled and not yet yielded (``2 * workers``; ``workers`` single
 items in ``"async"`` mode), each of at most ``chunksize`` items, so an endless
 generator streams in flat memory.
 
-The first chunk is one item; after each job the size becomes what would
+The first chunk of a function's first stream is one item (later streams of
+the same function start at the size the previous one reached); after each
+job the size becomes what would
 take about :data:`TARGET_JOB` seconds at the time per item that job showed
 (sent to received), between 1 and :data:`MAX_CHUNK` (``chunksize=`` fixes
 the size): the first result of slow items comes after one item, and trivial
@@ -472,7 +474,8 @@ class _Driver:
         self.workers = mapped.workers
         self.async_items = mode == "async"
         self.fixed = mapped._chunksize is not None or self.async_items
-        self.size = 1 if self.async_items else (mapped._chunksize or 1)
+        # A stream starts at the size the last stream of this function reached.
+        self.size = 1 if self.async_items else (mapped._chunksize or mapped._stream_chunk)
         self.max_jobs = self.workers if self.async_items else 2 * self.workers
         self.parent_cache = bool(mapped._has_cache) and mode not in ("thread", "async")
         self.store = mapped._store_many(kw) if self.parent_cache else None
@@ -567,6 +570,7 @@ class _Driver:
         if not self.fixed and values:
             per_item = max(time.monotonic() - record.sent, 1e-9) / len(values)
             self.size = max(1, min(MAX_CHUNK, int(TARGET_JOB / per_item)))
+            self.mapped._stream_chunk = self.size
         self.bar.update(len(values))
         items = record.items
         assert items is not None
