@@ -105,6 +105,9 @@ class _Backend:
         """Run a queued job in the consumer's thread, when the backend allows; return whether."""
         return False
 
+    def flush(self) -> None:
+        """Send the jobs started since the last flush (backends that batch them)."""
+
     def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
         """Start a job over ``items`` (their input ``indices``, for messages)."""
         raise NotImplementedError
@@ -251,43 +254,57 @@ class _Finished(threading.Event):
 
 
 class _ProcessBackend(_Backend):
-    """Jobs on opero's process pool, one pool run per job (the pool feeds runs in turn)."""
+    """Jobs on opero's process pool; the jobs started together go as one pool run.
+
+    The first fill, and a refill after several results, send their jobs in
+    one run, so the pool hands a worker its next job while it runs one (it
+    prefetches within a run only); the pool feeds several runs in turn.
+    """
 
     def __init__(self, workers: int, target: Any, deliver: Deliver) -> None:
         self.pool = _process_pool.process_pool(workers)
         self.target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
         self.deliver = deliver
+        self.staged: list[tuple[int, list[Any], Sequence[int]]] = []
         self.runs: dict[int, Any] = {}
+        self.keys = itertools.count()
         self.stopped = False
         self.lock = threading.Lock()
 
     def start(self, job_id: int, items: list[Any], indices: Sequence[int]) -> None:
-        n = len(items)
-        delivered = [False]
+        self.staged.append((job_id, items, indices))
 
-        def once(values: list[Any], errors: dict[int, BaseException] | None) -> None:
+    def flush(self) -> None:
+        staged, self.staged = self.staged, []
+        if not staged:
+            return
+        ids = [job_id for job_id, _, _ in staged]
+        jobs = [items for _, items, _ in staged]
+        key = next(self.keys)
+        delivered: set[int] = set()
+
+        def once(j: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
             with self.lock:
-                if delivered[0]:
+                if j in delivered:
                     return
-                delivered[0] = True
-                self.runs.pop(job_id, None)
+                delivered.add(j)
+                if len(delivered) == len(ids):
+                    self.runs.pop(key, None)
                 if self.stopped:
                     return
-            self.deliver(job_id, values, errors)
+            self.deliver(ids[j], values, errors)
 
-        def done(_j: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
-            once(values, errors)
+        run = _process_pool._Run(self.target_blob, jobs, once, [ix for _, _, ix in staged])
 
-        run = _process_pool._Run(self.target_blob, [items], done, [indices])
-
-        def ended() -> None:  # a run that failed (a worker cannot start) never calls done
-            if not delivered[0]:
-                failure = run.failure or cf.CancelledError("opmap: the job was cancelled")
-                once(*_all_failed(n, failure))
+        def ended() -> None:  # a run that failed (a worker cannot start) skips its done calls
+            failure = run.failure or cf.CancelledError("opmap: the job was cancelled")
+            for j, items in enumerate(jobs):
+                if j not in delivered:
+                    once(j, *_all_failed(len(items), failure))
 
         run.finished = _Finished(ended)
         with self.lock:
-            self.runs[job_id] = run
+            self.runs[key] = run
         self.pool.submit(run)
 
     def cancel(self) -> None:
@@ -644,6 +661,11 @@ class _Driver:
         if self.mapped._strict and isinstance(exc, Exception):
             self.strict_errors.append((index, exc))
 
+    def flush(self) -> None:
+        """Send the jobs the backend holds back to batch them (process mode)."""
+        if self.backend is not None:
+            self.backend.flush()
+
     def help(self) -> bool:
         """Run a queued job in the consumer's thread (thread mode); return whether it did."""
         return self.backend is not None and self.backend.help()
@@ -732,6 +754,7 @@ def _imap(
                     driver.exhausted = True
                     break
                 driver.add(chunk)
+            driver.flush()
             yield from driver.take()
             if driver.finished():
                 break
@@ -798,6 +821,7 @@ async def _aimap(
                     driver.exhausted = True
                     break
                 driver.add(chunk)
+            driver.flush()
             for values in driver.take():
                 for value in values:
                     yield value
