@@ -71,7 +71,6 @@ import concurrent.futures as cf
 import functools
 import importlib
 import io
-import itertools
 import logging
 import os
 import pickle
@@ -828,7 +827,8 @@ class MappedFunction(Generic[T, R]):
         results._opmap_items = items
         results._opmap_indices = None
         if self._ordered:
-            results.extend(itertools.repeat(None, n))
+            results.append(None)
+            results *= n  # in C, like [None] * n
             for indices, values, errors in pieces:
                 if isinstance(indices, range):
                     results[indices.start : indices.stop] = values
