@@ -95,6 +95,6 @@ def test_dask_imap_streams_with_bounded_tasks(client):
     stream.close()
     assert first == [2 * i for i in range(30)]
     seen = pulled[0]
-    assert seen <= 30 + 4 * 1024
+    assert seen <= 30 + 4 * 4096
     assert sorted(f.imap(range(100), ordered=False)) == list(range(100))
     assert pulled[0] == seen

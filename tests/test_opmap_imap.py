@@ -17,6 +17,7 @@ import opmap_helpers as h
 from faultkit import run_scenario
 from opero import MapError, OpmapFailureWarning, opmap
 from opero._map.process_pool import process_pool
+from opero._map.stream import MAX_CHUNK
 
 SYNC_MODES = ["thread", "process", "executor"]
 ASYNC_MODES = ["async", "async_process"]
@@ -74,7 +75,7 @@ def test_imap_infinite_generator_stops_after_n(mode: str) -> None:
     assert list(itertools.islice(stream, 40)) == [3 * i for i in range(40)]
     stream.close()
     pulled = source.pulled
-    assert 40 <= pulled <= 40 + 4 * 1024  # at most 2 * workers chunks ahead
+    assert 40 <= pulled <= 40 + 4 * MAX_CHUNK  # at most 2 * workers chunks ahead
     time.sleep(0.2)
     assert source.pulled == pulled
 
@@ -110,7 +111,7 @@ def test_imap_thread_break_stops_work_and_leaks_no_thread(tmp_path: Any) -> None
     calls = h.count_lines(log)
     time.sleep(0.3)
     assert h.count_lines(log) == calls  # no item runs after the stop settled
-    assert calls <= 4 + 10 + 1 + 2 * 2 * 1024
+    assert calls <= 4 + 10 + 1 + 2 * 2 * MAX_CHUNK
     assert set(threading.enumerate()) <= before
 
 

@@ -570,7 +570,7 @@ class MappedFunction(Generic[T, R]):
         Items are pulled lazily (an endless generator works): at most
         ``2 * workers`` jobs are in flight, each of at most ``chunksize`` items
         (automatic: one item at first, then what takes about 10 ms, at most
-        1024; one item per job in ``"async"`` mode), so at most ``2 * workers * 1024``
+        4096; one item per job in ``"async"`` mode), so at most ``2 * workers * 4096``
         items are pulled and not yet yielded. When the loop over it stops
         (``break``, ``close()``, an exception, Ctrl-C, garbage collection),
         no further item is pulled, jobs not started are dropped, and the

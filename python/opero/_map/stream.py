@@ -59,7 +59,7 @@ __all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "failure_message", "ima
 
 _log = logging.getLogger("opero")
 
-MAX_CHUNK = 1024
+MAX_CHUNK = 4096
 """The largest automatic chunk (items per job) of a stream."""
 TARGET_JOB = 0.01
 """Seconds an automatic chunk aims to take (sent to received)."""
