@@ -376,3 +376,30 @@ def test_chunks_grow_for_trivial_items_and_the_next_stream_starts_there() -> Non
     assert next(stream) == 0
     assert second.pulled >= learned
     stream.close()
+
+
+def test_imap_raises_when_no_worker_process_can_start() -> None:
+    """A process pool that cannot start a worker makes the stream raise WorkerStartError."""
+    outcome = run_scenario(
+        """
+        from opero import opmap
+        from opero._map import process_pool as _process_pool
+
+        real = _process_pool.ProcessPool._spawn
+
+        def refuse(self):
+            raise OSError(24, "Too many open files")
+
+        _process_pool.ProcessPool._spawn = refuse
+        mapped = opmap(mode="process", workers=2, retries=0, progress=False)(abs)
+        try:
+            print("returned", list(mapped.imap(range(-4, 0))))
+        except Exception as exc:
+            print(type(exc).__name__, "Too many open files" in str(exc))
+        _process_pool.ProcessPool._spawn = real
+        print("again", list(mapped.imap(range(-3, 0))))
+        """,
+        timeout=120,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["WorkerStartError True", "again [3, 2, 1]"]

@@ -297,10 +297,14 @@ class _ProcessBackend(_Backend):
         run = _process_pool._Run(self.target_blob, jobs, once, [ix for _, _, ix in staged])
 
         def ended() -> None:  # a run that failed (a worker cannot start) skips its done calls
-            failure = run.failure or cf.CancelledError("opmap: the job was cancelled")
+            if run.failure is not None:  # the pool cannot run anything: the stream raises it
+                for j in range(len(jobs)):
+                    if j not in delivered:
+                        once(j, None, run.failure)  # type: ignore[arg-type]
+                        return
             for j, items in enumerate(jobs):
                 if j not in delivered:
-                    once(j, *_all_failed(len(items), failure))
+                    once(j, *_all_failed(len(items), cf.CancelledError("opmap: job cancelled")))
 
         run.finished = _Finished(ended)
         with self.lock:
@@ -581,6 +585,9 @@ class _Driver:
         self, job: int, values: list[Any], errors: dict[int, BaseException] | None
     ) -> None:
         """Record a finished job: merge it with the chunk's hits, fill the cache, adapt size."""
+        if values is None:  # the pool failed as a whole (WorkerStartError): so does the stream
+            assert isinstance(errors, BaseException)
+            raise errors
         record = self.records.get(job)
         if record is None or record.done:  # pragma: no cover - a job is delivered once
             return
