@@ -401,19 +401,21 @@ class ProcessPool:
             self._start()
         self._wake()
 
-    def cancel(self, run: _Run) -> None:
+    def cancel(self, run: _Run, kill: bool = True) -> None:
         """Stop a map: drop its unsent jobs and kill the workers running its jobs.
 
         Killing (rather than letting a job of many items finish) stops the
         work as a Ctrl-C stops a plain loop, and frees the workers for the
-        next map at once; the dispatcher starts their replacements.
+        next map at once; the dispatcher starts their replacements. With
+        ``kill=False`` (a stream whose consumer stopped) the workers finish
+        the job they run and its results are dropped.
         """
         with self._lock:
             run.cancelled = True
             run.pending.clear()
             with contextlib.suppress(ValueError):
                 self._runs.remove(run)
-            for w in self._procs:
+            for w in self._procs if kill else ():
                 # A worker holds a second job only of the map of its first one.
                 if w.jobs and w.jobs[0].run is run and not w.killed:
                     w.killed = True

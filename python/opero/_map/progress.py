@@ -132,13 +132,14 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def make_progress(progress: bool | Literal["force"], total: int, desc: str) -> Progress:
+def make_progress(progress: bool | Literal["force"], total: int | None, desc: str) -> Progress:
     """Return a bar for ``total`` items, or the silent one.
 
     Args:
         progress: ``True`` (tqdm on a terminal), ``"force"`` (tqdm whenever
             installed) or ``False`` (never).
-        total: The number of items the bar counts to.
+        total: The number of items the bar counts to; ``None`` when unknown
+            (a stream): the bar counts without a total.
         desc: The label, usually the function's name.
 
     Returns:
