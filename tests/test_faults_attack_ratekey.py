@@ -1,0 +1,77 @@
+"""Hostile use of per-key and multi-window rate limits: each test is an attack that once worked."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from opero import RateLimitTimeout
+from opero import opero as op
+from opero._opero_core import ManualClock
+
+
+class _ClaimsToBeAnn(str):
+    """A str whose hash and equality claim it is the key ``"ann"``."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return hash("ann")
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+class _NotAStr:
+    """Not a str at all, but hashes and compares like the key ``"ann"``."""
+
+    def __hash__(self) -> int:
+        return hash("ann")
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+def test_str_subclass_with_hostile_hash_books_in_its_own_bucket() -> None:
+    """A str subclass claiming to equal another key gets the bucket of its own text."""
+    clock = ManualClock()
+
+    @op(
+        rate_limit=1,
+        rate_limit_key=lambda user: _ClaimsToBeAnn(user),
+        rate_max_wait=0,
+        retries=0,
+        _rate_clock=clock,
+    )
+    def fetch(user: str) -> str:
+        return user
+
+    assert fetch("ann") == "ann"
+    assert fetch("bob") == "bob"  # bob's own bucket, not ann's empty one
+    with pytest.raises(RateLimitTimeout):
+        fetch("ann")
+
+
+def test_non_str_key_with_str_hash_is_a_type_error_on_the_fast_path() -> None:
+    """A non-str key that hashes and compares like a known key raises TypeError, sync or async."""
+    clock = ManualClock()
+
+    def key(user: str) -> Any:
+        return _NotAStr() if user == "bob" else user
+
+    @op(rate_limit=1, rate_limit_key=key, rate_max_wait=0, retries=0, _rate_clock=clock)
+    def fetch(user: str) -> str:
+        return user
+
+    @op(rate_limit=1, rate_limit_key=key, rate_max_wait=0, retries=0, _rate_clock=clock)
+    async def afetch(user: str) -> str:
+        return user
+
+    assert fetch("ann") == "ann"
+    with pytest.raises(TypeError, match="rate_limit_key"):
+        fetch("bob")
+    assert asyncio.run(afetch("ann")) == "ann"
+    with pytest.raises(TypeError, match="rate_limit_key"):
+        asyncio.run(afetch("bob"))
