@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -75,3 +76,35 @@ def test_non_str_key_with_str_hash_is_a_type_error_on_the_fast_path() -> None:
     assert asyncio.run(afetch("ann")) == "ann"
     with pytest.raises(TypeError, match="rate_limit_key"):
         asyncio.run(afetch("bob"))
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "limit",
+    [{"rate_limit": [(1, 1e9)]}, {"rate_limit": 1e-9, "rate_burst": 1}],
+    ids=["windows", "gcra"],
+)
+def test_redis_schedule_pushed_past_2_63_us_does_not_wrap(redis_url: str, limit: Any) -> None:
+    """Refused calls pushing a Redis schedule past 2**63 us never wrap it into the past."""
+
+    @op(
+        **limit,
+        rate_limit_backend="redis",
+        rate_limit_redis_url=redis_url,
+        rate_limit_key=lambda user: f"wrap:{user}",
+        rate_max_wait=0,
+        retries=0,
+    )
+    def fetch(user: str) -> str:
+        return user
+
+    admitted, last = 0, ""
+    for _ in range(9_400):  # each refused call stays booked: 1e9 s further each time
+        try:
+            fetch("ann")
+            admitted += 1
+        except RateLimitTimeout as error:
+            last = str(error)
+    assert admitted == 1
+    wait = float(re.search(r"is ([0-9.e+]+)s away", last).group(1))  # type: ignore[union-attr]
+    assert wait > 9_300 * 1e9

@@ -97,9 +97,13 @@ end
 local new_tat = math.ceil(tat + interval)
 local expire_at = new_tat
 if last ~= nil and last > expire_at then expire_at = last end
-redis.call('SET', KEYS[1], string.format('%d %.17g %d', new_tat, interval, last or 0),
-           'PX', math.ceil((expire_at - now) / 1000) + 1000)
-return {string.format('%d', now), wait}
+-- Times are written with %.17g, never %d: a schedule pushed far ahead (calls refused
+-- by rate_max_wait stay booked) must not wrap around at 2^63 into the past. The
+-- expiry is capped at 2^53 ms (285,000 years).
+local ttl = math.min(math.ceil((expire_at - now) / 1000) + 1000, 9007199254740992)
+redis.call('SET', KEYS[1], string.format('%.17g %.17g %.17g', new_tat, interval, last or 0),
+           'PX', string.format('%d', ttl))
+return {string.format('%d', now), string.format('%.17g', wait)}
 """
 
 
@@ -129,11 +133,14 @@ end
 for i, key in ipairs(KEYS) do
   local calls = tonumber(ARGV[2 * i - 1])
   local period = tonumber(ARGV[2 * i])
-  redis.call('RPUSH', key, string.format('%d', start))
+  -- %.17g, never %d: a start pushed far ahead must not wrap around at 2^63 into the
+  -- past; the expiry is capped at 2^53 ms (285,000 years).
+  redis.call('RPUSH', key, string.format('%.17g', start))
   redis.call('LTRIM', key, -calls, -1)
-  redis.call('PEXPIRE', key, math.ceil((start + period - now) / 1000) + 1000)
+  local ttl = math.min(math.ceil((start + period - now) / 1000) + 1000, 9007199254740992)
+  redis.call('PEXPIRE', key, string.format('%d', ttl))
 end
-return {string.format('%d', now), string.format('%d', start - now)}
+return {string.format('%d', now), string.format('%.17g', start - now)}
 """
 
 WINDOWS_SHA = hashlib.sha1(WINDOWS_SCRIPT.encode()).hexdigest()
@@ -340,7 +347,7 @@ class RedisRateLimiter:
             return math.nan, self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return int(now) / 1e6, int(wait) / 1e6
+        return int(now) / 1e6, float(wait) / 1e6
 
     def _own_key(self) -> str:
         """Return the bucket of a limiter built with a key (a keyed one names it per decision)."""
@@ -401,7 +408,7 @@ class RedisRateLimiter:
             return self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return int(wait) / 1e6
+        return float(wait) / 1e6
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle by configuration (URL-based limiters only), for process pools."""
