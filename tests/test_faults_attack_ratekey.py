@@ -108,3 +108,32 @@ def test_redis_schedule_pushed_past_2_63_us_does_not_wrap(redis_url: str, limit:
     assert admitted == 1
     wait = float(re.search(r"is ([0-9.e+]+)s away", last).group(1))  # type: ignore[union-attr]
     assert wait > 9_300 * 1e9
+
+
+@pytest.mark.parametrize("limit", [{"rate_limit": [(1, 1e9)]}, {"rate_limit": 1e-9}])
+def test_wait_beyond_1e9_seconds_is_a_rate_limit_timeout(limit: Any) -> None:
+    """A wait past 1e9 s raises RateLimitTimeout (not time.sleep's OverflowError, not a hang)."""
+    slept: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    def make(**extra: Any) -> Any:
+        return op(**limit, **extra, rate_limit_key=f"attack-huge-wait-{len(str(limit))}", retries=0)
+
+    probe = make(rate_max_wait=0)(lambda: 1)
+    patient = make(_sleep=slept.append)(lambda: 1)
+
+    @make(_asleep=asleep)
+    async def apatient() -> int:
+        return 1
+
+    assert probe() == 1
+    for _ in range(12):  # refused, yet booked: 12e9 s owed
+        with pytest.raises(RateLimitTimeout):
+            probe()
+    with pytest.raises(RateLimitTimeout, match="longest wait opero sleeps"):
+        patient()
+    with pytest.raises(RateLimitTimeout, match="longest wait opero sleeps"):
+        asyncio.run(apatient())
+    assert slept == []

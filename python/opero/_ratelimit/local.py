@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
+from opero._pipeline.checks import MAX_SECONDS
 from opero._pipeline.policy import Policy, check_rate
 from opero._ratelimit.keyed import KeyedBuckets, bucket_key
 from opero._ratelimit.windows import Windows
@@ -308,11 +309,18 @@ class Limiter:
         )
 
     def check_wait(self, delay: float) -> None:
-        """Log a wait and raise :class:`RateLimitTimeout` if it exceeds ``rate_max_wait``."""
+        """Log a wait; raise :class:`RateLimitTimeout` past ``rate_max_wait`` or 1e9 s."""
         if self.max_wait is not None and delay > self.max_wait:
             raise RateLimitTimeout(
                 f"{self.qualname}: the next rate-limit token is {delay:.3f}s away, more than "
                 f"rate_max_wait={self.max_wait}s; raise rate_max_wait or lower the call rate"
+            )
+        if delay > MAX_SECONDS:
+            # time.sleep raises OverflowError past about 9.2e9 s: refuse, as rate_max_wait.
+            raise RateLimitTimeout(
+                f"{self.qualname}: the next rate-limit token is {delay:.3g}s away, more than "
+                f"the longest wait opero sleeps ({MAX_SECONDS:g}s); calls refused by "
+                "rate_max_wait stay booked, so this bucket owes that much"
             )
         logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)
 
