@@ -137,3 +137,31 @@ def test_wait_beyond_1e9_seconds_is_a_rate_limit_timeout(limit: Any) -> None:
     with pytest.raises(RateLimitTimeout, match="longest wait opero sleeps"):
         asyncio.run(apatient())
     assert slept == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="past rate_limit_max_keys with every bucket busy, the oldest busy bucket is dropped "
+    "and restarts full: keys cycling through more than the bound are never limited (design "
+    "choice of memory bound over limit; see the report)",
+)
+def test_keys_cycling_past_the_bound_stay_limited() -> None:
+    """Three keys cycling through a map bounded at two keep their rate of 1 call/s each."""
+    clock = ManualClock()
+    waits: list[float] = []
+
+    @op(
+        rate_limit=1,
+        rate_limit_key=lambda k: k,
+        rate_limit_max_keys=2,
+        retries=0,
+        _rate_clock=clock,
+        _sleep=waits.append,
+    )
+    def fetch(k: str) -> str:
+        return k
+
+    for i in range(30):
+        fetch("abc"[i % 3])
+    # The clock never moves: only each key's first call may start without a wait.
+    assert len(waits) == 27

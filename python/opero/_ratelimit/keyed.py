@@ -9,8 +9,10 @@ key past the bound first drops buckets that are *full* again (every token back,
 nothing owed): a dropped full bucket comes back full, exactly as it was, so
 this never loosens a limit. Only when every bucket is still busy (more keys
 active within one refill time than the bound) is the oldest busy bucket dropped:
-that key starts again with a full bucket, so it may get one extra burst; a
-warning says so once per function, with the fix (a larger bound).
+that key starts again with a full bucket, so each drop is one extra burst (keys
+cycling through more than the bound are dropped before every call of theirs,
+and so are not limited at all); a warning says so once per function, with the
+fix (a larger bound).
 
 A thread that looked a full bucket up just before another thread's eviction
 dropped it books in the dropped bucket; a call made meanwhile for the same key
@@ -172,8 +174,8 @@ class KeyedBuckets:
             self._warned = True
             logger.warning(
                 "opero: %s has more than rate_limit_max_keys=%d keys busy at once; the "
-                "oldest busy bucket was dropped and starts full again (its key may get one "
-                "extra burst); raise rate_limit_max_keys",
+                "oldest busy bucket was dropped and starts full again (each drop is an extra "
+                "burst for its key: the limit no longer holds); raise rate_limit_max_keys",
                 self.qualname,
                 self.max_keys,
             )
