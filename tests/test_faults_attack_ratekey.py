@@ -165,3 +165,36 @@ def test_keys_cycling_past_the_bound_stay_limited() -> None:
         fetch("abc"[i % 3])
     # The clock never moves: only each key's first call may start without a wait.
     assert len(waits) == 27
+
+
+@pytest.mark.redis
+def test_redis_key_with_lone_surrogate_is_its_own_bucket(redis_url: str) -> None:
+    """A key with a lone surrogate works in Redis as in memory: its own bucket, no UnicodeError."""
+
+    @op(
+        rate_limit=1,
+        rate_limit_backend="redis",
+        rate_limit_redis_url=redis_url,
+        rate_limit_key=lambda user: f"sur:{user}",
+        rate_max_wait=0,
+        retries=0,
+    )
+    def fetch(user: str) -> str:
+        return user
+
+    @op(
+        rate_limit=1,
+        rate_limit_backend="redis",
+        rate_limit_redis_url=redis_url,
+        rate_limit_key=lambda user: f"sur:{user}",
+        rate_max_wait=0,
+        retries=0,
+    )
+    async def afetch(user: str) -> str:
+        return user
+
+    assert fetch("\ud800") == "\ud800"
+    assert fetch("\udfff") == "\udfff"  # another surrogate: another bucket
+    with pytest.raises(RateLimitTimeout):
+        asyncio.run(afetch("\ud800"))  # the same bucket, sync or async
+    assert asyncio.run(afetch("ann")) == "ann"

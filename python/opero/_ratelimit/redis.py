@@ -236,6 +236,12 @@ class RedisRateLimiter:
 
     def _redis_keys(self, name: str) -> list[str]:
         """Return the Redis keys of bucket ``name``: one GCRA key, or a list per window."""
+        if not name.isascii():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: Redis keys are UTF-8 bytes
+                raw = name.encode("utf-8", "surrogatepass")
+                name = "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
         base = "{opero:rl:" + name + "}"
         if self.windows is None:
             return [base]
