@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from opero import RateLimitTimeout
+from opero import ConfigurationError, RateLimitTimeout
 from opero import opero as op
 from opero._opero_core import ManualClock
 
@@ -198,3 +198,43 @@ def test_redis_key_with_lone_surrogate_is_its_own_bucket(redis_url: str) -> None
     with pytest.raises(RateLimitTimeout):
         asyncio.run(afetch("\ud800"))  # the same bucket, sync or async
     assert asyncio.run(afetch("ann")) == "ann"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [lambda **kwargs: "k", lambda user, path: "k", lambda: "k", lambda user, *, size: "k"],
+    ids=["kwargs-only", "one-too-many", "none", "other-keyword"],
+)
+def test_key_function_that_cannot_take_the_arguments_fails_at_decoration(key: Any) -> None:
+    """A key function that cannot take the generated call's arguments is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="rate_limit_key"):
+
+        @op(rate_limit=10, rate_limit_key=key, retries=0)
+        def fetch(user: str, *, limit: int = 3) -> str:
+            return user
+
+
+def test_key_functions_that_fit_the_arguments_are_accepted() -> None:
+    """Key functions taking the call's parameters by position, by name or loosely all work."""
+
+    def make(key: Any) -> Any:
+        @op(rate_limit=1e9, rate_burst=10, rate_limit_key=key, retries=0)
+        def fetch(user: str, page: int = 1, *, limit: int = 3) -> str:
+            return f"{user}:{page}:{limit}"
+
+        return fetch
+
+    for key in (
+        lambda user, page, limit: user,
+        lambda user, *args, **kwargs: user,
+        lambda *args, **kwargs: "all",
+        lambda user, page=0, *, limit: user,
+    ):
+        assert make(key)("ann", limit=5) == "ann:1:5"
+
+    # *args functions and arg_fallback pass the arguments as given: not checked early.
+    @op(rate_limit=1e9, rate_limit_key=lambda **kwargs: kwargs["user"], retries=0)
+    def loose(*args: Any, **kwargs: Any) -> Any:
+        return kwargs["user"]
+
+    assert loose(user="ann") == "ann"

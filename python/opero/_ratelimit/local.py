@@ -27,6 +27,7 @@ value does. A wait longer than ``rate_max_wait`` raises
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
-from opero._pipeline.checks import MAX_SECONDS
+from opero._pipeline.checks import MAX_SECONDS, show
 from opero._pipeline.policy import Policy, check_rate
 from opero._ratelimit.keyed import KeyedBuckets, bucket_key
 from opero._ratelimit.windows import Windows
@@ -152,8 +153,13 @@ class Limiter:
         "source",
     )
 
-    def __init__(self, policy: Policy, qualname: str) -> None:
+    def __init__(self, policy: Policy, qualname: str, func: Any = None) -> None:
         self.qualname = qualname
+        key = policy.rate_limit_key
+        # The fallback loop passes each call's arguments as given: known only per call.
+        checkable = func is not None and policy.limiter is None and not policy.has_fallback
+        if checkable and callable(key):
+            check_key_function(key, func, qualname)
         self.max_wait = policy.rate_max_wait
         rate = policy.rate.rate_limit
         windows = rate if isinstance(rate, tuple) else None
@@ -323,6 +329,44 @@ class Limiter:
                 "rate_max_wait stay booked, so this bucket owes that much"
             )
         logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)
+
+
+def check_key_function(key: Callable[..., Any], func: Callable[..., Any], qualname: str) -> None:
+    """Raise unless ``key`` accepts the arguments a generated wrapper of ``func`` passes it.
+
+    A wrapper generated with ``func``'s own parameters (no ``*args``/``**kwargs``)
+    calls the key function with every parameter, positional ones by position and
+    keyword-only ones by name, whatever form the caller used; a key function that
+    cannot take that would fail every call. Other wrappers pass each call's
+    arguments as given: nothing is known until the call.
+
+    Raises:
+        ConfigurationError: Naming ``rate_limit_key``, the parameters and the fix.
+
+    """
+    from opero._pipeline.codegen import _signature
+
+    if _signature(func) is None:
+        return
+    try:
+        key_signature = inspect.signature(key)
+        params = list(inspect.signature(func, follow_wrapped=False).parameters.values())
+    except Exception:  # unreadable (a builtin): called as it is
+        return
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    positional = [p.name for p in params if p.kind is not keyword_only]
+    keywords = [p.name for p in params if p.kind is keyword_only]
+    try:
+        key_signature.bind(*positional, **{name: name for name in keywords})
+    except TypeError as exc:
+        shown = ", ".join(positional + [f"{name}=" for name in keywords])
+        first = positional[0] if positional else "*args"
+        raise ConfigurationError(
+            f"@opero(rate_limit_key={show(key)}) cannot take the arguments of {qualname}"
+            f"({shown}): {exc}; the key function gets every parameter of each call, "
+            f"positional ones by position, for example rate_limit_key=lambda {first}, *args, "
+            f"**kwargs: f'user:{{{first}}}'"
+        ) from None
 
 
 def _clock_function(clock: Any) -> Callable[[], float]:
