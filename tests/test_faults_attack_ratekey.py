@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from faultkit import run_scenario
 from opero import ConfigurationError, RateLimitTimeout
 from opero import opero as op
 from opero._opero_core import ManualClock
@@ -238,3 +239,38 @@ def test_key_functions_that_fit_the_arguments_are_accepted() -> None:
         return kwargs["user"]
 
     assert loose(user="ann") == "ann"
+
+
+LOG_HANDLER_SCENARIO = """
+import logging
+from opero import opero
+
+@opero(rate_limit=1e6, rate_limit_key=lambda msg: f"log:{msg[:8]}", retries=0)
+def ship(msg):
+    return msg
+
+class Shipper(logging.Handler):
+    def emit(self, record):
+        ship(record.getMessage())  # a keyed, rate-limited call from a log handler
+        opero(rate_limit=5, rate_limit_key="shipper")(lambda: None)  # and a decoration
+
+logging.getLogger("opero").addHandler(Shipper())
+
+@opero(rate_limit=0.001, rate_limit_key=lambda k: k, rate_limit_max_keys=2, retries=0)
+def f(k):
+    return k
+
+print([f(k) for k in "abc"])  # c drops a busy bucket: the warning is logged
+opero(rate_limit=1, rate_limit_key="shared")(lambda: None)
+opero(rate_limit=2, rate_limit_key="shared")(lambda: None)  # disagrees: logged
+opero(rate_limit=[(1, 1.0)], rate_limit_key="win")(lambda: None)
+opero(rate_limit=[(2, 1.0)], rate_limit_key="win")(lambda: None)  # disagrees: logged
+print("done")
+"""
+
+
+def test_log_handler_that_calls_a_rate_limited_function_does_not_deadlock() -> None:
+    """A log handler calling or decorating rate-limited functions never deadlocks on a warning."""
+    outcome = run_scenario(LOG_HANDLER_SCENARIO, timeout=60)
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["['a', 'b', 'c']", "done"]

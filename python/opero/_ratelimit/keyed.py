@@ -137,23 +137,38 @@ class KeyedBuckets:
         bucket = buckets.get(key)
         if bucket is not None:
             return bucket
+        warn = False
         with _lock:
             bucket = buckets.get(key)
             if bucket is None:
                 if len(buckets) >= self.max_keys:
-                    self._make_room()
+                    warn = self._make_room()
                 bucket = buckets[key] = self._factory()
                 self._order.append(key)
+        if warn:
+            # Logged outside the lock: a handler may itself call a keyed function.
+            logger.warning(
+                "opero: %s has more than rate_limit_max_keys=%d keys busy at once; the "
+                "oldest busy bucket was dropped and starts full again (each drop is an extra "
+                "burst for its key: the limit no longer holds); raise rate_limit_max_keys",
+                self.qualname,
+                self.max_keys,
+            )
         return bucket
 
-    def _make_room(self) -> None:
-        """Drop full buckets, else the oldest busy one (called with the lock held)."""
+    def _make_room(self) -> bool:
+        """Drop full buckets, else the oldest busy one (called with the lock held).
+
+        Returns:
+            Whether to warn (the first busy bucket this map dropped).
+
+        """
         buckets, order = self.buckets, self._order
         while order[0] not in buckets:  # swept earlier
             order.popleft()
         if buckets[order[0]].is_full():
             del buckets[order.popleft()]
-            return
+            return False
         if self._skip_sweeps > 0:
             self._skip_sweeps -= 1
         else:
@@ -163,19 +178,14 @@ class KeyedBuckets:
             if full:
                 if len(order) > 2 * self.max_keys:  # drop the swept keys now
                     self._order = deque(k for k in order if k in buckets)
-                return
+                return False
             # Everything is busy: sweep again only after an eighth of the bound
             # more keys, so a flood of new keys costs O(1) each, not O(max_keys).
             self._skip_sweeps = self.max_keys // 8
         while order[0] not in buckets:
             order.popleft()
         del buckets[order.popleft()]
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "opero: %s has more than rate_limit_max_keys=%d keys busy at once; the "
-                "oldest busy bucket was dropped and starts full again (each drop is an extra "
-                "burst for its key: the limit no longer holds); raise rate_limit_max_keys",
-                self.qualname,
-                self.max_keys,
-            )
+        if self._warned:
+            return False
+        self._warned = True
+        return True

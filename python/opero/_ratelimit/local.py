@@ -85,17 +85,19 @@ def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
         bucket = _buckets.get(key)
         if bucket is None:
             bucket = _buckets[key] = TokenBucket(rate, burst)
-        elif bucket.burst != burst or bucket.rate != rate:
-            logger.warning(
-                "opero: rate_limit_key=%r is already used with rate_limit=%s, rate_burst=%d; "
-                "keeping those for this function too (asked for %s, %d)",
-                key,
-                bucket.rate,
-                bucket.burst,
-                rate,
-                burst,
-            )
-        return bucket
+            return bucket
+    # Logged outside the lock: a handler may itself decorate a rate-limited function.
+    if bucket.burst != burst or bucket.rate != rate:
+        logger.warning(
+            "opero: rate_limit_key=%r is already used with rate_limit=%s, rate_burst=%d; "
+            "keeping those for this function too (asked for %s, %d)",
+            key,
+            bucket.rate,
+            bucket.burst,
+            rate,
+            burst,
+        )
+    return bucket
 
 
 #: The live shared window sets by ``rate_limit_key`` (weak, as :data:`_buckets`).
@@ -111,15 +113,16 @@ def shared_windows(key: str, windows: tuple[tuple[int, float], ...]) -> Windows:
         found = _window_sets.get(key)
         if found is None:
             found = _window_sets[key] = Windows(windows)
-        elif found.windows != windows:
-            logger.warning(
-                "opero: rate_limit_key=%r is already used with rate_limit=%r; keeping those "
-                "for this function too (asked for %r)",
-                key,
-                list(found.windows),
-                list(windows),
-            )
-        return found
+            return found
+    if found.windows != windows:  # logged outside the lock, as in shared_bucket
+        logger.warning(
+            "opero: rate_limit_key=%r is already used with rate_limit=%r; keeping those "
+            "for this function too (asked for %r)",
+            key,
+            list(found.windows),
+            list(windows),
+        )
+    return found
 
 
 def _check_rate(value: Any) -> float:
