@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -274,3 +275,42 @@ def test_log_handler_that_calls_a_rate_limited_function_does_not_deadlock() -> N
     outcome = run_scenario(LOG_HANDLER_SCENARIO, timeout=60)
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["['a', 'b', 'c']", "done"]
+
+
+def test_a_slow_sweep_of_one_map_never_blocks_another_functions_new_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While one function's key map sweeps (under its lock), another function books new keys."""
+    from opero._ratelimit.windows import Windows
+
+    entered, release = threading.Event(), threading.Event()
+    is_full = Windows.is_full
+
+    def stalled(self: Windows) -> bool:
+        entered.set()
+        release.wait(30)
+        return is_full(self)
+
+    monkeypatch.setattr(Windows, "is_full", stalled)
+
+    @op(rate_limit=[(1, 3600.0)], rate_limit_key=lambda k: k, rate_limit_max_keys=1, retries=0)
+    def windowed(k: str) -> str:
+        return k
+
+    @op(rate_limit=1e9, rate_limit_key=lambda k: k, retries=0)
+    def other(k: str) -> str:
+        return k
+
+    windowed("a")
+    sweeper = threading.Thread(target=windowed, args=("b",))  # past the bound: a sweep
+    sweeper.start()
+    try:
+        assert entered.wait(30)
+        done: list[str] = []
+        booker = threading.Thread(target=lambda: done.append(other("new")))
+        booker.start()
+        booker.join(10)
+        assert done == ["new"]
+    finally:
+        release.set()
+        sweeper.join(30)

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -44,13 +45,14 @@ MAX_KEY_LENGTH = 256
 
 logger = logging.getLogger("opero")
 
-_lock = threading.Lock()
+#: Every live map, so a forked child can replace their locks.
+_live: weakref.WeakSet[KeyedBuckets] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """Give a forked child a fresh lock (a parent thread may have held it)."""
-    global _lock
-    _lock = threading.Lock()
+    """Give each map a fresh lock in a forked child (a parent thread may have held one)."""
+    for keyed in list(_live):
+        keyed._lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -92,7 +94,9 @@ class KeyedBuckets:
     """
 
     __slots__ = (
+        "__weakref__",
         "_factory",
+        "_lock",
         "_order",
         "_skip_sweeps",
         "_warned",
@@ -113,6 +117,9 @@ class KeyedBuckets:
         self.qualname = qualname
         self._warned = False
         self._skip_sweeps = 0
+        # One lock per map: a sweep of a large map never stalls another function's new keys.
+        self._lock = threading.Lock()
+        _live.add(self)
 
     def __len__(self) -> int:
         """Return the number of live buckets."""
@@ -138,7 +145,7 @@ class KeyedBuckets:
         if bucket is not None:
             return bucket
         warn = False
-        with _lock:
+        with self._lock:
             bucket = buckets.get(key)
             if bucket is None:
                 if len(buckets) >= self.max_keys:
