@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from typing import Any
@@ -314,3 +315,25 @@ def test_a_slow_sweep_of_one_map_never_blocks_another_functions_new_keys(
     finally:
         release.set()
         sweeper.join(30)
+
+
+@pytest.mark.redis
+def test_redis_outage_of_a_keyed_limit_names_the_key(caplog: pytest.LogCaptureFixture) -> None:
+    """The outage record of a per-key Redis limit names the key decided, not ``None``."""
+    from opero._bench._redis import free_port
+
+    @op(
+        rate_limit=1e6,
+        rate_limit_backend="redis",
+        rate_limit_redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        rate_limit_key=lambda user: f"user:{user}",
+        retries=0,
+    )
+    def fetch(user: str) -> str:
+        return user
+
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        assert fetch("ann") == "ann"  # decided by the local per-key bucket
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("per-key rate limit (deciding key 'user:ann')" in m for m in messages), messages
+    assert not any("None" in m for m in messages), messages

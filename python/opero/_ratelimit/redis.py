@@ -291,7 +291,7 @@ class RedisRateLimiter:
             keyed = self._local_keyed
             if keyed is None:
                 keyed = self._local_keyed = KeyedBuckets(
-                    self._new_local, self.max_keys, f"rate limit {self.key!r}"
+                    self._new_local, self.max_keys, "a per-key Redis rate limit"
                 )
             bucket = keyed.bucket(name)
         if self.windows is None:
@@ -300,7 +300,13 @@ class RedisRateLimiter:
                 bucket.set_rate(wanted)
         return float(bucket.reserve())
 
-    def _failed(self, exc: Exception) -> None:
+    def _label(self, name: str | None) -> str:
+        """Name the bucket in messages: ``rate limit 'key'`` (a keyed limiter: the key decided)."""
+        if self.key is None:
+            return f"per-key rate limit (deciding key {name!r})"
+        return f"rate limit {self.key!r}"
+
+    def _failed(self, exc: Exception, name: str | None = None) -> None:
         """Record a Redis failure (logged once per outage); re-raise anything else.
 
         Raises:
@@ -312,12 +318,10 @@ class RedisRateLimiter:
         import redis
 
         if isinstance(exc, PoolExhausted) or pool_exhausted(exc):
-            raise RateLimitTimeout(
-                f"rate limit {self.key!r}: {exc}; the call was not started"
-            ) from exc
+            raise RateLimitTimeout(f"{self._label(name)}: {exc}; the call was not started") from exc
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
-        self.outage.failed(exc, f"rate limit {self.key!r} uses a local per-process bucket")
+        self.outage.failed(exc, f"{self._label(name)} uses a local per-process bucket")
 
     def reserve_with_time(
         self, rate: float | None = None, name: str | None = None
@@ -349,7 +353,7 @@ class RedisRateLimiter:
         try:
             now, wait = self.connector.run(decide)
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, name)
             return math.nan, self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
@@ -410,7 +414,7 @@ class RedisRateLimiter:
         try:
             _now, wait = await self.connector.arun(decide)
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, name)
             return self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
