@@ -9,18 +9,21 @@ backoff schedule) run in Rust.
 
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
+from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
-from opero._testing import set_testing
+from opero._testing import is_testing, set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
     AllFailedError,
     CacheBackendError,
+    CircuitOpenError,
     ConfigurationError,
     MapError,
     OperoError,
     OpmapFailureWarning,
     RateLimitTimeout,
+    RetryResultError,
     WorkerDiedError,
     WorkerStartError,
     attempt_errors,
@@ -31,6 +34,8 @@ __all__ = [
     "CacheBackendError",
     "CacheInfo",
     "CallDetails",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigurationError",
     "MapError",
     "MappedFunction",
@@ -38,11 +43,13 @@ __all__ = [
     "OperoFunction",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
     "__version__",
     "attempt_errors",
     "clear_cache",
+    "is_testing",
     "opero",
     "opmap",
     "set_testing",

@@ -22,11 +22,13 @@ EARLIER_ERRORS = "__opero_errors__"
 __all__ = [
     "AllFailedError",
     "CacheBackendError",
+    "CircuitOpenError",
     "ConfigurationError",
     "MapError",
     "OperoError",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
     "attempt_errors",
@@ -52,6 +54,62 @@ class CacheBackendError(OperoError):
 
 class RateLimitTimeout(OperoError):
     """Waiting for a rate-limit token would exceed the configured maximum wait."""
+
+
+class CircuitOpenError(OperoError):
+    """A circuit breaker is open: the call was refused without calling the function.
+
+    Raised by a function decorated with ``@opero(circuit_breaker=...)`` while
+    its :class:`~opero.CircuitBreaker` is open (or half-open with every probe
+    slot taken). It is never retried. When this process saw the failure that
+    opened the circuit, that failure is the ``__cause__``.
+
+    Args:
+        message: Human-readable summary.
+        name: The breaker's ``name`` (``None`` for an unnamed breaker).
+        retry_after: Seconds until the breaker lets a probe call through
+            (``0.0`` when it is half-open and its probe slots are taken).
+
+    Attributes:
+        name: The breaker's ``name``.
+        retry_after: Seconds to wait before calling again (a float, as
+            stamina and ``retry_after=`` detection expect).
+
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, retry_after: float = 0.0) -> None:
+        """Store the message, the breaker's name and the wait."""
+        super().__init__(message)
+        self.name = name
+        self.retry_after = retry_after
+
+
+class RetryResultError(OperoError):
+    """Every call returned a result that ``retry_on_result`` rejected.
+
+    Raised when retries run out (or a ``timeout`` stops them) after the
+    ``retry_on_result`` predicate returned True for the last call's result, like
+    tenacity's ``RetryError``. Inside an ``arg_fallback`` chain it is one of the
+    :class:`AllFailedError`'s errors.
+
+    Args:
+        message: Names the function and shows a short repr of the result.
+        result: The last result returned (and rejected).
+        attempts: How many calls were made.
+
+    """
+
+    def __init__(self, message: str, result: Any = None, attempts: int = 1) -> None:
+        """Store the message, the last rejected result and the number of calls."""
+        super().__init__(message)
+        self.message = message
+        self.result = result
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the result and the number of calls."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_opero_owner"}
+        return (type(self), (self.message, self.result, self.attempts), state)
 
 
 class AllFailedError(ExceptionGroup, OperoError):

@@ -239,18 +239,18 @@ class _WorkerTarget:
         self,
         mapped: MappedFunction[Any],
         limiter: SharedTokenBucket | None,
-        testing: bool | None = None,
+        testing: _testing.State | bool | None = None,
         pid: int | None = None,
     ) -> None:
         self.mapped = mapped
         self.limiter = limiter
-        self.testing = _testing.is_testing() if testing is None else testing
+        self.testing = _testing.state() if testing is None else testing
         self.pid = os.getpid() if pid is None else pid
 
     def resolve(self) -> Callable[[Any], Any]:
         """Return the uncached per-item function of this process (built once)."""
         if os.getpid() != self.pid:  # a worker process: the parent's switch applies
-            _testing._enabled = self.testing
+            _testing.restore(self.testing)
         return self.mapped._worker_call(self.limiter)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -87,6 +87,14 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
+        breaker: Ask the circuit breaker ``__opero_cb`` first, when its
+            ``_check`` flag says so (``__opero_enter()``), and record the outcome
+            (``__opero_failed(exc, probe, args, kwargs)``; ``__opero_ok(probe)``
+            when ``probe`` is truthy: a probe, or a failure streak to reset).
+        breaker_await: The breaker's methods are awaited (state in Redis).
+        clock: Read ``__opero_clock()`` once before anything else (``timeout``):
+            a token wait is checked by ``__opero_token_deadline(wait, start)``
+            and the start is handed to ``__opero_retry_from`` on a failure.
 
     """
 
@@ -96,6 +104,9 @@ class Template:
     key_map: bool = False
     on_success: bool = False
     guard: bool = False
+    breaker: bool = False
+    breaker_await: bool = False
+    clock: bool = False
 
 
 @dataclass(slots=True)
@@ -157,9 +168,17 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    bw = "await " if template.breaker_await else ""
+    if template.clock:
+        lines.append(f"    {P}t0 = {P}clock()")
+    if template.breaker:
+        # A closed breaker without failures costs one attribute read and a local test.
+        lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
+    deadline = [f"        {P}token_deadline({P}d, {P}t0)"] if template.clock else []
     if template.limiter and template.is_async:
-        lines.append(f"    await {P}take_token({key})")
+        token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
+        lines.append(f"    await {P}take_token({token_args})")
     elif template.limiter and template.key_map:
         # Stored keys are plain str: anything else (a new key, a digested long one, a
         # non-str, an unhashable or hash-hostile object) takes the checked slow path.
@@ -176,6 +195,7 @@ def _source(sig: _Signature, template: Template) -> str:
             f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
+            *deadline,
             f"        {P}sleep({P}d)",
         ]
     elif template.limiter:
@@ -183,20 +203,36 @@ def _source(sig: _Signature, template: Template) -> str:
             f"    {P}d = {P}reserve({key})",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
-            f"        {P}sleep({P}d)",
         ]
+        if template.clock:
+            lines.append(f"        {P}token_deadline({P}d, {P}t0)")
+        lines.append(f"        {P}sleep({P}d)")
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
-    if template.guard:
-        args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
-        kwargs = "{" + ", ".join(sig.keywords) + "}"
-        lines += [
-            "    try:",
-            f"        {P}r = {invoke}",
-            f"    except {P}Exception as {P}e:",
-            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})",
-        ]
+    args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
+    kwargs = "{" + ", ".join(sig.keywords) + "}"
+    if template.guard or template.breaker:
+        lines += ["    try:", f"        {P}r = {invoke}", f"    except {P}Exception as {P}e:"]
+        if template.breaker:
+            lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
+        if template.guard:
+            lines.append(
+                f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}"
+                + (f", {P}t0)" if template.clock else ")")
+            )
+        else:
+            lines.append("        raise")
+        if template.breaker:
+            # Cancelled or interrupted: a probe gives its slot back (it decided nothing).
+            lines += [
+                f"    except {P}BaseException:",
+                f"        if {P}p:",
+                f"            {P}release({P}p)",
+                "        raise",
+            ]
     else:
         lines.append(f"    {P}r = {invoke}")
+    if template.breaker:
+        lines += [f"    if {P}p:", f"        {bw}{P}ok({P}p)"]
     if template.on_success:
         lines.append(f"    {P}on_success({P}r)")
     lines.append(f"    return {P}r")
@@ -264,6 +300,7 @@ def specialize(
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
+    scope[f"{P}BaseException"] = BaseException
     scope[f"{P}type"], scope[f"{P}str"] = type, str
     filename = register_source(source, label)
     try:

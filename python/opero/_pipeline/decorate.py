@@ -50,7 +50,7 @@ receives the current rate, else ``None``.
 
 Other private keywords, for tests: ``_sleep=`` (sync sleep used for retry and
 rate-limit waits), ``_asleep=`` (its async twin), ``_backoff_seed=`` (seed of
-the jitter).
+the jitter), ``_clock=`` (the monotonic clock of ``timeout``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._pipeline.aio import build_async_call
+from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.caching import cache_adapter
 from opero._pipeline.engine import Engine
 from opero._pipeline.policy import Policy, build_policy
@@ -231,7 +232,12 @@ def opero(
     retry_on: type[Exception] | tuple[type[Exception], ...] | list[type[Exception]] = ...,
     retry_predicate: Callable[..., Any] | None = None,
     backoff_function: Callable[[int], float] | None = None,
+    retry_after: bool | Callable[[BaseException], float | None] = True,
+    retry_on_result: Callable[[Any], Any] | None = None,
+    timeout: float | None = None,
+    attempt_timeout: float | None = None,
     arg_fallback: str | None = None,
+    circuit_breaker: CircuitBreaker | None = None,
     rate_limit: float | Callable[[], float] | Sequence[tuple[int, float]] | None = None,
     rate_burst: int = 1,
     rate_limit_key: str | Callable[..., str] | None = None,
@@ -243,6 +249,7 @@ def opero(
     on_success: Callable[..., Any] | None = None,
     on_failure: Callable[[Exception], Any] | None = None,
     on_cache_hit: Callable[[], Any] | None = None,
+    on_circuit_open: Callable[..., Any] | None = None,
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_max_size: int | None = 1024,
@@ -260,6 +267,7 @@ def opero(
     _sleep: Callable[[float], Any] | None = None,
     _asleep: Callable[[float], Awaitable[Any]] | None = None,
     _backoff_seed: int | None = None,
+    _clock: Callable[[], float] | None = None,
 ) -> OperoDecorator: ...
 
 
@@ -281,11 +289,21 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             (exception type, tuple or list; default ``Exception``),
             ``retry_predicate(exc)`` or ``(exc, response=None)`` (return True
             to retry), ``backoff_function(attempt) -> seconds`` (0-based;
-            replaces the schedule).
+            replaces the schedule), ``retry_after`` (default True: wait what
+            the server asks in ``Retry-After``; False, or a callable
+            ``retry_after(exc) -> seconds | None``), ``retry_on_result(result)``
+            (True retries; :class:`~opero.errors.RetryResultError` when
+            retries run out), ``timeout`` (seconds for the whole call),
+            ``attempt_timeout`` (``async def`` only: seconds per attempt).
 
             Fallback: ``arg_fallback`` (name of a parameter holding a list or
             tuple of candidates; candidate ``i`` is called with
             ``values[i:]``).
+
+            Circuit breaker: ``circuit_breaker`` (an
+            :class:`~opero.CircuitBreaker`, possibly shared by several
+            functions; asked before every call, an open circuit raises
+            :class:`~opero.errors.CircuitOpenError`, never retried).
 
             Rate limit: ``rate_limit`` (calls per second, a zero-argument
             callable read on every call, or windows ``[(calls, seconds), ...]``
@@ -299,7 +317,8 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
             Callbacks: ``on_retry(exc)`` / ``on_retry(exc, attempt)``,
             ``on_success(result)`` / ``on_success()``, ``on_failure(exc)``,
-            ``on_cache_hit()``. A raising callback is logged and ignored.
+            ``on_cache_hit()``, ``on_circuit_open(details)`` /
+            ``on_circuit_open()``. A raising callback is logged and ignored.
 
             Cache: ``cache`` (default False), ``cache_ttl`` (seconds > 0 or
             None), ``cache_max_size`` (default 1024, None = unbounded),

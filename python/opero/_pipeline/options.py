@@ -26,7 +26,7 @@ from opero.errors import ConfigurationError
 __all__ = ["OPTIONS", "OPTION_NAMES", "RULES", "STAGES", "Option"]
 
 #: The stages, in pipeline order (outside in), then the waits (private test hooks).
-STAGES = ("cache", "retry", "fallback", "rate_limit", "callbacks", "wait")
+STAGES = ("cache", "retry", "fallback", "breaker", "rate_limit", "callbacks", "wait")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +111,18 @@ def _rate_limit(option: str, value: Any) -> Any:
     return value
 
 
+def _retry_after(option: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    return c.function(
+        "True (read Retry-After and retry_after from the error), False (off) or a callable "
+        "retry_after(exception) -> seconds | None",
+        "lambda exc: getattr(exc, 'wait', None)",
+        least=1,
+        shape="retry_after(exception)",
+    )(option, value)
+
+
 CACHE_BACKENDS = ("memory", "redis", "disk")
 CACHE_POLICIES = ("lru", "tinylfu")
 
@@ -157,6 +169,19 @@ def _rate_limit_key(option: str, value: Any) -> Any:
 def _limiter(option: str, value: Any) -> Any:
     if not callable(getattr(value, "reserve", None)):
         raise c.bad(option, value, "an object with reserve(rate=None) -> seconds", "...")
+    return value
+
+
+def _circuit_breaker(option: str, value: Any) -> Any:
+    from opero._pipeline.breaker import CircuitBreaker
+
+    if not isinstance(value, CircuitBreaker):
+        raise c.bad(
+            option,
+            value,
+            "None or an opero.CircuitBreaker (one object may guard several functions)",
+            "opero.CircuitBreaker(failures=5, reset_after=30.0)",
+        )
     return value
 
 
@@ -225,6 +250,57 @@ OPTIONS: tuple[Option, ...] = (
         ),
         "replaces the schedule; attempt counts retries from 0",
     ),
+    Option(
+        "retry_after",
+        "retry",
+        True,
+        _retry_after,
+        "honour a server's Retry-After (or retry_after attribute) instead of the backoff wait",
+    ),
+    Option(
+        "retry_on_result",
+        "retry",
+        None,
+        c.optional(
+            c.function(
+                "a callable predicate(result) -> bool",
+                "lambda result: result is None",
+                least=1,
+                shape="predicate(result)",
+            )
+        ),
+        "return True to treat a result as a failed call and retry",
+    ),
+    Option(
+        "timeout",
+        "retry",
+        None,
+        c.optional(
+            c.real(
+                f"None (no deadline) or seconds > 0 and <= {c.MAX_SECONDS:g}",
+                "10.0",
+                low=0.0,
+                strict=True,
+                high=c.MAX_SECONDS,
+            )
+        ),
+        "deadline of the whole call, retries and waits included, in seconds",
+    ),
+    Option(
+        "attempt_timeout",
+        "retry",
+        None,
+        c.optional(
+            c.real(
+                f"None or seconds > 0 and <= {c.MAX_SECONDS:g}",
+                "2.0",
+                low=0.0,
+                strict=True,
+                high=c.MAX_SECONDS,
+            )
+        ),
+        "async def only: cancel an attempt after this many seconds (a retryable TimeoutError)",
+    ),
     # fallback
     Option(
         "arg_fallback",
@@ -238,6 +314,14 @@ OPTIONS: tuple[Option, ...] = (
             )
         ),
         "the parameter whose value is a list or tuple of candidates",
+    ),
+    # circuit breaker
+    Option(
+        "circuit_breaker",
+        "breaker",
+        None,
+        c.optional(_circuit_breaker),
+        "a CircuitBreaker guarding every call (each attempt and fallback candidate)",
     ),
     # rate limit
     Option(
@@ -353,6 +437,15 @@ OPTIONS: tuple[Option, ...] = (
         c.optional(c.function("a callable on_cache_hit()", _CALLBACK)),
         "called on every cache hit",
     ),
+    Option(
+        "on_circuit_open",
+        "callbacks",
+        None,
+        c.optional(
+            c.function("a callable on_circuit_open(details) or on_circuit_open()", _CALLBACK)
+        ),
+        "called when a call's failure opens the circuit breaker",
+    ),
     # cache
     Option("cache", "cache", False, c.flag, "cache successful results"),
     Option(
@@ -460,6 +553,14 @@ OPTIONS: tuple[Option, ...] = (
         None,
         c.optional(c.integer("an int in [0, 2**64)", "42", low=0, high=2**64 - 1)),
         "seed of the jitter RNG, for reproducible schedules",
+        private=True,
+    ),
+    Option(
+        "_clock",
+        "wait",
+        None,
+        c.optional(c.function("a callable clock() -> seconds", "time.monotonic")),
+        "monotonic clock() of the timeout deadline",
         private=True,
     ),
 )
@@ -588,6 +689,15 @@ def cache_options_need_cache(v: Mapping[str, Any], given: Mapping[str, Any], fun
         )
 
 
+def circuit_hook_needs_breaker(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) -> None:
+    """``on_circuit_open`` does nothing without ``circuit_breaker``."""
+    if v["on_circuit_open"] is not None and v["circuit_breaker"] is None:
+        raise ConfigurationError(
+            "@opero(on_circuit_open=...) has no effect without circuit_breaker; set "
+            "circuit_breaker=opero.CircuitBreaker(...) or drop on_circuit_open."
+        )
+
+
 #: The cross-option rules, run in this order after the per-option checks.
 RULES: tuple[Rule, ...] = (
     delays_ordered,
@@ -596,4 +706,5 @@ RULES: tuple[Rule, ...] = (
     cache_options_fit_backend,
     cache_policy_fits,
     cache_options_need_cache,
+    circuit_hook_needs_breaker,
 )

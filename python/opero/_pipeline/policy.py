@@ -31,6 +31,7 @@ __all__ = [
     "MIN_RATE",
     "OPTION_NAMES",
     "CachePolicy",
+    "BreakerPolicy",
     "CallbackPolicy",
     "FallbackPolicy",
     "Policy",
@@ -56,6 +57,10 @@ class RetryPolicy:
     retry_predicate: Callable[..., Any] | None
     backoff_function: Callable[[int], float] | None
     backoff_seed: int | None
+    retry_after: bool | Callable[[BaseException], Any]
+    retry_on_result: Callable[[Any], Any] | None
+    timeout: float | None
+    attempt_timeout: float | None
 
     @property
     def retry_predicate_arity(self) -> int:
@@ -70,6 +75,13 @@ class FallbackPolicy:
     """Stage ``fallback``: the parameter holding the candidates."""
 
     arg_fallback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Stage ``breaker``: the circuit breaker guarding every real call."""
+
+    circuit_breaker: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,7 @@ class CallbackPolicy:
     on_success: Callable[..., Any] | None
     on_failure: Callable[..., Any] | None
     on_cache_hit: Callable[..., Any] | None
+    on_circuit_open: Callable[..., Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +134,7 @@ class WaitPolicy:
 
     sleep: Callable[[float], Any] | None
     asleep: Callable[[float], Any] | None
+    clock: Callable[[], float] | None
 
 
 #: The policy class of each stage of the option table.
@@ -128,6 +142,7 @@ STAGE_POLICIES: dict[str, type[Any]] = {
     "cache": CachePolicy,
     "retry": RetryPolicy,
     "fallback": FallbackPolicy,
+    "breaker": BreakerPolicy,
     "rate_limit": RateLimitPolicy,
     "callbacks": CallbackPolicy,
     "wait": WaitPolicy,
@@ -138,6 +153,7 @@ _STAGE_ATTR = {
     "cache": "caching",
     "retry": "retry",
     "fallback": "fallback",
+    "breaker": "breaker",
     "rate_limit": "rate",
     "callbacks": "callbacks",
     "wait": "wait",
@@ -163,6 +179,7 @@ class Policy:
         callbacks: Stage ``callbacks`` (:class:`CallbackPolicy`).
         caching: Stage ``cache`` (:class:`CachePolicy`).
         wait: The private waits (:class:`WaitPolicy`).
+        breaker: Stage ``breaker`` (:class:`BreakerPolicy`).
         options: The read-only mapping of the options the user passed, after
             normalization (``retry_on`` as a tuple), without the private
             ``_limiter``: ``opero(**policy.options)`` rebuilds an equivalent
@@ -176,6 +193,7 @@ class Policy:
     callbacks: CallbackPolicy
     caching: CachePolicy
     wait: WaitPolicy
+    breaker: BreakerPolicy
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __getattr__(self, name: str) -> Any:
