@@ -182,11 +182,16 @@ def _source(sig: _Signature, template: Template) -> str:
     elif template.limiter and template.key_map:
         # Stored keys are plain str: anything else (a new key, a digested long one, a
         # non-str, an unhashable or hash-hostile object) takes the checked slow path.
+        # Only an exact str is looked up inline: the dict would trust any other object's
+        # __hash__/__eq__ (a key claiming to equal "ann" would book in ann's bucket).
         lines += [
             f"    {P}k = {key}",
-            "    try:",
-            f"        {P}d = {P}buckets[{P}k].reserve()",
-            f"    except {P}Exception:",
+            f"    if {P}type({P}k) is {P}str:",
+            "        try:",
+            f"            {P}d = {P}buckets[{P}k].reserve()",
+            f"        except {P}Exception:",
+            f"            {P}d = {P}reserve({P}k)",
+            "    else:",
             f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
@@ -296,6 +301,7 @@ def specialize(
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
     scope[f"{P}BaseException"] = BaseException
+    scope[f"{P}type"], scope[f"{P}str"] = type, str
     filename = register_source(source, label)
     try:
         exec(compile(source, filename, "exec"), scope)

@@ -163,7 +163,7 @@ class Engine:
         self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
         self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
-        self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
+        self.limiter = Limiter(policy, qualname, func) if policy.has_rate_limit else None
         limiter = self.limiter
         #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
         #: called without a limiter).
