@@ -27,12 +27,15 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
     asleep = engine.asleep
     atoken_wait = engine.atoken_wait
 
-    if engine.async_source:
+    if engine.async_source or engine.events.needs_arguments:
 
-        async def take_token() -> None:
-            wait = await atoken_wait()
+        async def take_token(
+            args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+        ) -> float:
+            wait = await atoken_wait(args, kwargs, calls, waited)
             if wait:
                 await asleep(wait)
+            return wait
 
     else:
         # The native bucket books without an await; its call is inlined here (as in the
@@ -40,19 +43,27 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         # per call of a rate-limited async function.
         reserve, check_wait = engine.reserve, engine.check_wait
 
-        async def take_token() -> None:
+        async def take_token(
+            args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+        ) -> float:
             delay = reserve()
             if delay > MIN_WAIT:
                 check_wait(delay)
                 await asleep(delay)
+                return delay
+            return 0.0
 
     retry_from = _aretry_from(engine, take_token)
+    count = engine.counters.count
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
+            count()
             return await retry_from(None, args, kwargs)
 
         return acall_fallback
+    if engine.events.needs_arguments:  # a details callback of the first call: generic
+        return _generic(engine, retry_from, take_token if limited else None)
     generated = specialize(
         engine.func,
         Template(
@@ -60,8 +71,10 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             limiter=limited,
             on_success=engine.on_success is not None,
             guard=engine.guarded,
+            count=True,
         ),
         {
+            "__opero_count": count,
             "__opero_retry_from": retry_from,
             "__opero_take_token": take_token,
             "__opero_on_success": engine.on_success,
@@ -71,26 +84,29 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
 
 
 def _generic(
-    engine: Engine, retry_from: ARetryFrom, take_token: Callable[[], Awaitable[None]] | None
+    engine: Engine, retry_from: ARetryFrom, take_token: Callable[..., Awaitable[float]] | None
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
+    count = engine.counters.count
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
+        count()
+        waited = 0.0
         if take_token is not None:
-            await take_token()
+            waited = await take_token(args, kwargs)
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
             return await retry_from(exc, args, kwargs)
         if on_success is not None:
-            on_success(result)
+            on_success(result, args, kwargs, 1, waited)
         return result
 
     return acall
 
 
-def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> ARetryFrom:
+def _aretry_from(engine: Engine, take_token: Callable[..., Awaitable[float]]) -> ARetryFrom:
     """Return the loop: from the start (``first=None``) or after the first call failed."""
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
@@ -105,15 +121,16 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)
-            round_, index, wait = 0, 0, 0.0
+            round_, index, wait, waited = 0, 0, 0.0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), args, kwargs)
             while error is None:
                 if wait > 0:
                     await asleep(wait)
+                    waited += wait
                 if limited:
-                    await take_token()
+                    waited += await take_token(args, kwargs, len(errors) + 1, waited)
                 call_args, call_kwargs = calls[index]
                 try:
                     result = await func(*call_args, **call_kwargs)
@@ -121,10 +138,12 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
-                    round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), args, kwargs, waited
+                    )
                 else:
                     if on_success is not None:
-                        on_success(result)
+                        on_success(result, args, kwargs, len(errors) + 1, waited)
                     return result
             raise error
         finally:

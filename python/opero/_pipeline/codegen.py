@@ -81,6 +81,7 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
+        count: Call ``__opero_count()`` first (the call counter of ``f.stats()``).
 
     """
 
@@ -88,6 +89,7 @@ class Template:
     limiter: bool = False
     on_success: bool = False
     guard: bool = False
+    count: bool = False
 
 
 @dataclass(slots=True)
@@ -149,6 +151,8 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    if template.count:
+        lines.append(f"    {P}count()")
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token()")
     elif template.limiter:

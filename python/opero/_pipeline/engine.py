@@ -49,9 +49,10 @@ from typing import Any
 
 from opero import _testing
 from opero._opero_core import Backoff
-from opero._pipeline.callbacks import adapt_callback
+from opero._pipeline.callbacks import Events, log_extra
 from opero._pipeline.fallback import Call, Fallback
 from opero._pipeline.policy import Policy, check_seconds
+from opero._pipeline.stats import Counters
 from opero._ratelimit import MIN_WAIT, Limiter
 from opero.errors import EARLIER_ERRORS, AllFailedError
 
@@ -89,9 +90,12 @@ class Engine:
         "backoff",
         "backoff_function",
         "check_wait",
+        "counters",
+        "events",
         "fallback",
         "func",
         "limiter",
+        "limiter_check",
         "on_failure",
         "on_retry",
         "on_success",
@@ -129,20 +133,27 @@ class Engine:
         #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
         #: called without a limiter).
         self.reserve = limiter.reserve_function() if limiter is not None else _no_token
-        self.check_wait = limiter.check_wait if limiter is not None else _no_wait
+        self.counters = Counters(qualname)
+        self.events = events = Events(policy.callbacks, qualname, self.counters)
+        self.limiter_check = limiter.check_wait if limiter is not None else _no_wait
+        #: ``check_wait(delay)`` of the generated wrapper: the limit's check, then the
+        #: ``rate_limit_wait`` event (counted, on_rate_limit_wait, hooks).
+        self.check_wait = self._check_wait if limiter is not None else _no_wait
         #: Booking a token needs an ``await`` (a Redis limiter).
         self.async_source = limiter is not None and limiter.has_async_source
         self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
         self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
-        callbacks = policy.callbacks
-        self.on_retry = adapt_callback("on_retry", callbacks.on_retry, (2, 1))
-        self.on_success = adapt_callback("on_success", callbacks.on_success, (1, 0))
-        self.on_failure = adapt_callback("on_failure", callbacks.on_failure, (1,))
+        self.on_retry = events.on_retry
+        self.on_success = events.on_success
+        self.on_failure = events.on_failure
 
     @property
     def guarded(self) -> bool:
-        """Whether a failed first call needs the engine (else it propagates as is)."""
-        return self.retries > 0 or self.on_failure is not None or self.fallback is not None
+        """Whether a failed first call needs the engine: always, it is counted as a failure.
+
+        A ``try`` costs nothing until an error is raised (CPython 3.11+).
+        """
+        return True
 
     # --- decisions -----------------------------------------------------------------
 
@@ -181,28 +192,52 @@ class Engine:
             self.backoff_function(attempt),
         )
 
-    def before_retry(self, exc: Exception, attempt: int) -> float:
-        """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""
-        if self.on_retry is not None:
-            self.on_retry(exc, attempt)
+    def before_retry(
+        self,
+        exc: Exception,
+        attempt: int,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> float:
+        """Fire ``on_retry``, log, and return the wait before retry ``attempt`` (0-based).
+
+        ``calls`` is the number of calls made so far, ``waited`` the seconds
+        waited so far (both for :class:`~opero.CallDetails`).
+        """
         wait = self.delay(attempt)
-        logger.debug(
-            "opero: %s failed with %r; retry %d of %d in %.3fs",
+        self.events.retry(exc, attempt, wait, args, kwargs, calls, waited)
+        logger.info(
+            "opero: %s failed with %s; retry %d of %d in %.3fs",
             self.qualname,
-            exc,
+            _short_repr(exc),
             attempt + 1,
             self.retries,
             wait,
+            extra=log_extra("retry", self.qualname, attempt=calls, wait=wait, error=exc),
         )
         return wait
 
-    def give_up(self, exc: Exception) -> Exception:
-        """Fire ``on_failure`` for an error that is not retried, and return it."""
-        if self.on_failure is not None:
-            self.on_failure(exc)
+    def give_up(
+        self,
+        exc: Exception,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> Exception:
+        """Fire ``on_failure`` for the error the call raises (counted), and return it."""
+        self.events.failure(exc, args, kwargs, calls, waited)
         return exc
 
-    def exhausted(self, errors: list[Exception]) -> Exception:
+    def exhausted(
+        self,
+        errors: list[Exception],
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
+    ) -> Exception:
         """Return the error to raise when every call failed (and fire ``on_failure``).
 
         With a fallback configured: ``AllFailedError`` with every error,
@@ -215,20 +250,26 @@ class Engine:
         if self.fallback is None:
             if len(errors) > 1:
                 self._annotate(last, errors)
-                logger.warning(
-                    "opero: %s failed on all %d calls; raising the last error",
+                logger.info(
+                    "opero: %s failed on all %d calls; raising the last error, %s",
                     self.qualname,
                     len(errors),
+                    _short_repr(last),
+                    extra=log_extra("exhausted", self.qualname, attempt=len(errors), error=last),
                 )
-            return self.give_up(last)
+            return self.give_up(last, args, kwargs, len(errors), waited)
         error = AllFailedError(
             f"{self.qualname} failed on all {len(errors)} calls; last error: {_short_repr(last)}",
             errors,
         )
         error.__cause__ = last
         error.__suppress_context__ = True
-        logger.warning("opero: %s", error.message)
-        return self.give_up(error)
+        logger.info(
+            "opero: %s",
+            error.message,
+            extra=log_extra("exhausted", self.qualname, attempt=len(errors), error=last),
+        )
+        return self.give_up(error, args, kwargs, len(errors), waited)
 
     def _annotate(self, last: Exception, errors: list[Exception]) -> None:
         """Note the number of calls on ``last`` and keep the earlier errors on it.
@@ -257,15 +298,26 @@ class Engine:
         except Exception:  # a non-list __notes__, a __dict__ property: raise it without ours
             logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
-    def log_fallback(self, exc: Exception, index: int, total: int) -> None:
-        """Log a failed fallback candidate before the next one is tried."""
-        logger.debug(
-            "opero: %s candidate %d of %d (%s) failed with %r; trying the next one",
+    def log_fallback(
+        self,
+        exc: Exception,
+        index: int,
+        total: int,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> None:
+        """Fire ``on_fallback`` and log a failed candidate before the next one is tried."""
+        self.events.fallback(exc, index, args, kwargs, calls, waited)
+        logger.info(
+            "opero: %s candidate %d of %d (%s) failed with %s; trying the next one",
             self.qualname,
             index + 1,
             total,
             self.policy.fallback.arg_fallback,
-            exc,
+            _short_repr(exc),
+            extra=log_extra("fallback", self.qualname, attempt=calls, error=exc),
         )
 
     def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[Call]:
@@ -274,7 +326,16 @@ class Engine:
             return [(args, kwargs)]
         return self.fallback.candidates(args, kwargs)
 
-    def after_failure(self, errors: list[Exception], round_: int, index: int, total: int) -> Step:
+    def after_failure(
+        self,
+        errors: list[Exception],
+        round_: int,
+        index: int,
+        total: int,
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
+    ) -> Step:
         """Decide what follows the failure of call ``index`` of round ``round_`` (0-based).
 
         ``errors[-1]`` is the error of that call. In order: an error that is not
@@ -286,17 +347,27 @@ class Engine:
         traceback.
         """
         exc = errors[-1]
+        calls = len(errors)  # args, kwargs (the caller's) and waited feed CallDetails
         if not self.is_retryable(exc):
-            return round_, index, 0.0, self.give_up(exc)
+            return round_, index, 0.0, self.give_up(exc, args, kwargs, calls, waited)
         if index + 1 < total:
-            self.log_fallback(exc, index, total)
+            self.log_fallback(exc, index, total, args, kwargs, calls, waited)
             return round_, index + 1, 0.0, None
         if round_ >= self.retries:
-            return round_, index, 0.0, self.exhausted(errors)
-        return round_ + 1, 0, self.before_retry(exc, round_), None
+            return round_, index, 0.0, self.exhausted(errors, args, kwargs, waited)
+        return round_ + 1, 0, self.before_retry(exc, round_, args, kwargs, calls, waited), None
 
-    def token_wait(self) -> float:
+    def _check_wait(self, delay: float) -> None:
+        """Check a token wait against ``rate_max_wait``, then fire the wait event."""
+        self.limiter_check(delay)
+        self.events.rate_limit_wait(delay)
+
+    def token_wait(
+        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+    ) -> float:
         """Book a rate-limit token; return the seconds to sleep first (0 for none).
+
+        A wait fires ``on_rate_limit_wait`` (the arguments feed its details).
 
         Raises:
             RateLimitTimeout: The wait exceeds ``rate_max_wait``.
@@ -304,18 +375,22 @@ class Engine:
         """
         delay = self.reserve()
         if delay > MIN_WAIT:
-            self.check_wait(delay)
+            self.limiter_check(delay)
+            self.events.rate_limit_wait(delay, args, kwargs, calls, waited)
             return delay
         return 0.0
 
-    async def atoken_wait(self) -> float:
+    async def atoken_wait(
+        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+    ) -> float:
         """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
         if not self.async_source:
-            return self.token_wait()
+            return self.token_wait(args, kwargs, calls, waited)
         assert self.limiter is not None
         delay = await self.limiter.areserve()
         if delay > MIN_WAIT:
-            self.check_wait(delay)
+            self.limiter_check(delay)
+            self.events.rate_limit_wait(delay, args, kwargs, calls, waited)
             return delay
         return 0.0
 

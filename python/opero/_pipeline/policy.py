@@ -93,6 +93,8 @@ class CallbackPolicy:
     on_success: Callable[..., Any] | None
     on_failure: Callable[..., Any] | None
     on_cache_hit: Callable[..., Any] | None
+    on_fallback: Callable[..., Any] | None = None
+    on_rate_limit_wait: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

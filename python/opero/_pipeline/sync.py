@@ -33,17 +33,24 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     if not limited and on_success is None and not engine.guarded:
         return func
     retry_from = _retry_from(engine)
+    count = engine.counters.count
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
         # (the function may change the list it receives).
         def call_fallback(*args: Any, **kwargs: Any) -> Any:
+            count()
             return retry_from(None, args, kwargs)
 
         return call_fallback
+    if engine.events.needs_arguments:  # a details callback of the first call: generic
+        return _generic(engine, retry_from)
     generated = specialize(
         func,
-        Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded),
+        Template(
+            limiter=limited, on_success=on_success is not None, guard=engine.guarded, count=True
+        ),
         {
+            "__opero_count": count,
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
             "__opero_check_wait": engine.check_wait,
@@ -58,16 +65,19 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
+    count = engine.counters.count
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if token_wait is not None and (wait := token_wait()):
-            sleep(wait)
+        count()
+        waited = 0.0
+        if token_wait is not None and (waited := token_wait(args, kwargs)):
+            sleep(waited)
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
             return retry_from(exc, args, kwargs)
         if on_success is not None:
-            on_success(result)
+            on_success(result, args, kwargs, 1, waited)
         return result
 
     return call
@@ -86,15 +96,19 @@ def _retry_from(engine: Engine) -> RetryFrom:
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
             calls = engine.calls(args, kwargs)
-            round_, index, wait = 0, 0, 0.0
+            round_, index, wait, waited = 0, 0, 0.0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), args, kwargs)
             while error is None:
                 if wait > 0:
                     sleep(wait)
-                if token_wait is not None and (wait := token_wait()):
+                    waited += wait
+                if token_wait is not None and (
+                    wait := token_wait(args, kwargs, len(errors) + 1, waited)
+                ):
                     sleep(wait)
+                    waited += wait
                 call_args, call_kwargs = calls[index]
                 try:
                     result = func(*call_args, **call_kwargs)
@@ -102,10 +116,12 @@ def _retry_from(engine: Engine) -> RetryFrom:
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
-                    round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), args, kwargs, waited
+                    )
                 else:
                     if on_success is not None:
-                        on_success(result)
+                        on_success(result, args, kwargs, len(errors) + 1, waited)
                     return result
             raise error
         finally:

@@ -1,0 +1,247 @@
+"""Per-function counters behind ``f.stats()`` and :mod:`opero.instrumentation`.
+
+Cost model: the hot paths do no work for the counters, or one native
+increment. A cache hit and a cache miss are counted by the cache store
+(``cache_info()``); the only per-call increment is ``count()`` (an
+:func:`itertools.count`'s ``__next__``, atomic under the GIL and in C) at the
+start of every run of the uncached pipeline, so an uncached call costs one C
+call and a cached call costs it only on a miss. Every other counter (retries,
+waits, fallbacks, failures, rate-limit waits) moves on a slow path, under a
+lock.
+
+Derived counts for a cached function: ``calls = hits + store misses``;
+``cache_misses`` = the pipeline runs (the computations); ``coalesced`` = the
+store misses that did not compute (callers that waited for another caller's
+computation of the same key, or found its value on a second look). When the
+native ``CachedCall`` exposes a ``coalesced`` counter, it is used instead.
+
+Fork: a child process inherits the counters as they were at ``fork()`` and
+continues from them (the locks are recreated in the child).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["Counters", "FunctionStats", "live_counters"]
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionStats:
+    """The counters of one decorated function (``f.stats()``).
+
+    Attributes:
+        function: The decorated function's ``module.qualname``.
+        calls: Calls of the decorated function (cache hits included).
+        failures: Calls that raised (after their retries and fallbacks).
+        retries: Retries made (each new round after a failed one).
+        retry_waits: Backoff waits before retries that slept (``> 0`` s).
+        retry_wait_seconds: Seconds of those waits.
+        fallbacks: Fallback candidates that failed and were followed by the
+            next one.
+        rate_limit_waits: Calls that waited for a rate-limit token.
+        rate_limit_wait_seconds: Seconds of those waits.
+        cache_hits: Calls answered from the cache.
+        cache_misses: Calls that computed the value (cache misses that ran the
+            function); ``0`` without a cache.
+        coalesced: Calls that missed the cache and received another caller's
+            in-flight computation instead of computing (single flight).
+
+    """
+
+    function: str
+    calls: int = 0
+    failures: int = 0
+    retries: int = 0
+    retry_waits: int = 0
+    retry_wait_seconds: float = 0.0
+    fallbacks: int = 0
+    rate_limit_waits: int = 0
+    rate_limit_wait_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    coalesced: int = 0
+
+    def __add__(self, other: FunctionStats) -> FunctionStats:
+        """Sum two snapshots (the name of the left one is kept)."""
+        if not isinstance(other, FunctionStats):
+            return NotImplemented
+        values = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in fields(self)
+            if f.name != "function"
+        }
+        return FunctionStats(self.function, **values)
+
+
+#: The slow-path counters (moved under the lock).
+_SLOW = (
+    "failures",
+    "retries",
+    "retry_waits",
+    "retry_wait_seconds",
+    "fallbacks",
+    "rate_limit_waits",
+    "rate_limit_wait_seconds",
+)
+
+_live: weakref.WeakSet[Counters] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _count_value(counter: itertools.count[int]) -> int:
+    """Return the next value of ``counter`` without taking it (its repr is ``count(n)``)."""
+    text = repr(counter)
+    return int(text[text.index("(") + 1 : -1])
+
+
+class Counters:
+    """The mutable counters of one decoration (see the module doc for the cost model).
+
+    Args:
+        function: ``module.qualname`` of the decorated function.
+
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_base",
+        "_runs",
+        "cache_info",
+        "count",
+        "coalesced_source",
+        "failures",
+        "fallbacks",
+        "function",
+        "lock",
+        "rate_limit_wait_seconds",
+        "rate_limit_waits",
+        "retries",
+        "retry_wait_seconds",
+        "retry_waits",
+    )
+
+    def __init__(self, function: str) -> None:
+        self.function = function
+        self._runs = itertools.count()
+        #: One run of the uncached pipeline started (the per-call increment).
+        self.count: Callable[[], int] = self._runs.__next__
+        self.lock = threading.Lock()
+        self.failures = self.retries = self.retry_waits = 0
+        self.fallbacks = self.rate_limit_waits = 0
+        self.retry_wait_seconds = self.rate_limit_wait_seconds = 0.0
+        #: ``() -> CacheInfo`` of the function's store, set when it has a cache.
+        self.cache_info: Callable[[], Any] | None = None
+        #: The native wrapper whose ``coalesced`` attribute counts coalesced waits.
+        self.coalesced_source: Any = None
+        #: What ``stats(reset=True)`` subtracts from the counters it cannot zero.
+        self._base = FunctionStats(function)
+        with _live_lock:
+            _live.add(self)
+
+    # --- slow paths ----------------------------------------------------------------
+
+    def retried(self, wait: float) -> None:
+        """Count one retry and its backoff wait."""
+        with self.lock:
+            self.retries += 1
+            if wait > 0:
+                self.retry_waits += 1
+                self.retry_wait_seconds += wait
+
+    def failed(self) -> None:
+        """Count one call that raised."""
+        with self.lock:
+            self.failures += 1
+
+    def fell_back(self) -> None:
+        """Count one failed fallback candidate followed by the next one."""
+        with self.lock:
+            self.fallbacks += 1
+
+    def rate_waited(self, wait: float) -> None:
+        """Count one wait for a rate-limit token."""
+        with self.lock:
+            self.rate_limit_waits += 1
+            self.rate_limit_wait_seconds += wait
+
+    def watch_native(self, wrapper: Any) -> None:
+        """Read ``coalesced`` from ``wrapper`` when its class counts coalesced waits natively.
+
+        Held by a weak reference: the wrapper holds these counters (no cycle).
+        """
+        if not hasattr(type(wrapper), "coalesced"):
+            return
+        try:
+            self.coalesced_source = weakref.ref(wrapper)
+        except TypeError:  # not weak-referenceable: derive the count instead
+            self.coalesced_source = None
+
+    # --- reading -------------------------------------------------------------------
+
+    def _raw(self) -> FunctionStats:
+        """Return the counters since decoration (no reset applied)."""
+        runs = _count_value(self._runs)
+        with self.lock:
+            slow = {name: getattr(self, name) for name in _SLOW}
+        hits = misses = coalesced = 0
+        calls = runs
+        info = self.cache_info() if self.cache_info is not None else None
+        if info is not None:
+            hits = int(getattr(info, "hits", 0) or 0)
+            lookups_missed = int(getattr(info, "misses", 0) or 0)
+            source = self.coalesced_source() if self.coalesced_source is not None else None
+            native = getattr(source, "coalesced", None)
+            if isinstance(native, int):
+                coalesced = native
+                misses = max(0, lookups_missed - coalesced)
+            else:
+                misses = min(runs, lookups_missed)
+                coalesced = max(0, lookups_missed - runs)
+            calls = hits + lookups_missed
+        return FunctionStats(
+            self.function,
+            calls=calls,
+            cache_hits=hits,
+            cache_misses=misses,
+            coalesced=coalesced,
+            **slow,
+        )
+
+    def snapshot(self, *, reset: bool = False) -> FunctionStats:
+        """Return the counters (since the last reset); with ``reset``, start again from zero."""
+        raw = self._raw()
+        base = self._base
+        values = {
+            f.name: max(getattr(raw, f.name) - getattr(base, f.name), 0)
+            for f in fields(raw)
+            if f.name != "function"
+        }
+        if reset:
+            self._base = raw
+        return FunctionStats(self.function, **values)
+
+
+def live_counters() -> Iterator[Counters]:
+    """Yield the counters of every decorated function still alive."""
+    with _live_lock:
+        items = list(_live)
+    yield from items
+
+
+def _after_fork_in_child() -> None:
+    """The child continues from the parent's counts; a lock held at fork is recreated."""
+    global _live_lock
+    _live_lock = threading.Lock()
+    for counters in list(_live):
+        counters.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
