@@ -185,7 +185,7 @@ class Counters:
 
     # --- reading -------------------------------------------------------------------
 
-    def _raw(self) -> FunctionStats:
+    def raw(self) -> FunctionStats:
         """Return the counters since decoration (no reset applied)."""
         runs = _count_value(self._runs)
         with self.lock:
@@ -216,7 +216,7 @@ class Counters:
 
     def snapshot(self, *, reset: bool = False) -> FunctionStats:
         """Return the counters (since the last reset); with ``reset``, start again from zero."""
-        raw = self._raw()
+        raw = self.raw()
         base = self._base
         values = {
             f.name: max(getattr(raw, f.name) - getattr(base, f.name), 0)

@@ -1,0 +1,294 @@
+"""f.stats(), the global hooks and the Prometheus / OpenTelemetry exports of opero.instrumentation."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from faultkit import run_scenario
+
+import opero
+from opero import CallDetails, FunctionStats, opero as op
+from opero import instrumentation
+from opero._pipeline.stats import FunctionStats as _Stats
+
+
+def failing_then(ok_after: int) -> Any:
+    state = {"n": 0}
+
+    def call(x: int) -> int:
+        state["n"] += 1
+        if state["n"] <= ok_after:
+            raise ConnectionError("down")
+        return x
+
+    return call
+
+
+def test_stats_counts_calls_retries_waits_failures() -> None:
+    """stats() counts calls, retries and their waits (a manual clock) and failed calls."""
+    slept: list[float] = []
+    f = op(retries=2, _sleep=slept.append, _backoff_seed=3)(failing_then(1))
+    assert f(1) == 1
+    assert f(2) == 2
+    stats = f.stats()
+    assert isinstance(stats, FunctionStats)
+    assert (stats.calls, stats.retries, stats.failures) == (2, 1, 0)
+    assert stats.retry_waits == 1 and stats.retry_wait_seconds == pytest.approx(sum(slept))
+    g = op(retries=1, min_delay=0)(failing_then(10))
+    with pytest.raises(ConnectionError):
+        g(1)
+    assert (g.stats().calls, g.stats().retries, g.stats().failures) == (1, 1, 1)
+    assert g.stats().retry_waits == 0  # a zero wait does not sleep
+
+
+def test_stats_without_options_counts_failures() -> None:
+    """A function with retries=0 and no callback still counts its calls and failures."""
+    f = op(retries=0)(failing_then(1))
+    with pytest.raises(ConnectionError):
+        f(1)
+    assert f(1) == 1
+    assert (f.stats().calls, f.stats().failures) == (2, 1)
+
+
+def test_stats_cache_hits_misses_and_reset() -> None:
+    """A cached function counts hits and misses from its store; reset=True starts from zero."""
+    f = op(cache=True)(lambda x: x * 2)
+    for x in (1, 2, 1, 1, 2, 3):
+        f(x)
+    stats = f.stats()
+    assert (stats.calls, stats.cache_hits, stats.cache_misses, stats.coalesced) == (6, 3, 3, 0)
+    assert f.stats(reset=True) == stats
+    assert f.stats() == FunctionStats(stats.function)
+    f(1)
+    assert (f.stats().calls, f.stats().cache_hits) == (1, 1)
+
+
+def test_coalesced_waiters_are_not_misses() -> None:
+    """Threads that wait for another thread's computation count as coalesced, not as misses."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(x: int) -> int:
+        started.set()
+        release.wait(10)
+        return x
+
+    f = op(cache=True, retries=0)(slow)
+    threads = [threading.Thread(target=f, args=(1,)) for _ in range(4)]
+    threads[0].start()
+    assert started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)  # the waiters reach the flight (a generous bound on a loaded box)
+    release.set()
+    for t in threads:
+        t.join(10)
+    stats = f.stats()
+    assert stats.calls == 4 and stats.cache_misses == 1
+    assert stats.coalesced + stats.cache_hits == 3
+
+
+def test_async_and_fallback_and_rate_limit_counters() -> None:
+    """Async calls, failed fallback candidates and rate-limit waits are counted."""
+    waits: list[float] = []
+
+    async def one(x: int) -> int:
+        return x
+
+    f = op(retries=0, rate_limit=10.0, _asleep=_recorder(waits))(one)
+
+    async def main() -> None:
+        for i in range(3):
+            assert await f(i) == i
+
+    asyncio.run(main())
+    stats = f.stats()
+    assert stats.calls == 3 and stats.rate_limit_waits == 2
+    assert stats.rate_limit_wait_seconds == pytest.approx(sum(waits))
+
+    @op(retries=0, arg_fallback="hosts")
+    def pick(hosts: list[str]) -> str:
+        if hosts[0] != "c":
+            raise ConnectionError(hosts[0])
+        return "c"
+
+    assert pick(["a", "b", "c"]) == "c"
+    assert (pick.stats().calls, pick.stats().fallbacks) == (1, 2)
+
+
+def _recorder(into: list[float]) -> Any:
+    async def asleep(seconds: float) -> None:
+        into.append(seconds)
+
+    return asleep
+
+
+def test_stats_under_threads_lose_nothing() -> None:
+    """8 threads x 2000 calls with one retry each: calls and retries are exact."""
+    state = threading.local()
+
+    def flaky(x: int) -> int:
+        if not getattr(state, "failed", False):
+            state.failed = True
+            raise ConnectionError("once per call")
+        state.failed = False
+        return x
+
+    f = op(retries=1, min_delay=0)(flaky)
+    plain = op(retries=0)(lambda x: x)
+
+    def work() -> None:
+        for i in range(2000):
+            f(i)
+            plain(i)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(old)
+    assert (f.stats().calls, f.stats().retries) == (16000, 16000)
+    assert plain.stats().calls == 16000
+
+
+def test_global_hooks_apply_to_functions_decorated_before() -> None:
+    """set_on_event_hooks reaches functions decorated earlier; a raising hook is ignored."""
+    f = op(retries=1, min_delay=0)(failing_then(1))
+    seen: list[CallDetails] = []
+
+    def broken(details: CallDetails) -> None:
+        raise RuntimeError("hook bug")
+
+    instrumentation.set_on_event_hooks([broken, seen.append])
+    try:
+        assert instrumentation.get_on_event_hooks() == (broken, seen.append)
+        assert f(7) == 7
+        instrumentation._emit_breaker("payments", "open")
+    finally:
+        instrumentation.set_on_event_hooks(None)
+    assert [(d.event, d.args) for d in seen] == [("retry", (7,)), ("circuit_open", ())]
+    assert seen[1].function == "payments"
+    assert instrumentation.breaker_transitions()[("payments", "open")] >= 1
+    with pytest.raises(TypeError, match="not callable"):
+        instrumentation.set_on_event_hooks([3])  # type: ignore[list-item]
+
+
+def test_snapshot_sums_by_name() -> None:
+    """snapshot() lists live functions by module.qualname, summing same-named decorations."""
+
+    def twice(x: int) -> int:
+        return x
+
+    a, b = op(retries=0)(twice), op(retries=0)(twice)
+    a(1)
+    b(1)
+    b(2)
+    name = f"{__name__}.test_snapshot_sums_by_name.<locals>.twice"
+    assert instrumentation.snapshot()[name].calls == 3
+
+
+def test_prometheus_export() -> None:
+    """A real prometheus_client registry exposes the counters labelled by function."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    exporter = instrumentation.PrometheusInstrumentation(registry)
+    f = op(retries=1, min_delay=0, cache=True)(failing_then(1))
+    f(1)
+    f(1)
+    name = f.stats().function
+    instrumentation._emit_breaker("prom-breaker", "half_open")
+    value = registry.get_sample_value
+    assert value("opero_calls_total", {"function": name}) == 2
+    assert value("opero_retries_total", {"function": name}) == 1
+    assert value("opero_cache_hits_total", {"function": name}) == 1
+    assert value("opero_cache_misses_total", {"function": name}) == 1
+    assert value("opero_coalesced_total", {"function": name}) == 0
+    transitions = {"breaker": "prom-breaker", "state": "half_open"}
+    assert value("opero_circuit_transitions_total", transitions) >= 1
+    text = prometheus_client.generate_latest(registry).decode()
+    assert f'opero_retry_wait_seconds_total{{function="{name}"}}' in text
+    exporter.unregister()
+    assert value("opero_calls_total", {"function": name}) is None
+
+
+def test_opentelemetry_export() -> None:
+    """A real OpenTelemetry MeterProvider with an InMemoryMetricReader reads the counters."""
+    pytest.importorskip("opentelemetry.sdk.metrics")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instrumentation.OpenTelemetryInstrumentation(provider)
+    f = op(retries=2, min_delay=0)(failing_then(2))
+    assert f(3) == 3
+    name = f.stats().function
+    points: dict[str, dict[str, Any]] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    label = point.attributes.get("function") or point.attributes.get("breaker")
+                    points.setdefault(metric.name, {})[label] = point.value
+    assert points["opero.calls"][name] == 1
+    assert points["opero.retries"][name] == 2
+    assert points["opero.failures"][name] == 0
+    provider.shutdown()
+
+
+def test_metric_names_match_stats_fields() -> None:
+    """Every FunctionStats counter is exported, and nothing else."""
+    from dataclasses import fields
+
+    assert set(instrumentation.METRICS) == {f.name for f in fields(_Stats)} - {"function"}
+    assert opero.FunctionStats is _Stats
+
+
+def test_importing_opero_imports_no_metrics_library() -> None:
+    """import opero (and opero.instrumentation) never imports prometheus_client or opentelemetry."""
+    outcome = run_scenario(
+        """
+        import sys
+        import opero, opero.instrumentation
+        print(sorted(m for m in sys.modules if m.startswith(("prometheus", "opentelemetry"))))
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["[]"]
+
+
+def test_fork_child_continues_from_parent_counts() -> None:
+    """A forked child starts from the parent's counts and its own calls add to them."""
+    outcome = run_scenario(
+        """
+        import os
+        from opero import opero
+
+        @opero(retries=0)
+        def f(x):
+            return x
+
+        f(1); f(2)
+        pid = os.fork()
+        if pid == 0:
+            f(3)
+            print("child", f.stats().calls, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent", f.stats().calls)
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["child 3", "parent 2"]
