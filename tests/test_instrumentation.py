@@ -17,6 +17,14 @@ from opero import instrumentation
 from opero._pipeline.stats import FunctionStats as _Stats
 
 
+@pytest.fixture(autouse=True)
+def _call_counting() -> Any:
+    """Count uncached calls in these tests (off by default), and switch it off after."""
+    instrumentation.set_call_counting(True)
+    yield
+    instrumentation.set_call_counting(False)
+
+
 def failing_then(ok_after: int) -> Any:
     state = {"n": 0}
 
@@ -274,6 +282,9 @@ def test_fork_child_continues_from_parent_counts() -> None:
         """
         import os
         from opero import opero
+        from opero.instrumentation import set_call_counting
+
+        set_call_counting(True)
 
         @opero(retries=0)
         def f(x):
@@ -292,3 +303,43 @@ def test_fork_child_continues_from_parent_counts() -> None:
     )
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["child 3", "parent 2"]
+
+
+def test_call_counting_switches_live_wrappers() -> None:
+    """set_call_counting reaches wrappers generated before it; off, uncached calls are not counted."""
+    instrumentation.set_call_counting(False)
+
+    def plain(x: int) -> int:
+        return x
+
+    f = op(retries=3)(plain)
+    cached = op(cache=True, retries=3)(plain)
+    f(1)
+    cached(1)
+    cached(1)
+    assert f.stats().calls == 0  # off: the uncached call did no counting work
+    assert (cached.stats().calls, cached.stats().cache_misses) == (2, 1)  # always counted
+    instrumentation.set_call_counting(True)
+    assert instrumentation.counting_calls()
+    f(1)
+    f(2)
+    assert f.stats().calls == 2
+    instrumentation.set_call_counting(False)
+    f(3)
+    assert f.stats().calls == 2
+
+
+def test_tracebacks_after_the_switch_show_the_right_line() -> None:
+    """A generated wrapper switched to counting keeps its traceback lines true."""
+
+    def boom(x: int) -> int:
+        raise KeyError(x)
+
+    f = op(retries=0)(boom)
+    instrumentation.set_call_counting(True)
+    with pytest.raises(KeyError) as info:
+        f(1)
+    import traceback
+
+    frames = [fr for fr in traceback.extract_tb(info.value.__traceback__) if "opero wrapper" in fr.filename]
+    assert frames and (frames[0].line or "").startswith("return __opero_retry_from(")

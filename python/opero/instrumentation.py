@@ -14,6 +14,10 @@ functions decorated before it as well as after, in the process where it runs.
   collected (a scrape, an export): the calls themselves do no extra work.
 * :func:`snapshot` returns every live function's
   :class:`~opero.FunctionStats`, summed by name; ``f.stats()`` returns one.
+* :func:`set_call_counting` turns on the ``calls`` counter of uncached
+  functions (off by default: an uncached call that succeeds costs nothing
+  more than before). The two integrations turn it on. Every other counter,
+  and ``calls`` of a cached function, is always on.
 
 Importing :mod:`opero` never imports this module's optional dependencies;
 this module imports them only when an integration is created.
@@ -27,13 +31,20 @@ from typing import Any
 
 from opero._pipeline import callbacks as _callbacks
 from opero._pipeline.details import CallDetails
-from opero._pipeline.stats import FunctionStats, live_counters
+from opero._pipeline.stats import (
+    FunctionStats,
+    counting_calls,
+    live_counters,
+    set_call_counting,
+)
 
 __all__ = [
     "OpenTelemetryInstrumentation",
     "PrometheusInstrumentation",
     "breaker_transitions",
+    "counting_calls",
     "get_on_event_hooks",
+    "set_call_counting",
     "set_on_event_hooks",
     "snapshot",
 ]
@@ -175,6 +186,7 @@ class PrometheusInstrumentation:
         self.registry = prometheus_client.REGISTRY if registry is None else registry
         self.namespace = namespace
         self.registry.register(self)
+        set_call_counting(True)
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families (called by the registry at each scrape)."""
@@ -230,6 +242,7 @@ class OpenTelemetryInstrumentation:
                 "OpenTelemetryInstrumentation needs opentelemetry-api: pip install 'opero[otel]'"
             ) from exc
         self.meter = metrics.get_meter("opero", meter_provider=meter_provider)
+        set_call_counting(True)
         self.instruments = [
             self.meter.create_observable_counter(
                 f"opero.{name}",

@@ -14,6 +14,7 @@ from typing import Any
 
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
+from opero._pipeline.stats import counting_flag
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["build_async_call"]
@@ -54,11 +55,12 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             return 0.0
 
     retry_from = _aretry_from(engine, take_token)
-    count = engine.counters.count
+    count, counting = engine.counters.count, counting_flag(engine.policy)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
-            count()
+            if counting.on:
+                count()
             return await retry_from(None, args, kwargs)
 
         return acall_fallback
@@ -72,6 +74,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             on_success=engine.on_success is not None,
             guard=engine.guarded,
             count=True,
+            count_always=counting.always,
         ),
         {
             "__opero_count": count,
@@ -88,10 +91,11 @@ def _generic(
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
-    count = engine.counters.count
+    count, counting = engine.counters.count, counting_flag(engine.policy)
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
-        count()
+        if counting.on:
+            count()
         waited = 0.0
         if take_token is not None:
             waited = await take_token(args, kwargs)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opero._pipeline import stats
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["KEEP_DEAD", "PREFIX", "Template", "specialize"]
@@ -81,7 +82,12 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
-        count: Call ``__opero_count()`` first (the call counter of ``f.stats()``).
+        count: Line 2 is the call counter of ``f.stats()``: ``__opero_count()``
+            while call counting is on, else ``pass`` (no cost); the two variants
+            have the same lines, so :func:`opero._pipeline.stats.set_call_counting`
+            swaps the wrapper's ``__code__`` at run time.
+        count_always: Always ``__opero_count()`` (a cached function counts the
+            runs of its pipeline: its misses).
 
     """
 
@@ -90,6 +96,7 @@ class Template:
     on_success: bool = False
     guard: bool = False
     count: bool = False
+    count_always: bool = False
 
 
 @dataclass(slots=True)
@@ -147,12 +154,12 @@ def _signature(func: Callable[..., Any]) -> _Signature | None:
     return out
 
 
-def _source(sig: _Signature, template: Template) -> str:
+def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
     if template.count:
-        lines.append(f"    {P}count()")
+        lines.append(f"    {P}count()" if counting else "    pass")
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token()")
     elif template.limiter:
@@ -242,14 +249,18 @@ def specialize(
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
     filename = register_source(source, label)
+    counted = _source(sig, template, counting=True) if template.count else source
     try:
-        exec(compile(source, filename, "exec"), scope)
+        counting = template.count_always or stats.counting_calls()
+        exec(compile(counted if counting else source, filename, "exec"), scope)
     except BaseException:
         _released.append(filename)  # no wrapper holds the entry
         raise
     # Out of its own globals: no cycle, the wrapper dies with its last reference.
     wrapper: Callable[..., Any] = scope.pop(f"{P}wrapper")
     _track(wrapper, filename)
+    if template.count and not template.count_always:
+        stats.register_switch(wrapper, source, counted, filename)
     wrapper.__name__ = func.__name__
     wrapper.__qualname__ = func.__qualname__
     return wrapper

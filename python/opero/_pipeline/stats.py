@@ -245,3 +245,69 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------------------
+# Call counting of uncached calls: off by default (a call costs nothing), switched at run
+# time for every live wrapper.
+
+
+class _Flag:
+    """Whether a pipeline counts its calls (read per call by the generic wrappers)."""
+
+    __slots__ = ("always", "on")
+
+    def __init__(self, on: bool = False) -> None:
+        self.on = self.always = on
+
+
+#: Read per call by the drivers' generic wrappers (the generated ones swap code instead).
+CALL_COUNTING = _Flag()
+#: A cached function's pipeline always counts its runs (its misses, off the hot path).
+ALWAYS = _Flag(True)
+
+
+def counting_flag(policy: Any) -> _Flag:
+    """Return the flag a pipeline of ``policy`` reads: :data:`ALWAYS` with a cache."""
+    return ALWAYS if policy.caching.cache else CALL_COUNTING
+_switch_lock = threading.Lock()
+#: Generated wrapper -> [plain source, counting source, filename, plain code, counting code].
+_switchable: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def counting_calls() -> bool:
+    """Return whether uncached calls are counted (see :func:`set_call_counting`)."""
+    return CALL_COUNTING.on
+
+
+def register_switch(wrapper: Any, plain: str, counting: str, filename: str) -> None:
+    """Note a generated wrapper whose call counter :func:`set_call_counting` switches."""
+    with _switch_lock:
+        _switchable[wrapper] = [plain, counting, filename, None, None]
+
+
+def _code(source: str, filename: str) -> Any:
+    """Compile ``source`` and return the code of the function it defines."""
+    module = compile(source, filename, "exec")
+    return next(c for c in module.co_consts if hasattr(c, "co_code"))
+
+
+def set_call_counting(on: bool) -> None:
+    """Count (or stop counting) the calls of uncached functions, in every live decoration.
+
+    A cached function's calls are always counted (by its store). An uncached
+    call costs one C-level increment while this is on, nothing while it is off:
+    the generated wrappers get the other variant of their code (same lines).
+    """
+    with _switch_lock:
+        CALL_COUNTING.on = bool(on)
+        for wrapper, entry in list(_switchable.items()):
+            plain, counting, filename, plain_code, counting_code = entry
+            if on:
+                if counting_code is None:
+                    counting_code = entry[4] = _code(counting, filename)
+                wrapper.__code__ = counting_code
+            else:
+                if plain_code is None:
+                    plain_code = entry[3] = _code(plain, filename)
+                wrapper.__code__ = plain_code

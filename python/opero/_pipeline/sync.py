@@ -15,6 +15,7 @@ from typing import Any
 
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
+from opero._pipeline.stats import counting_flag
 
 __all__ = ["build_sync_call"]
 
@@ -33,12 +34,13 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     if not limited and on_success is None and not engine.guarded:
         return func
     retry_from = _retry_from(engine)
-    count = engine.counters.count
+    count, counting = engine.counters.count, counting_flag(engine.policy)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
         # (the function may change the list it receives).
         def call_fallback(*args: Any, **kwargs: Any) -> Any:
-            count()
+            if counting.on:
+                count()
             return retry_from(None, args, kwargs)
 
         return call_fallback
@@ -47,7 +49,11 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     generated = specialize(
         func,
         Template(
-            limiter=limited, on_success=on_success is not None, guard=engine.guarded, count=True
+            limiter=limited,
+            on_success=on_success is not None,
+            guard=engine.guarded,
+            count=True,
+            count_always=counting.always,
         ),
         {
             "__opero_count": count,
@@ -65,10 +71,11 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
-    count = engine.counters.count
+    count, counting = engine.counters.count, counting_flag(engine.policy)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        count()
+        if counting.on:
+            count()
         waited = 0.0
         if token_wait is not None and (waited := token_wait(args, kwargs)):
             sleep(waited)
