@@ -21,9 +21,11 @@ class Clock:
         self.slept: list[float] = []
 
     def sleep(self, seconds: float) -> None:
+        """Record a sync wait."""
         self.slept.append(seconds)
 
     async def asleep(self, seconds: float) -> None:
+        """Record an async wait."""
         self.slept.append(seconds)
 
 
@@ -41,13 +43,13 @@ def flaky(failures: int) -> Any:
 
 
 def test_details_rule_annotation_name_and_string() -> None:
-    """The rule: one positional parameter annotated CallDetails (even as a string) or named details."""
+    """A lone positional parameter annotated CallDetails (even a string) or named details wants them."""
 
     def by_annotation(d: CallDetails) -> None: ...
 
     def by_string(d: "CallDetails") -> None: ...  # noqa: UP037
 
-    def by_dotted(d: "opero.CallDetails") -> None: ...  # type: ignore[name-defined]  # noqa: F821, UP037
+    def by_dotted(d: "opero.CallDetails") -> None: ...  # type: ignore[name-defined]  # noqa: UP037
 
     def by_name(details):  # type: ignore[no-untyped-def]
         ...
@@ -82,14 +84,18 @@ def test_retry_success_details_fields() -> None:
     assert [d.event for d in seen] == ["retry", "retry", "success"]
     first, second, success = seen
     assert first.function.endswith("flaky.<locals>.fetch")
-    assert first.args == (5,) and first.kwargs == {"scale": 3}
+    assert first.args == (5,)
+    assert first.kwargs == {"scale": 3}
     assert (first.attempt, second.attempt, success.attempt) == (1, 2, 3)
-    assert isinstance(first.exception, ConnectionError) and str(first.exception) == "down 1"
+    assert isinstance(first.exception, ConnectionError)
+    assert str(first.exception) == "down 1"
     assert clock.slept == [first.wait, second.wait]
     assert first.waited == 0.0
     assert second.waited == pytest.approx(first.wait)
     assert success.waited == pytest.approx(first.wait + second.wait)
-    assert success.result == 15 and success.exception is None and success.wait == 0.0
+    assert success.result == 15
+    assert success.exception is None
+    assert success.wait == 0.0
 
 
 def test_classic_arities_unchanged() -> None:
@@ -120,8 +126,10 @@ def test_failure_details_after_exhaustion() -> None:
     with pytest.raises(ConnectionError, match="down 3"):
         f(1)
     (details,) = seen
-    assert details.event == "failure" and details.attempt == 3
-    assert str(details.exception) == "down 3" and details.args == (1,)
+    assert details.event == "failure"
+    assert details.attempt == 3
+    assert str(details.exception) == "down 3"
+    assert details.args == (1,)
 
 
 def test_on_fallback_classic_and_details() -> None:
@@ -140,9 +148,9 @@ def test_on_fallback_classic_and_details() -> None:
     assert f(["a", "b", "c"]) == "ok"
     assert classic == [("a failed", 0), ("b failed", 1)]
 
-    g = opero(retries=0, arg_fallback="model", on_fallback=lambda details: detailed.append(details))(
-        call
-    )
+    g = opero(
+        retries=0, arg_fallback="model", on_fallback=lambda details: detailed.append(details)
+    )(call)
     with pytest.raises(AllFailedError):
         g(["a", "b"])
     assert [(d.event, d.attempt, str(d.exception)) for d in detailed] == [
@@ -176,7 +184,8 @@ def test_on_rate_limit_wait_fires_before_sleeping(is_async: bool) -> None:
             result = asyncio.run(f(i)) if is_async else f(i)
             assert result == i
     # The bucket books ahead: the 2nd and 3rd calls of each function wait.
-    assert len(waits) == 2 and all(w > 0 for w in waits)
+    assert len(waits) == 2
+    assert all(w > 0 for w in waits)
     assert [d.event for d in detailed] == ["rate_limit_wait", "rate_limit_wait"]
     assert [d.args for d in detailed] == [(1,), (2,)]
     assert all(d.wait > 0 for d in detailed)
@@ -203,7 +212,10 @@ def test_async_details_callbacks() -> None:
         on_success=lambda details: seen.append(details),
     )(fetch)
     assert asyncio.run(f(1)) == 2
-    assert [(d.event, d.attempt, d.args) for d in seen] == [("retry", 1, (1,)), ("success", 2, (1,))]
+    assert [(d.event, d.attempt, d.args) for d in seen] == [
+        ("retry", 1, (1,)),
+        ("success", 2, (1,)),
+    ]
     assert seen[1].waited == pytest.approx(clock.slept[0])
 
 
@@ -217,7 +229,7 @@ def test_cache_hit_details() -> None:
 
 
 def test_raising_details_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    """A details callback that raises is logged with opero_callback and never changes the outcome."""
+    """A raising details callback is logged with opero_callback and never changes the outcome."""
 
     def bad(details: CallDetails) -> None:
         raise RuntimeError("callback bug")
@@ -244,7 +256,7 @@ def test_adapt_callback_passes_details_through() -> None:
 
 
 def test_bad_new_callbacks_are_configuration_errors() -> None:
-    """A non-callable on_fallback / on_rate_limit_wait, or an on_fallback taking nothing, is refused."""
+    """A non-callable on_fallback / on_rate_limit_wait, or a no-argument on_fallback, is refused."""
     with pytest.raises(ConfigurationError, match="on_fallback"):
         opero(on_fallback=3)
     with pytest.raises(ConfigurationError, match="on_rate_limit_wait"):

@@ -1,4 +1,4 @@
-"""f.stats(), the global hooks and the Prometheus / OpenTelemetry exports of opero.instrumentation."""
+"""f.stats(), the global hooks and the Prometheus / OpenTelemetry exports of opero."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 import pytest
-from faultkit import run_scenario
 
 import opero
-from opero import CallDetails, FunctionStats, opero as op
-from opero import instrumentation
+from faultkit import run_scenario
+from opero import CallDetails, FunctionStats, instrumentation
+from opero import opero as op
 from opero._pipeline.stats import FunctionStats as _Stats
 
 
@@ -46,7 +46,8 @@ def test_stats_counts_calls_retries_waits_failures() -> None:
     stats = f.stats()
     assert isinstance(stats, FunctionStats)
     assert (stats.calls, stats.retries, stats.failures) == (2, 1, 0)
-    assert stats.retry_waits == 1 and stats.retry_wait_seconds == pytest.approx(sum(slept))
+    assert stats.retry_waits == 1
+    assert stats.retry_wait_seconds == pytest.approx(sum(slept))
     g = op(retries=1, min_delay=0)(failing_then(10))
     with pytest.raises(ConnectionError):
         g(1)
@@ -96,7 +97,8 @@ def test_coalesced_waiters_are_not_misses() -> None:
     for t in threads:
         t.join(10)
     stats = f.stats()
-    assert stats.calls == 4 and stats.cache_misses == 1
+    assert stats.calls == 4
+    assert stats.cache_misses == 1
     assert stats.coalesced + stats.cache_hits == 3
 
 
@@ -115,7 +117,8 @@ def test_async_and_fallback_and_rate_limit_counters() -> None:
 
     asyncio.run(main())
     stats = f.stats()
-    assert stats.calls == 3 and stats.rate_limit_waits == 2
+    assert stats.calls == 3
+    assert stats.rate_limit_waits == 2
     assert stats.rate_limit_wait_seconds == pytest.approx(sum(waits))
 
     @op(retries=0, arg_fallback="hosts")
@@ -263,7 +266,7 @@ def test_metric_names_match_stats_fields() -> None:
 
 
 def test_importing_opero_imports_no_metrics_library() -> None:
-    """import opero (and opero.instrumentation) never imports prometheus_client or opentelemetry."""
+    """Import opero (and opero.instrumentation) never imports prometheus_client or opentelemetry."""
     outcome = run_scenario(
         """
         import sys
@@ -306,7 +309,7 @@ def test_fork_child_continues_from_parent_counts() -> None:
 
 
 def test_call_counting_switches_live_wrappers() -> None:
-    """set_call_counting reaches wrappers generated before it; off, uncached calls are not counted."""
+    """set_call_counting reaches wrappers made before it; off, uncached calls are not counted."""
     instrumentation.set_call_counting(False)
 
     def plain(x: int) -> int:
@@ -341,5 +344,10 @@ def test_tracebacks_after_the_switch_show_the_right_line() -> None:
         f(1)
     import traceback
 
-    frames = [fr for fr in traceback.extract_tb(info.value.__traceback__) if "opero wrapper" in fr.filename]
-    assert frames and (frames[0].line or "").startswith("return __opero_retry_from(")
+    frames = [
+        fr
+        for fr in traceback.extract_tb(info.value.__traceback__)
+        if "opero wrapper" in fr.filename
+    ]
+    assert frames
+    assert (frames[0].line or "").startswith("return __opero_retry_from(")

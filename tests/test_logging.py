@@ -6,8 +6,8 @@ import logging
 import os
 
 import pytest
-from faultkit import ROOT, run_scenario
 
+from faultkit import ROOT, run_scenario
 from opero import opero
 
 
@@ -50,7 +50,7 @@ def test_unconfigured_application_prints_nothing() -> None:
 
 
 def test_configured_application_sees_records() -> None:
-    """With basicConfig(level=INFO), the retries and the exhaustion are printed with their fields."""
+    """With basicConfig(level=INFO), retries and the exhaustion print with their fields."""
     outcome = run_scenario(
         """
         import logging

@@ -134,7 +134,7 @@ def _emit_breaker(name: str, state: str) -> None:
     ``opero.circuit.transitions`` (OpenTelemetry). Never raises.
     """
     with _breaker_lock:
-        _breakers[name, state] = _breakers.get(name, 0) + 1
+        _breakers[name, state] = _breakers.get((name, state), 0) + 1
     hooks = _callbacks.hooks
     if not hooks:
         return
@@ -180,8 +180,7 @@ class PrometheusInstrumentation:
             import prometheus_client
         except ImportError as exc:
             raise ImportError(
-                "PrometheusInstrumentation needs prometheus_client: "
-                "pip install 'opero[prometheus]'"
+                "PrometheusInstrumentation needs prometheus_client: pip install 'opero[prometheus]'"
             ) from exc
         self.registry = prometheus_client.REGISTRY if registry is None else registry
         self.namespace = namespace

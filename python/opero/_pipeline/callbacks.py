@@ -337,9 +337,7 @@ class Events:
         self.function = function
         self.counters = counters
         self.on_retry, self.on_retry_details = _adapt("on_retry", callbacks.on_retry, (2, 1))
-        self.on_failure, self.on_failure_details = _adapt(
-            "on_failure", callbacks.on_failure, (1,)
-        )
+        self.on_failure, self.on_failure_details = _adapt("on_failure", callbacks.on_failure, (1,))
         self.on_fallback, self.on_fallback_details = _adapt(
             "on_fallback", getattr(callbacks, "on_fallback", None), (2, 1)
         )
@@ -399,7 +397,7 @@ class Events:
         attempt: int = 1,
         waited: float = 0.0,
     ) -> None:
-        """A call failed and retry ``round_`` (0-based) follows after ``wait`` seconds."""
+        """Fire the retry event: retry ``round_`` (0-based) follows after ``wait`` seconds."""
         self.counters.retried(wait)
         callback = self.on_retry
         details = None
@@ -421,7 +419,7 @@ class Events:
         attempt: int = 1,
         waited: float = 0.0,
     ) -> None:
-        """The call raises ``exc`` (not retryable, or every call failed)."""
+        """Fire the failure event: the call raises ``exc`` (not retryable, or all failed)."""
         self.counters.failed()
         callback = self.on_failure
         details = None
@@ -463,7 +461,7 @@ class Events:
         attempt: int = 1,
         waited: float = 0.0,
     ) -> None:
-        """The call sleeps ``wait`` seconds for a rate-limit token."""
+        """Fire the wait event: the call sleeps ``wait`` seconds for a rate-limit token."""
         self.counters.rate_waited(wait)
         callback = self.on_rate_limit_wait
         details = None
@@ -481,9 +479,7 @@ class Events:
         )
 
 
-def cache_hit_callback(
-    func: Callable[..., Any] | None, function: str
-) -> Callable[[], None] | None:
+def cache_hit_callback(func: Callable[..., Any] | None, function: str) -> Callable[[], None] | None:
     """Adapt ``on_cache_hit``: ``on_cache_hit()``, or one :class:`CallDetails`.
 
     The hit path of the native store never hands the call's arguments to

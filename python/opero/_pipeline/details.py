@@ -62,9 +62,7 @@ def wants_details(func: Any) -> bool:
     except Exception:  # unreadable (a builtin), or a __signature__ that raises
         return False
     positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if len(positional) != 1:
         return False

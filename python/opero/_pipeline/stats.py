@@ -114,8 +114,8 @@ class Counters:
         "_base",
         "_runs",
         "cache_info",
-        "count",
         "coalesced_source",
+        "count",
         "failures",
         "fallbacks",
         "function",
@@ -236,7 +236,7 @@ def live_counters() -> Iterator[Counters]:
 
 
 def _after_fork_in_child() -> None:
-    """The child continues from the parent's counts; a lock held at fork is recreated."""
+    """Recreate the locks in a forked child (it continues from the parent's counts)."""
     global _live_lock
     _live_lock = threading.Lock()
     for counters in list(_live):
@@ -270,6 +270,8 @@ ALWAYS = _Flag(True)
 def counting_flag(policy: Any) -> _Flag:
     """Return the flag a pipeline of ``policy`` reads: :data:`ALWAYS` with a cache."""
     return ALWAYS if policy.caching.cache else CALL_COUNTING
+
+
 _switch_lock = threading.Lock()
 #: Generated wrapper -> [plain source, counting source, filename, plain code, counting code].
 _switchable: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
