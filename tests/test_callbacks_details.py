@@ -43,7 +43,7 @@ def flaky(failures: int) -> Any:
 
 
 def test_details_rule_annotation_name_and_string() -> None:
-    """A lone positional parameter annotated CallDetails (even a string) or named details wants them."""
+    """Details go to a lone parameter annotated CallDetails (even as a string) or named details."""
 
     def by_annotation(d: CallDetails) -> None: ...
 
