@@ -237,8 +237,9 @@ def live_counters() -> Iterator[Counters]:
 
 def _after_fork_in_child() -> None:
     """Recreate the locks in a forked child (it continues from the parent's counts)."""
-    global _live_lock
+    global _live_lock, _switch_lock
     _live_lock = threading.Lock()
+    _switch_lock = threading.Lock()
     for counters in list(_live):
         counters.lock = threading.Lock()
 
