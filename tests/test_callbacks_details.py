@@ -270,3 +270,18 @@ def test_details_are_frozen() -> None:
     details = CallDetails("f")
     with pytest.raises(AttributeError):
         details.attempt = 2  # type: ignore[misc]
+
+
+def test_callback_changing_details_kwargs_does_not_change_the_retry() -> None:
+    """details.kwargs is a copy: a callback that empties it leaves the next attempt's arguments."""
+    seen: list[dict[str, Any]] = []
+
+    def meddle(details: CallDetails) -> None:
+        details.kwargs.clear()
+
+    def record(details: CallDetails) -> None:
+        seen.append(details.kwargs)
+
+    f = opero(retries=1, min_delay=0, on_retry=meddle, on_success=record)(flaky(1))
+    assert f(2, scale=5) == 10
+    assert seen == [{"scale": 5}]

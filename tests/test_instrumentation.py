@@ -351,3 +351,46 @@ def test_tracebacks_after_the_switch_show_the_right_line() -> None:
     ]
     assert frames
     assert (frames[0].line or "").startswith("return __opero_retry_from(")
+
+
+def test_fork_while_threads_decorate_and_count() -> None:
+    """Children forked while threads decorate, retry and switch counting all finish and count."""
+    outcome = run_scenario(
+        """
+        import os, sys, threading
+        from opero import opero
+        from opero.instrumentation import set_call_counting
+
+        sys.setswitchinterval(1e-6)
+        stop = threading.Event()
+
+        def spin(n):
+            i = 0
+            while not stop.is_set():
+                f = opero(retries=1, min_delay=0)(lambda x: x)
+                f(i)
+                set_call_counting(i % 2 == 0)
+                f.stats()
+                i += 1
+
+        threads = [threading.Thread(target=spin, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        done = 0
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                set_call_counting(True)
+                g = opero(retries=1, min_delay=0)(lambda x: x)
+                g(1); g(2)
+                os._exit(0 if g.stats().calls == 2 else 3)
+            _, status = os.waitpid(pid, 0)
+            done += os.waitstatus_to_exitcode(status) == 0
+        stop.set()
+        for t in threads:
+            t.join()
+        print(f"{done} of 20")
+        """,
+        timeout=120,
+    )
+    assert outcome.lines() == ["20 of 20"], outcome

@@ -266,7 +266,7 @@ def _success_adapter(user: Callable[..., Any] | None, function: str) -> Callable
                     CallDetails(
                         function,
                         args,
-                        {} if kwargs is None else kwargs,
+                        {} if kwargs is None else dict(kwargs),  # a copy: retries use it
                         attempt,
                         0.0,
                         waited,
@@ -367,7 +367,7 @@ class Events:
         return CallDetails(
             self.function,
             args if isinstance(args, tuple) else tuple(args or ()),
-            {} if kwargs is None else kwargs,
+            {} if kwargs is None else dict(kwargs),  # a copy: the next attempts use it
             attempt,
             wait,
             waited,
