@@ -1,19 +1,22 @@
 """Per-function counters behind ``f.stats()`` and :mod:`opero.instrumentation`.
 
-Cost model: the hot paths do no work for the counters, or one native
-increment. A cache hit and a cache miss are counted by the cache store
-(``cache_info()``); the only per-call increment is ``count()`` (an
-:func:`itertools.count`'s ``__next__``, atomic under the GIL and in C) at the
-start of every run of the uncached pipeline, so an uncached call costs one C
-call and a cached call costs it only on a miss. Every other counter (retries,
+Cost model: the hot paths do no work for the counters by default. A cache hit
+and a cache miss are counted by the cache store (``cache_info()``). The runs of
+the uncached pipeline (an uncached call, or a cache miss that computes) are
+counted by ``count()`` (an :func:`itertools.count`'s ``__next__``, atomic
+under the GIL and in C) only while :func:`set_call_counting` is on: the
+generated wrappers then run a variant of their code with the increment, and
+without it otherwise (a ``pass``, same lines). Every other counter (retries,
 waits, fallbacks, failures, rate-limit waits) moves on a slow path, under a
 lock.
 
-Derived counts for a cached function: ``calls = hits + store misses``;
-``cache_misses`` = the pipeline runs (the computations); ``coalesced`` = the
-store misses that did not compute (callers that waited for another caller's
-computation of the same key, or found its value on a second look). When the
-native ``CachedCall`` exposes a ``coalesced`` counter, it is used instead.
+Derived counts for a cached function: ``calls = hits + store misses`` (always
+exact); ``coalesced`` = the store misses that did not compute (callers that
+waited for another caller's computation of the same key, or found its value
+on a second look), read from the native ``CachedCall``'s ``coalesced``
+counter when it has one, else derived from the runs while call counting is
+on (store misses since it was turned on, minus runs since then);
+``cache_misses = store misses - coalesced``.
 
 Fork: a child process inherits the counters as they were at ``fork()`` and
 continues from them (the locks are recreated in the child).
@@ -112,6 +115,9 @@ class Counters:
     __slots__ = (
         "__weakref__",
         "_base",
+        "_coalesced_before",
+        "_miss_base",
+        "_run_base",
         "_runs",
         "cache_info",
         "coalesced_source",
@@ -142,6 +148,11 @@ class Counters:
         self.coalesced_source: Any = None
         #: What ``stats(reset=True)`` subtracts from the counters it cannot zero.
         self._base = FunctionStats(function)
+        #: Store misses and runs when call counting was turned on (``None``: off).
+        self._miss_base: int | None = 0 if CALL_COUNTING.on else None
+        self._run_base = 0
+        #: Coalesced waits derived during earlier periods of call counting.
+        self._coalesced_before = 0
         with _live_lock:
             _live.add(self)
 
@@ -200,10 +211,9 @@ class Counters:
             native = getattr(source, "coalesced", None)
             if isinstance(native, int):
                 coalesced = native
-                misses = max(0, lookups_missed - coalesced)
             else:
-                misses = min(runs, lookups_missed)
-                coalesced = max(0, lookups_missed - runs)
+                coalesced = self._coalesced_before + self._derived(lookups_missed, runs)
+            misses = max(0, lookups_missed - coalesced)
             calls = hits + lookups_missed
         return FunctionStats(
             self.function,
@@ -213,6 +223,27 @@ class Counters:
             coalesced=coalesced,
             **slow,
         )
+
+    def _derived(self, lookups_missed: int, runs: int) -> int:
+        """Coalesced waits since call counting was turned on (0 while it is off)."""
+        if self._miss_base is None:
+            return 0
+        return max(0, (lookups_missed - self._miss_base) - (runs - self._run_base))
+
+    def _store_misses(self) -> int:
+        info = self.cache_info() if self.cache_info is not None else None
+        return int(getattr(info, "misses", 0) or 0) if info is not None else 0
+
+    def counting_changed(self, on: bool) -> None:
+        """Start (or close) a period of call counting: note the baselines of the derivation."""
+        runs = _count_value(self._runs)
+        misses = self._store_misses()
+        if on:
+            if self._miss_base is None:
+                self._miss_base, self._run_base = misses, runs
+        elif self._miss_base is not None:
+            self._coalesced_before += self._derived(misses, runs)
+            self._miss_base = None
 
     def snapshot(self, *, reset: bool = False) -> FunctionStats:
         """Return the counters (since the last reset); with ``reset``, start again from zero."""
@@ -264,13 +295,11 @@ class _Flag:
 
 #: Read per call by the drivers' generic wrappers (the generated ones swap code instead).
 CALL_COUNTING = _Flag()
-#: A cached function's pipeline always counts its runs (its misses, off the hot path).
-ALWAYS = _Flag(True)
 
 
 def counting_flag(policy: Any) -> _Flag:
-    """Return the flag a pipeline of ``policy`` reads: :data:`ALWAYS` with a cache."""
-    return ALWAYS if policy.caching.cache else CALL_COUNTING
+    """Return the flag a pipeline of ``policy`` reads (one for every pipeline)."""
+    return CALL_COUNTING
 
 
 _switch_lock = threading.Lock()
@@ -304,6 +333,8 @@ def set_call_counting(on: bool) -> None:
     """
     with _switch_lock:
         CALL_COUNTING.on = bool(on)
+        for counters in live_counters():
+            counters.counting_changed(bool(on))
         for wrapper, entry in list(_switchable.items()):
             plain, counting, filename, plain_code, counting_code = entry
             if on:
