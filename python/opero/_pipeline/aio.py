@@ -77,7 +77,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             count_always=counting.always,
         ),
         {
-            "__opero_count": count,
+            "__opero_runs": engine.counters.runs,
             "__opero_retry_from": retry_from,
             "__opero_take_token": take_token,
             "__opero_on_success": engine.on_success,

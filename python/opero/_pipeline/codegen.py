@@ -82,12 +82,11 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
-        count: Line 2 is the call counter of ``f.stats()``: ``__opero_count()``
+        count: Line 2 is the call counter of ``f.stats()``: ``next(__opero_runs)``
             while call counting is on, else ``pass`` (no cost); the two variants
             have the same lines, so :func:`opero._pipeline.stats.set_call_counting`
             swaps the wrapper's ``__code__`` at run time.
-        count_always: Always ``__opero_count()`` (a cached function counts the
-            runs of its pipeline: its misses).
+        count_always: Always count (never switched off).
 
     """
 
@@ -159,7 +158,8 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
     if template.count:
-        lines.append(f"    {P}count()" if counting else "    pass")
+        # next() on the itertools.count: a builtin call, cheaper than its bound __next__.
+        lines.append(f"    {P}next({P}runs)" if counting else "    pass")
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token()")
     elif template.limiter:
@@ -248,6 +248,7 @@ def specialize(
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
+    scope[f"{P}next"] = next
     filename = register_source(source, label)
     counted = _source(sig, template, counting=True) if template.count else source
     try:

@@ -118,7 +118,7 @@ class Counters:
         "_coalesced_before",
         "_miss_base",
         "_run_base",
-        "_runs",
+        "runs",
         "cache_info",
         "coalesced_source",
         "count",
@@ -135,9 +135,9 @@ class Counters:
 
     def __init__(self, function: str) -> None:
         self.function = function
-        self._runs = itertools.count()
-        #: One run of the uncached pipeline started (the per-call increment).
-        self.count: Callable[[], int] = self._runs.__next__
+        #: The runs of the uncached pipeline (``next(runs)`` per run while counting).
+        self.runs = itertools.count()
+        self.count: Callable[[], int] = self.runs.__next__
         self.lock = threading.Lock()
         self.failures = self.retries = self.retry_waits = 0
         self.fallbacks = self.rate_limit_waits = 0
@@ -198,7 +198,7 @@ class Counters:
 
     def raw(self) -> FunctionStats:
         """Return the counters since decoration (no reset applied)."""
-        runs = _count_value(self._runs)
+        runs = _count_value(self.runs)
         with self.lock:
             slow = {name: getattr(self, name) for name in _SLOW}
         hits = misses = coalesced = 0
@@ -236,7 +236,7 @@ class Counters:
 
     def counting_changed(self, on: bool) -> None:
         """Start (or close) a period of call counting: note the baselines of the derivation."""
-        runs = _count_value(self._runs)
+        runs = _count_value(self.runs)
         misses = self._store_misses()
         if on:
             if self._miss_base is None:

@@ -56,7 +56,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             count_always=counting.always,
         ),
         {
-            "__opero_count": count,
+            "__opero_runs": engine.counters.runs,
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
             "__opero_check_wait": engine.check_wait,
