@@ -118,7 +118,6 @@ class Counters:
         "_coalesced_before",
         "_miss_base",
         "_run_base",
-        "runs",
         "cache_info",
         "coalesced_source",
         "count",
@@ -131,6 +130,7 @@ class Counters:
         "retries",
         "retry_wait_seconds",
         "retry_waits",
+        "runs",
     )
 
     def __init__(self, function: str) -> None:
