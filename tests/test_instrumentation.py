@@ -404,3 +404,44 @@ def test_fork_while_threads_decorate_and_count() -> None:
         timeout=120,
     )
     assert outcome.lines() == ["20 of 20"], outcome
+
+
+def test_prometheus_twice_on_one_registry_is_refused() -> None:
+    """A second exporter on the same registry raises instead of doubling every sample."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    exporter = instrumentation.PrometheusInstrumentation(registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        instrumentation.PrometheusInstrumentation(registry)
+    exporter.unregister()
+
+
+def test_a_failing_backend_info_does_not_break_a_scrape() -> None:
+    """A cache backend whose info() raises leaves its cache counters out; stats() still works."""
+    from opero.cache import MemoryBackend
+
+    class BrokenInfo(MemoryBackend):  # type: ignore[misc]
+        def open(self, **kwargs: Any) -> Any:
+            fcache = super().open(**kwargs)
+
+            class Wrapped:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(fcache, name)
+
+                def info(self) -> Any:
+                    raise OSError("backend down")
+
+            return Wrapped()
+
+    def broken_info_target(x: int) -> int:
+        return x
+
+    f = op(cache=True, cache_backend=BrokenInfo(), retries=0)(broken_info_target)
+    assert f(2) == 2
+    assert f(2) == 2  # a hit the broken info() cannot report
+    with pytest.raises(OSError, match="backend down"):
+        f.cache_info()
+    stats = f.stats()
+    assert stats.cache_hits == 0
+    assert stats.calls == 1  # the run, counted while call counting is on
+    assert stats.function in instrumentation.snapshot()

@@ -189,9 +189,21 @@ class PrometheusInstrumentation:
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families (called by the registry at each scrape)."""
+        return self._families(list(_rows()), breaker_transitions())
+
+    def describe(self) -> list[Any]:
+        """Return the metric families without samples (the registry checks names with them).
+
+        Registering a second exporter on the same registry therefore raises
+        ``ValueError: Duplicated timeseries`` instead of doubling every sample.
+        """
+        return list(self._families([], {}))
+
+    def _families(
+        self, rows: list[tuple[str, FunctionStats]], transitions: dict[tuple[str, str], int]
+    ) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily
 
-        rows = list(_rows())
         for name, help_text in METRICS.items():
             family = CounterMetricFamily(f"{self.namespace}_{name}", help_text, labels=["function"])
             for function, stats in rows:
@@ -202,13 +214,9 @@ class PrometheusInstrumentation:
             "Circuit breaker transitions into a state.",
             labels=["breaker", "state"],
         )
-        for (breaker, state), count in sorted(breaker_transitions().items()):
+        for (breaker, state), count in sorted(transitions.items()):
             family.add_metric([breaker, state], count)
         yield family
-
-    def describe(self) -> list[Any]:
-        """Return nothing: the registry calls :meth:`collect` lazily (no scrape at registration)."""
-        return []
 
     def unregister(self) -> None:
         """Remove the collector from its registry."""

@@ -25,6 +25,7 @@ continues from them (the locks are recreated in the child).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import weakref
@@ -203,7 +204,7 @@ class Counters:
             slow = {name: getattr(self, name) for name in _SLOW}
         hits = misses = coalesced = 0
         calls = runs
-        info = self.cache_info() if self.cache_info is not None else None
+        info = self._info()
         if info is not None:
             hits = int(getattr(info, "hits", 0) or 0)
             lookups_missed = int(getattr(info, "misses", 0) or 0)
@@ -230,8 +231,22 @@ class Counters:
             return 0
         return max(0, (lookups_missed - self._miss_base) - (runs - self._run_base))
 
+    def _info(self) -> Any:
+        """Return the store's ``CacheInfo``, or ``None`` (no cache, or a backend that failed)."""
+        if self.cache_info is None:
+            return None
+        try:
+            return self.cache_info()
+        except Exception:  # a user backend's info(): a scrape must not fail for it
+            logging.getLogger("opero").debug(
+                "opero: cache_info() of %s raised; its cache counters are left out",
+                self.function,
+                exc_info=True,
+            )
+            return None
+
     def _store_misses(self) -> int:
-        info = self.cache_info() if self.cache_info is not None else None
+        info = self._info()
         return int(getattr(info, "misses", 0) or 0) if info is not None else 0
 
     def counting_changed(self, on: bool) -> None:
