@@ -445,3 +445,23 @@ def test_a_failing_backend_info_does_not_break_a_scrape() -> None:
     assert stats.cache_hits == 0
     assert stats.calls == 1  # the run, counted while call counting is on
     assert stats.function in instrumentation.snapshot()
+
+
+def test_async_coalesced_tasks_are_not_misses() -> None:
+    """Tasks awaiting another task's computation of the same key count as coalesced."""
+    runs = {"n": 0}
+
+    async def async_coalesce_target(x: int) -> int:
+        runs["n"] += 1
+        await asyncio.sleep(0.05)
+        return x
+
+    f = op(cache=True, retries=0)(async_coalesce_target)
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(f(1) for _ in range(5))))
+
+    assert asyncio.run(main()) == [1] * 5
+    stats = f.stats()
+    assert runs["n"] == 1
+    assert (stats.calls, stats.cache_misses, stats.coalesced, stats.cache_hits) == (5, 1, 4, 0)
