@@ -363,16 +363,18 @@ def test_set_testing_bare_call_and_type_check() -> None:
 
 @modes
 def test_retries_are_logged(is_async: bool, caplog: pytest.LogCaptureFixture) -> None:
-    """Each retry is a debug record and exhaustion a warning on the opero logger."""
+    """Each retry and the exhaustion are INFO records (no WARNING) on the opero logger."""
     flaky = Flaky([ValueError("x")] * 3)
     func, _ = make(flaky, is_async, retries=2)
     with caplog.at_level(logging.DEBUG, logger="opero"), pytest.raises(ValueError):
         run(func)
-    retries = [r for r in caplog.records if r.levelno == logging.DEBUG and "retry" in r.message]
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    retries = [r for r in infos if getattr(r, "opero_event", None) == "retry"]
+    exhausted = [r for r in infos if getattr(r, "opero_event", None) == "exhausted"]
     assert len(retries) == 2
-    assert len(warnings) == 1
-    assert "failed on all 3 calls" in warnings[0].message
+    assert len(exhausted) == 1
+    assert "failed on all 3 calls" in exhausted[0].message
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_async_wrapper_is_a_coroutine_function() -> None:

@@ -105,3 +105,57 @@ def test_rejected_result_is_retried_and_counts_as_a_breaker_success() -> None:
     assert f() == "done"
     assert breaker.state == "closed"
     assert breaker.failures == 0
+
+
+def test_breaker_transitions_are_counted_by_instrumentation() -> None:
+    """Opening and closing a breaker shows in ``opero.instrumentation.breaker_transitions()``."""
+    from opero import instrumentation
+
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_after=10.0, name="combo-transitions")
+    breaker._clock = lambda: now[0]  # type: ignore[method-assign]
+    fail = [True]
+
+    @op(retries=0, circuit_breaker=breaker)
+    def f() -> str:
+        if fail[0]:
+            raise ConnectionError("down")
+        return "ok"
+
+    before = dict(instrumentation.breaker_transitions())
+    with pytest.raises(ConnectionError):
+        f()
+    now[0] = 11.0
+    fail[0] = False
+    assert f() == "ok"
+    after = instrumentation.breaker_transitions()
+    label = breaker._label()
+    assert after.get((label, "open"), 0) - before.get((label, "open"), 0) == 1
+    assert after.get((label, "closed"), 0) - before.get((label, "closed"), 0) == 1
+
+
+def test_retry_details_carry_the_planned_server_wait_and_waited_so_far() -> None:
+    """A details ``on_retry`` sees the server's ``retry_after`` as the wait and the sum so far."""
+    seen: list[opero.CallDetails] = []
+
+    class Busy(Exception):
+        retry_after = 2.0
+
+    calls = [0]
+
+    @op(
+        retries=2,
+        max_delay=10.0,
+        on_retry=lambda details: seen.append(details),
+        _sleep=lambda s: None,
+    )
+    def f(x: int) -> int:
+        calls[0] += 1
+        if calls[0] < 3:
+            raise Busy()
+        return x
+
+    assert f(7) == 7
+    assert [d.wait for d in seen] == [2.0, 2.0]
+    assert [d.waited for d in seen] == [0.0, 2.0]
+    assert all(d.args == (7,) and d.event == "retry" for d in seen)

@@ -5,13 +5,19 @@ rate limit to one function (sync or ``async def``); ``@opmap`` maps a one-item
 function over many items on threads, processes, asyncio, aiomultiprocess or
 Dask. The hot paths (cache keys, the LRU/TTL store, the token bucket and the
 backoff schedule) run in Rust.
+
+The ``opero`` logger has a :class:`logging.NullHandler`: an application that
+configures no logging prints nothing from opero (see docs/observability.md).
 """
+
+import logging as _logging
 
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
 from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
+from opero._pipeline.stats import FunctionStats
 from opero._testing import is_testing, set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
@@ -38,6 +44,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
+    "FunctionStats",
     "MapError",
     "MappedFunction",
     "OperoError",
@@ -56,3 +63,5 @@ __all__ = [
     "opmap",
     "set_testing",
 ]
+
+_logging.getLogger("opero").addHandler(_logging.NullHandler())

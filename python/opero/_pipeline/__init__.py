@@ -18,5 +18,9 @@ Modules, in the order a decoration uses them:
 * :mod:`~opero._pipeline.codegen`: first-call wrappers generated with the
   function's own parameters (registered in ``linecache``);
 * :mod:`~opero._pipeline.fallback` (the ``values[i:]`` candidates) and
-  :mod:`~opero._pipeline.callbacks` (arity adapted once, errors logged).
+  :mod:`~opero._pipeline.callbacks` (arity adapted once, or one
+  :class:`~opero.CallDetails` from :mod:`~opero._pipeline.details`; errors
+  logged);
+* :mod:`~opero._pipeline.stats`: the counters behind ``f.stats()`` and
+  :mod:`opero.instrumentation`.
 """

@@ -25,6 +25,7 @@ from opero import _testing
 from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import ATTEMPT_TIMEOUT, Engine, _no_token
+from opero._pipeline.stats import counting_flag
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["build_async_call"]
@@ -81,15 +82,19 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         func = _with_attempt_timeout(func, engine.attempt_timeout)
     guard = breaker_guard(engine.policy, engine.qualname, engine.func)
     retry_from = _aretry_from(engine, token, func, guard)
+    count, counting = engine.counters.count, counting_flag(engine.policy)
     if engine.fallback is not None or engine.rejects is not None:
         # The loop makes the first call too: the candidates are sliced before it runs,
         # and a result is checked there.
         async def acall_loop(*args: Any, **kwargs: Any) -> Any:
+            if counting.on:
+                count()
             return await retry_from(None, args, kwargs)
 
         return _listening(acall_loop, listener if limited else None)
     generated = None
-    if func is engine.func:
+    # A details callback of the first call needs the arguments: the generic wrapper.
+    if func is engine.func and not engine.events.needs_arguments:
         generated = specialize(
             func,
             Template(
@@ -101,8 +106,11 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 breaker=guard is not None,
                 breaker_await=guard is not None and guard.shared,
                 clock=timeout is not None and (limited or engine.guarded),
+                count=True,
+                count_always=counting.always,
             ),
             {
+                "__opero_runs": engine.counters.runs,
                 "__opero_key": engine.key_function,
                 "__opero_retry_from": retry_from,
                 "__opero_take_token": token,
@@ -215,13 +223,25 @@ def _generic(
     clock = engine.clock if engine.timeout is not None else None
     key_function = engine.key_function
     guarded = engine.guarded
+    count, counting = engine.counters.count, counting_flag(engine.policy)
+    # A details on_rate_limit_wait is told the call's arguments: book through the engine.
+    detailed = take_token is not None and key_function is None and engine.events.needs_arguments
+    atoken_wait, asleep, timeout = engine.atoken_wait, engine.asleep, engine.timeout or 0.0
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
+        if counting.on:
+            count()
         start = None if clock is None else clock()
         probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
+        waited = 0.0
         if key_function is not None:
             assert take_token is not None
             await take_token(key_function(*args, **kwargs), start)
+        elif detailed:
+            if waited := await atoken_wait(args, kwargs):
+                if start is not None and engine.clock() + waited >= start + timeout:
+                    raise engine.token_late(waited, start + timeout, [])
+                await asleep(waited)
         elif take_token is not None:
             await take_token(start)
         try:
@@ -239,7 +259,7 @@ def _generic(
         if guard is not None and probe:
             await guard.aok(probe)
         if on_success is not None:
-            on_success(result)
+            on_success(result, args, kwargs, 1, waited)
         return result
 
     return acall
@@ -276,32 +296,33 @@ def _aretry_from(
         try:
             deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
-            round_, index, wait = 0, 0, 0.0
+            round_, index, wait, waited = 0, 0, 0.0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), deadline)
+                round_, index, wait, error = after_failure(
+                    errors, 0, 0, len(calls), deadline, args, kwargs
+                )
             while error is None:
                 probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
                     await asleep(wait)
+                    waited += wait
                 call_args, call_kwargs = calls[index]
                 if limited:
-                    key = None if key_function is None else key_function(*call_args, **call_kwargs)
-                    if deadline is None:
-                        await (take_token(None) if key_function is None else take_token(key))
-                    elif (
-                        wait := await (
-                            engine.atoken_wait()
-                            if key_function is None
-                            else engine.akey_token_wait(key)
-                        )
-                    ) > 0:
-                        if engine.clock() + wait >= deadline:
+                    n = len(errors) + 1
+                    if key_function is None:
+                        wait = await engine.atoken_wait(args, kwargs, n, waited)
+                    else:
+                        key = key_function(*call_args, **call_kwargs)
+                        wait = await engine.akey_token_wait(key, call_args, call_kwargs, n, waited)
+                    if wait > 0:
+                        if deadline is not None and engine.clock() + wait >= deadline:
                             if probe:
                                 guard.release(probe)  # type: ignore[union-attr]
                             error = engine.token_late(wait, deadline, errors)
                             break
                         await asleep(wait)
+                        waited += wait
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
@@ -311,7 +332,7 @@ def _aretry_from(
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(
-                        errors, round_, index, len(calls), deadline
+                        errors, round_, index, len(calls), deadline, args, kwargs, waited
                     )
                     continue
                 except BaseException:
@@ -323,11 +344,11 @@ def _aretry_from(
                 if checks_result and (refused := rejected(result, len(errors) + 1)) is not None:
                     errors.append(refused)
                     round_, index, wait, error = after_failure(
-                        errors, round_, index, len(calls), deadline
+                        errors, round_, index, len(calls), deadline, args, kwargs, waited
                     )
                     continue
                 if on_success is not None:
-                    on_success(result)
+                    on_success(result, args, kwargs, len(errors) + 1, waited)
                 return result
             raise error
         finally:

@@ -369,6 +369,7 @@ class CircuitBreaker:
                 return False
         if closed:
             logger.info("opero: %s closed: a probe call succeeded", self._label())
+            _transition(self._label(), "closed")
         return closed
 
     def _local_failed(self, exc: BaseException, probe: Probe) -> bool:
@@ -399,6 +400,14 @@ class CircuitBreaker:
             _short(exc),
             seconds,
         )
+        _transition(self._label(), "open")
+
+
+def _transition(name: str, state: str) -> None:
+    """Count a transition in ``opero.instrumentation`` (metrics and global hooks)."""
+    from opero import instrumentation
+
+    instrumentation._emit_breaker(name, state)
 
 
 def _short(exc: BaseException, limit: int = 120) -> str:

@@ -14,7 +14,7 @@ import itertools
 import os
 from typing import TYPE_CHECKING, Any
 
-from opero._pipeline.breaker import RESET, Probe, logger
+from opero._pipeline.breaker import RESET, Probe, _transition, logger
 
 if TYPE_CHECKING:
     from opero._connections.health import Outage
@@ -210,6 +210,7 @@ class RedisState:
             with breaker._lock:
                 breaker._cause = None
             logger.info("opero: %s closed: a probe call succeeded", breaker._label())
+            _transition(breaker._label(), "closed")
         return False
 
     def enter(self, function: str) -> Probe:

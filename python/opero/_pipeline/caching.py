@@ -26,7 +26,7 @@ from typing import Any
 
 from opero import _testing
 from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
-from opero._pipeline.callbacks import adapt_callback
+from opero._pipeline.callbacks import cache_hit_callback
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.policy import Policy
 from opero._pipeline.singleflight import TaskFlight, ThreadFlight
@@ -479,7 +479,7 @@ def cache_adapter(
     caching = policy.caching
     if not caching.cache:
         return NoCache(func, qualname)
-    on_hit = adapt_callback("on_cache_hit", policy.callbacks.on_cache_hit, (0,))
+    on_hit = cache_hit_callback(policy.callbacks.on_cache_hit, qualname)
     backend = resolve_backend(policy)
     stable = bool(getattr(backend, "stable_keys", False))
     has_key = caching.cache_key is not None

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opero._pipeline import stats
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["KEEP_DEAD", "PREFIX", "Template", "specialize"]
@@ -95,6 +96,11 @@ class Template:
         clock: Read ``__opero_clock()`` once before anything else (``timeout``):
             a token wait is checked by ``__opero_token_deadline(wait, start)``
             and the start is handed to ``__opero_retry_from`` on a failure.
+        count: Line 2 is the call counter of ``f.stats()``: ``next(__opero_runs)``
+            while call counting is on, else ``pass`` (no cost); the two variants
+            have the same lines, so :func:`opero._pipeline.stats.set_call_counting`
+            swaps the wrapper's ``__code__`` at run time.
+        count_always: Always count (never switched off).
 
     """
 
@@ -107,6 +113,8 @@ class Template:
     breaker: bool = False
     breaker_await: bool = False
     clock: bool = False
+    count: bool = False
+    count_always: bool = False
 
 
 @dataclass(slots=True)
@@ -164,10 +172,13 @@ def _signature(func: Callable[..., Any]) -> _Signature | None:
     return out
 
 
-def _source(sig: _Signature, template: Template) -> str:
+def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    if template.count:
+        # next() on the itertools.count: a builtin call, cheaper than its bound __next__.
+        lines.append(f"    {P}next({P}runs)" if counting else "    pass")
     bw = "await " if template.breaker_await else ""
     if template.clock:
         lines.append(f"    {P}t0 = {P}clock()")
@@ -302,15 +313,20 @@ def specialize(
     scope[f"{P}Exception"] = Exception
     scope[f"{P}BaseException"] = BaseException
     scope[f"{P}type"], scope[f"{P}str"] = type, str
+    scope[f"{P}next"] = next
     filename = register_source(source, label)
+    counted = _source(sig, template, counting=True) if template.count else source
     try:
-        exec(compile(source, filename, "exec"), scope)
+        counting = template.count_always or stats.counting_calls()
+        exec(compile(counted if counting else source, filename, "exec"), scope)
     except BaseException:
         _released.append(filename)  # no wrapper holds the entry
         raise
     # Out of its own globals: no cycle, the wrapper dies with its last reference.
     wrapper: Callable[..., Any] = scope.pop(f"{P}wrapper")
     _track(wrapper, filename)
+    if template.count and not template.count_always:
+        stats.register_switch(wrapper, source, counted, filename)
     wrapper.__name__ = func.__name__
     wrapper.__qualname__ = func.__qualname__
     return wrapper

@@ -71,6 +71,7 @@ from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.caching import cache_adapter
 from opero._pipeline.engine import Engine
 from opero._pipeline.policy import Policy, build_policy
+from opero._pipeline.stats import FunctionStats
 from opero._pipeline.sync import build_sync_call
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._registry import clear_cache
@@ -130,6 +131,10 @@ class OperoFunction(Protocol[P, R_co]):
 
     def cache_info(self) -> CacheInfo:
         """Return the cache counters (hits, misses, maxsize, currsize, ...)."""
+        ...
+
+    def stats(self, *, reset: bool = False) -> FunctionStats:
+        """Return this function's counters (calls, retries, waits...); ``reset`` zeroes them."""
         ...
 
 
@@ -247,9 +252,11 @@ def opero(
     rate_limit_max_keys: int = 10_000,
     on_retry: Callable[..., Any] | None = None,
     on_success: Callable[..., Any] | None = None,
-    on_failure: Callable[[Exception], Any] | None = None,
-    on_cache_hit: Callable[[], Any] | None = None,
+    on_failure: Callable[..., Any] | None = None,
+    on_cache_hit: Callable[..., Any] | None = None,
     on_circuit_open: Callable[..., Any] | None = None,
+    on_fallback: Callable[..., Any] | None = None,
+    on_rate_limit_wait: Callable[..., Any] | None = None,
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_max_size: int | None = 1024,
@@ -318,7 +325,11 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             Callbacks: ``on_retry(exc)`` / ``on_retry(exc, attempt)``,
             ``on_success(result)`` / ``on_success()``, ``on_failure(exc)``,
             ``on_cache_hit()``, ``on_circuit_open(details)`` /
-            ``on_circuit_open()``. A raising callback is logged and ignored.
+            ``on_circuit_open()``, ``on_fallback(exc)`` / ``on_fallback(exc,
+            index)``, ``on_rate_limit_wait(wait)`` / ``on_rate_limit_wait()``;
+            each may instead take one :class:`~opero.CallDetails` (a single
+            parameter annotated ``CallDetails`` or named ``details``). A
+            raising callback is logged and ignored.
 
             Cache: ``cache`` (default False), ``cache_ttl`` (seconds > 0 or
             None), ``cache_max_size`` (default 1024, None = unbounded),
@@ -454,6 +465,11 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         call_uncached = inner
         acall_uncached = functools.partial(asyncio.to_thread, inner)
     adapter = cache_adapter(func, policy, qualname, is_async)
+    helpers = adapter.helpers()
+    counters = engine.counters
+    if adapter.cache is not None:
+        counters.cache_info = helpers["cache_info"]
+    helpers["stats"] = counters.snapshot
     internals = OperoInternals(
         policy=policy,
         function=func,
@@ -468,7 +484,9 @@ def _decorate(func: Callable[..., Any], policy: Policy) -> Any:
         cache_lookup_many=adapter.lookup_many,
         cache_store_many=adapter.store_many,
     )
-    return _finish(adapter.wrap(inner, is_async), func, internals, adapter.helpers())
+    wrapper = adapter.wrap(inner, is_async)
+    counters.watch_native(wrapper)
+    return _finish(wrapper, func, internals, helpers)
 
 
 def _run_coroutine(inner: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:

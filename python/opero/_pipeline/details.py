@@ -44,3 +44,34 @@ class CallDetails:
     exception: BaseException | None = None
     result: Any = None
     event: str = ""
+
+
+def wants_details(func: Any) -> bool:
+    """Return whether callback ``func`` takes one :class:`CallDetails` argument.
+
+    The rule, applied once at decoration time: the callback has exactly one
+    positional parameter (``*args`` and keyword-only parameters with defaults
+    aside), and that parameter is annotated ``CallDetails`` (the class, or a
+    string naming it, as ``from __future__ import annotations`` leaves it) or
+    is named ``details``. Anything else keeps the classic arguments.
+    """
+    import inspect
+
+    try:
+        sig = inspect.signature(func)
+    except Exception:  # unreadable (a builtin), or a __signature__ that raises
+        return False
+    positional = [
+        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) != 1:
+        return False
+    param = positional[0]
+    annotation = param.annotation
+    if annotation is CallDetails:
+        return True
+    if isinstance(annotation, str):
+        text = annotation.strip().strip("'\"")
+        if text == "CallDetails" or text.endswith(".CallDetails"):
+            return True
+    return param.name == "details"

@@ -62,10 +62,12 @@ from typing import Any
 
 from opero import _testing
 from opero._opero_core import Backoff, coarse_monotonic
-from opero._pipeline.callbacks import adapt_callback
+from opero._pipeline.callbacks import Events, log_extra
+from opero._pipeline.codegen import _signature
 from opero._pipeline.fallback import Call, Fallback
 from opero._pipeline.policy import Policy, check_seconds
 from opero._pipeline.retry_after import server_wait
+from opero._pipeline.stats import Counters
 from opero._ratelimit import MIN_WAIT, Limiter
 from opero.errors import (
     EARLIER_ERRORS,
@@ -115,11 +117,14 @@ class Engine:
         "backoff_function",
         "check_wait",
         "clock",
+        "counters",
+        "events",
         "fallback",
         "func",
         "key_function",
         "key_map",
         "limiter",
+        "limiter_check",
         "max_delay",
         "on_failure",
         "on_retry",
@@ -163,14 +168,21 @@ class Engine:
         self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
         self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
-        self.limiter = Limiter(policy, qualname, func) if policy.has_rate_limit else None
+        # The key function's fit is checked against the parameters a generated wrapper passes.
+        generated = func if _signature(func) is not None else None
+        self.limiter = Limiter(policy, qualname, generated) if policy.has_rate_limit else None
         limiter = self.limiter
         #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
         #: called without a limiter).
         self.reserve: Callable[..., float] = (
             limiter.reserve_function() if limiter is not None else _no_token
         )
-        self.check_wait = limiter.check_wait if limiter is not None else _no_wait
+        self.counters = Counters(qualname)
+        self.events = events = Events(policy.callbacks, qualname, self.counters)
+        self.limiter_check = limiter.check_wait if limiter is not None else _no_wait
+        #: ``check_wait(delay)`` of the generated wrapper: the limit's check, then the
+        #: ``rate_limit_wait`` event (counted, on_rate_limit_wait, hooks).
+        self.check_wait = self._check_wait if limiter is not None else _no_wait
         #: Booking a token needs an ``await`` (a Redis limiter).
         self.async_source = limiter is not None and limiter.has_async_source
         #: A callable ``rate_limit_key``: ``self.reserve`` then takes the key it returns.
@@ -179,15 +191,17 @@ class Engine:
         self.key_map = limiter.key_map() if limiter is not None else None
         self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
         self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
-        callbacks = policy.callbacks
-        self.on_retry = adapt_callback("on_retry", callbacks.on_retry, (2, 1))
-        self.on_success = adapt_callback("on_success", callbacks.on_success, (1, 0))
-        self.on_failure = adapt_callback("on_failure", callbacks.on_failure, (1,))
+        self.on_retry = events.on_retry
+        self.on_success = events.on_success
+        self.on_failure = events.on_failure
 
     @property
     def guarded(self) -> bool:
-        """Whether a failed first call needs the engine (else it propagates as is)."""
-        return self.retries > 0 or self.on_failure is not None or self.fallback is not None
+        """Whether a failed first call needs the engine: always, it is counted as a failure.
+
+        A ``try`` costs nothing until an error is raised (CPython 3.11+).
+        """
+        return True
 
     def deadline(self, start: float | None = None) -> float | None:
         """Return the deadline of a call that started at ``start`` (now when ``None``)."""
@@ -291,27 +305,53 @@ class Engine:
         error.__dict__[_OWNER] = self
         return error
 
-    def before_retry(self, exc: Exception, attempt: int, wait: float) -> float:
-        """Fire ``on_retry``, log, and return ``wait``, the wait before retry ``attempt``."""
-        if self.on_retry is not None:
-            self.on_retry(exc, attempt)
-        logger.debug(
-            "opero: %s failed with %r; retry %d of %d in %.3fs",
+    def before_retry(
+        self,
+        exc: Exception,
+        attempt: int,
+        wait: float,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> float:
+        """Fire ``on_retry``, log, and return ``wait``, the wait before retry ``attempt``.
+
+        ``calls`` is the number of calls made so far, ``waited`` the seconds
+        waited so far (both for :class:`~opero.CallDetails`).
+        """
+        self.events.retry(exc, attempt, wait, args, kwargs, calls, waited)
+        logger.info(
+            "opero: %s failed with %s; retry %d of %d in %.3fs",
             self.qualname,
-            exc,
+            _short_repr(exc),
             attempt + 1,
             self.retries,
             wait,
+            extra=log_extra("retry", self.qualname, attempt=calls, wait=wait, error=exc),
         )
         return wait
 
-    def give_up(self, exc: Exception) -> Exception:
-        """Fire ``on_failure`` for an error that is not retried, and return it."""
-        if self.on_failure is not None:
-            self.on_failure(exc)
+    def give_up(
+        self,
+        exc: Exception,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> Exception:
+        """Fire ``on_failure`` for the error the call raises (counted), and return it."""
+        self.events.failure(exc, args, kwargs, calls, waited)
         return exc
 
-    def exhausted(self, errors: list[Exception], reason: str | None = None) -> Exception:
+    def exhausted(
+        self,
+        errors: list[Exception],
+        reason: str | None = None,
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
+    ) -> Exception:
         """Return the error to raise when every call failed (and fire ``on_failure``).
 
         With a fallback configured: ``AllFailedError`` with every error,
@@ -329,13 +369,15 @@ class Engine:
         if self.fallback is None:
             if len(errors) > 1 or reason:
                 self._annotate(last, errors, why)
-                logger.warning(
-                    "opero: %s failed on %s%s; raising the last error",
+                logger.info(
+                    "opero: %s failed on %s%s; raising the last error, %s",
                     self.qualname,
                     _calls(len(errors)),
                     why,
+                    _short_repr(last),
+                    extra=log_extra("exhausted", self.qualname, attempt=len(errors), error=last),
                 )
-            return self.give_up(last)
+            return self.give_up(last, args, kwargs, len(errors), waited)
         error = AllFailedError(
             f"{self.qualname} failed on {_calls(len(errors))}{why}; "
             f"last error: {_short_repr(last)}",
@@ -343,8 +385,12 @@ class Engine:
         )
         error.__cause__ = last
         error.__suppress_context__ = True
-        logger.warning("opero: %s", error.message)
-        return self.give_up(error)
+        logger.info(
+            "opero: %s",
+            error.message,
+            extra=log_extra("exhausted", self.qualname, attempt=len(errors), error=last),
+        )
+        return self.give_up(error, args, kwargs, len(errors), waited)
 
     def _annotate(self, last: Exception, errors: list[Exception], why: str = "") -> None:
         """Note the number of calls on ``last`` and keep the earlier errors on it.
@@ -374,15 +420,26 @@ class Engine:
         except Exception:  # a non-list __notes__, a __dict__ property: raise it without ours
             logger.debug("opero: could not add a note to %s's error", self.qualname, exc_info=True)
 
-    def log_fallback(self, exc: Exception, index: int, total: int) -> None:
-        """Log a failed fallback candidate before the next one is tried."""
-        logger.debug(
-            "opero: %s candidate %d of %d (%s) failed with %r; trying the next one",
+    def log_fallback(
+        self,
+        exc: Exception,
+        index: int,
+        total: int,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+    ) -> None:
+        """Fire ``on_fallback`` and log a failed candidate before the next one is tried."""
+        self.events.fallback(exc, index, args, kwargs, calls, waited)
+        logger.info(
+            "opero: %s candidate %d of %d (%s) failed with %s; trying the next one",
             self.qualname,
             index + 1,
             total,
             self.policy.fallback.arg_fallback,
-            exc,
+            _short_repr(exc),
+            extra=log_extra("fallback", self.qualname, attempt=calls, error=exc),
         )
 
     def calls(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[Call]:
@@ -398,6 +455,9 @@ class Engine:
         index: int,
         total: int,
         deadline: float | None = None,
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
     ) -> Step:
         """Decide what follows the failure of call ``index`` of round ``round_`` (0-based).
 
@@ -409,25 +469,29 @@ class Engine:
         ``deadline`` raises it too, with the reason; else the next round starts
         after the wait (``on_retry`` fired). The engine returns the error to
         raise rather than raising it, so its frame never holds ``errors`` in a
-        traceback.
+        traceback. ``args``, ``kwargs`` (the caller's) and ``waited`` feed
+        :class:`~opero.CallDetails`.
         """
         exc = errors[-1]
+        calls = len(errors)
         if not self.is_retryable(exc):
-            return round_, index, 0.0, self.give_up(exc)
+            return round_, index, 0.0, self.give_up(exc, args, kwargs, calls, waited)
         if index + 1 < total:
             if deadline is not None and self.clock() >= deadline:
-                return round_, index, 0.0, self.exhausted(errors, self._late())
-            self.log_fallback(exc, index, total)
+                late = self.exhausted(errors, self._late(), args, kwargs, waited)
+                return round_, index, 0.0, late
+            self.log_fallback(exc, index, total, args, kwargs, calls, waited)
             return round_, index + 1, 0.0, None
         attempts = _testing._attempts
         if round_ >= self.retries or (attempts is not None and round_ + 1 >= attempts):
-            return round_, index, 0.0, self.exhausted(errors)
+            return round_, index, 0.0, self.exhausted(errors, None, args, kwargs, waited)
         wait, reason = self.plan_wait(exc, round_)
         if reason is None and deadline is not None and self.clock() + wait >= deadline:
             reason = self._late(wait)
         if reason is not None:
-            return round_, index, 0.0, self.exhausted(errors, reason)
-        return round_ + 1, 0, self.before_retry(exc, round_, wait), None
+            return round_, index, 0.0, self.exhausted(errors, reason, args, kwargs, waited)
+        wait = self.before_retry(exc, round_, wait, args, kwargs, calls, waited)
+        return round_ + 1, 0, wait, None
 
     def _late(self, wait: float = 0.0) -> str:
         """Return the reason of a give-up at the deadline (after a planned ``wait``)."""
@@ -447,8 +511,25 @@ class Engine:
             return self.give_up(RateLimitTimeout(f"{self.qualname}: {reason}"))
         return self.exhausted(errors, reason)
 
-    def token_wait(self) -> float:
+    def _check_wait(self, delay: float) -> None:
+        """Check a token wait against ``rate_max_wait``, then fire the wait event."""
+        self.limiter_check(delay)
+        self.events.rate_limit_wait(delay)
+
+    def _waiting(self, delay: float, args: Any, kwargs: Any, calls: int, waited: float) -> float:
+        """Return the wait for a booked ``delay`` (0 for none); check it and fire the event."""
+        if delay > MIN_WAIT:
+            self.limiter_check(delay)
+            self.events.rate_limit_wait(delay, args, kwargs, calls, waited)
+            return delay
+        return 0.0
+
+    def token_wait(
+        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+    ) -> float:
         """Book a rate-limit token; return the seconds to sleep first (0 for none).
+
+        A wait fires ``on_rate_limit_wait`` (the arguments feed its details).
 
         Raises:
             RateLimitTimeout: The wait exceeds ``rate_max_wait``.
@@ -456,13 +537,11 @@ class Engine:
         """
         if not _testing._rate_limit:
             return 0.0
-        delay = self.reserve()
-        if delay > MIN_WAIT:
-            self.check_wait(delay)
-            return delay
-        return 0.0
+        return self._waiting(self.reserve(), args, kwargs, calls, waited)
 
-    def keyed_token_wait(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    def keyed_token_wait(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], calls: int = 1, waited: float = 0.0
+    ) -> float:
         """:meth:`token_wait` in the bucket of the key ``rate_limit_key(*args, **kwargs)``.
 
         The key function's own error propagates (the call fails at once: not retried).
@@ -471,32 +550,26 @@ class Engine:
         if not _testing._rate_limit:
             return 0.0
         delay = self.reserve(self.key_function(*args, **kwargs))
-        if delay > MIN_WAIT:
-            self.check_wait(delay)
-            return delay
-        return 0.0
+        return self._waiting(delay, args, kwargs, calls, waited)
 
-    async def akey_token_wait(self, key: Any) -> float:
+    async def akey_token_wait(
+        self, key: Any, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+    ) -> float:
         """Async token wait in the bucket of ``key`` (what ``rate_limit_key`` returned)."""
         assert self.limiter is not None
         if not _testing._rate_limit:
             return 0.0
         delay = await self.limiter.areserve_key(key) if self.async_source else self.reserve(key)
-        if delay > MIN_WAIT:
-            self.check_wait(delay)
-            return delay
-        return 0.0
+        return self._waiting(delay, args, kwargs, calls, waited)
 
-    async def atoken_wait(self) -> float:
+    async def atoken_wait(
+        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+    ) -> float:
         """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
         if not self.async_source or not _testing._rate_limit:
-            return self.token_wait()
+            return self.token_wait(args, kwargs, calls, waited)
         assert self.limiter is not None
-        delay = await self.limiter.areserve()
-        if delay > MIN_WAIT:
-            self.check_wait(delay)
-            return delay
-        return 0.0
+        return self._waiting(await self.limiter.areserve(), args, kwargs, calls, waited)
 
 
 #: Key of the engine that made a :class:`RetryResultError` (dropped when it is raised).

@@ -446,6 +446,29 @@ OPTIONS: tuple[Option, ...] = (
         ),
         "called when a call's failure opens the circuit breaker",
     ),
+    Option(
+        "on_fallback",
+        "callbacks",
+        None,
+        c.optional(
+            c.function(
+                "a callable on_fallback(exception) or on_fallback(exception, index)",
+                _CALLBACK,
+                least=1,
+                shape="on_fallback(exception) or on_fallback(exception, index)",
+            )
+        ),
+        "called when a fallback candidate failed and the next one is tried",
+    ),
+    Option(
+        "on_rate_limit_wait",
+        "callbacks",
+        None,
+        c.optional(
+            c.function("a callable on_rate_limit_wait(wait) or on_rate_limit_wait()", _CALLBACK)
+        ),
+        "called before sleeping for a rate-limit token, with the wait in seconds",
+    ),
     # cache
     Option("cache", "cache", False, c.flag, "cache successful results"),
     Option(

@@ -108,6 +108,8 @@ class CallbackPolicy:
     on_failure: Callable[..., Any] | None
     on_cache_hit: Callable[..., Any] | None
     on_circuit_open: Callable[..., Any] | None
+    on_fallback: Callable[..., Any] | None = None
+    on_rate_limit_wait: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from opero._opero_core import TimedCall
 from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine, _no_token
+from opero._pipeline.stats import counting_flag
 from opero.errors import ConfigurationError
 
 __all__ = ["build_sync_call"]
@@ -55,16 +56,23 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     ):
         return func
     retry_from = _retry_from(engine, guard)
+    count, counting = engine.counters.count, counting_flag(engine.policy)
     if engine.fallback is not None or engine.rejects is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
         # (the function may change the list it receives), and a result is checked there.
         def call_loop(*args: Any, **kwargs: Any) -> Any:
+            if counting.on:
+                count()
             return retry_from(None, args, kwargs)
 
         return call_loop
+    if engine.events.needs_arguments:  # a details callback of the first call: generic
+        return _generic(engine, retry_from, guard)
     timed = engine.timeout is not None
     native = engine.policy.wait.clock is None  # the engine reads the native coarse clock
-    if timed and native and engine.guarded and not limited and on_success is None and not guard:
+    # The native first call has no call counter: not while counting is on at decoration.
+    plain = not limited and on_success is None and not guard and not counting.on
+    if timed and native and engine.guarded and plain:
         # The native first call reads that clock in Rust: a success costs no Python call.
         def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
             return retry_from(exc, args, kwargs, start)
@@ -80,8 +88,11 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             guard=engine.guarded,
             breaker=guard is not None,
             clock=timed and (limited or engine.guarded),
+            count=True,
+            count_always=counting.always,
         ),
         {
+            "__opero_runs": engine.counters.runs,
             "__opero_key": engine.key_function,
             "__opero_buckets": engine.key_map,
             "__opero_retry_from": retry_from,
@@ -166,14 +177,17 @@ def _generic(
     clock = engine.clock if engine.timeout is not None else None
     token_deadline = _token_deadline(engine)
     guarded = engine.guarded
+    count, counting = engine.counters.count, counting_flag(engine.policy)
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        if counting.on:
+            count()
         start = None if clock is None else clock()
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
         if keyed_wait is not None:
             wait = keyed_wait(args, kwargs)
         elif token_wait is not None:
-            wait = token_wait()
+            wait = token_wait(args, kwargs)
         else:
             wait = 0.0
         if wait:
@@ -195,7 +209,7 @@ def _generic(
         if guard is not None and probe:
             guard.ok(probe)
         if on_success is not None:
-            on_success(result)
+            on_success(result, args, kwargs, 1, wait)
         return result
 
     return call
@@ -227,19 +241,22 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
         try:
             deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
-            round_, index, wait = 0, 0, 0.0
+            round_, index, wait, waited = 0, 0, 0.0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), deadline)
+                round_, index, wait, error = after_failure(
+                    errors, 0, 0, len(calls), deadline, args, kwargs
+                )
             while error is None:
                 probe = guard.enter() if guard is not None else 0
                 if wait > 0:
                     sleep(wait)
+                    waited += wait
                 call_args, call_kwargs = calls[index]
                 if keyed_wait is not None:
-                    wait = keyed_wait(call_args, call_kwargs)
+                    wait = keyed_wait(call_args, call_kwargs, len(errors) + 1, waited)
                 elif token_wait is not None:
-                    wait = token_wait()
+                    wait = token_wait(args, kwargs, len(errors) + 1, waited)
                 else:
                     wait = 0.0
                 if wait:
@@ -249,6 +266,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                         error = engine.token_late(wait, deadline, errors)
                         break
                     sleep(wait)
+                    waited += wait
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
@@ -258,7 +276,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(
-                        errors, round_, index, len(calls), deadline
+                        errors, round_, index, len(calls), deadline, args, kwargs, waited
                     )
                     continue
                 except BaseException:
@@ -270,11 +288,11 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 if checks_result and (refused := rejected(result, len(errors) + 1)) is not None:
                     errors.append(refused)
                     round_, index, wait, error = after_failure(
-                        errors, round_, index, len(calls), deadline
+                        errors, round_, index, len(calls), deadline, args, kwargs, waited
                     )
                     continue
                 if on_success is not None:
-                    on_success(result)
+                    on_success(result, args, kwargs, len(errors) + 1, waited)
                 return result
             raise error
         finally:

@@ -337,6 +337,8 @@ class Limiter:
 def check_key_function(key: Callable[..., Any], func: Callable[..., Any], qualname: str) -> None:
     """Raise unless ``key`` accepts the arguments a generated wrapper of ``func`` passes it.
 
+    The caller passes ``func`` only when its first-call wrapper is generated.
+
     A wrapper generated with ``func``'s own parameters (no ``*args``/``**kwargs``)
     calls the key function with every parameter, positional ones by position and
     keyword-only ones by name, whatever form the caller used; a key function that
@@ -347,10 +349,6 @@ def check_key_function(key: Callable[..., Any], func: Callable[..., Any], qualna
         ConfigurationError: Naming ``rate_limit_key``, the parameters and the fix.
 
     """
-    from opero._pipeline.codegen import _signature
-
-    if _signature(func) is None:
-        return
     try:
         key_signature = inspect.signature(key)
         params = list(inspect.signature(func, follow_wrapped=False).parameters.values())
