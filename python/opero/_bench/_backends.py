@@ -162,7 +162,7 @@ def _build_redis(settings: Settings) -> list[Case]:
 
         def f(x: int) -> int:
             _now, wait = evalsha(sha, 1, key, interval, _BURST)
-            if wait:
+            if wait := float(wait):  # the script answers in text (%.17g), as opero reads it
                 time.sleep(wait / 1e6)
             return ok(x)
 
