@@ -1,0 +1,386 @@
+"""``@opero`` around real httpx clients, against the real demo service of ``tests/httpserver.py``.
+
+The server counts and timestamps every request it receives, so these tests
+check what reached the wire: how many attempts, and how long the client waited
+between them. Real waits are used only where a wait is what is tested (about
+one second each); elsewhere the retry delays are zero or the private ``_sleep``
+option records the waits instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+import opero
+from httpserver import DemoServer
+from opero import opero as op
+
+httpx = pytest.importorskip("httpx")
+
+NO_WAIT: dict[str, Any] = {"min_delay": 0.0, "max_delay": 0.0, "jitter": False}
+"""Retry options for tests that count attempts and do not test waits."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Retry connection errors, 429 and 5xx answers; not other 4xx."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return status == 429 or status >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+def _getter(client: Any, **options: Any) -> Callable[..., Any]:
+    """Return an ``@opero`` function that GETs a URL with ``client`` and returns its JSON."""
+
+    @op(**{"retry_on": httpx.HTTPError, "retry_predicate": _retryable, **options})
+    def get(url: str, **params: Any) -> Any:
+        response = client.get(url, params=params)
+        response.raise_for_status()
+        return response.json()
+
+    return get
+
+
+def _agetter(client: Any, **options: Any) -> Callable[..., Any]:
+    """Async twin of :func:`_getter`."""
+
+    @op(**{"retry_on": httpx.HTTPError, "retry_predicate": _retryable, **options})
+    async def get(url: str, **params: Any) -> Any:
+        response = await client.get(url, params=params)
+        response.raise_for_status()
+        return response.json()
+
+    return get
+
+
+# --- the server itself -------------------------------------------------------------------
+
+
+def test_server_scripts_each_path(http_server: str, http_service: DemoServer) -> None:
+    """The demo service answers as scripted, with counters kept per path and id."""
+    with httpx.Client(base_url=http_server) as client:
+        codes = [client.get("/flaky", params={"id": "a", "fail": 2}).status_code for _ in range(3)]
+        assert codes == [503, 503, 200]
+        assert client.get("/flaky", params={"id": "b", "fail": 2}).status_code == 503
+        limited = client.get("/limited", params={"id": "c"})
+        assert (limited.status_code, limited.headers["Retry-After"]) == (429, "1")
+        assert client.get("/limited", params={"id": "c"}).status_code == 200
+        dated = client.get("/limited", params={"id": "d", "format": "date"})
+        assert dated.headers["Retry-After"].endswith(" GMT")
+        assert client.get("/json/7").json() == {"id": "7", "name": "item 7"}
+        assert [client.get("/job/j", params={"pending": 1}).json()["status"] for _ in "ab"] == [
+            "pending",
+            "done",
+        ]
+        assert client.get("/status/418").status_code == 418
+        assert client.get("/nowhere").status_code == 404
+        assert client.get("/slow", params={"delay": 99}).status_code == 400
+        log = client.get("/log", params={"id": "a"}).json()
+    assert log == [r.arrival for r in http_service.requests("/flaky", "a")]
+    assert http_service.count("/flaky") == 4
+    assert http_service.count(id="a") == 3
+    assert all(gap >= 0 for gap in http_service.gaps("/flaky", "a"))
+
+
+def test_server_reset_forgets_counters(http_server: str, http_service: DemoServer) -> None:
+    """After ``reset()`` the counters start again and the log is empty."""
+    assert httpx.get(f"{http_server}/flaky?id=r&fail=1").status_code == 503
+    http_service.reset()
+    assert http_service.count() == 0
+    assert httpx.get(f"{http_server}/flaky?id=r&fail=1").status_code == 503
+
+
+def test_server_stops_while_a_slow_request_sleeps() -> None:
+    """``stop()`` returns promptly even while a ``/slow`` request is sleeping."""
+    server = DemoServer()
+    with httpx.Client(timeout=0.2) as client, pytest.raises(httpx.ReadTimeout):
+        client.get(f"{server.url}/slow", params={"delay": 20})
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/json/1", timeout=1)
+
+
+# --- retries that run today ------------------------------------------------------------------
+
+
+def test_sync_client_retries_503_until_success(http_server: str, http_service: DemoServer) -> None:
+    """A sync httpx client retries two 503s and returns the third answer."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, **NO_WAIT)
+        assert get("/flaky", id="s", fail=2) == {"id": "s", "attempt": 3}
+    assert http_service.count("/flaky", "s") == 3
+
+
+def test_async_client_retries_503_until_success(http_server: str, http_service: DemoServer) -> None:
+    """An async httpx client retries two 503s and returns the third answer."""
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(base_url=http_server) as client:
+            return await _agetter(client, retries=3, **NO_WAIT)("/flaky", id="as", fail=2)
+
+    assert asyncio.run(main()) == {"id": "as", "attempt": 3}
+    assert http_service.count("/flaky", "as") == 3
+
+
+def test_4xx_is_not_retried(http_server: str, http_service: DemoServer) -> None:
+    """``retry_predicate`` keeps a 404 from being retried: one request, its error propagates."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, **NO_WAIT)
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/status/404", id="nf")
+    assert info.value.response.status_code == 404
+    assert http_service.count("/status/404", "nf") == 1
+
+
+def test_exhausted_retries_raise_the_last_http_error(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """When retries run out the last ``httpx.HTTPStatusError`` propagates, every attempt made."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=2, **NO_WAIT)
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/status/503", id="ex")
+    assert info.value.response.status_code == 503
+    assert len(opero.attempt_errors(info.value)) == 3
+    assert http_service.count("/status/503", "ex") == 3
+
+
+def test_connect_error_is_retried(http_server: str, http_service: DemoServer) -> None:
+    """A refused connection is retried like a 5xx, and its ``httpx.ConnectError`` propagates."""
+    dead = DemoServer()
+    url = dead.url
+    dead.stop()
+    with httpx.Client() as client:
+        get = _getter(client, retries=2, **NO_WAIT)
+        with pytest.raises(httpx.ConnectError) as info:
+            get(f"{url}/json/1")
+    assert len(opero.attempt_errors(info.value)) == 3
+
+
+def test_cached_get_reaches_the_server_once(http_server: str, http_service: DemoServer) -> None:
+    """With ``cache=True`` a repeated GET is answered from the cache, not the server."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, cache=True, cache_ttl=60, retries=0)
+        first = get("/json/42")
+        assert get("/json/42") == first == {"id": "42", "name": "item 42"}
+        get("/json/43")
+    assert http_service.count("/json/42") == 1
+    assert http_service.count("/json/43") == 1
+    assert get.cache_info().hits == 1
+
+
+def test_cached_async_get_reaches_the_server_once(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """Concurrent async GETs of one URL reach the server once (cache plus single flight)."""
+
+    async def main() -> list[Any]:
+        async with httpx.AsyncClient(base_url=http_server) as client:
+            get = _agetter(client, cache=True, retries=0)
+            return await asyncio.gather(*(get("/slow", delay=0.2, id="c") for _ in range(5)))
+
+    answers = asyncio.run(main())
+    assert answers == [{"id": "c", "slept": 0.2}] * 5
+    assert http_service.count("/slow", "c") == 1
+
+
+# --- issue 12: the new options ------------------------------------------------------------
+
+
+def test_retry_after_seconds_is_honoured(http_server: str, http_service: DemoServer) -> None:
+    """A 429 with ``Retry-After: 1`` makes the next attempt arrive at least 1 s later."""
+    with httpx.Client(base_url=http_server) as client:
+        # The backoff alone would retry after 10 ms; the server asks for 1 s.
+        get = _getter(client, retries=2, min_delay=0.01, max_delay=5, jitter=False)
+        assert get("/limited", id="ra") == {"id": "ra", "attempt": 2}
+    (gap,) = http_service.gaps("/limited", "ra")
+    assert gap >= 1.0
+
+
+def test_retry_after_http_date_is_honoured(http_server: str, http_service: DemoServer) -> None:
+    """A ``Retry-After`` HTTP date one second ahead delays the next attempt by about 1 s."""
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(base_url=http_server) as client:
+            get = _agetter(client, retries=2, min_delay=0.01, max_delay=5, jitter=False)
+            return await get("/limited", id="rd", format="date")
+
+    assert asyncio.run(main()) == {"id": "rd", "attempt": 2}
+    (gap,) = http_service.gaps("/limited", "rd")
+    # The date has whole seconds and is rounded up, so the wait is in [1, 2] s, less the
+    # few milliseconds between the server's clock reading and the client's.
+    assert gap >= 0.95
+
+
+def test_retry_after_off_uses_the_backoff(http_server: str, http_service: DemoServer) -> None:
+    """With ``retry_after=False`` the schedule decides: no 1 s wait (the wait is recorded)."""
+    waits: list[float] = []
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=1, retry_after=False, _sleep=waits.append, **NO_WAIT)
+        assert get("/limited", id="off")["attempt"] == 2
+    assert all(w < 0.5 for w in waits)
+
+
+def test_retry_after_longer_than_max_delay_stops(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """A ``Retry-After`` above ``max_delay`` stops retrying: the 429 propagates at once."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, min_delay=0.01, max_delay=2, jitter=False)
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/limited", id="long", retry_after=60)
+    assert info.value.response.status_code == 429
+    assert time.monotonic() - started < 2
+    assert http_service.count("/limited", "long") == 1
+
+
+def test_timeout_gives_up_with_the_last_error(http_server: str, http_service: DemoServer) -> None:
+    """``timeout=1`` bounds the whole call: it ends near 1 s with the last ``HTTPStatusError``."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=100, min_delay=0.2, backoff_factor=1, jitter=False, timeout=1)
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/status/503", id="dl")
+        elapsed = time.monotonic() - started
+    assert info.value.response.status_code == 503
+    # No wait begins that would end past the deadline: at most 1 s of waits plus one attempt.
+    assert elapsed < 2.5
+    assert 2 <= http_service.count("/status/503", "dl") <= 6
+
+
+def test_attempt_timeout_cancels_a_slow_attempt(http_server: str, http_service: DemoServer) -> None:
+    """``attempt_timeout`` cancels each slow async attempt; TimeoutError propagates at the end."""
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(base_url=http_server) as client:
+            get = _agetter(
+                client,
+                retries=1,
+                attempt_timeout=0.3,
+                retry_on=(httpx.HTTPError, TimeoutError),
+                retry_predicate=None,
+                **NO_WAIT,
+            )
+            return await get("/slow", delay=10, id="at")
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        asyncio.run(main())
+    assert time.monotonic() - started < 5
+    assert http_service.count("/slow", "at") == 2
+
+
+def test_attempt_timeout_on_sync_function_is_a_configuration_error() -> None:
+    """``attempt_timeout`` on a sync function is refused at decoration time, naming the option."""
+    with pytest.raises(opero.ConfigurationError, match="attempt_timeout"):
+        op(attempt_timeout=1.0)(lambda url: url)
+
+
+def test_retry_on_result_polls_a_pending_job(http_server: str, http_service: DemoServer) -> None:
+    """``retry_on_result`` retries a 200 whose JSON says pending, until it says done."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(
+            client, retries=5, retry_on_result=lambda body: body["status"] == "pending", **NO_WAIT
+        )
+        assert get("/job/j1", pending=2) == {"id": "j1", "status": "done"}
+    assert http_service.count("/job", "j1") == 3
+
+
+def test_breaker_opens_and_fails_fast(http_server: str, http_service: DemoServer) -> None:
+    """After 3 failed calls the breaker opens: the 4th fails with CircuitOpenError, no request."""
+    breaker = opero.CircuitBreaker(failures=3, reset_after=30.0)
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=0, circuit_breaker=breaker)
+        for _ in range(3):
+            with pytest.raises(httpx.HTTPStatusError):
+                get("/status/503", id="cb")
+        with pytest.raises(opero.CircuitOpenError):
+            get("/status/503", id="cb")
+    assert http_service.count("/status/503", "cb") == 3
+    assert isinstance(opero.CircuitOpenError("x"), opero.OperoError)
+    assert "open" in str(breaker.state).lower()
+
+
+def test_breaker_closes_after_a_successful_probe(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """After ``reset_after`` one probe reaches the recovered server and closes the circuit."""
+    breaker = opero.CircuitBreaker(failures=2, reset_after=0.3)
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=0, circuit_breaker=breaker)
+        for _ in range(2):
+            with pytest.raises(httpx.HTTPStatusError):
+                get("/flaky", id="hb", fail=2)
+        with pytest.raises(opero.CircuitOpenError):
+            get("/flaky", id="hb", fail=2)
+        time.sleep(0.4)
+        assert get("/flaky", id="hb", fail=2) == {"id": "hb", "attempt": 3}
+    assert "closed" in str(breaker.state).lower()
+    assert http_service.count("/flaky", "hb") == 3
+
+
+def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None:
+    """A ``rate_limit_key`` callable gives each host its own bucket: only the same host waits."""
+    port = urlsplit(http_server).port
+    waits: list[float] = []
+    with httpx.Client() as client:
+        get = _getter(
+            client,
+            retries=0,
+            rate_limit=0.1,
+            rate_limit_key=lambda url, **kw: urlsplit(url).hostname,
+            _sleep=waits.append,
+        )
+        get(f"http://127.0.0.1:{port}/json/a")
+        get(f"http://localhost:{port}/json/b")
+        assert [w for w in waits if w > 0] == []
+        get(f"http://127.0.0.1:{port}/json/c")
+    assert len([w for w in waits if w > 0]) == 1
+    assert max(waits) > 5  # one call per 10 s on 127.0.0.1
+    assert {r.host for r in http_service.requests()} == {"127.0.0.1", "localhost"}
+
+
+def test_rate_limit_several_windows(http_server: str, http_service: DemoServer) -> None:
+    """``rate_limit=[(2, 1.0), (3, 60.0)]``: the per-minute window makes the 4th call wait long."""
+    waits: list[float] = []
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=0, rate_limit=[(2, 1.0), (3, 60.0)], _sleep=waits.append)
+        for i in range(4):
+            get(f"/json/{i}")
+    positive = [w for w in waits if w > 0]
+    assert positive
+    assert max(positive) >= 10  # the minute window, not the second window, decides
+    assert http_service.count() == 4
+
+
+def test_hooks_receive_call_details(http_server: str, http_service: DemoServer) -> None:
+    """An ``on_retry`` hook taking one argument receives a ``CallDetails`` per retry."""
+    seen: list[opero.CallDetails] = []
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, on_retry=seen.append, **NO_WAIT)
+        get("/flaky", id="hk", fail=2)
+    assert len(seen) == 2
+    assert all(isinstance(d, opero.CallDetails) for d in seen)
+    assert all(isinstance(d.exception, httpx.HTTPStatusError) for d in seen)
+    assert seen[0].args == ("/flaky",)
+
+
+def test_stats_count_calls_retries_and_hits(http_server: str, http_service: DemoServer) -> None:
+    """``f.stats()`` counts the calls, retries and cache hits seen against the server."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, cache=True, **NO_WAIT)
+        get("/flaky", id="st", fail=1)
+        get("/flaky", id="st", fail=1)
+    stats = get.stats()  # type: ignore[attr-defined]
+    assert stats["retries"] == 1
+    assert stats["cache_hits"] == 1
+    assert http_service.count("/flaky", "st") == 2
