@@ -10,8 +10,10 @@ option records the waits instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +22,7 @@ import pytest
 import opero
 from httpserver import DemoServer
 from opero import opero as op
+from test_docs_examples import extract_blocks
 
 httpx = pytest.importorskip("httpx")
 
@@ -384,3 +387,44 @@ def test_stats_count_calls_retries_and_hits(http_server: str, http_service: Demo
     assert stats["retries"] == 1
     assert stats["cache_hits"] == 1
     assert http_service.count("/flaky", "st") == 2
+
+
+# --- the migration page's comparison ---------------------------------------------------
+
+
+def _counted_lines(code: str) -> int:
+    """Count the lines of code above the checks' marker: not blank, not a comment."""
+    client = code.split(CHECKS_MARKER, 1)[0]
+    return sum(
+        1 for line in client.splitlines() if line.strip() and not line.strip().startswith("#")
+    )
+
+
+CHECKS_MARKER = "# ---- not counted"
+MIGRATING = Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
+
+
+def test_migration_page_states_true_line_counts() -> None:
+    """The HTTP client comparison states the line counts its two code blocks really have."""
+    text = MIGRATING.read_text(encoding="utf-8")
+    start = text.index("## A client for an HTTP API")
+    end = text.index("\n## ", start + 1)
+    first_line = text.count("\n", 0, start) + 1
+    last_line = text.count("\n", 0, end) + 1
+    blocks = [
+        b
+        for b in extract_blocks(MIGRATING)
+        if b.language == "python" and first_line < b.line < last_line
+    ]
+    assert len(blocks) == 2
+    assert all(CHECKS_MARKER in b.code for b in blocks)
+    # The checks below the marker are the same in both versions (bar their imports).
+    checks = [b.code.split(CHECKS_MARKER, 1)[1].split("async def main", 1)[1] for b in blocks]
+    assert checks[0] == checks[1]
+    section = text[start:end]
+    stated_tenacity = re.search(r"\*\*(\d+) lines\*\* with tenacity", section)
+    stated_opero = re.search(r"\*\*(\d+) lines\*\* with opero", section)
+    assert stated_tenacity is not None
+    assert stated_opero is not None
+    tenacity_lines, opero_lines = (_counted_lines(b.code) for b in blocks)
+    assert (int(stated_tenacity[1]), int(stated_opero[1])) == (tenacity_lines, opero_lines)
