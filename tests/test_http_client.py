@@ -30,6 +30,15 @@ NO_WAIT: dict[str, Any] = {"min_delay": 0.0, "max_delay": 0.0, "jitter": False}
 """Retry options for tests that count attempts and do not test waits."""
 
 
+class _Waits(list[float]):
+    """A ``_sleep`` that records each wait instead of sleeping (and stops a runaway loop)."""
+
+    def __call__(self, seconds: float) -> None:
+        if len(self) >= 50:
+            raise RuntimeError(f"more than 50 waits requested: {self[:5]}...")
+        self.append(seconds)
+
+
 def _retryable(exc: BaseException) -> bool:
     """Retry connection errors, 429 and 5xx answers; not other 4xx."""
     if isinstance(exc, httpx.HTTPStatusError):
@@ -225,9 +234,9 @@ def test_retry_after_http_date_is_honoured(http_server: str, http_service: DemoS
 
 def test_retry_after_off_uses_the_backoff(http_server: str, http_service: DemoServer) -> None:
     """With ``retry_after=False`` the schedule decides: no 1 s wait (the wait is recorded)."""
-    waits: list[float] = []
+    waits = _Waits()
     with httpx.Client(base_url=http_server) as client:
-        get = _getter(client, retries=1, retry_after=False, _sleep=waits.append, **NO_WAIT)
+        get = _getter(client, retries=1, retry_after=False, _sleep=waits, **NO_WAIT)
         assert get("/limited", id="off")["attempt"] == 2
     assert all(w < 0.5 for w in waits)
 
@@ -334,14 +343,14 @@ def test_breaker_closes_after_a_successful_probe(
 def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None:
     """A ``rate_limit_key`` callable gives each host its own bucket: only the same host waits."""
     port = urlsplit(http_server).port
-    waits: list[float] = []
+    waits = _Waits()
     with httpx.Client() as client:
         get = _getter(
             client,
             retries=0,
             rate_limit=0.1,
             rate_limit_key=lambda url, **kw: urlsplit(url).hostname,
-            _sleep=waits.append,
+            _sleep=waits,
         )
         get(f"http://127.0.0.1:{port}/json/a")
         get(f"http://localhost:{port}/json/b")
@@ -354,9 +363,9 @@ def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None
 
 def test_rate_limit_several_windows(http_server: str, http_service: DemoServer) -> None:
     """``rate_limit=[(2, 1.0), (3, 60.0)]``: the per-minute window makes the 4th call wait long."""
-    waits: list[float] = []
+    waits = _Waits()
     with httpx.Client(base_url=http_server) as client:
-        get = _getter(client, retries=0, rate_limit=[(2, 1.0), (3, 60.0)], _sleep=waits.append)
+        get = _getter(client, retries=0, rate_limit=[(2, 1.0), (3, 60.0)], _sleep=waits)
         for i in range(4):
             get(f"/json/{i}")
     positive = [w for w in waits if w > 0]
