@@ -26,6 +26,7 @@ object) fixtures; ``python tests/httpserver.py [PORT]`` serves it by hand.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -34,7 +35,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -46,7 +46,7 @@ MAX_DELAY = 30.0
 """The longest ``/slow`` sleep the server accepts (a typo must not hang a test run)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Request:
     """One request the server received."""
 
@@ -55,7 +55,7 @@ class Request:
     id: str | None  # the ``id`` query parameter (or the ``{id}`` of ``/json`` and ``/job``)
     host: str  # the Host header, without the port
     arrival: float  # time.monotonic() when the request line was read
-    status: int  # the status code answered
+    status: int | None  # the status code answered; None while the answer is being made
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -70,13 +70,16 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path.rstrip("/") or "/"
+        demo = self.server.demo
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+        # Recorded on arrival, so a request still being answered (a /slow one) counts.
+        place = None if path == "/log" else demo._arrive("GET", path, query, host, arrival)
         try:
-            status, headers, body, ident = self.server.demo._answer(path, query)
+            status, headers, body = demo._answer(path, query)
         except (ValueError, KeyError) as exc:
-            status, headers, body, ident = 400, {}, {"error": str(exc)}, query.get("id")
-        if path != "/log":
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-            self.server.demo._record(Request("GET", path, ident, host, arrival, status))
+            status, headers, body = 400, {}, {"error": str(exc)}
+        if place is not None:
+            demo._answered(place, status)
         payload = json.dumps(body).encode()
         try:
             self.send_response(status)
@@ -108,6 +111,7 @@ class DemoServer:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str | None]] = Counter()
         self._requests: list[Request] = []
+        self._generation = 0  # bumped by reset(), so a late answer is not recorded on another
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.demo = self
@@ -154,6 +158,7 @@ class DemoServer:
         with self._lock:
             self._counts.clear()
             self._requests.clear()
+            self._generation += 1
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -172,9 +177,24 @@ class DemoServer:
 
     # --- behaviours ---------------------------------------------------------------------
 
-    def _record(self, request: Request) -> None:
+    def _arrive(
+        self, method: str, path: str, query: dict[str, str], host: str, arrival: float
+    ) -> tuple[int, int]:
+        """Record a request as it arrives; return its place for :meth:`_answered`."""
+        ident = query.get("id")
+        for prefix in ("/json/", "/job/"):
+            if path.startswith(prefix):
+                ident = path.removeprefix(prefix)
         with self._lock:
-            self._requests.append(request)
+            self._requests.append(Request(method, path, ident, host, arrival, None))
+            return self._generation, len(self._requests) - 1
+
+    def _answered(self, place: tuple[int, int], status: int) -> None:
+        """Record the status answered to the request at ``place`` (unless reset since)."""
+        generation, index = place
+        with self._lock:
+            if generation == self._generation:
+                self._requests[index] = dataclasses.replace(self._requests[index], status=status)
 
     def _nth(self, path: str, ident: str | None) -> int:
         """Count one more request of ``(path, ident)`` and return its 1-based number."""
@@ -182,16 +202,14 @@ class DemoServer:
             self._counts[path, ident] += 1
             return self._counts[path, ident]
 
-    def _answer(
-        self, path: str, query: dict[str, str]
-    ) -> tuple[int, dict[str, str], Any, str | None]:
-        """Return (status, headers, JSON body, id) for one request."""
+    def _answer(self, path: str, query: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        """Return (status, headers, JSON body) for one request."""
         ident = query.get("id")
         if path == "/flaky":
             n = self._nth(path, ident)
             if n <= int(query.get("fail", "1")):
-                return 503, {}, {"error": "service unavailable"}, ident
-            return 200, {}, {"id": ident, "attempt": n}, ident
+                return 503, {}, {"error": "service unavailable"}
+            return 200, {}, {"id": ident, "attempt": n}
         if path == "/limited":
             n = self._nth(path, ident)
             if n <= int(query.get("fail", "1")):
@@ -201,30 +219,30 @@ class DemoServer:
                     value = formatdate(math.ceil(time.time() + seconds), usegmt=True)
                 else:
                     value = f"{seconds:g}"
-                return 429, {"Retry-After": value}, {"error": "too many requests"}, ident
-            return 200, {}, {"id": ident, "attempt": n}, ident
+                return 429, {"Retry-After": value}, {"error": "too many requests"}
+            return 200, {}, {"id": ident, "attempt": n}
         if path == "/slow":
             delay = float(query.get("delay", "1"))
             if not 0 <= delay <= MAX_DELAY:
                 raise ValueError(f"delay must be in [0, {MAX_DELAY:g}] seconds")
             self._stopping.wait(delay)
-            return 200, {}, {"id": ident, "slept": delay}, ident
+            return 200, {}, {"id": ident, "slept": delay}
         if path.startswith("/json/"):
             key = path.removeprefix("/json/")
-            return 200, {}, {"id": key, "name": f"item {key}"}, key
+            return 200, {}, {"id": key, "name": f"item {key}"}
         if path.startswith("/job/"):
             key = path.removeprefix("/job/")
             n = self._nth("/job", key)
             done = n > int(query.get("pending", "0"))
-            return 200, {}, {"id": key, "status": "done" if done else "pending"}, key
+            return 200, {}, {"id": key, "status": "done" if done else "pending"}
         if path.startswith("/status/"):
             code = int(path.removeprefix("/status/"))
             if not 200 <= code <= 599:
                 raise ValueError("the status must be in [200, 599]")
-            return code, {}, {"status": code}, ident
+            return code, {}, {"status": code}
         if path == "/log":
-            return 200, {}, [r.arrival for r in self.requests(id=ident)], ident
-        return 404, {}, {"error": f"no such path: {path}"}, ident
+            return 200, {}, [r.arrival for r in self.requests(id=ident)]
+        return 404, {}, {"error": f"no such path: {path}"}
 
 
 def serve(port: int = 0) -> Iterator[DemoServer]:

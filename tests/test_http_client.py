@@ -95,9 +95,22 @@ def test_server_scripts_each_path(http_server: str, http_service: DemoServer) ->
         assert client.get("/slow", params={"delay": 99}).status_code == 400
         log = client.get("/log", params={"id": "a"}).json()
     assert log == [r.arrival for r in http_service.requests("/flaky", "a")]
+    assert [r.status for r in http_service.requests("/flaky", "a")] == [503, 503, 200]
     assert http_service.count("/flaky") == 4
     assert http_service.count(id="a") == 3
     assert all(gap >= 0 for gap in http_service.gaps("/flaky", "a"))
+
+
+def test_server_records_a_request_on_arrival(http_server: str, http_service: DemoServer) -> None:
+    """A request still being answered is already recorded, its status not yet known."""
+    with (
+        httpx.Client(base_url=http_server, timeout=0.2) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.get("/slow", params={"delay": 2, "id": "early"})
+    (request,) = http_service.requests("/slow", "early")
+    assert request.status is None
+    assert request.host == "127.0.0.1"
 
 
 def test_server_reset_forgets_counters(http_server: str, http_service: DemoServer) -> None:
@@ -304,7 +317,7 @@ def test_retry_on_result_polls_a_pending_job(http_server: str, http_service: Dem
             client, retries=5, retry_on_result=lambda body: body["status"] == "pending", **NO_WAIT
         )
         assert get("/job/j1", pending=2) == {"id": "j1", "status": "done"}
-    assert http_service.count("/job", "j1") == 3
+    assert http_service.count("/job/j1") == 3
 
 
 def test_breaker_opens_and_fails_fast(http_server: str, http_service: DemoServer) -> None:
