@@ -320,6 +320,21 @@ def test_retry_on_result_polls_a_pending_job(http_server: str, http_service: Dem
     assert http_service.count("/job/j1") == 3
 
 
+def test_retry_on_result_exhausted_carries_the_last_body(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """A job pending after every retry raises RetryResultError carrying the last JSON body."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(
+            client, retries=2, retry_on_result=lambda body: body["status"] == "pending", **NO_WAIT
+        )
+        with pytest.raises(opero.RetryResultError) as info:
+            get("/job/j2", pending=100)
+    assert info.value.result == {"id": "j2", "status": "pending"}
+    assert info.value.attempts == 3
+    assert http_service.count("/job/j2") == 3
+
+
 def test_breaker_opens_and_fails_fast(http_server: str, http_service: DemoServer) -> None:
     """After 3 failed calls the breaker opens: the 4th fails with CircuitOpenError, no request."""
     breaker = opero.CircuitBreaker(failures=3, reset_after=30.0)
