@@ -406,13 +406,20 @@ def test_rate_limit_several_windows(http_server: str, http_service: DemoServer) 
 def test_hooks_receive_call_details(http_server: str, http_service: DemoServer) -> None:
     """An ``on_retry`` hook taking one argument receives a ``CallDetails`` per retry."""
     seen: list[opero.CallDetails] = []
+
+    def on_retry(details: opero.CallDetails) -> None:
+        seen.append(details)
+
     with httpx.Client(base_url=http_server) as client:
-        get = _getter(client, retries=3, on_retry=seen.append, **NO_WAIT)
+        get = _getter(client, retries=3, on_retry=on_retry, **NO_WAIT)
         get("/flaky", id="hk", fail=2)
     assert len(seen) == 2
     assert all(isinstance(d, opero.CallDetails) for d in seen)
     assert all(isinstance(d.exception, httpx.HTTPStatusError) for d in seen)
-    assert seen[0].args == ("/flaky",)
+    assert [(d.event, d.attempt, d.args, d.kwargs) for d in seen] == [
+        ("retry", 1, ("/flaky",), {"id": "hk", "fail": 2}),
+        ("retry", 2, ("/flaky",), {"id": "hk", "fail": 2}),
+    ]
 
 
 def test_stats_count_calls_retries_and_hits(http_server: str, http_service: DemoServer) -> None:
@@ -422,8 +429,7 @@ def test_stats_count_calls_retries_and_hits(http_server: str, http_service: Demo
         get("/flaky", id="st", fail=1)
         get("/flaky", id="st", fail=1)
     stats = get.stats()  # type: ignore[attr-defined]
-    assert stats["retries"] == 1
-    assert stats["cache_hits"] == 1
+    assert (stats.calls, stats.retries, stats.cache_hits, stats.cache_misses) == (2, 1, 1, 1)
     assert http_service.count("/flaky", "st") == 2
 
 
