@@ -268,6 +268,16 @@ def test_retry_after_longer_than_max_delay_stops(
     assert http_service.count("/limited", "long") == 1
 
 
+def test_set_testing_skips_the_retry_after_wait(http_server: str, http_service: DemoServer) -> None:
+    """Under ``set_testing()`` a 429 is still retried, without its ``Retry-After`` wait."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=2, retry_on=httpx.HTTPStatusError)
+        with opero.set_testing():
+            assert get("/limited", id="st", retry_after=5)["attempt"] == 2
+    (gap,) = http_service.gaps("/limited", "st")
+    assert gap < 2.5  # not the 5 s the server asked for
+
+
 def test_timeout_gives_up_with_the_last_error(http_server: str, http_service: DemoServer) -> None:
     """``timeout=1`` bounds the whole call: it ends near 1 s with the last ``HTTPStatusError``."""
     with httpx.Client(base_url=http_server) as client:
