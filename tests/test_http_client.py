@@ -30,13 +30,24 @@ NO_WAIT: dict[str, Any] = {"min_delay": 0.0, "max_delay": 0.0, "jitter": False}
 """Retry options for tests that count attempts and do not test waits."""
 
 
-class _Waits(list[float]):
-    """A ``_sleep`` that records each wait instead of sleeping (and stops a runaway loop)."""
+class _Waits:
+    """A ``_sleep`` that records each wait instead of sleeping (and stops a runaway loop).
+
+    Not a list: an empty list is falsy, and opero's ``_sleep or time.sleep`` would
+    then sleep for real.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
 
     def __call__(self, seconds: float) -> None:
-        if len(self) >= 50:
-            raise RuntimeError(f"more than 50 waits requested: {self[:5]}...")
-        self.append(seconds)
+        if len(self.seconds) >= 50:
+            raise RuntimeError(f"more than 50 waits requested: {self.seconds[:5]}...")
+        self.seconds.append(seconds)
+
+    def positive(self) -> list[float]:
+        """Return the waits that would have slept (> 0 s)."""
+        return [w for w in self.seconds if w > 0]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -246,12 +257,15 @@ def test_retry_after_http_date_is_honoured(http_server: str, http_service: DemoS
 
 
 def test_retry_after_off_uses_the_backoff(http_server: str, http_service: DemoServer) -> None:
-    """With ``retry_after=False`` the schedule decides: no 1 s wait (the wait is recorded)."""
-    waits = _Waits()
+    """With ``retry_after=False`` the 10 ms backoff decides, not the 5 s the server asks for."""
     with httpx.Client(base_url=http_server) as client:
-        get = _getter(client, retries=1, retry_after=False, _sleep=waits, **NO_WAIT)
-        assert get("/limited", id="off")["attempt"] == 2
-    assert all(w < 0.5 for w in waits)
+        get = _getter(
+            client, retries=1, retry_after=False, min_delay=0.01, max_delay=0.01, jitter=False
+        )
+        # With retry_after on, a 5 s demand above max_delay would stop the retries instead.
+        assert get("/limited", id="off", retry_after=5)["attempt"] == 2
+    (gap,) = http_service.gaps("/limited", "off")
+    assert gap < 2.5
 
 
 def test_retry_after_longer_than_max_delay_stops(
@@ -393,23 +407,25 @@ def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None
         )
         get(f"http://127.0.0.1:{port}/json/a")
         get(f"http://localhost:{port}/json/b")
-        assert [w for w in waits if w > 0] == []
+        assert waits.positive() == []  # two hosts, two buckets: no wait
         get(f"http://127.0.0.1:{port}/json/c")
-    assert len([w for w in waits if w > 0]) == 1
-    assert max(waits) > 5  # one call per 10 s on 127.0.0.1
+    (wait,) = waits.positive()
+    assert 5 < wait <= 10  # one call per 10 s on 127.0.0.1
     assert {r.host for r in http_service.requests()} == {"127.0.0.1", "localhost"}
 
 
 def test_rate_limit_several_windows(http_server: str, http_service: DemoServer) -> None:
-    """``rate_limit=[(2, 1.0), (3, 60.0)]``: the per-minute window makes the 4th call wait long."""
+    """``rate_limit=[(2, 1.0), (3, 60.0)]``: each window delays the call it is full for."""
     waits = _Waits()
     with httpx.Client(base_url=http_server) as client:
         get = _getter(client, retries=0, rate_limit=[(2, 1.0), (3, 60.0)], _sleep=waits)
         for i in range(4):
             get(f"/json/{i}")
-    positive = [w for w in waits if w > 0]
-    assert positive
-    assert max(positive) >= 10  # the minute window, not the second window, decides
+    # Sliding windows: the 3rd call waits for the second window (about 1 s after the
+    # 1st), the 4th for the minute window (about 60 s after the 1st).
+    third, fourth = waits.positive()
+    assert 0.5 < third <= 1.0
+    assert 50 < fourth <= 60
     assert http_service.count() == 4
 
 
