@@ -166,6 +166,21 @@ def test_async_client_retries_503_until_success(http_server: str, http_service: 
     assert http_service.count("/flaky", "as") == 3
 
 
+def test_concurrent_async_calls_keep_their_own_counters(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """Twenty concurrent async calls, each failing once, each succeed on their own second try."""
+
+    async def main() -> list[Any]:
+        async with httpx.AsyncClient(base_url=http_server) as client:
+            get = _agetter(client, retries=2, **NO_WAIT)
+            return await asyncio.gather(*(get("/flaky", id=f"c{i}", fail=1) for i in range(20)))
+
+    answers = asyncio.run(main())
+    assert answers == [{"id": f"c{i}", "attempt": 2} for i in range(20)]
+    assert [http_service.count("/flaky", f"c{i}") for i in range(20)] == [2] * 20
+
+
 def test_4xx_is_not_retried(http_server: str, http_service: DemoServer) -> None:
     """``retry_predicate`` keeps a 404 from being retried: one request, its error propagates."""
     with httpx.Client(base_url=http_server) as client:
@@ -391,6 +406,30 @@ def test_breaker_closes_after_a_successful_probe(
         assert get("/flaky", id="hb", fail=2) == {"id": "hb", "attempt": 3}
     assert breaker.state == "closed"
     assert http_service.count("/flaky", "hb") == 3
+
+
+def test_breaker_rides_out_an_outage() -> None:
+    """A service that goes down opens the breaker on ConnectErrors; once back, a probe closes it."""
+    server = DemoServer()
+    port = server.port
+    breaker = opero.CircuitBreaker(failures=2, reset_after=0.3)
+    try:
+        with httpx.Client(base_url=server.url, timeout=2) as client:
+            get = _getter(client, retries=0, circuit_breaker=breaker)
+            assert get("/json/1") == {"id": "1", "name": "item 1"}
+            server.stop()  # the outage
+            for _ in range(2):
+                with pytest.raises(httpx.ConnectError):
+                    get("/json/1")
+            with pytest.raises(opero.CircuitOpenError):
+                get("/json/1")
+            server = DemoServer(port)  # back, on the same port
+            time.sleep(0.4)
+            assert get("/json/2") == {"id": "2", "name": "item 2"}
+            assert breaker.state == "closed"
+            assert server.count() == 1  # the probe: no request was made while it was open
+    finally:
+        server.stop()
 
 
 def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None:
