@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -61,6 +62,14 @@ class Request:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive, as httpx clients use it
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.demo._connected(self.connection, open_=True)
+
+    def finish(self) -> None:
+        self.server.demo._connected(self.connection, open_=False)
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: the test output is not the place for an access log."""
@@ -112,6 +121,7 @@ class DemoServer:
         self._counts: Counter[tuple[str, str | None]] = Counter()
         self._requests: list[Request] = []
         self._generation = 0  # bumped by reset(), so a late answer is not recorded on another
+        self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.demo = self
@@ -163,10 +173,20 @@ class DemoServer:
     # --- lifecycle ----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop serving, wake any ``/slow`` sleeper, and close the socket."""
+        """Stop serving, like a service going down: no new connection, open ones cut.
+
+        Wakes any ``/slow`` sleeper and shuts the kept-alive connections down, so a
+        client's pooled connection fails too (as after a real outage) instead of
+        being answered by a leftover handler thread.
+        """
         self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
 
     def __enter__(self) -> DemoServer:
@@ -195,6 +215,14 @@ class DemoServer:
         with self._lock:
             if generation == self._generation:
                 self._requests[index] = dataclasses.replace(self._requests[index], status=status)
+
+    def _connected(self, connection: socket.socket, *, open_: bool) -> None:
+        """Track the open client connections (for :meth:`stop`)."""
+        with self._lock:
+            if open_:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
 
     def _nth(self, path: str, ident: str | None) -> int:
         """Count one more request of ``(path, ident)`` and return its 1-based number."""
