@@ -453,6 +453,32 @@ def test_rate_limit_per_host(http_server: str, http_service: DemoServer) -> None
     assert {r.host for r in http_service.requests()} == {"127.0.0.1", "localhost"}
 
 
+@pytest.mark.redis
+def test_rate_limit_per_host_in_redis(
+    http_server: str, http_service: DemoServer, redis_url: str
+) -> None:
+    """Per-host buckets in Redis: two functions (two "processes") share the 127.0.0.1 bucket."""
+    port = urlsplit(http_server).port
+    waits = _Waits()
+    options: dict[str, Any] = {
+        "retries": 0,
+        "rate_limit": 0.1,
+        "rate_limit_key": lambda url, **kw: f"http-test:{urlsplit(url).hostname}",
+        "rate_limit_backend": "redis",
+        "rate_limit_redis_url": redis_url,
+        "_sleep": waits,
+    }
+    with httpx.Client() as one, httpx.Client() as two:
+        first, second = _getter(one, **options), _getter(two, **options)
+        first(f"http://127.0.0.1:{port}/json/a")
+        second(f"http://localhost:{port}/json/b")
+        assert waits.positive() == []  # two hosts, two buckets
+        second(f"http://127.0.0.1:{port}/json/c")  # the bucket `first` used
+    (wait,) = waits.positive()
+    assert 5 < wait <= 10
+    assert http_service.count() == 3
+
+
 def test_rate_limit_several_windows(http_server: str, http_service: DemoServer) -> None:
     """``rate_limit=[(2, 1.0), (3, 60.0)]``: each window delays the call it is full for."""
     waits = _Waits()
