@@ -9,7 +9,8 @@ parameter, so two tests (or two docs examples) never share state:
   200 with ``{"id": X, "attempt": k}``.
 - ``GET /limited?id=X&retry_after=S&fail=N``: 429 with ``Retry-After: S``
   (seconds, default 1) for the first ``N`` (default 1) requests, then 200.
-  With ``&format=date`` the header is an HTTP date at least ``S`` seconds ahead.
+  With ``&format=date`` the header is an HTTP date at least ``S`` seconds ahead;
+  with ``&header=TEXT`` it is ``TEXT`` as given (to send malformed values).
 - ``GET /slow?delay=S``: sleeps ``S`` seconds, then 200.
 - ``GET /json/{id}``: 200 with ``{"id": id, "name": "item {id}"}``.
 - ``GET /job/{id}?pending=N``: ``{"status": "pending"}`` for the first ``N``
@@ -242,7 +243,11 @@ class DemoServer:
             n = self._nth(path, ident)
             if n <= int(query.get("fail", "1")):
                 seconds = float(query.get("retry_after", "1"))
-                if query.get("format") == "date":
+                if "header" in query:  # a raw value, malformed ones included
+                    value = query["header"]
+                    if not value.isprintable():
+                        raise ValueError("the header must be printable (no CR, LF or NUL)")
+                elif query.get("format") == "date":
                     # An HTTP date has whole seconds: round up, so the wait is >= seconds.
                     value = formatdate(math.ceil(time.time() + seconds), usegmt=True)
                 else:
