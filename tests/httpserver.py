@@ -78,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         arrival = time.monotonic()
         url = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         path = url.path.rstrip("/") or "/"
         demo = self.server.demo
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0]

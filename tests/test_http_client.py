@@ -271,6 +271,34 @@ def test_retry_after_http_date_is_honoured(http_server: str, http_service: DemoS
     assert gap >= 0.95
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["", "soon", "-5", "nan", "inf", "Thu, 01 Jan 1970 00:00:00 GMT", "Mon, 32 Foo 2020 99:99 GMT"],
+)
+def test_malformed_or_past_retry_after_uses_the_backoff(
+    header: str, http_server: str, http_service: DemoServer
+) -> None:
+    """A malformed, negative, non-finite or past ``Retry-After`` falls back to the backoff."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=1, min_delay=0.01, max_delay=3, jitter=False)
+        assert get("/limited", id="bad", header=header)["attempt"] == 2
+    (gap,) = http_service.gaps("/limited", "bad")
+    assert gap < 0.9
+
+
+@pytest.mark.parametrize("header", ["Wed, 21 Oct 9999 07:28:00 GMT", "99999999999999999999999"])
+def test_absurd_retry_after_stops_at_once(
+    header: str, http_server: str, http_service: DemoServer
+) -> None:
+    """A ``Retry-After`` far past ``max_delay`` (a year 9999 date, 10**23 s) stops the retries."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, min_delay=0.01, max_delay=3, jitter=False)
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/limited", id="absurd", header=header)
+    assert info.value.response.status_code == 429
+    assert http_service.count("/limited", "absurd") == 1
+
+
 def test_retry_after_off_uses_the_backoff(http_server: str, http_service: DemoServer) -> None:
     """With ``retry_after=False`` the 10 ms backoff decides, not the 5 s the server asks for."""
     with httpx.Client(base_url=http_server) as client:
