@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import opero
+from faultkit import run_scenario
 from httpserver import DemoServer
 from opero import opero as op
 from test_docs_examples import extract_blocks
@@ -297,6 +298,52 @@ def test_absurd_retry_after_stops_at_once(
             get("/limited", id="absurd", header=header)
     assert info.value.response.status_code == 429
     assert http_service.count("/limited", "absurd") == 1
+
+
+_INTERRUPTED_WAIT = """
+import asyncio, os, signal, sys, threading, time
+sys.path.insert(0, "tests")
+import httpx
+from httpserver import DemoServer
+from opero import opero
+
+server = DemoServer()
+params = {"id": "int", "retry_after": 30}
+options = dict(retries=3, retry_on=httpx.HTTPStatusError, max_delay=60)
+
+@opero(**options)
+def get():
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        response = client.get("/limited", params=params)
+    response.raise_for_status()
+
+@opero(**options)
+async def aget():
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        response = await client.get("/limited", params=params)
+    response.raise_for_status()
+
+call = (lambda: asyncio.run(aget())) if sys.argv[1] == "async" else get
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+try:
+    call()
+except KeyboardInterrupt:
+    print("interrupted after", round(time.monotonic() - started, 1))
+print("requests", server.count())
+server.stop()
+"""
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_ctrl_c_ends_a_retry_after_wait(kind: str) -> None:
+    """Ctrl-C during a server-requested 30 s wait propagates at once; no retry is sent."""
+    outcome = run_scenario(_INTERRUPTED_WAIT, timeout=30, args=(kind,))
+    assert outcome.returncode == 0, outcome.stderr
+    interrupted, requests = outcome.lines()
+    assert interrupted.startswith("interrupted after")
+    assert float(interrupted.split()[-1]) < 10
+    assert requests == "requests 1"
 
 
 def test_retry_after_off_uses_the_backoff(http_server: str, http_service: DemoServer) -> None:
