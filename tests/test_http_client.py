@@ -396,6 +396,31 @@ def test_timeout_gives_up_with_the_last_error(http_server: str, http_service: De
     assert 2 <= http_service.count("/status/503", "dl") <= 6
 
 
+def test_timeout_refuses_a_retry_after_wait_past_the_deadline(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """A 5 s ``Retry-After`` inside a 2 s ``timeout`` is not waited: the 429 propagates at once."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=3, max_delay=10, timeout=2)
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPStatusError) as info:
+            get("/limited", id="late", retry_after=5)
+    assert info.value.response.status_code == 429
+    assert time.monotonic() - started < 1.5
+    assert http_service.count("/limited", "late") == 1
+
+
+def test_set_testing_attempts_one_sends_one_request(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """``set_testing(attempts=1)`` makes one request: the 503 propagates without a retry."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=5)
+        with opero.set_testing(attempts=1), pytest.raises(httpx.HTTPStatusError):
+            get("/flaky", id="one", fail=1)
+    assert http_service.count("/flaky", "one") == 1
+
+
 def test_attempt_timeout_cancels_a_slow_attempt(http_server: str, http_service: DemoServer) -> None:
     """``attempt_timeout`` cancels each slow async attempt; TimeoutError propagates at the end."""
 
@@ -449,6 +474,22 @@ def test_retry_on_result_exhausted_carries_the_last_body(
     assert http_service.count("/job/j2") == 3
 
 
+def test_a_pending_result_is_not_cached(http_server: str, http_service: DemoServer) -> None:
+    """A result that ``retry_on_result`` rejected is not cached: the server is asked again."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(
+            client,
+            retries=0,
+            cache=True,
+            retry_on_result=lambda body: body["status"] == "pending",
+        )
+        with pytest.raises(opero.RetryResultError):
+            get("/job/j3", pending=1)
+        assert get("/job/j3", pending=1) == {"id": "j3", "status": "done"}
+        assert get("/job/j3", pending=1) == {"id": "j3", "status": "done"}  # now cached
+    assert http_service.count("/job/j3") == 2
+
+
 def test_breaker_opens_and_fails_fast(http_server: str, http_service: DemoServer) -> None:
     """After 3 failed calls the breaker opens: the 4th fails with CircuitOpenError, no request."""
     breaker = opero.CircuitBreaker(failures=3, reset_after=30.0)
@@ -481,6 +522,24 @@ def test_breaker_closes_after_a_successful_probe(
         assert get("/flaky", id="hb", fail=2) == {"id": "hb", "attempt": 3}
     assert breaker.state == "closed"
     assert http_service.count("/flaky", "hb") == 3
+
+
+def test_cache_answers_while_the_breaker_is_open(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """A cached GET is still answered while the breaker is open; an uncached one fails fast."""
+    breaker = opero.CircuitBreaker(failures=1, reset_after=30.0)
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, retries=0, cache=True, circuit_breaker=breaker)
+        assert get("/json/7") == {"id": "7", "name": "item 7"}
+        with pytest.raises(httpx.HTTPStatusError):
+            get("/status/503")
+        assert breaker.state == "open"
+        assert get("/json/7") == {"id": "7", "name": "item 7"}  # from the cache
+        with pytest.raises(opero.CircuitOpenError):
+            get("/json/8")
+    assert http_service.count("/json/7") == 1
+    assert http_service.count("/json/8") == 0
 
 
 def test_breaker_rides_out_an_outage() -> None:
