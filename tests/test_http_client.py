@@ -13,6 +13,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -227,6 +228,18 @@ def test_cached_get_reaches_the_server_once(http_server: str, http_service: Demo
     assert http_service.count("/json/42") == 1
     assert http_service.count("/json/43") == 1
     assert get.cache_info().hits == 1
+
+
+def test_cached_get_from_eight_threads_reaches_the_server_once(
+    http_server: str, http_service: DemoServer
+) -> None:
+    """Eight threads missing the cache at once make one request (single flight), same answer."""
+    with httpx.Client(base_url=http_server) as client:
+        get = _getter(client, cache=True, retries=0)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: get("/slow", delay=0.3, id="t"), range(8)))
+    assert answers == [{"id": "t", "slept": 0.3}] * 8
+    assert http_service.count("/slow", "t") == 1
 
 
 def test_cached_async_get_reaches_the_server_once(
