@@ -123,6 +123,14 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket is full at `now`: nothing owed, every token free.
+    /// A full bucket can be dropped and later recreated without loosening
+    /// the limit (a new bucket starts full too).
+    #[inline]
+    pub fn is_full(&self, now: f64) -> bool {
+        self.tat <= now && self.last_start <= now
+    }
+
     /// Take a token only if one is free at `now`.
     #[inline]
     pub fn try_acquire(&mut self, now: f64) -> bool {
@@ -252,6 +260,21 @@ mod tests {
         // 5 of 10 tokens were used; the other 5 stay free, then 1 per 10 ms.
         assert_eq!((0..10).filter(|_| b.try_acquire(0.0)).count(), 5);
         assert!(b.try_acquire(0.01));
+    }
+
+    #[test]
+    fn is_full_only_once_the_debt_is_repaid() {
+        let mut b = TokenBucket::new(2.0, 2).unwrap();
+        assert!(b.is_full(0.0));
+        assert_eq!(b.reserve(0.0), 0.0);
+        assert!(!b.is_full(0.0));
+        assert!(!b.is_full(0.4));
+        assert!(b.is_full(0.5));
+        assert!((b.reserve(0.5) - 0.0).abs() < 1e-12);
+        assert_eq!(b.reserve(0.5), 0.0);
+        assert!((b.reserve(0.5) - 0.5).abs() < 1e-9);
+        assert!(!b.is_full(1.4));
+        assert!(b.is_full(2.0));
     }
 
     #[test]

@@ -278,6 +278,9 @@ class TokenBucket:
         """Change the rate from now on (at least 1e-9); waiting calls keep their start."""
     def reserve(self) -> float:
         """Reserve one token; return the seconds to wait before using it (0.0 if free now)."""
+    def is_full(self) -> bool:
+        """Whether every token is free now (nothing owed): such a bucket can be
+        dropped and recreated full without loosening the limit."""
     def try_acquire(self) -> bool:
         """Take a token only if one is free now; return whether it was taken."""
 

@@ -67,6 +67,13 @@ impl PyTokenBucket {
         b.reserve(self.clock.now())
     }
 
+    /// Whether every token is free now (nothing owed): such a bucket can be
+    /// dropped and recreated full without loosening the limit.
+    fn is_full(&self) -> bool {
+        let now = self.clock.now();
+        self.inner.lock().is_full(now)
+    }
+
     /// Take a token only if one is free now; return whether it was taken.
     fn try_acquire(&self) -> bool {
         let mut b = self.inner.lock();

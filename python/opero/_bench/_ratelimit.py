@@ -2,14 +2,16 @@
 
 The rate is 1e9/s so no call waits: this times the cost of taking a token
 around a call, sync and async, against a pure-Python bucket behind a lock,
-pyrate-limiter and aiolimiter. Before timing, opero proves it really spaces
-calls at a low rate.
+pyrate-limiter and aiolimiter; and a per-key limit (a callable
+``rate_limit_key`` over 100 keys, issue 12) against the plain one. Before
+timing, opero proves it really spaces calls at a low rate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 
 from opero._bench._handwritten import py_rate_limited, py_rate_limited_async
@@ -86,6 +88,27 @@ def _aiolimiter(stack: contextlib.ExitStack) -> LoopFn:
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
 
+#: The keys of the per-key row: 100 users, cycled through by the calls.
+_KEYS = tuple(f"user-{i}" for i in range(100))
+
+
+def _cycle_loop(f: object) -> LoopFn:
+    """Loop ``f(x)`` over x = 0..99 in turn (the same statement for both rows)."""
+    return call_loop("f(next(xs))", {"f": f, "xs": itertools.cycle(range(100))})
+
+
+def _opero_keyed(stack: contextlib.ExitStack) -> LoopFn:
+    f = opero_decorator(rate_limit=_RATE, rate_limit_key=lambda x: _KEYS[x])(ok)
+    check(f(1) == 2, "wrong result")
+    return _cycle_loop(f)
+
+
+def _opero_plain_cycled(stack: contextlib.ExitStack) -> LoopFn:
+    f = opero_decorator(rate_limit=_RATE)(ok)
+    check(f(1) == 2, "wrong result")
+    return _cycle_loop(f)
+
+
 def _build(settings: Settings) -> list[Case]:
     return [
         Case(
@@ -104,6 +127,12 @@ def _build(settings: Settings) -> list[Case]:
                 Impl("handwritten bucket+lock", _handwritten_async),
                 Impl("aiolimiter", _aiolimiter, ("aiolimiter",)),
             ],
+        ),
+        Case(
+            "call, per-key (100 keys)",
+            Impl("opero", _opero_keyed),
+            [Impl("opero rate_limit=1e9", _opero_plain_cycled)],
+            targets={"opero rate_limit=1e9": 1.5},
         ),
     ]
 

@@ -558,6 +558,8 @@ class MappedFunction(Generic[R]):
         rate = self._opero_options.get("rate_limit")
         if rate is None or self._opero_options.get("rate_limit_backend", "memory") != "memory":
             return None
+        if isinstance(rate, (list, tuple)) or callable(self._opero_options.get("rate_limit_key")):
+            return None  # windows and per-key buckets are per worker process (Redis: global)
         with self._limiter_lock:
             if self._limiter is None:
                 # A callable rate is read by the workers on every call and passed to

@@ -46,7 +46,9 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
                 check_wait(delay)
                 await asleep(delay)
 
-    retry_from = _aretry_from(engine, take_token)
+    # A callable rate_limit_key: the token is booked in the bucket of the key.
+    token = take_token if engine.key_function is None else _key_token(engine)
+    retry_from = _aretry_from(engine, token)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
@@ -58,26 +60,55 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         Template(
             is_async=True,
             limiter=limited,
+            keyed=engine.key_function is not None,
             on_success=engine.on_success is not None,
             guard=engine.guarded,
         ),
         {
+            "__opero_key": engine.key_function,
             "__opero_retry_from": retry_from,
-            "__opero_take_token": take_token,
+            "__opero_take_token": token,
             "__opero_on_success": engine.on_success,
         },
     )
-    return generated or _generic(engine, retry_from, take_token if limited else None)
+    return generated or _generic(engine, retry_from, token if limited else None)
+
+
+def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
+    """Return ``take_token(key)`` for a callable ``rate_limit_key``."""
+    akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
+    if engine.async_source:
+
+        async def take_token(key: Any) -> None:
+            wait = await akey_token_wait(key)
+            if wait:
+                await asleep(wait)
+
+        return take_token
+    # An in-memory map books without an await: inlined, as for a single bucket.
+    reserve, check_wait = engine.reserve, engine.check_wait
+
+    async def take_native_token(key: Any) -> None:
+        delay = reserve(key)
+        if delay > MIN_WAIT:
+            check_wait(delay)
+            await asleep(delay)
+
+    return take_native_token
 
 
 def _generic(
-    engine: Engine, retry_from: ARetryFrom, take_token: Callable[[], Awaitable[None]] | None
+    engine: Engine, retry_from: ARetryFrom, take_token: Callable[..., Awaitable[None]] | None
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
+    key_function = engine.key_function
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
-        if take_token is not None:
+        if key_function is not None:
+            assert take_token is not None
+            await take_token(key_function(*args, **kwargs))
+        elif take_token is not None:
             await take_token()
         try:
             result = await func(*args, **kwargs)
@@ -90,10 +121,11 @@ def _generic(
     return acall
 
 
-def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> ARetryFrom:
+def _aretry_from(engine: Engine, take_token: Callable[..., Awaitable[None]]) -> ARetryFrom:
     """Return the loop: from the start (``first=None``) or after the first call failed."""
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
+    key_function = engine.key_function
     after_failure = engine.after_failure
 
     async def retry_from(
@@ -112,9 +144,11 @@ def _aretry_from(engine: Engine, take_token: Callable[[], Awaitable[None]]) -> A
             while error is None:
                 if wait > 0:
                     await asleep(wait)
-                if limited:
-                    await take_token()
                 call_args, call_kwargs = calls[index]
+                if key_function is not None:
+                    await take_token(key_function(*call_args, **call_kwargs))
+                elif limited:
+                    await take_token()
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:

@@ -78,6 +78,12 @@ class Template:
         limiter: Take a token first: sync ``__opero_reserve()`` (checked by
             ``__opero_check_wait``, slept by ``__opero_sleep``) or async
             ``await __opero_take_token()``.
+        keyed: With ``limiter``, book the token in the bucket of
+            ``__opero_key(<the call's arguments>)`` (a callable ``rate_limit_key``):
+            ``__opero_reserve(key)`` / ``await __opero_take_token(key)``.
+        key_map: With ``keyed`` (sync): book in ``__opero_buckets[key]`` (a
+            dict of native buckets) inline, calling ``__opero_reserve(key)``
+            only when that fails (a new key, a non-``str``).
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
@@ -86,6 +92,8 @@ class Template:
 
     is_async: bool = False
     limiter: bool = False
+    keyed: bool = False
+    key_map: bool = False
     on_success: bool = False
     guard: bool = False
 
@@ -149,11 +157,25 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
     if template.limiter and template.is_async:
-        lines.append(f"    await {P}take_token()")
+        lines.append(f"    await {P}take_token({key})")
+    elif template.limiter and template.key_map:
+        # Stored keys are plain str: anything else (a new key, a digested long one, a
+        # non-str, an unhashable or hash-hostile object) takes the checked slow path.
+        lines += [
+            f"    {P}k = {key}",
+            "    try:",
+            f"        {P}d = {P}buckets[{P}k].reserve()",
+            f"    except {P}Exception:",
+            f"        {P}d = {P}reserve({P}k)",
+            f"    if {P}d > {P}MIN_WAIT:",
+            f"        {P}check_wait({P}d)",
+            f"        {P}sleep({P}d)",
+        ]
     elif template.limiter:
         lines += [
-            f"    {P}d = {P}reserve()",
+            f"    {P}d = {P}reserve({key})",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
             f"        {P}sleep({P}d)",

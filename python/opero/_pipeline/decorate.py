@@ -63,7 +63,7 @@ import pickle
 import sys
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._pipeline.aio import build_async_call
@@ -232,12 +232,13 @@ def opero(
     retry_predicate: Callable[..., Any] | None = None,
     backoff_function: Callable[[int], float] | None = None,
     arg_fallback: str | None = None,
-    rate_limit: float | Callable[[], float] | None = None,
+    rate_limit: float | Callable[[], float] | Sequence[tuple[int, float]] | None = None,
     rate_burst: int = 1,
-    rate_limit_key: str | None = None,
+    rate_limit_key: str | Callable[..., str] | None = None,
     rate_max_wait: float | None = None,
     rate_limit_backend: str = "memory",
     rate_limit_redis_url: Any = None,
+    rate_limit_max_keys: int = 10_000,
     on_retry: Callable[..., Any] | None = None,
     on_success: Callable[..., Any] | None = None,
     on_failure: Callable[[Exception], Any] | None = None,
@@ -255,6 +256,7 @@ def opero(
     cache_strict: bool = False,
     cache_dir: Any = None,
     _limiter: Any = None,
+    _rate_clock: Any = None,
     _sleep: Callable[[float], Any] | None = None,
     _asleep: Callable[[float], Awaitable[Any]] | None = None,
     _backoff_seed: int | None = None,
@@ -285,9 +287,12 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             tuple of candidates; candidate ``i`` is called with
             ``values[i:]``).
 
-            Rate limit: ``rate_limit`` (calls per second, or a zero-argument
-            callable read on every call), ``rate_burst`` (calls at once,
-            default 1), ``rate_limit_key`` (bucket shared by name),
+            Rate limit: ``rate_limit`` (calls per second, a zero-argument
+            callable read on every call, or windows ``[(calls, seconds), ...]``
+            that must all admit a call), ``rate_burst`` (calls at once,
+            default 1), ``rate_limit_key`` (bucket shared by name, or
+            ``callable(*args, **kwargs) -> str``: a bucket per returned key,
+            at most ``rate_limit_max_keys`` kept, default 10,000),
             ``rate_max_wait`` (seconds; a longer wait raises
             :class:`~opero.errors.RateLimitTimeout`), ``rate_limit_backend``
             (``"memory"`` or ``"redis"``), ``rate_limit_redis_url``.

@@ -91,6 +91,8 @@ class Engine:
         "check_wait",
         "fallback",
         "func",
+        "key_function",
+        "key_map",
         "limiter",
         "on_failure",
         "on_retry",
@@ -128,10 +130,16 @@ class Engine:
         limiter = self.limiter
         #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
         #: called without a limiter).
-        self.reserve = limiter.reserve_function() if limiter is not None else _no_token
+        self.reserve: Callable[..., float] = (
+            limiter.reserve_function() if limiter is not None else _no_token
+        )
         self.check_wait = limiter.check_wait if limiter is not None else _no_wait
         #: Booking a token needs an ``await`` (a Redis limiter).
         self.async_source = limiter is not None and limiter.has_async_source
+        #: A callable ``rate_limit_key``: ``self.reserve`` then takes the key it returns.
+        self.key_function = limiter.key_function if limiter is not None else None
+        #: The key -> native bucket dict a generated wrapper may read inline, or None.
+        self.key_map = limiter.key_map() if limiter is not None else None
         self.sleep: Callable[[float], Any] = policy.wait.sleep or time.sleep
         self.asleep: Callable[[float], Awaitable[Any]] = policy.wait.asleep or asyncio.sleep
         callbacks = policy.callbacks
@@ -303,6 +311,27 @@ class Engine:
 
         """
         delay = self.reserve()
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+    def keyed_token_wait(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """:meth:`token_wait` in the bucket of the key ``rate_limit_key(*args, **kwargs)``.
+
+        The key function's own error propagates (the call fails at once: not retried).
+        """
+        assert self.key_function is not None
+        delay = self.reserve(self.key_function(*args, **kwargs))
+        if delay > MIN_WAIT:
+            self.check_wait(delay)
+            return delay
+        return 0.0
+
+    async def akey_token_wait(self, key: Any) -> float:
+        """Async token wait in the bucket of ``key`` (what ``rate_limit_key`` returned)."""
+        assert self.limiter is not None
+        delay = await self.limiter.areserve_key(key) if self.async_source else self.reserve(key)
         if delay > MIN_WAIT:
             self.check_wait(delay)
             return delay

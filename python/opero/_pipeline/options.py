@@ -86,6 +86,10 @@ _RATE = c.real(
 
 
 def _rate_limit(option: str, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        from opero._ratelimit.windows import check_windows
+
+        return check_windows(value)
     if not callable(value):
         return _RATE(option, value)
     try:
@@ -124,6 +128,30 @@ def _cache_backend(option: str, value: Any) -> Any:
         "'memory', 'redis', 'disk' or a backend object (with open() and stable_keys)",
         "'redis'",
     )
+
+
+_KEY_TEXT = c.text(
+    "a non-empty str naming a bucket shared by every function using it, or a "
+    "callable(*args, **kwargs) -> str called with each call's arguments",
+    "'github-api'",
+)
+
+
+def _rate_limit_key(option: str, value: Any) -> Any:
+    if callable(value) and not isinstance(value, str):
+        try:
+            params = inspect.signature(value).parameters.values()
+        except Exception:  # unreadable (a builtin): called as it is
+            return value
+        if not params:
+            raise ConfigurationError(
+                f"@opero({option}={c.show(value)}) is invalid: a callable {option} is called "
+                "with each call's arguments and returns its bucket's name, but it takes none; "
+                f"a fixed name is written {option}='github-api', a name per call "
+                f"{option}=lambda user, *args, **kwargs: f'user:{{user}}'."
+            )
+        return value
+    return _KEY_TEXT(option, value)
 
 
 def _limiter(option: str, value: Any) -> Any:
@@ -217,7 +245,8 @@ OPTIONS: tuple[Option, ...] = (
         "rate_limit",
         None,
         c.optional(_rate_limit),
-        "sustained calls per second, or a zero-argument callable read on every call",
+        "sustained calls per second, a zero-argument callable read on every call, or "
+        "windows [(calls, seconds), ...] that must all admit a call",
     ),
     Option(
         "rate_burst",
@@ -235,12 +264,9 @@ OPTIONS: tuple[Option, ...] = (
         "rate_limit_key",
         "rate_limit",
         None,
-        c.optional(
-            c.text(
-                "a non-empty str naming a bucket shared by every function using it", "'github-api'"
-            )
-        ),
-        "share one bucket by name, across functions",
+        c.optional(_rate_limit_key),
+        "share one bucket by name, across functions; a callable(*args, **kwargs) -> str "
+        "gives a bucket per returned key",
     ),
     Option(
         "rate_max_wait",
@@ -274,6 +300,15 @@ OPTIONS: tuple[Option, ...] = (
         None,
         c.anything,
         "the Redis (URL or client) of a 'redis' limit",
+    ),
+    Option(
+        "rate_limit_max_keys",
+        "rate_limit",
+        10_000,
+        c.integer(
+            "an int >= 1 (live buckets kept for a callable rate_limit_key)", "100_000", low=1
+        ),
+        "with a callable rate_limit_key: the most buckets kept (full ones are dropped first)",
     ),
     # callbacks
     Option(
@@ -396,6 +431,14 @@ OPTIONS: tuple[Option, ...] = (
         private=True,
     ),
     Option(
+        "_rate_clock",
+        "rate_limit",
+        None,
+        c.anything,
+        "a ManualClock for the rate-limit buckets (tests)",
+        private=True,
+    ),
+    Option(
         "_sleep",
         "wait",
         None,
@@ -450,7 +493,13 @@ def fallback_names_a_parameter(v: Mapping[str, Any], given: Mapping[str, Any], f
         fallback_parameter(func, v["arg_fallback"])
 
 
-_RATE_OPTIONS = ("rate_burst", "rate_limit_key", "rate_max_wait", "rate_limit_backend")
+_RATE_OPTIONS = (
+    "rate_burst",
+    "rate_limit_key",
+    "rate_max_wait",
+    "rate_limit_backend",
+    "rate_limit_max_keys",
+)
 
 
 def rate_options_need_rate_limit(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) -> None:
@@ -465,6 +514,19 @@ def rate_options_need_rate_limit(v: Mapping[str, Any], given: Mapping[str, Any],
         raise ConfigurationError(
             "@opero(rate_limit_backend='redis') needs rate_limit_key: the name of the bucket "
             "shared through Redis; for example rate_limit_key='github-api'."
+        )
+    if isinstance(v["rate_limit"], tuple) and "rate_burst" in given:
+        raise ConfigurationError(
+            f"@opero(rate_limit={c.show(v['rate_limit'])}, "
+            f"rate_burst={c.show(given['rate_burst'])}) is invalid: a window (calls, seconds) "
+            "already lets its calls start at once; drop "
+            "rate_burst, or add a short window such as (5, 0.1) to bound bursts."
+        )
+    if "rate_limit_max_keys" in given and not callable(v["rate_limit_key"]):
+        raise ConfigurationError(
+            f"@opero(rate_limit_max_keys={c.show(given['rate_limit_max_keys'])}) is only used "
+            "with a callable rate_limit_key (a bucket per key); drop it, or set "
+            "rate_limit_key=lambda *args, **kwargs: <key>."
         )
     if v["rate_limit_redis_url"] is not None and v["rate_limit_backend"] != "redis":
         raise ConfigurationError(

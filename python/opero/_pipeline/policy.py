@@ -76,13 +76,15 @@ class FallbackPolicy:
 class RateLimitPolicy:
     """Stage ``rate_limit``: one token per real call."""
 
-    rate_limit: float | Callable[[], float] | None
+    rate_limit: float | Callable[[], float] | tuple[tuple[int, float], ...] | None
     rate_burst: int
-    rate_limit_key: str | None
+    rate_limit_key: str | Callable[..., str] | None
     rate_max_wait: float | None
     rate_limit_backend: str
     rate_limit_redis_url: Any
     limiter: Any
+    rate_limit_max_keys: int
+    rate_clock: Any
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,8 +42,16 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         return call_fallback
     generated = specialize(
         func,
-        Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded),
+        Template(
+            limiter=limited,
+            keyed=engine.key_function is not None,
+            key_map=engine.key_map is not None,
+            on_success=on_success is not None,
+            guard=engine.guarded,
+        ),
         {
+            "__opero_key": engine.key_function,
+            "__opero_buckets": engine.key_map,
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
             "__opero_check_wait": engine.check_wait,
@@ -58,9 +66,13 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
+    keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if token_wait is not None and (wait := token_wait()):
+        if keyed_wait is not None:
+            if wait := keyed_wait(args, kwargs):
+                sleep(wait)
+        elif token_wait is not None and (wait := token_wait()):
             sleep(wait)
         try:
             result = func(*args, **kwargs)
@@ -77,6 +89,7 @@ def _retry_from(engine: Engine) -> RetryFrom:
     """Return the loop: from the start (``first=None``) or after the first call failed."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
+    keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
     after_failure = engine.after_failure
 
     def retry_from(first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -93,9 +106,12 @@ def _retry_from(engine: Engine) -> RetryFrom:
             while error is None:
                 if wait > 0:
                     sleep(wait)
-                if token_wait is not None and (wait := token_wait()):
-                    sleep(wait)
                 call_args, call_kwargs = calls[index]
+                if keyed_wait is not None:
+                    if wait := keyed_wait(call_args, call_kwargs):
+                        sleep(wait)
+                elif token_wait is not None and (wait := token_wait()):
+                    sleep(wait)
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:

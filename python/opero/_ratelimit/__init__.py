@@ -3,6 +3,10 @@
 * :mod:`~opero._ratelimit.local`: the :class:`Limiter` each decorated function
   builds, over a native ``TokenBucket`` (per function, or shared process-wide
   by ``rate_limit_key``), a Redis limiter, or an ``@opmap`` shared limiter.
+* :mod:`~opero._ratelimit.keyed`: one bucket per key of a callable
+  ``rate_limit_key``, in a bounded map.
+* :mod:`~opero._ratelimit.windows`: several sliding windows booked at once
+  (``rate_limit=[(calls, seconds), ...]``).
 * :mod:`~opero._ratelimit.shared_memory`: a bucket in shared memory, one for
   every worker process of an ``@opmap``.
 * :mod:`~opero._ratelimit.redis`: GCRA in Redis, shared by processes and hosts

@@ -8,6 +8,10 @@ is, in order of precedence:
   areserve(rate=None)``);
 * a :class:`opero._ratelimit.redis.RedisRateLimiter` when
   ``rate_limit_backend="redis"`` (shared by processes and hosts);
+* with a callable ``rate_limit_key``, a :class:`~opero._ratelimit.keyed.KeyedBuckets`:
+  one bucket per key the callable returns, bounded by ``rate_limit_max_keys``;
+* with windows (``rate_limit=[(calls, seconds), ...]``), a
+  :class:`~opero._ratelimit.windows.Windows` (shared by name like a bucket);
 * a native :class:`opero._opero_core.TokenBucket`, shared process-wide by every
   function with the same ``rate_limit_key`` (the first decoration's rate and
   burst win; a later one that disagrees is logged).
@@ -26,12 +30,15 @@ import importlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
 from opero._pipeline.policy import Policy, check_rate
+from opero._ratelimit.keyed import KeyedBuckets, bucket_key
+from opero._ratelimit.windows import Windows
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 __all__ = ["MIN_WAIT", "Limiter", "shared_bucket"]
@@ -89,6 +96,30 @@ def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
         return bucket
 
 
+#: The live shared window sets by ``rate_limit_key`` (weak, as :data:`_buckets`).
+_window_sets: weakref.WeakValueDictionary[str, Windows] = weakref.WeakValueDictionary()
+
+
+def shared_windows(key: str, windows: tuple[tuple[int, float], ...]) -> Windows:
+    """Return the process-wide window set named ``key``, creating it on first use.
+
+    The first decoration's windows win; a later one that disagrees is logged.
+    """
+    with _buckets_lock:
+        found = _window_sets.get(key)
+        if found is None:
+            found = _window_sets[key] = Windows(windows)
+        elif found.windows != windows:
+            logger.warning(
+                "opero: rate_limit_key=%r is already used with rate_limit=%r; keeping those "
+                "for this function too (asked for %r)",
+                key,
+                list(found.windows),
+                list(windows),
+            )
+        return found
+
+
 def _check_rate(value: Any) -> float:
     return check_rate("the rate_limit callable returned", value, error=ConfigurationError)
 
@@ -99,8 +130,12 @@ class Limiter:
     Args:
         policy: The validated options (``rate_limit``, ``rate_burst``,
             ``rate_limit_key``, ``rate_max_wait``, ``rate_limit_backend``,
-            ``rate_limit_redis_url``, ``_limiter``).
+            ``rate_limit_redis_url``, ``rate_limit_max_keys``, ``_limiter``).
         qualname: ``module.qualname`` of the function, for log records.
+
+    With a callable ``rate_limit_key`` the limiter is *keyed*: :attr:`key_function`
+    is that callable and :meth:`reserve_key` books a token in the bucket of the
+    key it returned (the drivers call it with each call's arguments).
 
     """
 
@@ -109,6 +144,8 @@ class Limiter:
         "_rate_fn",
         "bucket",
         "is_native",
+        "key_function",
+        "keyed",
         "max_wait",
         "qualname",
         "source",
@@ -118,10 +155,23 @@ class Limiter:
         self.qualname = qualname
         self.max_wait = policy.rate_max_wait
         rate = policy.rate.rate_limit
-        self._rate_fn: Callable[[], Any] | None = rate if callable(rate) else None
-        static_rate = None if self._rate_fn is not None or rate is None else float(rate)  # type: ignore[arg-type]
+        windows = rate if isinstance(rate, tuple) else None
+        self._rate_fn: Callable[[], Any] | None = (
+            rate if windows is None and callable(rate) else None
+        )
+        static_rate = (
+            None
+            if self._rate_fn is not None or rate is None or windows is not None
+            else float(rate)  # type: ignore[arg-type]
+        )
         self._last_rate: float | None = static_rate
         self.bucket: TokenBucket | None = None
+        key = policy.rate_limit_key
+        self.key_function: Callable[..., Any] | None = None
+        self.keyed: Any = None
+        # A callable rate is read on the first call; 1.0 is a placeholder until then.
+        initial = static_rate if static_rate is not None else 1.0
+        clock = policy.rate_clock
         if policy.limiter is not None:
             self.source: Any = policy.limiter
             self.is_native = isinstance(policy.limiter, TokenBucket)
@@ -133,33 +183,70 @@ class Limiter:
             kwargs: dict[str, Any] = (
                 {"url": url} if url is None or isinstance(url, str) else {"client": url}
             )
+            if callable(key):
+                self.key_function = key
             self.source = module.RedisRateLimiter(
-                policy.rate_limit_key,
-                static_rate if static_rate is not None else 1.0,
+                None if callable(key) else key,
+                initial,
                 policy.rate_burst,
+                windows=windows,
+                max_keys=policy.rate_limit_max_keys,
                 **kwargs,
             )
             self.is_native = False
+        elif callable(key):
+            self.key_function = key
+            self.keyed = KeyedBuckets(
+                _factory(windows, initial, policy.rate_burst, clock),
+                policy.rate_limit_max_keys,
+                qualname,
+            )
+            self.source = self.keyed
+            self.is_native = False
+        elif windows is not None:
+            self.source = (
+                shared_windows(key, windows)
+                if isinstance(key, str)
+                else Windows(windows, _clock_function(clock))
+            )
+            self.is_native = False
         else:
-            # A callable rate is read on the first call; 1.0 is a placeholder until then.
-            initial = static_rate if static_rate is not None else 1.0
-            if policy.rate_limit_key is not None:
-                self.bucket = shared_bucket(policy.rate_limit_key, initial, policy.rate_burst)
+            kw: dict[str, Any] = {} if clock is None else {"clock": clock}
+            if key is not None:
+                self.bucket = shared_bucket(key, initial, policy.rate_burst)
             else:
-                self.bucket = TokenBucket(initial, policy.rate_burst)
+                self.bucket = TokenBucket(initial, policy.rate_burst, **kw)
             self.source = self.bucket
             self.is_native = True
 
-    def reserve_function(self) -> Callable[[], float]:
-        """Return the cheapest zero-argument function that books a token.
+    def reserve_function(self) -> Callable[..., float]:
+        """Return the cheapest function that books a token.
 
         A static rate on a native bucket gives the bucket's own bound
-        ``reserve`` (no Python frame on the hot path).
+        ``reserve`` (no Python frame on the hot path). A keyed limiter gives
+        ``reserve(key) -> seconds``: with a static rate the map's own method.
         """
+        if self.key_function is not None:
+            if self._rate_fn is None and self.keyed is not None:
+                return self.keyed.reserve  # type: ignore[no-any-return]
+            return self.reserve_key
         if self._rate_fn is None and self.is_native:
             assert self.bucket is not None
             return self.bucket.reserve
+        if self._rate_fn is None and isinstance(self.source, Windows):
+            return self.source.reserve
         return self.reserve
+
+    def key_map(self) -> dict[str, Any] | None:
+        """Return the live key -> bucket dict when a wrapper may book in it directly.
+
+        Only for a keyed in-memory limiter with a static rate: the bucket's own
+        ``reserve()`` is then the whole booking of a known key.
+        """
+        if self.keyed is not None and self._rate_fn is None:
+            buckets: dict[str, Any] = self.keyed.buckets
+            return buckets
+        return None
 
     def current_rate(self) -> float | None:
         """Read the callable ``rate_limit`` (validated); ``None`` for a static rate."""
@@ -183,6 +270,23 @@ class Limiter:
             return self.bucket.reserve()
         return float(self.source.reserve(rate))
 
+    def reserve_key(self, key: Any) -> float:
+        """Book one token in the bucket of ``key`` (what the key function returned)."""
+        rate = self.current_rate()
+        if self.keyed is None:
+            return float(self.source.reserve_key(bucket_key(key, self.qualname), rate))
+        bucket = self.keyed.bucket(key)
+        if rate is not None and bucket.rate != rate:
+            bucket.set_rate(rate)
+        return float(bucket.reserve())
+
+    async def areserve_key(self, key: Any) -> float:
+        """Async :meth:`reserve_key` (a Redis limiter books through ``areserve_key``)."""
+        if self.keyed is not None:
+            return self.reserve_key(key)
+        rate = self.current_rate()
+        return float(await self.source.areserve_key(bucket_key(key, self.qualname), rate))
+
     async def areserve(self) -> float:
         """Async :meth:`reserve`: uses the source's ``areserve`` when it has one."""
         rate = self.current_rate()
@@ -197,7 +301,11 @@ class Limiter:
     @property
     def has_async_source(self) -> bool:
         """Whether booking a token needs an ``await`` (a Redis limiter)."""
-        return not self.is_native and getattr(self.source, "areserve", None) is not None
+        return (
+            not self.is_native
+            and self.keyed is None
+            and getattr(self.source, "areserve", None) is not None
+        )
 
     def check_wait(self, delay: float) -> None:
         """Log a wait and raise :class:`RateLimitTimeout` if it exceeds ``rate_max_wait``."""
@@ -207,3 +315,20 @@ class Limiter:
                 f"rate_max_wait={self.max_wait}s; raise rate_max_wait or lower the call rate"
             )
         logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)
+
+
+def _clock_function(clock: Any) -> Callable[[], float]:
+    """Return the ``() -> seconds`` of a ``ManualClock`` (``time.monotonic`` without one)."""
+    return time.monotonic if clock is None else clock.now
+
+
+def _factory(
+    windows: tuple[tuple[int, float], ...] | None, rate: float, burst: int, clock: Any
+) -> Callable[[], Any]:
+    """Return the maker of one new, full bucket of a keyed limiter."""
+    if windows is not None:
+        now = _clock_function(clock)
+        return lambda: Windows(windows, now)
+    if clock is None:
+        return lambda: TokenBucket(rate, burst)
+    return lambda: TokenBucket(rate, burst, clock=clock)

@@ -42,14 +42,14 @@ from opero._connections.redis import (
     pool_exhausted,
     redact,
 )
+from opero._ratelimit.keyed import MAX_KEYS, KeyedBuckets, bucket_key
+from opero._ratelimit.windows import Windows, check_windows
 from opero.errors import ConfigurationError, RateLimitTimeout
 
 if TYPE_CHECKING:
     import redis
 
-    from opero._opero_core import TokenBucket
-
-__all__ = ["GCRA_SCRIPT", "GCRA_SHA", "RedisRateLimiter"]
+__all__ = ["GCRA_SCRIPT", "GCRA_SHA", "WINDOWS_SCRIPT", "WINDOWS_SHA", "RedisRateLimiter"]
 
 # Without redis-py, choosing this limiter is a ConfigurationError saying what to install.
 NoScriptError = import_redis("rate_limit_backend='redis'").exceptions.NoScriptError
@@ -106,6 +106,39 @@ return {string.format('%d', now), wait}
 GCRA_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
 """The script's SHA1, the name ``EVALSHA`` runs it by."""
 
+WINDOWS_SCRIPT = """
+-- Several sliding windows booked at once (rate_limit=[(calls, seconds), ...]).
+-- KEYS[i]: the list of the last starts of window i (microseconds, oldest first);
+-- ARGV[2i-1], ARGV[2i]: its calls and its period in microseconds.
+-- Returns {server time, wait} in microseconds: the earliest start every window
+-- admits (the oldest of a window's last `calls` starts must be `period` old),
+-- booked in every window before the script returns, so no window is booked
+-- without the others. Each list expires once its last start has left its window.
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local start = now
+for i, key in ipairs(KEYS) do
+  local calls = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i])
+  if redis.call('LLEN', key) >= calls then
+    local oldest = tonumber(redis.call('LINDEX', key, -calls))
+    if oldest ~= nil and oldest + period > start then start = oldest + period end
+  end
+end
+for i, key in ipairs(KEYS) do
+  local calls = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i])
+  redis.call('RPUSH', key, string.format('%d', start))
+  redis.call('LTRIM', key, -calls, -1)
+  redis.call('PEXPIRE', key, math.ceil((start + period - now) / 1000) + 1000)
+end
+return {string.format('%d', now), string.format('%d', start - now)}
+"""
+
+WINDOWS_SHA = hashlib.sha1(WINDOWS_SCRIPT.encode()).hexdigest()
+"""The windows script's SHA1."""
+
 
 def _check_rate(rate: Any, name: str = "rate") -> float:
     """Return a positive finite rate, or raise ConfigurationError."""
@@ -124,7 +157,8 @@ class RedisRateLimiter:
 
     Args:
         key: The bucket's name (``rate_limit_key``); every limiter with the
-            same key on the same Redis shares one bucket.
+            same key on the same Redis shares one bucket. ``None`` for a keyed
+            limiter: each decision names its bucket (:meth:`reserve_key`).
         rate: Calls per second sustained (> 0).
         burst: Calls that may start at once (>= 1). Default 1.
         url: Redis URL; ``None`` reads ``OPERO_REDIS_URL`` at first use, else
@@ -140,6 +174,9 @@ class RedisRateLimiter:
         pool_timeout: Seconds a decision waits for a free connection when the
             pool is full, before :class:`~opero.errors.RateLimitTimeout`.
             Default 5.0.
+        windows: ``((calls, seconds), ...)``: sliding windows instead of
+            ``rate`` and ``burst`` (each a Redis list of its last starts).
+        max_keys: The most local buckets kept per key during an outage.
 
     Raises:
         ConfigurationError: Empty key, a rate that is not > 0, a burst that is
@@ -149,7 +186,7 @@ class RedisRateLimiter:
 
     def __init__(
         self,
-        key: str,
+        key: str | None,
         rate: float,
         burst: int = 1,
         *,
@@ -160,8 +197,10 @@ class RedisRateLimiter:
         retry_interval: float = 1.0,
         max_connections: int = 100,
         pool_timeout: float = 5.0,
+        windows: tuple[tuple[int, float], ...] | None = None,
+        max_keys: int = MAX_KEYS,
     ) -> None:
-        if not isinstance(key, str) or not key:
+        if key is not None and (not isinstance(key, str) or not key):
             raise ConfigurationError(
                 f"rate_limit_key={key!r} must be a non-empty string naming the shared bucket"
             )
@@ -170,7 +209,9 @@ class RedisRateLimiter:
             raise ConfigurationError(f"rate_burst={burst!r} must be an int >= 1")
         self.key = key
         self.burst = burst
-        self.redis_key = "{opero:rl:" + key + "}"
+        self.windows = None if windows is None else check_windows(windows)
+        self.max_keys = max_keys
+        self.redis_key = "" if key is None else self._redis_keys(key)[0]
         self.connector = RedisConnector(
             url,
             client=client,
@@ -183,7 +224,32 @@ class RedisRateLimiter:
         self.retry_interval = check_interval(retry_interval)
         self._url = url
         self._outage: Outage | None = None
-        self._local: TokenBucket | None = None
+        self._local: Any = None
+        self._local_keyed: KeyedBuckets | None = None
+
+    def _redis_keys(self, name: str) -> list[str]:
+        """Return the Redis keys of bucket ``name``: one GCRA key, or a list per window."""
+        base = "{opero:rl:" + name + "}"
+        if self.windows is None:
+            return [base]
+        return [f"{base}:w{calls}/{seconds!r}" for calls, seconds in self.windows]
+
+    def _script_args(self, rate: float | None) -> tuple[str, str, tuple[Any, ...]]:
+        """Return the script (SHA, source) and its ARGV for this limiter's kind."""
+        if self.windows is None:
+            return GCRA_SHA, GCRA_SCRIPT, self._args(rate)
+        argv: list[Any] = []
+        for calls, seconds in self.windows:
+            argv += [calls, max(1, round(seconds * 1_000_000))]
+        return WINDOWS_SHA, WINDOWS_SCRIPT, tuple(argv)
+
+    def _new_local(self) -> Any:
+        """Make a local bucket like this limiter's (used while Redis is down)."""
+        if self.windows is not None:
+            return Windows(self.windows)
+        from opero._opero_core import TokenBucket
+
+        return TokenBucket(self.rate, self.burst)
 
     @property
     def outage(self) -> Outage:
@@ -202,17 +268,24 @@ class RedisRateLimiter:
             rate = _check_rate(rate, "rate_limit")
         return 1_000_000.0 / rate, self.burst
 
-    def _fallback(self, rate: float | None) -> float:
-        """Decide with the local bucket (Redis is down)."""
-        bucket = self._local
-        if bucket is None:
-            from opero._opero_core import TokenBucket
-
-            bucket = self._local = TokenBucket(self.rate, self.burst)
-        wanted = self.rate if rate is None else rate
-        if bucket.rate != wanted:
-            bucket.set_rate(wanted)
-        return bucket.reserve()
+    def _fallback(self, rate: float | None, name: str | None = None) -> float:
+        """Decide with the local bucket (Redis is down); per name for a keyed limiter."""
+        if name is None or name == self.key:
+            bucket = self._local
+            if bucket is None:
+                bucket = self._local = self._new_local()
+        else:
+            keyed = self._local_keyed
+            if keyed is None:
+                keyed = self._local_keyed = KeyedBuckets(
+                    self._new_local, self.max_keys, f"rate limit {self.key!r}"
+                )
+            bucket = keyed.bucket(name)
+        if self.windows is None:
+            wanted = self.rate if rate is None else rate
+            if bucket.rate != wanted:
+                bucket.set_rate(wanted)
+        return float(bucket.reserve())
 
     def _failed(self, exc: Exception) -> None:
         """Record a Redis failure (logged once per outage); re-raise anything else.
@@ -233,7 +306,9 @@ class RedisRateLimiter:
             raise exc
         self.outage.failed(exc, f"rate limit {self.key!r} uses a local per-process bucket")
 
-    def reserve_with_time(self, rate: float | None = None) -> tuple[float, float]:
+    def reserve_with_time(
+        self, rate: float | None = None, name: str | None = None
+    ) -> tuple[float, float]:
         """Reserve one call; return ``(server_time, wait)`` in seconds.
 
         ``server_time`` is the Redis clock at the decision (``nan`` when the
@@ -242,29 +317,49 @@ class RedisRateLimiter:
         Args:
             rate: Overrides the configured rate for this decision (a callable
                 ``rate_limit`` read on this call); ``None`` uses ``rate``.
+            name: The bucket (a keyed limiter); ``None`` uses ``key``.
 
         """
-        args = self._args(rate)
+        sha, script, args = self._script_args(rate)
         outage = self.outage
         if outage.down and not outage.should_try():
-            return math.nan, self._fallback(rate)
-        key = self.redis_key
+            return math.nan, self._fallback(rate, name)
+        keys = self._redis_keys(name) if name is not None else self._redis_keys(self._own_key())
 
         def decide(client: redis.Redis) -> Any:
             try:
-                return client.evalsha(GCRA_SHA, 1, key, *args)
+                return client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:  # a restarted or different server: load it once
-                client.script_load(GCRA_SCRIPT)
-                return client.evalsha(GCRA_SHA, 1, key, *args)
+                client.script_load(script)
+                return client.evalsha(sha, len(keys), *keys, *args)
 
         try:
             now, wait = self.connector.run(decide)
         except Exception as exc:
             self._failed(exc)
-            return math.nan, self._fallback(rate)
+            return math.nan, self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return int(now) / 1e6, wait / 1e6
+        return int(now) / 1e6, int(wait) / 1e6
+
+    def _own_key(self) -> str:
+        """Return the bucket of a limiter built with a key (a keyed one names it per decision)."""
+        if self.key is None:
+            raise TypeError("this RedisRateLimiter is keyed: use reserve_key(name)")
+        return self.key
+
+    def reserve_key(self, name: Any, rate: float | None = None) -> float:
+        """Reserve one call in bucket ``name`` (what a callable ``rate_limit_key`` returned).
+
+        Raises:
+            TypeError: ``name`` is not a ``str``, naming ``rate_limit_key``.
+
+        """
+        return self.reserve_with_time(rate, bucket_key(name, "a Redis rate limit"))[1]
+
+    async def areserve_key(self, name: Any, rate: float | None = None) -> float:
+        """Async :meth:`reserve_key`."""
+        return await self._areserve(rate, bucket_key(name, "a Redis rate limit"))
 
     def reserve(self, rate: float | None = None) -> float:
         """Reserve one call; return the seconds to wait before it may start (0.0 if now).
@@ -282,27 +377,31 @@ class RedisRateLimiter:
             rate: Overrides the configured rate for this decision; ``None`` uses ``rate``.
 
         """
-        args = self._args(rate)
+        return await self._areserve(rate, None)
+
+    async def _areserve(self, rate: float | None, name: str | None) -> float:
+        """Async decision in bucket ``name`` (``None``: this limiter's key)."""
+        sha, script, args = self._script_args(rate)
         outage = self.outage
         if outage.down and not outage.should_try():
-            return self._fallback(rate)
-        key = self.redis_key
+            return self._fallback(rate, name)
+        keys = self._redis_keys(name) if name is not None else self._redis_keys(self._own_key())
 
         async def decide(client: redis.asyncio.Redis) -> Any:
             try:
-                return await client.evalsha(GCRA_SHA, 1, key, *args)
+                return await client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
-                await client.script_load(GCRA_SCRIPT)
-                return await client.evalsha(GCRA_SHA, 1, key, *args)
+                await client.script_load(script)
+                return await client.evalsha(sha, len(keys), *keys, *args)
 
         try:
             _now, wait = await self.connector.arun(decide)
         except Exception as exc:
             self._failed(exc)
-            return self._fallback(rate)
+            return self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return float(wait) / 1e6
+        return int(wait) / 1e6
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle by configuration (URL-based limiters only), for process pools."""
@@ -323,6 +422,8 @@ class RedisRateLimiter:
                 self.retry_interval,
                 self.connector.max_connections,
                 self.connector.pool_timeout,
+                self.windows,
+                self.max_keys,
             ),
         )
 
@@ -335,7 +436,7 @@ class RedisRateLimiter:
 
 
 def _rebuild(
-    key: str,
+    key: str | None,
     rate: float,
     burst: int,
     url: str | None,
@@ -344,6 +445,8 @@ def _rebuild(
     retry_interval: float,
     max_connections: int = 100,
     pool_timeout: float = 5.0,
+    windows: tuple[tuple[int, float], ...] | None = None,
+    max_keys: int = MAX_KEYS,
 ) -> RedisRateLimiter:
     """Unpickle a :class:`RedisRateLimiter`."""
     return RedisRateLimiter(
@@ -356,4 +459,6 @@ def _rebuild(
         retry_interval=retry_interval,
         max_connections=max_connections,
         pool_timeout=pool_timeout,
+        windows=windows,
+        max_keys=max_keys,
     )
