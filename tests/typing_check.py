@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import assert_type
 
-from opero import CacheInfo, OperoFunction, opero
+from opero import CacheInfo, CircuitBreaker, CircuitOpenError, OperoFunction, opero
 
 
 @opero(retries=3, cache=True)
@@ -59,3 +59,17 @@ async def use_async() -> bytes:
 
 
 fetch("not an int")  # type: ignore[arg-type]
+
+breaker = CircuitBreaker(failures=3, reset_after=10.0, failure_on=(ConnectionError,))
+
+
+@opero(retries=2, circuit_breaker=breaker, on_circuit_open=lambda details: None)
+def guarded(x: int) -> int:
+    """Return x (behind a circuit breaker, the types survive)."""
+    return x
+
+
+assert_type(guarded(1), int)
+breaker_state: str = breaker.state
+breaker_failures: int = breaker.failures
+open_wait: float = CircuitOpenError("open", name="x", retry_after=1.0).retry_after

@@ -9,6 +9,7 @@ backoff schedule) run in Rust.
 
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
+from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
 from opero._testing import set_testing
@@ -16,6 +17,7 @@ from opero.cache import CacheInfo
 from opero.errors import (
     AllFailedError,
     CacheBackendError,
+    CircuitOpenError,
     ConfigurationError,
     MapError,
     OperoError,
@@ -31,6 +33,8 @@ __all__ = [
     "CacheBackendError",
     "CacheInfo",
     "CallDetails",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigurationError",
     "MapError",
     "MappedFunction",

@@ -22,6 +22,7 @@ EARLIER_ERRORS = "__opero_errors__"
 __all__ = [
     "AllFailedError",
     "CacheBackendError",
+    "CircuitOpenError",
     "ConfigurationError",
     "MapError",
     "OperoError",
@@ -52,6 +53,34 @@ class CacheBackendError(OperoError):
 
 class RateLimitTimeout(OperoError):
     """Waiting for a rate-limit token would exceed the configured maximum wait."""
+
+
+class CircuitOpenError(OperoError):
+    """A circuit breaker is open: the call was refused without calling the function.
+
+    Raised by a function decorated with ``@opero(circuit_breaker=...)`` while
+    its :class:`~opero.CircuitBreaker` is open (or half-open with every probe
+    slot taken). It is never retried. When this process saw the failure that
+    opened the circuit, that failure is the ``__cause__``.
+
+    Args:
+        message: Human-readable summary.
+        name: The breaker's ``name`` (``None`` for an unnamed breaker).
+        retry_after: Seconds until the breaker lets a probe call through
+            (``0.0`` when it is half-open and its probe slots are taken).
+
+    Attributes:
+        name: The breaker's ``name``.
+        retry_after: Seconds to wait before calling again (a float, as
+            stamina and ``retry_after=`` detection expect).
+
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, retry_after: float = 0.0) -> None:
+        """Store the message, the breaker's name and the wait."""
+        super().__init__(message)
+        self.name = name
+        self.retry_after = retry_after
 
 
 class AllFailedError(ExceptionGroup, OperoError):

@@ -177,6 +177,50 @@ def _build_redis(settings: Settings) -> list[Case]:
         check(client.ping() is True, "PING did not answer")
         return call_loop("ping()", {"ping": client.ping})
 
+    def opero_breaker(stack: contextlib.ExitStack) -> LoopFn:
+        import redis
+
+        from opero import CircuitBreaker
+
+        url = _start_redis(stack, holder)
+        breaker = CircuitBreaker(name="bench", backend="redis", redis_url=url)
+        f = opero_decorator(retries=3, circuit_breaker=breaker)(ok)
+        check(f(1) == 2, "a call behind a Redis breaker returned a wrong value")
+        admin = redis.Redis.from_url(url)
+        stack.callback(admin.close)
+        admin.config_resetstat()
+        for _ in range(_DECISIONS):
+            f(1)
+        stats: dict[str, Any] = admin.info("commandstats")
+        sent = {
+            k: v["calls"]
+            for k, v in stats.items()
+            if k not in {"cmdstat_hmget", "cmdstat_time"}
+            and not k.startswith(("cmdstat_config", "cmdstat_info"))
+        }
+        check(
+            sent == {"cmdstat_evalsha": _DECISIONS},
+            f"{_DECISIONS} calls behind a closed Redis breaker sent {sent}, expected one EVALSHA",
+        )
+        return call_loop("f(1)", {"f": f})
+
+    def raw_breaker(stack: contextlib.ExitStack) -> LoopFn:
+        import redis
+
+        from opero._pipeline.breaker_redis import ENTER_SCRIPT
+
+        client = redis.Redis.from_url(_start_redis(stack, holder))
+        stack.callback(client.close)
+        sha = client.script_load(ENTER_SCRIPT)
+        evalsha, keys = client.evalsha, ("{opero:cb:raw}", "{opero:cb:raw}:probes")
+
+        def f(x: int) -> int:
+            evalsha(sha, 2, *keys, 1, 30_000_000, "p")
+            return ok(x)
+
+        check(f(1) == 2, "raw EVALSHA call returned a wrong value")
+        return call_loop("f(1)", {"f": f})
+
     raw = "redis GET+pickle.loads"
     raw_script = "raw EVALSHA, same script"
     return [
@@ -197,6 +241,14 @@ def _build_redis(settings: Settings) -> list[Case]:
             Impl("opero", opero_limit, ("redis",)),
             [
                 Impl(raw_script, raw_limit, ("redis",)),
+                Impl("redis-py PING", raw_ping, ("redis",)),
+            ],
+        ),
+        Case(
+            "redis breaker, closed, sync",
+            Impl("opero", opero_breaker, ("redis",)),
+            [
+                Impl(raw_script, raw_breaker, ("redis",)),
                 Impl("redis-py PING", raw_ping, ("redis",)),
             ],
         ),

@@ -48,6 +48,33 @@ def _opero_async(stack: contextlib.ExitStack) -> LoopFn:
     return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
 
 
+def _breaker_sync(stack: contextlib.ExitStack) -> LoopFn:
+    from opero import CircuitBreaker, CircuitOpenError
+
+    calls = [0]
+
+    def down(x: int) -> int:
+        calls[0] += 1
+        raise ConnectionError("down")
+
+    guarded = opero_decorator(retries=3, min_delay=0, circuit_breaker=CircuitBreaker(2))(down)
+    with contextlib.suppress(CircuitOpenError):
+        guarded(1)
+    check(calls[0] == 2, f"a breaker opening after 2 failures let {calls[0]} calls through")
+    f = opero_decorator(retries=3, circuit_breaker=CircuitBreaker())(ok)
+    check(f(1) == 2, "wrong result")
+    return call_loop("f(1)", {"f": f})
+
+
+def _breaker_async(stack: contextlib.ExitStack) -> LoopFn:
+    from opero import CircuitBreaker
+
+    loop = event_loop(stack)
+    f = opero_decorator(retries=3, circuit_breaker=CircuitBreaker())(aok)
+    check(loop.run_until_complete(f(1)) == 2, "wrong result")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
 def _sync(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
     def make(stack: contextlib.ExitStack) -> LoopFn:
         f = decorate()(ok)
@@ -108,6 +135,22 @@ def _build(settings: Settings) -> list[Case]:
                 Impl("backoff.on_exception", _async(_backoff), ("backoff",)),
             ],
             targets={"handwritten try/except": 1.2},
+        ),
+        # Issue 12: a closed breaker stays within 1.2x of the plain retries=3 path.
+        Case(
+            "retries=3, closed breaker, sync",
+            Impl("opero", _breaker_sync),
+            [
+                Impl("@opero(retries=3)", _sync(lambda: opero_decorator(retries=3))),
+                Impl("handwritten try/except", _sync(lambda: py_retry(3))),
+            ],
+            targets={"@opero(retries=3)": 1.2},
+        ),
+        Case(
+            "retries=3, closed breaker, async",
+            Impl("opero", _breaker_async),
+            [Impl("@opero(retries=3)", _async(lambda: opero_decorator(retries=3)))],
+            targets={"@opero(retries=3)": 1.2},
         ),
     ]
 

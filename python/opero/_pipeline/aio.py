@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 from opero._ratelimit import MIN_WAIT
@@ -48,7 +49,8 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
 
     # A callable rate_limit_key: the token is booked in the bucket of the key.
     token = take_token if engine.key_function is None else _key_token(engine)
-    retry_from = _aretry_from(engine, token)
+    guard = breaker_guard(engine.policy, engine.qualname, engine.func)
+    retry_from = _aretry_from(engine, token, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs.
         async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
@@ -63,15 +65,40 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             keyed=engine.key_function is not None,
             on_success=engine.on_success is not None,
             guard=engine.guarded,
+            breaker=guard is not None,
+            breaker_await=guard is not None and guard.shared,
         ),
         {
             "__opero_key": engine.key_function,
             "__opero_retry_from": retry_from,
             "__opero_take_token": token,
             "__opero_on_success": engine.on_success,
+            **_breaker_names(guard),
         },
     )
-    return generated or _generic(engine, retry_from, token if limited else None)
+    return generated or _generic(engine, retry_from, token if limited else None, guard)
+
+
+def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
+    """Return the generated wrapper's names for the breaker (awaited when shared in Redis)."""
+    if guard is None:
+        return {}
+    if guard.shared:
+        return {
+            "__opero_cb": guard.breaker,
+            "__opero_enter": guard.aenter,
+            "__opero_ok": guard.aok,
+            "__opero_failed": guard.afailed,
+            "__opero_release": guard.release,
+        }
+    # Local state: no await (its lock is never held across one).
+    return {
+        "__opero_cb": guard.breaker,
+        "__opero_enter": guard.enter,
+        "__opero_ok": guard.ok,
+        "__opero_failed": guard.failed,
+        "__opero_release": guard.release,
+    }
 
 
 def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
@@ -98,13 +125,18 @@ def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
 
 
 def _generic(
-    engine: Engine, retry_from: ARetryFrom, take_token: Callable[..., Awaitable[None]] | None
+    engine: Engine,
+    retry_from: ARetryFrom,
+    take_token: Callable[..., Awaitable[None]] | None,
+    guard: BreakerGuard | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, on_success = engine.func, engine.on_success
     key_function = engine.key_function
+    guarded = engine.guarded
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
+        probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
         if key_function is not None:
             assert take_token is not None
             await take_token(key_function(*args, **kwargs))
@@ -113,7 +145,17 @@ def _generic(
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
+            if guard is not None:
+                await guard.afailed(exc, probe, args, kwargs)
+                if not guarded:
+                    raise
             return await retry_from(exc, args, kwargs)
+        except BaseException:
+            if probe:
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
+        if guard is not None and probe:
+            await guard.aok(probe)
         if on_success is not None:
             on_success(result)
         return result
@@ -121,8 +163,16 @@ def _generic(
     return acall
 
 
-def _aretry_from(engine: Engine, take_token: Callable[..., Awaitable[None]]) -> ARetryFrom:
-    """Return the loop: from the start (``first=None``) or after the first call failed."""
+def _aretry_from(
+    engine: Engine,
+    take_token: Callable[..., Awaitable[None]],
+    guard: BreakerGuard | None = None,
+) -> ARetryFrom:
+    """Return the loop: from the start (``first=None``) or after the first call failed.
+
+    With a circuit breaker, each call asks it before its wait and token: an open
+    circuit ends the loop at once with ``CircuitOpenError`` (never retried).
+    """
     func, asleep, on_success = engine.func, engine.asleep, engine.on_success
     limited = engine.limiter is not None
     key_function = engine.key_function
@@ -142,6 +192,7 @@ def _aretry_from(engine: Engine, take_token: Callable[..., Awaitable[None]]) -> 
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
                     await asleep(wait)
                 call_args, call_kwargs = calls[index]
@@ -152,11 +203,19 @@ def _aretry_from(engine: Engine, take_token: Callable[..., Awaitable[None]]) -> 
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
+                    if guard is not None:
+                        await guard.afailed(exc, probe, call_args, call_kwargs, len(errors) + 1)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                except BaseException:
+                    if probe:
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 else:
+                    if guard is not None:
+                        await guard.aok(probe)
                     if on_success is not None:
                         on_success(result)
                     return result

@@ -87,6 +87,11 @@ class Template:
         on_success: Call ``__opero_on_success(result)`` after a success.
         guard: Wrap the call in ``try``/``except Exception`` handing the error
             to ``__opero_retry_from(exc, args, kwargs)``.
+        breaker: Ask the circuit breaker ``__opero_cb`` first, when its
+            ``_check`` flag says so (``__opero_enter()``), and record the outcome
+            (``__opero_failed(exc, probe, args, kwargs)``; ``__opero_ok(probe)``
+            when ``probe`` is truthy: a probe, or a failure streak to reset).
+        breaker_await: The breaker's methods are awaited (state in Redis).
 
     """
 
@@ -96,6 +101,8 @@ class Template:
     key_map: bool = False
     on_success: bool = False
     guard: bool = False
+    breaker: bool = False
+    breaker_await: bool = False
 
 
 @dataclass(slots=True)
@@ -157,6 +164,10 @@ def _source(sig: _Signature, template: Template) -> str:
     """Return the source of ``__opero_wrapper`` for ``sig`` and ``template``."""
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
+    bw = "await " if template.breaker_await else ""
+    if template.breaker:
+        # A closed breaker without failures costs one attribute read and a local test.
+        lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token({key})")
@@ -181,17 +192,28 @@ def _source(sig: _Signature, template: Template) -> str:
             f"        {P}sleep({P}d)",
         ]
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
-    if template.guard:
-        args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
-        kwargs = "{" + ", ".join(sig.keywords) + "}"
-        lines += [
-            "    try:",
-            f"        {P}r = {invoke}",
-            f"    except {P}Exception as {P}e:",
-            f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})",
-        ]
+    args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
+    kwargs = "{" + ", ".join(sig.keywords) + "}"
+    if template.guard or template.breaker:
+        lines += ["    try:", f"        {P}r = {invoke}", f"    except {P}Exception as {P}e:"]
+        if template.breaker:
+            lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
+        if template.guard:
+            lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})")
+        else:
+            lines.append("        raise")
+        if template.breaker:
+            # Cancelled or interrupted: a probe gives its slot back (it decided nothing).
+            lines += [
+                f"    except {P}BaseException:",
+                f"        if {P}p:",
+                f"            {P}release({P}p)",
+                "        raise",
+            ]
     else:
         lines.append(f"    {P}r = {invoke}")
+    if template.breaker:
+        lines += [f"    if {P}p:", f"        {bw}{P}ok({P}p)"]
     if template.on_success:
         lines.append(f"    {P}on_success({P}r)")
     lines.append(f"    return {P}r")
@@ -259,6 +281,7 @@ def specialize(
     scope: dict[str, Any] = {**namespace, **sig.defaults, f"{P}func": func}
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
+    scope[f"{P}BaseException"] = BaseException
     filename = register_source(source, label)
     try:
         exec(compile(source, filename, "exec"), scope)

@@ -67,6 +67,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._pipeline.aio import build_async_call
+from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.caching import cache_adapter
 from opero._pipeline.engine import Engine
 from opero._pipeline.policy import Policy, build_policy
@@ -232,6 +233,7 @@ def opero(
     retry_predicate: Callable[..., Any] | None = None,
     backoff_function: Callable[[int], float] | None = None,
     arg_fallback: str | None = None,
+    circuit_breaker: CircuitBreaker | None = None,
     rate_limit: float | Callable[[], float] | Sequence[tuple[int, float]] | None = None,
     rate_burst: int = 1,
     rate_limit_key: str | Callable[..., str] | None = None,
@@ -243,6 +245,7 @@ def opero(
     on_success: Callable[..., Any] | None = None,
     on_failure: Callable[[Exception], Any] | None = None,
     on_cache_hit: Callable[[], Any] | None = None,
+    on_circuit_open: Callable[..., Any] | None = None,
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_max_size: int | None = 1024,
@@ -287,6 +290,11 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             tuple of candidates; candidate ``i`` is called with
             ``values[i:]``).
 
+            Circuit breaker: ``circuit_breaker`` (an
+            :class:`~opero.CircuitBreaker`, possibly shared by several
+            functions; asked before every call, an open circuit raises
+            :class:`~opero.errors.CircuitOpenError`, never retried).
+
             Rate limit: ``rate_limit`` (calls per second, a zero-argument
             callable read on every call, or windows ``[(calls, seconds), ...]``
             that must all admit a call), ``rate_burst`` (calls at once,
@@ -299,7 +307,8 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
             Callbacks: ``on_retry(exc)`` / ``on_retry(exc, attempt)``,
             ``on_success(result)`` / ``on_success()``, ``on_failure(exc)``,
-            ``on_cache_hit()``. A raising callback is logged and ignored.
+            ``on_cache_hit()``, ``on_circuit_open(details)`` /
+            ``on_circuit_open()``. A raising callback is logged and ignored.
 
             Cache: ``cache`` (default False), ``cache_ttl`` (seconds > 0 or
             None), ``cache_max_size`` (default 1024, None = unbounded),

@@ -53,7 +53,7 @@ from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.fallback import Call, Fallback
 from opero._pipeline.policy import Policy, check_seconds
 from opero._ratelimit import MIN_WAIT, Limiter
-from opero.errors import EARLIER_ERRORS, AllFailedError
+from opero.errors import EARLIER_ERRORS, AllFailedError, CircuitOpenError
 
 __all__ = ["NOTE_PREFIX", "Engine", "Step"]
 
@@ -161,7 +161,7 @@ class Engine:
         fails the same way, and in a recursive decorated function every level
         retrying its subtree would make ``(retries + 1) ** depth`` calls.
         """
-        if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError):
+        if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError | CircuitOpenError):
             return False
         predicate = self.predicate
         if predicate is None:

@@ -26,7 +26,7 @@ from opero.errors import ConfigurationError
 __all__ = ["OPTIONS", "OPTION_NAMES", "RULES", "STAGES", "Option"]
 
 #: The stages, in pipeline order (outside in), then the waits (private test hooks).
-STAGES = ("cache", "retry", "fallback", "rate_limit", "callbacks", "wait")
+STAGES = ("cache", "retry", "fallback", "breaker", "rate_limit", "callbacks", "wait")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,19 @@ def _limiter(option: str, value: Any) -> Any:
     return value
 
 
+def _circuit_breaker(option: str, value: Any) -> Any:
+    from opero._pipeline.breaker import CircuitBreaker
+
+    if not isinstance(value, CircuitBreaker):
+        raise c.bad(
+            option,
+            value,
+            "None or an opero.CircuitBreaker (one object may guard several functions)",
+            "opero.CircuitBreaker(failures=5, reset_after=30.0)",
+        )
+    return value
+
+
 _SECONDS = f"a finite number of seconds >= 0 and <= {c.MAX_SECONDS:g}"
 _CALLBACK = "lambda *a: None"
 
@@ -238,6 +251,14 @@ OPTIONS: tuple[Option, ...] = (
             )
         ),
         "the parameter whose value is a list or tuple of candidates",
+    ),
+    # circuit breaker
+    Option(
+        "circuit_breaker",
+        "breaker",
+        None,
+        c.optional(_circuit_breaker),
+        "a CircuitBreaker guarding every call (each attempt and fallback candidate)",
     ),
     # rate limit
     Option(
@@ -352,6 +373,15 @@ OPTIONS: tuple[Option, ...] = (
         None,
         c.optional(c.function("a callable on_cache_hit()", _CALLBACK)),
         "called on every cache hit",
+    ),
+    Option(
+        "on_circuit_open",
+        "callbacks",
+        None,
+        c.optional(
+            c.function("a callable on_circuit_open(details) or on_circuit_open()", _CALLBACK)
+        ),
+        "called when a call's failure opens the circuit breaker",
     ),
     # cache
     Option("cache", "cache", False, c.flag, "cache successful results"),
@@ -588,6 +618,15 @@ def cache_options_need_cache(v: Mapping[str, Any], given: Mapping[str, Any], fun
         )
 
 
+def circuit_hook_needs_breaker(v: Mapping[str, Any], given: Mapping[str, Any], func: Any) -> None:
+    """``on_circuit_open`` does nothing without ``circuit_breaker``."""
+    if v["on_circuit_open"] is not None and v["circuit_breaker"] is None:
+        raise ConfigurationError(
+            "@opero(on_circuit_open=...) has no effect without circuit_breaker; set "
+            "circuit_breaker=opero.CircuitBreaker(...) or drop on_circuit_open."
+        )
+
+
 #: The cross-option rules, run in this order after the per-option checks.
 RULES: tuple[Rule, ...] = (
     delays_ordered,
@@ -596,4 +635,5 @@ RULES: tuple[Rule, ...] = (
     cache_options_fit_backend,
     cache_policy_fits,
     cache_options_need_cache,
+    circuit_hook_needs_breaker,
 )

@@ -31,6 +31,7 @@ __all__ = [
     "MIN_RATE",
     "OPTION_NAMES",
     "CachePolicy",
+    "BreakerPolicy",
     "CallbackPolicy",
     "FallbackPolicy",
     "Policy",
@@ -73,6 +74,13 @@ class FallbackPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Stage ``breaker``: the circuit breaker guarding every real call."""
+
+    circuit_breaker: Any
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """Stage ``rate_limit``: one token per real call."""
 
@@ -95,6 +103,7 @@ class CallbackPolicy:
     on_success: Callable[..., Any] | None
     on_failure: Callable[..., Any] | None
     on_cache_hit: Callable[..., Any] | None
+    on_circuit_open: Callable[..., Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +137,7 @@ STAGE_POLICIES: dict[str, type[Any]] = {
     "cache": CachePolicy,
     "retry": RetryPolicy,
     "fallback": FallbackPolicy,
+    "breaker": BreakerPolicy,
     "rate_limit": RateLimitPolicy,
     "callbacks": CallbackPolicy,
     "wait": WaitPolicy,
@@ -138,6 +148,7 @@ _STAGE_ATTR = {
     "cache": "caching",
     "retry": "retry",
     "fallback": "fallback",
+    "breaker": "breaker",
     "rate_limit": "rate",
     "callbacks": "callbacks",
     "wait": "wait",
@@ -163,6 +174,7 @@ class Policy:
         callbacks: Stage ``callbacks`` (:class:`CallbackPolicy`).
         caching: Stage ``cache`` (:class:`CachePolicy`).
         wait: The private waits (:class:`WaitPolicy`).
+        breaker: Stage ``breaker`` (:class:`BreakerPolicy`).
         options: The read-only mapping of the options the user passed, after
             normalization (``retry_on`` as a tuple), without the private
             ``_limiter``: ``opero(**policy.options)`` rebuilds an equivalent
@@ -176,6 +188,7 @@ class Policy:
     callbacks: CallbackPolicy
     caching: CachePolicy
     wait: WaitPolicy
+    breaker: BreakerPolicy
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __getattr__(self, name: str) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 
@@ -30,9 +31,10 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     func = engine.func
     limited = engine.limiter is not None
     on_success = engine.on_success
-    if not limited and on_success is None and not engine.guarded:
+    guard = breaker_guard(engine.policy, engine.qualname, engine.func)
+    if not limited and on_success is None and not engine.guarded and guard is None:
         return func
-    retry_from = _retry_from(engine)
+    retry_from = _retry_from(engine, guard)
     if engine.fallback is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
         # (the function may change the list it receives).
@@ -48,6 +50,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             key_map=engine.key_map is not None,
             on_success=on_success is not None,
             guard=engine.guarded,
+            breaker=guard is not None,
         ),
         {
             "__opero_key": engine.key_function,
@@ -57,18 +60,36 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             "__opero_check_wait": engine.check_wait,
             "__opero_sleep": engine.sleep,
             "__opero_on_success": on_success,
+            **_breaker_names(guard),
         },
     )
-    return generated or _generic(engine, retry_from)
+    return generated or _generic(engine, retry_from, guard)
 
 
-def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
+def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
+    """Return the generated wrapper's names for the circuit breaker (none without one)."""
+    if guard is None:
+        return {}
+    return {
+        "__opero_cb": guard.breaker,
+        "__opero_enter": guard.enter,
+        "__opero_ok": guard.ok,
+        "__opero_failed": guard.failed,
+        "__opero_release": guard.release,
+    }
+
+
+def _generic(
+    engine: Engine, retry_from: RetryFrom, guard: BreakerGuard | None
+) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
+    guarded = engine.guarded
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        probe = guard.breaker._check and guard.enter() if guard is not None else 0
         if keyed_wait is not None:
             if wait := keyed_wait(args, kwargs):
                 sleep(wait)
@@ -77,7 +98,17 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
+            if guard is not None:
+                guard.failed(exc, probe, args, kwargs)
+                if not guarded:
+                    raise
             return retry_from(exc, args, kwargs)
+        except BaseException:
+            if probe:
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
+        if guard is not None and probe:
+            guard.ok(probe)
         if on_success is not None:
             on_success(result)
         return result
@@ -85,8 +116,12 @@ def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
     return call
 
 
-def _retry_from(engine: Engine) -> RetryFrom:
-    """Return the loop: from the start (``first=None``) or after the first call failed."""
+def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
+    """Return the loop: from the start (``first=None``) or after the first call failed.
+
+    With a circuit breaker, each call asks it before its wait and token: an open
+    circuit ends the loop at once with ``CircuitOpenError`` (never retried).
+    """
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
@@ -104,6 +139,7 @@ def _retry_from(engine: Engine) -> RetryFrom:
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                probe = guard.enter() if guard is not None else 0
                 if wait > 0:
                     sleep(wait)
                 call_args, call_kwargs = calls[index]
@@ -115,11 +151,19 @@ def _retry_from(engine: Engine) -> RetryFrom:
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
+                    if guard is not None:
+                        guard.failed(exc, probe, call_args, call_kwargs, len(errors) + 1)
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
                     round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                except BaseException:
+                    if probe:
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 else:
+                    if guard is not None:
+                        guard.ok(probe)
                     if on_success is not None:
                         on_success(result)
                     return result
