@@ -35,6 +35,7 @@ use pyo3::prelude::*;
 fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<py::clock::PyManualClock>()?;
+    m.add_function(wrap_pyfunction!(py::clock::coarse_monotonic, m)?)?;
     m.add_class::<py::keys::PyKey>()?;
     m.add_function(wrap_pyfunction!(py::keys::make_key, m)?)?;
     m.add_function(wrap_pyfunction!(py::keys::stable_digest, m)?)?;
@@ -45,6 +46,8 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::flight::PyFlightToken>()?;
     py::flight::install_fork_hook();
     py::cached_call::enable_vectorcall(m.py())?;
+    m.add_class::<py::timed_call::PyTimedCall>()?;
+    py::timed_call::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;
     m.add_class::<py::backoff::PyBackoff>()?;
     Ok(())

@@ -248,3 +248,27 @@ class BadInParent:
 def p_bad_result_on_5(x: int) -> Any:
     """Return x, except item 5 gives a result the parent cannot unpickle."""
     return BadInParent(x) if x == 5 else x
+
+
+def scaled(x: int, scale: int = 1, offset: int = 0) -> int:
+    """Return ``x * scale + offset`` (shared keyword arguments, any mode)."""
+    return x * scale + offset
+
+
+async def a_scaled(x: int, scale: int = 1, offset: int = 0) -> int:
+    """Async twin of :func:`scaled`."""
+    return x * scale + offset
+
+
+def fail_on_3_and_7(x: int) -> int:
+    """Fail items 3 and 7 with a ValueError naming them, return the item doubled otherwise."""
+    if x in (3, 7):
+        raise ValueError(f"bad item {x}")
+    return 2 * x
+
+
+def logged_scaled(item: tuple[str, int], scale: int = 1) -> int:
+    """Log the call to the file named in the item, return the number times ``scale``."""
+    path, x = item
+    record(path, f"{x} {scale}")
+    return x * scale

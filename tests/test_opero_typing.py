@@ -59,3 +59,87 @@ def test_mypy_rejects_wrong_argument_type(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "arg-type" in result.stdout
     assert 'expected "int"' in result.stdout
+
+
+_IGNORES = "  # type: ignore[list-item]  # pyright: ignore[reportArgumentType]"
+"""The expected-error comments of the misuse line in typing_check_opmap.py."""
+
+
+def _run_mypy(path: Path) -> subprocess.CompletedProcess[str]:
+    """Run strict mypy on one file (no cache) and return the finished process."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--warn-unused-ignores",
+            "--no-incremental",
+            "--cache-dir=/dev/null",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=280,
+        check=False,
+    )
+
+
+def _basedpyright() -> str:
+    """Return the basedpyright executable beside this Python, or skip with the reason."""
+    exe = Path(sys.executable).with_name("basedpyright")
+    if not exe.exists():
+        pytest.skip("basedpyright is not installed (pip install basedpyright: the dev extra)")
+    return str(exe)
+
+
+def _run_pyright(path: Path) -> subprocess.CompletedProcess[str]:
+    """Run basedpyright on one file, errors only, with this interpreter's packages."""
+    return subprocess.run(
+        [_basedpyright(), "--level", "error", "--pythonpath", sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=280,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_mypy_types_opmap_items_and_results() -> None:
+    """Strict mypy accepts typing_check_opmap.py: MappedFunction[T, R], list[R | Exception]."""
+    result = _run_mypy(ROOT / "tests" / "typing_check_opmap.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_mypy_rejects_wrong_opmap_item_type(tmp_path: Path) -> None:
+    """Without the ignore, mapping strings over a function of ints is a mypy error."""
+    source = (ROOT / "tests" / "typing_check_opmap.py").read_text()
+    bad = tmp_path / "opmap_bad.py"
+    bad.write_text(source.replace(_IGNORES, ""))
+    result = _run_mypy(bad)
+    assert result.returncode == 1
+    assert "list-item" in result.stdout
+    assert '"int"' in result.stdout
+
+
+@pytest.mark.slow
+def test_pyright_types_opmap_items_and_results() -> None:
+    """The pyright checker (basedpyright) accepts the opmap fixture, assert_type included."""
+    result = _run_pyright(ROOT / "tests" / "typing_check_opmap.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 errors" in result.stdout
+
+
+@pytest.mark.slow
+def test_pyright_rejects_wrong_opmap_item_type(tmp_path: Path) -> None:
+    """The pyright checker (basedpyright) reports a wrong item type once the ignore is gone."""
+    source = (ROOT / "tests" / "typing_check_opmap.py").read_text()
+    bad = tmp_path / "opmap_bad.py"
+    bad.write_text(source.replace(_IGNORES, ""))
+    result = _run_pyright(bad)
+    assert result.returncode == 1
+    assert "1 error" in result.stdout
+    assert 'parameter "items" of type "Iterable[int]"' in result.stdout

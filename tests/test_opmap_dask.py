@@ -78,3 +78,23 @@ def test_dask_workers_bound_tasks_in_flight(client, tmp_path):
     with open(log) as handle:
         events = handle.read().split()
     assert events == ["start", "stop"] * 8
+
+
+def test_dask_imap_streams_with_bounded_tasks(client):
+    """A Dask imap yields in order from an endless generator and stops pulling when closed."""
+    f = opmap(mode="dask", client=client, workers=2, retries=0, progress=False)(h.scaled)
+    pulled = [0]
+
+    def source():
+        while True:
+            yield pulled[0]
+            pulled[0] += 1
+
+    stream = f.imap(source(), scale=2)
+    first = [next(stream) for _ in range(30)]
+    stream.close()
+    assert first == [2 * i for i in range(30)]
+    seen = pulled[0]
+    assert seen <= 30 + 4 * 4096
+    assert sorted(f.imap(range(100), ordered=False)) == list(range(100))
+    assert pulled[0] == seen

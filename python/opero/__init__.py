@@ -12,7 +12,7 @@ from opero._opero_core import __version__
 from opero._pipeline.breaker import CircuitBreaker
 from opero._pipeline.decorate import OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
-from opero._testing import set_testing
+from opero._testing import is_testing, set_testing
 from opero.cache import CacheInfo
 from opero.errors import (
     AllFailedError,
@@ -23,6 +23,8 @@ from opero.errors import (
     OperoError,
     OpmapFailureWarning,
     RateLimitTimeout,
+    RemoteTraceback,
+    RetryResultError,
     WorkerDiedError,
     WorkerStartError,
     attempt_errors,
@@ -42,11 +44,14 @@ __all__ = [
     "OperoFunction",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RemoteTraceback",
+    "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
     "__version__",
     "attempt_errors",
     "clear_cache",
+    "is_testing",
     "opero",
     "opmap",
     "set_testing",

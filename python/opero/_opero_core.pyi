@@ -9,12 +9,14 @@ from typing import Any, Literal, final
 __all__ = [
     "__version__",
     "ManualClock",
+    "coarse_monotonic",
     "Key",
     "make_key",
     "stable_digest",
     "stable_digest_call",
     "Store",
     "CachedCall",
+    "TimedCall",
     "FlightToken",
     "TokenBucket",
     "Backoff",
@@ -47,6 +49,14 @@ class Key:
 
     def __hash__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
+
+def coarse_monotonic() -> float:
+    """Seconds of a cheap monotonic clock: ``CLOCK_MONOTONIC_COARSE`` read from
+    the vDSO on Linux (resolution one scheduler tick, 1-4 ms; same epoch as
+    ``time.monotonic``), ``time.monotonic``'s clock elsewhere.
+
+    The deadline clock of ``@opero(timeout=...)``, read once per call.
+    """
 
 def make_key(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Key:
     """Build the in-process key of a call; keyword order does not matter.
@@ -213,6 +223,39 @@ class CachedCall:
     @property
     def func(self) -> Callable[..., Any]:
         """The wrapped function, called on a miss."""
+    @property
+    def bypass(self) -> bool:
+        """Whether every call bypasses the store (calls ``func``, no lookup, no store)."""
+    def set_bypass(self, on: bool) -> None:
+        """Turn the bypass on or off (``opero.set_testing(cache=False)`` does)."""
+    __dict__: dict[str, Any]
+
+@final
+class TimedCall:
+    """The first call of a function decorated with ``timeout=``.
+
+    Calling it reads a coarse monotonic clock, then calls ``func`` with the
+    same arguments and returns its result. If ``func`` raises an
+    ``Exception``, it returns ``on_fail(exc, start, *args, **kwargs)``
+    instead (``start`` is the clock reading in seconds). Other
+    ``BaseException`` subclasses propagate.
+
+    Instances have a ``__dict__``, bind as methods through ``__get__`` and
+    pickle by reference (``__reduce__`` returns ``__qualname__``).
+
+    Args:
+        func: The function to call.
+        on_fail: Called as ``on_fail(exc, start, *args, **kwargs)`` after an
+            ``Exception``.
+    """
+
+    def __new__(cls, func: Callable[..., Any], on_fail: Callable[..., Any]) -> TimedCall: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, obj: Any, owner: type | None = None, /) -> Any: ...
+    def __reduce__(self) -> str: ...
+    @property
+    def func(self) -> Callable[..., Any]:
+        """The wrapped function."""
     __dict__: dict[str, Any]
 
 @final

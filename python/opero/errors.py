@@ -28,6 +28,8 @@ __all__ = [
     "OperoError",
     "OpmapFailureWarning",
     "RateLimitTimeout",
+    "RemoteTraceback",
+    "RetryResultError",
     "WorkerDiedError",
     "WorkerStartError",
     "attempt_errors",
@@ -81,6 +83,34 @@ class CircuitOpenError(OperoError):
         super().__init__(message)
         self.name = name
         self.retry_after = retry_after
+
+
+class RetryResultError(OperoError):
+    """Every call returned a result that ``retry_on_result`` rejected.
+
+    Raised when retries run out (or a ``timeout`` stops them) after the
+    ``retry_on_result`` predicate returned True for the last call's result, like
+    tenacity's ``RetryError``. Inside an ``arg_fallback`` chain it is one of the
+    :class:`AllFailedError`'s errors.
+
+    Args:
+        message: Names the function and shows a short repr of the result.
+        result: The last result returned (and rejected).
+        attempts: How many calls were made.
+
+    """
+
+    def __init__(self, message: str, result: Any = None, attempts: int = 1) -> None:
+        """Store the message, the last rejected result and the number of calls."""
+        super().__init__(message)
+        self.message = message
+        self.result = result
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the result and the number of calls."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_opero_owner"}
+        return (type(self), (self.message, self.result, self.attempts), state)
 
 
 class AllFailedError(ExceptionGroup, OperoError):
@@ -161,8 +191,10 @@ class MapError(ExceptionGroup, OperoError):
         super().__init__(message, list(errors))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle with the partial results."""
-        return (MapError, (self.message, list(self.exceptions), self.results, self.indices))
+        """Pickle with the partial results and the notes (``__notes__``)."""
+        args = (self.message, list(self.exceptions), self.results, self.indices)
+        notes = self.__dict__.get("__notes__")
+        return (MapError, args) if notes is None else (MapError, args, {"__notes__": notes})
 
     def derive(self, excs: Sequence[Exception]) -> MapError:  # type: ignore[override]
         """Build a group of the same type for ``except*`` and ``split``."""
@@ -182,7 +214,30 @@ class WorkerDiedError(OperoError):
 
 
 class WorkerStartError(OperoError):
-    """A worker process of a process-mode ``@opmap`` died before it could take a job."""
+    """A worker of an ``@opmap`` could not start, so the map stopped.
+
+    Either a worker process died before its first job, or the map's
+    ``initializer=`` raised in a worker (that error is then the ``__cause__``).
+    """
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an item that failed in a worker process or on Dask.
+
+    ``@opmap`` sets it as the ``__cause__`` of such an item's exception, the
+    way ``concurrent.futures`` does, so ``traceback.print_exception(exc)``
+    shows the lines of the worker that raised. Its ``str()`` is that text;
+    ``.tb`` holds it too.
+    """
+
+    def __init__(self, tb: str) -> None:
+        """Keep the traceback text."""
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        """Return the traceback text."""
+        return self.tb
 
 
 def attempt_errors(exc: BaseException) -> list[BaseException]:

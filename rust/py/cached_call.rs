@@ -236,6 +236,9 @@ pub struct PyCachedCall {
     func: Option<Py<PyAny>>,
     key_func: Option<Py<PyAny>>,
     on_hit: Option<Py<PyAny>>,
+    /// `opero.set_testing(cache=False)`: every call runs `func`, no lookup, no
+    /// store (set through `set_bypass` when the switch flips; all-zero is off).
+    bypass: AtomicBool,
     /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`
     /// (see [`enable_vectorcall`]); `Some` once constructed on a full-API
     /// build.
@@ -312,9 +315,52 @@ impl<'py> CallArgs<'_, 'py> {
         }
     }
 
+    /// Call `f` with `first`, then the same arguments, shielded (`TimedCall`'s failure).
+    pub(crate) fn call_prepended(
+        &self,
+        py: Python<'py>,
+        f: &Py<PyAny>,
+        first: &[Py<PyAny>],
+    ) -> PyResult<Py<PyAny>> {
+        let r = match self {
+            CallArgs::Tuple(a, k) => {
+                let mut items: Vec<Bound<'py, PyAny>> =
+                    first.iter().map(|o| o.bind(py).clone()).collect();
+                items.extend(a.iter());
+                let tuple = PyTuple::new(py, items)?;
+                let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+                // SAFETY: `f`, the new tuple and the optional dict are live for the call.
+                unsafe { guarded::call(f.as_ptr(), tuple.as_ptr(), kw) }
+            }
+            #[cfg(not(Py_LIMITED_API))]
+            CallArgs::Vector {
+                args,
+                nargsf,
+                kwnames,
+            } => {
+                // SAFETY: per the vectorcall protocol (a plain bit mask).
+                let nargs = unsafe { ffi::PyVectorcall_NARGS(*nargsf) } as usize;
+                let total = nargs + kwnames.map_or(0, |k| k.len());
+                let mut vector: Vec<*mut ffi::PyObject> = Vec::with_capacity(first.len() + total);
+                vector.extend(first.iter().map(|o| o.as_ptr()));
+                if total > 0 {
+                    // SAFETY: the vectorcall protocol guarantees `nargs + len(kwnames)`
+                    // live pointers at `args` (non-null when there are any) for the call.
+                    let passed = unsafe { std::slice::from_raw_parts(*args, total) };
+                    vector.extend_from_slice(passed);
+                }
+                let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+                // SAFETY: `vector` holds `first.len() + nargs` positional pointers then one
+                // per keyword name, all live (borrowed from `first` and our caller).
+                unsafe { guarded::vectorcall(f.as_ptr(), vector.as_ptr(), first.len() + nargs, kw) }
+            }
+        };
+        owned_result(py, r)
+    }
+
     /// Call `f` with the same arguments, shielded (see `guarded.rs`).
     #[inline]
-    fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
+    pub(crate) fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
         let r = match self {
             CallArgs::Tuple(a, k) => {
                 let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
@@ -379,9 +425,20 @@ impl PyCachedCall {
         self.func.as_ref().ok_or_else(not_ready)
     }
 
+    /// A call while `opero.set_testing(cache=False)` is on: `func`, no lookup, no store.
+    /// Out of line and cold, so the hit path's code stays as it was.
+    #[cold]
+    #[inline(never)]
+    fn bypassed(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        args.call(py, self.func_ref()?)
+    }
+
     /// The whole call: key, lookup, `on_hit` or the single-flight miss.
     #[inline]
     pub(crate) fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        if self.bypass.load(Ordering::Relaxed) {
+            return self.bypassed(py, args);
+        }
         let store = self.store_ref()?.get();
         if self.key_func.is_none() {
             // One int or short str argument: key built in registers.
@@ -624,6 +681,7 @@ impl PyCachedCall {
             func: Some(func.clone().unbind()),
             key_func: callable("key_func", key_func)?,
             on_hit: callable("on_hit", on_hit)?,
+            bypass: AtomicBool::new(false),
             flights: Guarded::new(Flights::default()),
             vectorcall: fastcall::entry_point::<Self>(),
         })
@@ -697,6 +755,17 @@ impl PyCachedCall {
     #[getter]
     fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(self.func_ref()?.clone_ref(py))
+    }
+
+    /// Whether every call bypasses the store (calls `func`, no lookup, no store).
+    #[getter]
+    fn bypass(&self) -> bool {
+        self.bypass.load(Ordering::Relaxed)
+    }
+
+    /// Turn the bypass on or off (``opero.set_testing(cache=False)`` does).
+    fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, Ordering::Relaxed);
     }
 }
 

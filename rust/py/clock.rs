@@ -6,6 +6,16 @@ use pyo3::prelude::*;
 
 use crate::clock::{Clock, ManualClock};
 
+/// Seconds of a cheap monotonic clock: ``CLOCK_MONOTONIC_COARSE`` read from
+/// the vDSO on Linux (resolution one scheduler tick, 1-4 ms; same epoch as
+/// ``time.monotonic``), ``time.monotonic``'s clock elsewhere.
+///
+/// The deadline clock of ``@opero(timeout=...)``, read once per call.
+#[pyfunction]
+pub(crate) fn coarse_monotonic() -> f64 {
+    crate::clock::coarse()
+}
+
 /// A clock for tests that moves only when told to.
 ///
 /// Args:

@@ -11,3 +11,4 @@ pub(crate) mod guarded;
 pub(crate) mod keys;
 pub(crate) mod ratelimit;
 pub(crate) mod store;
+pub(crate) mod timed_call;

@@ -71,6 +71,22 @@ def _opero_impl(mode: str, items: Sequence[int], func: Callable[[int], int]) -> 
     )
 
 
+def _imap_impls(mode: str, items: Sequence[int], func: Callable[[int], int]) -> list[Impl]:
+    """Return ``list(f.imap(items))`` and the list call ``f(items)`` of the same map."""
+
+    def streamed(stack: contextlib.ExitStack) -> LoopFn:
+        mapped: Any = _opmap(mode=mode)(func)
+        return _job(lambda xs: list(mapped.imap(xs)), items, func)
+
+    def listed(stack: contextlib.ExitStack) -> LoopFn:
+        return _job(_opmap(mode=mode)(func), items, func)
+
+    return [
+        Impl("opero imap", streamed, once=True, ops=len(items)),
+        Impl("opero list call", listed, once=True, ops=len(items)),
+    ]
+
+
 def _serial(items: Sequence[int], func: Callable[[int], int]) -> Impl:
     return Impl(
         "serial list comp.",
@@ -150,6 +166,18 @@ def _build_map(settings: Settings) -> list[Case]:
             _opero_impl("process", cpu, spin),
             [_serial(cpu, spin), _mp_pool(cpu, spin), _process_pool(cpu, spin)],
             targets={"serial list comp.": 1 / 1.85},
+        ),
+        Case(
+            f"thread, imap, {TRIVIAL_ITEMS // 1000}k trivial",
+            (imaps := _imap_impls("thread", trivial, square))[0],
+            [imaps[1]],
+            targets={"opero list call": 1.2},
+        ),
+        Case(
+            f"process, imap, {TRIVIAL_ITEMS // 1000}k trivial",
+            (pimaps := _imap_impls("process", trivial, square))[0],
+            [pimaps[1]],
+            targets={"opero list call": 1.2},
         ),
         Case(
             "process, retries+cache",

@@ -3,6 +3,8 @@
 The function succeeds at once, so this times what the retry machinery costs
 when it is not needed, against a handwritten ``try``/``except`` loop, tenacity
 and backoff. Before timing, opero proves it really retries a flaky function.
+The ``timeout=10`` rows (issue 12) time the same success with a deadline against
+plain ``retries=3``: the deadline must cost at most 1.2x.
 """
 
 from __future__ import annotations
@@ -94,6 +96,37 @@ def _async(decorate: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack]
     return make
 
 
+def _opero_timeout_sync(stack: contextlib.ExitStack) -> LoopFn:
+    now = [0.0]
+
+    def down() -> None:
+        now[0] += 1.0
+        raise ConnectionError("down")
+
+    deadline = opero_decorator(
+        retries=10, timeout=2.5, min_delay=0.0, _clock=lambda: now[0], _sleep=lambda s: None
+    )(down)
+    with contextlib.suppress(ConnectionError):
+        deadline()
+    check(now[0] == 3.0, f"timeout=2.5 with 1 s calls made {now[0]:g} calls, expected 3")
+    return call_loop("f(1)", {"f": opero_decorator(retries=3, timeout=10.0)(ok)})
+
+
+def _opero_timeout_async(stack: contextlib.ExitStack) -> LoopFn:
+    loop = event_loop(stack)
+    f = opero_decorator(retries=3, timeout=10.0)(aok)
+    check(loop.run_until_complete(f(1)) == 2, "wrong result")
+    return call_loop("await f(1)", {"f": f, "loop": loop}, is_async=True)
+
+
+def _timeout_breaker_sync(stack: contextlib.ExitStack) -> LoopFn:
+    from opero import CircuitBreaker
+
+    f = opero_decorator(retries=3, timeout=10.0, circuit_breaker=CircuitBreaker())(ok)
+    check(f(1) == 2, "wrong result")
+    return call_loop("f(1)", {"f": f})
+
+
 def _tenacity() -> Decorator:
     import tenacity
 
@@ -151,6 +184,26 @@ def _build(settings: Settings) -> list[Case]:
             Impl("opero", _breaker_async),
             [Impl("@opero(retries=3)", _async(lambda: opero_decorator(retries=3)))],
             targets={"@opero(retries=3)": 1.2},
+        ),
+        # issue 12: a deadline costs one clock read on success.
+        Case(
+            "retries=3, timeout=10, sync",
+            Impl("opero", _opero_timeout_sync),
+            [Impl("opero retries=3", _opero_sync)],
+            targets={"opero retries=3": 1.2},
+        ),
+        Case(
+            "retries=3, timeout=10, async",
+            Impl("opero", _opero_timeout_async),
+            [Impl("opero retries=3", _opero_async)],
+            targets={"opero retries=3": 1.2},
+        ),
+        # issue 12: a deadline and a closed breaker together.
+        Case(
+            "retries=3, timeout=10, closed breaker, sync",
+            Impl("opero", _timeout_breaker_sync),
+            [Impl("opero retries=3", _opero_sync)],
+            targets={"opero retries=3": 1.2},
         ),
     ]
 

@@ -79,18 +79,27 @@ import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, Generic, Literal, NoReturn, Protocol, TypeVar, overload
 
 from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import PROGRESS_VALUES, make_progress
+from opero._map.progress import CURRENT_BAR, PROGRESS_VALUES, counting_retries, make_progress
+from opero._map.stream import failure_message
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
-from opero.errors import ConfigurationError, MapError, OpmapFailureWarning
+from opero.errors import ConfigurationError, MapError, OpmapFailureWarning, WorkerStartError
 
-__all__ = ["MODES", "MappedFunction", "opmap"]
+__all__ = ["MODES", "MappedFunction", "OpmapDecorator", "opmap"]
 
 
 _log = logging.getLogger("opero")
@@ -100,6 +109,7 @@ MODES = ("thread", "process", "async", "async_process", "dask")
 
 Mode = Literal["thread", "process", "async", "async_process", "dask"]
 
+T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -155,6 +165,74 @@ def _check_options(
         )
     if client is not None and mode != "dask":
         raise ConfigurationError(f"opmap: client= is only used with mode='dask', got mode={mode!r}")
+
+
+def _check_worker_options(
+    mode: Any, executor: Any, initializer: Any, initargs: Any, max_tasks: Any
+) -> None:
+    """Validate ``initializer``, ``initargs`` and ``max_tasks_per_child``."""
+    if initializer is not None and not callable(initializer):
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} must be a callable run once per worker (or None)"
+        )
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, (tuple, list)):
+        raise ConfigurationError(
+            f"opmap: initargs={initargs!r} must be a tuple of the initializer's arguments, "
+            "e.g. initargs=(path,)"
+        )
+    if initargs and initializer is None:
+        raise ConfigurationError("opmap: initargs= is given without initializer=")
+    if initializer is not None and (executor is not None or mode == "async"):
+        where = "executor=" if executor is not None else "mode='async'"
+        raise ConfigurationError(
+            f"opmap: initializer= is not supported with {where}: "
+            + (
+                "give it to your executor (ThreadPoolExecutor(initializer=...))"
+                if executor is not None
+                else "its one worker is the event loop; do the setup before the call"
+            )
+        )
+    if max_tasks is not None:
+        if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
+            raise ConfigurationError(
+                f"opmap: max_tasks_per_child={max_tasks!r} must be an int >= 1, or None "
+                "(workers live until exit)"
+            )
+        if mode != "process" or executor is not None:
+            raise ConfigurationError(
+                "opmap: max_tasks_per_child= recycles opero's own worker processes: use it "
+                f"with mode='process', not {'executor=' if executor is not None else repr(mode)}"
+            )
+
+
+def _init_blob(
+    initializer: Callable[..., object] | None, initargs: tuple[Any, ...], mode: str, executor: Any
+) -> bytes | None:
+    """Pickle ``(initializer, initargs)`` for the workers, at decoration time.
+
+    Like the mapped function: by reference when the initializer can be
+    imported by name, else by value through cloudpickle (``__main__``, a
+    notebook, a lambda or closure), which a spawned worker can rebuild.
+    """
+    if initializer is None or executor is not None or mode == "thread":
+        return None
+    state = (initializer, initargs)
+    if _importable(initializer):
+        try:
+            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # initargs holding a lambda: by value below
+            pass
+    try:
+        blob: bytes = importlib.import_module("cloudpickle").dumps(
+            state, protocol=pickle.HIGHEST_PROTOCOL
+        )
+    except Exception as exc:
+        raise ConfigurationError(
+            f"opmap: initializer={initializer!r} with initargs={initargs!r} cannot be pickled "
+            f"to the worker processes ({type(exc).__name__}: {exc}); define the initializer "
+            "at module level and pass picklable initargs (paths, not open files)"
+        ) from exc
+    return blob
 
 
 def _check_function(func: Any, mode: str, executor: Any) -> bool:
@@ -223,6 +301,64 @@ def _as_list(items: Any, name: str) -> list[Any]:
         raise exc
 
 
+class _InitFailed(BaseException):
+    """Carries a thread's failed initializer out of the thread engine, which catches Exception."""
+
+    def __init__(self, error: WorkerStartError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _with_thread_init(
+    fn: Callable[[Any], Any], initializer: Callable[..., object], initargs: tuple[Any, ...]
+) -> Callable[[Any], Any]:
+    """Return ``fn`` preceded, once per thread, by ``initializer(*initargs)``.
+
+    A raising initializer stops the map with :class:`WorkerStartError`; the
+    thread runs it again at the next call.
+    """
+    local = threading.local()
+
+    def call(item: Any, **kwargs: Any) -> Any:
+        if "ready" not in local.__dict__:
+            try:
+                initializer(*initargs)
+            except Exception as exc:
+                error = WorkerStartError(
+                    f"opmap: the initializer raised in thread "
+                    f"{threading.current_thread().name!r}: {type(exc).__name__}: {exc}; the map "
+                    "stopped (its items that had not run never will)"
+                )
+                error.__cause__ = exc
+                raise _InitFailed(error) from None
+            local.ready = True
+        return fn(item, **kwargs)
+
+    return call
+
+
+def _as_iter(items: Any, name: str) -> Iterator[Any]:
+    """Return an iterator over the argument; the same TypeErrors as :func:`_as_list`."""
+    if isinstance(items, (str, bytes, bytearray)):
+        _as_list(items, name)  # raises the TypeError that explains it
+    try:
+        return iter(items)
+    except TypeError:
+        raise TypeError(
+            f"{name}() takes an iterable of items (list, tuple, generator, ...), "
+            f"got {type(items).__name__}: pass [item] to map over one item"
+        ) from None
+
+
+def _check_ordered(ordered: Any) -> None:
+    """Reject an ``ordered=`` that is not a bool (a function's own ``ordered`` clashes)."""
+    if not isinstance(ordered, bool):
+        raise ConfigurationError(
+            f"opmap: ordered={ordered!r} must be True or False (imap/aimap take ordered= "
+            "themselves: a function parameter named ordered cannot be passed through them)"
+        )
+
+
 class _WorkerTarget:
     """What a worker receives: the mapped function, the shared rate limiter, the testing switch.
 
@@ -233,32 +369,37 @@ class _WorkerTarget:
     takes it before running the job.
     """
 
-    __slots__ = ("limiter", "mapped", "pid", "testing")
+    __slots__ = ("kwargs", "limiter", "mapped", "pid", "testing")
 
     def __init__(
         self,
-        mapped: MappedFunction[Any],
+        mapped: MappedFunction[Any, Any],
         limiter: SharedTokenBucket | None,
-        testing: bool | None = None,
+        testing: _testing.State | bool | None = None,
         pid: int | None = None,
+        kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.mapped = mapped
         self.limiter = limiter
-        self.testing = _testing.is_testing() if testing is None else testing
+        self.testing = _testing.state() if testing is None else testing
         self.pid = os.getpid() if pid is None else pid
+        self.kwargs = kwargs  # the call's shared keyword arguments: pickled once per map
 
     def resolve(self) -> Callable[[Any], Any]:
         """Return the uncached per-item function of this process (built once)."""
         if os.getpid() != self.pid:  # a worker process: the parent's switch applies
-            _testing._enabled = self.testing
-        return self.mapped._worker_call(self.limiter)
+            _testing.restore(self.testing)
+        fn = self.mapped._worker_call(self.limiter)
+        if self.kwargs:
+            return functools.partial(fn, **self.kwargs)
+        return fn
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the mapped function (by reference when importable), limiter and switch."""
-        return (_WorkerTarget, (self.mapped, self.limiter, self.testing, self.pid))
+        return (_WorkerTarget, (self.mapped, self.limiter, self.testing, self.pid, self.kwargs))
 
 
-_BY_VALUE: collections.OrderedDict[str, MappedFunction[Any]] = collections.OrderedDict()
+_BY_VALUE: collections.OrderedDict[str, MappedFunction[Any, Any]] = collections.OrderedDict()
 """Mapped functions received by value, by token, least recently used first: a worker
 rebuilds each one once while it is among the last :data:`BY_VALUE_KEPT` it ran."""
 BY_VALUE_KEPT = 64
@@ -266,7 +407,7 @@ BY_VALUE_KEPT = 64
 a fresh closure per request would otherwise keep every one of them (and what it
 holds) in every long-lived worker, growing without bound."""
 _BY_VALUE_LOCK = threading.Lock()  # a Dask worker runs tasks on several threads
-_SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any]] = (
+_SENT_BY_VALUE: weakref.WeakValueDictionary[str, MappedFunction[Any, Any]] = (
     weakref.WeakValueDictionary()
 )
 """Mapped functions this process sent by value (in-process executors get the original)."""
@@ -355,7 +496,7 @@ def _install_opero(trampoline: Any, state: tuple[Callable[..., Any], dict[str, A
     functools.update_wrapper(trampoline, wrapper)
 
 
-def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
+def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any, Any]:
     """Unpickle a mapped function sent by value, reusing this process's copy."""
     mapped = _SENT_BY_VALUE.get(token)
     if mapped is not None:
@@ -376,11 +517,53 @@ def _rebuild_by_value(token: str, blob: bytes) -> MappedFunction[Any]:
     return mapped
 
 
-class MappedFunction(Generic[R]):
+def _init_with_mapped(
+    token: str,
+    state: tuple[Callable[..., Any], dict[str, Any]],
+    initializer: Callable[..., object],
+    initargs: tuple[Any, ...],
+) -> None:
+    """In a worker: rebuild a mapped function sent by value, then run its initializer.
+
+    Unpickled together, the function and the initializer share their globals;
+    the function is kept under its token, where :func:`_rebuild_by_value`
+    finds it when the jobs arrive (in a forked worker, instead of the parent's
+    original it inherited).
+    """
+    func, options = state
+    mapped: MappedFunction[Any, Any] = MappedFunction(func, token=token, **options)
+    # A forked worker inherited the parent's original: it must use this copy instead.
+    _SENT_BY_VALUE.pop(token, None)
+    with _BY_VALUE_LOCK:
+        _BY_VALUE[token] = mapped
+        _BY_VALUE.move_to_end(token)
+        while len(_BY_VALUE) > BY_VALUE_KEPT:
+            _BY_VALUE.popitem(last=False)
+    initializer(*initargs)
+
+
+class _Results(list):  # type: ignore[type-arg]
+    """The list a map returns; it remembers its items (and, unordered, their input indices).
+
+    So ``f.failed(results)`` can name each failed item even when the items
+    came from a generator. It is a plain ``list`` otherwise (equality, slicing,
+    pickling as a list subclass).
+    """
+
+    __slots__ = ("_opmap_indices", "_opmap_items")
+
+    _opmap_items: Sequence[Any]
+    _opmap_indices: list[int] | None
+
+
+class MappedFunction(Generic[T, R]):
     """A one-item function mapped over iterables; built by :func:`opmap`.
 
-    Call it with an iterable to get a ``list`` of results, or ``await
-    f.amap(items)`` from async code. ``f.item_function`` is the per-item
+    Generic in the item type ``T`` and the result type ``R`` (for an ``async
+    def`` function, what it returns once awaited). Call it with an iterable to
+    get a ``list`` of results, ``await f.amap(items)`` from async code, or
+    stream with ``f.imap(items)`` / ``f.aimap(items)``. A failed item holds its
+    exception, hence ``R | Exception``. ``f.item_function`` is the per-item
     ``@opero`` function (with its cache methods).
     """
 
@@ -397,6 +580,9 @@ class MappedFunction(Generic[R]):
         executor: cf.Executor | None = None,
         chunksize: int | None = None,
         token: str | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Sequence[Any] = (),
+        max_tasks_per_child: int | None = None,
         **opero_options: Any,
     ) -> None:
         from opero._pipeline import decorate as _decorator
@@ -410,17 +596,27 @@ class MappedFunction(Generic[R]):
         self._client = client
         self._executor = executor
         self._chunksize = chunksize
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_child
+        self._init_blob = _init_blob(initializer, self._initargs, mode, executor)
+        self._shared_init_blob: bytes | None = None
         self._opero_options = opero_options
         self._is_async = _check_function(func, mode, executor)
         # Validates every @opero option now, at decoration time.
-        self.item_function: Any = _decorator.opero(**opero_options)(func)
+        self.item_function: Any = _decorator.opero(**self._counted(opero_options))(func)
         self._meta: Any = getattr(self.item_function, "__opero__", None)
         self._has_cache = bool(getattr(self._meta, "has_cache", False))
+        self._thread_fn: Callable[[Any], Any] = self.item_function
+        if initializer is not None and mode == "thread" and executor is None:
+            self._thread_fn = _with_thread_init(self.item_function, initializer, self._initargs)
+        self._dask_clients: weakref.WeakSet[Any] = weakref.WeakSet()  # plugin registered
         self._token = token or uuid.uuid4().hex
         self._worker_fns: dict[str | None, Callable[[Any], Any]] = {}
         self._limiter: SharedTokenBucket | None = None
         self._limiter_lock = threading.Lock()
         self._blob: bytes | None = None
+        self._stream_chunk = 1  # the chunk size the last imap/aimap reached (see stream.py)
         functools.update_wrapper(self, func)
         self._label: str = getattr(func, "__qualname__", repr(func))
         self.__name__ = getattr(func, "__name__", "opmap")
@@ -443,58 +639,263 @@ class MappedFunction(Generic[R]):
             return max(1, int(sum(self._dask_client().nthreads().values())))
         return _default_workers(self._mode)
 
-    def __call__(self, items: Iterable[Any]) -> list[Any]:
+    def __call__(
+        self, items: Iterable[T], /, *args: NoReturn, **kwargs: Any
+    ) -> list[R | Exception]:
         """Map the function over ``items``; return the results as a list.
 
         Args:
             items: Any iterable; a generator is consumed once.
+            *args: Not supported: extra arguments go by keyword.
+            **kwargs: Shared keyword arguments, passed to every item call
+                (``func(item, **kwargs)``) and part of each item's cache key.
 
         Returns:
             One result per item, in input order (completion order with
-            ``ordered=False``); a failed item holds its exception.
+            ``ordered=False``); a failed item holds its exception. The list
+            remembers its items for :meth:`failed`.
 
         Raises:
-            TypeError: ``items`` is not iterable.
+            TypeError: ``items`` is not iterable, a positional extra argument,
+                or a keyword the function does not take.
             MapError: ``strict=True`` and some items failed (after all finished).
 
         """
+        kw = self._shared_kwargs("", args, kwargs)
         values = _as_list(items, self.__name__)
         if self._executor is None and self._mode == "async":
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
-                return asyncio.run(self._amap_async(values))
+                return asyncio.run(self._amap_async(values, kw))
             with cf.ThreadPoolExecutor(1, thread_name_prefix="opero-opmap-async") as helper:
-                return helper.submit(asyncio.run, self._amap_async(values)).result()
+                return helper.submit(asyncio.run, self._amap_async(values, kw)).result()
         if self._executor is None and self._mode == "async_process":
-            future = _pools.background_loop().submit(self._amap_aio_process(values))
+            future = _pools.background_loop().submit(self._amap_aio_process(values, kw))
             try:
                 return future.result()
             except BaseException:  # Ctrl-C: stop the map on the background loop too
                 future.cancel()
                 raise
-        return self._map_sync(values)
+        return self._map_sync(values, None, kw)
 
-    async def amap(self, items: Iterable[Any]) -> list[Any]:
+    async def amap(
+        self, items: Iterable[T], /, *args: NoReturn, **kwargs: Any
+    ) -> list[R | Exception]:
         """Map the function over ``items`` without blocking the running event loop.
 
         Same arguments, results and errors as calling the object.
         """
+        kw = self._shared_kwargs("amap", args, kwargs)
         values = _as_list(items, self.__name__)
         if self._executor is None and self._mode == "async":
-            return await self._amap_async(values)
+            return await self._amap_async(values, kw)
         if self._executor is None and self._mode == "async_process":
-            future = _pools.background_loop().submit(self._amap_aio_process(values))
+            future = _pools.background_loop().submit(self._amap_aio_process(values, kw))
             return await asyncio.wrap_future(future)
         scope = _pools.CancelScope()
         try:
-            return await asyncio.to_thread(self._map_sync, values, scope)
+            return await asyncio.to_thread(self._map_sync, values, scope, kw)
         except asyncio.CancelledError:
             # The helper thread stops between two items (thread mode) or drops
             # the jobs not yet sent (process mode), so asyncio.run() does not
             # wait for the whole map when it joins its executor.
             scope.cancel()
             raise
+
+    def _worker_init_blob(self) -> bytes | None:
+        """Return what a worker process runs first: the initializer, pickled at decoration.
+
+        When this function travels by value (``__main__``, a notebook), the
+        initializer travels in one pickle with it, and the worker rebuilds the
+        function there (:func:`_init_with_mapped`): both then share one copy of
+        the globals they use, so a global the initializer sets (a model) is the
+        one the function reads. Pickled separately, each would get its own.
+        """
+        if self._init_blob is None or _importable(self):
+            return self._init_blob
+        if self._shared_init_blob is None:
+            # The options a copy by value is rebuilt with (as in __reduce__).
+            options = dict(self._opero_options)
+            options.update(
+                mode=self._mode,
+                workers=self._workers,
+                ordered=self._ordered,
+                progress=self._progress,
+                strict=self._strict,
+                chunksize=self._chunksize,
+            )
+            state = (self._token, (self._func, options), self._initializer, self._initargs)
+            try:
+                self._shared_init_blob = _dumps_by_value((_init_with_mapped, state))
+            except Exception:  # __reduce__ reports it when the function is sent
+                self._shared_init_blob = self._init_blob
+        return self._shared_init_blob
+
+    def imap(
+        self, items: Iterable[T], /, *args: NoReturn, ordered: bool = True, **kwargs: Any
+    ) -> Iterator[R | Exception]:
+        """Stream the results: an iterator that yields each result as soon as it is ready.
+
+        Items are pulled lazily (an endless generator works): at most
+        ``2 * workers`` jobs are in flight, each of at most ``chunksize`` items
+        (automatic: one item at first, then what takes about 10 ms, at most
+        4096; one item per job in ``"async"`` mode), so at most ``2 * workers * 4096``
+        items are pulled and not yet yielded. When the loop over it stops
+        (``break``, ``close()``, an exception, Ctrl-C, garbage collection),
+        no further item is pulled, jobs not started are dropped, and the
+        workers stop after the job they are running.
+
+        Args:
+            items: Any iterable; consumed lazily, once.
+            *args: Not supported: extra arguments go by keyword.
+            ordered: Yield in input order (default) or, when ``False``, in
+                completion order (of jobs).
+            **kwargs: Shared keyword arguments, as for a call (``ordered`` is
+                this method's own, so the function cannot receive it here).
+
+        Returns:
+            An iterator of results; a failed item yields its exception. When it
+            is exhausted and some items failed, an :class:`OpmapFailureWarning`
+            (or :class:`MapError` with ``strict=True``, after the last result;
+            its ``results`` are empty: nothing is kept) names the first.
+
+        Raises:
+            TypeError: ``items`` is not iterable, or bad extra arguments (at once).
+            ConfigurationError: ``ordered`` is not a ``bool``.
+
+        """
+        from opero._map import stream as _stream
+
+        kw = self._shared_kwargs("imap", args, kwargs)
+        _check_ordered(ordered)
+        source = _as_iter(items, self.__name__)
+        return _stream.imap(self, source, ordered, kw)
+
+    def aimap(
+        self,
+        items: Iterable[T] | AsyncIterable[T],
+        /,
+        *args: NoReturn,
+        ordered: bool = True,
+        **kwargs: Any,
+    ) -> AsyncIterator[R | Exception]:
+        """Stream the results to async code: the async iterator twin of :meth:`imap`.
+
+        ``items`` may be an iterable or an async iterable. Never blocks the
+        running loop (``"async"`` mode runs on it; the other modes deliver
+        results to it from their workers). Leaving the ``async for`` loop, or
+        cancelling the task running it, stops the map as :meth:`imap` does.
+
+        Args:
+            items: An iterable or an async iterable; consumed lazily, once.
+            *args: Not supported: extra arguments go by keyword.
+            ordered: Input order (default) or completion order.
+            **kwargs: Shared keyword arguments, as for a call.
+
+        Returns:
+            An async iterator of results; a failed item yields its exception.
+
+        Raises:
+            TypeError: ``items`` is not iterable, or bad extra arguments (at once).
+            ConfigurationError: ``ordered`` is not a ``bool``.
+
+        """
+        from opero._map import stream as _stream
+
+        kw = self._shared_kwargs("aimap", args, kwargs)
+        _check_ordered(ordered)
+        source: Any = items if isinstance(items, AsyncIterable) else _as_iter(items, self.__name__)
+        return _stream.aimap(self, source, ordered, kw)
+
+    def failed(
+        self, results: Sequence[Any], items: Iterable[T] | None = None
+    ) -> list[tuple[int, T, Exception]]:
+        """Return ``(index, item, exception)`` for every failed item of a map's results.
+
+        Rerunning only the failed items is one line:
+        ``f([item for _, item, _ in f.failed(results)])``.
+
+        Args:
+            results: What a call, ``amap`` or ``MapError.results`` returned.
+                Those lists remember their items (and, with ``ordered=False``,
+                each result's input index), so ``items`` is not needed.
+            items: The items, in input order, for a results list that does not
+                remember them (one you built, e.g. ``list(f.imap(items))``,
+                whose items are then matched by position: ordered only).
+
+        Returns:
+            The failed items, by increasing input index.
+
+        Raises:
+            TypeError: ``results`` does not remember its items and ``items`` was
+                not given, or their lengths differ.
+
+        """
+        indices: list[int] | None = None
+        if items is not None:
+            known: Sequence[Any] = _as_list(items, "failed")
+        elif isinstance(results, _Results):
+            known = results._opmap_items
+            indices = results._opmap_indices
+        else:
+            raise TypeError(
+                f"{self.__name__}.failed(results): this results list does not remember its "
+                "items (only the lists a call or amap returns do): pass them, "
+                "failed(results, items)"
+            )
+        if len(known) != len(results):
+            raise TypeError(
+                f"{self.__name__}.failed(): {len(results)} results for {len(known)} items; "
+                "pass the items of that map, in input order"
+            )
+        found = [
+            (i if indices is None else indices[i], r)
+            for i, r in enumerate(results)
+            if isinstance(r, Exception)
+        ]
+        found.sort(key=lambda pair: pair[0])
+        return [(i, known[i], r) for i, r in found]
+
+    def _shared_kwargs(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Check a call's extra arguments; return the shared keywords (``None`` when none)."""
+        call = f"{self.__name__}.{method}" if method else self.__name__
+        if args:
+            raise TypeError(
+                f"{call}(items, ...) got {len(args)} extra positional argument(s): extra "
+                "arguments are shared by every item and go by keyword only "
+                f"({call}(items, scale=2) calls func(item, scale=2)); positional extras are "
+                "not supported (use functools.partial, or a tuple per item)"
+            )
+        if not kwargs:
+            return None
+        signature = self._signature()
+        if signature is not None:
+            try:
+                signature.bind(None, **kwargs)
+            except TypeError as exc:
+                raise TypeError(
+                    f"{call}(items, {', '.join(f'{k}=...' for k in kwargs)}): {self._label} "
+                    f"cannot take these keyword arguments with its item: {exc}"
+                ) from None
+        return kwargs
+
+    def _signature(self) -> Any:
+        """Return the function's signature (``None`` when it has none), computed once."""
+        try:
+            return self.__dict__["_sig"]
+        except KeyError:
+            pass
+        import inspect
+
+        try:
+            sig: Any = inspect.signature(self._func)
+        except (TypeError, ValueError):
+            sig = None
+        self.__dict__["_sig"] = sig
+        return sig
 
     def __reduce__(self) -> Any:
         """Pickle by reference when importable by name, else by value (cloudpickle)."""
@@ -544,6 +945,7 @@ class MappedFunction(Generic[R]):
             }
             if limiter is not None:
                 options["_limiter"] = limiter
+            options = self._counted(options)
             wrapped = _decorator.opero(**options)(self._func)
             meta = getattr(wrapped, "__opero__", None)
             if meta is None:
@@ -552,6 +954,10 @@ class MappedFunction(Generic[R]):
                 fn = meta.acall_uncached if self._is_async else meta.call_uncached
             self._worker_fns[key] = fn
         return fn
+
+    def _worker_target(self, kw: dict[str, Any] | None) -> _WorkerTarget:
+        """Return what the workers of one map run: this function, the limiter, the keywords."""
+        return _WorkerTarget(self, self._shared_limiter(), kwargs=kw)
 
     def _shared_limiter(self) -> SharedTokenBucket | None:
         """Return the bucket shared with worker processes, when a local rate limit is set."""
@@ -570,6 +976,68 @@ class MappedFunction(Generic[R]):
                 self._limiter = SharedTokenBucket(float(current), int(burst))
             return self._limiter
 
+    def _counted(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Return ``options`` with an ``on_retry`` that counts retries for the progress bar.
+
+        ``progress=False`` keeps the options as they are (no cost); so does an
+        ``on_retry`` that is not callable, which ``@opero`` then rejects.
+        """
+        user = options.get("on_retry")
+        if self._progress is False or not (user is None or callable(user)):
+            return options
+        return {**options, "on_retry": counting_retries(user)}
+
+    def _told(self, fn: Callable[[Any], Any], bar: Any) -> Callable[[Any], Any]:
+        """Return ``fn`` telling the shown bar of each failure and retry as they happen.
+
+        Only used when a bar is shown: a map without one runs ``fn`` itself.
+        """
+        if self._is_async and self._mode == "async":
+
+            async def atold(item: Any) -> Any:
+                token = CURRENT_BAR.set(bar)
+                try:
+                    return await fn(item)
+                except Exception:
+                    bar.fail(1)
+                    raise
+                finally:
+                    CURRENT_BAR.reset(token)
+
+            return atold
+
+        def told(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
+            try:
+                return fn(item)
+            except Exception:
+                bar.fail(1)
+                raise
+            finally:
+                CURRENT_BAR.reset(token)
+
+        return told
+
+    def _cache_hits(self) -> int:
+        """Return the item function's cache hit count (0 without a cache or counters)."""
+        if not self._has_cache:
+            return 0
+        try:
+            return int(self.item_function.cache_info().hits)
+        except Exception:  # a backend without counters: no cached count
+            return 0
+
+    def _register_dask_initializer(self, client: Any) -> None:
+        """Register the initializer as a worker plugin on ``client``, once per client."""
+        if client in self._dask_clients:
+            return
+        from opero._map.dask_init import register
+
+        blob = self._worker_init_blob()
+        assert blob is not None
+        register(client, blob, self._label)
+        self._dask_clients.add(client)
+
     def _dask_client(self) -> Any:
         """Return ``client=`` or the current Dask client; a clear error when there is none."""
         if self._client is not None:
@@ -586,11 +1054,16 @@ class MappedFunction(Generic[R]):
 
     # ------------------------------------------------------------------ engines
 
-    def _finish(self, n: int, pieces: list[_pools.Piece]) -> list[Any]:
+    def _finish(self, items: list[Any], pieces: list[_pools.Piece]) -> list[Any]:
         """Assemble the pieces; warn about failures, or raise them when strict."""
+        n = len(items)
         failed: list[int] = []
+        results = _Results()
+        results._opmap_items = items
+        results._opmap_indices = None
         if self._ordered:
-            results: list[Any] = [None] * n
+            results.append(None)
+            results *= n  # in C, like [None] * n
             for indices, values, errors in pieces:
                 if isinstance(indices, range):
                     results[indices.start : indices.stop] = values
@@ -603,28 +1076,32 @@ class MappedFunction(Generic[R]):
                         failed.append(indices[position])
             failed.sort()
         else:
-            results = []
-            for _indices, values, errors in pieces:
+            order: list[int] = []
+            first_input = -1  # the smallest input index that failed, and its result place
+            first_place = -1
+            for indices, values, errors in pieces:
                 if errors:
                     base = len(results)
                     values = list(values)
                     for position, exc in errors.items():
                         values[position] = exc
                         failed.append(base + position)
+                        if first_input < 0 or indices[position] < first_input:
+                            first_input, first_place = indices[position], base + position
                 results.extend(values)
+                order.extend(indices)
+            results._opmap_indices = order
         if failed:
-            count = f"{len(failed)} of {n} items"
-            first = results[failed[0]]
+            if self._ordered:
+                first_input = first_place = failed[0]
+            message = failure_message(
+                self._label, len(failed), n, first_input, results[first_place]
+            )
             if self._strict:
-                raise MapError(
-                    f"opmap {self._label}: {count} failed",
-                    [results[i] for i in failed],
-                    results,
-                    failed,
-                )
+                raise MapError(message, [results[i] for i in failed], results, failed)
             warnings.warn(
-                f"opmap {self._label}: {count} failed; their exceptions are in the "
-                f"results (first, at index {failed[0]}: {first!r}); strict=True raises instead",
+                f"{message}; every exception is in its item's place "
+                f"({self.__name__}.failed(results) lists them); strict=True raises instead",
                 OpmapFailureWarning,
                 stacklevel=4,
             )
@@ -636,28 +1113,80 @@ class MappedFunction(Generic[R]):
             return self._chunksize
         return max(1, -(-n // (workers * 4)))
 
-    def _map_sync(self, items: list[Any], scope: _pools.CancelScope | None = None) -> list[Any]:
+    def _item_fn(self, kw: dict[str, Any] | None, thread: bool = False) -> Callable[[Any], Any]:
+        """Return the per-item ``@opero`` function, with the shared keywords bound.
+
+        With ``thread``: the one that runs the ``initializer`` first in each thread.
+        """
+        fn: Callable[..., Any] = self._thread_fn if thread else self.item_function
+        if kw:
+            return functools.partial(fn, **kw)
+        return fn
+
+    def _map_sync(
+        self,
+        items: list[Any],
+        scope: _pools.CancelScope | None = None,
+        kw: dict[str, Any] | None = None,
+    ) -> list[Any]:
         """Run a map in the thread, process, dask or executor engine."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
         try:
             if self._executor is None and self._mode == "thread":
+                hits = self._cache_hits() if bar.shown else 0
                 workers = self.workers
                 batch = self._chunksize or max(1, min(256, n // (workers * 4)))
                 pieces = _pools.run_thread_items(
-                    self.item_function,
+                    self._item_fn(kw, thread=True)
+                    if not bar.shown
+                    else self._told(self._item_fn(kw, thread=True), bar),
                     items,
                     workers,
                     batch,
                     bar if self._progress else None,
                     scope,
                 )
-                return self._finish(n, pieces)
-            return self._finish(n, self._dispatch(items, bar, scope))
+                if bar.shown:
+                    bar.cache(self._cache_hits() - hits)
+                return self._finish(items, pieces)
+            return self._finish(items, self._dispatch(items, bar, scope, kw))
+        except _InitFailed as failed:
+            raise failed.error from failed.error.__cause__
         finally:
             bar.close()
 
-    def _lookup(self, items: list[Any], bar: Any) -> tuple[list[_pools.Piece], Sequence[int]]:
+    def _lookup_many(self, kw: dict[str, Any] | None) -> Callable[[list[Any]], Any]:
+        """Return ``cache_lookup_many``, or its loop with the shared keywords in each key."""
+        if not kw:
+            lookup_many: Callable[[list[Any]], Any] = self._meta.cache_lookup_many
+            return lookup_many
+        from opero.cache import MISS
+
+        lookup = self._meta.cache_lookup
+
+        def lookup_with(items: list[Any]) -> tuple[list[Any], int]:
+            values = [lookup((item,), kw) for item in items]
+            return values, sum(1 for value in values if value is not MISS)
+
+        return lookup_with
+
+    def _store_many(self, kw: dict[str, Any] | None) -> Callable[[list[Any], list[Any]], None]:
+        """Return ``cache_store_many``, or its loop with the shared keywords in each key."""
+        if not kw:
+            store_many: Callable[[list[Any], list[Any]], None] = self._meta.cache_store_many
+            return store_many
+        store = self._meta.cache_store
+
+        def store_with(items: list[Any], values: list[Any]) -> None:
+            for item, value in zip(items, values, strict=True):
+                store((item,), kw, value)
+
+        return store_with
+
+    def _lookup(
+        self, items: list[Any], bar: Any, kw: dict[str, Any] | None = None, offset: int = 0
+    ) -> tuple[list[_pools.Piece], Sequence[int]]:
         """Serve cached items in the parent; return their piece and the misses to dispatch.
 
         An item whose cache key cannot be built (whatever the exception) fails
@@ -667,14 +1196,18 @@ class MappedFunction(Generic[R]):
             return [], range(len(items))
         from opero.cache import MISS
 
+        lookup_many = self._lookup_many(kw)
         try:
-            found, hits = self._meta.cache_lookup_many(items)
+            found, hits = lookup_many(items)
             unkeyable: dict[int, Exception] = {}
         except Exception:  # some item cannot be keyed: look the items up one by one
-            found, hits, unkeyable = self._lookup_each(items)
+            found, hits, unkeyable = self._lookup_each(items, lookup_many, offset)
         if not hits and not unkeyable:
             return [], range(len(items))
         bar.update(hits + len(unkeyable))
+        bar.cache(hits)
+        if unkeyable:
+            bar.fail(len(unkeyable))
         if hits == len(items):
             return [(range(len(items)), found, None)], []
         pieces: list[_pools.Piece] = []
@@ -688,7 +1221,9 @@ class MappedFunction(Generic[R]):
             pieces.append((hit_indices, [found[i] for i in hit_indices], None))
         return pieces, missing
 
-    def _lookup_each(self, items: list[Any]) -> tuple[list[Any], int, dict[int, Exception]]:
+    def _lookup_each(
+        self, items: list[Any], lookup_many: Callable[[list[Any]], Any], offset: int = 0
+    ) -> tuple[list[Any], int, dict[int, Exception]]:
         """Look every item up alone; return the values, the hit count and the unkeyable items."""
         from opero.cache import MISS
 
@@ -697,12 +1232,12 @@ class MappedFunction(Generic[R]):
         unkeyable: dict[int, Exception] = {}
         for i, item in enumerate(items):
             try:
-                value = self._meta.cache_lookup_many([item])[0][0]
+                value = lookup_many([item])[0][0]
             except Exception as exc:
                 exc.add_note(
-                    f"opmap {self._label}: the cache lookup of item {i} failed (its key could "
-                    "not be built, or the backend raised); it failed in its place and the other "
-                    "items ran"
+                    f"opmap {self._label}: the cache lookup of item {offset + i} failed (its key "
+                    "could not be built, or the backend raised); it failed in its place and the "
+                    "other items ran"
                 )
                 unkeyable[i] = exc
                 value = MISS
@@ -716,9 +1251,10 @@ class MappedFunction(Generic[R]):
         job_indices: list[list[int]] | list[range],
         pieces: list[_pools.Piece],
         bar: Any,
+        kw: dict[str, Any] | None = None,
     ) -> Callable[[int, list[Any], dict[int, BaseException] | None], None]:
         """Return the ``done`` callback: record a job's piece, fill the cache, count progress."""
-        store_many = self._meta.cache_store_many if self._has_cache else None
+        store_many = self._store_many(kw) if self._has_cache else None
         lock = threading.Lock()
 
         def store(keys: list[Any], values: list[Any]) -> None:
@@ -751,6 +1287,8 @@ class MappedFunction(Generic[R]):
                 else:
                     store([items[i] for i in indices], values)
             bar.update(len(indices))
+            if errors:
+                bar.fail(len(errors))
 
         return done
 
@@ -766,10 +1304,14 @@ class MappedFunction(Generic[R]):
         return [[items[i] for i in job] for job in index_jobs], index_jobs
 
     def _dispatch(
-        self, items: list[Any], bar: Any, scope: _pools.CancelScope | None = None
+        self,
+        items: list[Any],
+        bar: Any,
+        scope: _pools.CancelScope | None = None,
+        kw: dict[str, Any] | None = None,
     ) -> list[_pools.Piece]:
         """Run the process, dask or executor engine over the cache misses."""
-        pieces, missing = self._lookup(items, bar)
+        pieces, missing = self._lookup(items, bar, kw)
         if not missing:
             return pieces
         if self._mode == "dask" and self._executor is None:
@@ -779,49 +1321,85 @@ class MappedFunction(Generic[R]):
             client = None
             workers = self.workers
         jobs, job_indices = self._plan(items, missing, workers)
-        target = _WorkerTarget(self, self._shared_limiter())
-        done = self._collector(items, job_indices, pieces, bar)
+        target = self._worker_target(kw)
+        done = self._collector(items, job_indices, pieces, bar, kw)
         if self._executor is not None:
             _pools.run_executor_jobs(self._executor, target, jobs, done, scope)
         elif client is not None:
+            if self._init_blob is not None:
+                self._register_dask_initializer(client)
             _pools.run_dask_jobs(client, target, jobs, done, workers)
         else:
+            pool = _process_pool.process_pool(
+                workers, None, self._worker_init_blob(), self._max_tasks
+            )
+            retried = bar.retry if bar.shown else None
             _process_pool.run_process_jobs(
-                _process_pool.process_pool(workers), target, jobs, done, job_indices, scope
+                pool, target, jobs, done, job_indices, scope, retried=retried
             )
         return pieces
 
-    async def _amap_async(self, items: list[Any]) -> list[Any]:
+    async def _amap_async(self, items: list[Any], kw: dict[str, Any] | None = None) -> list[Any]:
         """Run a map on the running loop (``mode="async"``)."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
+        hits = self._cache_hits() if bar.shown else 0
         try:
             pieces = await _pools.run_async_items(
-                self.item_function,
+                self._item_fn(kw) if not bar.shown else self._told(self._item_fn(kw), bar),
                 items,
                 self.workers,
                 self._is_async,
                 bar if self._progress else None,
             )
+            if bar.shown:
+                bar.cache(self._cache_hits() - hits)
         finally:
             bar.close()
-        return self._finish(n, pieces)
+        return self._finish(items, pieces)
 
-    async def _amap_aio_process(self, items: list[Any]) -> list[Any]:
+    async def _amap_aio_process(
+        self, items: list[Any], kw: dict[str, Any] | None = None
+    ) -> list[Any]:
         """Run a map on the aiomultiprocess pool (on the background loop)."""
         n = len(items)
         bar = make_progress(self._progress, n, self.__name__)
         try:
-            pieces, missing = self._lookup(items, bar)
+            pieces, missing = self._lookup(items, bar, kw)
             if missing:
                 workers = self.workers
                 jobs, job_indices = self._plan(items, missing, workers)
-                target = _WorkerTarget(self, self._shared_limiter())
-                done = self._collector(items, job_indices, pieces, bar)
-                await _pools.run_aio_process_jobs(workers, target, jobs, done)
+                target = self._worker_target(kw)
+                done = self._collector(items, job_indices, pieces, bar, kw)
+                await _pools.run_aio_process_jobs(
+                    workers, target, jobs, done, init_blob=self._worker_init_blob()
+                )
         finally:
             bar.close()
-        return self._finish(n, pieces)
+        return self._finish(items, pieces)
+
+
+class OpmapDecorator(Protocol):
+    """What ``opmap(...)`` returns: turns a one-item function into a :class:`MappedFunction`.
+
+    ``Callable[[T], Awaitable[R]]`` (an ``async def``) gives
+    ``MappedFunction[T, R]``, as does ``Callable[[T], R]``; a function whose
+    first parameter is the item and whose other parameters are keyword
+    arguments shared by the call (``f(items, scale=2)``) is typed by its item.
+    """
+
+    @overload
+    def __call__(self, func: Callable[[T], Awaitable[R]], /) -> MappedFunction[T, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[[T], R], /) -> MappedFunction[T, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[..., R], /) -> MappedFunction[Any, R]: ...
+
+    def __call__(self, func: Callable[..., Any], /) -> MappedFunction[Any, Any]:
+        """Decorate ``func``."""
+        ...
 
 
 def opmap(
@@ -833,8 +1411,11 @@ def opmap(
     client: Any = None,
     executor: cf.Executor | None = None,
     chunksize: int | None = None,
+    initializer: Callable[..., object] | None = None,
+    initargs: Sequence[Any] = (),
+    max_tasks_per_child: int | None = None,
     **opero_options: Any,
-) -> Callable[[Callable[..., Any]], MappedFunction[Any]]:
+) -> OpmapDecorator:
     """Turn a one-item function into a function over an iterable of items.
 
     Every ``@opero`` option (``retries``, ``arg_fallback``, ``cache``,
@@ -859,6 +1440,16 @@ def opmap(
             instead of opero's own pools (``mode`` is then ignored).
         chunksize: Items per batch or job; automatic (about four jobs per
             worker, at most 256 items per thread batch) when ``None``.
+        initializer: Called as ``initializer(*initargs)`` once per worker
+            before its first item: per thread (the calling thread included)
+            in ``"thread"`` mode, per worker process in ``"process"`` and
+            ``"async_process"`` modes, per Dask worker (a worker plugin) in
+            ``"dask"`` mode. If it raises, the call raises
+            :class:`WorkerStartError` (its ``__cause__`` is that error).
+        initargs: The arguments of ``initializer``.
+        max_tasks_per_child: ``"process"`` mode: a worker process runs this
+            many jobs (chunks of ``chunksize`` items), then exits and a new
+            one replaces it. ``None``: workers live until exit.
         **opero_options: Options of ``@opero``, applied per item.
 
     Returns:
@@ -872,8 +1463,9 @@ def opmap(
 
     """
     _check_options(mode, workers, ordered, progress, strict, client, executor, chunksize)
+    _check_worker_options(mode, executor, initializer, initargs, max_tasks_per_child)
 
-    def decorate(func: Callable[..., Any]) -> MappedFunction[Any]:
+    def decorate(func: Callable[..., Any]) -> MappedFunction[Any, Any]:
         return MappedFunction(
             func,
             mode=mode,
@@ -884,6 +1476,9 @@ def opmap(
             client=client,
             executor=executor,
             chunksize=chunksize,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
             **opero_options,
         )
 

@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures as cf
+import contextlib
 import importlib
 import itertools
 import multiprocessing
@@ -36,10 +37,17 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
-from opero.errors import OperoError, WorkerDiedError
+from opero.errors import (
+    EARLIER_ERRORS,
+    OperoError,
+    RemoteTraceback,
+    WorkerDiedError,
+    WorkerStartError,
+)
 
 __all__ = [
     "CancelScope",
@@ -106,22 +114,121 @@ class _Progress(Protocol):
 
 
 def portable(exc: BaseException) -> BaseException:
-    """Return ``exc``, or an :class:`OperoError` describing it when it does not pickle.
+    """Return what to send to the parent for ``exc``: it arrives with its traceback text.
+
+    Unpickled in the parent, the result is ``exc`` (same type, args and notes)
+    whose ``__cause__`` is an :class:`opero.errors.RemoteTraceback` holding
+    the traceback formatted here, in the worker, the way ``concurrent.futures``
+    does; or, when ``exc`` does not pickle, an :class:`OperoError` describing
+    it, with that same traceback. An earlier attempt's error kept on ``exc``
+    (:func:`opero.errors.attempt_errors`) that does not pickle is described
+    the same way, and ``exc`` keeps its type.
 
     The exception must also unpickle: one whose ``__init__`` takes other
     arguments than it passes to ``Exception.__init__`` pickles, but rebuilding
     it in the parent raises a ``TypeError`` about that ``__init__`` that hides
     the item's real error.
     """
+    text = _traceback_text(exc)
+    exc = _plain(exc, attempts=True)
+    # Travels in the place of ``exc`` and unpickles as ``exc`` (see _WithTraceback).
+    return exc if text is None else cast(BaseException, _WithTraceback(exc, text))
+
+
+def _round_trips(exc: BaseException) -> BaseException | None:
+    """Return why ``exc`` does not pickle and unpickle, ``None`` when it does."""
     try:
         pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
-    except BaseException as pickling_error:  # the error must still reach the parent
-        return OperoError(
-            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-            "(the original exception could not be pickled to the parent process: "
-            f"{type(pickling_error).__name__}: {pickling_error})"
+    except BaseException as pickling_error:
+        return pickling_error
+    return None
+
+
+def _plain(exc: BaseException, attempts: bool = False) -> BaseException:
+    """Return ``exc`` when it pickles, else an :class:`OperoError` describing it.
+
+    With ``attempts``, an exception that does not pickle only because of an
+    earlier attempt's error it keeps (see :func:`opero.errors.attempt_errors`)
+    keeps its type: each such error is made plain instead.
+    """
+    pickling_error = _round_trips(exc)
+    if pickling_error is None:
+        return exc
+    try:
+        earlier = vars(exc).get(EARLIER_ERRORS) if attempts else None
+    except Exception:  # a __dict__ property that raises
+        earlier = None
+    if isinstance(earlier, tuple) and earlier:
+        vars(exc)[EARLIER_ERRORS] = tuple(
+            _plain(e) if isinstance(e, BaseException) else e for e in earlier
         )
+        if _round_trips(exc) is None:
+            return exc
+    if exc.__context__ is not None or exc.__cause__ is not None:
+        # Plain pickle drops the chain; tblib's reducers (installed by distributed)
+        # pickle it, and an unpicklable link would fail the whole exception. The
+        # traceback text already shows the chain.
+        exc.__cause__ = exc.__context__ = None
+        if _round_trips(exc) is None:
+            return exc
+    if isinstance(earlier, tuple) and earlier:
+        vars(exc)[EARLIER_ERRORS] = earlier
+    return OperoError(
+        f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+        "(the original exception could not be pickled to the parent process: "
+        f"{type(pickling_error).__name__}: {pickling_error})"
+    )
+
+
+def _traceback_text(exc: BaseException) -> str | None:
+    """Format ``exc``'s traceback like ``concurrent.futures`` does; ``None`` when it has none."""
+    if exc.__traceback__ is None:
+        return None
+    try:
+        return '\n"""\n' + "".join(traceback.format_exception(exc)) + '"""'
+    except Exception:  # a hostile __str__ or __repr__: the item's error still travels
+        return None
+
+
+class _WithTraceback:
+    """An exception on its way to the parent with its traceback text (pickles as the former).
+
+    Not an exception class itself: ``tblib.pickling_support.install()`` (which
+    ``distributed`` may call) registers a ``copyreg`` reducer for every
+    exception class, which would bypass :meth:`__reduce__`.
+    """
+
+    __slots__ = ("exc", "text")
+
+    def __init__(self, exc: BaseException, text: str) -> None:
+        self.exc = exc
+        self.text = text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach_traceback, (self.exc, self.text))
+
+
+def _attach_traceback(exc: BaseException, text: str) -> BaseException:
+    """Rebuild, in the parent, an item's exception whose cause is the worker's traceback."""
+    exc.__cause__ = RemoteTraceback(text)
     return exc
+
+
+def landed(
+    result: tuple[list[Any], dict[int, BaseException] | None],
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Return a job's result as received; errors that never left the process are unwrapped.
+
+    An executor of threads inside a worker process (or an in-process Dask
+    worker there) hands :func:`run_chunk`'s result over without pickling it.
+    """
+    values, errors = result
+    if errors and any(isinstance(e, _WithTraceback) for e in errors.values()):
+        errors = {
+            p: _attach_traceback(e.exc, e.text) if isinstance(e, _WithTraceback) else e
+            for p, e in errors.items()
+        }
+    return values, errors
 
 
 def map_items(
@@ -387,7 +494,7 @@ def run_executor_jobs(
                 break
             j = futures[future]
             try:
-                values, errors = future.result()
+                values, errors = landed(future.result())
             except Exception as exc:
                 values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
             done(j, values, errors)
@@ -424,7 +531,7 @@ def run_dask_jobs(
     for future in completed:
         j = index.pop(future.key)
         try:
-            values, errors = future.result()
+            values, errors = landed(future.result())
         except Exception as exc:
             values, errors = [None] * len(jobs[j]), dict.fromkeys(range(len(jobs[j])), exc)
         future.release()
@@ -501,19 +608,49 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="opero-parent-watch", daemon=True).start()
 
 
-def aio_process_pool(workers: int) -> Any:
-    """Return the ``aiomultiprocess.Pool`` with ``workers`` processes.
+def aio_process_pool(workers: int, init_blob: bytes | None = None) -> Any:
+    """Return the ``aiomultiprocess.Pool`` with ``workers`` processes (and this initializer).
 
     Must be called on the background loop (the pool binds to the running loop).
+    ``init_blob`` is the pickled ``(initializer, initargs)`` of the map: maps
+    with another initializer, or none, get another pool.
     """
-    pool = _AIO_POOLS.get(workers)
+    key: Any = workers if init_blob is None else (workers, init_blob)
+    pool = _AIO_POOLS.get(key)
     if pool is None:
         aiomultiprocess = importlib.import_module("aiomultiprocess")
         _start_aio_manager()
-        pool = _AIO_POOLS[workers] = aiomultiprocess.Pool(
-            processes=workers, initializer=_exit_with_parent
-        )
+        if init_blob is None:
+            pool = aiomultiprocess.Pool(processes=workers, initializer=_exit_with_parent)
+        else:
+            pool = aiomultiprocess.Pool(
+                processes=workers, initializer=_aio_worker_init, initargs=(init_blob,)
+            )
+        _AIO_POOLS[key] = pool
     return pool
+
+
+_AIO_INIT_ERROR: list[BaseException] = []
+"""In an async_process worker: what its initializer raised (empty when it did not)."""
+
+
+class _InitializerFailed(Exception):
+    """What an async_process job returns when its worker's initializer raised."""
+
+
+def _aio_worker_init(init_blob: bytes) -> None:
+    """Run the map's initializer in an async_process worker; remember its error.
+
+    aiomultiprocess replaces a worker whose initializer raises, which raises
+    again: a loop that never runs a job. So the error is kept, and every job
+    of this worker returns it (:class:`_InitializerFailed`) to end the map.
+    """
+    _exit_with_parent()
+    try:
+        initializer, initargs = pickle.loads(init_blob)
+        initializer(*initargs)
+    except Exception as exc:
+        _AIO_INIT_ERROR.append(portable(exc))
 
 
 def _start_aio_manager() -> None:
@@ -560,6 +697,8 @@ async def arun_tracked_chunk(
     unpickle here, the job returns ``(None, error)`` and the parent runs its
     items one per job, so only the bad one fails.
     """
+    if _AIO_INIT_ERROR:
+        return None, _InitializerFailed(os.getpid(), _AIO_INIT_ERROR[0])
     try:
         target: Target = pickle.loads(target_blob)
         items: Sequence[Any] = pickle.loads(items_blob)
@@ -598,8 +737,12 @@ async def run_aio_process_jobs(
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
+    init_blob: bytes | None = None,
 ) -> None:
     """Run every job on the aiomultiprocess pool (on the background loop).
+
+    ``init_blob``: the pickled ``(initializer, initargs)`` each worker runs
+    first; when it raised in a worker, the map raises :class:`WorkerStartError`.
 
     A worker that dies loses the jobs it held, and aiomultiprocess, which
     replaces the process, never reports them. So each job notes its worker's
@@ -617,7 +760,7 @@ async def run_aio_process_jobs(
     queued jobs and unstarted items are skipped.
     """
     target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)  # errors: the caller's
-    await _AioProcessRun(aio_process_pool(workers), target_blob, jobs, done).run()
+    await _AioProcessRun(aio_process_pool(workers, init_blob), target_blob, jobs, done).run()
 
 
 class _AioProcessRun:
@@ -724,6 +867,20 @@ class _AioProcessRun:
             values, errors = task.result()
         except Exception as exc:
             values, errors = [None] * size, dict.fromkeys(range(size), exc)
+        if values is None and isinstance(errors, _InitializerFailed):
+            pid, cause = errors.args
+            error = WorkerStartError(
+                f"opmap: the initializer raised in worker process {pid}: "
+                f"{type(cause).__name__}: {cause}; the map stopped (its items that had not "
+                "run never will)"
+            )
+            error.__cause__ = cause
+            for key, pool in list(_AIO_POOLS.items()):  # the next call starts new workers
+                if pool is self.pool:
+                    del _AIO_POOLS[key]
+            with contextlib.suppress(Exception):
+                self.pool.terminate()
+            raise error
         if values is None:  # the job did not unpickle in the worker
             if size > 1:
                 self.split(j, position, self.jobs[j])

@@ -21,11 +21,20 @@ fed by one dispatcher thread that owns the pool's state:
 * a process forked from this one forgets the pools (``os.register_at_fork``)
   and builds its own.
 
-Room for what comes next (``imap`` streaming, ``initializer=``,
-``max_tasks_per_child=``, worker tracebacks) is in the same places: a run's
-``done`` callback streams pieces as they come, :func:`_worker_main` is the one
-place a worker starts, and :meth:`ProcessPool._bury` the one place a worker
-is replaced.
+* a pool with an initializer (``initializer=``) runs it in each worker before
+  it says it is ready; an initializer that raises sends its error instead,
+  and the maps on the pool fail with :class:`WorkerStartError` (its cause);
+  pools are keyed by initializer, so no other map runs on such workers;
+* with ``max_jobs`` (``max_tasks_per_child=``) a worker is sent at most that
+  many jobs, exits after the last one, and is replaced like a dead worker,
+  with no job to re-run;
+* a failed item's exception travels with the worker's formatted traceback
+  (``RemoteTraceback`` as its ``__cause__``, see :func:`opero._map.pools.portable`),
+  and each job's reply carries the retries made for its items (progress bars).
+
+A run's ``done`` callback streams pieces as they come (``imap``),
+:func:`_worker_main` is the one place a worker starts, and
+:meth:`ProcessPool._bury` the one place a worker is replaced.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import atexit
 import collections
 import concurrent.futures as cf
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -49,6 +59,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opero._map.pools import CancelScope, Target, portable, run_chunk
+from opero._map.progress import WORKER_RETRIES
 from opero.errors import OperoError, WorkerDiedError, WorkerStartError
 
 __all__ = [
@@ -64,17 +75,39 @@ _log = logging.getLogger("opero")
 _READY = b"r"
 """What a worker process sends once it is up (before any job)."""
 
+_INIT_FAILED = b"i"
+"""What a worker whose initializer raised sends, followed by the pickled error."""
 
-def _worker_main(conn: Any) -> None:
+
+def _worker_main(conn: Any, init_blob: bytes | None = None, max_jobs: int | None = None) -> None:
     """Run, in a worker process, the jobs that arrive on ``conn`` until the parent hangs up.
 
     SIGINT is ignored: a Ctrl-C on a terminal reaches every process of the
     group, and it is the parent that decides to stop a map (it stops sending
     jobs); a worker only finishes the job it holds.
+
+    ``init_blob`` is the pickled ``(initializer, initargs)`` of the pool: it
+    runs once, before the worker says it is ready; when it raises, the worker
+    sends that error (with its traceback) instead, and exits. After
+    ``max_jobs`` jobs the worker exits on its own (the parent sends it no
+    more, and starts a new one).
     """
     with contextlib.suppress(ValueError):  # not the main thread: nothing to ignore
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send_bytes(_READY)
+    if init_blob is not None:
+        try:
+            initializer, initargs = pickle.loads(init_blob)
+            initializer(*initargs)
+        except BaseException as exc:  # SystemExit too: the parent must learn why
+            with contextlib.suppress(OSError):  # the parent is gone (or stopped this worker)
+                conn.send_bytes(_INIT_FAILED + pickle.dumps(portable(exc)))
+            return
+    WORKER_RETRIES[0] = 0  # forked: the parent's count is not this worker's
+    try:
+        conn.send_bytes(_READY)
+    except OSError:  # the parent hung up during a slow initializer: nothing to do
+        return
+    jobs = itertools.count(1)
     while True:
         try:
             message = conn.recv_bytes()
@@ -83,18 +116,21 @@ def _worker_main(conn: Any) -> None:
         job_id, target_blob, items_blob = pickle.loads(message)
         try:
             values, errors = run_chunk(pickle.loads(target_blob), pickle.loads(items_blob))
-            reply = _encode_result(job_id, values, errors)
+            retries, WORKER_RETRIES[0] = WORKER_RETRIES[0], 0
+            reply = _encode_result(job_id, values, errors, retries)
         except Exception as exc:  # the target or the items could not be rebuilt here
-            reply = pickle.dumps((job_id, None, portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = pickle.dumps((job_id, None, portable(exc), 0), protocol=pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(reply)
+        if max_jobs is not None and next(jobs) >= max_jobs:
+            return  # recycled: the parent sent no other job, and replaces this worker
 
 
 def _encode_result(
-    job_id: int, values: list[Any], errors: dict[int, BaseException] | None
+    job_id: int, values: list[Any], errors: dict[int, BaseException] | None, retries: int = 0
 ) -> bytes:
-    """Pickle a job's results; a value that does not pickle fails only its own item."""
+    """Pickle a job's results (and its retry count); a value that does not pickle fails its item."""
     try:
-        return pickle.dumps((job_id, values, errors), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((job_id, values, errors, retries), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # find the values that do not pickle: each fails its own item
         errors = dict(errors or {})
         for position, value in enumerate(values):
@@ -110,7 +146,9 @@ def _encode_result(
                         f"process: {type(exc).__name__}: {exc}"
                     )
                 )
-        return pickle.dumps((job_id, values, errors or None), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(
+            (job_id, values, errors or None, retries), protocol=pickle.HIGHEST_PROTOCOL
+        )
 
 
 def _unpickling_error(exc: BaseException) -> Exception:
@@ -154,6 +192,17 @@ def _start_error(exitcode: int | None, method: str) -> WorkerStartError:
     )
 
 
+def _init_error(pid: int | None, exc: BaseException) -> WorkerStartError:
+    """Build the error of a map whose initializer raised in a worker process."""
+    error = WorkerStartError(
+        f"opmap: the initializer raised in worker process {pid}: {type(exc).__name__}: {exc}; "
+        "the map stopped (its items that had not run never will), and the next call "
+        "starts new workers"
+    )
+    error.__cause__ = exc
+    return error
+
+
 class _Run:
     """One map on a :class:`ProcessPool`: its jobs, what is pending, and how it ends."""
 
@@ -163,6 +212,7 @@ class _Run:
         jobs: Sequence[Sequence[Any]],
         done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
         indices: Sequence[Sequence[int]] | None,
+        retried: Callable[[int], object] | None = None,
     ) -> None:
         self.target_blob = target_blob
         self.jobs = jobs
@@ -174,6 +224,8 @@ class _Run:
         self.finished = threading.Event()
         self.cancelled = False
         self.failure: BaseException | None = None
+        self.retried = retried
+        self.retries = 0  # counted by the dispatcher, not yet told to ``retried``
 
     def label(self, j: int, position: int) -> str:
         """Name an item by its index in the map (its position in the job when unknown)."""
@@ -206,14 +258,16 @@ and the worker starts it without waiting for a round trip through the parent
 class _Worker:
     """A worker process, the parent's end of its pipe, and the jobs sent to it, in order."""
 
-    __slots__ = ("conn", "jobs", "killed", "process", "ready")
+    __slots__ = ("conn", "init_error", "jobs", "killed", "left", "process", "ready")
 
-    def __init__(self, process: Any, conn: Any) -> None:
+    def __init__(self, process: Any, conn: Any, left: int | None = None) -> None:
         self.process = process
         self.conn = conn
         self.jobs: collections.deque[_Job] = collections.deque()  # [0] is running
         self.ready = False
         self.killed = False  # stopped by us (a cancelled map), not a crash
+        self.left = left  # jobs it may still be sent (max_tasks_per_child); None: no limit
+        self.init_error: BaseException | None = None  # what its initializer raised
 
 
 _Outcome = tuple[_Run, int, list[Any], "dict[int, BaseException] | None"]
@@ -276,11 +330,23 @@ class ProcessPool:
     Args:
         workers: The number of worker processes.
         method: The ``multiprocessing`` start method (``None``: the default).
+        init_blob: The pickled ``(initializer, initargs)`` each worker runs
+            once before its first job, or ``None``.
+        max_jobs: Jobs a worker runs before it is replaced by a new one
+            (``max_tasks_per_child``), or ``None`` for no limit.
 
     """
 
-    def __init__(self, workers: int, method: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        method: str | None = None,
+        init_blob: bytes | None = None,
+        max_jobs: int | None = None,
+    ) -> None:
         self.workers = workers
+        self.init_blob = init_blob
+        self.max_jobs = max_jobs
         self._ctx: Any = multiprocessing.get_context(method)
         self._lock = threading.Lock()
         self._procs: list[_Worker] = []
@@ -335,19 +401,21 @@ class ProcessPool:
             self._start()
         self._wake()
 
-    def cancel(self, run: _Run) -> None:
+    def cancel(self, run: _Run, kill: bool = True) -> None:
         """Stop a map: drop its unsent jobs and kill the workers running its jobs.
 
         Killing (rather than letting a job of many items finish) stops the
         work as a Ctrl-C stops a plain loop, and frees the workers for the
-        next map at once; the dispatcher starts their replacements.
+        next map at once; the dispatcher starts their replacements. With
+        ``kill=False`` (a stream whose consumer stopped) the workers finish
+        the job they run and its results are dropped.
         """
         with self._lock:
             run.cancelled = True
             run.pending.clear()
             with contextlib.suppress(ValueError):
                 self._runs.remove(run)
-            for w in self._procs:
+            for w in self._procs if kill else ():
                 # A worker holds a second job only of the map of its first one.
                 if w.jobs and w.jobs[0].run is run and not w.killed:
                     w.killed = True
@@ -433,7 +501,7 @@ class ProcessPool:
         to ``workers``: a map of two items with ``workers=64`` starts two
         processes, not 64 that would idle until exit.
         """
-        idle = sum(1 for w in self._procs if not w.jobs and not w.killed)
+        idle = sum(1 for w in self._procs if not w.jobs and not w.killed and w.left != 0)
         waiting = sum(len(run.pending) for run in self._runs if not run.cancelled)
         while len(self._procs) < self.workers and waiting > idle and self._start_failed is None:
             idle += 1
@@ -467,7 +535,10 @@ class ProcessPool:
         """Start one worker process."""
         parent_end, child_end = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child_end,), name="opero-opmap-worker", daemon=True
+            target=_worker_main,
+            args=(child_end, self.init_blob, self.max_jobs),
+            name="opero-opmap-worker",
+            daemon=True,
         )
         self._spawning = parent_end  # a forked worker closes its copy (see forget)
         try:
@@ -475,7 +546,7 @@ class ProcessPool:
         finally:
             self._spawning = None
         child_end.close()
-        w = _Worker(process, parent_end)
+        w = _Worker(process, parent_end, self.max_jobs)
         self._by_conn[parent_end] = w
         self._by_sentinel[process.sentinel] = w
         self._waiter.add(parent_end)
@@ -588,7 +659,7 @@ class ProcessPool:
         :data:`PREFETCH_BYTES`).
         """
         for w in self._procs:
-            if w.killed or len(w.jobs) > 1:
+            if w.killed or len(w.jobs) > 1 or w.left == 0:
                 continue
             if w.jobs:
                 run = w.jobs[0].run
@@ -612,6 +683,8 @@ class ProcessPool:
                 self._requeue(job)
                 continue
             w.jobs.append(job)
+            if w.left is not None:
+                w.left -= 1
 
     def _requeue(self, job: _Job) -> None:
         """Put a job that was not run back first in its map's queue (lock held)."""
@@ -652,13 +725,21 @@ class ProcessPool:
             if message == _READY:
                 w.ready = True
                 continue
+            if not w.ready and message[:1] == _INIT_FAILED:
+                try:
+                    w.init_error = pickle.loads(message[1:])
+                except BaseException as exc:  # its class does not unpickle here
+                    w.init_error = _unpickling_error(exc)
+                continue
             if not w.jobs:
                 continue
             job = w.jobs.popleft()
             try:
-                _job_id, values, errors = pickle.loads(message)
+                _job_id, values, errors, retries = pickle.loads(message)
             except BaseException as exc:  # a result that pickles but does not unpickle here
-                values, errors = None, _unpickling_error(exc)
+                values, errors, retries = None, _unpickling_error(exc), 0
+            if retries:
+                job.run.retries += retries
             if values is None and job.size > 1 and not job.run.cancelled:
                 # The job failed as a whole (an item or a result that does not
                 # unpickle): run its items one per job, so only the bad one fails.
@@ -683,7 +764,16 @@ class ProcessPool:
         if not w.ready and not w.killed:
             if job is not None:
                 self._requeue(job)  # so that _fail_all sees its map
-            self._fail_all(_start_error(w.process.exitcode, self._ctx.get_start_method()))
+            if w.init_error is not None:
+                self._fail_all(_init_error(w.process.pid, w.init_error))
+            else:
+                error = _start_error(w.process.exitcode, self._ctx.get_start_method())
+                if self.init_blob is not None:
+                    error.add_note(
+                        "opmap: this pool's workers run an initializer first; it may have "
+                        "ended the process (os._exit, a signal, a crash in native code)"
+                    )
+                self._fail_all(error)
             return outcomes
         if job is None or job.run.cancelled:
             return outcomes
@@ -785,20 +875,40 @@ class ProcessPool:
                 run.failure = exc
                 self.cancel(run)
         for run in touched:
+            if run.retries and run.retried is not None:
+                count, run.retries = run.retries, 0
+                try:
+                    run.retried(count)
+                except Exception:  # the progress bar's: never the dispatcher's problem
+                    _log.warning("opmap: the progress bar failed", exc_info=True)
             if run.open == 0:
                 run.finished.set()
 
 
-_PROCESS_POOLS: dict[tuple[int, str | None], ProcessPool] = {}
+_PROCESS_POOLS: dict[tuple[Any, ...], ProcessPool] = {}
 _LOCK = threading.Lock()
 
 
-def process_pool(workers: int, method: str | None = None) -> ProcessPool:
-    """Return the shared process pool with ``workers`` processes (started lazily)."""
+def process_pool(
+    workers: int,
+    method: str | None = None,
+    init_blob: bytes | None = None,
+    max_jobs: int | None = None,
+) -> ProcessPool:
+    """Return the shared process pool with ``workers`` processes (started lazily).
+
+    Maps share a pool only when they have the same worker count, start
+    method, initializer (``init_blob``: the pickled ``(initializer,
+    initargs)``) and ``max_jobs``: a worker set up by one initializer never
+    runs the items of a map with another, or none.
+    """
+    key: tuple[Any, ...] = (workers, method)
+    if init_blob is not None or max_jobs is not None:
+        key = (workers, method, init_blob, max_jobs)
     with _LOCK:
-        pool = _PROCESS_POOLS.get((workers, method))
+        pool = _PROCESS_POOLS.get(key)
         if pool is None:
-            pool = _PROCESS_POOLS[(workers, method)] = ProcessPool(workers, method)
+            pool = _PROCESS_POOLS[key] = ProcessPool(workers, method, init_blob, max_jobs)
         return pool
 
 
@@ -809,10 +919,13 @@ def run_process_jobs(
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
     indices: Sequence[Sequence[int]] | None = None,
     scope: CancelScope | None = None,
+    retried: Callable[[int], object] | None = None,
 ) -> None:
     """Run every job on the process pool; ``done(job, values, errors)`` as each finishes.
 
-    ``done`` runs in the pool's dispatcher thread. An interrupt
+    ``done`` runs in the pool's dispatcher thread; so does ``retried(n)``,
+    told of the retries the workers made for the map's items (counted only
+    when the mapped function counts them: a shown progress bar). An interrupt
     (``KeyboardInterrupt``) or a cancelled ``scope`` drops the map's jobs
     that have not started; the pool stays usable.
 
@@ -820,7 +933,7 @@ def run_process_jobs(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices)
+    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices, retried)
     try:
         pool.submit(run)
         if scope is not None:

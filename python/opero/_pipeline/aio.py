@@ -5,21 +5,32 @@ over the same :class:`~opero._pipeline.engine.Engine` decisions: it awaits the
 function and waits with ``asyncio.sleep`` (or the private ``_asleep``), so it
 never blocks the event loop. ``asyncio.CancelledError`` is a ``BaseException``
 and is never caught, retried or wrapped.
+
+``attempt_timeout`` runs each attempt under :func:`asyncio.timeout`: an attempt
+still running then is cancelled and counts as a ``TimeoutError`` that is always
+retryable (``retry_on`` is not consulted for it: the caller asked for it). A
+cancellation of the caller is never turned into a ``TimeoutError``.
+``timeout`` does not cancel a running attempt (as in stamina and tenacity): it
+is checked between attempts; combine it with ``attempt_timeout`` to bound each
+attempt too.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from opero import _testing
 from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
-from opero._pipeline.engine import Engine
+from opero._pipeline.engine import ATTEMPT_TIMEOUT, Engine, _no_token
 from opero._ratelimit import MIN_WAIT
 
 __all__ = ["build_async_call"]
 
-ARetryFrom = Callable[[Exception | None, tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+ARetryFrom = Callable[..., Awaitable[Any]]
+TakeToken = Callable[[float | None], Awaitable[None]]
 
 
 def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
@@ -27,12 +38,18 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
     limited = engine.limiter is not None
     asleep = engine.asleep
     atoken_wait = engine.atoken_wait
+    clock, timeout = engine.clock, engine.timeout
+
+    def check_deadline(delay: float, start: float | None) -> None:
+        if start is not None and timeout is not None and clock() + delay >= start + timeout:
+            raise engine.token_late(delay, start + timeout, [])
 
     if engine.async_source:
 
-        async def take_token() -> None:
+        async def take_token(start: float | None = None) -> None:
             wait = await atoken_wait()
             if wait:
+                check_deadline(wait, start)
                 await asleep(wait)
 
     else:
@@ -41,42 +58,61 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         # per call of a rate-limited async function.
         reserve, check_wait = engine.reserve, engine.check_wait
 
-        async def take_token() -> None:
+        def testing_changed() -> None:
+            # set_testing(rate_limit=False) rebinds the bucket: no per-call check.
+            nonlocal reserve
+            reserve = engine.reserve if _testing._rate_limit else _no_token
+
+        async def take_token(start: float | None = None) -> None:
             delay = reserve()
             if delay > MIN_WAIT:
                 check_wait(delay)
+                check_deadline(delay, start)
                 await asleep(delay)
 
-    # A callable rate_limit_key: the token is booked in the bucket of the key.
-    token = take_token if engine.key_function is None else _key_token(engine)
+    listener = None if engine.async_source else testing_changed
+    keyed = engine.key_function is not None
+    token: Callable[..., Awaitable[None]] = take_token
+    if keyed:
+        # A callable rate_limit_key: the token is booked in the bucket of the key.
+        token, listener = _key_token(engine, check_deadline)
+    func = engine.func
+    if engine.attempt_timeout is not None:
+        func = _with_attempt_timeout(func, engine.attempt_timeout)
     guard = breaker_guard(engine.policy, engine.qualname, engine.func)
-    retry_from = _aretry_from(engine, token, guard)
-    if engine.fallback is not None:
-        # The loop makes the first call too: the candidates are sliced before it runs.
-        async def acall_fallback(*args: Any, **kwargs: Any) -> Any:
+    retry_from = _aretry_from(engine, token, func, guard)
+    if engine.fallback is not None or engine.rejects is not None:
+        # The loop makes the first call too: the candidates are sliced before it runs,
+        # and a result is checked there.
+        async def acall_loop(*args: Any, **kwargs: Any) -> Any:
             return await retry_from(None, args, kwargs)
 
-        return acall_fallback
-    generated = specialize(
-        engine.func,
-        Template(
-            is_async=True,
-            limiter=limited,
-            keyed=engine.key_function is not None,
-            on_success=engine.on_success is not None,
-            guard=engine.guarded,
-            breaker=guard is not None,
-            breaker_await=guard is not None and guard.shared,
-        ),
-        {
-            "__opero_key": engine.key_function,
-            "__opero_retry_from": retry_from,
-            "__opero_take_token": token,
-            "__opero_on_success": engine.on_success,
-            **_breaker_names(guard),
-        },
-    )
-    return generated or _generic(engine, retry_from, token if limited else None, guard)
+        return _listening(acall_loop, listener if limited else None)
+    generated = None
+    if func is engine.func:
+        generated = specialize(
+            func,
+            Template(
+                is_async=True,
+                limiter=limited,
+                keyed=keyed,
+                on_success=engine.on_success is not None,
+                guard=engine.guarded,
+                breaker=guard is not None,
+                breaker_await=guard is not None and guard.shared,
+                clock=timeout is not None and (limited or engine.guarded),
+            ),
+            {
+                "__opero_key": engine.key_function,
+                "__opero_retry_from": retry_from,
+                "__opero_take_token": token,
+                "__opero_on_success": engine.on_success,
+                "__opero_clock": clock,
+                **_breaker_names(guard),
+            },
+        )
+    wrapper = generated or _generic(engine, retry_from, token if limited else None, func, guard)
+    return _listening(wrapper, listener if limited else None)
 
 
 def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
@@ -101,47 +137,93 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
     }
 
 
-def _key_token(engine: Engine) -> Callable[[Any], Awaitable[None]]:
-    """Return ``take_token(key)`` for a callable ``rate_limit_key``."""
+def _key_token(
+    engine: Engine, check_deadline: Callable[[float, float | None], None]
+) -> tuple[Callable[..., Awaitable[None]], Callable[[], None] | None]:
+    """Return ``take_token(key, start=None)`` for a callable ``rate_limit_key``.
+
+    Also returns the testing-switch listener of the in-memory map (``None`` for
+    Redis, whose ``akey_token_wait`` reads the switch itself).
+    """
     akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
     if engine.async_source:
 
-        async def take_token(key: Any) -> None:
+        async def take_token(key: Any, start: float | None = None) -> None:
             wait = await akey_token_wait(key)
             if wait:
+                check_deadline(wait, start)
                 await asleep(wait)
 
-        return take_token
+        return take_token, None
     # An in-memory map books without an await: inlined, as for a single bucket.
     reserve, check_wait = engine.reserve, engine.check_wait
 
-    async def take_native_token(key: Any) -> None:
+    def testing_changed() -> None:
+        # set_testing(rate_limit=False) rebinds the map: no per-call check.
+        nonlocal reserve
+        reserve = engine.reserve if _testing._rate_limit else _no_token
+
+    async def take_native_token(key: Any, start: float | None = None) -> None:
         delay = reserve(key)
         if delay > MIN_WAIT:
             check_wait(delay)
+            check_deadline(delay, start)
             await asleep(delay)
 
-    return take_native_token
+    return take_native_token, testing_changed
+
+
+def _listening(
+    wrapper: Callable[..., Awaitable[Any]], listener: Callable[[], None] | None
+) -> Callable[..., Awaitable[Any]]:
+    """Keep ``listener`` alive with ``wrapper`` and register it with the testing switch."""
+    if listener is not None:
+        wrapper.__dict__["__opero_testing_listener__"] = listener
+        _testing.listen(listener)
+    return wrapper
+
+
+def _with_attempt_timeout(
+    func: Callable[..., Awaitable[Any]], seconds: float
+) -> Callable[..., Awaitable[Any]]:
+    """Return ``func`` with each call cancelled after ``seconds`` (a marked ``TimeoutError``)."""
+
+    async def attempt(*args: Any, **kwargs: Any) -> Any:
+        scope = asyncio.timeout(seconds)
+        try:
+            async with scope:
+                return await func(*args, **kwargs)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # the function's own TimeoutError
+            error = TimeoutError(f"the attempt took more than attempt_timeout={seconds:g} s")
+            error.__dict__[ATTEMPT_TIMEOUT] = True
+            raise error from exc
+
+    return attempt
 
 
 def _generic(
     engine: Engine,
     retry_from: ARetryFrom,
     take_token: Callable[..., Awaitable[None]] | None,
+    func: Callable[..., Awaitable[Any]],
     guard: BreakerGuard | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
-    func, on_success = engine.func, engine.on_success
+    on_success = engine.on_success
+    clock = engine.clock if engine.timeout is not None else None
     key_function = engine.key_function
     guarded = engine.guarded
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
+        start = None if clock is None else clock()
         probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
         if key_function is not None:
             assert take_token is not None
-            await take_token(key_function(*args, **kwargs))
+            await take_token(key_function(*args, **kwargs), start)
         elif take_token is not None:
-            await take_token()
+            await take_token(start)
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
@@ -149,7 +231,7 @@ def _generic(
                 await guard.afailed(exc, probe, args, kwargs)
                 if not guarded:
                     raise
-            return await retry_from(exc, args, kwargs)
+            return await retry_from(exc, args, kwargs, start)
         except BaseException:
             if probe:
                 guard.release(probe)  # type: ignore[union-attr]
@@ -166,6 +248,7 @@ def _generic(
 def _aretry_from(
     engine: Engine,
     take_token: Callable[..., Awaitable[None]],
+    func: Callable[..., Awaitable[Any]],
     guard: BreakerGuard | None = None,
 ) -> ARetryFrom:
     """Return the loop: from the start (``first=None``) or after the first call failed.
@@ -173,33 +256,52 @@ def _aretry_from(
     With a circuit breaker, each call asks it before its wait and token: an open
     circuit ends the loop at once with ``CircuitOpenError`` (never retried).
     """
-    func, asleep, on_success = engine.func, engine.asleep, engine.on_success
+    asleep, on_success = engine.asleep, engine.on_success
     limited = engine.limiter is not None
     key_function = engine.key_function
-    after_failure = engine.after_failure
+    after_failure, rejected = engine.after_failure, engine.rejected
+    checks_result = engine.rejects is not None
 
     async def retry_from(
-        first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+        first: Exception | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        start: float | None = None,
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
+        refused: Exception | None = None
         calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
+            deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
             round_, index, wait = 0, 0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), deadline)
             while error is None:
                 probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
                     await asleep(wait)
                 call_args, call_kwargs = calls[index]
-                if key_function is not None:
-                    await take_token(key_function(*call_args, **call_kwargs))
-                elif limited:
-                    await take_token()
+                if limited:
+                    key = None if key_function is None else key_function(*call_args, **call_kwargs)
+                    if deadline is None:
+                        await (take_token(None) if key_function is None else take_token(key))
+                    elif (
+                        wait := await (
+                            engine.atoken_wait()
+                            if key_function is None
+                            else engine.akey_token_wait(key)
+                        )
+                    ) > 0:
+                        if engine.clock() + wait >= deadline:
+                            if probe:
+                                guard.release(probe)  # type: ignore[union-attr]
+                            error = engine.token_late(wait, deadline, errors)
+                            break
+                        await asleep(wait)
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:
@@ -208,19 +310,27 @@ def _aretry_from(
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
-                    round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), deadline
+                    )
+                    continue
                 except BaseException:
                     if probe:
                         guard.release(probe)  # type: ignore[union-attr]
                     raise
-                else:
-                    if guard is not None:
-                        await guard.aok(probe)
-                    if on_success is not None:
-                        on_success(result)
-                    return result
+                if guard is not None:
+                    await guard.aok(probe)
+                if checks_result and (refused := rejected(result, len(errors) + 1)) is not None:
+                    errors.append(refused)
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), deadline
+                    )
+                    continue
+                if on_success is not None:
+                    on_success(result)
+                return result
             raise error
         finally:
-            del first, errors, calls, error
+            del first, errors, calls, error, refused
 
     return retry_from

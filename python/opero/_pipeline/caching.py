@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import reprlib
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opero import _testing
 from opero._opero_core import CachedCall, make_key, stable_digest, stable_digest_call
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.codegen import Template, specialize
@@ -190,17 +192,29 @@ class MemoryCache(CacheAdapter):
     def wrap(self, inner: Callable[..., Any], is_async: bool) -> Any:
         """Return the native ``CachedCall`` (sync) or the task-flight wrapper (async)."""
         if not is_async:
-            return CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
+            call = CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
+            return _listening(call, _native_bypass(call))
         flight, on_hit, native, custom = TaskFlight(), self.on_hit, self.native, self.key_func
+        # set_testing(cache=False) rebinds these (no per-call check of the switch).
+        get_call: Callable[..., Any] = native.get_call
+        store_get: Callable[..., Any] = native.get
+        put: Callable[..., Any] = native.set
+        do: Callable[..., Awaitable[Any]] = flight.do
+
+        def testing_changed() -> None:
+            nonlocal get_call, store_get, put, do
+            if _testing._cache:
+                get_call, store_get, put, do = native.get_call, native.get, native.set, flight.do
+            else:
+                get_call, store_get, put, do = _miss, _miss, _no_store, _direct
 
         async def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = await inner(*args, **kwargs)
-            native.set(key, value)
+            put(key, value)
             return value
 
         # Two closures, not one with a branch: the hit path is the hot one (~200 ns).
         if custom is None:
-            get_call = native.get_call
 
             async def cached(*args: Any, **kwargs: Any) -> Any:
                 try:
@@ -212,10 +226,9 @@ class MemoryCache(CacheAdapter):
                         on_hit()
                     return value
                 key = make_key(args, kwargs)
-                return await flight.do(key, lambda: compute(key, args, kwargs))
+                return await do(key, lambda: compute(key, args, kwargs))
 
-            return cached
-        store_get = native.get
+            return _listening(cached, testing_changed)
 
         async def cached_by_key(*args: Any, **kwargs: Any) -> Any:
             key = custom(*args, **kwargs)
@@ -229,9 +242,9 @@ class MemoryCache(CacheAdapter):
                 return value
             # The store keys a cache_key result by structure (a list is fine, as in
             # the sync wrapper); the flight table needs that as a hashable key too.
-            return await flight.do(make_key((key,), {}), lambda: compute(key, args, kwargs))
+            return await do(make_key((key,), {}), lambda: compute(key, args, kwargs))
 
-        return cached_by_key
+        return _listening(cached_by_key, testing_changed)
 
 
 class BackendCache(CacheAdapter):
@@ -315,6 +328,13 @@ class BackendCache(CacheAdapter):
             self.tflight,
         )
 
+        fcache = self.fcache
+
+        def testing_changed() -> None:
+            nonlocal get, put
+            on = _testing._cache
+            get, put = (fcache.get, fcache.set) if on else (_miss_value, _no_store)
+
         def compute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = inner(*args, **kwargs)
             put(key, value)
@@ -329,9 +349,11 @@ class BackendCache(CacheAdapter):
                 if on_hit is not None:
                     on_hit()
                 return value
+            if put is _no_store:  # set_testing(cache=False): the function runs, alone
+                return inner(*args, **kwargs)
             return flight.do(fkey, lambda: compute(key, args, kwargs), stamp, lambda: get(key))
 
-        return cached
+        return _listening(cached, testing_changed)
 
     def _awrap(self, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         key_of, aget, aset, on_hit, flight = (
@@ -341,6 +363,13 @@ class BackendCache(CacheAdapter):
             self.on_hit,
             self.aflight,
         )
+
+        fcache = self.fcache
+
+        def testing_changed() -> None:
+            nonlocal aget, aset
+            on = _testing._cache
+            aget, aset = (fcache.aget, fcache.aset) if on else (_amiss_value, _ano_store)
 
         async def acompute(key: Any, args: Args, kwargs: Kwargs) -> Any:
             value = await inner(*args, **kwargs)
@@ -356,11 +385,65 @@ class BackendCache(CacheAdapter):
                 if on_hit is not None:
                     on_hit()
                 return value
+            if aset is _ano_store:  # set_testing(cache=False): the function runs, alone
+                return await inner(*args, **kwargs)
             return await flight.do(
                 fkey, lambda: acompute(key, args, kwargs), stamp, lambda: aget(key)
             )
 
-        return acached
+        return _listening(acached, testing_changed)
+
+
+# --- set_testing(cache=False) ------------------------------------------------------------
+# A wrapper's lookups and stores are rebound by a listener of the switch, so the hit path
+# never reads it. The listener lives in the wrapper's __dict__ (the switch holds it weakly).
+
+
+def _listening(wrapper: Callable[..., Any], listener: Callable[[], None]) -> Callable[..., Any]:
+    """Keep ``listener`` alive with ``wrapper`` and register it with the testing switch."""
+    wrapper.__dict__["__opero_testing_listener__"] = listener
+    _testing.listen(listener)
+    return wrapper
+
+
+def _native_bypass(call: CachedCall) -> Callable[[], None]:
+    """Return the listener flagging the native ``call`` (held weakly: no cycle)."""
+    ref = weakref.ref(call)
+
+    def testing_changed() -> None:
+        target = ref()
+        if target is not None:
+            target.set_bypass(not _testing._cache)
+
+    return testing_changed
+
+
+def _miss(*args: Any) -> Any:
+    """Miss, always: the native store's lookup while the cache is bypassed."""
+    raise KeyError("cache bypassed by set_testing(cache=False)")
+
+
+def _miss_value(key: Any) -> Any:
+    """Miss, always: a backend lookup while the cache is bypassed."""
+    return MISS
+
+
+async def _amiss_value(key: Any) -> Any:
+    """Miss, always: an async backend lookup while the cache is bypassed."""
+    return MISS
+
+
+def _no_store(key: Any, value: Any) -> None:
+    """Keep nothing: a store while the cache is bypassed."""
+
+
+async def _ano_store(key: Any, value: Any) -> None:
+    """Keep nothing: an async store while the cache is bypassed."""
+
+
+async def _direct(key: Any, compute: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``compute`` without a flight (cache bypassed: every call runs the function)."""
+    return await compute()
 
 
 def _flight_key(key: Any) -> Any:
@@ -412,8 +495,53 @@ def cache_adapter(
     register(caching.cache_namespace, backend, fcache)
     key_func = functools.partial(caching.cache_key, func) if caching.cache_key else None
     if isinstance(backend, MemoryBackend) and isinstance(fcache, MemoryFunctionCache):
-        return MemoryCache(fcache, key_func, on_hit)
-    return BackendCache(fcache, key_builder(stable, key_func, qualname), on_hit, qualname, is_async)
+        return _bypassable(MemoryCache(fcache, key_func, on_hit))
+    return _bypassable(
+        BackendCache(fcache, key_builder(stable, key_func, qualname), on_hit, qualname, is_async)
+    )
+
+
+def _bypassable(adapter: CacheAdapter) -> CacheAdapter:
+    """Make the lookups of ``__opero__`` (``@opmap``'s cache path) honour ``cache=False``.
+
+    Per lookup or per batch, not per item: the switch is read here, where a map
+    already pays a Python call.
+    """
+    lookup, alookup, store, astore = adapter.lookup, adapter.alookup, adapter.store, adapter.astore
+    lookup_many, store_many = adapter.lookup_many, adapter.store_many
+
+    def checked_lookup(args: Args, kwargs: Kwargs) -> Any:
+        return lookup(args, kwargs) if _testing._cache else MISS
+
+    async def checked_alookup(args: Args, kwargs: Kwargs) -> Any:
+        return await alookup(args, kwargs) if _testing._cache else MISS
+
+    def checked_store(args: Args, kwargs: Kwargs, value: Any) -> None:
+        if _testing._cache:
+            store(args, kwargs, value)
+
+    async def checked_astore(args: Args, kwargs: Kwargs, value: Any) -> None:
+        if _testing._cache:
+            await astore(args, kwargs, value)
+
+    adapter.lookup, adapter.alookup = checked_lookup, checked_alookup  # type: ignore[method-assign]
+    adapter.store, adapter.astore = checked_store, checked_astore  # type: ignore[method-assign]
+    if lookup_many is not None:
+        many = lookup_many
+
+        def checked_lookup_many(items: list[Any]) -> tuple[list[Any], int]:
+            return many(items) if _testing._cache else ([MISS] * len(items), 0)
+
+        adapter.lookup_many = checked_lookup_many
+    if store_many is not None:
+        put_many = store_many
+
+        def checked_store_many(items: list[Any], values: list[Any]) -> None:
+            if _testing._cache:
+                put_many(items, values)
+
+        adapter.store_many = checked_store_many
+    return adapter
 
 
 def key_builder(

@@ -92,6 +92,9 @@ class Template:
             (``__opero_failed(exc, probe, args, kwargs)``; ``__opero_ok(probe)``
             when ``probe`` is truthy: a probe, or a failure streak to reset).
         breaker_await: The breaker's methods are awaited (state in Redis).
+        clock: Read ``__opero_clock()`` once before anything else (``timeout``):
+            a token wait is checked by ``__opero_token_deadline(wait, start)``
+            and the start is handed to ``__opero_retry_from`` on a failure.
 
     """
 
@@ -103,6 +106,7 @@ class Template:
     guard: bool = False
     breaker: bool = False
     breaker_await: bool = False
+    clock: bool = False
 
 
 @dataclass(slots=True)
@@ -165,23 +169,33 @@ def _source(sig: _Signature, template: Template) -> str:
     aw = "await " if template.is_async else ""
     lines = [f"{'async ' if template.is_async else ''}def {P}wrapper({', '.join(sig.params)}):"]
     bw = "await " if template.breaker_await else ""
+    if template.clock:
+        lines.append(f"    {P}t0 = {P}clock()")
     if template.breaker:
         # A closed breaker without failures costs one attribute read and a local test.
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
+    deadline = [f"        {P}token_deadline({P}d, {P}t0)"] if template.clock else []
     if template.limiter and template.is_async:
-        lines.append(f"    await {P}take_token({key})")
+        token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
+        lines.append(f"    await {P}take_token({token_args})")
     elif template.limiter and template.key_map:
         # Stored keys are plain str: anything else (a new key, a digested long one, a
         # non-str, an unhashable or hash-hostile object) takes the checked slow path.
+        # Only an exact str is looked up inline: the dict would trust any other object's
+        # __hash__/__eq__ (a key claiming to equal "ann" would book in ann's bucket).
         lines += [
             f"    {P}k = {key}",
-            "    try:",
-            f"        {P}d = {P}buckets[{P}k].reserve()",
-            f"    except {P}Exception:",
+            f"    if {P}type({P}k) is {P}str:",
+            "        try:",
+            f"            {P}d = {P}buckets[{P}k].reserve()",
+            f"        except {P}Exception:",
+            f"            {P}d = {P}reserve({P}k)",
+            "    else:",
             f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
+            *deadline,
             f"        {P}sleep({P}d)",
         ]
     elif template.limiter:
@@ -189,8 +203,10 @@ def _source(sig: _Signature, template: Template) -> str:
             f"    {P}d = {P}reserve({key})",
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
-            f"        {P}sleep({P}d)",
         ]
+        if template.clock:
+            lines.append(f"        {P}token_deadline({P}d, {P}t0)")
+        lines.append(f"        {P}sleep({P}d)")
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
     args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
     kwargs = "{" + ", ".join(sig.keywords) + "}"
@@ -199,7 +215,10 @@ def _source(sig: _Signature, template: Template) -> str:
         if template.breaker:
             lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
         if template.guard:
-            lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs})")
+            lines.append(
+                f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}"
+                + (f", {P}t0)" if template.clock else ")")
+            )
         else:
             lines.append("        raise")
         if template.breaker:
@@ -282,6 +301,7 @@ def specialize(
     scope.setdefault(f"{P}MIN_WAIT", MIN_WAIT)
     scope[f"{P}Exception"] = Exception
     scope[f"{P}BaseException"] = BaseException
+    scope[f"{P}type"], scope[f"{P}str"] = type, str
     filename = register_source(source, label)
     try:
         exec(compile(source, filename, "exec"), scope)

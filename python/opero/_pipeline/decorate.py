@@ -50,7 +50,7 @@ receives the current rate, else ``None``.
 
 Other private keywords, for tests: ``_sleep=`` (sync sleep used for retry and
 rate-limit waits), ``_asleep=`` (its async twin), ``_backoff_seed=`` (seed of
-the jitter).
+the jitter), ``_clock=`` (the monotonic clock of ``timeout``).
 """
 
 from __future__ import annotations
@@ -232,6 +232,10 @@ def opero(
     retry_on: type[Exception] | tuple[type[Exception], ...] | list[type[Exception]] = ...,
     retry_predicate: Callable[..., Any] | None = None,
     backoff_function: Callable[[int], float] | None = None,
+    retry_after: bool | Callable[[BaseException], float | None] = True,
+    retry_on_result: Callable[[Any], Any] | None = None,
+    timeout: float | None = None,
+    attempt_timeout: float | None = None,
     arg_fallback: str | None = None,
     circuit_breaker: CircuitBreaker | None = None,
     rate_limit: float | Callable[[], float] | Sequence[tuple[int, float]] | None = None,
@@ -263,6 +267,7 @@ def opero(
     _sleep: Callable[[float], Any] | None = None,
     _asleep: Callable[[float], Awaitable[Any]] | None = None,
     _backoff_seed: int | None = None,
+    _clock: Callable[[], float] | None = None,
 ) -> OperoDecorator: ...
 
 
@@ -284,7 +289,12 @@ def opero(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             (exception type, tuple or list; default ``Exception``),
             ``retry_predicate(exc)`` or ``(exc, response=None)`` (return True
             to retry), ``backoff_function(attempt) -> seconds`` (0-based;
-            replaces the schedule).
+            replaces the schedule), ``retry_after`` (default True: wait what
+            the server asks in ``Retry-After``; False, or a callable
+            ``retry_after(exc) -> seconds | None``), ``retry_on_result(result)``
+            (True retries; :class:`~opero.errors.RetryResultError` when
+            retries run out), ``timeout`` (seconds for the whole call),
+            ``attempt_timeout`` (``async def`` only: seconds per attempt).
 
             Fallback: ``arg_fallback`` (name of a parameter holding a list or
             tuple of candidates; candidate ``i`` is called with

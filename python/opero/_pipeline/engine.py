@@ -14,6 +14,19 @@ rate-limit token per real call, then the function. Rounds are
 (the native :class:`~opero._opero_core.Backoff`), or ``backoff_function(k)``;
 zero while :func:`opero.set_testing` is on. A zero wait never sleeps.
 
+A server's wait (``retry_after``, :mod:`opero._pipeline.retry_after`) replaces
+the backoff wait of that retry, exactly (no jitter), even when it is shorter;
+a demand longer than ``max_delay`` stops retrying. With ``timeout`` the driver
+reads the clock once when the call starts; on a failure the engine gives up
+when the next wait would end at or past the deadline (or when the deadline has
+passed before the next fallback candidate). A give-up raises the error it
+would have raised on exhaustion, with the reason in its note.
+
+``retry_on_result``: a rejected result becomes a
+:class:`~opero.errors.RetryResultError` (made by :meth:`Engine.rejected`) that
+the loop handles as a failed call; it is always retryable by the layer that
+made it.
+
 An error that is not retryable (outside ``retry_on``, refused by
 ``retry_predicate``, or a ``RecursionError``) propagates at once, unchanged,
 even inside a fallback chain. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
@@ -48,20 +61,30 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opero import _testing
-from opero._opero_core import Backoff
+from opero._opero_core import Backoff, coarse_monotonic
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.fallback import Call, Fallback
 from opero._pipeline.policy import Policy, check_seconds
+from opero._pipeline.retry_after import server_wait
 from opero._ratelimit import MIN_WAIT, Limiter
-from opero.errors import EARLIER_ERRORS, AllFailedError, CircuitOpenError
+from opero.errors import (
+    EARLIER_ERRORS,
+    AllFailedError,
+    CircuitOpenError,
+    RateLimitTimeout,
+    RetryResultError,
+)
 
-__all__ = ["NOTE_PREFIX", "Engine", "Step"]
+__all__ = ["ATTEMPT_TIMEOUT", "NOTE_PREFIX", "Engine", "Step"]
 
 logger = logging.getLogger("opero")
 
 #: Every note opero adds to a re-raised error starts with this (a re-raised
 #: instance keeps one opero note, not one per call).
 NOTE_PREFIX = "opero: "
+#: Key set in the ``__dict__`` of the ``TimeoutError`` of an attempt that
+#: ``attempt_timeout`` cut (always retryable).
+ATTEMPT_TIMEOUT = "__opero_attempt_timeout__"
 #: How many earlier errors the note shows (``attempt_errors`` has them all).
 NOTE_ERRORS = 3
 
@@ -84,16 +107,20 @@ class Engine:
     """
 
     __slots__ = (
+        "__weakref__",
         "asleep",
         "async_source",
+        "attempt_timeout",
         "backoff",
         "backoff_function",
         "check_wait",
+        "clock",
         "fallback",
         "func",
         "key_function",
         "key_map",
         "limiter",
+        "max_delay",
         "on_failure",
         "on_retry",
         "on_success",
@@ -101,10 +128,13 @@ class Engine:
         "predicate",
         "predicate_arity",
         "qualname",
+        "rejects",
         "reserve",
         "retries",
+        "retry_after",
         "retry_on",
         "sleep",
+        "timeout",
     )
 
     def __init__(
@@ -124,9 +154,16 @@ class Engine:
         self.backoff = Backoff(
             retry.min_delay, retry.max_delay, retry.backoff_factor, retry.jitter, retry.backoff_seed
         )
+        self.max_delay = retry.max_delay
+        self.retry_after = retry.retry_after
+        self.rejects = retry.retry_on_result
+        self.timeout = retry.timeout
+        self.attempt_timeout = retry.attempt_timeout
+        # A native coarse clock (a few ns, 1-4 ms resolution): read once per call.
+        self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
         self.fallback = Fallback(func, arg_fallback) if arg_fallback else None
-        self.limiter = Limiter(policy, qualname) if policy.has_rate_limit else None
+        self.limiter = Limiter(policy, qualname, func) if policy.has_rate_limit else None
         limiter = self.limiter
         #: The native bucket's (or the source's) ``reserve() -> seconds`` (never
         #: called without a limiter).
@@ -152,6 +189,12 @@ class Engine:
         """Whether a failed first call needs the engine (else it propagates as is)."""
         return self.retries > 0 or self.on_failure is not None or self.fallback is not None
 
+    def deadline(self, start: float | None = None) -> float | None:
+        """Return the deadline of a call that started at ``start`` (now when ``None``)."""
+        if self.timeout is None:
+            return None
+        return (self.clock() if start is None else start) + self.timeout
+
     # --- decisions -----------------------------------------------------------------
 
     def is_retryable(self, exc: Exception) -> bool:
@@ -161,6 +204,10 @@ class Engine:
         fails the same way, and in a recursive decorated function every level
         retrying its subtree would make ``(retries + 1) ** depth`` calls.
         """
+        if isinstance(exc, RetryResultError) and exc.__dict__.get(_OWNER) is self:
+            return True
+        if type(exc) is TimeoutError and exc.__dict__.get(ATTEMPT_TIMEOUT):
+            return True
         if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError | CircuitOpenError):
             return False
         predicate = self.predicate
@@ -189,11 +236,65 @@ class Engine:
             self.backoff_function(attempt),
         )
 
-    def before_retry(self, exc: Exception, attempt: int) -> float:
-        """Fire ``on_retry``, log, and return the wait before retry ``attempt``."""
+    def plan_wait(self, exc: Exception, attempt: int) -> tuple[float, str | None]:
+        """Return the wait before retry ``attempt`` and, to stop instead, the reason.
+
+        A server's demand (``retry_after``) replaces the backoff wait, exactly;
+        one longer than ``max_delay`` stops. Every wait is zero under
+        :func:`opero.set_testing` (the ``max_delay`` rule still applies).
+        """
+        demand = self.server_wait(exc)
+        if demand is None:
+            return self.delay(attempt), None
+        if demand > self.max_delay:
+            return 0.0, (
+                f"server asked to wait {demand:g} s, more than max_delay={self.max_delay:g} s"
+            )
+        return (0.0 if _testing._enabled else demand), None
+
+    def server_wait(self, exc: Exception) -> float | None:
+        """Return the seconds the server asked for in ``exc`` (``None``: no demand)."""
+        source = self.retry_after
+        if source is False:
+            return None
+        if source is True:
+            return server_wait(exc)
+        value = source(exc)
+        if value is None:
+            return None
+        return check_seconds(
+            f"retry_after of {self.qualname}, for {_short_repr(exc)}, returned", value
+        )
+
+    def rejected(self, result: Any, attempt: int) -> RetryResultError | None:
+        """Return the error standing for a ``result`` that ``retry_on_result`` rejects, or ``None``.
+
+        A raising predicate is logged and the result accepted (the rule of
+        ``retry_predicate``: an error of the check never makes more calls).
+        """
+        assert self.rejects is not None
+        try:
+            if not self.rejects(result):
+                return None
+        except Exception:
+            logger.exception(
+                "opero: retry_on_result of %s raised on a result; the result is accepted",
+                self.qualname,
+            )
+            return None
+        error = RetryResultError(
+            f"{self.qualname} returned a result that retry_on_result rejected, on call "
+            f"{attempt}: {_short_repr(result)}",
+            result,
+            attempt,
+        )
+        error.__dict__[_OWNER] = self
+        return error
+
+    def before_retry(self, exc: Exception, attempt: int, wait: float) -> float:
+        """Fire ``on_retry``, log, and return ``wait``, the wait before retry ``attempt``."""
         if self.on_retry is not None:
             self.on_retry(exc, attempt)
-        wait = self.delay(attempt)
         logger.debug(
             "opero: %s failed with %r; retry %d of %d in %.3fs",
             self.qualname,
@@ -210,27 +311,34 @@ class Engine:
             self.on_failure(exc)
         return exc
 
-    def exhausted(self, errors: list[Exception]) -> Exception:
+    def exhausted(self, errors: list[Exception], reason: str | None = None) -> Exception:
         """Return the error to raise when every call failed (and fire ``on_failure``).
 
         With a fallback configured: ``AllFailedError`` with every error,
         chained from the last one (as ``raise ... from`` would). Without: the
         function's own last exception, unchanged in type and identity; after
         more than one call it gets a note and the earlier errors (see
-        :func:`opero.errors.attempt_errors`).
+        :func:`opero.errors.attempt_errors`). ``reason`` says why retrying
+        stopped early (a deadline, a server's wait); it is in the note or message.
         """
         last = errors[-1]
+        for error in errors:
+            if isinstance(error, RetryResultError):
+                error.__dict__.pop(_OWNER, None)
+        why = f"; {reason}" if reason else ""
         if self.fallback is None:
-            if len(errors) > 1:
-                self._annotate(last, errors)
+            if len(errors) > 1 or reason:
+                self._annotate(last, errors, why)
                 logger.warning(
-                    "opero: %s failed on all %d calls; raising the last error",
+                    "opero: %s failed on %s%s; raising the last error",
                     self.qualname,
-                    len(errors),
+                    _calls(len(errors)),
+                    why,
                 )
             return self.give_up(last)
         error = AllFailedError(
-            f"{self.qualname} failed on all {len(errors)} calls; last error: {_short_repr(last)}",
+            f"{self.qualname} failed on {_calls(len(errors))}{why}; "
+            f"last error: {_short_repr(last)}",
             errors,
         )
         error.__cause__ = last
@@ -238,7 +346,7 @@ class Engine:
         logger.warning("opero: %s", error.message)
         return self.give_up(error)
 
-    def _annotate(self, last: Exception, errors: list[Exception]) -> None:
+    def _annotate(self, last: Exception, errors: list[Exception], why: str = "") -> None:
         """Note the number of calls on ``last`` and keep the earlier errors on it.
 
         The earlier errors never include ``last`` itself (a function raising one
@@ -249,8 +357,9 @@ class Engine:
         if len(earlier) > NOTE_ERRORS:
             shown = f"..., {shown}"
         note = (
-            f"{NOTE_PREFIX}{self.qualname} failed on all {len(errors)} calls "
-            f"(1 + {len(errors) - 1} retries)"
+            f"{NOTE_PREFIX}{self.qualname} failed on {_calls(len(errors))}"
+            + (f" (1 + {len(errors) - 1} retries)" if len(errors) > 1 else "")
+            + why
             + (f"; earlier errors: {shown}" if shown else "")
             + "; opero.errors.attempt_errors(exc) lists them all"
         )
@@ -282,14 +391,23 @@ class Engine:
             return [(args, kwargs)]
         return self.fallback.candidates(args, kwargs)
 
-    def after_failure(self, errors: list[Exception], round_: int, index: int, total: int) -> Step:
+    def after_failure(
+        self,
+        errors: list[Exception],
+        round_: int,
+        index: int,
+        total: int,
+        deadline: float | None = None,
+    ) -> Step:
         """Decide what follows the failure of call ``index`` of round ``round_`` (0-based).
 
         ``errors[-1]`` is the error of that call. In order: an error that is not
         retryable is raised at once (``on_failure`` fired); the next fallback
-        candidate is tried without waiting; after the last candidate of the last
-        round the exhaustion error is raised; else the next round starts after
-        the backoff wait (``on_retry`` fired). The engine returns the error to
+        candidate is tried without waiting (unless ``deadline`` has passed);
+        after the last candidate of the last round the exhaustion error is
+        raised; a server's wait past ``max_delay`` or a wait ending at or past
+        ``deadline`` raises it too, with the reason; else the next round starts
+        after the wait (``on_retry`` fired). The engine returns the error to
         raise rather than raising it, so its frame never holds ``errors`` in a
         traceback.
         """
@@ -297,11 +415,37 @@ class Engine:
         if not self.is_retryable(exc):
             return round_, index, 0.0, self.give_up(exc)
         if index + 1 < total:
+            if deadline is not None and self.clock() >= deadline:
+                return round_, index, 0.0, self.exhausted(errors, self._late())
             self.log_fallback(exc, index, total)
             return round_, index + 1, 0.0, None
-        if round_ >= self.retries:
+        attempts = _testing._attempts
+        if round_ >= self.retries or (attempts is not None and round_ + 1 >= attempts):
             return round_, index, 0.0, self.exhausted(errors)
-        return round_ + 1, 0, self.before_retry(exc, round_), None
+        wait, reason = self.plan_wait(exc, round_)
+        if reason is None and deadline is not None and self.clock() + wait >= deadline:
+            reason = self._late(wait)
+        if reason is not None:
+            return round_, index, 0.0, self.exhausted(errors, reason)
+        return round_ + 1, 0, self.before_retry(exc, round_, wait), None
+
+    def _late(self, wait: float = 0.0) -> str:
+        """Return the reason of a give-up at the deadline (after a planned ``wait``)."""
+        after = f" (after a wait of {wait:g} s)" if wait > 0 else ""
+        return f"gave up: the next retry{after} would end past timeout={self.timeout:g} s"
+
+    def token_late(self, wait: float, deadline: float, errors: list[Exception]) -> Exception:
+        """Return the error for a token ``wait`` ending past ``deadline``.
+
+        Before any call: :class:`~opero.errors.RateLimitTimeout`; after a failed
+        call: the exhaustion error of ``errors`` with the reason.
+        """
+        reason = (
+            f"gave up: the rate-limit token is {wait:.3f} s away, past timeout={self.timeout:g} s"
+        )
+        if not errors:
+            return self.give_up(RateLimitTimeout(f"{self.qualname}: {reason}"))
+        return self.exhausted(errors, reason)
 
     def token_wait(self) -> float:
         """Book a rate-limit token; return the seconds to sleep first (0 for none).
@@ -310,6 +454,8 @@ class Engine:
             RateLimitTimeout: The wait exceeds ``rate_max_wait``.
 
         """
+        if not _testing._rate_limit:
+            return 0.0
         delay = self.reserve()
         if delay > MIN_WAIT:
             self.check_wait(delay)
@@ -322,6 +468,8 @@ class Engine:
         The key function's own error propagates (the call fails at once: not retried).
         """
         assert self.key_function is not None
+        if not _testing._rate_limit:
+            return 0.0
         delay = self.reserve(self.key_function(*args, **kwargs))
         if delay > MIN_WAIT:
             self.check_wait(delay)
@@ -331,6 +479,8 @@ class Engine:
     async def akey_token_wait(self, key: Any) -> float:
         """Async token wait in the bucket of ``key`` (what ``rate_limit_key`` returned)."""
         assert self.limiter is not None
+        if not _testing._rate_limit:
+            return 0.0
         delay = await self.limiter.areserve_key(key) if self.async_source else self.reserve(key)
         if delay > MIN_WAIT:
             self.check_wait(delay)
@@ -339,7 +489,7 @@ class Engine:
 
     async def atoken_wait(self) -> float:
         """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
-        if not self.async_source:
+        if not self.async_source or not _testing._rate_limit:
             return self.token_wait()
         assert self.limiter is not None
         delay = await self.limiter.areserve()
@@ -349,13 +499,22 @@ class Engine:
         return 0.0
 
 
-def _no_token() -> float:
-    """Stand-in ``reserve`` without a rate limit (the drivers never call it)."""
+#: Key of the engine that made a :class:`RetryResultError` (dropped when it is raised).
+_OWNER = "_opero_owner"
+
+
+def _no_token(*_key: Any) -> float:
+    """Stand-in ``reserve`` without a rate limit, or while tokens are bypassed (any key)."""
     return 0.0
 
 
 def _no_wait(delay: float) -> None:
     """Stand-in ``check_wait`` without a rate limit."""
+
+
+def _calls(count: int) -> str:
+    """Return "all 3 calls", or "its only call" for one."""
+    return "its only call" if count == 1 else f"all {count} calls"
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:

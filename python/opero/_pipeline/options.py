@@ -111,6 +111,18 @@ def _rate_limit(option: str, value: Any) -> Any:
     return value
 
 
+def _retry_after(option: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    return c.function(
+        "True (read Retry-After and retry_after from the error), False (off) or a callable "
+        "retry_after(exception) -> seconds | None",
+        "lambda exc: getattr(exc, 'wait', None)",
+        least=1,
+        shape="retry_after(exception)",
+    )(option, value)
+
+
 CACHE_BACKENDS = ("memory", "redis", "disk")
 CACHE_POLICIES = ("lru", "tinylfu")
 
@@ -237,6 +249,57 @@ OPTIONS: tuple[Option, ...] = (
             )
         ),
         "replaces the schedule; attempt counts retries from 0",
+    ),
+    Option(
+        "retry_after",
+        "retry",
+        True,
+        _retry_after,
+        "honour a server's Retry-After (or retry_after attribute) instead of the backoff wait",
+    ),
+    Option(
+        "retry_on_result",
+        "retry",
+        None,
+        c.optional(
+            c.function(
+                "a callable predicate(result) -> bool",
+                "lambda result: result is None",
+                least=1,
+                shape="predicate(result)",
+            )
+        ),
+        "return True to treat a result as a failed call and retry",
+    ),
+    Option(
+        "timeout",
+        "retry",
+        None,
+        c.optional(
+            c.real(
+                f"None (no deadline) or seconds > 0 and <= {c.MAX_SECONDS:g}",
+                "10.0",
+                low=0.0,
+                strict=True,
+                high=c.MAX_SECONDS,
+            )
+        ),
+        "deadline of the whole call, retries and waits included, in seconds",
+    ),
+    Option(
+        "attempt_timeout",
+        "retry",
+        None,
+        c.optional(
+            c.real(
+                f"None or seconds > 0 and <= {c.MAX_SECONDS:g}",
+                "2.0",
+                low=0.0,
+                strict=True,
+                high=c.MAX_SECONDS,
+            )
+        ),
+        "async def only: cancel an attempt after this many seconds (a retryable TimeoutError)",
     ),
     # fallback
     Option(
@@ -490,6 +553,14 @@ OPTIONS: tuple[Option, ...] = (
         None,
         c.optional(c.integer("an int in [0, 2**64)", "42", low=0, high=2**64 - 1)),
         "seed of the jitter RNG, for reproducible schedules",
+        private=True,
+    ),
+    Option(
+        "_clock",
+        "wait",
+        None,
+        c.optional(c.function("a callable clock() -> seconds", "time.monotonic")),
+        "monotonic clock() of the timeout deadline",
         private=True,
     ),
 )

@@ -57,6 +57,10 @@ class RetryPolicy:
     retry_predicate: Callable[..., Any] | None
     backoff_function: Callable[[int], float] | None
     backoff_seed: int | None
+    retry_after: bool | Callable[[BaseException], Any]
+    retry_on_result: Callable[[Any], Any] | None
+    timeout: float | None
+    attempt_timeout: float | None
 
     @property
     def retry_predicate_arity(self) -> int:
@@ -130,6 +134,7 @@ class WaitPolicy:
 
     sleep: Callable[[float], Any] | None
     asleep: Callable[[float], Any] | None
+    clock: Callable[[], float] | None
 
 
 #: The policy class of each stage of the option table.

@@ -4,22 +4,29 @@ The first call runs in a wrapper generated with the function's own parameters
 (:mod:`opero._pipeline.codegen`) or, for other callables, in a generic
 closure; only a failure enters :func:`_retry_from`, the loop that asks the
 engine what follows each failed call. With ``arg_fallback`` the loop makes the
-first call too (the candidates are sliced before it). Waits use ``time.sleep`` (or the
-private ``_sleep``).
+first call too (the candidates are sliced before it), and so it does with
+``retry_on_result`` (each result is checked in one place). With ``timeout``
+the first-call wrapper reads the clock once, before the call, and hands the
+start to the loop only on a failure. Waits use ``time.sleep`` (or the private
+``_sleep``).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opero import _testing
+from opero._opero_core import TimedCall
 from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
-from opero._pipeline.engine import Engine
+from opero._pipeline.engine import Engine, _no_token
+from opero.errors import ConfigurationError
 
 __all__ = ["build_sync_call"]
 
-RetryFrom = Callable[[Exception | None, tuple[Any, ...], dict[str, Any]], Any]
+RetryFrom = Callable[..., Any]
 
 
 def build_sync_call(engine: Engine) -> Callable[..., Any]:
@@ -29,19 +36,40 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     the call, else a wrapper specialized for the configured layers.
     """
     func = engine.func
+    if engine.attempt_timeout is not None:
+        raise ConfigurationError(
+            f"@opero(attempt_timeout={engine.attempt_timeout!r}) cannot apply to "
+            f"{engine.qualname}: it is a sync function, and a thread cannot be cancelled "
+            "(the attempt would keep running after its timeout); use timeout= (a deadline "
+            "for the whole call, checked between attempts) or decorate an async def function."
+        )
     limited = engine.limiter is not None
     on_success = engine.on_success
     guard = breaker_guard(engine.policy, engine.qualname, engine.func)
-    if not limited and on_success is None and not engine.guarded and guard is None:
+    if (
+        not limited
+        and on_success is None
+        and not engine.guarded
+        and engine.rejects is None
+        and guard is None
+    ):
         return func
     retry_from = _retry_from(engine, guard)
-    if engine.fallback is not None:
+    if engine.fallback is not None or engine.rejects is not None:
         # The loop makes the first call too: the candidates are sliced before it runs
-        # (the function may change the list it receives).
-        def call_fallback(*args: Any, **kwargs: Any) -> Any:
+        # (the function may change the list it receives), and a result is checked there.
+        def call_loop(*args: Any, **kwargs: Any) -> Any:
             return retry_from(None, args, kwargs)
 
-        return call_fallback
+        return call_loop
+    timed = engine.timeout is not None
+    native = engine.policy.wait.clock is None  # the engine reads the native coarse clock
+    if timed and native and engine.guarded and not limited and on_success is None and not guard:
+        # The native first call reads that clock in Rust: a success costs no Python call.
+        def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
+            return retry_from(exc, args, kwargs, start)
+
+        return TimedCall(func, on_fail)
     generated = specialize(
         func,
         Template(
@@ -51,6 +79,7 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             on_success=on_success is not None,
             guard=engine.guarded,
             breaker=guard is not None,
+            clock=timed and (limited or engine.guarded),
         ),
         {
             "__opero_key": engine.key_function,
@@ -60,9 +89,13 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             "__opero_check_wait": engine.check_wait,
             "__opero_sleep": engine.sleep,
             "__opero_on_success": on_success,
+            "__opero_clock": engine.clock,
+            "__opero_token_deadline": _token_deadline(engine),
             **_breaker_names(guard),
         },
     )
+    if generated is not None and limited:
+        _TokenSwitch(generated, engine.reserve, engine.key_map)
     return generated or _generic(engine, retry_from, guard)
 
 
@@ -79,21 +112,73 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
     }
 
 
+class _TokenSwitch:
+    """Applies ``set_testing(rate_limit=False)`` to a generated wrapper: no token.
+
+    The wrapper reads ``__opero_reserve`` from its globals on each call; the
+    switch replaces it while tokens are bypassed, so the wrapper never reads the
+    testing state itself. Kept alive by the wrapper's globals; it holds the
+    wrapper weakly (no cycle).
+    """
+
+    __slots__ = ("__weakref__", "buckets", "reserve", "wrapper")
+
+    def __init__(
+        self, wrapper: Callable[..., Any], reserve: Callable[..., float], buckets: Any = None
+    ) -> None:
+        self.wrapper = weakref.ref(wrapper)
+        self.reserve = reserve
+        #: The per-key map the keyed fast path indexes (an empty dict while bypassed:
+        #: every lookup then falls through to ``__opero_reserve``, i.e. no token).
+        self.buckets = buckets
+        wrapper.__globals__["__opero_token_switch"] = self
+        _testing.listen(self)
+
+    def __call__(self) -> None:
+        """Point the wrapper at the bucket, or at no token while tokens are bypassed."""
+        wrapper = self.wrapper()
+        if wrapper is not None:
+            reserve = self.reserve if _testing._rate_limit else _no_token
+            wrapper.__globals__["__opero_reserve"] = reserve
+            if self.buckets is not None:
+                buckets = self.buckets if _testing._rate_limit else {}
+                wrapper.__globals__["__opero_buckets"] = buckets
+
+
+def _token_deadline(engine: Engine) -> Callable[[float, float], None]:
+    """Return the first call's check of a token wait against ``timeout``."""
+    clock, timeout = engine.clock, engine.timeout or 0.0
+
+    def token_deadline(wait: float, start: float) -> None:
+        if clock() + wait >= start + timeout:
+            raise engine.token_late(wait, start + timeout, [])
+
+    return token_deadline
+
+
 def _generic(
-    engine: Engine, retry_from: RetryFrom, guard: BreakerGuard | None
+    engine: Engine, retry_from: RetryFrom, guard: BreakerGuard | None = None
 ) -> Callable[..., Any]:
     """Return the first-call wrapper for callables whose parameters are not generated."""
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
+    clock = engine.clock if engine.timeout is not None else None
+    token_deadline = _token_deadline(engine)
     guarded = engine.guarded
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        start = None if clock is None else clock()
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
         if keyed_wait is not None:
-            if wait := keyed_wait(args, kwargs):
-                sleep(wait)
-        elif token_wait is not None and (wait := token_wait()):
+            wait = keyed_wait(args, kwargs)
+        elif token_wait is not None:
+            wait = token_wait()
+        else:
+            wait = 0.0
+        if wait:
+            if start is not None:
+                token_deadline(wait, start)
             sleep(wait)
         try:
             result = func(*args, **kwargs)
@@ -102,7 +187,7 @@ def _generic(
                 guard.failed(exc, probe, args, kwargs)
                 if not guarded:
                     raise
-            return retry_from(exc, args, kwargs)
+            return retry_from(exc, args, kwargs, start)
         except BaseException:
             if probe:
                 guard.release(probe)  # type: ignore[union-attr]
@@ -125,28 +210,44 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
     func, sleep, on_success = engine.func, engine.sleep, engine.on_success
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
-    after_failure = engine.after_failure
+    after_failure, rejected = engine.after_failure, engine.rejected
+    checks_result = engine.rejects is not None
 
-    def retry_from(first: Exception | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def retry_from(
+        first: Exception | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        start: float | None = None,
+    ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
+        refused: Exception | None = None
         calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = ()
         # The errors' tracebacks reference this frame: clear it on the way out (no cycle).
         try:
+            deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
             round_, index, wait = 0, 0, 0.0
             if first is not None:
                 errors.append(first)
-                round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
+                round_, index, wait, error = after_failure(errors, 0, 0, len(calls), deadline)
             while error is None:
                 probe = guard.enter() if guard is not None else 0
                 if wait > 0:
                     sleep(wait)
                 call_args, call_kwargs = calls[index]
                 if keyed_wait is not None:
-                    if wait := keyed_wait(call_args, call_kwargs):
-                        sleep(wait)
-                elif token_wait is not None and (wait := token_wait()):
+                    wait = keyed_wait(call_args, call_kwargs)
+                elif token_wait is not None:
+                    wait = token_wait()
+                else:
+                    wait = 0.0
+                if wait:
+                    if deadline is not None and engine.clock() + wait >= deadline:
+                        if probe:
+                            guard.release(probe)  # type: ignore[union-attr]
+                        error = engine.token_late(wait, deadline, errors)
+                        break
                     sleep(wait)
                 try:
                     result = func(*call_args, **call_kwargs)
@@ -156,19 +257,27 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                     errors.append(exc)
                     # Decided while handling exc: an error of the decision itself (a
                     # raising backoff_function, retry_on check...) chains to it.
-                    round_, index, wait, error = after_failure(errors, round_, index, len(calls))
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), deadline
+                    )
+                    continue
                 except BaseException:
                     if probe:
                         guard.release(probe)  # type: ignore[union-attr]
                     raise
-                else:
-                    if guard is not None:
-                        guard.ok(probe)
-                    if on_success is not None:
-                        on_success(result)
-                    return result
+                if guard is not None:
+                    guard.ok(probe)
+                if checks_result and (refused := rejected(result, len(errors) + 1)) is not None:
+                    errors.append(refused)
+                    round_, index, wait, error = after_failure(
+                        errors, round_, index, len(calls), deadline
+                    )
+                    continue
+                if on_success is not None:
+                    on_success(result)
+                return result
             raise error
         finally:
-            del first, errors, calls, error
+            del first, errors, calls, error, refused
 
     return retry_from

@@ -9,8 +9,10 @@ key past the bound first drops buckets that are *full* again (every token back,
 nothing owed): a dropped full bucket comes back full, exactly as it was, so
 this never loosens a limit. Only when every bucket is still busy (more keys
 active within one refill time than the bound) is the oldest busy bucket dropped:
-that key starts again with a full bucket, so it may get one extra burst; a
-warning says so once per function, with the fix (a larger bound).
+that key starts again with a full bucket, so each drop is one extra burst (keys
+cycling through more than the bound are dropped before every call of theirs,
+and so are not limited at all); a warning says so once per function, with the
+fix (a larger bound).
 
 A thread that looked a full bucket up just before another thread's eviction
 dropped it books in the dropped bucket; a call made meanwhile for the same key
@@ -28,6 +30,7 @@ import hashlib
 import logging
 import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -42,13 +45,14 @@ MAX_KEY_LENGTH = 256
 
 logger = logging.getLogger("opero")
 
-_lock = threading.Lock()
+#: Every live map, so a forked child can replace their locks.
+_live: weakref.WeakSet[KeyedBuckets] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """Give a forked child a fresh lock (a parent thread may have held it)."""
-    global _lock
-    _lock = threading.Lock()
+    """Give each map a fresh lock in a forked child (a parent thread may have held one)."""
+    for keyed in list(_live):
+        keyed._lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -90,7 +94,9 @@ class KeyedBuckets:
     """
 
     __slots__ = (
+        "__weakref__",
         "_factory",
+        "_lock",
         "_order",
         "_skip_sweeps",
         "_warned",
@@ -111,6 +117,9 @@ class KeyedBuckets:
         self.qualname = qualname
         self._warned = False
         self._skip_sweeps = 0
+        # One lock per map: a sweep of a large map never stalls another function's new keys.
+        self._lock = threading.Lock()
+        _live.add(self)
 
     def __len__(self) -> int:
         """Return the number of live buckets."""
@@ -135,23 +144,38 @@ class KeyedBuckets:
         bucket = buckets.get(key)
         if bucket is not None:
             return bucket
-        with _lock:
+        warn = False
+        with self._lock:
             bucket = buckets.get(key)
             if bucket is None:
                 if len(buckets) >= self.max_keys:
-                    self._make_room()
+                    warn = self._make_room()
                 bucket = buckets[key] = self._factory()
                 self._order.append(key)
+        if warn:
+            # Logged outside the lock: a handler may itself call a keyed function.
+            logger.warning(
+                "opero: %s has more than rate_limit_max_keys=%d keys busy at once; the "
+                "oldest busy bucket was dropped and starts full again (each drop is an extra "
+                "burst for its key: the limit no longer holds); raise rate_limit_max_keys",
+                self.qualname,
+                self.max_keys,
+            )
         return bucket
 
-    def _make_room(self) -> None:
-        """Drop full buckets, else the oldest busy one (called with the lock held)."""
+    def _make_room(self) -> bool:
+        """Drop full buckets, else the oldest busy one (called with the lock held).
+
+        Returns:
+            Whether to warn (the first busy bucket this map dropped).
+
+        """
         buckets, order = self.buckets, self._order
         while order[0] not in buckets:  # swept earlier
             order.popleft()
         if buckets[order[0]].is_full():
             del buckets[order.popleft()]
-            return
+            return False
         if self._skip_sweeps > 0:
             self._skip_sweeps -= 1
         else:
@@ -161,19 +185,14 @@ class KeyedBuckets:
             if full:
                 if len(order) > 2 * self.max_keys:  # drop the swept keys now
                     self._order = deque(k for k in order if k in buckets)
-                return
+                return False
             # Everything is busy: sweep again only after an eighth of the bound
             # more keys, so a flood of new keys costs O(1) each, not O(max_keys).
             self._skip_sweeps = self.max_keys // 8
         while order[0] not in buckets:
             order.popleft()
         del buckets[order.popleft()]
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "opero: %s has more than rate_limit_max_keys=%d keys busy at once; the "
-                "oldest busy bucket was dropped and starts full again (its key may get one "
-                "extra burst); raise rate_limit_max_keys",
-                self.qualname,
-                self.max_keys,
-            )
+        if self._warned:
+            return False
+        self._warned = True
+        return True

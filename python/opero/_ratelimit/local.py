@@ -27,6 +27,7 @@ value does. A wait longer than ``rate_max_wait`` raises
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opero._opero_core import TokenBucket
+from opero._pipeline.checks import MAX_SECONDS, show
 from opero._pipeline.policy import Policy, check_rate
 from opero._ratelimit.keyed import KeyedBuckets, bucket_key
 from opero._ratelimit.windows import Windows
@@ -83,17 +85,19 @@ def shared_bucket(key: str, rate: float, burst: int) -> TokenBucket:
         bucket = _buckets.get(key)
         if bucket is None:
             bucket = _buckets[key] = TokenBucket(rate, burst)
-        elif bucket.burst != burst or bucket.rate != rate:
-            logger.warning(
-                "opero: rate_limit_key=%r is already used with rate_limit=%s, rate_burst=%d; "
-                "keeping those for this function too (asked for %s, %d)",
-                key,
-                bucket.rate,
-                bucket.burst,
-                rate,
-                burst,
-            )
-        return bucket
+            return bucket
+    # Logged outside the lock: a handler may itself decorate a rate-limited function.
+    if bucket.burst != burst or bucket.rate != rate:
+        logger.warning(
+            "opero: rate_limit_key=%r is already used with rate_limit=%s, rate_burst=%d; "
+            "keeping those for this function too (asked for %s, %d)",
+            key,
+            bucket.rate,
+            bucket.burst,
+            rate,
+            burst,
+        )
+    return bucket
 
 
 #: The live shared window sets by ``rate_limit_key`` (weak, as :data:`_buckets`).
@@ -109,15 +113,16 @@ def shared_windows(key: str, windows: tuple[tuple[int, float], ...]) -> Windows:
         found = _window_sets.get(key)
         if found is None:
             found = _window_sets[key] = Windows(windows)
-        elif found.windows != windows:
-            logger.warning(
-                "opero: rate_limit_key=%r is already used with rate_limit=%r; keeping those "
-                "for this function too (asked for %r)",
-                key,
-                list(found.windows),
-                list(windows),
-            )
-        return found
+            return found
+    if found.windows != windows:  # logged outside the lock, as in shared_bucket
+        logger.warning(
+            "opero: rate_limit_key=%r is already used with rate_limit=%r; keeping those "
+            "for this function too (asked for %r)",
+            key,
+            list(found.windows),
+            list(windows),
+        )
+    return found
 
 
 def _check_rate(value: Any) -> float:
@@ -151,8 +156,13 @@ class Limiter:
         "source",
     )
 
-    def __init__(self, policy: Policy, qualname: str) -> None:
+    def __init__(self, policy: Policy, qualname: str, func: Any = None) -> None:
         self.qualname = qualname
+        key = policy.rate_limit_key
+        # The fallback loop passes each call's arguments as given: known only per call.
+        checkable = func is not None and policy.limiter is None and not policy.has_fallback
+        if checkable and callable(key):
+            check_key_function(key, func, qualname)
         self.max_wait = policy.rate_max_wait
         rate = policy.rate.rate_limit
         windows = rate if isinstance(rate, tuple) else None
@@ -308,13 +318,58 @@ class Limiter:
         )
 
     def check_wait(self, delay: float) -> None:
-        """Log a wait and raise :class:`RateLimitTimeout` if it exceeds ``rate_max_wait``."""
+        """Log a wait; raise :class:`RateLimitTimeout` past ``rate_max_wait`` or 1e9 s."""
         if self.max_wait is not None and delay > self.max_wait:
             raise RateLimitTimeout(
                 f"{self.qualname}: the next rate-limit token is {delay:.3f}s away, more than "
                 f"rate_max_wait={self.max_wait}s; raise rate_max_wait or lower the call rate"
             )
+        if delay > MAX_SECONDS:
+            # time.sleep raises OverflowError past about 9.2e9 s: refuse, as rate_max_wait.
+            raise RateLimitTimeout(
+                f"{self.qualname}: the next rate-limit token is {delay:.3g}s away, more than "
+                f"the longest wait opero sleeps ({MAX_SECONDS:g}s); calls refused by "
+                "rate_max_wait stay booked, so this bucket owes that much"
+            )
         logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)
+
+
+def check_key_function(key: Callable[..., Any], func: Callable[..., Any], qualname: str) -> None:
+    """Raise unless ``key`` accepts the arguments a generated wrapper of ``func`` passes it.
+
+    A wrapper generated with ``func``'s own parameters (no ``*args``/``**kwargs``)
+    calls the key function with every parameter, positional ones by position and
+    keyword-only ones by name, whatever form the caller used; a key function that
+    cannot take that would fail every call. Other wrappers pass each call's
+    arguments as given: nothing is known until the call.
+
+    Raises:
+        ConfigurationError: Naming ``rate_limit_key``, the parameters and the fix.
+
+    """
+    from opero._pipeline.codegen import _signature
+
+    if _signature(func) is None:
+        return
+    try:
+        key_signature = inspect.signature(key)
+        params = list(inspect.signature(func, follow_wrapped=False).parameters.values())
+    except Exception:  # unreadable (a builtin): called as it is
+        return
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    positional = [p.name for p in params if p.kind is not keyword_only]
+    keywords = [p.name for p in params if p.kind is keyword_only]
+    try:
+        key_signature.bind(*positional, **{name: name for name in keywords})
+    except TypeError as exc:
+        shown = ", ".join(positional + [f"{name}=" for name in keywords])
+        first = positional[0] if positional else "*args"
+        raise ConfigurationError(
+            f"@opero(rate_limit_key={show(key)}) cannot take the arguments of {qualname}"
+            f"({shown}): {exc}; the key function gets every parameter of each call, "
+            f"positional ones by position, for example rate_limit_key=lambda {first}, *args, "
+            f"**kwargs: f'user:{{{first}}}'"
+        ) from None
 
 
 def _clock_function(clock: Any) -> Callable[[], float]:

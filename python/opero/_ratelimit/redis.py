@@ -97,9 +97,13 @@ end
 local new_tat = math.ceil(tat + interval)
 local expire_at = new_tat
 if last ~= nil and last > expire_at then expire_at = last end
-redis.call('SET', KEYS[1], string.format('%d %.17g %d', new_tat, interval, last or 0),
-           'PX', math.ceil((expire_at - now) / 1000) + 1000)
-return {string.format('%d', now), wait}
+-- Times are written with %.17g, never %d: a schedule pushed far ahead (calls refused
+-- by rate_max_wait stay booked) must not wrap around at 2^63 into the past. The
+-- expiry is capped at 2^53 ms (285,000 years).
+local ttl = math.min(math.ceil((expire_at - now) / 1000) + 1000, 9007199254740992)
+redis.call('SET', KEYS[1], string.format('%.17g %.17g %.17g', new_tat, interval, last or 0),
+           'PX', string.format('%d', ttl))
+return {string.format('%d', now), string.format('%.17g', wait)}
 """
 
 
@@ -129,11 +133,14 @@ end
 for i, key in ipairs(KEYS) do
   local calls = tonumber(ARGV[2 * i - 1])
   local period = tonumber(ARGV[2 * i])
-  redis.call('RPUSH', key, string.format('%d', start))
+  -- %.17g, never %d: a start pushed far ahead must not wrap around at 2^63 into the
+  -- past; the expiry is capped at 2^53 ms (285,000 years).
+  redis.call('RPUSH', key, string.format('%.17g', start))
   redis.call('LTRIM', key, -calls, -1)
-  redis.call('PEXPIRE', key, math.ceil((start + period - now) / 1000) + 1000)
+  local ttl = math.min(math.ceil((start + period - now) / 1000) + 1000, 9007199254740992)
+  redis.call('PEXPIRE', key, string.format('%d', ttl))
 end
-return {string.format('%d', now), string.format('%d', start - now)}
+return {string.format('%d', now), string.format('%.17g', start - now)}
 """
 
 WINDOWS_SHA = hashlib.sha1(WINDOWS_SCRIPT.encode()).hexdigest()
@@ -229,6 +236,12 @@ class RedisRateLimiter:
 
     def _redis_keys(self, name: str) -> list[str]:
         """Return the Redis keys of bucket ``name``: one GCRA key, or a list per window."""
+        if not name.isascii():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: Redis keys are UTF-8 bytes
+                raw = name.encode("utf-8", "surrogatepass")
+                name = "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
         base = "{opero:rl:" + name + "}"
         if self.windows is None:
             return [base]
@@ -278,7 +291,7 @@ class RedisRateLimiter:
             keyed = self._local_keyed
             if keyed is None:
                 keyed = self._local_keyed = KeyedBuckets(
-                    self._new_local, self.max_keys, f"rate limit {self.key!r}"
+                    self._new_local, self.max_keys, "a per-key Redis rate limit"
                 )
             bucket = keyed.bucket(name)
         if self.windows is None:
@@ -287,7 +300,13 @@ class RedisRateLimiter:
                 bucket.set_rate(wanted)
         return float(bucket.reserve())
 
-    def _failed(self, exc: Exception) -> None:
+    def _label(self, name: str | None) -> str:
+        """Name the bucket in messages: ``rate limit 'key'`` (a keyed limiter: the key decided)."""
+        if self.key is None:
+            return f"per-key rate limit (deciding key {name!r})"
+        return f"rate limit {self.key!r}"
+
+    def _failed(self, exc: Exception, name: str | None = None) -> None:
         """Record a Redis failure (logged once per outage); re-raise anything else.
 
         Raises:
@@ -299,12 +318,10 @@ class RedisRateLimiter:
         import redis
 
         if isinstance(exc, PoolExhausted) or pool_exhausted(exc):
-            raise RateLimitTimeout(
-                f"rate limit {self.key!r}: {exc}; the call was not started"
-            ) from exc
+            raise RateLimitTimeout(f"{self._label(name)}: {exc}; the call was not started") from exc
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
-        self.outage.failed(exc, f"rate limit {self.key!r} uses a local per-process bucket")
+        self.outage.failed(exc, f"{self._label(name)} uses a local per-process bucket")
 
     def reserve_with_time(
         self, rate: float | None = None, name: str | None = None
@@ -336,11 +353,11 @@ class RedisRateLimiter:
         try:
             now, wait = self.connector.run(decide)
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, name)
             return math.nan, self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return int(now) / 1e6, int(wait) / 1e6
+        return int(now) / 1e6, float(wait) / 1e6
 
     def _own_key(self) -> str:
         """Return the bucket of a limiter built with a key (a keyed one names it per decision)."""
@@ -397,11 +414,11 @@ class RedisRateLimiter:
         try:
             _now, wait = await self.connector.arun(decide)
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, name)
             return self._fallback(rate, name)
         if outage.down:
             outage.succeeded()
-        return int(wait) / 1e6
+        return float(wait) / 1e6
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle by configuration (URL-based limiters only), for process pools."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from opero.cache._base import MISS, CacheBackend, CacheInfo, FunctionCache
 
 if TYPE_CHECKING:
+    from opero._opero_core import ManualClock
     from opero.cache._disk import DiskBackend
     from opero.cache._memory import MemoryBackend
     from opero.cache._redis import RedisBackend
@@ -22,11 +23,13 @@ __all__ = [
     "CacheInfo",
     "DiskBackend",
     "FunctionCache",
+    "ManualClock",
     "MemoryBackend",
     "RedisBackend",
 ]
 
 _LAZY = {
+    "ManualClock": "opero._opero_core",
     "MemoryBackend": "opero.cache._memory",
     "RedisBackend": "opero.cache._redis",
     "DiskBackend": "opero.cache._disk",

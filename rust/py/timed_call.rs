@@ -1,0 +1,196 @@
+//! `TimedCall`: the native first call of `@opero(timeout=...)`.
+//!
+//! The deadline of a call needs the time it started, and the first attempt's
+//! own duration counts toward it; but a success must cost (almost) nothing.
+//! A Python wrapper reading a clock pays a builtin call (60-100 ns, as much as
+//! the whole retry wrapper); this class reads the coarse clock in Rust (a few
+//! ns), calls the function with the arguments it received (vectorcall,
+//! unchanged), and only when the function raises an `Exception` calls
+//! `on_fail(exc, start, *args, **kwargs)`, whose result it returns. A
+//! `BaseException` that is not an `Exception` (`KeyboardInterrupt`,
+//! `SystemExit`...) propagates untouched.
+
+use pyo3::exceptions::PyException;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyFloat, PyString, PyTuple, PyType};
+use pyo3::{PyTraverseError, PyVisit};
+
+use super::cached_call::CallArgs;
+use super::fastcall::{self, Vectorcall};
+use crate::error::CoreError;
+
+/// The first call of a function decorated with ``timeout=``.
+///
+/// Calling it reads a coarse monotonic clock, then calls ``func`` with the
+/// same arguments and returns its result. If ``func`` raises an
+/// ``Exception``, it returns ``on_fail(exc, start, *args, **kwargs)``
+/// instead (``start`` is the clock reading in seconds). Other
+/// ``BaseException`` subclasses propagate.
+///
+/// Instances have a ``__dict__``, bind as methods through ``__get__`` and
+/// pickle by reference (``__reduce__`` returns ``__qualname__``).
+///
+/// Args:
+///     func: The function to call.
+///     on_fail: Called as ``on_fail(exc, start, *args, **kwargs)`` after an
+///         ``Exception``.
+#[pyclass(
+    frozen,
+    dict,
+    weakref,
+    module = "opero._opero_core",
+    name = "TimedCall"
+)]
+#[repr(C)]
+pub struct PyTimedCall {
+    /// Always `Some` once constructed (an `Option` for the GC; see `CachedCall`).
+    func: Option<Py<PyAny>>,
+    /// As `func`.
+    on_fail: Option<Py<PyAny>>,
+    /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`.
+    vectorcall: Option<ffi::vectorcallfunc>,
+}
+
+static METHOD_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn not_ready() -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(
+        "this TimedCall is still being constructed (reached through the garbage collector)",
+    )
+}
+
+impl PyTimedCall {
+    #[inline]
+    fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        let func = self.func.as_ref().ok_or_else(not_ready)?;
+        let start = crate::clock::coarse();
+        match args.call(py, func) {
+            Ok(value) => Ok(value),
+            Err(err) if err.is_instance_of::<PyException>(py) => {
+                let on_fail = self.on_fail.as_ref().ok_or_else(not_ready)?;
+                let exc = err.into_value(py).into_any();
+                let start = PyFloat::new(py, start).into_any().unbind();
+                args.call_prepended(py, on_fail, &[exc, start])
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+#[pymethods]
+impl PyTimedCall {
+    #[new]
+    #[pyo3(signature = (func, on_fail))]
+    fn new(func: &Bound<'_, PyAny>, on_fail: &Bound<'_, PyAny>) -> PyResult<Self> {
+        for (name, f) in [("func", func), ("on_fail", on_fail)] {
+            if !f.is_callable() {
+                return Err(CoreError::type_(
+                    name,
+                    "a callable",
+                    f.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
+                )
+                .into());
+            }
+        }
+        Ok(Self {
+            func: Some(func.clone().unbind()),
+            on_fail: Some(on_fail.clone().unbind()),
+            vectorcall: fastcall::entry_point::<Self>(),
+        })
+    }
+
+    #[pyo3(signature = (*args, **kwargs))]
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.call(py, &CallArgs::Tuple(args, kwargs))
+    }
+
+    fn __get__(
+        slf: &Bound<'_, Self>,
+        obj: Option<&Bound<'_, PyAny>>,
+        _owner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        match obj {
+            Some(o) if !o.is_none() => {
+                let mt = METHOD_TYPE.import(py, "types", "MethodType")?;
+                Ok(mt.call1((slf, o))?.unbind())
+            }
+            _ => Ok(slf.clone().into_any().unbind()),
+        }
+    }
+
+    fn __reduce__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let name = match slf.getattr("__qualname__") {
+            Ok(n) => n,
+            Err(_) => slf
+                .get()
+                .func
+                .as_ref()
+                .ok_or_else(not_ready)?
+                .bind(py)
+                .getattr("__qualname__")?,
+        };
+        Ok(name.cast_into::<PyString>()?.into_any().unbind())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let func = self.func.as_ref().ok_or_else(not_ready)?;
+        Ok(format!("<opero TimedCall of {}>", func.bind(py).repr()?))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // Fields may still be all-zero (`None`) here: see `CachedCall::__traverse__`.
+        visit.call(&self.func)?;
+        visit.call(&self.on_fail)?;
+        Ok(())
+    }
+
+    /// The wrapped function.
+    #[getter]
+    fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self.func.as_ref().ok_or_else(not_ready)?.clone_ref(py))
+    }
+}
+
+impl Vectorcall for PyTimedCall {
+    fn vectorcall_slot(&self) -> *const Option<ffi::vectorcallfunc> {
+        std::ptr::addr_of!(self.vectorcall)
+    }
+
+    #[cfg(not(Py_LIMITED_API))]
+    #[inline(always)]
+    unsafe fn vectorcall(
+        &self,
+        py: Python<'_>,
+        args: *const *mut ffi::PyObject,
+        nargsf: usize,
+        kwnames: Option<&Bound<'_, PyTuple>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.call(
+            py,
+            &CallArgs::Vector {
+                args,
+                nargsf,
+                kwnames,
+            },
+        )
+    }
+}
+
+/// Turn on vectorcall for `TimedCall` (at module init), as for `CachedCall`.
+pub(crate) fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
+    let len = py.import("builtins")?.getattr("len")?;
+    let probe = Bound::new(py, PyTimedCall::new(&len, &len)?)?;
+    fastcall::enable_vectorcall(&probe)
+}
