@@ -4,6 +4,9 @@
 persistence; ``redis_url`` gives each test that server's URL after a
 ``FLUSHDB``; ``restartable_redis`` gives a test its own server that it may
 ``stop()`` and ``start()`` again on the same port, to prove the failure policy.
+``http_server`` gives a test the base URL of the demo HTTP service of
+``tests/httpserver.py`` (one per session, its counters reset before each test),
+and ``http_service`` the server object itself, to read what it received.
 
 Without a ``redis-server`` binary the Redis tests are skipped, unless
 ``OPERO_REQUIRE_REDIS=1`` (set by ``.ci/run``), in which case they fail.
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from httpserver import DemoServer, serve
 from opero._bench._redis import RedisServer, find_redis_server, free_port, start_redis_server
 
 __all__ = ["REDIS_SERVER", "RedisServer", "free_port"]
@@ -97,3 +101,16 @@ def restartable_redis() -> Iterator[RedisServer]:
         finally:
             server.stop()
             _forget_opero_backends(server.url)
+
+
+@pytest.fixture(scope="session")
+def http_service() -> Iterator[DemoServer]:
+    """Yield the demo HTTP service of ``tests/httpserver.py`` for the whole session."""
+    yield from serve()
+
+
+@pytest.fixture
+def http_server(http_service: DemoServer) -> str:
+    """Return the demo service's base URL (``http://127.0.0.1:PORT``), its counters reset."""
+    http_service.reset()
+    return http_service.url

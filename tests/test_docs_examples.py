@@ -5,8 +5,11 @@ external calls of ``tests/docs_stubs.py`` (a database, an HTTP API, a slow
 computation), inside a temporary working directory. A block that mentions Redis
 gets the shared ``redis-server`` of ``tests/conftest.py`` through
 ``OPERO_REDIS_URL``; a block that uses Dask starts its own ``LocalCluster``, as
-the docs show. A block opts out only with a first line
-``# docs: no-run — <reason>`` (shell or pseudo code), and the reason is required.
+the docs show. A block that calls the demo HTTP service at
+``http://127.0.0.1:8000`` (``docs/http.md``, ``docs/migrating.md``) calls the
+``http_server`` fixture's service instead: the address is replaced by its URL.
+A block opts out only with a first line ``# docs: no-run — <reason>`` (shell or
+pseudo code), and the reason is required.
 
 The last test builds the site with ``mkdocs build --strict`` (skipped when
 mkdocs is not installed; ``make install`` adds it through the ``dev`` dependency group).
@@ -39,6 +42,8 @@ _DASHES = "\u2014\u2013-"  # em dash, en dash, hyphen
 _REASON = re.compile(rf"^\s*[{_DASHES}]+\s*\S")
 _REDIS = re.compile(r"redis", re.IGNORECASE)
 _DASK = re.compile(r"\b(distributed|dask)\b")
+DEMO_URL = "http://127.0.0.1:8000"
+"""The demo HTTP service's address as the docs show it (``python tests/httpserver.py``)."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,11 @@ def test_docs_example_runs(
         redis_url = request.getfixturevalue("redis_url")
         monkeypatch.setenv("OPERO_REDIS_URL", redis_url)
         _forget_shared_redis_backends()
+    text = block.code
+    if DEMO_URL in text:
+        text = text.replace(DEMO_URL, request.getfixturevalue("http_server"))
     # Line numbers in tracebacks are the Markdown file's.
-    source = "\n" * (block.line - 1) + block.code
+    source = "\n" * (block.line - 1) + text
     code = compile(source, str(block.path), "exec")
     restore_registry = _isolate_registry()
     try:
