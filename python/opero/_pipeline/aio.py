@@ -137,11 +137,16 @@ def _generic(
 
     async def acall(*args: Any, **kwargs: Any) -> Any:
         probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
-        if key_function is not None:
-            assert take_token is not None
-            await take_token(key_function(*args, **kwargs))
-        elif take_token is not None:
-            await take_token()
+        try:
+            if key_function is not None:
+                assert take_token is not None
+                await take_token(key_function(*args, **kwargs))
+            elif take_token is not None:
+                await take_token()
+        except BaseException:
+            if probe:  # no call was made: the probe gives its slot back
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
@@ -193,13 +198,18 @@ def _aretry_from(
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
                 probe = (await guard.aenter()) if guard is not None else 0
-                if wait > 0:
-                    await asleep(wait)
                 call_args, call_kwargs = calls[index]
-                if key_function is not None:
-                    await take_token(key_function(*call_args, **call_kwargs))
-                elif limited:
-                    await take_token()
+                try:
+                    if wait > 0:
+                        await asleep(wait)
+                    if key_function is not None:
+                        await take_token(key_function(*call_args, **call_kwargs))
+                    elif limited:
+                        await take_token()
+                except BaseException:
+                    if probe:  # no call was made: the probe gives its slot back
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:

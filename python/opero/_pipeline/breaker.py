@@ -258,7 +258,9 @@ class CircuitBreaker:
         if self._redis is not None:
             self._redis.reset()
         with self._lock:
+            dropped = self._cause  # freed after the lock: its __del__ may call us
             self._close()
+        del dropped
 
     def __repr__(self) -> str:
         """Show the configuration (not the state: reading it may need Redis)."""
@@ -355,7 +357,10 @@ class CircuitBreaker:
 
     def _local_ok(self, probe: Probe) -> bool:
         """Record a success; return whether it closed the circuit."""
+        # The replaced cause is freed after the lock: its __del__ (or a finalizer of
+        # something its traceback holds) may call a function this breaker guards.
         with self._lock:
+            dropped = self._cause
             if self._open_until:
                 # Only a probe of the current half-open period closes the circuit; a call
                 # that started before the circuit opened says nothing about it now.
@@ -367,6 +372,7 @@ class CircuitBreaker:
                 self._failures = 0
                 self._check = self._redis is not None
                 return False
+        del dropped
         if closed:
             logger.info("opero: %s closed: a probe call succeeded", self._label())
         return closed
@@ -375,6 +381,7 @@ class CircuitBreaker:
         """Record a failure; return whether it opened the circuit."""
         now = self._clock()
         with self._lock:
+            dropped = self._cause  # freed after the lock (see _local_ok)
             if self._open_until:
                 if not (probe and probe in self._probes):
                     return False  # a late result, or a probe of an earlier period
@@ -386,6 +393,7 @@ class CircuitBreaker:
                 if count < self.failure_threshold:
                     return False
                 self._open(now, exc)
+        del dropped
         self._log_open(count, exc, self.reset_after)
         return True
 

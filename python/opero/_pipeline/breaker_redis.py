@@ -203,12 +203,16 @@ class RedisState:
         breaker = self.breaker
         if code == 1 and exc is not None:
             with breaker._lock:
+                dropped = breaker._cause  # freed after the lock: its __del__ may call us
                 breaker._cause = exc
+            del dropped
             breaker._log_open(0 if probe_id else failures, exc, breaker.reset_after)
             return True
         if code == 2:
             with breaker._lock:
+                dropped = breaker._cause
                 breaker._cause = None
+            del dropped
             logger.info("opero: %s closed: a probe call succeeded", breaker._label())
         return False
 

@@ -169,6 +169,7 @@ def _source(sig: _Signature, template: Template) -> str:
         # A closed breaker without failures costs one attribute read and a local test.
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
+    before = len(lines)
     if template.limiter and template.is_async:
         lines.append(f"    await {P}take_token({key})")
     elif template.limiter and template.key_map:
@@ -190,6 +191,17 @@ def _source(sig: _Signature, template: Template) -> str:
             f"    if {P}d > {P}MIN_WAIT:",
             f"        {P}check_wait({P}d)",
             f"        {P}sleep({P}d)",
+        ]
+    if template.breaker and len(lines) > before:
+        # A key function, a token wait or a sleep that raises (cancelled, interrupted,
+        # RateLimitTimeout): the probe gives its slot back (no call was made).
+        lines[before:] = [
+            "    try:",
+            *("    " + line for line in lines[before:]),
+            f"    except {P}BaseException:",
+            f"        if {P}p:",
+            f"            {P}release({P}p)",
+            "        raise",
         ]
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
     args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"

@@ -90,11 +90,16 @@ def _generic(
 
     def call(*args: Any, **kwargs: Any) -> Any:
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
-        if keyed_wait is not None:
-            if wait := keyed_wait(args, kwargs):
+        try:
+            if keyed_wait is not None:
+                if wait := keyed_wait(args, kwargs):
+                    sleep(wait)
+            elif token_wait is not None and (wait := token_wait()):
                 sleep(wait)
-        elif token_wait is not None and (wait := token_wait()):
-            sleep(wait)
+        except BaseException:
+            if probe:  # no call was made: the probe gives its slot back
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
@@ -140,14 +145,19 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
                 probe = guard.enter() if guard is not None else 0
-                if wait > 0:
-                    sleep(wait)
                 call_args, call_kwargs = calls[index]
-                if keyed_wait is not None:
-                    if wait := keyed_wait(call_args, call_kwargs):
+                try:
+                    if wait > 0:
                         sleep(wait)
-                elif token_wait is not None and (wait := token_wait()):
-                    sleep(wait)
+                    if keyed_wait is not None:
+                        if wait := keyed_wait(call_args, call_kwargs):
+                            sleep(wait)
+                    elif token_wait is not None and (wait := token_wait()):
+                        sleep(wait)
+                except BaseException:
+                    if probe:  # no call was made: the probe gives its slot back
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
