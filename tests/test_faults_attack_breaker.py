@@ -7,12 +7,16 @@ Hang-prone scenarios (deadlocks, cancellation, signals) run through
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import pytest
+import redis
 
 from faultkit import run_scenario
-from opero import CircuitBreaker, opero
+from opero import CircuitBreaker, CircuitOpenError, ConfigurationError, opero
+from opero._pipeline.breaker import BreakerGuard
 
 
 class Clock:
@@ -248,3 +252,68 @@ def test_a_cause_whose_del_calls_the_guarded_function_does_not_deadlock() -> Non
     assert lines[:2] == ["del called: pong", "reset: closed"]
     assert "reopened: open" in lines
     assert lines[2:4] == ["del called: CircuitOpenError", "reopened: open"]
+
+
+# --- values that were accepted and failed (or misbehaved) later -----------------------
+
+
+@pytest.mark.parametrize("reset_after", [5e-324, 1e-300, 1e-7, 0.0009])
+def test_a_reset_after_below_a_millisecond_is_refused(reset_after: float) -> None:
+    """A ``reset_after`` shorter than the clock's resolution is refused, naming the minimum."""
+    with pytest.raises(ConfigurationError, match=r"reset_after=.*>= 0\.001"):
+        CircuitBreaker(reset_after=reset_after)
+    assert CircuitBreaker(reset_after=0.001).reset_after == 0.001
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_name_with_a_lone_surrogate_is_refused(backend: str) -> None:
+    """A name that cannot be a Redis key or a log line fails at construction, not at each call."""
+    with pytest.raises(ConfigurationError, match=r"CircuitBreaker\(name=.*UTF-8"):
+        CircuitBreaker(name="payments\udc80", backend=backend)
+    assert CircuitBreaker(name="paiements-\u00e9\u2603", backend=backend).name.endswith("\u2603")
+
+
+@pytest.mark.redis
+def test_tiny_reset_after_in_redis_keeps_the_probe_limit(redis_url: str) -> None:
+    """At the shortest ``reset_after`` a Redis breaker still admits one probe at a time."""
+    breaker = CircuitBreaker(
+        failures=1, reset_after=0.001, name="tiny", backend="redis", redis_url=redis_url
+    )
+    guard = BreakerGuard(breaker, "tests.tiny", None)
+    guard.failed(ConnectionError("down"), 0, (), {})
+    time.sleep(0.01)
+    first = guard.enter()
+    assert isinstance(first, str)  # a probe admitted through Redis
+    with pytest.raises(CircuitOpenError):
+        guard.enter()
+
+
+@pytest.mark.redis
+def test_a_wrongtype_key_is_not_an_outage_for_every_breaker(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program's value under one breaker's key leaves the other breakers on Redis."""
+    raw = redis.Redis.from_url(redis_url)
+    raw.set("{opero:cb:clash}", "not a hash")
+    clash = CircuitBreaker(failures=1, name="clash", backend="redis", redis_url=redis_url)
+    other = CircuitBreaker(failures=1, name="other", backend="redis", redis_url=redis_url)
+
+    @opero(retries=0, circuit_breaker=clash)
+    def ping() -> str:
+        return "pong"
+
+    @opero(retries=0, circuit_breaker=other)
+    def down() -> None:
+        raise ConnectionError("down")
+
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        assert ping() == "pong"  # the local state decides for the clashing breaker
+        assert ping() == "pong"
+        with pytest.raises(ConnectionError):
+            down()
+    assert raw.hget("{opero:cb:other}", "failures") == b"1"  # the other one used Redis
+    assert other.state == "open"
+    clashes = [r for r in caplog.records if "holds a value of another type" in r.getMessage()]
+    assert len(clashes) == 1
+    assert clashes[0].levelno == logging.ERROR
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]

@@ -74,11 +74,13 @@ def _bad(option: str, value: Any, need: str, example: str) -> ConfigurationError
 
 
 _FAILURES = c.integer(f"an int >= 1 and <= {c.MAX_COUNT}", "5", low=1)
+#: The shortest ``reset_after``: below it a probe's slot (and the open period) would
+#: end within the clock's resolution (1 us in Redis), so ``half_open_calls`` would not hold.
+MIN_RESET_AFTER = 0.001
 _RESET_AFTER = c.real(
-    f"a finite number of seconds > 0 and <= {c.MAX_SECONDS:g}",
+    f"a finite number of seconds >= {MIN_RESET_AFTER:g} and <= {c.MAX_SECONDS:g}",
     "30.0",
-    low=0.0,
-    strict=True,
+    low=MIN_RESET_AFTER,
     high=c.MAX_SECONDS,
 )
 _HALF_OPEN = c.integer(f"an int >= 1 and <= {2**31 - 1}", "1", low=1, high=2**31 - 1)
@@ -92,6 +94,15 @@ def _check(checker: c.Checker, option: str, value: Any) -> Any:
         raise ConfigurationError(
             str(exc).replace(f"@opero({option}=", f"CircuitBreaker({option}=", 1)
         ) from None
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` encodes to UTF-8 (a lone surrogate does not: no Redis key, no log line)."""
+    try:
+        str.encode(name, "utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _failure_on(value: Any) -> tuple[type[BaseException], ...]:
@@ -120,7 +131,7 @@ class CircuitBreaker:
         failures: Consecutive failed calls that open the circuit (>= 1).
             Default 5.
         reset_after: Seconds the circuit stays open before probe calls are
-            let through (> 0). Default 30.0.
+            let through (>= 0.001). Default 30.0.
         half_open_calls: Probe calls allowed at once while half-open (>= 1).
             Default 1.
         failure_on: The errors that count as failures: an ``Exception``
@@ -185,8 +196,8 @@ class CircuitBreaker:
         self.reset_after: float = _check(_RESET_AFTER, "reset_after", reset_after)
         self.half_open_calls: int = _check(_HALF_OPEN, "half_open_calls", half_open_calls)
         self.failure_on = _failure_on(failure_on)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise _bad("name", name, "None or a non-empty str", "'payments-api'")
+        if name is not None and (not isinstance(name, str) or not name or not _utf8(name)):
+            raise _bad("name", name, "None or a non-empty str (UTF-8 encodable)", "'payments-api'")
         self.name: str | None = None if name is None else str.__str__(name)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise _bad("backend", backend, "'memory' or 'redis'", "'redis'")

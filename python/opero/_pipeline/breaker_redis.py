@@ -120,7 +120,7 @@ class RedisState:
 
     """
 
-    __slots__ = ("_outage", "breaker", "connector", "keys", "url")
+    __slots__ = ("_clash_logged", "_outage", "breaker", "connector", "keys", "url")
 
     def __init__(self, breaker: CircuitBreaker, url: str | None, client: Any) -> None:
         from opero._connections.redis import RedisConnector, import_redis
@@ -133,6 +133,7 @@ class RedisState:
         tag = "{opero:cb:" + (breaker.name or "") + "}"
         self.keys = (tag, tag + ":probes")
         self._outage: Outage | None = None
+        self._clash_logged = False
 
     @property
     def outage(self) -> Outage:
@@ -163,9 +164,24 @@ class RedisState:
             return
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
+        if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE"):
+            # Another program's value under this breaker's key: this breaker's problem,
+            # not an outage of the Redis every other breaker (and cache) shares.
+            if not self._clash_logged:
+                self._clash_logged = True
+                logger.error(
+                    "opero: %s: the Redis key %s or %s holds a value of another type "
+                    "(another program uses it); this breaker uses its local per-process "
+                    "state until it is deleted; pick another name= or delete the key",
+                    self.breaker._label(),
+                    self.keys[0],
+                    self.keys[1],
+                )
+            return
         self.outage.failed(exc, "circuit breakers use local per-process state")
 
     def _up(self) -> None:
+        self._clash_logged = False
         outage = self.outage
         if outage.down:
             outage.succeeded()
