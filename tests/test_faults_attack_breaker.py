@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -17,6 +17,9 @@ import redis
 from faultkit import run_scenario
 from opero import CircuitBreaker, CircuitOpenError, ConfigurationError, opero
 from opero._pipeline.breaker import BreakerGuard
+
+if TYPE_CHECKING:
+    from conftest import RedisServer
 
 
 class Clock:
@@ -317,3 +320,42 @@ def test_a_wrongtype_key_is_not_an_outage_for_every_breaker(
     assert len(clashes) == 1
     assert clashes[0].levelno == logging.ERROR
     assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
+
+
+@pytest.mark.redis
+def test_local_failures_of_one_outage_do_not_carry_into_the_next(
+    restartable_redis: RedisServer,
+) -> None:
+    """Once Redis decides again the local state is forgotten: a later outage starts closed at 0."""
+    breaker = CircuitBreaker(
+        failures=2, reset_after=60, name="twice", backend="redis", redis_url=restartable_redis.url
+    )
+    state = {"fail": True}
+
+    @opero(retries=0, circuit_breaker=breaker)
+    def flaky() -> str:
+        if state["fail"]:
+            raise ConnectionError("down")
+        return "ok"
+
+    def call() -> str:
+        try:
+            return flaky()
+        except Exception as exc:
+            return type(exc).__name__
+
+    assert breaker._redis is not None
+    restartable_redis.stop()
+    assert call() == "ConnectionError"  # counted locally: 1 of 2
+    assert breaker._failures == 1
+    restartable_redis.start()
+    state["fail"] = False
+    time.sleep(1.2)  # past the outage's 1 s retry interval: the next call asks Redis
+    assert call() == "ok"  # decided by Redis (a success there does not touch local state)
+    assert not breaker._redis.outage.down
+    assert breaker._failures == 0
+    restartable_redis.stop()
+    state["fail"] = True
+    assert call() == "ConnectionError"  # 1 of 2 in the second outage: still closed
+    assert call() == "ConnectionError"  # 2 of 2: now it opens
+    assert call() == "CircuitOpenError"

@@ -204,8 +204,14 @@ class RedisState:
     def _admitted(self, function: str, reply: Any, probe_id: str) -> Probe:
         code, failures, wait = (int(x) for x in reply)
         if code == 0:
-            if self.breaker._cause is not None:  # closed elsewhere: that failure is history
-                self.breaker._cause = None
+            breaker = self.breaker
+            if breaker._cause is not None or breaker._failures or breaker._open_until:
+                # Closed in Redis: the failure that opened it is history, and the local
+                # state of an earlier outage must not start the next one part-way open.
+                with breaker._lock:
+                    dropped = breaker._cause
+                    breaker._close()
+                del dropped
             return RESET if failures else 0
         if code == 3:
             return probe_id
