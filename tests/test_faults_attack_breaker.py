@@ -359,3 +359,80 @@ def test_local_failures_of_one_outage_do_not_carry_into_the_next(
     assert call() == "ConnectionError"  # 1 of 2 in the second outage: still closed
     assert call() == "ConnectionError"  # 2 of 2: now it opens
     assert call() == "CircuitOpenError"
+
+
+# --- a Redis probe that is interrupted or cancelled gives its slot back there too -----
+
+
+@pytest.mark.redis
+def test_an_interrupted_sync_redis_probe_gives_its_slot_back(redis_url: str) -> None:
+    """A sync probe admitted through Redis and interrupted frees its Redis slot at once."""
+    breaker = CircuitBreaker(
+        failures=1, reset_after=0.2, name="sint", backend="redis", redis_url=redis_url
+    )
+    mode = ["fail"]
+
+    @opero(retries=0, circuit_breaker=breaker)
+    def probe() -> str:
+        if mode[0] == "fail":
+            raise ConnectionError("down")
+        if mode[0] == "interrupt":
+            raise KeyboardInterrupt
+        return "ok"
+
+    with pytest.raises(ConnectionError):
+        probe()
+    time.sleep(0.3)
+    mode[0] = "interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        probe()
+    raw = redis.Redis.from_url(redis_url)
+    assert raw.zcard("{opero:cb:sint}:probes") == 0
+    mode[0] = "ok"
+    assert probe() == "ok"  # the next call is the probe (not refused for reset_after)
+    assert breaker.state == "closed"
+
+
+@pytest.mark.redis
+def test_a_cancelled_async_redis_probe_gives_its_slot_back(redis_url: str) -> None:
+    """An async probe admitted through Redis and cancelled frees its Redis slot (in a task)."""
+    breaker = CircuitBreaker(
+        failures=1, reset_after=30.0, name="acanc2", backend="redis", redis_url=redis_url
+    )
+    started = asyncio.Event()
+    mode = ["fail"]
+
+    @opero(retries=0, circuit_breaker=breaker)
+    async def probe() -> str:
+        if mode[0] == "fail":
+            raise ConnectionError("down")
+        if mode[0] == "hang":
+            started.set()
+            await asyncio.sleep(3600)
+        return "ok"
+
+    async def main() -> int:
+        with pytest.raises(ConnectionError):
+            await probe()
+        # Skip the 30 s open period on the server: open_until in the past.
+        raw = redis.asyncio.Redis.from_url(redis_url)
+        await raw.hset("{opero:cb:acanc2}", "open_until", 1)
+        mode[0] = "hang"
+        task = asyncio.create_task(probe())
+        await started.wait()
+        assert await raw.zcard("{opero:cb:acanc2}:probes") == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the release task's round trip
+            if await raw.zcard("{opero:cb:acanc2}:probes") == 0:
+                break
+            await asyncio.sleep(0.01)
+        left = await raw.zcard("{opero:cb:acanc2}:probes")
+        await raw.aclose()
+        return int(left)
+
+    assert asyncio.run(main()) == 0
+    mode[0] = "ok"
+    assert asyncio.run(probe()) == "ok"
+    assert breaker.state == "closed"

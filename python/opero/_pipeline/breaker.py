@@ -521,13 +521,16 @@ class BreakerGuard:
     def release(self, probe: Probe) -> None:
         """Give back the slot of a probe that was cancelled or interrupted (it decided nothing).
 
-        A probe admitted through Redis keeps its slot until it expires (a
-        cancelled task cannot reliably await the round trip).
+        A probe admitted through Redis is removed there without blocking an
+        event loop: in one, by a task of its own (a cancelled task cannot
+        reliably await the round trip); if that fails, the slot expires.
         """
         if isinstance(probe, int) and probe > 0:
             breaker = self.breaker
             with breaker._lock:
                 breaker._probes.pop(probe, None)
+        elif isinstance(probe, str) and self.breaker._redis is not None:
+            self.breaker._redis.release(probe)
 
     async def aenter(self) -> Probe:
         """Async :meth:`enter` (through ``redis.asyncio`` when shared)."""

@@ -9,6 +9,7 @@ through :mod:`opero._connections.health`; Redis is probed again every second.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -27,6 +28,8 @@ __all__ = ["ENTER_SCRIPT", "READ_SCRIPT", "RECORD_SCRIPT", "RedisState"]
 #: and hosts without a system call per decision).
 _PROBE_PREFIX = os.urandom(8).hex()
 _PROBE_IDS = itertools.count(1)
+#: The tasks giving back cancelled probes' slots (a reference until they finish).
+_RELEASES: set[asyncio.Task[None]] = set()
 
 
 def _after_fork_in_child() -> None:
@@ -327,6 +330,40 @@ class RedisState:
             self.breaker._local_ok(0)
             return False
         return self.breaker._local_failed(exc, 0)
+
+    def release(self, probe: str) -> None:
+        """Remove a cancelled or interrupted probe's slot (best effort: else it expires)."""
+        if not self._usable():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            try:
+                self.connector.run(lambda r: r.zrem(self.keys[1], probe))
+            except Exception as exc:
+                self._release_failed(exc)
+            return
+        task = loop.create_task(self._arelease(probe))
+        _RELEASES.add(task)
+        task.add_done_callback(_RELEASES.discard)
+
+    async def _arelease(self, probe: str) -> None:
+        try:
+            await self.connector.arun(lambda r: r.zrem(self.keys[1], probe))
+        except Exception as exc:
+            self._release_failed(exc)
+
+    def _release_failed(self, exc: Exception) -> None:
+        logger.debug(
+            "opero: %s: could not give back a cancelled probe's slot (%s: %s); it expires "
+            "in at most %.3g s",
+            self.breaker._label(),
+            type(exc).__name__,
+            exc,
+            self.breaker.reset_after,
+        )
 
     def read(self) -> tuple[str, int, float] | None:
         """Return ``(state, failures, retry_after)`` from Redis, or ``None`` when it is down."""
