@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -436,3 +437,57 @@ def test_a_cancelled_async_redis_probe_gives_its_slot_back(redis_url: str) -> No
     mode[0] = "ok"
     assert asyncio.run(probe()) == "ok"
     assert breaker.state == "closed"
+
+
+# --- fork ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_a_running_probe_slot() -> None:
+    """A child forked while a parent thread runs the probe can probe at once (no phantom slot)."""
+    outcome = run_scenario(
+        """
+        import os, threading
+        from opero import CircuitBreaker, opero
+
+        breaker = CircuitBreaker(failures=1, reset_after=60)
+        now = [0.0]
+        breaker._clock = lambda: now[0]
+        mode = ["fail"]
+        inside, go = threading.Event(), threading.Event()
+
+        @opero(retries=0, circuit_breaker=breaker)
+        def f():
+            if mode[0] == "fail":
+                raise ConnectionError("down")
+            if mode[0] == "block":
+                inside.set()
+                go.wait(30)
+            return "ok"
+
+        try:
+            f()
+        except ConnectionError:
+            pass
+        now[0] = 61.0
+        mode[0] = "block"
+        probe = threading.Thread(target=f)
+        probe.start()
+        assert inside.wait(30)
+        mode[0] = "ok"
+        pid = os.fork()
+        if pid == 0:
+            try:
+                print("child:", f(), breaker.state, flush=True)
+            except Exception as exc:
+                print("child:", type(exc).__name__, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        go.set()
+        probe.join(30)
+        print("parent:", breaker.state, flush=True)
+        """,
+        timeout=60,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines()[-2:] == ["child: ok closed", "parent: closed"]

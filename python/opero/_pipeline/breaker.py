@@ -450,9 +450,14 @@ def _rebuild(
 
 
 def _after_fork_in_child() -> None:
-    """Give every breaker a fresh lock: one held by another parent thread stays held."""
+    """Give every breaker a fresh lock and no running probes (the parent's threads are gone).
+
+    A lock held by another parent thread would stay held; a probe slot taken by
+    one would keep the child's circuit half-open and refusing for ``reset_after``.
+    """
     for breaker in list(_BREAKERS):
         breaker._lock = threading.Lock()
+        breaker._probes.clear()
 
 
 if hasattr(os, "register_at_fork"):
