@@ -491,3 +491,38 @@ def test_a_forked_child_does_not_inherit_a_running_probe_slot() -> None:
     )
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines()[-2:] == ["child: ok closed", "parent: closed"]
+
+
+@pytest.mark.redis
+def test_a_circuit_open_in_redis_stays_open_when_redis_goes_down(
+    restartable_redis: RedisServer,
+) -> None:
+    """Redis down mid-open: the local state keeps refusing (the function is not called)."""
+    url = restartable_redis.url
+    opener = CircuitBreaker(failures=1, reset_after=60, name="mid", backend="redis", redis_url=url)
+    watcher = CircuitBreaker(failures=5, reset_after=60, name="mid", backend="redis", redis_url=url)
+    calls: list[str] = []
+
+    @opero(retries=0, circuit_breaker=opener)
+    def down() -> None:
+        calls.append("down")
+        raise ConnectionError("down")
+
+    @opero(retries=0, circuit_breaker=watcher)
+    def fetch() -> str:
+        calls.append("fetch")
+        return "ok"
+
+    with pytest.raises(ConnectionError):
+        down()  # opens the shared circuit
+    with pytest.raises(CircuitOpenError):
+        fetch()  # this process learns it from Redis
+    restartable_redis.stop()
+    with pytest.raises(CircuitOpenError):
+        fetch()  # Redis down: the local state still knows it is open
+    with pytest.raises(CircuitOpenError):
+        down()  # the opener's own local state too
+    assert calls == ["down"]
+    watcher._clock = lambda: time.monotonic() + 61  # past the open period: a local probe
+    assert fetch() == "ok"
+    assert watcher.state == "closed"

@@ -219,9 +219,25 @@ class RedisState:
         if code == 3:
             return probe_id
         breaker = self.breaker
+        if code == 1:
+            self._mirror_open(wait / 1e6)
         with breaker._lock:
             cause = breaker._cause
         raise breaker._refusal(function, wait / 1e6, cause)
+
+    def _mirror_open(self, seconds: float) -> None:
+        """Keep an open circuit seen in Redis open locally too, for ``seconds``.
+
+        If Redis then goes down (or its pool is full) the local state decides:
+        it must not let calls through to a dependency the shared state knows is down.
+        """
+        breaker = self.breaker
+        until = breaker._clock() + seconds
+        with breaker._lock:
+            if until > breaker._open_until:
+                breaker._open_until = until
+                breaker._probes.clear()
+                breaker._check = True
 
     def _recorded(self, reply: Any, exc: BaseException | None, probe_id: str) -> bool:
         code, failures = (int(x) for x in reply)
@@ -231,12 +247,13 @@ class RedisState:
                 dropped = breaker._cause  # freed after the lock: its __del__ may call us
                 breaker._cause = exc
             del dropped
+            self._mirror_open(breaker.reset_after)
             breaker._log_open(0 if probe_id else failures, exc, breaker.reset_after)
             return True
         if code == 2:
             with breaker._lock:
                 dropped = breaker._cause
-                breaker._cause = None
+                breaker._close()  # closed in Redis: closed locally too
             del dropped
             logger.info("opero: %s closed: a probe call succeeded", breaker._label())
         return False
