@@ -133,13 +133,14 @@ def test_async_probe_slot_returned_when_cancelled_waiting_for_its_token() -> Non
     assert breaker.state == "half_open"
 
 
-def test_probe_slot_returned_when_the_retry_backoff_is_interrupted() -> None:
-    """A retry-loop probe interrupted in its backoff sleep gives its slot back."""
+def test_retry_loop_probe_slot_returned_when_its_token_wait_is_interrupted() -> None:
+    """A retry-loop probe interrupted while it waits for its token gives its slot back."""
     breaker, clock = _open_breaker(failure_on=ConnectionError)
-    interrupt = [True]
+    sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
-        if interrupt[0]:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:  # the backoff passes; the probe's token wait is interrupted
             raise KeyboardInterrupt
 
     @opero(retries=0, circuit_breaker=breaker)
@@ -148,7 +149,14 @@ def test_probe_slot_returned_when_the_retry_backoff_is_interrupted() -> None:
 
     calls: list[int] = []
 
-    @opero(retries=2, min_delay=1.0, circuit_breaker=breaker, _sleep=sleep)
+    @opero(
+        retries=2,
+        min_delay=1.0,
+        rate_limit=1,
+        rate_burst=1,
+        circuit_breaker=breaker,
+        _sleep=sleep,
+    )
     def fetch(x: int) -> int:
         calls.append(x)
         if len(calls) == 1:
@@ -161,21 +169,23 @@ def test_probe_slot_returned_when_the_retry_backoff_is_interrupted() -> None:
         return x
 
     with pytest.raises(KeyboardInterrupt):
-        fetch(1)  # attempt 2 is a probe, interrupted in its backoff sleep
+        fetch(1)  # attempt 2 is a probe, interrupted in its token wait
     assert calls == [1]
+    assert len(sleeps) == 2
     assert breaker._probes == {}
-    interrupt[0] = False
-    assert fetch(2) == 2
-    assert breaker.state == "closed"
+    assert breaker.state == "half_open"
 
 
-def test_async_probe_slot_returned_when_cancelled_in_the_retry_backoff() -> None:
-    """An async retry-loop probe cancelled in its backoff gives its slot back."""
+def test_async_retry_loop_probe_slot_returned_when_cancelled_in_its_token_wait() -> None:
+    """An async retry-loop probe cancelled while it waits for its token gives its slot back."""
     breaker, clock = _open_breaker(failure_on=ConnectionError)
     forever = asyncio.Event()
+    sleeps: list[float] = []
 
     async def asleep(seconds: float) -> None:
-        await forever.wait()
+        sleeps.append(seconds)
+        if len(sleeps) == 2:  # the backoff passes; the probe's token wait hangs
+            await forever.wait()
 
     @opero(retries=0, circuit_breaker=breaker)
     async def other() -> None:
@@ -183,7 +193,14 @@ def test_async_probe_slot_returned_when_cancelled_in_the_retry_backoff() -> None
 
     calls: list[int] = []
 
-    @opero(retries=2, min_delay=1.0, circuit_breaker=breaker, _asleep=asleep)
+    @opero(
+        retries=2,
+        min_delay=1.0,
+        rate_limit=1,
+        rate_burst=1,
+        circuit_breaker=breaker,
+        _asleep=asleep,
+    )
     async def fetch(x: int) -> int:
         calls.append(x)
         if len(calls) == 1:
@@ -195,9 +212,10 @@ def test_async_probe_slot_returned_when_cancelled_in_the_retry_backoff() -> None
 
     async def main() -> None:
         task = asyncio.create_task(fetch(1))
-        for _ in range(20):
+        for _ in range(50):
             await asyncio.sleep(0)
-        assert len(breaker._probes) == 1  # the probe waits in its backoff
+        assert len(sleeps) == 2
+        assert len(breaker._probes) == 1  # the probe waits for its token
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -206,6 +224,71 @@ def test_async_probe_slot_returned_when_cancelled_in_the_retry_backoff() -> None
     asyncio.run(main())
     assert calls == [1]
     assert breaker.state == "half_open"
+
+
+# --- admitted before a backoff wait, called after it: the circuit may have opened -----
+
+
+def test_a_retry_after_its_backoff_is_refused_if_the_circuit_opened_meanwhile() -> None:
+    """A retry asks the breaker after its backoff: opened meanwhile, the function is not called."""
+    breaker, _ = _open_breaker(failures=2)
+
+    @opero(retries=0, circuit_breaker=breaker)
+    def other() -> None:
+        raise ConnectionError("down")
+
+    def sleep(seconds: float) -> None:
+        with pytest.raises(ConnectionError):
+            other()  # other callers open the circuit during this backoff
+
+    states: list[str] = []
+
+    @opero(retries=1, min_delay=1.0, circuit_breaker=breaker, _sleep=sleep)
+    def fetch() -> None:
+        states.append(breaker.state)
+        raise ConnectionError("down")
+
+    with pytest.raises(CircuitOpenError):
+        fetch()
+    assert states == ["closed"]
+
+
+def test_an_async_retry_after_its_backoff_is_refused_if_the_circuit_opened_meanwhile() -> None:
+    """An async retry asks the breaker after its backoff: opened meanwhile, no call is made."""
+    breaker, _ = _open_breaker(failures=2)
+
+    @opero(retries=0, circuit_breaker=breaker)
+    async def other() -> None:
+        raise ConnectionError("down")
+
+    async def asleep(seconds: float) -> None:
+        with pytest.raises(ConnectionError):
+            await other()
+
+    states: list[str] = []
+
+    @opero(retries=1, min_delay=1.0, circuit_breaker=breaker, _asleep=asleep)
+    async def fetch() -> None:
+        states.append(breaker.state)
+        raise ConnectionError("down")
+
+    with pytest.raises(CircuitOpenError):
+        asyncio.run(fetch())
+    assert states == ["closed"]
+
+
+def test_a_retry_is_refused_before_its_backoff_when_the_circuit_is_already_open() -> None:
+    """A retry of a call whose failure opened the circuit ends at once, without the backoff."""
+    breaker, _ = _open_breaker(failures=1)
+    sleeps: list[float] = []
+
+    @opero(retries=3, min_delay=5.0, circuit_breaker=breaker, _sleep=sleeps.append)
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(CircuitOpenError):
+        fetch()
+    assert sleeps == []
 
 
 # --- no lock held across user code ----------------------------------------------------

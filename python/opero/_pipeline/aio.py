@@ -197,11 +197,14 @@ def _aretry_from(
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                if wait > 0:
+                    if guard is not None:  # open now: refused without the wait
+                        guard.release(await guard.aenter())
+                    await asleep(wait)
+                # Asked after the wait: the circuit may have opened meanwhile.
                 probe = (await guard.aenter()) if guard is not None else 0
                 call_args, call_kwargs = calls[index]
                 try:
-                    if wait > 0:
-                        await asleep(wait)
                     if key_function is not None:
                         await take_token(key_function(*call_args, **call_kwargs))
                     elif limited:

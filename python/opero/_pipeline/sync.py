@@ -144,11 +144,14 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 errors.append(first)
                 round_, index, wait, error = after_failure(errors, 0, 0, len(calls))
             while error is None:
+                if wait > 0:
+                    if guard is not None:  # open now: refused without the wait
+                        guard.release(guard.enter())
+                    sleep(wait)
+                # Asked after the wait: the circuit may have opened meanwhile.
                 probe = guard.enter() if guard is not None else 0
                 call_args, call_kwargs = calls[index]
                 try:
-                    if wait > 0:
-                        sleep(wait)
                     if keyed_wait is not None:
                         if wait := keyed_wait(call_args, call_kwargs):
                             sleep(wait)
