@@ -609,3 +609,43 @@ def test_a_circuit_open_in_redis_stays_open_when_redis_goes_down(
     watcher._clock = lambda: time.monotonic() + 61  # past the open period: a local probe
     assert fetch() == "ok"
     assert watcher.state == "closed"
+
+
+@pytest.mark.redis
+def test_an_async_probe_cancelled_awaiting_its_admission_gives_the_slot_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled after Redis took a probe slot but before the reply: the slot is removed."""
+    from opero._pipeline import breaker_redis
+
+    breaker = CircuitBreaker(
+        failures=1, reset_after=30.0, name="admitcancel", backend="redis", redis_url=redis_url
+    )
+    raw = redis.Redis.from_url(redis_url)
+    guard = BreakerGuard(breaker, "tests.admit", None)
+    guard.failed(ConnectionError("down"), 0, (), {})
+    raw.hset("{opero:cb:admitcancel}", "open_until", 1)  # half-open now
+    real = breaker_redis._aeval
+    executed = asyncio.Event()
+
+    async def reply_lost(client: Any, script: str, keys: Any, args: Any) -> Any:
+        await real(client, script, keys, args)  # the server ran the script...
+        executed.set()
+        await asyncio.sleep(3600)  # ...and the reply never comes back
+
+    monkeypatch.setattr(breaker_redis, "_aeval", reply_lost)
+
+    async def main() -> int:
+        task = asyncio.create_task(guard.aenter())
+        await asyncio.wait_for(executed.wait(), 30)
+        assert raw.zcard("{opero:cb:admitcancel}:probes") == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if raw.zcard("{opero:cb:admitcancel}:probes") == 0:
+                break
+            await asyncio.sleep(0.01)
+        return int(raw.zcard("{opero:cb:admitcancel}:probes"))
+
+    assert asyncio.run(main()) == 0

@@ -268,6 +268,9 @@ class RedisState:
         except Exception as exc:
             self._down(exc)
             return self.breaker._local_enter(function)
+        except BaseException:  # interrupted: the script may have taken a slot for this id
+            self.release(args[2])
+            raise
         self._up()
         return self._admitted(function, reply, args[2])
 
@@ -281,6 +284,9 @@ class RedisState:
         except Exception as exc:
             self._down(exc)
             return self.breaker._local_enter(function)
+        except BaseException:  # cancelled: the script may have taken a slot for this id
+            self.release(args[2])
+            raise
         self._up()
         return self._admitted(function, reply, args[2])
 
