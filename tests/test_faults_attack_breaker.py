@@ -649,3 +649,46 @@ def test_an_async_probe_cancelled_awaiting_its_admission_gives_the_slot_back(
         return int(raw.zcard("{opero:cb:admitcancel}:probes"))
 
     assert asyncio.run(main()) == 0
+
+
+@pytest.mark.redis
+def test_an_async_probe_cancelled_while_its_outcome_is_recorded_gives_the_slot_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the probe's outcome goes to Redis (reply lost): its slot is removed."""
+    from opero._pipeline import breaker_redis
+
+    breaker = CircuitBreaker(
+        failures=1, reset_after=30.0, name="reccancel", backend="redis", redis_url=redis_url
+    )
+    raw = redis.Redis.from_url(redis_url)
+    guard = BreakerGuard(breaker, "tests.record", None)
+    guard.failed(ConnectionError("down"), 0, (), {})
+    raw.hset("{opero:cb:reccancel}", "open_until", 1)  # half-open now
+    real = breaker_redis._aeval
+    stuck = asyncio.Event()
+
+    async def record_lost(client: Any, script: str, keys: Any, args: Any) -> Any:
+        if script == breaker_redis.RECORD_SCRIPT:
+            stuck.set()
+            await asyncio.sleep(3600)  # the outcome never reaches Redis
+        return await real(client, script, keys, args)
+
+    monkeypatch.setattr(breaker_redis, "_aeval", record_lost)
+
+    async def main() -> int:
+        probe = await guard.aenter()
+        assert isinstance(probe, str)
+        assert raw.zcard("{opero:cb:reccancel}:probes") == 1
+        task = asyncio.create_task(guard.aok(probe))
+        await asyncio.wait_for(stuck.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if raw.zcard("{opero:cb:reccancel}:probes") == 0:
+                break
+            await asyncio.sleep(0.01)
+        return int(raw.zcard("{opero:cb:reccancel}:probes"))
+
+    assert asyncio.run(main()) == 0

@@ -333,6 +333,10 @@ class RedisState:
         except Exception as error:
             self._down(error)
             return self._record_locally(kind, exc)
+        except BaseException:  # interrupted: the outcome is lost, the probe's slot is not
+            if args[1]:
+                self.release(args[1])
+            raise
         self._up()
         return self._recorded(reply, exc, args[1])
 
@@ -345,6 +349,10 @@ class RedisState:
         except Exception as error:
             self._down(error)
             return self._record_locally(kind, exc)
+        except BaseException:  # interrupted: the outcome is lost, the probe's slot is not
+            if args[1]:
+                self.release(args[1])
+            raise
         self._up()
         return self._recorded(reply, exc, args[1])
 
