@@ -692,3 +692,49 @@ def test_an_async_probe_cancelled_while_its_outcome_is_recorded_gives_the_slot_b
         return int(raw.zcard("{opero:cb:reccancel}:probes"))
 
     assert asyncio.run(main()) == 0
+
+
+# --- late results: only the current state's calls decide --------------------------------
+
+
+def test_a_late_probe_failure_after_another_probe_closed_the_circuit_is_ignored() -> None:
+    """A probe that fails after a sibling probe closed the circuit neither counts nor reopens it."""
+    breaker, clock = _open_breaker(failures=1, half_open_calls=2)
+    guard = BreakerGuard(breaker, "tests.late", None)
+    guard.failed(ConnectionError("down"), 0, (), {})
+    clock.now += breaker.reset_after + 1
+    first, second = guard.enter(), guard.enter()
+    guard.ok(first)
+    assert breaker.state == "closed"
+    guard.failed(ConnectionError("late"), second, (), {})
+    assert breaker.state == "closed"
+    assert breaker.failures == 0
+    guard.failed(ConnectionError("now"), 0, (), {})  # a call of the closed state counts
+    assert breaker.state == "open"
+
+
+@pytest.mark.redis
+def test_a_late_redis_probe_failure_after_another_probe_closed_the_circuit_is_ignored(
+    redis_url: str,
+) -> None:
+    """Through Redis too, a sibling probe's late failure leaves the closed circuit alone."""
+    breaker = CircuitBreaker(
+        failures=1,
+        reset_after=30.0,
+        half_open_calls=2,
+        name="late",
+        backend="redis",
+        redis_url=redis_url,
+    )
+    raw = redis.Redis.from_url(redis_url)
+    guard = BreakerGuard(breaker, "tests.late", None)
+    guard.failed(ConnectionError("down"), 0, (), {})
+    raw.hset("{opero:cb:late}", "open_until", 1)  # half-open now
+    first, second = guard.enter(), guard.enter()
+    assert isinstance(first, str)
+    assert isinstance(second, str)
+    guard.ok(first)
+    assert breaker.state == "closed"
+    guard.failed(ConnectionError("late"), second, (), {})
+    assert breaker.state == "closed"
+    assert breaker.failures == 0

@@ -380,6 +380,8 @@ class CircuitBreaker:
                 self._close()
                 closed = True
             else:
+                if probe and probe != RESET:
+                    return False  # a probe of a half-open period that another probe closed
                 self._failures = 0
                 self._check = self._redis is not None
                 return False
@@ -399,6 +401,8 @@ class CircuitBreaker:
                 self._open(now, exc)
                 count = 0  # a probe failed: reopened
             else:
+                if probe and probe != RESET:
+                    return False  # a probe of a half-open period that another probe closed
                 self._failures = count = self._failures + 1
                 self._check = True
                 if count < self.failure_threshold:

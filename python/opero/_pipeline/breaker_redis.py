@@ -83,6 +83,8 @@ if ou ~= 0 then
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {1, tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') or 0}
 end
+-- Closed: a probe's late outcome (another probe closed it) is ignored.
+if probe ~= '' then return {0, 0} end
 if ARGV[1] == 's' then
   redis.call('DEL', KEYS[1])
   return {0, 0}
