@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -738,3 +739,42 @@ def test_a_late_redis_probe_failure_after_another_probe_closed_the_circuit_is_ig
     guard.failed(ConnectionError("late"), second, (), {})
     assert breaker.state == "closed"
     assert breaker.failures == 0
+
+
+# --- process workers --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    multiprocessing.get_start_method(allow_none=False) != "fork", reason="fork start method"
+)
+def test_forked_process_workers_start_from_the_parents_breaker_state() -> None:
+    """Workers forked while the parent's circuit is open refuse too; their failures stay theirs."""
+    outcome = run_scenario(
+        """
+        import warnings
+        from opero import CircuitBreaker, opero, opmap
+
+        warnings.simplefilter("ignore")
+        breaker = CircuitBreaker(failures=1, reset_after=60, name="pre")
+
+        def work(x):
+            return x
+
+        def fail(x):
+            raise ConnectionError(x)
+
+        if __name__ == "__main__":
+            down = opero(retries=0, circuit_breaker=breaker)(fail)
+            try:
+                down(0)
+            except ConnectionError:
+                pass
+            mapped = opmap(mode="process", workers=2, retries=0, circuit_breaker=breaker)(work)
+            print("open:", sorted({type(o).__name__ for o in mapped([1, 2, 3])}))
+            breaker.reset()
+            print("parent:", breaker.state)
+        """,
+        timeout=120,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["open: ['CircuitOpenError']", "parent: closed"]
