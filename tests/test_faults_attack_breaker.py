@@ -778,3 +778,47 @@ def test_forked_process_workers_start_from_the_parents_breaker_state() -> None:
     )
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.lines() == ["open: ['CircuitOpenError']", "parent: closed"]
+
+
+# --- hostile classes and names ----------------------------------------------------------
+
+
+def test_a_failure_on_class_with_a_raising_instancecheck_gives_the_probe_back() -> None:
+    """A ``failure_on`` class whose ``__instancecheck__`` raises surfaces that error, slot freed."""
+
+    class Hostile(type):
+        def __instancecheck__(cls, instance: object) -> bool:
+            raise RuntimeError("hostile __instancecheck__")
+
+    class Transient(Exception, metaclass=Hostile):
+        pass
+
+    breaker, clock = _open_breaker(failure_on=(Transient,))
+    guard = BreakerGuard(breaker, "tests.hostile", None)
+    breaker._local_failed(ConnectionError("down"), 0)  # open it by hand
+    clock.now += breaker.reset_after + 1
+    probe = guard.enter()
+    assert breaker._probes
+    with pytest.raises(RuntimeError, match="hostile"):
+        guard.failed(ValueError("x"), probe, (), {})
+    assert breaker._probes == {}
+    with pytest.raises(RuntimeError, match="hostile"):
+        asyncio.run(guard.afailed(ValueError("x"), guard.enter(), (), {}))
+    assert breaker._probes == {}
+
+
+def test_a_huge_name_is_shortened_in_messages_but_kept_on_the_error() -> None:
+    """A megabyte name is cut in refusal messages and logs; ``CircuitOpenError.name`` keeps it."""
+    name = "n" * 1_000_000
+    breaker = CircuitBreaker(failures=1, reset_after=60, name=name)
+
+    @opero(retries=0, circuit_breaker=breaker)
+    def down() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        down()
+    with pytest.raises(CircuitOpenError) as info:
+        down()
+    assert len(str(info.value)) < 500
+    assert info.value.name == name

@@ -324,7 +324,12 @@ class CircuitBreaker:
         self._check = True
 
     def _label(self) -> str:
-        return "circuit breaker" + ("" if self.name is None else f" {self.name!r}")
+        name = self.name
+        if name is None:
+            return "circuit breaker"
+        if len(name) > 80:  # a refusal storm must not build megabyte messages
+            name = name[:77] + "..."
+        return f"circuit breaker {name!r}"
 
     def _refusal(self, function: str, retry_after: float, cause: BaseException | None) -> Exception:
         """Build the ``CircuitOpenError`` of a refused call (raised by the caller)."""
@@ -517,7 +522,12 @@ class BreakerGuard:
     ) -> None:
         """Record a failed call (an error outside ``failure_on`` counts as a success)."""
         breaker = self.breaker
-        if not isinstance(exc, breaker.failure_on):
+        try:
+            counted = isinstance(exc, breaker.failure_on)
+        except BaseException:  # a failure_on class whose __instancecheck__ raises
+            self.release(probe)
+            raise
+        if not counted:
             self.ok(probe)
             return
         redis = breaker._redis
@@ -566,7 +576,12 @@ class BreakerGuard:
     ) -> None:
         """Async :meth:`failed`."""
         breaker = self.breaker
-        if not isinstance(exc, breaker.failure_on):
+        try:
+            counted = isinstance(exc, breaker.failure_on)
+        except BaseException:  # a failure_on class whose __instancecheck__ raises
+            self.release(probe)
+            raise
+        if not counted:
             await self.aok(probe)
             return
         redis = breaker._redis
