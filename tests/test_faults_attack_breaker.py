@@ -363,17 +363,27 @@ def test_a_name_with_a_lone_surrogate_is_refused(backend: str) -> None:
 
 @pytest.mark.redis
 def test_tiny_reset_after_in_redis_keeps_the_probe_limit(redis_url: str) -> None:
-    """At the shortest ``reset_after`` a Redis breaker still admits one probe at a time."""
+    """At the shortest ``reset_after`` a Redis probe holds its slot for 1 ms of server time."""
     breaker = CircuitBreaker(
         failures=1, reset_after=0.001, name="tiny", backend="redis", redis_url=redis_url
     )
+    raw = redis.Redis.from_url(redis_url)
     guard = BreakerGuard(breaker, "tests.tiny", None)
     guard.failed(ConnectionError("down"), 0, (), {})
     time.sleep(0.01)
+
+    def server_us() -> int:
+        seconds, micros = raw.time()
+        return int(seconds) * 1_000_000 + int(micros)
+
+    before = server_us()
     first = guard.enter()
+    after = server_us()
     assert isinstance(first, str)  # a probe admitted through Redis
-    with pytest.raises(CircuitOpenError):
-        guard.enter()
+    ((member, expires),) = raw.zrange("{opero:cb:tiny}:probes", 0, -1, withscores=True)
+    assert member.decode() == first
+    # Its slot lives reset_after (1000 us) from admission: not 0 us (no limit at all).
+    assert before + 1000 <= expires <= after + 1000
 
 
 @pytest.mark.redis
@@ -453,8 +463,9 @@ def test_local_failures_of_one_outage_do_not_carry_into_the_next(
 def test_an_interrupted_sync_redis_probe_gives_its_slot_back(redis_url: str) -> None:
     """A sync probe admitted through Redis and interrupted frees its Redis slot at once."""
     breaker = CircuitBreaker(
-        failures=1, reset_after=0.2, name="sint", backend="redis", redis_url=redis_url
+        failures=1, reset_after=30.0, name="sint", backend="redis", redis_url=redis_url
     )
+    raw = redis.Redis.from_url(redis_url)
     mode = ["fail"]
 
     @opero(retries=0, circuit_breaker=breaker)
@@ -467,12 +478,11 @@ def test_an_interrupted_sync_redis_probe_gives_its_slot_back(redis_url: str) -> 
 
     with pytest.raises(ConnectionError):
         probe()
-    time.sleep(0.3)
+    raw.hset("{opero:cb:sint}", "open_until", 1)  # half-open now (skip the 30 s)
     mode[0] = "interrupt"
     with pytest.raises(KeyboardInterrupt):
         probe()
-    raw = redis.Redis.from_url(redis_url)
-    assert raw.zcard("{opero:cb:sint}:probes") == 0
+    assert raw.zcard("{opero:cb:sint}:probes") == 0  # not kept for its 30 s lifetime
     mode[0] = "ok"
     assert probe() == "ok"  # the next call is the probe (not refused for reset_after)
     assert breaker.state == "closed"
