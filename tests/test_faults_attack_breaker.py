@@ -415,6 +415,10 @@ def test_a_wrongtype_key_is_not_an_outage_for_every_breaker(
     assert len(clashes) == 1
     assert clashes[0].levelno == logging.ERROR
     assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
+    clash.reset()  # deletes only a breaker's own keys: the other program's value stays
+    assert raw.get("{opero:cb:clash}") == b"not a hash"
+    other.reset()
+    assert raw.exists("{opero:cb:other}") == 0
 
 
 @pytest.mark.redis

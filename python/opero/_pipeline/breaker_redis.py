@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from opero._connections.redis import RedisConnector
     from opero._pipeline.breaker import CircuitBreaker
 
-__all__ = ["ENTER_SCRIPT", "READ_SCRIPT", "RECORD_SCRIPT", "RedisState"]
+__all__ = ["ENTER_SCRIPT", "READ_SCRIPT", "RECORD_SCRIPT", "RESET_SCRIPT", "RedisState"]
 
 #: Probe ids: this process's random prefix and a counter (unique across processes
 #: and hosts without a system call per decision).
@@ -110,6 +110,15 @@ local failures = tonumber(s[2] or '0') or 0
 if ou == 0 then return {0, failures, 0} end
 if now < ou then return {1, failures, ou - now} end
 return {2, failures, 0}
+"""
+
+RESET_SCRIPT = """
+-- Deletes the breaker's keys, but only when they hold a breaker's types (a hash and a
+-- sorted set): a clashing key of another program is left alone. Returns keys deleted.
+local n = 0
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then n = n + redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[2])['ok'] == 'zset' then n = n + redis.call('DEL', KEYS[2]) end
+return n
 """
 
 _STATES = ("closed", "open", "half_open")
@@ -414,7 +423,7 @@ class RedisState:
     def reset(self) -> None:
         """Delete the shared state (a closed circuit); a Redis failure is logged."""
         try:
-            self.connector.run(lambda r: r.delete(*self.keys))
+            self.connector.run(lambda r: _eval(r, RESET_SCRIPT, self.keys, ()))
         except Exception as exc:
             self._down(exc)
 
@@ -423,7 +432,9 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-_SHAS = {script: _sha(script) for script in (ENTER_SCRIPT, RECORD_SCRIPT, READ_SCRIPT)}
+_SHAS = {
+    script: _sha(script) for script in (ENTER_SCRIPT, RECORD_SCRIPT, READ_SCRIPT, RESET_SCRIPT)
+}
 
 
 def _eval(client: Any, script: str, keys: tuple[str, str], args: tuple[Any, ...]) -> Any:
