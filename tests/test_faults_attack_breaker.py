@@ -7,10 +7,12 @@ Hang-prone scenarios (deadlocks, cancellation, signals) run through
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -836,3 +838,35 @@ def test_a_huge_name_is_shortened_in_messages_but_kept_on_the_error() -> None:
         down()
     assert len(str(info.value)) < 500
     assert info.value.name == name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an async def callback is accepted and never awaited (all callbacks, callbacks.py: "
+    "h-observe's area); want a ConfigurationError at decoration or the hook awaited",
+)
+def test_an_async_on_circuit_open_hook_is_refused_or_awaited() -> None:
+    """An ``async def`` ``on_circuit_open`` hook either fails at decoration or actually runs."""
+    ran: list[str] = []
+
+    async def hook(details: Any) -> None:
+        ran.append(details.event)
+
+    refused: list[str] = []
+    try:
+
+        @opero(retries=0, circuit_breaker=CircuitBreaker(failures=1), on_circuit_open=hook)
+        async def down() -> None:
+            raise ConnectionError("down")
+
+    except ConfigurationError as error:
+        refused.append(str(error))
+    if refused:
+        assert "on_circuit_open" in refused[0]
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "coroutine ... never awaited"
+        with pytest.raises(ConnectionError):
+            asyncio.run(down())
+        gc.collect()
+    assert ran == ["circuit_open"]
