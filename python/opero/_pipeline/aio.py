@@ -234,16 +234,21 @@ def _generic(
         start = None if clock is None else clock()
         probe = (guard.breaker._check and await guard.aenter()) if guard is not None else 0
         waited = 0.0
-        if key_function is not None:
-            assert take_token is not None
-            await take_token(key_function(*args, **kwargs), start)
-        elif detailed:
-            if waited := await atoken_wait(args, kwargs):
-                if start is not None and engine.clock() + waited >= start + timeout:
-                    raise engine.token_late(waited, start + timeout, [])
-                await asleep(waited)
-        elif take_token is not None:
-            await take_token(start)
+        try:
+            if key_function is not None:
+                assert take_token is not None
+                await take_token(key_function(*args, **kwargs), start)
+            elif detailed:
+                if waited := await atoken_wait(args, kwargs):
+                    if start is not None and engine.clock() + waited >= start + timeout:
+                        raise engine.token_late(waited, start + timeout, [])
+                    await asleep(waited)
+            elif take_token is not None:
+                await take_token(start)
+        except BaseException:
+            if probe:  # no call was made: the probe gives its slot back
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
@@ -303,26 +308,36 @@ def _aretry_from(
                     errors, 0, 0, len(calls), deadline, args, kwargs
                 )
             while error is None:
-                probe = (await guard.aenter()) if guard is not None else 0
                 if wait > 0:
+                    if guard is not None:  # open now: refused without the wait
+                        guard.release(await guard.aenter())
                     await asleep(wait)
                     waited += wait
+                # Asked after the wait: the circuit may have opened meanwhile.
+                probe = (await guard.aenter()) if guard is not None else 0
                 call_args, call_kwargs = calls[index]
-                if limited:
-                    n = len(errors) + 1
-                    if key_function is None:
-                        wait = await engine.atoken_wait(args, kwargs, n, waited)
-                    else:
-                        key = key_function(*call_args, **call_kwargs)
-                        wait = await engine.akey_token_wait(key, call_args, call_kwargs, n, waited)
-                    if wait > 0:
-                        if deadline is not None and engine.clock() + wait >= deadline:
-                            if probe:
-                                guard.release(probe)  # type: ignore[union-attr]
-                            error = engine.token_late(wait, deadline, errors)
-                            break
-                        await asleep(wait)
-                        waited += wait
+                try:
+                    if limited:
+                        n = len(errors) + 1
+                        if key_function is None:
+                            wait = await engine.atoken_wait(args, kwargs, n, waited)
+                        else:
+                            key = key_function(*call_args, **call_kwargs)
+                            wait = await engine.akey_token_wait(
+                                key, call_args, call_kwargs, n, waited
+                            )
+                        if wait > 0:
+                            if deadline is not None and engine.clock() + wait >= deadline:
+                                if probe:
+                                    guard.release(probe)  # type: ignore[union-attr]
+                                error = engine.token_late(wait, deadline, errors)
+                                break
+                            await asleep(wait)
+                            waited += wait
+                except BaseException:
+                    if probe:  # no call was made: the probe gives its slot back
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 try:
                     result = await func(*call_args, **call_kwargs)
                 except Exception as exc:

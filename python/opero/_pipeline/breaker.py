@@ -74,11 +74,13 @@ def _bad(option: str, value: Any, need: str, example: str) -> ConfigurationError
 
 
 _FAILURES = c.integer(f"an int >= 1 and <= {c.MAX_COUNT}", "5", low=1)
+#: The shortest ``reset_after``: below it a probe's slot (and the open period) would
+#: end within the clock's resolution (1 us in Redis), so ``half_open_calls`` would not hold.
+MIN_RESET_AFTER = 0.001
 _RESET_AFTER = c.real(
-    f"a finite number of seconds > 0 and <= {c.MAX_SECONDS:g}",
+    f"a finite number of seconds >= {MIN_RESET_AFTER:g} and <= {c.MAX_SECONDS:g}",
     "30.0",
-    low=0.0,
-    strict=True,
+    low=MIN_RESET_AFTER,
     high=c.MAX_SECONDS,
 )
 _HALF_OPEN = c.integer(f"an int >= 1 and <= {2**31 - 1}", "1", low=1, high=2**31 - 1)
@@ -92,6 +94,15 @@ def _check(checker: c.Checker, option: str, value: Any) -> Any:
         raise ConfigurationError(
             str(exc).replace(f"@opero({option}=", f"CircuitBreaker({option}=", 1)
         ) from None
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` encodes to UTF-8 (a lone surrogate does not: no Redis key, no log line)."""
+    try:
+        str.encode(name, "utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _failure_on(value: Any) -> tuple[type[BaseException], ...]:
@@ -120,7 +131,7 @@ class CircuitBreaker:
         failures: Consecutive failed calls that open the circuit (>= 1).
             Default 5.
         reset_after: Seconds the circuit stays open before probe calls are
-            let through (> 0). Default 30.0.
+            let through (>= 0.001). Default 30.0.
         half_open_calls: Probe calls allowed at once while half-open (>= 1).
             Default 1.
         failure_on: The errors that count as failures: an ``Exception``
@@ -185,8 +196,8 @@ class CircuitBreaker:
         self.reset_after: float = _check(_RESET_AFTER, "reset_after", reset_after)
         self.half_open_calls: int = _check(_HALF_OPEN, "half_open_calls", half_open_calls)
         self.failure_on = _failure_on(failure_on)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise _bad("name", name, "None or a non-empty str", "'payments-api'")
+        if name is not None and (not isinstance(name, str) or not name or not _utf8(name)):
+            raise _bad("name", name, "None or a non-empty str (UTF-8 encodable)", "'payments-api'")
         self.name: str | None = None if name is None else str.__str__(name)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise _bad("backend", backend, "'memory' or 'redis'", "'redis'")
@@ -258,7 +269,9 @@ class CircuitBreaker:
         if self._redis is not None:
             self._redis.reset()
         with self._lock:
+            dropped = self._cause  # freed after the lock: its __del__ may call us
             self._close()
+        del dropped
 
     def __repr__(self) -> str:
         """Show the configuration (not the state: reading it may need Redis)."""
@@ -311,7 +324,12 @@ class CircuitBreaker:
         self._check = True
 
     def _label(self) -> str:
-        return "circuit breaker" + ("" if self.name is None else f" {self.name!r}")
+        name = self.name
+        if name is None:
+            return "circuit breaker"
+        if len(name) > 80:  # a refusal storm must not build megabyte messages
+            name = name[:77] + "..."
+        return f"circuit breaker {name!r}"
 
     def _refusal(self, function: str, retry_after: float, cause: BaseException | None) -> Exception:
         """Build the ``CircuitOpenError`` of a refused call (raised by the caller)."""
@@ -355,7 +373,10 @@ class CircuitBreaker:
 
     def _local_ok(self, probe: Probe) -> bool:
         """Record a success; return whether it closed the circuit."""
+        # The replaced cause is freed after the lock: its __del__ (or a finalizer of
+        # something its traceback holds) may call a function this breaker guards.
         with self._lock:
+            dropped = self._cause
             if self._open_until:
                 # Only a probe of the current half-open period closes the circuit; a call
                 # that started before the circuit opened says nothing about it now.
@@ -364,9 +385,12 @@ class CircuitBreaker:
                 self._close()
                 closed = True
             else:
+                if probe and probe != RESET:
+                    return False  # a probe of a half-open period that another probe closed
                 self._failures = 0
                 self._check = self._redis is not None
                 return False
+        del dropped
         if closed:
             logger.info("opero: %s closed: a probe call succeeded", self._label())
             _transition(self._label(), "closed")
@@ -376,17 +400,21 @@ class CircuitBreaker:
         """Record a failure; return whether it opened the circuit."""
         now = self._clock()
         with self._lock:
+            dropped = self._cause  # freed after the lock (see _local_ok)
             if self._open_until:
                 if not (probe and probe in self._probes):
                     return False  # a late result, or a probe of an earlier period
                 self._open(now, exc)
                 count = 0  # a probe failed: reopened
             else:
+                if probe and probe != RESET:
+                    return False  # a probe of a half-open period that another probe closed
                 self._failures = count = self._failures + 1
                 self._check = True
                 if count < self.failure_threshold:
                     return False
                 self._open(now, exc)
+        del dropped
         self._log_open(count, exc, self.reset_after)
         return True
 
@@ -440,9 +468,14 @@ def _rebuild(
 
 
 def _after_fork_in_child() -> None:
-    """Give every breaker a fresh lock: one held by another parent thread stays held."""
+    """Give every breaker a fresh lock and no running probes (the parent's threads are gone).
+
+    A lock held by another parent thread would stay held; a probe slot taken by
+    one would keep the child's circuit half-open and refusing for ``reset_after``.
+    """
     for breaker in list(_BREAKERS):
         breaker._lock = threading.Lock()
+        breaker._probes.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -498,7 +531,12 @@ class BreakerGuard:
     ) -> None:
         """Record a failed call (an error outside ``failure_on`` counts as a success)."""
         breaker = self.breaker
-        if not isinstance(exc, breaker.failure_on):
+        try:
+            counted = isinstance(exc, breaker.failure_on)
+        except BaseException:  # a failure_on class whose __instancecheck__ raises
+            self.release(probe)
+            raise
+        if not counted:
             self.ok(probe)
             return
         redis = breaker._redis
@@ -511,13 +549,16 @@ class BreakerGuard:
     def release(self, probe: Probe) -> None:
         """Give back the slot of a probe that was cancelled or interrupted (it decided nothing).
 
-        A probe admitted through Redis keeps its slot until it expires (a
-        cancelled task cannot reliably await the round trip).
+        A probe admitted through Redis is removed there without blocking an
+        event loop: in one, by a task of its own (a cancelled task cannot
+        reliably await the round trip); if that fails, the slot expires.
         """
         if isinstance(probe, int) and probe > 0:
             breaker = self.breaker
             with breaker._lock:
                 breaker._probes.pop(probe, None)
+        elif isinstance(probe, str) and self.breaker._redis is not None:
+            self.breaker._redis.release(probe)
 
     async def aenter(self) -> Probe:
         """Async :meth:`enter` (through ``redis.asyncio`` when shared)."""
@@ -544,7 +585,12 @@ class BreakerGuard:
     ) -> None:
         """Async :meth:`failed`."""
         breaker = self.breaker
-        if not isinstance(exc, breaker.failure_on):
+        try:
+            counted = isinstance(exc, breaker.failure_on)
+        except BaseException:  # a failure_on class whose __instancecheck__ raises
+            self.release(probe)
+            raise
+        if not counted:
             await self.aok(probe)
             return
         redis = breaker._redis

@@ -9,6 +9,7 @@ through :mod:`opero._connections.health`; Redis is probed again every second.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
     from opero._connections.redis import RedisConnector
     from opero._pipeline.breaker import CircuitBreaker
 
-__all__ = ["ENTER_SCRIPT", "READ_SCRIPT", "RECORD_SCRIPT", "RedisState"]
+__all__ = ["ENTER_SCRIPT", "READ_SCRIPT", "RECORD_SCRIPT", "RESET_SCRIPT", "RedisState"]
 
 #: Probe ids: this process's random prefix and a counter (unique across processes
 #: and hosts without a system call per decision).
 _PROBE_PREFIX = os.urandom(8).hex()
 _PROBE_IDS = itertools.count(1)
+#: The tasks giving back cancelled probes' slots (a reference until they finish).
+_RELEASES: set[asyncio.Task[None]] = set()
 
 
 def _after_fork_in_child() -> None:
@@ -80,6 +83,8 @@ if ou ~= 0 then
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {1, tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') or 0}
 end
+-- Closed: a probe's late outcome (another probe closed it) is ignored.
+if probe ~= '' then return {0, 0} end
 if ARGV[1] == 's' then
   redis.call('DEL', KEYS[1])
   return {0, 0}
@@ -107,6 +112,15 @@ if now < ou then return {1, failures, ou - now} end
 return {2, failures, 0}
 """
 
+RESET_SCRIPT = """
+-- Deletes the breaker's keys, but only when they hold a breaker's types (a hash and a
+-- sorted set): a clashing key of another program is left alone. Returns keys deleted.
+local n = 0
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then n = n + redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[2])['ok'] == 'zset' then n = n + redis.call('DEL', KEYS[2]) end
+return n
+"""
+
 _STATES = ("closed", "open", "half_open")
 
 
@@ -120,7 +134,7 @@ class RedisState:
 
     """
 
-    __slots__ = ("_outage", "breaker", "connector", "keys", "url")
+    __slots__ = ("_clash_logged", "_outage", "breaker", "connector", "keys", "url")
 
     def __init__(self, breaker: CircuitBreaker, url: str | None, client: Any) -> None:
         from opero._connections.redis import RedisConnector, import_redis
@@ -133,6 +147,7 @@ class RedisState:
         tag = "{opero:cb:" + (breaker.name or "") + "}"
         self.keys = (tag, tag + ":probes")
         self._outage: Outage | None = None
+        self._clash_logged = False
 
     @property
     def outage(self) -> Outage:
@@ -163,9 +178,24 @@ class RedisState:
             return
         if not isinstance(exc, redis.RedisError | OSError):
             raise exc
+        if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE"):
+            # Another program's value under this breaker's key: this breaker's problem,
+            # not an outage of the Redis every other breaker (and cache) shares.
+            if not self._clash_logged:
+                self._clash_logged = True
+                logger.error(
+                    "opero: %s: the Redis key %s or %s holds a value of another type "
+                    "(another program uses it); this breaker uses its local per-process "
+                    "state until it is deleted; pick another name= or delete the key",
+                    self.breaker._label(),
+                    self.keys[0],
+                    self.keys[1],
+                )
+            return
         self.outage.failed(exc, "circuit breakers use local per-process state")
 
     def _up(self) -> None:
+        self._clash_logged = False
         outage = self.outage
         if outage.down:
             outage.succeeded()
@@ -188,27 +218,54 @@ class RedisState:
     def _admitted(self, function: str, reply: Any, probe_id: str) -> Probe:
         code, failures, wait = (int(x) for x in reply)
         if code == 0:
-            if self.breaker._cause is not None:  # closed elsewhere: that failure is history
-                self.breaker._cause = None
+            breaker = self.breaker
+            if breaker._cause is not None or breaker._failures or breaker._open_until:
+                # Closed in Redis: the failure that opened it is history, and the local
+                # state of an earlier outage must not start the next one part-way open.
+                with breaker._lock:
+                    dropped = breaker._cause
+                    breaker._close()
+                del dropped
             return RESET if failures else 0
         if code == 3:
             return probe_id
         breaker = self.breaker
+        if code == 1:
+            self._mirror_open(wait / 1e6)
         with breaker._lock:
             cause = breaker._cause
         raise breaker._refusal(function, wait / 1e6, cause)
+
+    def _mirror_open(self, seconds: float) -> None:
+        """Keep an open circuit seen in Redis open locally too, for ``seconds``.
+
+        If Redis then goes down (or its pool is full) the local state decides:
+        it must not let calls through to a dependency the shared state knows is down.
+        """
+        breaker = self.breaker
+        until = breaker._clock() + seconds
+        with breaker._lock:
+            if until > breaker._open_until:
+                breaker._open_until = until
+                breaker._probes.clear()
+                breaker._check = True
 
     def _recorded(self, reply: Any, exc: BaseException | None, probe_id: str) -> bool:
         code, failures = (int(x) for x in reply)
         breaker = self.breaker
         if code == 1 and exc is not None:
             with breaker._lock:
+                dropped = breaker._cause  # freed after the lock: its __del__ may call us
                 breaker._cause = exc
+            del dropped
+            self._mirror_open(breaker.reset_after)
             breaker._log_open(0 if probe_id else failures, exc, breaker.reset_after)
             return True
         if code == 2:
             with breaker._lock:
-                breaker._cause = None
+                dropped = breaker._cause
+                breaker._close()  # closed in Redis: closed locally too
+            del dropped
             logger.info("opero: %s closed: a probe call succeeded", breaker._label())
             _transition(breaker._label(), "closed")
         return False
@@ -223,6 +280,9 @@ class RedisState:
         except Exception as exc:
             self._down(exc)
             return self.breaker._local_enter(function)
+        except BaseException:  # interrupted: the script may have taken a slot for this id
+            self.release(args[2])
+            raise
         self._up()
         return self._admitted(function, reply, args[2])
 
@@ -236,6 +296,9 @@ class RedisState:
         except Exception as exc:
             self._down(exc)
             return self.breaker._local_enter(function)
+        except BaseException:  # cancelled: the script may have taken a slot for this id
+            self.release(args[2])
+            raise
         self._up()
         return self._admitted(function, reply, args[2])
 
@@ -282,6 +345,10 @@ class RedisState:
         except Exception as error:
             self._down(error)
             return self._record_locally(kind, exc)
+        except BaseException:  # interrupted: the outcome is lost, the probe's slot is not
+            if args[1]:
+                self.release(args[1])
+            raise
         self._up()
         return self._recorded(reply, exc, args[1])
 
@@ -294,6 +361,10 @@ class RedisState:
         except Exception as error:
             self._down(error)
             return self._record_locally(kind, exc)
+        except BaseException:  # interrupted: the outcome is lost, the probe's slot is not
+            if args[1]:
+                self.release(args[1])
+            raise
         self._up()
         return self._recorded(reply, exc, args[1])
 
@@ -302,6 +373,40 @@ class RedisState:
             self.breaker._local_ok(0)
             return False
         return self.breaker._local_failed(exc, 0)
+
+    def release(self, probe: str) -> None:
+        """Remove a cancelled or interrupted probe's slot (best effort: else it expires)."""
+        if not self._usable():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            try:
+                self.connector.run(lambda r: r.zrem(self.keys[1], probe))
+            except Exception as exc:
+                self._release_failed(exc)
+            return
+        task = loop.create_task(self._arelease(probe))
+        _RELEASES.add(task)
+        task.add_done_callback(_RELEASES.discard)
+
+    async def _arelease(self, probe: str) -> None:
+        try:
+            await self.connector.arun(lambda r: r.zrem(self.keys[1], probe))
+        except Exception as exc:
+            self._release_failed(exc)
+
+    def _release_failed(self, exc: Exception) -> None:
+        logger.debug(
+            "opero: %s: could not give back a cancelled probe's slot (%s: %s); it expires "
+            "in at most %.3g s",
+            self.breaker._label(),
+            type(exc).__name__,
+            exc,
+            self.breaker.reset_after,
+        )
 
     def read(self) -> tuple[str, int, float] | None:
         """Return ``(state, failures, retry_after)`` from Redis, or ``None`` when it is down."""
@@ -319,7 +424,7 @@ class RedisState:
     def reset(self) -> None:
         """Delete the shared state (a closed circuit); a Redis failure is logged."""
         try:
-            self.connector.run(lambda r: r.delete(*self.keys))
+            self.connector.run(lambda r: _eval(r, RESET_SCRIPT, self.keys, ()))
         except Exception as exc:
             self._down(exc)
 
@@ -328,7 +433,9 @@ def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-_SHAS = {script: _sha(script) for script in (ENTER_SCRIPT, RECORD_SCRIPT, READ_SCRIPT)}
+_SHAS = {
+    script: _sha(script) for script in (ENTER_SCRIPT, RECORD_SCRIPT, READ_SCRIPT, RESET_SCRIPT)
+}
 
 
 def _eval(client: Any, script: str, keys: tuple[str, str], args: tuple[Any, ...]) -> Any:

@@ -187,6 +187,7 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
     deadline = [f"        {P}token_deadline({P}d, {P}t0)"] if template.clock else []
+    before = len(lines)
     if template.limiter and template.is_async:
         token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
         lines.append(f"    await {P}take_token({token_args})")
@@ -218,6 +219,17 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         if template.clock:
             lines.append(f"        {P}token_deadline({P}d, {P}t0)")
         lines.append(f"        {P}sleep({P}d)")
+    if template.breaker and len(lines) > before:
+        # A key function, a token wait or a sleep that raises (cancelled, interrupted,
+        # RateLimitTimeout): the probe gives its slot back (no call was made).
+        lines[before:] = [
+            "    try:",
+            *("    " + line for line in lines[before:]),
+            f"    except {P}BaseException:",
+            f"        if {P}p:",
+            f"            {P}release({P}p)",
+            "        raise",
+        ]
     invoke = f"{aw}{P}func({', '.join(sig.call)})"
     args = f"({', '.join(sig.positional)}{',' if sig.positional else ''})"
     kwargs = "{" + ", ".join(sig.keywords) + "}"

@@ -184,16 +184,21 @@ def _generic(
             count()
         start = None if clock is None else clock()
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
-        if keyed_wait is not None:
-            wait = keyed_wait(args, kwargs)
-        elif token_wait is not None:
-            wait = token_wait(args, kwargs)
-        else:
-            wait = 0.0
-        if wait:
-            if start is not None:
-                token_deadline(wait, start)
-            sleep(wait)
+        try:
+            if keyed_wait is not None:
+                wait = keyed_wait(args, kwargs)
+            elif token_wait is not None:
+                wait = token_wait(args, kwargs)
+            else:
+                wait = 0.0
+            if wait:
+                if start is not None:
+                    token_deadline(wait, start)
+                sleep(wait)
+        except BaseException:
+            if probe:  # no call was made: the probe gives its slot back
+                guard.release(probe)  # type: ignore[union-attr]
+            raise
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
@@ -248,25 +253,33 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                     errors, 0, 0, len(calls), deadline, args, kwargs
                 )
             while error is None:
-                probe = guard.enter() if guard is not None else 0
                 if wait > 0:
+                    if guard is not None:  # open now: refused without the wait
+                        guard.release(guard.enter())
                     sleep(wait)
                     waited += wait
+                # Asked after the wait: the circuit may have opened meanwhile.
+                probe = guard.enter() if guard is not None else 0
                 call_args, call_kwargs = calls[index]
-                if keyed_wait is not None:
-                    wait = keyed_wait(call_args, call_kwargs, len(errors) + 1, waited)
-                elif token_wait is not None:
-                    wait = token_wait(args, kwargs, len(errors) + 1, waited)
-                else:
-                    wait = 0.0
-                if wait:
-                    if deadline is not None and engine.clock() + wait >= deadline:
-                        if probe:
-                            guard.release(probe)  # type: ignore[union-attr]
-                        error = engine.token_late(wait, deadline, errors)
-                        break
-                    sleep(wait)
-                    waited += wait
+                try:
+                    if keyed_wait is not None:
+                        wait = keyed_wait(call_args, call_kwargs, len(errors) + 1, waited)
+                    elif token_wait is not None:
+                        wait = token_wait(args, kwargs, len(errors) + 1, waited)
+                    else:
+                        wait = 0.0
+                    if wait:
+                        if deadline is not None and engine.clock() + wait >= deadline:
+                            if probe:
+                                guard.release(probe)  # type: ignore[union-attr]
+                            error = engine.token_late(wait, deadline, errors)
+                            break
+                        sleep(wait)
+                        waited += wait
+                except BaseException:
+                    if probe:  # no call was made: the probe gives its slot back
+                        guard.release(probe)  # type: ignore[union-attr]
+                    raise
                 try:
                     result = func(*call_args, **call_kwargs)
                 except Exception as exc:
