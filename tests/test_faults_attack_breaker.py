@@ -840,11 +840,6 @@ def test_a_huge_name_is_shortened_in_messages_but_kept_on_the_error() -> None:
     assert info.value.name == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an async def callback is accepted and never awaited (all callbacks, callbacks.py: "
-    "h-observe's area); want a ConfigurationError at decoration or the hook awaited",
-)
 def test_an_async_on_circuit_open_hook_is_refused_or_awaited() -> None:
     """An ``async def`` ``on_circuit_open`` hook either fails at decoration or actually runs."""
     ran: list[str] = []
@@ -870,3 +865,17 @@ def test_an_async_on_circuit_open_hook_is_refused_or_awaited() -> None:
             asyncio.run(down())
         gc.collect()
     assert ran == ["circuit_open"]
+
+
+@pytest.mark.parametrize(
+    "option", ["on_retry", "on_success", "on_failure", "retry_on_result", "retry_predicate"]
+)
+def test_async_callbacks_and_predicates_are_configuration_errors(option: str) -> None:
+    """An ``async def`` callback or predicate (never awaited) is refused at decoration, by name."""
+    from opero import ConfigurationError, opero
+
+    async def hook(*args: object) -> bool:
+        return True
+
+    with pytest.raises(ConfigurationError, match=option):
+        opero(**{option: hook})(lambda: 1)

@@ -210,12 +210,25 @@ def optional(check: Checker) -> Checker:
     return maybe
 
 
-def function(need: str, example: str, *, least: int = 0, shape: str = "") -> Checker:
-    """Check a callable taking at least ``least`` positional arguments (called as ``shape``)."""
+def function(
+    need: str, example: str, *, least: int = 0, shape: str = "", sync: bool = True
+) -> Checker:
+    """Check a callable taking at least ``least`` positional arguments (called as ``shape``).
+
+    With ``sync`` (the default: opero calls it and uses what it returns), an
+    ``async def`` function is refused: its coroutine would never be awaited.
+    """
 
     def check(option: str, value: Any) -> Callable[..., Any]:
         if not callable(value):
             raise bad(option, value, need, example)
+        if sync and _is_async(value):
+            raise ConfigurationError(
+                f"@opero({option}={show(value)}) is invalid: {option} is called without "
+                "await, so an async def function would return a coroutine that never runs; "
+                f"pass a plain function ({need}), for example one that schedules the "
+                "coroutine with asyncio.get_running_loop().create_task(...)."
+            )
         if least and positional_arity(value, least) < least:
             raise ConfigurationError(
                 f"@opero({option}={show(value)}) is invalid: {option} is called as {shape}, "
@@ -224,6 +237,17 @@ def function(need: str, example: str, *, least: int = 0, shape: str = "") -> Che
         return value  # type: ignore[no-any-return]
 
     return check
+
+
+def _is_async(value: Any) -> bool:
+    """Return whether calling ``value`` makes a coroutine (an async function or ``__call__``)."""
+    try:
+        if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
+            return True
+        call = type(value).__dict__.get("__call__")
+        return call is not None and inspect.iscoroutinefunction(call)
+    except Exception:  # a hostile object: its call decides
+        return False
 
 
 def text(need: str, example: str, *, identifier: bool = False) -> Checker:

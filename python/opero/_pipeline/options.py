@@ -566,7 +566,7 @@ OPTIONS: tuple[Option, ...] = (
         "_asleep",
         "wait",
         None,
-        c.optional(c.function("an async callable sleep(seconds)", "asyncio.sleep")),
+        c.optional(c.function("an async callable sleep(seconds)", "asyncio.sleep", sync=False)),
         "async sleep(seconds)",
         private=True,
     ),
