@@ -134,24 +134,15 @@ def test_list_call_progress_summary_counts_failures_and_cache_hits() -> None:
     assert rerun.startswith("opmap _flaky: 20 done, 4 failed, 16 cached"), rerun
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found writing docs/batch-jobs.md: a stream's bar and summary never count failed "
-    "items (every mode); the list call's do",
-)
-def test_stream_progress_summary_counts_failures() -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_stream_progress_summary_counts_failures(mode: str) -> None:
     """``imap``'s summary line counts the failed items, like the list call's."""
-    mapped = opmap(mode="thread", workers=2, retries=0, progress="force")(_flaky)
+    mapped = opmap(mode=mode, workers=2, retries=0, progress="force")(_flaky)
     assert _summary(lambda: list(mapped.imap(range(20)))).startswith(
         "opmap _flaky: 20 done, 4 failed"
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found writing docs/batch-jobs.md: in thread and async modes a stream's summary "
-    "shows 0 cached when every item is a hit (process mode counts them)",
-)
 def test_stream_progress_summary_counts_cache_hits_in_thread_mode() -> None:
     """``imap``'s summary line counts cache hits in thread mode, like process mode's."""
     mapped = opmap(mode="thread", workers=2, retries=0, cache=True, progress="force")(_flaky)

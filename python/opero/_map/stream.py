@@ -523,6 +523,8 @@ class _Driver:
         self.strict_errors: list[tuple[int, Exception]] = []
         self.backend: _Backend | None = None
         self.bar = make_progress(mapped._progress, None, mapped.__name__)
+        # Thread and async items look their cache up themselves: counted from the store.
+        self.hits0 = mapped._cache_hits() if self.bar.shown and not self.parent_cache else 0
         self.closed = False
 
     # ----------------------------------------------------------------- pulling
@@ -570,12 +572,18 @@ class _Driver:
         mapped = self.mapped
         backend: _Backend
         if self.mode == "thread":
+            fn = mapped._item_fn(self.kw, thread=True)
+            if self.bar.shown:  # failures and retries reach the bar as they happen
+                fn = mapped._told(fn, self.bar)
             backend = _ThreadBackend(
-                mapped._item_fn(self.kw, thread=True), self.workers, self.deliver, self.loop is None
+                fn, self.workers, self.deliver, self.loop is None
             )
         elif self.mode == "async":
+            afn = mapped._item_fn(self.kw)
+            if self.bar.shown:
+                afn = mapped._told(afn, self.bar)
             backend = _AsyncBackend(
-                mapped._item_fn(self.kw), mapped._is_async, self.deliver, self.loop
+                afn, mapped._is_async, self.deliver, self.loop
             )
         else:
             target = mapped._worker_target(self.kw)
@@ -615,6 +623,8 @@ class _Driver:
             self.size = max(1, min(MAX_CHUNK, int(TARGET_JOB / per_item)))
             self.mapped._stream_chunk = self.size
         self.bar.update(len(values))
+        if errors and self.mode not in ("thread", "async"):  # those count as they fail
+            self.bar.fail(len(errors))
         items = record.items
         assert items is not None
         if self.store is not None:
@@ -727,6 +737,8 @@ class _Driver:
         self.closed = True
         if self.backend is not None and not self.finished():
             self.backend.cancel()
+        if self.bar.shown and not self.parent_cache:
+            self.bar.cache(self.mapped._cache_hits() - self.hits0)
         self.bar.close()
 
 
