@@ -10,15 +10,46 @@ private ``_sleep``).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine
 
-__all__ = ["build_sync_call"]
+__all__ = ["FirstCall", "build_sync_call", "first_call"]
 
 RetryFrom = Callable[[Exception | None, tuple[Any, ...], dict[str, Any]], Any]
+
+#: The attribute of a first-call wrapper that only guards the call (see :class:`FirstCall`).
+_FIRST_CALL = "_opero_first_call"
+
+
+@dataclass(frozen=True, slots=True)
+class FirstCall:
+    """What a first-call wrapper that only guards the call does, for a caller that can do it.
+
+    The wrapper calls ``func`` and hands an ``Exception`` to
+    ``retry_from(exc, args, kwargs)``. The native cached call does the same
+    without the wrapper's Python frame (``CachedCall(on_error=retry_from)``).
+
+    Attributes:
+        func: The function, called once with the call's arguments.
+        retry_from: The retry loop, entered only when that call failed.
+
+    """
+
+    func: Callable[..., Any]
+    retry_from: RetryFrom
+
+
+def first_call(inner: Callable[..., Any]) -> FirstCall | None:
+    """Return the :class:`FirstCall` of a wrapper of :func:`build_sync_call`, else ``None``."""
+    if type(inner) is not types.FunctionType:
+        return None
+    found = inner.__dict__.get(_FIRST_CALL)
+    return found if isinstance(found, FirstCall) else None
 
 
 def build_sync_call(engine: Engine) -> Callable[..., Any]:
@@ -51,7 +82,11 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             "__opero_on_success": on_success,
         },
     )
-    return generated or _generic(engine, retry_from)
+    wrapper = generated or _generic(engine, retry_from)
+    if not limited and on_success is None:
+        # Only the guard: a caller may make the first call itself (the native cached call).
+        setattr(wrapper, _FIRST_CALL, FirstCall(func, retry_from))
+    return wrapper
 
 
 def _generic(engine: Engine, retry_from: RetryFrom) -> Callable[..., Any]:
