@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from faultkit import run_scenario
 from opero import attempt_errors
 from opero import opero as op
 from opero._opero_core import CachedCall, Store
@@ -280,3 +281,38 @@ def test_coalesced_counts_waiters_of_a_failure_and_nothing_else() -> None:
     assert len(errors) == n
     assert all(e is errors[0] for e in errors)
     assert cc.coalesced == n - 1
+
+
+def test_references_of_the_handled_exception_stay_balanced() -> None:
+    """Many failures handed to on_error, with collections between, leave every traceback alive."""
+    outcome = run_scenario(
+        """
+        import gc, sys, traceback
+        from opero._opero_core import CachedCall, Store
+
+        kept = []
+
+        def f(x):
+            raise KeyError(x)
+
+        def on_error(exc, args, kwargs):
+            kept.append(exc)
+            raise ValueError(args[0]) from None
+
+        cc = CachedCall(Store(8), f, on_error=on_error)
+        for i in range(300):
+            try:
+                cc(i)
+            except ValueError:
+                pass
+            if i % 25 == 0:
+                gc.collect()
+        gc.collect()
+        tb = kept[-1].__traceback__
+        lines = sum(len(traceback.format_tb(e.__traceback__)) for e in kept)
+        print(len(kept), lines >= len(kept), sys.getrefcount(tb) >= 2)
+        """,
+        timeout=120,
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.stdout.split() == ["300", "True", "True"]

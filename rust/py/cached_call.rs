@@ -489,23 +489,24 @@ impl PyCachedCall {
             py,
             [exc.bind(py).as_any(), positional.as_any(), kwargs.as_any()],
         )?;
-        let (mut t, mut v, mut tb) = (
+        // The caller's handled exception, saved (three new references or NULLs).
+        let (mut saved_type, mut saved_value, mut saved_tb) = (
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
         );
         // SAFETY: attached; three out-pointers receiving new references (or NULL).
-        unsafe { ffi::PyErr_GetExcInfo(&mut t, &mut v, &mut tb) };
+        unsafe { ffi::PyErr_GetExcInfo(&mut saved_type, &mut saved_value, &mut saved_tb) };
         let exc_type = exc.bind(py).get_type();
-        let tb = err_traceback(py, &exc);
-        // SAFETY: attached; the new references passed are stolen (set as the
-        // exception being handled); a NULL traceback is allowed.
-        unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), tb) };
+        let exc_tb = err_traceback(py, &exc);
+        // SAFETY: attached; the three new references passed are stolen (set as
+        // the exception being handled); a NULL traceback is allowed.
+        unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
         // SAFETY: `handler` and the args tuple are live; no kwargs.
         let r =
             unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) };
-        // SAFETY: attached; restores the references taken above (stolen).
-        unsafe { ffi::PyErr_SetExcInfo(t, v, tb) };
+        // SAFETY: attached; gives back the saved references (stolen), each used once.
+        unsafe { ffi::PyErr_SetExcInfo(saved_type, saved_value, saved_tb) };
         owned_result(py, r)
     }
 
