@@ -71,9 +71,10 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             return retry_from(None, args, kwargs)
 
         return call_fallback
+    template = Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded)
     generated = specialize(
         func,
-        Template(limiter=limited, on_success=on_success is not None, guard=engine.guarded),
+        template,
         {
             "__opero_retry_from": retry_from,
             "__opero_reserve": engine.reserve,
@@ -83,8 +84,9 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         },
     )
     wrapper = generated or _generic(engine, retry_from)
-    if not limited and on_success is None:
-        # Only the guard: a caller may make the first call itself (the native cached call).
+    if template == Template(guard=True):
+        # The wrapper only guards the call (any other step of the template, present or
+        # added later, keeps it): a caller may make the first call itself.
         setattr(wrapper, _FIRST_CALL, FirstCall(func, retry_from))
     return wrapper
 
