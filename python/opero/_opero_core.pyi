@@ -194,6 +194,13 @@ class CachedCall:
     ``Exception`` (``KeyboardInterrupt``...), one waiter computes instead. A
     call whose wait would deadlock (its own thread computes the key, or the
     computing thread waits on it through other threads) calls ``func`` directly.
+    With ``on_error``, an ``Exception`` raised by ``func`` is handed to
+    ``on_error(exc, args, kwargs)`` (as the exception being handled), whose
+    result or exception is the call's: ``@opero`` passes its retry loop, so
+    the first call runs ``func`` without a Python frame of opero around it.
+    An exception raised binding the arguments of a Python ``func`` (it has no
+    traceback: none of the function's code ran) propagates unchanged.
+    ``coalesced`` counts the calls that waited on another call's computation.
 
     Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
     as methods through ``__get__``, and pickle by reference (``__reduce__``
@@ -204,6 +211,8 @@ class CachedCall:
         func: Called on a miss with the call's arguments.
         key_func: Optional; called with the call's arguments, its result is the key.
         on_hit: Optional zero-argument callable called on every hit.
+        on_error: Optional; called as ``on_error(exc, args, kwargs)`` when
+            ``func`` raises an ``Exception``.
     """
 
     def __new__(
@@ -213,6 +222,7 @@ class CachedCall:
         *,
         key_func: Callable[..., Any] | None = None,
         on_hit: Callable[[], Any] | None = None,
+        on_error: Callable[[Exception, tuple[Any, ...], dict[str, Any]], Any] | None = None,
     ) -> CachedCall: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, obj: Any, owner: type | None = None, /) -> Any: ...
@@ -223,6 +233,10 @@ class CachedCall:
     @property
     def func(self) -> Callable[..., Any]:
         """The wrapped function, called on a miss."""
+    @property
+    def coalesced(self) -> int:
+        """Calls that waited on another call's computation of their key (single
+        flight) and got its result or exception, since creation."""
     @property
     def bypass(self) -> bool:
         """Whether every call bypasses the store (calls ``func``, no lookup, no store)."""

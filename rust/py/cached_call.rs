@@ -18,7 +18,7 @@
 //! `__hash__`/`__eq__` of opaque arguments) and re-attaching after a wait are
 //! shielded against the forced unwind of interpreter exit (see `guarded.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+#[cfg(not(Py_LIMITED_API))]
+use pyo3::types::PyFunction;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
@@ -205,6 +207,13 @@ impl Drop for WaitEdge<'_> {
 /// ``Exception`` (``KeyboardInterrupt``...), one waiter computes instead. A
 /// call whose wait would deadlock (its own thread computes the key, or the
 /// computing thread waits on it through other threads) calls ``func`` directly.
+/// With ``on_error``, an ``Exception`` raised by ``func`` is handed to
+/// ``on_error(exc, args, kwargs)`` (as the exception being handled), whose
+/// result or exception is the call's: ``@opero`` passes its retry loop, so
+/// the first call runs ``func`` without a Python frame of opero around it.
+/// An exception raised binding the arguments of a Python ``func`` (it has no
+/// traceback: none of the function's code ran) propagates unchanged.
+/// ``coalesced`` counts the calls that waited on another call's computation.
 ///
 /// Instances have a ``__dict__`` (so ``functools.update_wrapper`` works), bind
 /// as methods through ``__get__``, and pickle by reference (``__reduce__``
@@ -215,6 +224,8 @@ impl Drop for WaitEdge<'_> {
 ///     func: Called on a miss with the call's arguments.
 ///     key_func: Optional; called with the call's arguments, its result is the key.
 ///     on_hit: Optional zero-argument callable called on every hit.
+///     on_error: Optional; called as ``on_error(exc, args, kwargs)`` when
+///         ``func`` raises an ``Exception``.
 #[pyclass(
     frozen,
     dict,
@@ -244,6 +255,15 @@ pub struct PyCachedCall {
     /// build.
     vectorcall: Option<ffi::vectorcallfunc>,
     flights: Guarded<Flights>,
+    /// Called as `on_error(exc, args, kwargs)` when `func` raises an
+    /// `Exception`; its outcome is the call's (the retry loop of `@opero`).
+    on_error: Option<Py<PyAny>>,
+    /// `func` is a Python function: an exception it raises without a
+    /// traceback was raised binding the arguments, before any of its code ran.
+    func_is_function: bool,
+    /// Calls that waited on another call's computation of their key and
+    /// got its outcome (the waiter path only touches it).
+    coalesced: AtomicU64,
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -311,6 +331,49 @@ impl<'py> CallArgs<'_, 'py> {
                 // SAFETY: the vectorcall protocol guarantees `nargs + len(kwnames)`
                 // live pointers at `args` for the duration of the call.
                 unsafe { enc.call_vector(py, *args, nargs, *kwnames) }
+            }
+        }
+    }
+
+    /// The call's arguments as a fresh `(args, kwargs)` pair (the failure
+    /// path of `on_error` only).
+    #[cold]
+    fn packed(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyDict>)> {
+        match self {
+            CallArgs::Tuple(a, k) => {
+                let kwargs = match k {
+                    Some(k) => k.copy()?,
+                    None => PyDict::new(py),
+                };
+                Ok(((*a).clone(), kwargs))
+            }
+            #[cfg(not(Py_LIMITED_API))]
+            CallArgs::Vector {
+                args,
+                nargsf,
+                kwnames,
+            } => {
+                // SAFETY: per the vectorcall protocol (a plain bit mask).
+                let nargs = unsafe { ffi::PyVectorcall_NARGS(*nargsf) } as usize;
+                let nkw = kwnames.map_or(0, |k| k.len());
+                // SAFETY: the vectorcall protocol guarantees `nargs + len(kwnames)`
+                // live pointers at `args` for the duration of the call.
+                let all = unsafe { std::slice::from_raw_parts(*args, nargs + nkw) };
+                let positional = PyTuple::new(
+                    py,
+                    all[..nargs]
+                        .iter()
+                        // SAFETY: each pointer is a live object for the call.
+                        .map(|&p| unsafe { Borrowed::from_ptr(py, p) }),
+                )?;
+                let kwargs = PyDict::new(py);
+                if let Some(names) = kwnames {
+                    for (name, &value) in names.iter().zip(all[nargs..].iter()) {
+                        // SAFETY: a live object for the call (vectorcall protocol).
+                        kwargs.set_item(name, unsafe { Borrowed::from_ptr(py, value) })?;
+                    }
+                }
+                Ok((positional, kwargs))
             }
         }
     }
@@ -394,6 +457,17 @@ fn owned_result(py: Python<'_>, r: *mut ffi::PyObject) -> PyResult<Py<PyAny>> {
     }
 }
 
+/// A new reference to `exc.__traceback__`, or NULL.
+#[cold]
+fn err_traceback(
+    py: Python<'_>,
+    exc: &Py<pyo3::exceptions::PyBaseException>,
+) -> *mut ffi::PyObject {
+    let _ = py;
+    // SAFETY: attached (the token); `exc` is a live exception object.
+    unsafe { ffi::PyException_GetTraceback(exc.as_ptr()) }
+}
+
 /// Call `on_hit()` (shielded); its result is discarded.
 #[inline]
 fn call_on_hit(py: Python<'_>, cb: &Py<PyAny>) -> PyResult<()> {
@@ -425,12 +499,70 @@ impl PyCachedCall {
         self.func.as_ref().ok_or_else(not_ready)
     }
 
+    /// Call `func` with the call's arguments; an `Exception` goes to
+    /// `on_error` when set (except one raised binding a Python function's
+    /// arguments: it propagates unchanged, as from a wrapper with the
+    /// function's own parameters).
+    #[inline]
+    fn call_func(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        let r = args.call(py, self.func_ref()?);
+        match (r, &self.on_error) {
+            (Err(e), Some(handler)) => self.recover(py, handler, e, args),
+            (r, _) => r,
+        }
+    }
+
+    /// The failure path of [`Self::call_func`]: hand `err` to `handler` as
+    /// the exception being handled (so what it raises chains to `err`, as
+    /// from an `except` clause).
+    #[cold]
+    #[inline(never)]
+    fn recover(
+        &self,
+        py: Python<'_>,
+        handler: &Py<PyAny>,
+        err: PyErr,
+        args: &CallArgs<'_, '_>,
+    ) -> PyResult<Py<PyAny>> {
+        if !err.is_instance_of::<PyException>(py)
+            || (self.func_is_function && err.traceback(py).is_none())
+        {
+            return Err(err);
+        }
+        let (positional, kwargs) = args.packed(py)?;
+        let exc = err.into_value(py);
+        let call_args = PyTuple::new(
+            py,
+            [exc.bind(py).as_any(), positional.as_any(), kwargs.as_any()],
+        )?;
+        // The caller's handled exception, saved (three new references or NULLs).
+        let (mut saved_type, mut saved_value, mut saved_tb) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        // SAFETY: attached; three out-pointers receiving new references (or NULL).
+        unsafe { ffi::PyErr_GetExcInfo(&mut saved_type, &mut saved_value, &mut saved_tb) };
+        let exc_type = exc.bind(py).get_type();
+        let exc_tb = err_traceback(py, &exc);
+        // SAFETY: attached; the three new references passed are stolen (set as
+        // the exception being handled); a NULL traceback is allowed.
+        unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
+        // SAFETY: `handler` and the args tuple are live; no kwargs.
+        let r =
+            unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) };
+        // SAFETY: attached; gives back the saved references (stolen), each used once.
+        unsafe { ffi::PyErr_SetExcInfo(saved_type, saved_value, saved_tb) };
+        owned_result(py, r)
+    }
+
     /// A call while `opero.set_testing(cache=False)` is on: `func`, no lookup, no store.
     /// Out of line and cold, so the hit path's code stays as it was.
     #[cold]
     #[inline(never)]
     fn bypassed(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
-        args.call(py, self.func_ref()?)
+        // Through `on_error` too: a bypassed call is still retried.
+        self.call_func(py, args)
     }
 
     /// The whole call: key, lookup, `on_hit` or the single-flight miss.
@@ -551,7 +683,7 @@ impl PyCachedCall {
                 // This thread computes the key itself (re-entry), or the owner
                 // waits on it through other threads: waiting would deadlock,
                 // so compute directly.
-                return args.call(py, self.func_ref()?);
+                return self.call_func(py, args);
             }
             let edge = WaitEdge(py);
             // Wait detached, waking every 50 ms to let a pending signal
@@ -571,6 +703,9 @@ impl PyCachedCall {
             }
             drop(edge);
             let o = flight.outcome.lock();
+            if matches!(*o, Outcome::Done(_)) {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+            }
             match &*o {
                 Outcome::Done(Ok(v)) => return Ok(v.clone_ref(py)),
                 Outcome::Done(Err(e)) => return Err(e.clone_ref(py)),
@@ -627,7 +762,7 @@ impl PyCachedCall {
                 return Ok(v);
             }
         }
-        let v = args.call(py, self.func_ref()?)?;
+        let v = self.call_func(py, args)?;
         match key {
             FlightKey::Short(s) => store.insert_short_default(py, *s, v.clone_ref(py)),
             FlightKey::Long(k) => store.insert(py, k.clone(), v.clone_ref(py), None)?,
@@ -639,12 +774,13 @@ impl PyCachedCall {
 #[pymethods]
 impl PyCachedCall {
     #[new]
-    #[pyo3(signature = (store, func, *, key_func = None, on_hit = None))]
+    #[pyo3(signature = (store, func, *, key_func = None, on_hit = None, on_error = None))]
     pub(crate) fn new(
         store: Py<PyStore>,
         func: &Bound<'_, PyAny>,
         key_func: Option<&Bound<'_, PyAny>>,
         on_hit: Option<&Bound<'_, PyAny>>,
+        on_error: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         fn callable(
             name: &'static str,
@@ -684,6 +820,12 @@ impl PyCachedCall {
             bypass: AtomicBool::new(false),
             flights: Guarded::new(Flights::default()),
             vectorcall: fastcall::entry_point::<Self>(),
+            on_error: callable("on_error", on_error)?,
+            #[cfg(not(Py_LIMITED_API))]
+            func_is_function: func.is_instance_of::<PyFunction>(),
+            #[cfg(Py_LIMITED_API)]
+            func_is_function: false,
+            coalesced: AtomicU64::new(0),
         })
     }
 
@@ -742,6 +884,7 @@ impl PyCachedCall {
         visit.call(&self.func)?;
         visit.call(&self.key_func)?;
         visit.call(&self.on_hit)?;
+        visit.call(&self.on_error)?;
         Ok(())
     }
 
@@ -755,6 +898,13 @@ impl PyCachedCall {
     #[getter]
     fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(self.func_ref()?.clone_ref(py))
+    }
+
+    /// Calls that waited on another call's computation of their key (single
+    /// flight) and got its result or exception, since creation.
+    #[getter]
+    fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
     }
 
     /// Whether every call bypasses the store (calls `func`, no lookup, no store).
@@ -799,6 +949,6 @@ impl Vectorcall for PyCachedCall {
 pub(crate) fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
     let store = Py::new(py, PyStore::new(Some(1), None, "lru", None)?)?;
     let func = py.import("builtins")?.getattr("len")?;
-    let probe = Bound::new(py, PyCachedCall::new(store, &func, None, None)?)?;
+    let probe = Bound::new(py, PyCachedCall::new(store, &func, None, None, None)?)?;
     fastcall::enable_vectorcall(&probe)
 }

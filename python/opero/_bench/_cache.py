@@ -2,8 +2,8 @@
 
 Hits with 1 int argument, with 3 positional + 2 keyword arguments, with a TTL,
 with the full stack of options and of an ``async def`` function; misses with
-eviction (max size 1024, 10k distinct keys drawn uniformly). Every opero case
-first proves the cache caches.
+eviction (max size 1024, 10k distinct keys drawn uniformly) under both cache
+policies. Every opero case first proves the cache caches.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def _keys() -> Callable[[], int]:
     return itertools.cycle(keys).__next__
 
 
-def _miss_loop(decorate: Decorator, *, verify: bool = False) -> LoopFn:
+def _miss_loop(decorate: Decorator, *, verify: bool = False, lru: bool = True) -> LoopFn:
     counted, calls = _counting(_one)
     f = decorate(counted)
     check(f(-5) == -4, "miss returned a wrong value")
@@ -215,8 +215,11 @@ def _miss_loop(decorate: Decorator, *, verify: bool = False) -> LoopFn:
         before = calls[0]
         f(2 * _SIZE - 1)
         check(calls[0] == before, "the most recent key was not kept")
-        f(0)
-        check(calls[0] == before + 1, f"a key evicted long ago was still served (size {_SIZE})")
+        info = getattr(f, "cache_info")()  # noqa: B009 (a decorated function's helper)
+        check(info.currsize == _SIZE, f"{info.currsize} entries held, bound {_SIZE}")
+        if lru:
+            f(0)
+            check(calls[0] == before + 1, f"a key evicted long ago was still served (size {_SIZE})")
     return call_loop("f(key())", {"f": f, "key": _keys()})
 
 
@@ -224,15 +227,15 @@ def _build_miss(settings: Settings) -> list[Case]:
     def make(factory: Callable[[], Decorator]) -> Callable[[contextlib.ExitStack], LoopFn]:
         return lambda stack: _miss_loop(factory())
 
+    def opero_miss(policy: str) -> Callable[[contextlib.ExitStack], LoopFn]:
+        decorate = opero_decorator(cache=True, cache_max_size=_SIZE, cache_policy=policy)
+        return lambda stack: _miss_loop(decorate, verify=True, lru=policy == "lru")
+
+    # Issue 14: a miss that evicts costs at most 1.2x lru_cache's, under both policies.
     return [
         Case(
             "miss+evict, 10k keys/1024",
-            Impl(
-                "opero",
-                lambda stack: _miss_loop(
-                    opero_decorator(cache=True, cache_max_size=_SIZE), verify=True
-                ),
-            ),
+            Impl("opero", opero_miss("lru")),
             [
                 Impl("functools.lru_cache", make(_lru)),
                 Impl("cachetools.cached", make(_cachetools), ("cachetools",)),
@@ -240,7 +243,16 @@ def _build_miss(settings: Settings) -> list[Case]:
                 Impl("moka_py.cached", make(_moka), ("moka_py",)),
                 Impl("handwritten LRU", make(lambda: py_lru_cached(_SIZE))),
             ],
-            targets={"functools.lru_cache": 3.0},
+            targets={"functools.lru_cache": 1.2},
+        ),
+        Case(
+            "miss+evict, tinylfu",
+            Impl("opero", opero_miss("tinylfu")),
+            [
+                Impl("functools.lru_cache", make(_lru)),
+                Impl("moka_py.cached", make(_moka), ("moka_py",)),
+            ],
+            targets={"functools.lru_cache": 1.2},
         ),
     ]
 

@@ -575,16 +575,12 @@ class _Driver:
             fn = mapped._item_fn(self.kw, thread=True)
             if self.bar.shown:  # failures and retries reach the bar as they happen
                 fn = mapped._told(fn, self.bar)
-            backend = _ThreadBackend(
-                fn, self.workers, self.deliver, self.loop is None
-            )
+            backend = _ThreadBackend(fn, self.workers, self.deliver, self.loop is None)
         elif self.mode == "async":
             afn = mapped._item_fn(self.kw)
             if self.bar.shown:
                 afn = mapped._told(afn, self.bar)
-            backend = _AsyncBackend(
-                afn, mapped._is_async, self.deliver, self.loop
-            )
+            backend = _AsyncBackend(afn, mapped._is_async, self.deliver, self.loop)
         else:
             target = mapped._worker_target(self.kw)
             if mapped._executor is not None:

@@ -30,6 +30,7 @@ from opero._pipeline.callbacks import cache_hit_callback
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.policy import Policy
 from opero._pipeline.singleflight import TaskFlight, ThreadFlight
+from opero._pipeline.sync import first_call
 from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._identity import function_identity
 from opero.cache._memory import MemoryBackend, MemoryFunctionCache
@@ -192,7 +193,19 @@ class MemoryCache(CacheAdapter):
     def wrap(self, inner: Callable[..., Any], is_async: bool) -> Any:
         """Return the native ``CachedCall`` (sync) or the task-flight wrapper (async)."""
         if not is_async:
-            call = CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
+            first = first_call(inner)
+            if first is not None:
+                # Retries only: the native call makes the first call itself and enters the
+                # retry loop on failure (no Python frame of opero on a miss that succeeds).
+                call = CachedCall(
+                    self.native,
+                    first.func,
+                    key_func=self.key_func,
+                    on_hit=self.on_hit,
+                    on_error=first.retry_from,
+                )
+            else:
+                call = CachedCall(self.native, inner, key_func=self.key_func, on_hit=self.on_hit)
             return _listening(call, _native_bypass(call))
         flight, on_hit, native, custom = TaskFlight(), self.on_hit, self.native, self.key_func
         # set_testing(cache=False) rebinds these (no per-call check of the switch).

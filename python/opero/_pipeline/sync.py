@@ -13,8 +13,11 @@ start to the loop only on a failure. Waits use ``time.sleep`` (or the private
 
 from __future__ import annotations
 
+import dataclasses
+import types
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opero import _testing
@@ -25,9 +28,38 @@ from opero._pipeline.engine import Engine, _no_token
 from opero._pipeline.stats import counting_flag
 from opero.errors import ConfigurationError
 
-__all__ = ["build_sync_call"]
+__all__ = ["FirstCall", "build_sync_call", "first_call"]
 
 RetryFrom = Callable[..., Any]
+
+#: The attribute of a first-call wrapper that only guards the call (see :class:`FirstCall`).
+_FIRST_CALL = "_opero_first_call"
+
+
+@dataclass(frozen=True, slots=True)
+class FirstCall:
+    """What a first-call wrapper that only guards the call does, for a caller that can do it.
+
+    The wrapper calls ``func`` and hands an ``Exception`` to
+    ``retry_from(exc, args, kwargs)``. The native cached call does the same
+    without the wrapper's Python frame (``CachedCall(on_error=retry_from)``).
+
+    Attributes:
+        func: The function, called once with the call's arguments.
+        retry_from: The retry loop, entered only when that call failed.
+
+    """
+
+    func: Callable[..., Any]
+    retry_from: RetryFrom
+
+
+def first_call(inner: Callable[..., Any]) -> FirstCall | None:
+    """Return the :class:`FirstCall` of a wrapper of :func:`build_sync_call`, else ``None``."""
+    if type(inner) is not types.FunctionType:
+        return None
+    found = inner.__dict__.get(_FIRST_CALL)
+    return found if isinstance(found, FirstCall) else None
 
 
 def build_sync_call(engine: Engine) -> Callable[..., Any]:
@@ -78,19 +110,20 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             return retry_from(exc, args, kwargs, start)
 
         return TimedCall(func, on_fail)
+    template = Template(
+        limiter=limited,
+        keyed=engine.key_function is not None,
+        key_map=engine.key_map is not None,
+        on_success=on_success is not None,
+        guard=engine.guarded,
+        breaker=guard is not None,
+        clock=timed and (limited or engine.guarded),
+        count=True,
+        count_always=counting.always,
+    )
     generated = specialize(
         func,
-        Template(
-            limiter=limited,
-            keyed=engine.key_function is not None,
-            key_map=engine.key_map is not None,
-            on_success=on_success is not None,
-            guard=engine.guarded,
-            breaker=guard is not None,
-            clock=timed and (limited or engine.guarded),
-            count=True,
-            count_always=counting.always,
-        ),
+        template,
         {
             "__opero_runs": engine.counters.runs,
             "__opero_key": engine.key_function,
@@ -105,9 +138,14 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
             **_breaker_names(guard),
         },
     )
+    wrapper = generated or _generic(engine, retry_from, guard)
     if generated is not None and limited:
         _TokenSwitch(generated, engine.reserve, engine.key_map)
-    return generated or _generic(engine, retry_from, guard)
+    if dataclasses.replace(template, count=False, count_always=False) == Template(guard=True):
+        # The wrapper only guards the call (any other step of the template, present or
+        # added later, keeps it): a caller may make the first call itself.
+        setattr(wrapper, _FIRST_CALL, FirstCall(func, retry_from))
+    return wrapper
 
 
 def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
