@@ -10,7 +10,7 @@ backoff schedule) run in Rust.
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
 from opero._pipeline.breaker import CircuitBreaker
-from opero._pipeline.decorate import OperoFunction, clear_cache, opero
+from opero._pipeline.decorate import BoundOperoFunction, OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
 from opero._testing import is_testing, set_testing
 from opero.cache import CacheInfo
@@ -32,6 +32,7 @@ from opero.errors import (
 
 __all__ = [
     "AllFailedError",
+    "BoundOperoFunction",
     "CacheBackendError",
     "CacheInfo",
     "CallDetails",
