@@ -177,7 +177,7 @@ def test_mypy_rejects_wrong_method_argument_types(tmp_path: Path) -> None:
     """Without the ignores, mypy reports a wrong argument type on every misuse line, only."""
     source = _METHODS.read_text()
     lines = _misuse_lines(source)
-    assert len(lines) == 7
+    assert len(lines) == 9
     bad = tmp_path / "methods_bad.py"
     bad.write_text(source.replace(_IGNORES_ARG, ""))
     result = _run_mypy(bad)

@@ -11,7 +11,7 @@ test_opero_typing.py strips them to see each checker report every misuse line.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import assert_type
+from typing import Any, Generic, TypeVar, assert_type
 
 from opero import BoundOperoFunction, CacheInfo, OperoFunction, opero
 
@@ -51,6 +51,50 @@ class SubRepo(Repo):
     """Inherited methods bind the subclass."""
 
 
+T = TypeVar("T")
+
+
+class Tools:
+    """Static methods whose first parameter takes any object stay unbound."""
+
+    @staticmethod
+    @opero(retries=0)
+    def dump(value: object, indent: int = 0) -> str:
+        """Return the value as text (first parameter ``object``)."""
+        return " " * indent + str(value)
+
+    @staticmethod
+    @opero(retries=0)
+    def first(*values: Any) -> Any:
+        """Return the first value (only ``*args``)."""
+        return values[0]
+
+    @staticmethod
+    @opero(retries=0)
+    def same(value: T) -> T:
+        """Return the value (a generic static method)."""
+        return value
+
+
+class Box(Generic[T]):
+    """Methods of a generic class."""
+
+    def __init__(self, value: T) -> None:
+        """Hold one value."""
+        self.value = value
+
+    @opero(retries=0)
+    def get(self) -> T:
+        """Return the value (the class's type argument survives)."""
+        return self.value
+
+    @classmethod
+    @opero(retries=0)
+    def of(cls, value: T) -> Box[T]:
+        """Build a box (called on the specialized class: ``Box[int].of``)."""
+        return cls(value)
+
+
 repo = Repo()
 assert_type(repo.get(1), str)
 assert_type(Repo.get(repo, 2), str)
@@ -72,6 +116,14 @@ assert_type(repo.ping(), bool)
 assert_type(SubRepo().get(1), str)
 assert_type(SubRepo.make(1), Repo)
 assert_type(SubRepo().parse("2"), int)
+assert_type(Tools.dump(1, indent=2), str)
+assert_type(Tools().dump(1), str)
+assert_type(Tools.first(1, 2), Any)
+assert_type(Tools().first(1, 2), Any)
+assert_type(Tools.same(1), int)
+assert_type(Tools().same("a"), str)
+assert_type(Box(1).get(), int)
+assert_type(Box[int].of(1), Box[int])
 as_callable: Callable[[int], str] = repo.get
 unbound_callable: Callable[[Repo, int], str] = Repo.get
 
@@ -89,3 +141,5 @@ Repo.make("x")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 repo.make("x")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 Repo.parse(1)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 repo.parse(1)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+Tools().dump(1, indent="2")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+Box[int].of("x")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]

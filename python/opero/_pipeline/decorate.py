@@ -115,11 +115,17 @@ class OperoFunction(Protocol[P, R_co]):
     # How a type checker binds the decorated function in a class. Both mypy and pyright
     # keep the OperoFunction type under @classmethod / @staticmethod (they only flag the
     # function), so these overloads tell the three kinds apart by the first parameter:
-    # ``cls: type[Owner]`` binds the class, ``self: Owner`` binds an instance, anything
-    # else is left unbound (a staticmethod). The self-types are matched through the
+    # one that takes any object (``object``, ``Any``, unannotated) is left unbound (a
+    # staticmethod), ``cls: type[Owner]`` binds the class, ``self: Owner`` binds an
+    # instance, anything else is left unbound. The self-types are matched through the
     # ``__call__`` of small protocols: matching ``OperoFunction[Concatenate[...], ...]``
     # instead lets mypy solve the first parameter as Never and bind every method as a
     # classmethod.
+    @overload
+    def __get__(
+        self: _TakesAnything, instance: object, owner: type[Any] | None = None
+    ) -> OperoFunction[P, R_co]: ...
+
     @overload
     def __get__(
         self: _ClassCall[S, P2, R2], instance: S | None, owner: type[S]
@@ -187,6 +193,16 @@ class BoundOperoFunction(Protocol[P, R_co]):
     def cache_info(self) -> CacheInfo:
         """Return the cache counters of this function (for every instance)."""
         ...
+
+
+class _Unbound:
+    """Typing only: a class no ``self`` or ``cls`` parameter accepts (see ``_TakesAnything``)."""
+
+
+class _TakesAnything(Protocol):
+    """Typing only: a callable whose first parameter takes any object (a staticmethod's)."""
+
+    def __call__(self, first: _Unbound, /, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class _ClassCall(Protocol[S_contra, P, R_co]):
