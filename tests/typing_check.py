@@ -73,3 +73,23 @@ assert_type(guarded(1), int)
 breaker_state: str = breaker.state
 breaker_failures: int = breaker.failures
 open_wait: float = CircuitOpenError("open", name="x", retry_after=1.0).retry_after
+
+
+class CachedRepo(Repo):
+    """mypy: a decorated override of a decorated method is compatible."""
+
+    @opero(cache=True, retries=1)
+    def get(self, key: int) -> str:
+        """Return the key as text, retried once."""
+        return str(key)
+
+
+class PlainRepo(Repo):
+    """mypy: an undecorated override lacks cache_info(), as with functools.lru_cache."""
+
+    def get(self, key: int) -> str:  # type: ignore[override]
+        """Return the key as text, without opero."""
+        return str(key)
+
+
+bound_info: CacheInfo = Repo().get.cache_info()
