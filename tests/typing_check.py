@@ -2,7 +2,8 @@
 
 Every ``reveal_type``-free line here must type-check; the one misuse carries an
 expected ``# type: ignore[arg-type]`` that mypy (with ``warn_unused_ignores``)
-would flag as unused if the decorated function lost its parameters.
+would flag as unused if the decorated function lost its parameters, and the
+undecorated override an expected ``# type: ignore[override]``.
 """
 
 from __future__ import annotations

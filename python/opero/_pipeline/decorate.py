@@ -102,7 +102,10 @@ class OperoFunction(Protocol[P, R_co]):
 
     The helpers take the same arguments as the function. For a method, call
     them on the class with the instance first: ``Repo.get.cache_get(repo, 1)``
-    (``self`` is part of the key).
+    (``self`` is part of the key). Read from an instance (or, under
+    ``@classmethod``, from the class), a method is a
+    :class:`BoundOperoFunction` taking the parameters after ``self``/``cls``;
+    under ``@staticmethod`` it stays an ``OperoFunction``.
     """
 
     __opero__: OperoInternals
