@@ -46,9 +46,34 @@ class Repo:
         """Answer True (bare decorator, no parameter after self)."""
         return True
 
+    def use(self) -> None:
+        """Inside the class, ``self`` (typed ``Self``) binds like an instance."""
+        assert_type(self.get(1), str)
+        assert_type(self.make(1), Repo)
+        assert_type(self.parse("1"), int)
+        assert_type(type(self).make(1), Repo)
+        assert_type(self.get.cache_info(), CacheInfo)
+
+    @classmethod
+    def build(cls) -> None:
+        """Inside a classmethod, ``cls`` binds like the class."""
+        assert_type(cls.make(1), Repo)
+        assert_type(cls.parse("1"), int)
+        assert_type(cls.get(cls(), 1), str)
+
+    async def ause(self) -> bytes:
+        """Awaiting ``self.fetch`` gives its result type."""
+        return await self.fetch(1)
+
 
 class SubRepo(Repo):
     """Inherited methods bind the subclass."""
+
+    def use(self) -> None:
+        """Through ``super()``, each kind binds as through an instance."""
+        assert_type(super().get(1), str)
+        assert_type(super().make(1), Repo)
+        assert_type(super().parse("1"), int)
 
 
 T = TypeVar("T")
