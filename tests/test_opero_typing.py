@@ -143,3 +143,59 @@ def test_pyright_rejects_wrong_opmap_item_type(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "1 error" in result.stdout
     assert 'parameter "items" of type "Iterable[int]"' in result.stdout
+
+
+_METHODS = ROOT / "tests" / "typing_check_methods.py"
+"""The fixture of methods, classmethods and staticmethods over @opero."""
+
+_IGNORES_ARG = "  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]"
+"""The expected-error comments of the misuse lines in typing_check_methods.py."""
+
+
+def _misuse_lines(source: str) -> list[int]:
+    """Return the 1-based numbers of the lines carrying the expected-error comments."""
+    return [n for n, line in enumerate(source.splitlines(), 1) if _IGNORES_ARG in line]
+
+
+@pytest.mark.slow
+def test_mypy_types_methods_classmethods_staticmethods() -> None:
+    """Strict mypy accepts @opero under @classmethod/@staticmethod and on (async) methods."""
+    result = _run_mypy(_METHODS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_pyright_types_methods_classmethods_staticmethods() -> None:
+    """The pyright checker (basedpyright) accepts the methods fixture, assert_type included."""
+    result = _run_pyright(_METHODS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 errors" in result.stdout
+
+
+@pytest.mark.slow
+def test_mypy_rejects_wrong_method_argument_types(tmp_path: Path) -> None:
+    """Without the ignores, mypy reports a wrong argument type on every misuse line, only."""
+    source = _METHODS.read_text()
+    lines = _misuse_lines(source)
+    assert len(lines) == 9
+    bad = tmp_path / "methods_bad.py"
+    bad.write_text(source.replace(_IGNORES_ARG, ""))
+    result = _run_mypy(bad)
+    assert result.returncode == 1
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert [int(line.split(":")[1]) for line in errors] == lines, result.stdout
+    assert all(line.endswith("[arg-type]") for line in errors), result.stdout
+
+
+@pytest.mark.slow
+def test_pyright_rejects_wrong_method_argument_types(tmp_path: Path) -> None:
+    """Without the ignores, basedpyright reports a wrong argument type on every misuse line."""
+    source = _METHODS.read_text()
+    lines = _misuse_lines(source)
+    bad = tmp_path / "methods_bad.py"
+    bad.write_text(source.replace(_IGNORES_ARG, ""))
+    result = _run_pyright(bad)
+    assert result.returncode == 1
+    errors = [line for line in result.stdout.splitlines() if " - error: " in line]
+    assert [int(line.split(":")[1]) for line in errors] == lines, result.stdout
+    assert all("cannot be assigned to parameter" in line for line in errors), result.stdout

@@ -2,7 +2,8 @@
 
 Every ``reveal_type``-free line here must type-check; the one misuse carries an
 expected ``# type: ignore[arg-type]`` that mypy (with ``warn_unused_ignores``)
-would flag as unused if the decorated function lost its parameters.
+would flag as unused if the decorated function lost its parameters, and the
+undecorated override an expected ``# type: ignore[override]``.
 """
 
 from __future__ import annotations
@@ -73,3 +74,23 @@ assert_type(guarded(1), int)
 breaker_state: str = breaker.state
 breaker_failures: int = breaker.failures
 open_wait: float = CircuitOpenError("open", name="x", retry_after=1.0).retry_after
+
+
+class CachedRepo(Repo):
+    """mypy: a decorated override of a decorated method is compatible."""
+
+    @opero(cache=True, retries=1)
+    def get(self, key: int) -> str:
+        """Return the key as text, retried once."""
+        return str(key)
+
+
+class PlainRepo(Repo):
+    """mypy: an undecorated override lacks cache_info(), as with functools.lru_cache."""
+
+    def get(self, key: int) -> str:  # type: ignore[override]
+        """Return the key as text, without opero."""
+        return str(key)
+
+
+bound_info: CacheInfo = Repo().get.cache_info()

@@ -15,7 +15,7 @@ import logging as _logging
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
 from opero._pipeline.breaker import CircuitBreaker
-from opero._pipeline.decorate import OperoFunction, clear_cache, opero
+from opero._pipeline.decorate import BoundOperoFunction, OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
 from opero._pipeline.stats import FunctionStats
 from opero._testing import is_testing, set_testing
@@ -38,6 +38,7 @@ from opero.errors import (
 
 __all__ = [
     "AllFailedError",
+    "BoundOperoFunction",
     "CacheBackendError",
     "CacheInfo",
     "CallDetails",

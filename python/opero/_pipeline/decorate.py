@@ -64,7 +64,7 @@ import sys
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from opero._pipeline.aio import build_async_call
 from opero._pipeline.breaker import CircuitBreaker
@@ -77,7 +77,14 @@ from opero.cache._base import MISS, CacheInfo, FunctionCache
 from opero.cache._registry import clear_cache
 from opero.errors import ConfigurationError
 
-__all__ = ["OperoDecorator", "OperoFunction", "OperoInternals", "clear_cache", "opero"]
+__all__ = [
+    "BoundOperoFunction",
+    "OperoDecorator",
+    "OperoFunction",
+    "OperoInternals",
+    "clear_cache",
+    "opero",
+]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -85,6 +92,7 @@ R = TypeVar("R")
 R2 = TypeVar("R2")
 S = TypeVar("S")
 R_co = TypeVar("R_co", covariant=True)
+S_contra = TypeVar("S_contra", contravariant=True)
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -95,7 +103,10 @@ class OperoFunction(Protocol[P, R_co]):
 
     The helpers take the same arguments as the function. For a method, call
     them on the class with the instance first: ``Repo.get.cache_get(repo, 1)``
-    (``self`` is part of the key).
+    (``self`` is part of the key). Read from an instance (or, under
+    ``@classmethod``, from the class), a method is a
+    :class:`BoundOperoFunction` taking the parameters after ``self``/``cls``;
+    under ``@staticmethod`` it stays an ``OperoFunction``.
     """
 
     __opero__: OperoInternals
@@ -105,16 +116,44 @@ class OperoFunction(Protocol[P, R_co]):
         """Call through the cache, retries, fallbacks and rate limit."""
         ...
 
+    # How a type checker binds the decorated function in a class. Both mypy and pyright
+    # keep the OperoFunction type under @classmethod / @staticmethod (they only flag the
+    # function), so these overloads tell the three kinds apart by the first parameter:
+    # one that takes any object (``object``, ``Any``, unannotated) is left unbound (a
+    # staticmethod), ``cls: type[Owner]`` binds the class, ``self: Owner`` binds an
+    # instance, anything else is left unbound. The self-types are matched through the
+    # ``__call__`` of small protocols: matching ``OperoFunction[Concatenate[...], ...]``
+    # instead lets mypy solve the first parameter as Never and bind every method as a
+    # classmethod.
+    @overload
+    def __get__(
+        self: _TakesAnything, instance: object, owner: type[Any] | None = None
+    ) -> OperoFunction[P, R_co]: ...
+
+    @overload
+    def __get__(
+        self: _ClassCall[S, P2, R2], instance: S | None, owner: type[S]
+    ) -> BoundOperoFunction[P2, R2]: ...
+
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> OperoFunction[P, R_co]: ...
 
     @overload
     def __get__(
-        self: OperoFunction[Concatenate[S, P2], R2], instance: S, owner: type[Any] | None = None
-    ) -> Callable[P2, R2]: ...
+        self: _SelfCall[S, P2, R2], instance: S, owner: type[Any] | None = None
+    ) -> BoundOperoFunction[P2, R2]: ...
+
+    @overload
+    def __get__(
+        self, instance: object, owner: type[Any] | None = None
+    ) -> OperoFunction[P, R_co]: ...
 
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
-        """Bind as a method: ``obj.method(...)`` passes ``obj`` as the first argument."""
+        """Bind as a method: ``obj.method(...)`` passes ``obj`` as the first argument.
+
+        Under ``@classmethod`` the class is passed instead, and under
+        ``@staticmethod`` nothing is.
+        """
         ...
 
     def cache_get(self, *args: P.args, **kwargs: P.kwargs) -> Any:
@@ -136,6 +175,54 @@ class OperoFunction(Protocol[P, R_co]):
     def stats(self, *, reset: bool = False) -> FunctionStats:
         """Return this function's counters (calls, retries, waits...); ``reset`` zeroes them."""
         ...
+
+
+class BoundOperoFunction(Protocol[P, R_co]):
+    """A method decorated by ``@opero``, bound to its instance (or class, for a classmethod).
+
+    ``repo.get`` of ``Repo.get`` (an :class:`OperoFunction` taking ``self``)
+    takes the parameters after ``self``. The counters and ``cache_clear`` are
+    the function's (shared by every instance). ``cache_get`` and
+    ``cache_delete`` need the instance as their first argument: call them on
+    the class, ``Repo.get.cache_get(repo, 1)``.
+    """
+
+    __opero__: OperoInternals
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
+        """Call through the cache, retries, fallbacks and rate limit."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Remove every cached result of this function (for every instance)."""
+        ...
+
+    def cache_info(self) -> CacheInfo:
+        """Return the cache counters of this function (for every instance)."""
+        ...
+
+
+class _Unbound:
+    """Typing only: a class no ``self`` or ``cls`` parameter accepts (see ``_TakesAnything``)."""
+
+
+class _TakesAnything(Protocol):
+    """Typing only: a callable whose first parameter takes any object (a staticmethod's)."""
+
+    def __call__(self, first: _Unbound, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class _ClassCall(Protocol[S_contra, P, R_co]):
+    """Typing only: a callable whose first parameter is a class (a classmethod's ``cls``)."""
+
+    def __call__(self, cls: type[S_contra], /, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+
+class _SelfCall(Protocol[S_contra, P, R_co]):
+    """Typing only: a callable whose first parameter is an instance (a method's ``self``)."""
+
+    def __call__(self, obj: S_contra, /, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
 
 class OperoDecorator(Protocol):
