@@ -5,6 +5,7 @@ Each test is an attack that once worked (or a documented limit, as a strict xfai
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 
@@ -64,3 +65,32 @@ def test_timed_first_call_restores_the_handled_exception_without_leaks() -> None
         assert (sys.getrefcount(shared), sys.getrefcount(outer)) == before
     finally:
         gc.enable()
+
+
+def test_attempt_timeout_error_is_retried_only_by_the_layer_that_cut_it() -> None:
+    """An attempt_timeout TimeoutError leaving its layer follows the next layer's retry_on."""
+    inner_calls: list[int] = []
+    other_calls: list[int] = []
+
+    @op(retries=1, attempt_timeout=0.01, min_delay=0.0)
+    async def inner() -> None:
+        inner_calls.append(1)
+        await asyncio.Event().wait()
+
+    @op(retries=2, retry_on=(ConnectionError,), min_delay=0.0)
+    async def outer() -> None:
+        await inner()
+
+    with pytest.raises(TimeoutError, match="attempt_timeout") as info:
+        asyncio.run(asyncio.wait_for(outer(), 60))
+    assert len(inner_calls) == 2  # the inner layer's own retry; the outer one made none
+    assert "__opero_attempt_timeout__" not in info.value.__dict__
+
+    @op(retries=3, retry_on=(ValueError,), min_delay=0.0)
+    async def reraises() -> None:
+        other_calls.append(1)
+        raise info.value
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(reraises(), 60))
+    assert other_calls == [1]

@@ -83,7 +83,8 @@ logger = logging.getLogger("opero")
 #: instance keeps one opero note, not one per call).
 NOTE_PREFIX = "opero: "
 #: Key set in the ``__dict__`` of the ``TimeoutError`` of an attempt that
-#: ``attempt_timeout`` cut (always retryable).
+#: ``attempt_timeout`` cut, to the engine that cut it (always retryable by that
+#: engine only; removed when the error leaves it).
 ATTEMPT_TIMEOUT = "__opero_attempt_timeout__"
 #: How many earlier errors the note shows (``attempt_errors`` has them all).
 NOTE_ERRORS = 3
@@ -206,7 +207,7 @@ class Engine:
         """
         if isinstance(exc, RetryResultError) and exc.__dict__.get(_OWNER) is self:
             return True
-        if type(exc) is TimeoutError and exc.__dict__.get(ATTEMPT_TIMEOUT):
+        if type(exc) is TimeoutError and exc.__dict__.get(ATTEMPT_TIMEOUT) is self:
             return True
         if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError | CircuitOpenError):
             return False
@@ -325,6 +326,8 @@ class Engine:
         for error in errors:
             if isinstance(error, RetryResultError):
                 error.__dict__.pop(_OWNER, None)
+            elif type(error) is TimeoutError:
+                error.__dict__.pop(ATTEMPT_TIMEOUT, None)
         why = f"; {reason}" if reason else ""
         if self.fallback is None:
             if len(errors) > 1 or reason:
