@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+import threading
+from collections.abc import Iterator
 
 import pytest
 
+from opero import _testing, set_testing
 from opero import opero as op
+from opero._testing import State
 
 
 def test_timed_first_call_chains_retry_errors_like_the_python_wrapper() -> None:
-    """With timeout=, the native first call hands over the error as handled: later errors chain to it."""
+    """With timeout=, later attempts' errors chain to the first one, as without timeout=."""
     calls: list[int] = []
 
     @op(retries=1, timeout=10.0, min_delay=0.0)
@@ -94,3 +98,89 @@ def test_attempt_timeout_error_is_retried_only_by_the_layer_that_cut_it() -> Non
     with pytest.raises(TimeoutError):
         asyncio.run(asyncio.wait_for(reraises(), 60))
     assert other_calls == [1]
+
+
+@pytest.fixture
+def switch_off() -> Iterator[None]:
+    """Start and end each switch test with the testing switch off."""
+    _testing.restore((False, None, True, True))
+    yield
+    _testing.restore((False, None, True, True))
+
+
+OFF = (False, None, True, True)
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_set_testing_blocks_left_out_of_order_end_in_the_first_state() -> None:
+    """Two set_testing blocks left out of order leave the switch as it was before both."""
+    first = set_testing(attempts=1)
+    first.__enter__()
+    second = set_testing(cache=False)
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert _testing.state() == (True, None, False, True)  # the open block still applies
+    second.__exit__(None, None, None)
+    assert _testing.state() == OFF
+    second.__exit__(None, None, None)  # a second exit changes nothing
+    assert _testing.state() == OFF
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_set_testing_in_overlapping_asyncio_tasks_is_off_afterwards() -> None:
+    """Concurrent tasks each in their own set_testing block leave the switch off when all end."""
+
+    async def in_block(first_out: bool, gate: asyncio.Event, seen: list[State]) -> None:
+        with set_testing(attempts=1):
+            await asyncio.sleep(0)
+            if first_out:
+                gate.set()
+            else:
+                await gate.wait()
+            seen.append(_testing.state())
+
+    async def main() -> list[State]:
+        gate, seen = asyncio.Event(), []  # type: ignore[var-annotated]
+        await asyncio.gather(in_block(True, gate, seen), in_block(False, gate, seen))
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen == [(True, 1, True, True)] * 2
+    assert _testing.state() == OFF
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_set_testing_in_threads_leaving_out_of_order_is_off_afterwards() -> None:
+    """Threads entering set_testing in one order and leaving in the other leave it off."""
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+
+    def block(i: int) -> None:
+        if i == 1:
+            entered[0].wait(30)
+        with set_testing(cache=False):
+            entered[i].set()
+            leave[i].wait(30)
+
+    threads = [threading.Thread(target=block, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    assert entered[1].wait(30)
+    leave[0].set()  # the first one in leaves first
+    threads[0].join(30)
+    assert _testing.state() == (True, None, False, True)
+    leave[1].set()
+    threads[1].join(30)
+    assert _testing.state() == OFF
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_set_testing_as_a_decorator_is_refused_and_undone() -> None:
+    """@set_testing() over a test raises a clear TypeError and switches back off."""
+    with pytest.raises(TypeError, match="not a decorator"):
+
+        @set_testing(attempts=1)  # type: ignore[operator]
+        def test_something() -> None:
+            """Never defined."""
+
+    assert _testing.state() == OFF
