@@ -6,14 +6,17 @@ Each test is an attack that once worked (or a documented limit, as a strict xfai
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from opero import _testing, set_testing
+from opero import ConfigurationError, _testing, set_testing
 from opero import opero as op
 from opero._testing import State
 
@@ -184,3 +187,71 @@ def test_set_testing_as_a_decorator_is_refused_and_undone() -> None:
             """Never defined."""
 
     assert _testing.state() == OFF
+
+
+async def _async_predicate(value: object) -> bool:
+    """Return whether a result is None, as an async def (where a plain def is expected)."""
+    return value is None
+
+
+class _AsyncCallable:
+    """An object whose ``__call__`` is an async def."""
+
+    async def __call__(self, value: object) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "option", ["retry_on_result", "retry_after", "retry_predicate", "backoff_function"]
+)
+@pytest.mark.parametrize(
+    "value",
+    [_async_predicate, functools.partial(_async_predicate), _AsyncCallable()],
+    ids=["async_def", "partial", "async_call"],
+)
+def test_async_def_where_a_sync_callable_is_read_is_refused(option: str, value: Any) -> None:
+    """An async def for an option read without await is a ConfigurationError at decoration."""
+    with pytest.raises(ConfigurationError, match=f"{option}=.*plain def"):
+        op(retries=1, **{option: value})(lambda: None)
+
+
+def test_async_retry_on_result_never_rejected_every_result_silently() -> None:
+    """The async retry_on_result of an async function is refused before any call is made."""
+    calls: list[int] = []
+
+    with pytest.raises(ConfigurationError, match="retry_on_result"):
+
+        @op(retries=2, retry_on_result=_async_predicate, min_delay=0.0)
+        async def fetch() -> int:
+            calls.append(1)
+            return 5
+
+    assert calls == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="callbacks (h-observe's area): an async def on_retry is accepted, never awaited "
+    "(RuntimeWarning only) and never runs",
+)
+def test_async_on_retry_either_runs_or_is_refused() -> None:
+    """An async def on_retry is either awaited (it runs) or refused at decoration."""
+    seen: list[int] = []
+
+    async def on_retry(exc: BaseException, attempt: int) -> None:
+        seen.append(attempt)
+
+    try:
+
+        @op(retries=1, min_delay=0.0, on_retry=on_retry)
+        async def flaky() -> None:
+            raise ValueError("down")
+
+    except ConfigurationError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError):
+            asyncio.run(flaky())
+        gc.collect()
+    assert seen == [0]

@@ -191,7 +191,6 @@ def _with_attempt_timeout(
     The mark names ``owner``: only that engine retries the error regardless of
     ``retry_on`` (an outer layer, or a function re-raising it, applies its own rules).
     """
-
     # Unguarded (no retry, callback or fallback), no engine reads the mark.
     mark = owner if owner.guarded else None
 

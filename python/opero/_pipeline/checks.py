@@ -210,12 +210,24 @@ def optional(check: Checker) -> Checker:
     return maybe
 
 
-def function(need: str, example: str, *, least: int = 0, shape: str = "") -> Checker:
-    """Check a callable taking at least ``least`` positional arguments (called as ``shape``)."""
+def function(
+    need: str, example: str, *, least: int = 0, shape: str = "", sync: bool = False
+) -> Checker:
+    """Check a callable taking at least ``least`` positional arguments (called as ``shape``).
+
+    With ``sync``, an ``async def`` is refused: its result is used without an await
+    (a coroutine object is always true, and never awaited).
+    """
 
     def check(option: str, value: Any) -> Callable[..., Any]:
         if not callable(value):
             raise bad(option, value, need, example)
+        if sync and _is_async(value):
+            raise ConfigurationError(
+                f"@opero({option}={show(value)}) is invalid: {option} is called without "
+                f"await, also for async def functions, so an async def would return a "
+                f"coroutine that is never run; define it as a plain def {shape}."
+            )
         if least and positional_arity(value, least) < least:
             raise ConfigurationError(
                 f"@opero({option}={show(value)}) is invalid: {option} is called as {shape}, "
@@ -224,6 +236,18 @@ def function(need: str, example: str, *, least: int = 0, shape: str = "") -> Che
         return value  # type: ignore[no-any-return]
 
     return check
+
+
+def _is_async(value: Any) -> bool:
+    """Return whether calling ``value`` makes a coroutine.
+
+    True for an ``async def``, a partial of one, or an object whose ``__call__`` is one.
+    """
+    if inspect.iscoroutinefunction(value):
+        return True
+    if inspect.isroutine(value) or isinstance(value, type):
+        return False
+    return inspect.iscoroutinefunction(type(value).__call__)
 
 
 def text(need: str, example: str, *, identifier: bool = False) -> Checker:

@@ -120,6 +120,7 @@ def _retry_after(option: str, value: Any) -> Any:
         "lambda exc: getattr(exc, 'wait', None)",
         least=1,
         shape="retry_after(exception)",
+        sync=True,
     )(option, value)
 
 
@@ -232,6 +233,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda exc: getattr(exc, 'status', 500) >= 500",
                 least=1,
                 shape="predicate(exception)",
+                sync=True,
             )
         ),
         "after retry_on matched: return True to retry",
@@ -246,6 +248,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda attempt: 0.5 * 2**attempt",
                 least=1,
                 shape="backoff_function(attempt)",
+                sync=True,
             )
         ),
         "replaces the schedule; attempt counts retries from 0",
@@ -267,6 +270,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda result: result is None",
                 least=1,
                 shape="predicate(result)",
+                sync=True,
             )
         ),
         "return True to treat a result as a failed call and retry",
