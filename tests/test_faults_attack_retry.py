@@ -6,12 +6,14 @@ Each test is an attack that once worked (or a documented limit, as a strict xfai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
+import logging
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -255,3 +257,42 @@ def test_async_on_retry_either_runs_or_is_refused() -> None:
             asyncio.run(flaky())
         gc.collect()
     assert seen == [0]
+
+
+class _Busy(Exception):
+    """An error whose server asks for a wait far past any timeout below."""
+
+    retry_after = 100
+
+
+def _garbage_after(call: Callable[[], Any], exc: type[BaseException], times: int = 100) -> int:
+    """Call ``call`` ``times`` times with the collector off, dropping ``exc``; return collect()."""
+    with pytest.raises(exc):
+        call()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(times):
+            with contextlib.suppress(exc):
+                call()
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+def test_timed_first_call_error_raised_as_is_leaves_no_cycle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With timeout=, a first error given up at once (deadline, not retryable) leaves no cycle."""
+    caplog.set_level(logging.CRITICAL, logger="opero")
+
+    @op(retries=2, timeout=5.0, min_delay=0.0)
+    def past_deadline() -> None:
+        raise _Busy()
+
+    @op(retries=2, timeout=5.0, retry_on=(KeyError,))
+    def not_retryable() -> None:
+        raise ValueError("not a KeyError")
+
+    assert _garbage_after(past_deadline, _Busy) == 0
+    assert _garbage_after(not_retryable, ValueError) == 0

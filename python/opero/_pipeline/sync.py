@@ -67,7 +67,11 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     if timed and native and engine.guarded and not limited and on_success is None and not guard:
         # The native first call reads that clock in Rust: a success costs no Python call.
         def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
-            return retry_from(exc, args, kwargs, start)
+            # A raised exc's traceback holds this frame: clear it (no cycle).
+            try:
+                return retry_from(exc, args, kwargs, start)
+            finally:
+                del exc
 
         return TimedCall(func, on_fail)
     generated = specialize(
