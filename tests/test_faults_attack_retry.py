@@ -296,3 +296,30 @@ def test_timed_first_call_error_raised_as_is_leaves_no_cycle(
 
     assert _garbage_after(past_deadline, _Busy) == 0
     assert _garbage_after(not_retryable, ValueError) == 0
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_attempt_timeout_error_leaves_no_cycle(
+    retries: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dropped attempt_timeout TimeoutError is freed by refcounting (gc finds 0)."""
+    caplog.set_level(logging.CRITICAL, logger="opero")
+
+    @op(retries=retries, min_delay=0.0, attempt_timeout=0.001)
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> int:
+        with contextlib.suppress(TimeoutError):
+            await stuck()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                with contextlib.suppress(TimeoutError):
+                    await stuck()
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == 0

@@ -205,7 +205,10 @@ def _with_attempt_timeout(
             error = TimeoutError(f"the attempt took more than attempt_timeout={seconds:g} s")
             if mark is not None:
                 error.__dict__[ATTEMPT_TIMEOUT] = mark
-            raise error from exc
+            try:
+                raise error from exc
+            finally:
+                del error  # its traceback holds this frame (no cycle)
 
     return attempt
 
