@@ -323,3 +323,21 @@ def test_attempt_timeout_error_leaves_no_cycle(
             gc.enable()
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) == 0
+
+
+def test_timeout_on_a_layer_with_nothing_to_bound_is_refused() -> None:
+    """timeout= on a one-call layer (retries=0, or stacked by default) is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match=r"timeout=5\) has no effect.*retries=0"):
+        op(retries=0, timeout=5.0)(lambda: None)
+
+    @op(retries=5, min_delay=0.0)
+    def inner() -> None:
+        """Retry five times."""
+
+    with pytest.raises(ConfigurationError, match="stacked over an opero-decorated function"):
+        op(timeout=10.0)(inner)
+    # Each of these has something to bound: accepted.
+    op(timeout=10.0, retries=1)(inner)
+    op(retries=0, timeout=5.0, rate_limit=10.0)(lambda: None)
+    op(retries=0, timeout=5.0, arg_fallback="hosts")(lambda hosts=("a", "b"): hosts)
+    op(timeout=5.0)(lambda: None)  # the default retries=3

@@ -71,6 +71,7 @@ from opero.errors import (
     EARLIER_ERRORS,
     AllFailedError,
     CircuitOpenError,
+    ConfigurationError,
     RateLimitTimeout,
     RetryResultError,
 )
@@ -160,6 +161,10 @@ class Engine:
         self.rejects = retry.retry_on_result
         self.timeout = retry.timeout
         self.attempt_timeout = retry.attempt_timeout
+        if self.timeout is not None and not (
+            self.retries or policy.fallback.arg_fallback or policy.has_rate_limit
+        ):
+            raise _inert_timeout(qualname, self.timeout, stacked)
         # A native coarse clock (a few ns, 1-4 ms resolution): read once per call.
         self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
@@ -513,6 +518,22 @@ def _no_token(*_key: Any) -> float:
 
 def _no_wait(delay: float) -> None:
     """Stand-in ``check_wait`` without a rate limit."""
+
+
+def _inert_timeout(qualname: str, timeout: float, stacked: bool) -> ConfigurationError:
+    """Return the error for a ``timeout`` on a layer that makes one call and never waits."""
+    why = (
+        "it is stacked over an opero-decorated function, so its retries default to 0"
+        if stacked
+        else "it has retries=0"
+    )
+    return ConfigurationError(
+        f"@opero(timeout={timeout:g}) has no effect on {qualname}: the deadline is checked "
+        f"before each retry, rate-limit wait and fallback candidate (a running call is never "
+        f"cut), and this layer makes one call and never waits ({why}); put timeout= on the "
+        "layer that retries, or set retries= here (for async functions, attempt_timeout= "
+        "cuts each attempt)."
+    )
 
 
 def _calls(count: int) -> str:
