@@ -341,3 +341,31 @@ def test_timeout_on_a_layer_with_nothing_to_bound_is_refused() -> None:
     op(retries=0, timeout=5.0, rate_limit=10.0)(lambda: None)
     op(retries=0, timeout=5.0, arg_fallback="hosts")(lambda hosts=("a", "b"): hosts)
     op(timeout=5.0)(lambda: None)  # the default retries=3
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_max_delay_caps_the_schedule_not_a_backoff_function() -> None:
+    """max_delay caps the schedule's waits; a backoff_function's wait is slept as returned."""
+    waits: list[float] = []
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    schedule = op(
+        retries=2,
+        min_delay=2.0,
+        backoff_factor=10.0,
+        max_delay=5.0,
+        jitter=False,
+        _sleep=waits.append,
+    )(down)
+    with pytest.raises(ConnectionError):
+        schedule()
+    assert waits == [2.0, 5.0]
+    waits.clear()
+    custom = op(
+        retries=2, backoff_function=lambda attempt: 100.0, max_delay=1.0, _sleep=waits.append
+    )(down)
+    with pytest.raises(ConnectionError):
+        custom()
+    assert waits == [100.0, 100.0]

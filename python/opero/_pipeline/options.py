@@ -219,7 +219,8 @@ OPTIONS: tuple[Option, ...] = (
         "retry",
         30.0,
         c.real(_SECONDS, "30.0", low=0.0, high=c.MAX_SECONDS),
-        "cap on every wait, in seconds",
+        "cap on the schedule's waits, in seconds; a longer server wait stops retrying "
+        "(a backoff_function's waits are its own)",
     ),
     Option("jitter", "retry", True, c.flag, "draw each wait uniformly from [d/2, d] instead of d"),
     Option("retry_on", "retry", (Exception,), _retry_on, "which errors may be retried"),
