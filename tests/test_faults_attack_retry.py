@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from opero import ConfigurationError, _testing, set_testing
+from opero import ConfigurationError, RetryResultError, _testing, set_testing
 from opero import opero as op
 from opero._testing import State
 
@@ -369,3 +369,28 @@ def test_max_delay_caps_the_schedule_not_a_backoff_function() -> None:
     with pytest.raises(ConnectionError):
         custom()
     assert waits == [100.0, 100.0]
+
+
+class _Item:
+    """A list item that counts how often it is shown."""
+
+    shown = 0
+
+    def __repr__(self) -> str:
+        _Item.shown += 1
+        return "item"
+
+
+def test_a_huge_rejected_result_is_shown_by_its_first_items() -> None:
+    """The RetryResultError of a million-item result shows a few items, not all of them."""
+    rows = [_Item() for _ in range(1_000_000)]
+    _Item.shown = 0
+
+    @op(retries=2, min_delay=0.0, retry_on_result=lambda result: True)
+    def fetch() -> list[_Item]:
+        return rows
+
+    with pytest.raises(RetryResultError, match=r"on call 3: \[item, item, .*\.\.\.\]") as info:
+        fetch()
+    assert info.value.result is rows
+    assert _Item.shown < 100

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -290,7 +291,7 @@ class Engine:
             return None
         error = RetryResultError(
             f"{self.qualname} returned a result that retry_on_result rejected, on call "
-            f"{attempt}: {_short_repr(result)}",
+            f"{attempt}: {_result_repr(result)}",
             result,
             attempt,
         )
@@ -539,6 +540,21 @@ def _inert_timeout(qualname: str, timeout: float, stacked: bool) -> Configuratio
 def _calls(count: int) -> str:
     """Return "all 3 calls", or "its only call" for one."""
     return "its only call" if count == 1 else f"all {count} calls"
+
+
+#: Shows a rejected result: containers by their first items, so a result of
+#: millions of items does not cost a full ``repr`` on each rejected call.
+_RESULT_REPR = reprlib.Repr()
+_RESULT_REPR.maxother = _RESULT_REPR.maxstring = 120
+
+
+def _result_repr(result: Any) -> str:
+    """Return a short repr of a rejected ``result`` (bounded work for big containers)."""
+    try:
+        text = _RESULT_REPR.repr(result)
+    except Exception:
+        text = f"<{type(result).__qualname__}>"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:
