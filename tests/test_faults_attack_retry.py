@@ -76,6 +76,29 @@ def test_timed_first_call_restores_the_handled_exception_without_leaks() -> None
         gc.enable()
 
 
+def test_timed_first_call_in_a_generator_leaves_its_exception_state_alone() -> None:
+    """A timed retry inside a generator, run while the caller handles X, leaves X out of it."""
+    count = [0]
+
+    @op(retries=1, timeout=10.0, min_delay=0.0)
+    def flaky() -> str:
+        count[0] += 1
+        if count[0] == 1:
+            raise ValueError("first")
+        return "ok"
+
+    def steps() -> Iterator[object]:
+        yield flaky()
+        yield sys.exception()
+
+    try:
+        raise KeyError("X")
+    except KeyError:
+        gen = steps()
+        assert next(gen) == "ok"
+    assert next(gen) is None
+
+
 def test_attempt_timeout_error_is_retried_only_by_the_layer_that_cut_it() -> None:
     """An attempt_timeout TimeoutError leaving its layer follows the next layer's retry_on."""
     inner_calls: list[int] = []

@@ -88,43 +88,8 @@ impl PyTimedCall {
         }
         let on_fail = self.on_fail.as_ref().ok_or_else(not_ready)?;
         let exc = err.into_value(py).into_any();
-        // `on_fail` runs as if inside `except`: what it raises chains to `exc`
-        // (`__context__`), as in the generated Python wrappers.
-        let _handling = Handling::enter(py, &exc);
         let start = PyFloat::new(py, start).into_any().unbind();
         args.call_prepended(py, on_fail, &[exc, start])
-    }
-}
-
-/// Makes an exception the one being handled (`sys.exception()`) until dropped,
-/// then puts back the one that was (the state of an `except` block).
-struct Handling {
-    saved: [*mut ffi::PyObject; 3],
-}
-
-impl Handling {
-    fn enter(py: Python<'_>, exc: &Py<PyAny>) -> Self {
-        let mut saved = [std::ptr::null_mut(); 3];
-        // The GIL is held (`py`) in each unsafe block below.
-        // SAFETY: `PyErr_GetExcInfo` gives new references (or NULL) that `saved` owns
-        // until `drop` hands them back.
-        unsafe { ffi::PyErr_GetExcInfo(&mut saved[0], &mut saved[1], &mut saved[2]) };
-        let ty = exc.bind(py).get_type().into_any().unbind().into_ptr();
-        let value = exc.clone_ref(py).into_ptr();
-        // SAFETY: a new reference to the traceback, or NULL when there is none.
-        let tb = unsafe { ffi::PyException_GetTraceback(exc.as_ptr()) };
-        // SAFETY: steals the three new references made above (NULL allowed for `tb`).
-        unsafe { ffi::PyErr_SetExcInfo(ty, value, tb) };
-        Self { saved }
-    }
-}
-
-impl Drop for Handling {
-    fn drop(&mut self) {
-        let [ty, value, tb] = self.saved;
-        // SAFETY: dropped in the scope that made it, with the GIL still held; hands the
-        // references taken in `enter` back to the thread state (stolen).
-        unsafe { ffi::PyErr_SetExcInfo(ty, value, tb) };
     }
 }
 
