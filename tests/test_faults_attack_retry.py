@@ -10,6 +10,7 @@ import contextlib
 import functools
 import gc
 import logging
+import random
 import sys
 import threading
 import warnings
@@ -417,3 +418,27 @@ def test_a_huge_rejected_result_is_shown_by_its_first_items() -> None:
         fetch()
     assert info.value.result is rows
     assert _Item.shown < 100
+
+
+@pytest.mark.usefixtures("switch_off")
+def test_set_testing_blocks_in_any_exit_order_keep_the_newest_open_state() -> None:
+    """Whatever the exit order, the state is the newest open block's, then the original."""
+    states: list[State] = [
+        (True, 1, True, True),
+        (True, None, False, True),
+        (True, 2, True, False),
+        (True, None, True, True),
+        (True, 3, False, False),
+    ]
+    rng = random.Random(7)
+    for _ in range(50):
+        blocks = []
+        for enabled, attempts, cache, rate_limit in states:
+            switch = set_testing(enabled, attempts=attempts, cache=cache, rate_limit=rate_limit)
+            switch.__enter__()
+            blocks.append((switch, (enabled, attempts, cache, rate_limit)))
+        open_blocks = list(blocks)
+        for switch, state in rng.sample(blocks, len(blocks)):
+            switch.__exit__(None, None, None)
+            open_blocks.remove((switch, state))
+            assert _testing.state() == (open_blocks[-1][1] if open_blocks else OFF)
