@@ -56,10 +56,18 @@ State = tuple[bool, "int | None", bool, bool]
 _lock = threading.Lock()
 
 
+#: Guards :data:`_entered` and the restores of ``with`` exits (reentrant: a listener
+#: may itself use the switch).
+_blocks_lock = threading.RLock()
+#: The switches entered with ``with`` and not yet left, oldest first.
+_entered: list[_TestingSwitch] = []
+
+
 def _new_lock_in_child() -> None:
     """After ``fork()``: a parent thread may have held the lock; it is not in the child."""
-    global _lock
+    global _lock, _blocks_lock
     _lock = threading.Lock()
+    _blocks_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -120,14 +128,23 @@ def _notify() -> None:
 
 
 class _TestingSwitch:
-    """Returned by :func:`set_testing`; restores the previous state on ``with`` exit."""
+    """Returned by :func:`set_testing`; restores the previous state on ``with`` exit.
 
-    __slots__ = ("_previous",)
+    Blocks left out of order (two threads or asyncio tasks, each in its own
+    ``with set_testing()``) still end in the state before the first: a block
+    left while a later one is open hands its saved state to that one instead of
+    restoring it over the later block's state. Leaving a block twice is a no-op.
+    """
+
+    __slots__ = ("_done", "_previous")
 
     def __init__(self, previous: State) -> None:
         self._previous = previous
+        self._done = False
 
     def __enter__(self) -> _TestingSwitch:
+        with _blocks_lock:
+            _entered.append(self)
         return self
 
     def __exit__(
@@ -136,7 +153,28 @@ class _TestingSwitch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        restore(self._previous)
+        with _blocks_lock:
+            if self._done:
+                return
+            self._done = True
+            index = next((i for i in range(len(_entered) - 1, -1, -1) if _entered[i] is self), None)
+            if index is not None:
+                del _entered[index]
+                if index < len(_entered):  # a later block is still open: it restores
+                    _entered[index]._previous = self._previous
+                    return
+            restore(self._previous)
+
+    def __call__(self, *_args: object, **_kwargs: object) -> None:
+        """Refuse use as a decorator (the switch would flip at import, for the whole run)."""
+        with _blocks_lock:
+            if not self._done:
+                self._done = True
+                restore(self._previous)
+        raise TypeError(
+            "opero.set_testing() is not a decorator (it switched at import time, for every "
+            "test; now undone): use `with opero.set_testing(...):` in the test or in a fixture"
+        )
 
     def __repr__(self) -> str:
         return (

@@ -68,14 +68,28 @@ impl PyTimedCall {
         let start = crate::clock::coarse();
         match args.call(py, func) {
             Ok(value) => Ok(value),
-            Err(err) if err.is_instance_of::<PyException>(py) => {
-                let on_fail = self.on_fail.as_ref().ok_or_else(not_ready)?;
-                let exc = err.into_value(py).into_any();
-                let start = PyFloat::new(py, start).into_any().unbind();
-                args.call_prepended(py, on_fail, &[exc, start])
-            }
-            Err(err) => Err(err),
+            Err(err) => self.failed(py, args, err, start),
         }
+    }
+
+    /// The failure path, out of line: the success path's frame stays small (each
+    /// level of a recursive decorated function costs C stack).
+    #[cold]
+    #[inline(never)]
+    fn failed(
+        &self,
+        py: Python<'_>,
+        args: &CallArgs<'_, '_>,
+        err: PyErr,
+        start: f64,
+    ) -> PyResult<Py<PyAny>> {
+        if !err.is_instance_of::<PyException>(py) {
+            return Err(err);
+        }
+        let on_fail = self.on_fail.as_ref().ok_or_else(not_ready)?;
+        let exc = err.into_value(py).into_any();
+        let start = PyFloat::new(py, start).into_any().unbind();
+        args.call_prepended(py, on_fail, &[exc, start])
     }
 }
 

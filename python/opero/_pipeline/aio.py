@@ -79,7 +79,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         token, listener = _key_token(engine, check_deadline)
     func = engine.func
     if engine.attempt_timeout is not None:
-        func = _with_attempt_timeout(func, engine.attempt_timeout)
+        func = _with_attempt_timeout(func, engine.attempt_timeout, engine)
     guard = breaker_guard(engine.policy, engine.qualname, engine.func)
     retry_from = _aretry_from(engine, token, func, guard)
     count, counting = engine.counters.count, counting_flag(engine.policy)
@@ -192,9 +192,15 @@ def _listening(
 
 
 def _with_attempt_timeout(
-    func: Callable[..., Awaitable[Any]], seconds: float
+    func: Callable[..., Awaitable[Any]], seconds: float, owner: Engine
 ) -> Callable[..., Awaitable[Any]]:
-    """Return ``func`` with each call cancelled after ``seconds`` (a marked ``TimeoutError``)."""
+    """Return ``func`` with each call cancelled after ``seconds`` (a marked ``TimeoutError``).
+
+    The mark names ``owner``: only that engine retries the error regardless of
+    ``retry_on`` (an outer layer, or a function re-raising it, applies its own rules).
+    """
+    # Unguarded (no retry, callback or fallback), no engine reads the mark.
+    mark = owner if owner.guarded else None
 
     async def attempt(*args: Any, **kwargs: Any) -> Any:
         scope = asyncio.timeout(seconds)
@@ -205,8 +211,12 @@ def _with_attempt_timeout(
             if not scope.expired():
                 raise  # the function's own TimeoutError
             error = TimeoutError(f"the attempt took more than attempt_timeout={seconds:g} s")
-            error.__dict__[ATTEMPT_TIMEOUT] = True
-            raise error from exc
+            if mark is not None:
+                error.__dict__[ATTEMPT_TIMEOUT] = mark
+            try:
+                raise error from exc
+            finally:
+                del error  # its traceback holds this frame (no cycle)
 
     return attempt
 

@@ -225,9 +225,9 @@ def function(
         if sync and _is_async(value):
             raise ConfigurationError(
                 f"@opero({option}={show(value)}) is invalid: {option} is called without "
-                "await, so an async def function would return a coroutine that never runs; "
-                f"pass a plain function ({need}), for example one that schedules the "
-                "coroutine with asyncio.get_running_loop().create_task(...)."
+                "await, also for async def functions, so an async def would return a "
+                f"coroutine that never runs; define it as a plain def {shape or need} (a "
+                "callback may schedule a coroutine with asyncio.get_running_loop().create_task)."
             )
         if least and positional_arity(value, least) < least:
             raise ConfigurationError(
@@ -240,13 +240,18 @@ def function(
 
 
 def _is_async(value: Any) -> bool:
-    """Return whether calling ``value`` makes a coroutine (an async function or ``__call__``)."""
+    """Return whether calling ``value`` makes a coroutine.
+
+    True for an ``async def`` (or async generator) function, a partial of one, or
+    an object whose ``__call__`` is one; a hostile object counts as not async.
+    """
     try:
         if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
             return True
-        call = type(value).__dict__.get("__call__")
-        return call is not None and inspect.iscoroutinefunction(call)
-    except Exception:  # a hostile object: its call decides
+        if inspect.isroutine(value) or isinstance(value, type):
+            return False
+        return inspect.iscoroutinefunction(type(value).__call__)
+    except Exception:  # its call decides
         return False
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -73,6 +74,7 @@ from opero.errors import (
     EARLIER_ERRORS,
     AllFailedError,
     CircuitOpenError,
+    ConfigurationError,
     RateLimitTimeout,
     RetryResultError,
 )
@@ -85,7 +87,8 @@ logger = logging.getLogger("opero")
 #: instance keeps one opero note, not one per call).
 NOTE_PREFIX = "opero: "
 #: Key set in the ``__dict__`` of the ``TimeoutError`` of an attempt that
-#: ``attempt_timeout`` cut (always retryable).
+#: ``attempt_timeout`` cut, to the engine that cut it (always retryable by that
+#: engine only; removed when the error leaves it).
 ATTEMPT_TIMEOUT = "__opero_attempt_timeout__"
 #: How many earlier errors the note shows (``attempt_errors`` has them all).
 NOTE_ERRORS = 3
@@ -164,6 +167,10 @@ class Engine:
         self.rejects = retry.retry_on_result
         self.timeout = retry.timeout
         self.attempt_timeout = retry.attempt_timeout
+        if self.timeout is not None and not (
+            self.retries or policy.fallback.arg_fallback or policy.has_rate_limit
+        ):
+            raise _inert_timeout(qualname, self.timeout, stacked)
         # A native coarse clock (a few ns, 1-4 ms resolution): read once per call.
         self.clock: Callable[[], float] = policy.wait.clock or coarse_monotonic
         arg_fallback = policy.fallback.arg_fallback
@@ -220,7 +227,7 @@ class Engine:
         """
         if isinstance(exc, RetryResultError) and exc.__dict__.get(_OWNER) is self:
             return True
-        if type(exc) is TimeoutError and exc.__dict__.get(ATTEMPT_TIMEOUT):
+        if type(exc) is TimeoutError and exc.__dict__.get(ATTEMPT_TIMEOUT) is self:
             return True
         if not isinstance(exc, self.retry_on) or isinstance(exc, RecursionError | CircuitOpenError):
             return False
@@ -298,7 +305,7 @@ class Engine:
             return None
         error = RetryResultError(
             f"{self.qualname} returned a result that retry_on_result rejected, on call "
-            f"{attempt}: {_short_repr(result)}",
+            f"{attempt}: {_result_repr(result)}",
             result,
             attempt,
         )
@@ -365,6 +372,8 @@ class Engine:
         for error in errors:
             if isinstance(error, RetryResultError):
                 error.__dict__.pop(_OWNER, None)
+            elif type(error) is TimeoutError:
+                error.__dict__.pop(ATTEMPT_TIMEOUT, None)
         why = f"; {reason}" if reason else ""
         if self.fallback is None:
             if len(errors) > 1 or reason:
@@ -585,9 +594,40 @@ def _no_wait(delay: float) -> None:
     """Stand-in ``check_wait`` without a rate limit."""
 
 
+def _inert_timeout(qualname: str, timeout: float, stacked: bool) -> ConfigurationError:
+    """Return the error for a ``timeout`` on a layer that makes one call and never waits."""
+    why = (
+        "it is stacked over an opero-decorated function, so its retries default to 0"
+        if stacked
+        else "it has retries=0"
+    )
+    return ConfigurationError(
+        f"@opero(timeout={timeout:g}) has no effect on {qualname}: the deadline is checked "
+        f"before each retry, rate-limit wait and fallback candidate (a running call is never "
+        f"cut), and this layer makes one call and never waits ({why}); put timeout= on the "
+        "layer that retries, or set retries= here (for async functions, attempt_timeout= "
+        "cuts each attempt)."
+    )
+
+
 def _calls(count: int) -> str:
     """Return "all 3 calls", or "its only call" for one."""
     return "its only call" if count == 1 else f"all {count} calls"
+
+
+#: Shows a rejected result: containers by their first items, so a result of
+#: millions of items does not cost a full ``repr`` on each rejected call.
+_RESULT_REPR = reprlib.Repr()
+_RESULT_REPR.maxother = _RESULT_REPR.maxstring = 120
+
+
+def _result_repr(result: Any) -> str:
+    """Return a short repr of a rejected ``result`` (bounded work for big containers)."""
+    try:
+        text = _RESULT_REPR.repr(result)
+    except Exception:
+        text = f"<{type(result).__qualname__}>"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _short_repr(exc: BaseException, limit: int = 120) -> str:

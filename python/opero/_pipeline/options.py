@@ -120,6 +120,7 @@ def _retry_after(option: str, value: Any) -> Any:
         "lambda exc: getattr(exc, 'wait', None)",
         least=1,
         shape="retry_after(exception)",
+        sync=True,
     )(option, value)
 
 
@@ -218,7 +219,8 @@ OPTIONS: tuple[Option, ...] = (
         "retry",
         30.0,
         c.real(_SECONDS, "30.0", low=0.0, high=c.MAX_SECONDS),
-        "cap on every wait, in seconds",
+        "cap on the schedule's waits, in seconds; a longer server wait stops retrying "
+        "(a backoff_function's waits are its own)",
     ),
     Option("jitter", "retry", True, c.flag, "draw each wait uniformly from [d/2, d] instead of d"),
     Option("retry_on", "retry", (Exception,), _retry_on, "which errors may be retried"),
@@ -232,6 +234,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda exc: getattr(exc, 'status', 500) >= 500",
                 least=1,
                 shape="predicate(exception)",
+                sync=True,
             )
         ),
         "after retry_on matched: return True to retry",
@@ -246,6 +249,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda attempt: 0.5 * 2**attempt",
                 least=1,
                 shape="backoff_function(attempt)",
+                sync=True,
             )
         ),
         "replaces the schedule; attempt counts retries from 0",
@@ -267,6 +271,7 @@ OPTIONS: tuple[Option, ...] = (
                 "lambda result: result is None",
                 least=1,
                 shape="predicate(result)",
+                sync=True,
             )
         ),
         "return True to treat a result as a failed call and retry",

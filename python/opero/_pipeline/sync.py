@@ -107,7 +107,17 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     if timed and native and engine.guarded and plain:
         # The native first call reads that clock in Rust: a success costs no Python call.
         def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
-            return retry_from(exc, args, kwargs, start)
+            # Run the loop while handling exc, as the generated wrappers do (what it
+            # raises chains to exc); exc keeps its own traceback. A raised exc's
+            # traceback holds this frame: clear it on the way out (no cycle).
+            tb = exc.__traceback__
+            try:
+                raise exc
+            except Exception:
+                exc.__traceback__ = tb
+                return retry_from(exc, args, kwargs, start)
+            finally:
+                del exc, tb
 
         return TimedCall(func, on_fail)
     template = Template(
