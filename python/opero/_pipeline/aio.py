@@ -241,7 +241,7 @@ def _generic(
             elif detailed:
                 if waited := await atoken_wait(args, kwargs):
                     if start is not None and engine.clock() + waited >= start + timeout:
-                        raise engine.token_late(waited, start + timeout, [])
+                        raise engine.token_late(waited, start + timeout, [], args, kwargs)
                     await asleep(waited)
             elif take_token is not None:
                 await take_token(start)
@@ -330,7 +330,9 @@ def _aretry_from(
                             if deadline is not None and engine.clock() + wait >= deadline:
                                 if probe:
                                     guard.release(probe)  # type: ignore[union-attr]
-                                error = engine.token_late(wait, deadline, errors)
+                                error = engine.token_late(
+                                    wait, deadline, errors, args, kwargs, waited
+                                )
                                 break
                             await asleep(wait)
                             waited += wait

@@ -186,7 +186,11 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         # A closed breaker without failures costs one attribute read and a local test.
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
-    deadline = [f"        {P}token_deadline({P}d, {P}t0)"] if template.clock else []
+    # The caller's arguments, for on_failure's details when the token is past the deadline.
+    given = f"({', '.join(sig.positional)}{',' if sig.positional else ''}), " + (
+        "{" + ", ".join(sig.keywords) + "}"
+    )
+    deadline = [f"        {P}token_deadline({P}d, {P}t0, {given})"] if template.clock else []
     before = len(lines)
     if template.limiter and template.is_async:
         token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
@@ -217,7 +221,7 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
             f"        {P}check_wait({P}d)",
         ]
         if template.clock:
-            lines.append(f"        {P}token_deadline({P}d, {P}t0)")
+            lines.append(f"        {P}token_deadline({P}d, {P}t0, {given})")
         lines.append(f"        {P}sleep({P}d)")
     if template.breaker and len(lines) > before:
         # A key function, a token wait or a sleep that raises (cancelled, interrupted,

@@ -498,18 +498,29 @@ class Engine:
         after = f" (after a wait of {wait:g} s)" if wait > 0 else ""
         return f"gave up: the next retry{after} would end past timeout={self.timeout:g} s"
 
-    def token_late(self, wait: float, deadline: float, errors: list[Exception]) -> Exception:
+    def token_late(
+        self,
+        wait: float,
+        deadline: float,
+        errors: list[Exception],
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
+    ) -> Exception:
         """Return the error for a token ``wait`` ending past ``deadline``.
 
         Before any call: :class:`~opero.errors.RateLimitTimeout`; after a failed
-        call: the exhaustion error of ``errors`` with the reason.
+        call: the exhaustion error of ``errors`` with the reason. ``args``,
+        ``kwargs`` (the caller's) and ``waited`` feed ``on_failure``'s details.
         """
         reason = (
             f"gave up: the rate-limit token is {wait:.3f} s away, past timeout={self.timeout:g} s"
         )
         if not errors:
-            return self.give_up(RateLimitTimeout(f"{self.qualname}: {reason}"))
-        return self.exhausted(errors, reason)
+            return self.give_up(
+                RateLimitTimeout(f"{self.qualname}: {reason}"), args, kwargs, 1, waited
+            )
+        return self.exhausted(errors, reason, args, kwargs, waited)
 
     def _check_wait(self, delay: float) -> None:
         """Check a token wait against ``rate_max_wait``, then fire the wait event."""

@@ -194,13 +194,13 @@ class _TokenSwitch:
                 wrapper.__globals__["__opero_buckets"] = buckets
 
 
-def _token_deadline(engine: Engine) -> Callable[[float, float], None]:
+def _token_deadline(engine: Engine) -> Callable[..., None]:
     """Return the first call's check of a token wait against ``timeout``."""
     clock, timeout = engine.clock, engine.timeout or 0.0
 
-    def token_deadline(wait: float, start: float) -> None:
+    def token_deadline(wait: float, start: float, args: Any = (), kwargs: Any = None) -> None:
         if clock() + wait >= start + timeout:
-            raise engine.token_late(wait, start + timeout, [])
+            raise engine.token_late(wait, start + timeout, [], args, kwargs)
 
     return token_deadline
 
@@ -231,7 +231,7 @@ def _generic(
                 wait = 0.0
             if wait:
                 if start is not None:
-                    token_deadline(wait, start)
+                    token_deadline(wait, start, args, kwargs)
                 sleep(wait)
         except BaseException:
             if probe:  # no call was made: the probe gives its slot back
@@ -310,7 +310,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                         if deadline is not None and engine.clock() + wait >= deadline:
                             if probe:
                                 guard.release(probe)  # type: ignore[union-attr]
-                            error = engine.token_late(wait, deadline, errors)
+                            error = engine.token_late(wait, deadline, errors, args, kwargs, waited)
                             break
                         sleep(wait)
                         waited += wait

@@ -1,0 +1,128 @@
+"""Hostile combinations of the merged ``@opero`` features: each test is an attack on a seam."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from opero import CallDetails, RateLimitTimeout
+from opero import opero as op
+
+
+def _recorder(events: list[tuple[Any, ...]]) -> Any:
+    """Return a details callback appending (event, args, attempt) to ``events``."""
+
+    def record(details: CallDetails) -> None:
+        events.append((details.event, details.args, details.attempt))
+
+    return record
+
+
+def test_token_past_timeout_after_a_failure_gives_on_failure_the_call_arguments() -> None:
+    """A retry refused because its token ends past ``timeout`` tells on_failure the call's args."""
+    events: list[tuple[Any, ...]] = []
+    record = _recorder(events)
+
+    @op(
+        retries=3,
+        backoff_function=lambda attempt: 0.0,
+        rate_limit=1.0,
+        timeout=0.5,
+        on_failure=record,
+        _sleep=lambda seconds: None,
+    )
+    def fetch(x: int) -> int:
+        raise ValueError(x)
+
+    with pytest.raises(ValueError, match="7"):
+        fetch(7)
+    assert events == [("failure", (7,), 1)]
+
+
+def test_token_past_timeout_before_any_call_gives_on_failure_the_call_arguments() -> None:
+    """A first call refused because its token ends past ``timeout`` tells on_failure its args."""
+    events: list[tuple[Any, ...]] = []
+    record = _recorder(events)
+
+    @op(rate_limit=1.0, timeout=0.5, on_failure=record, _sleep=lambda seconds: None)
+    def fetch(x: int) -> int:
+        return x
+
+    assert fetch(1) == 1
+    with pytest.raises(RateLimitTimeout):
+        fetch(8)
+    assert events == [("failure", (8,), 1)]
+
+
+def _async_fetch(events: list[tuple[Any, ...]], retries: int) -> Any:
+    """Return an async function failing with its argument, limited to one call a second."""
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    @op(
+        retries=retries,
+        backoff_function=lambda attempt: 0.0,
+        rate_limit=1.0,
+        timeout=0.5,
+        on_failure=_recorder(events),
+        _asleep=no_sleep,
+    )
+    async def fetch(x: int) -> int:
+        raise ValueError(x)
+
+    return fetch
+
+
+def test_async_token_past_timeout_after_a_failure_gives_on_failure_the_call_arguments() -> None:
+    """The async retry loop tells on_failure the args when a token ends past ``timeout``."""
+    events: list[tuple[Any, ...]] = []
+    fetch = _async_fetch(events, retries=3)
+    with pytest.raises(ValueError, match="7"):
+        asyncio.run(fetch(7))
+    assert events == [("failure", (7,), 1)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the async first-call token check (aio.check_deadline via take_token) is not "
+    "given the call's arguments: on_failure's details have args=()",
+)
+def test_async_token_past_timeout_before_any_call_gives_on_failure_the_call_arguments() -> None:
+    """The async first call refused at its token tells on_failure the call's args."""
+    events: list[tuple[Any, ...]] = []
+    fetch = _async_fetch(events, retries=0)
+    with pytest.raises(ValueError, match="1"):
+        asyncio.run(fetch(1))
+    with pytest.raises(RateLimitTimeout):
+        asyncio.run(fetch(8))
+    assert events[-1] == ("failure", (8,), 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a token wait refused by timeout is reported (on_rate_limit_wait, "
+    "stats().rate_limit_waits) before the deadline check refuses it: the wait never happens",
+)
+def test_a_token_wait_refused_by_timeout_is_not_reported_as_a_wait() -> None:
+    """A token wait that ``timeout`` refuses is neither counted nor reported as a wait."""
+    events: list[tuple[Any, ...]] = []
+    slept: list[float] = []
+
+    @op(
+        rate_limit=1.0,
+        timeout=0.5,
+        on_rate_limit_wait=_recorder(events),
+        _sleep=slept.append,
+    )
+    def fetch(x: int) -> int:
+        return x
+
+    assert fetch(1) == 1
+    with pytest.raises(RateLimitTimeout):
+        fetch(2)
+    assert slept == []
+    assert fetch.stats().rate_limit_waits == 0
+    assert events == []
