@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
 
+from faultkit import ROOT, run_scenario
 from opero import CallDetails, RateLimitTimeout
 from opero import opero as op
 
@@ -149,3 +151,48 @@ def test_call_counting_turned_on_later_counts_a_function_with_a_timeout() -> Non
         assert fetch.stats().calls == 2
     finally:
         set_call_counting(False)
+
+
+def test_documented_log_format_formats_every_record_of_the_pipeline() -> None:
+    """The docs' ``%(opero_event)s`` format prints every pipeline record; a token wait logs once."""
+    path = os.environ.get("PYTHONPATH", "")
+    outcome = run_scenario(
+        """
+        import logging
+        logging.basicConfig(
+            level=logging.DEBUG,
+            format="%(opero_event)s %(opero_function)s attempt=%(opero_attempt)s|%(message)s",
+        )
+        from opero import CircuitBreaker, opero
+
+        breaker = CircuitBreaker(failures=2, name="pay")
+
+        @opero(
+            retries=1,
+            backoff_function=lambda attempt: 0.0,
+            on_retry=lambda exc: 1 / 0,
+            rate_limit=0.5,
+            circuit_breaker=breaker,
+            _sleep=lambda seconds: None,
+        )
+        def charge():
+            raise TimeoutError("gateway timeout")
+
+        try:
+            charge()
+        except Exception as exc:
+            print(type(exc).__name__)
+        """,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT / "python") + (os.pathsep + path if path else "")},
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.lines() == ["TimeoutError"]
+    assert "Logging error" not in outcome.stderr, outcome.stderr
+    records = [line for line in outcome.stderr.splitlines() if "|opero:" in line]
+    assert any(r.startswith("callback_error None attempt=None|") for r in records), records
+    assert any(r.startswith("retry __main__.charge attempt=1|") for r in records), records
+    assert any("circuit breaker" in r and r.startswith("None ") for r in records), records
+    token_records = [r for r in records if "rate-limit token" in r]
+    assert len(token_records) == 1, records
+    assert token_records[0].startswith("rate_limit_wait __main__.charge attempt=2|"), records
