@@ -196,3 +196,45 @@ def test_documented_log_format_formats_every_record_of_the_pipeline() -> None:
     token_records = [r for r in records if "rate-limit token" in r]
     assert len(token_records) == 1, records
     assert token_records[0].startswith("rate_limit_wait __main__.charge attempt=2|"), records
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_keyed_token_wait_of_a_fallback_candidate_reports_the_callers_arguments(
+    is_async: bool,
+) -> None:
+    """on_rate_limit_wait's details hold the caller's arguments for every fallback candidate."""
+    events: list[tuple[Any, ...]] = []
+    keys: list[str] = []
+
+    def key(urls: list[str]) -> str:
+        keys.append(urls[0])
+        return "one"
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    options: dict[str, Any] = {
+        "retries": 0,
+        "arg_fallback": "urls",
+        "rate_limit": 1.0,
+        "rate_limit_key": key,
+        "on_rate_limit_wait": _recorder(events),
+    }
+    if is_async:
+
+        @op(**options, _asleep=no_sleep)
+        async def afetch(urls: list[str]) -> str:
+            raise ValueError(urls[0])
+
+        with pytest.raises(Exception, match="on all 2 calls"):
+            asyncio.run(afetch(["a", "b"]))
+    else:
+
+        @op(**options, _sleep=lambda seconds: None)
+        def fetch(urls: list[str]) -> str:
+            raise ValueError(urls[0])
+
+        with pytest.raises(Exception, match="on all 2 calls"):
+            fetch(["a", "b"])
+    assert keys == ["a", "b"]  # each candidate is keyed by its own arguments
+    assert events == [("rate_limit_wait", (["a", "b"],), 2)]

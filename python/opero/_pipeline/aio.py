@@ -323,9 +323,7 @@ def _aretry_from(
                             wait = await engine.atoken_wait(args, kwargs, n, waited)
                         else:
                             key = key_function(*call_args, **call_kwargs)
-                            wait = await engine.akey_token_wait(
-                                key, call_args, call_kwargs, n, waited
-                            )
+                            wait = await engine.akey_token_wait(key, args, kwargs, n, waited)
                         if wait > 0:
                             if deadline is not None and engine.clock() + wait >= deadline:
                                 if probe:

@@ -551,16 +551,25 @@ class Engine:
         return self._waiting(self.reserve(), args, kwargs, calls, waited)
 
     def keyed_token_wait(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], calls: int = 1, waited: float = 0.0
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        calls: int = 1,
+        waited: float = 0.0,
+        given: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> float:
         """:meth:`token_wait` in the bucket of the key ``rate_limit_key(*args, **kwargs)``.
 
-        The key function's own error propagates (the call fails at once: not retried).
+        ``given``: the caller's arguments for the event's details when ``args``
+        are a fallback candidate's (default: ``args`` and ``kwargs``). The key
+        function's own error propagates (the call fails at once: not retried).
         """
         assert self.key_function is not None
         if not _testing._rate_limit:
             return 0.0
         delay = self.reserve(self.key_function(*args, **kwargs))
+        if given is not None:
+            args, kwargs = given
         return self._waiting(delay, args, kwargs, calls, waited)
 
     async def akey_token_wait(

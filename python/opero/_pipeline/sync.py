@@ -301,7 +301,8 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 call_args, call_kwargs = calls[index]
                 try:
                     if keyed_wait is not None:
-                        wait = keyed_wait(call_args, call_kwargs, len(errors) + 1, waited)
+                        n = len(errors) + 1
+                        wait = keyed_wait(call_args, call_kwargs, n, waited, (args, kwargs))
                     elif token_wait is not None:
                         wait = token_wait(args, kwargs, len(errors) + 1, waited)
                     else:
