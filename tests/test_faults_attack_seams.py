@@ -238,3 +238,32 @@ def test_keyed_token_wait_of_a_fallback_candidate_reports_the_callers_arguments(
             fetch(["a", "b"])
     assert keys == ["a", "b"]  # each candidate is keyed by its own arguments
     assert events == [("rate_limit_wait", (["a", "b"],), 2)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="async memory cache: when the computing task is cancelled, each waiter that "
+    "finds no flight left recomputes without looking the cache up again (the native async "
+    "path calls TaskFlight.do without stamp/recheck): 3 waiters -> 3 computations",
+)
+def test_waiters_of_a_cancelled_async_computation_compute_once() -> None:
+    """After the computing task is cancelled, its waiters share one new computation."""
+    runs: list[int] = []
+
+    @op(cache=True)
+    async def lookup(x: int) -> int:
+        runs.append(x)
+        if len(runs) == 1:
+            await asyncio.sleep(30)
+        return x
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.create_task(lookup(2)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        tasks[0].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [2, 2, 2]
+    assert len(runs) == 2
