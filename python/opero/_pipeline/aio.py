@@ -48,7 +48,8 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
     if engine.async_source:
 
         async def take_token(start: float | None = None) -> None:
-            wait = await atoken_wait()
+            limit = None if start is None or timeout is None else start + timeout
+            wait = await atoken_wait(deadline=limit)
             if wait:
                 check_deadline(wait, start)
                 await asleep(wait)
@@ -67,7 +68,7 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
         async def take_token(start: float | None = None) -> None:
             delay = reserve()
             if delay > MIN_WAIT:
-                check_wait(delay)
+                check_wait(delay, start)
                 check_deadline(delay, start)
                 await asleep(delay)
 
@@ -153,11 +154,12 @@ def _key_token(
     Also returns the testing-switch listener of the in-memory map (``None`` for
     Redis, whose ``akey_token_wait`` reads the switch itself).
     """
-    akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
+    akey_token_wait, asleep, timeout = engine.akey_token_wait, engine.asleep, engine.timeout
     if engine.async_source:
 
         async def take_token(key: Any, start: float | None = None) -> None:
-            wait = await akey_token_wait(key)
+            limit = None if start is None or timeout is None else start + timeout
+            wait = await akey_token_wait(key, deadline=limit)
             if wait:
                 check_deadline(wait, start)
                 await asleep(wait)
@@ -174,7 +176,7 @@ def _key_token(
     async def take_native_token(key: Any, start: float | None = None) -> None:
         delay = reserve(key)
         if delay > MIN_WAIT:
-            check_wait(delay)
+            check_wait(delay, start)
             check_deadline(delay, start)
             await asleep(delay)
 
@@ -239,7 +241,8 @@ def _generic(
                 assert take_token is not None
                 await take_token(key_function(*args, **kwargs), start)
             elif detailed:
-                if waited := await atoken_wait(args, kwargs):
+                limit = None if start is None else start + timeout
+                if waited := await atoken_wait(args, kwargs, deadline=limit):
                     if start is not None and engine.clock() + waited >= start + timeout:
                         raise engine.token_late(waited, start + timeout, [], args, kwargs)
                     await asleep(waited)
@@ -320,10 +323,12 @@ def _aretry_from(
                     if limited:
                         n = len(errors) + 1
                         if key_function is None:
-                            wait = await engine.atoken_wait(args, kwargs, n, waited)
+                            wait = await engine.atoken_wait(args, kwargs, n, waited, deadline)
                         else:
                             key = key_function(*call_args, **call_kwargs)
-                            wait = await engine.akey_token_wait(key, args, kwargs, n, waited)
+                            wait = await engine.akey_token_wait(
+                                key, args, kwargs, n, waited, deadline
+                            )
                         if wait > 0:
                             if deadline is not None and engine.clock() + wait >= deadline:
                                 if probe:

@@ -191,6 +191,8 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         "{" + ", ".join(sig.keywords) + "}"
     )
     deadline = [f"        {P}token_deadline({P}d, {P}t0, {given})"] if template.clock else []
+    # Under timeout, check_wait is told the start: a wait past the deadline is no event.
+    t0 = f", {P}t0" if template.clock else ""
     before = len(lines)
     if template.limiter and template.is_async:
         token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
@@ -210,7 +212,7 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
             "    else:",
             f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
-            f"        {P}check_wait({P}d)",
+            f"        {P}check_wait({P}d{t0})",
             *deadline,
             f"        {P}sleep({P}d)",
         ]
@@ -218,7 +220,7 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         lines += [
             f"    {P}d = {P}reserve({key})",
             f"    if {P}d > {P}MIN_WAIT:",
-            f"        {P}check_wait({P}d)",
+            f"        {P}check_wait({P}d{t0})",
         ]
         if template.clock:
             lines.append(f"        {P}token_deadline({P}d, {P}t0, {given})")

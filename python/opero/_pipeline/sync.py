@@ -213,6 +213,7 @@ def _generic(
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
     clock = engine.clock if engine.timeout is not None else None
+    timeout = engine.timeout or 0.0
     token_deadline = _token_deadline(engine)
     guarded = engine.guarded
     count, counting = engine.counters.count, counting_flag(engine.policy)
@@ -223,10 +224,11 @@ def _generic(
         start = None if clock is None else clock()
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
         try:
+            limit = None if start is None else start + timeout
             if keyed_wait is not None:
-                wait = keyed_wait(args, kwargs)
+                wait = keyed_wait(args, kwargs, deadline=limit)
             elif token_wait is not None:
-                wait = token_wait(args, kwargs)
+                wait = token_wait(args, kwargs, deadline=limit)
             else:
                 wait = 0.0
             if wait:
@@ -302,9 +304,10 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 try:
                     if keyed_wait is not None:
                         n = len(errors) + 1
-                        wait = keyed_wait(call_args, call_kwargs, n, waited, (args, kwargs))
+                        given = (args, kwargs)
+                        wait = keyed_wait(call_args, call_kwargs, n, waited, given, deadline)
                     elif token_wait is not None:
-                        wait = token_wait(args, kwargs, len(errors) + 1, waited)
+                        wait = token_wait(args, kwargs, len(errors) + 1, waited, deadline)
                     else:
                         wait = 0.0
                     if wait:
