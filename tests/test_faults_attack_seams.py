@@ -296,3 +296,59 @@ def test_waiters_of_a_cancelled_async_computation_compute_once() -> None:
     assert isinstance(results[0], asyncio.CancelledError)
     assert results[1:] == [2, 2, 2]
     assert len(runs) == 2
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["generated", "generic"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_waited_includes_the_first_calls_token_wait(
+    is_async: bool, keyed: bool, generic: bool
+) -> None:
+    """``details.waited`` of a retry and of the success after it counts the first token wait."""
+    events: list[tuple[str, int, float]] = []
+
+    def record(details: CallDetails) -> None:
+        events.append((details.event, details.attempt, round(details.waited, 6)))
+
+    async def asleep(seconds: float) -> None:
+        return None
+
+    failures = [ValueError("once")]
+    options: dict[str, Any] = {
+        "retries": 1,
+        "backoff_function": lambda attempt: 0.5,
+        "rate_limit": 1.0,
+        "on_retry": record,
+        "on_success": record,
+    }
+    if keyed:
+        options["rate_limit_key"] = lambda x: "one"
+    if generic:  # a details on_rate_limit_wait takes the generic first-call wrapper
+        options["on_rate_limit_wait"] = lambda details: None
+    if is_async:
+
+        @op(**options, _asleep=asleep)
+        async def afetch(x: int) -> int:
+            if x == 2 and failures:
+                raise failures.pop()
+            return x
+
+        async def both() -> list[int]:
+            return [await afetch(1), await afetch(2)]
+
+        assert asyncio.run(both()) == [1, 2]
+    else:
+
+        @op(**options, _sleep=lambda seconds: None)
+        def fetch(x: int) -> int:
+            if x == 2 and failures:
+                raise failures.pop()
+            return x
+
+        assert [fetch(1), fetch(2)] == [1, 2]
+    # Sleeps take no time: call 2 books a token ~1 s away, fails, waits 0.5 s of backoff,
+    # then books the next token ~2 s away.
+    assert [e[:2] for e in events] == [("success", 1), ("retry", 1), ("success", 2)]
+    first_token = events[1][2]
+    assert 0.5 < first_token <= 1.0
+    assert 1.5 < events[2][2] - first_token - 0.5 <= 2.0 + 1e-6

@@ -196,7 +196,8 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
     before = len(lines)
     if template.limiter and template.is_async:
         token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
-        lines.append(f"    await {P}take_token({token_args})")
+        # take_token returns the seconds it waited: a retry's details count them in waited.
+        lines.append(f"    {P}w = await {P}take_token({token_args})")
     elif template.limiter and template.key_map:
         # Stored keys are plain str: anything else (a new key, a digested long one, a
         # non-str, an unhashable or hash-hostile object) takes the checked slow path.
@@ -244,10 +245,16 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         if template.breaker:
             lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
         if template.guard:
-            lines.append(
-                f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}"
-                + (f", {P}t0)" if template.clock else ")")
-            )
+            # The first call's token wait (slept only past MIN_WAIT) starts the loop's waited.
+            if not template.limiter:
+                waited = ""
+            elif template.is_async:
+                waited = f", {P}w"
+            else:
+                waited = f", {P}d if {P}d > {P}MIN_WAIT else 0.0"
+            start = f"{P}t0" if template.clock else "None"
+            tail = f", {start}{waited})" if template.clock or waited else ")"
+            lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}{tail}")
         else:
             lines.append("        raise")
         if template.breaker:

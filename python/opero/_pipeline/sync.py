@@ -246,7 +246,7 @@ def _generic(
                 guard.failed(exc, probe, args, kwargs)
                 if not guarded:
                     raise
-            return retry_from(exc, args, kwargs, start)
+            return retry_from(exc, args, kwargs, start, wait)
         except BaseException:
             if probe:
                 guard.release(probe)  # type: ignore[union-attr]
@@ -277,6 +277,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         start: float | None = None,
+        first_wait: float = 0.0,
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
@@ -286,11 +287,12 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
         try:
             deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
-            round_, index, wait, waited = 0, 0, 0.0, 0.0
+            # first_wait: the first call's token wait (its wrapper slept it).
+            round_, index, wait, waited = 0, 0, 0.0, first_wait
             if first is not None:
                 errors.append(first)
                 round_, index, wait, error = after_failure(
-                    errors, 0, 0, len(calls), deadline, args, kwargs
+                    errors, 0, 0, len(calls), deadline, args, kwargs, waited
                 )
             while error is None:
                 if wait > 0:
