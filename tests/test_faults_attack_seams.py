@@ -408,3 +408,40 @@ def test_rate_limit_timeout_before_any_call_is_reported_the_same_whatever_refuse
             fetch()
         seen[name] = (failed, fetch.stats().failures)
     assert seen["rate_max_wait"] == seen["timeout"]
+
+
+def test_token_past_timeout_with_details_leaves_no_reference_cycle() -> None:
+    """A retry refused at its token (details callbacks on) leaves nothing for the collector."""
+    import gc
+    import logging
+
+    logger = logging.getLogger("opero")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+
+    @op(
+        retries=2,
+        backoff_function=lambda attempt: 0.0,
+        rate_limit=1.0,
+        timeout=0.5,
+        on_failure=lambda details: None,
+        on_retry=lambda details: None,
+        _sleep=lambda seconds: None,
+    )
+    def fetch(x: int) -> int:
+        raise ValueError(x)
+
+    try:
+        with pytest.raises(ValueError):
+            fetch(-1)
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(100):
+                with pytest.raises(Exception):  # noqa: B017 (ValueError or RateLimitTimeout)
+                    fetch(i)
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
+    finally:
+        logger.setLevel(level)
