@@ -15,6 +15,7 @@ import logging as _logging
 from opero._map import MappedFunction, opmap
 from opero._opero_core import __version__
 from opero._pipeline.breaker import CircuitBreaker
+from opero._pipeline.callbacks import LogFields as _LogFields
 from opero._pipeline.decorate import BoundOperoFunction, OperoFunction, clear_cache, opero
 from opero._pipeline.details import CallDetails
 from opero._pipeline.stats import FunctionStats
@@ -66,3 +67,4 @@ __all__ = [
 ]
 
 _logging.getLogger("opero").addHandler(_logging.NullHandler())
+_logging.getLogger("opero").addFilter(_LogFields())

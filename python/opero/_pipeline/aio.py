@@ -31,7 +31,7 @@ from opero._ratelimit import MIN_WAIT
 __all__ = ["build_async_call"]
 
 ARetryFrom = Callable[..., Awaitable[Any]]
-TakeToken = Callable[[float | None], Awaitable[None]]
+TakeToken = Callable[[float | None], Awaitable[float]]
 
 
 def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
@@ -47,11 +47,13 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
 
     if engine.async_source:
 
-        async def take_token(start: float | None = None) -> None:
-            wait = await atoken_wait()
+        async def take_token(start: float | None = None) -> float:
+            limit = None if start is None or timeout is None else start + timeout
+            wait = await atoken_wait(deadline=limit)
             if wait:
                 check_deadline(wait, start)
                 await asleep(wait)
+            return wait
 
     else:
         # The native bucket books without an await; its call is inlined here (as in the
@@ -64,16 +66,18 @@ def build_async_call(engine: Engine) -> Callable[..., Awaitable[Any]]:
             nonlocal reserve
             reserve = engine.reserve if _testing._rate_limit else _no_token
 
-        async def take_token(start: float | None = None) -> None:
+        async def take_token(start: float | None = None) -> float:
             delay = reserve()
             if delay > MIN_WAIT:
-                check_wait(delay)
+                check_wait(delay, start)
                 check_deadline(delay, start)
                 await asleep(delay)
+                return delay
+            return 0.0
 
     listener = None if engine.async_source else testing_changed
     keyed = engine.key_function is not None
-    token: Callable[..., Awaitable[None]] = take_token
+    token: Callable[..., Awaitable[float]] = take_token
     if keyed:
         # A callable rate_limit_key: the token is booked in the bucket of the key.
         token, listener = _key_token(engine, check_deadline)
@@ -147,20 +151,22 @@ def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
 
 def _key_token(
     engine: Engine, check_deadline: Callable[[float, float | None], None]
-) -> tuple[Callable[..., Awaitable[None]], Callable[[], None] | None]:
+) -> tuple[Callable[..., Awaitable[float]], Callable[[], None] | None]:
     """Return ``take_token(key, start=None)`` for a callable ``rate_limit_key``.
 
     Also returns the testing-switch listener of the in-memory map (``None`` for
     Redis, whose ``akey_token_wait`` reads the switch itself).
     """
-    akey_token_wait, asleep = engine.akey_token_wait, engine.asleep
+    akey_token_wait, asleep, timeout = engine.akey_token_wait, engine.asleep, engine.timeout
     if engine.async_source:
 
-        async def take_token(key: Any, start: float | None = None) -> None:
-            wait = await akey_token_wait(key)
+        async def take_token(key: Any, start: float | None = None) -> float:
+            limit = None if start is None or timeout is None else start + timeout
+            wait = await akey_token_wait(key, deadline=limit)
             if wait:
                 check_deadline(wait, start)
                 await asleep(wait)
+            return wait
 
         return take_token, None
     # An in-memory map books without an await: inlined, as for a single bucket.
@@ -171,12 +177,14 @@ def _key_token(
         nonlocal reserve
         reserve = engine.reserve if _testing._rate_limit else _no_token
 
-    async def take_native_token(key: Any, start: float | None = None) -> None:
+    async def take_native_token(key: Any, start: float | None = None) -> float:
         delay = reserve(key)
         if delay > MIN_WAIT:
-            check_wait(delay)
+            check_wait(delay, start)
             check_deadline(delay, start)
             await asleep(delay)
+            return delay
+        return 0.0
 
     return take_native_token, testing_changed
 
@@ -224,7 +232,7 @@ def _with_attempt_timeout(
 def _generic(
     engine: Engine,
     retry_from: ARetryFrom,
-    take_token: Callable[..., Awaitable[None]] | None,
+    take_token: Callable[..., Awaitable[float]] | None,
     func: Callable[..., Awaitable[Any]],
     guard: BreakerGuard | None = None,
 ) -> Callable[..., Awaitable[Any]]:
@@ -247,14 +255,15 @@ def _generic(
         try:
             if key_function is not None:
                 assert take_token is not None
-                await take_token(key_function(*args, **kwargs), start)
+                waited = await take_token(key_function(*args, **kwargs), start)
             elif detailed:
-                if waited := await atoken_wait(args, kwargs):
+                limit = None if start is None else start + timeout
+                if waited := await atoken_wait(args, kwargs, deadline=limit):
                     if start is not None and engine.clock() + waited >= start + timeout:
-                        raise engine.token_late(waited, start + timeout, [])
+                        raise engine.token_late(waited, start + timeout, [], args, kwargs)
                     await asleep(waited)
             elif take_token is not None:
-                await take_token(start)
+                waited = await take_token(start)
         except BaseException:
             if probe:  # no call was made: the probe gives its slot back
                 guard.release(probe)  # type: ignore[union-attr]
@@ -266,7 +275,7 @@ def _generic(
                 await guard.afailed(exc, probe, args, kwargs)
                 if not guarded:
                     raise
-            return await retry_from(exc, args, kwargs, start)
+            return await retry_from(exc, args, kwargs, start, waited)
         except BaseException:
             if probe:
                 guard.release(probe)  # type: ignore[union-attr]
@@ -282,7 +291,7 @@ def _generic(
 
 def _aretry_from(
     engine: Engine,
-    take_token: Callable[..., Awaitable[None]],
+    take_token: Callable[..., Awaitable[float]],
     func: Callable[..., Awaitable[Any]],
     guard: BreakerGuard | None = None,
 ) -> ARetryFrom:
@@ -302,6 +311,7 @@ def _aretry_from(
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         start: float | None = None,
+        first_wait: float = 0.0,
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
@@ -311,11 +321,12 @@ def _aretry_from(
         try:
             deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
-            round_, index, wait, waited = 0, 0, 0.0, 0.0
+            # first_wait: the first call's token wait (its wrapper slept it).
+            round_, index, wait, waited = 0, 0, 0.0, first_wait
             if first is not None:
                 errors.append(first)
                 round_, index, wait, error = after_failure(
-                    errors, 0, 0, len(calls), deadline, args, kwargs
+                    errors, 0, 0, len(calls), deadline, args, kwargs, waited
                 )
             while error is None:
                 if wait > 0:
@@ -330,17 +341,19 @@ def _aretry_from(
                     if limited:
                         n = len(errors) + 1
                         if key_function is None:
-                            wait = await engine.atoken_wait(args, kwargs, n, waited)
+                            wait = await engine.atoken_wait(args, kwargs, n, waited, deadline)
                         else:
                             key = key_function(*call_args, **call_kwargs)
                             wait = await engine.akey_token_wait(
-                                key, call_args, call_kwargs, n, waited
+                                key, args, kwargs, n, waited, deadline
                             )
                         if wait > 0:
                             if deadline is not None and engine.clock() + wait >= deadline:
                                 if probe:
                                     guard.release(probe)  # type: ignore[union-attr]
-                                error = engine.token_late(wait, deadline, errors)
+                                error = engine.token_late(
+                                    wait, deadline, errors, args, kwargs, waited
+                                )
                                 break
                             await asleep(wait)
                             waited += wait

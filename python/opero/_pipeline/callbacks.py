@@ -57,6 +57,35 @@ def log_extra(
     return extra
 
 
+#: The structured fields of docs/observability.md, present on every ``opero`` record.
+LOG_FIELDS = (
+    "opero_event",
+    "opero_function",
+    "opero_attempt",
+    "opero_wait",
+    "opero_error_type",
+    "opero_callback",
+)
+
+
+class LogFields(logging.Filter):
+    """Gives every record of the ``opero`` logger each documented field (``None`` if unknown).
+
+    A format string naming a field (``"%(opero_event)s"``) then formats every
+    record, not only those that know the field (a callback error, a breaker
+    transition...); without it such a record is a "--- Logging error ---".
+    Installed on the ``opero`` logger by ``opero/__init__.py``; never drops a record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Fill the missing fields with ``None`` and keep the record."""
+        fields = record.__dict__
+        for name in LOG_FIELDS:
+            if name not in fields:
+                fields[name] = None
+        return True
+
+
 def positional_arity(func: Callable[..., Any], most: int) -> int:
     """Return how many positional arguments (up to ``most``) ``func`` accepts.
 

@@ -186,11 +186,18 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         # A closed breaker without failures costs one attribute read and a local test.
         lines.append(f"    {P}p = {P}cb._check and ({bw}{P}enter())")
     key = f"{P}key({', '.join(sig.call)})" if template.keyed else ""
-    deadline = [f"        {P}token_deadline({P}d, {P}t0)"] if template.clock else []
+    # The caller's arguments, for on_failure's details when the token is past the deadline.
+    given = f"({', '.join(sig.positional)}{',' if sig.positional else ''}), " + (
+        "{" + ", ".join(sig.keywords) + "}"
+    )
+    deadline = [f"        {P}token_deadline({P}d, {P}t0, {given})"] if template.clock else []
+    # Under timeout, check_wait is told the start: a wait past the deadline is no event.
+    t0 = f", {P}t0" if template.clock else ""
     before = len(lines)
     if template.limiter and template.is_async:
         token_args = ", ".join(a for a in (key, f"{P}t0" if template.clock else "") if a)
-        lines.append(f"    await {P}take_token({token_args})")
+        # take_token returns the seconds it waited: a retry's details count them in waited.
+        lines.append(f"    {P}w = await {P}take_token({token_args})")
     elif template.limiter and template.key_map:
         # Stored keys are plain str: anything else (a new key, a digested long one, a
         # non-str, an unhashable or hash-hostile object) takes the checked slow path.
@@ -206,7 +213,7 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
             "    else:",
             f"        {P}d = {P}reserve({P}k)",
             f"    if {P}d > {P}MIN_WAIT:",
-            f"        {P}check_wait({P}d)",
+            f"        {P}check_wait({P}d{t0})",
             *deadline,
             f"        {P}sleep({P}d)",
         ]
@@ -214,10 +221,10 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         lines += [
             f"    {P}d = {P}reserve({key})",
             f"    if {P}d > {P}MIN_WAIT:",
-            f"        {P}check_wait({P}d)",
+            f"        {P}check_wait({P}d{t0})",
         ]
         if template.clock:
-            lines.append(f"        {P}token_deadline({P}d, {P}t0)")
+            lines.append(f"        {P}token_deadline({P}d, {P}t0, {given})")
         lines.append(f"        {P}sleep({P}d)")
     if template.breaker and len(lines) > before:
         # A key function, a token wait or a sleep that raises (cancelled, interrupted,
@@ -238,10 +245,16 @@ def _source(sig: _Signature, template: Template, counting: bool = False) -> str:
         if template.breaker:
             lines.append(f"        {bw}{P}failed({P}e, {P}p, {args}, {kwargs})")
         if template.guard:
-            lines.append(
-                f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}"
-                + (f", {P}t0)" if template.clock else ")")
-            )
+            # The first call's token wait (slept only past MIN_WAIT) starts the loop's waited.
+            if not template.limiter:
+                waited = ""
+            elif template.is_async:
+                waited = f", {P}w"
+            else:
+                waited = f", {P}d if {P}d > {P}MIN_WAIT else 0.0"
+            start = f"{P}t0" if template.clock else "None"
+            tail = f", {start}{waited})" if template.clock or waited else ")"
+            lines.append(f"        return {aw}{P}retry_from({P}e, {args}, {kwargs}{tail}")
         else:
             lines.append("        raise")
         if template.breaker:

@@ -507,34 +507,76 @@ class Engine:
         after = f" (after a wait of {wait:g} s)" if wait > 0 else ""
         return f"gave up: the next retry{after} would end past timeout={self.timeout:g} s"
 
-    def token_late(self, wait: float, deadline: float, errors: list[Exception]) -> Exception:
+    def token_late(
+        self,
+        wait: float,
+        deadline: float,
+        errors: list[Exception],
+        args: Any = (),
+        kwargs: Any = None,
+        waited: float = 0.0,
+    ) -> Exception:
         """Return the error for a token ``wait`` ending past ``deadline``.
 
         Before any call: :class:`~opero.errors.RateLimitTimeout`; after a failed
-        call: the exhaustion error of ``errors`` with the reason.
+        call: the exhaustion error of ``errors`` with the reason. ``args``,
+        ``kwargs`` (the caller's) and ``waited`` feed ``on_failure``'s details.
         """
         reason = (
             f"gave up: the rate-limit token is {wait:.3f} s away, past timeout={self.timeout:g} s"
         )
         if not errors:
-            return self.give_up(RateLimitTimeout(f"{self.qualname}: {reason}"))
-        return self.exhausted(errors, reason)
+            return self.give_up(
+                RateLimitTimeout(f"{self.qualname}: {reason}"), args, kwargs, 1, waited
+            )
+        return self.exhausted(errors, reason, args, kwargs, waited)
 
-    def _check_wait(self, delay: float) -> None:
-        """Check a token wait against ``rate_max_wait``, then fire the wait event."""
+    def _check_wait(self, delay: float, start: float | None = None) -> None:
+        """Check a token wait against ``rate_max_wait``, then fire the wait event.
+
+        With ``start`` (the call's start, under ``timeout``), a wait ending at or
+        past the deadline fires no event: the caller refuses it (never waited).
+        """
         self.limiter_check(delay)
+        if (
+            start is not None
+            and self.timeout is not None
+            and self._refused(delay, start + self.timeout)
+        ):
+            return
         self.events.rate_limit_wait(delay)
 
-    def _waiting(self, delay: float, args: Any, kwargs: Any, calls: int, waited: float) -> float:
-        """Return the wait for a booked ``delay`` (0 for none); check it and fire the event."""
+    def _refused(self, delay: float, deadline: float | None) -> bool:
+        """Return whether a token wait of ``delay`` ends at or past ``deadline`` (refused)."""
+        return deadline is not None and self.clock() + delay >= deadline
+
+    def _waiting(
+        self,
+        delay: float,
+        args: Any,
+        kwargs: Any,
+        calls: int,
+        waited: float,
+        deadline: float | None = None,
+    ) -> float:
+        """Return the wait for a booked ``delay`` (0 for none); check it and fire the event.
+
+        A wait ending at or past ``deadline`` fires no event (the caller refuses it).
+        """
         if delay > MIN_WAIT:
             self.limiter_check(delay)
-            self.events.rate_limit_wait(delay, args, kwargs, calls, waited)
+            if not self._refused(delay, deadline):
+                self.events.rate_limit_wait(delay, args, kwargs, calls, waited)
             return delay
         return 0.0
 
     def token_wait(
-        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+        self,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+        deadline: float | None = None,
     ) -> float:
         """Book a rate-limit token; return the seconds to sleep first (0 for none).
 
@@ -546,39 +588,61 @@ class Engine:
         """
         if not _testing._rate_limit:
             return 0.0
-        return self._waiting(self.reserve(), args, kwargs, calls, waited)
+        return self._waiting(self.reserve(), args, kwargs, calls, waited, deadline)
 
     def keyed_token_wait(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], calls: int = 1, waited: float = 0.0
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        calls: int = 1,
+        waited: float = 0.0,
+        given: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        deadline: float | None = None,
     ) -> float:
         """:meth:`token_wait` in the bucket of the key ``rate_limit_key(*args, **kwargs)``.
 
-        The key function's own error propagates (the call fails at once: not retried).
+        ``given``: the caller's arguments for the event's details when ``args``
+        are a fallback candidate's (default: ``args`` and ``kwargs``). The key
+        function's own error propagates (the call fails at once: not retried).
         """
         assert self.key_function is not None
         if not _testing._rate_limit:
             return 0.0
         delay = self.reserve(self.key_function(*args, **kwargs))
-        return self._waiting(delay, args, kwargs, calls, waited)
+        if given is not None:
+            args, kwargs = given
+        return self._waiting(delay, args, kwargs, calls, waited, deadline)
 
     async def akey_token_wait(
-        self, key: Any, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+        self,
+        key: Any,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+        deadline: float | None = None,
     ) -> float:
         """Async token wait in the bucket of ``key`` (what ``rate_limit_key`` returned)."""
         assert self.limiter is not None
         if not _testing._rate_limit:
             return 0.0
         delay = await self.limiter.areserve_key(key) if self.async_source else self.reserve(key)
-        return self._waiting(delay, args, kwargs, calls, waited)
+        return self._waiting(delay, args, kwargs, calls, waited, deadline)
 
     async def atoken_wait(
-        self, args: Any = (), kwargs: Any = None, calls: int = 1, waited: float = 0.0
+        self,
+        args: Any = (),
+        kwargs: Any = None,
+        calls: int = 1,
+        waited: float = 0.0,
+        deadline: float | None = None,
     ) -> float:
         """Async :meth:`token_wait` (a Redis limiter books through ``areserve``)."""
         if not self.async_source or not _testing._rate_limit:
-            return self.token_wait(args, kwargs, calls, waited)
+            return self.token_wait(args, kwargs, calls, waited, deadline)
         assert self.limiter is not None
-        return self._waiting(await self.limiter.areserve(), args, kwargs, calls, waited)
+        delay = await self.limiter.areserve()
+        return self._waiting(delay, args, kwargs, calls, waited, deadline)
 
 
 #: Key of the engine that made a :class:`RetryResultError` (dropped when it is raised).
@@ -590,7 +654,7 @@ def _no_token(*_key: Any) -> float:
     return 0.0
 
 
-def _no_wait(delay: float) -> None:
+def _no_wait(delay: float, start: float | None = None) -> None:
     """Stand-in ``check_wait`` without a rate limit."""
 
 

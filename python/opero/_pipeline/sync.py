@@ -204,13 +204,13 @@ class _TokenSwitch:
                 wrapper.__globals__["__opero_buckets"] = buckets
 
 
-def _token_deadline(engine: Engine) -> Callable[[float, float], None]:
+def _token_deadline(engine: Engine) -> Callable[..., None]:
     """Return the first call's check of a token wait against ``timeout``."""
     clock, timeout = engine.clock, engine.timeout or 0.0
 
-    def token_deadline(wait: float, start: float) -> None:
+    def token_deadline(wait: float, start: float, args: Any = (), kwargs: Any = None) -> None:
         if clock() + wait >= start + timeout:
-            raise engine.token_late(wait, start + timeout, [])
+            raise engine.token_late(wait, start + timeout, [], args, kwargs)
 
     return token_deadline
 
@@ -223,6 +223,7 @@ def _generic(
     token_wait = engine.token_wait if engine.limiter is not None else None
     keyed_wait = engine.keyed_token_wait if engine.key_function is not None else None
     clock = engine.clock if engine.timeout is not None else None
+    timeout = engine.timeout or 0.0
     token_deadline = _token_deadline(engine)
     guarded = engine.guarded
     count, counting = engine.counters.count, counting_flag(engine.policy)
@@ -233,15 +234,16 @@ def _generic(
         start = None if clock is None else clock()
         probe = guard.breaker._check and guard.enter() if guard is not None else 0
         try:
+            limit = None if start is None else start + timeout
             if keyed_wait is not None:
-                wait = keyed_wait(args, kwargs)
+                wait = keyed_wait(args, kwargs, deadline=limit)
             elif token_wait is not None:
-                wait = token_wait(args, kwargs)
+                wait = token_wait(args, kwargs, deadline=limit)
             else:
                 wait = 0.0
             if wait:
                 if start is not None:
-                    token_deadline(wait, start)
+                    token_deadline(wait, start, args, kwargs)
                 sleep(wait)
         except BaseException:
             if probe:  # no call was made: the probe gives its slot back
@@ -254,7 +256,7 @@ def _generic(
                 guard.failed(exc, probe, args, kwargs)
                 if not guarded:
                     raise
-            return retry_from(exc, args, kwargs, start)
+            return retry_from(exc, args, kwargs, start, wait)
         except BaseException:
             if probe:
                 guard.release(probe)  # type: ignore[union-attr]
@@ -285,6 +287,7 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         start: float | None = None,
+        first_wait: float = 0.0,
     ) -> Any:
         errors: list[Exception] = []
         error: Exception | None = None
@@ -294,11 +297,12 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
         try:
             deadline = engine.deadline(start)
             calls = engine.calls(args, kwargs)
-            round_, index, wait, waited = 0, 0, 0.0, 0.0
+            # first_wait: the first call's token wait (its wrapper slept it).
+            round_, index, wait, waited = 0, 0, 0.0, first_wait
             if first is not None:
                 errors.append(first)
                 round_, index, wait, error = after_failure(
-                    errors, 0, 0, len(calls), deadline, args, kwargs
+                    errors, 0, 0, len(calls), deadline, args, kwargs, waited
                 )
             while error is None:
                 if wait > 0:
@@ -311,16 +315,18 @@ def _retry_from(engine: Engine, guard: BreakerGuard | None = None) -> RetryFrom:
                 call_args, call_kwargs = calls[index]
                 try:
                     if keyed_wait is not None:
-                        wait = keyed_wait(call_args, call_kwargs, len(errors) + 1, waited)
+                        n = len(errors) + 1
+                        given = (args, kwargs)
+                        wait = keyed_wait(call_args, call_kwargs, n, waited, given, deadline)
                     elif token_wait is not None:
-                        wait = token_wait(args, kwargs, len(errors) + 1, waited)
+                        wait = token_wait(args, kwargs, len(errors) + 1, waited, deadline)
                     else:
                         wait = 0.0
                     if wait:
                         if deadline is not None and engine.clock() + wait >= deadline:
                             if probe:
                                 guard.release(probe)  # type: ignore[union-attr]
-                            error = engine.token_late(wait, deadline, errors)
+                            error = engine.token_late(wait, deadline, errors, args, kwargs, waited)
                             break
                         sleep(wait)
                         waited += wait

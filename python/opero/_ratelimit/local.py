@@ -318,7 +318,10 @@ class Limiter:
         )
 
     def check_wait(self, delay: float) -> None:
-        """Log a wait; raise :class:`RateLimitTimeout` past ``rate_max_wait`` or 1e9 s."""
+        """Raise :class:`RateLimitTimeout` past ``rate_max_wait`` or 1e9 s.
+
+        The wait itself is logged once, with its fields, by the ``rate_limit_wait`` event.
+        """
         if self.max_wait is not None and delay > self.max_wait:
             raise RateLimitTimeout(
                 f"{self.qualname}: the next rate-limit token is {delay:.3f}s away, more than "
@@ -331,7 +334,6 @@ class Limiter:
                 f"the longest wait opero sleeps ({MAX_SECONDS:g}s); calls refused by "
                 "rate_max_wait stay booked, so this bucket owes that much"
             )
-        logger.debug("opero: %s waits %.6fs for a rate-limit token", self.qualname, delay)
 
 
 def check_key_function(key: Callable[..., Any], func: Callable[..., Any], qualname: str) -> None:
