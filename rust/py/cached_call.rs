@@ -468,6 +468,68 @@ fn err_traceback(
     unsafe { ffi::PyException_GetTraceback(exc.as_ptr()) }
 }
 
+/// The exception "being handled" that the current exception state itself
+/// holds, taken out of it (the state is left empty) to be put back.
+///
+/// `PyErr_GetExcInfo` reports the topmost handled exception: when the current
+/// state (a running generator's or coroutine's own) holds none, that is its
+/// caller's. Putting that one back into the current state would leave it
+/// there: a generator resumed later, outside its caller's `except` block, saw
+/// the caller's exception as its own `sys.exception()`. So this finds out
+/// whether the current state holds the topmost exception (clearing it changes
+/// what is topmost) before it decides what to put back.
+struct OwnExcInfo([*mut ffi::PyObject; 3]);
+
+impl OwnExcInfo {
+    /// Save the current state's own handled exception and clear the state.
+    #[cold]
+    fn take(py: Python<'_>) -> Self {
+        let _ = py;
+        let null = std::ptr::null_mut;
+        let mut top = [null(), null(), null()];
+        // SAFETY: attached (the token); three out-pointers receiving new
+        // references (or NULL) to the topmost handled exception.
+        unsafe { ffi::PyErr_GetExcInfo(&mut top[0], &mut top[1], &mut top[2]) };
+        if top[1].is_null() {
+            // No exception is handled anywhere: the current state is empty.
+            return Self(top);
+        }
+        // SAFETY: attached; clears the current state's own slot (three NULLs
+        // stolen). Its old value, if it was `top[1]`, stays alive through `top`.
+        unsafe { ffi::PyErr_SetExcInfo(null(), null(), null()) };
+        let mut below = [null(), null(), null()];
+        // SAFETY: as above: new references (or NULL) to what is topmost now.
+        unsafe { ffi::PyErr_GetExcInfo(&mut below[0], &mut below[1], &mut below[2]) };
+        let own = below[1] != top[1];
+        for p in below {
+            // SAFETY: each is NULL or a new reference from `PyErr_GetExcInfo`,
+            // released once; the state below still holds the object (no `__del__`).
+            unsafe { ffi::Py_XDECREF(p) };
+        }
+        if own {
+            return Self(top);
+        }
+        // The current state held nothing (or the very exception the state
+        // below holds, which cannot be told apart): it gets nothing back.
+        for p in top {
+            // SAFETY: new references from `PyErr_GetExcInfo`, released once;
+            // the state below still holds the object (no `__del__` runs).
+            unsafe { ffi::Py_XDECREF(p) };
+        }
+        Self([null(), null(), null()])
+    }
+
+    /// Put the saved exception back as the current state's own.
+    #[cold]
+    fn restore(self, py: Python<'_>) {
+        let _ = py;
+        let [t, v, tb] = self.0;
+        // SAFETY: attached; the three saved new references (or NULLs) are
+        // stolen, each exactly once (`self` is consumed).
+        unsafe { ffi::PyErr_SetExcInfo(t, v, tb) };
+    }
+}
+
 /// Call `on_hit()` (shielded); its result is discarded.
 #[inline]
 fn call_on_hit(py: Python<'_>, cb: &Py<PyAny>) -> PyResult<()> {
@@ -535,14 +597,9 @@ impl PyCachedCall {
             py,
             [exc.bind(py).as_any(), positional.as_any(), kwargs.as_any()],
         )?;
-        // The caller's handled exception, saved (three new references or NULLs).
-        let (mut saved_type, mut saved_value, mut saved_tb) = (
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        // SAFETY: attached; three out-pointers receiving new references (or NULL).
-        unsafe { ffi::PyErr_GetExcInfo(&mut saved_type, &mut saved_value, &mut saved_tb) };
+        // The handled exception of this thread's current exception state,
+        // saved to be put back after the handler.
+        let saved = OwnExcInfo::take(py);
         let exc_type = exc.bind(py).get_type();
         let exc_tb = err_traceback(py, &exc);
         // SAFETY: attached; the three new references passed are stolen (set as
@@ -551,8 +608,7 @@ impl PyCachedCall {
         // SAFETY: `handler` and the args tuple are live; no kwargs.
         let r =
             unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) };
-        // SAFETY: attached; gives back the saved references (stolen), each used once.
-        unsafe { ffi::PyErr_SetExcInfo(saved_type, saved_value, saved_tb) };
+        saved.restore(py);
         owned_result(py, r)
     }
 
