@@ -468,6 +468,26 @@ fn err_traceback(
     unsafe { ffi::PyException_GetTraceback(exc.as_ptr()) }
 }
 
+/// Run `call` (a C-API call into Python) with `exc` as the exception being
+/// handled, as in an `except` clause: what it raises chains to `exc`. The
+/// current exception state's own handled exception is put back afterwards.
+#[cold]
+fn while_handling(
+    py: Python<'_>,
+    exc: &Py<pyo3::exceptions::PyBaseException>,
+    call: impl FnOnce() -> *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let saved = OwnExcInfo::take(py);
+    let exc_type = exc.bind(py).get_type();
+    let exc_tb = err_traceback(py, exc);
+    // SAFETY: attached; the three new references passed are stolen (set as
+    // the exception being handled); a NULL traceback is allowed.
+    unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
+    let r = call();
+    saved.restore(py);
+    r
+}
+
 /// The exception "being handled" that the current exception state itself
 /// holds, taken out of it (the state is left empty) to be put back.
 ///
@@ -597,18 +617,10 @@ impl PyCachedCall {
             py,
             [exc.bind(py).as_any(), positional.as_any(), kwargs.as_any()],
         )?;
-        // The handled exception of this thread's current exception state,
-        // saved to be put back after the handler.
-        let saved = OwnExcInfo::take(py);
-        let exc_type = exc.bind(py).get_type();
-        let exc_tb = err_traceback(py, &exc);
-        // SAFETY: attached; the three new references passed are stolen (set as
-        // the exception being handled); a NULL traceback is allowed.
-        unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
-        // SAFETY: `handler` and the args tuple are live; no kwargs.
-        let r =
-            unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) };
-        saved.restore(py);
+        let r = while_handling(py, &exc, || {
+            // SAFETY: `handler` and the args tuple are live; no kwargs.
+            unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) }
+        });
         owned_result(py, r)
     }
 
