@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from faultkit import run_scenario
 from opero import opero
 from opero._opero_core import CachedCall, Store
 
@@ -118,3 +119,56 @@ def test_handled_exception_references_balance_in_generators() -> None:
     spin(10_000)
     assert (sys.getrefcount(outer), sys.getrefcount(own)) == before
     assert sys.exception() is None
+
+
+_DEEP = """
+import sys, threading
+import opero
+from opero import opero as op
+
+sys.setrecursionlimit(400_000)
+
+def make(**options):
+    @op(**options)
+    def down(n):
+        return 0 if n == 0 else down(n - 1) + 1
+    return down
+
+def attempt(label, f, depth):
+    try:
+        print(label, f(depth), flush=True)
+    except RecursionError:
+        print(label, "RecursionError", flush=True)
+
+cases = [
+    ("cache", make(cache=True)),
+    ("cache+retries", make(cache=True, retries=2)),
+    ("timeout", make(retries=1, timeout=100.0)),
+]
+for label, f in cases:
+    attempt(label, f, 200_000)
+    t = threading.Thread(target=attempt, args=(label + " thread", f, 200_000))
+    t.start()
+    t.join()
+opero.set_testing(cache=False)
+attempt("bypass", make(cache=True, retries=1), 200_000)
+opero.set_testing(cache=True)
+sys.setrecursionlimit(10_000)
+attempt("shallow", make(cache=True), 2_000)
+"""
+
+
+def test_deep_recursion_through_native_calls_raises_recursion_error() -> None:
+    """A recursive @opero function past the C stack raises RecursionError instead of crashing."""
+    out = run_scenario(_DEEP, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.lines() == [
+        "cache RecursionError",
+        "cache thread RecursionError",
+        "cache+retries RecursionError",
+        "cache+retries thread RecursionError",
+        "timeout RecursionError",
+        "timeout thread RecursionError",
+        "bypass RecursionError",
+        "shallow 2000",
+    ]

@@ -421,9 +421,13 @@ impl<'py> CallArgs<'_, 'py> {
         owned_result(py, r)
     }
 
-    /// Call `f` with the same arguments, shielded (see `guarded.rs`).
+    /// Call `f` with the same arguments, shielded (see `guarded.rs`); a
+    /// `RecursionError` instead when the C stack is nearly full (Python code
+    /// called here may recurse into this native call, and Python 3.11 counts
+    /// only Python frames).
     #[inline]
     pub(crate) fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
+        stack_check()?;
         let r = match self {
             CallArgs::Tuple(a, k) => {
                 let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
@@ -548,6 +552,26 @@ impl OwnExcInfo {
         // stolen, each exactly once (`self` is consumed).
         unsafe { ffi::PyErr_SetExcInfo(t, v, tb) };
     }
+}
+
+/// `RecursionError` when the C stack is nearly full (see `stack.rs`).
+#[inline(always)]
+pub(crate) fn stack_check() -> PyResult<()> {
+    if crate::stack::nearly_full() {
+        Err(stack_exhausted())
+    } else {
+        Ok(())
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn stack_exhausted() -> PyErr {
+    pyo3::exceptions::PyRecursionError::new_err(
+        "maximum recursion depth exceeded: the C stack is nearly full (a deeply \
+         recursive call through opero's native call path; recurse less deeply or \
+         lower sys.setrecursionlimit)",
+    )
 }
 
 /// Call `on_hit()` (shielded); its result is discarded.
@@ -697,6 +721,9 @@ impl PyCachedCall {
         mut fresh: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
+        // Before listing a flight: a waiter never gets another thread's
+        // exhausted stack as its outcome (`CallArgs::call` checks again).
+        stack_check()?;
         loop {
             let generation = fork_generation();
             let mut stale = None;
