@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const MARGIN: usize = 256 * 1024;
 
 thread_local! {
-    /// This thread's (floor, top of the stack): the floor is the lowest address
-    /// the stack pointer may reach before a check fires; (0, 0) not read yet,
-    /// floor 1 bounds unknown (never fires).
-    static BOUNDS: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// This thread's (lowest address, floor, top) of its stack: the floor is
+    /// the lowest address the stack pointer may reach before a check fires;
+    /// floor 0 not read yet, floor 1 bounds unknown (never fires).
+    static BOUNDS: Cell<(usize, usize, usize)> = const { Cell::new((0, 0, 0)) };
 }
 
 /// The (floor, top) of the stack a check last passed on: a stack pointer
@@ -53,10 +53,10 @@ pub fn nearly_full() -> bool {
 #[cold]
 #[inline(never)]
 fn nearly_full_slow(here: usize) -> bool {
-    let (floor, top) = BOUNDS.with(|b| match b.get() {
-        (0, _) => {
-            let v = bounds().map_or((1, 0), |(low, size)| {
-                (floor_of(Some((low, size))), low.saturating_add(size))
+    let (low, floor, top) = BOUNDS.with(|b| match b.get() {
+        (_, 0, _) => {
+            let v = bounds().map_or((0, 1, 0), |(low, size)| {
+                (low, floor_of(Some((low, size))), low.saturating_add(size))
             });
             b.set(v);
             v
@@ -64,7 +64,9 @@ fn nearly_full_slow(here: usize) -> bool {
         v => v,
     });
     if here < floor {
-        return true;
+        // Below the thread's own stack: running on a stack of some other
+        // kind (a fiber's), whose bounds are unknown: never fires.
+        return here >= low;
     }
     if floor > 1 && here <= top {
         LAST_FLOOR.store(floor, Ordering::Relaxed);
@@ -150,6 +152,14 @@ mod tests {
         let (low, size) = bounds().expect("stack bounds");
         let here = stack_pointer();
         assert!(low < here && here < low + size, "{low:#x} {here:#x} {size}");
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    #[test]
+    fn an_address_outside_the_threads_stack_never_fires() {
+        assert!(!nearly_full_slow(64));
+        let (low, _) = bounds().expect("stack bounds");
+        assert!(nearly_full_slow(low + 64));
     }
 
     #[test]

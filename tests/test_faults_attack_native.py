@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from faultkit import run_scenario
 from opero import opero
 from opero._opero_core import CachedCall, Store
@@ -172,3 +174,30 @@ def test_deep_recursion_through_native_calls_raises_recursion_error() -> None:
         "bypass RecursionError",
         "shallow 2000",
     ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the current exception state holds the very exception the state below holds "
+    "(thrown into a generator inside its caller's except): with the public C API the two "
+    "cases cannot be told apart, and on_error's restore leaves the generator's state empty",
+)
+def test_generator_handling_the_callers_own_exception_keeps_it() -> None:
+    """A generator handling the same exception object as its caller still has it after on_error."""
+    cc = CachedCall(Store(8), _fails, on_error=lambda exc, args, kwargs: "recovered")
+
+    def gen() -> Iterator[Any]:
+        try:
+            yield "start"
+        except KeyError:
+            yield cc(1)
+            yield sys.exception()
+
+    g = gen()
+    next(g)
+    same = KeyError("same")
+    try:
+        raise same
+    except KeyError:
+        assert g.throw(same) == "recovered"
+    assert next(g) is same
