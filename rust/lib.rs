@@ -9,6 +9,7 @@ pub mod flight;
 pub mod keys;
 pub mod ratelimit;
 pub mod sketch;
+pub mod stack;
 pub mod store;
 
 #[cfg(feature = "python")]

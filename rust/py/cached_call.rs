@@ -421,9 +421,13 @@ impl<'py> CallArgs<'_, 'py> {
         owned_result(py, r)
     }
 
-    /// Call `f` with the same arguments, shielded (see `guarded.rs`).
+    /// Call `f` with the same arguments, shielded (see `guarded.rs`); a
+    /// `RecursionError` instead when the C stack is nearly full (Python code
+    /// called here may recurse into this native call, and Python 3.11 counts
+    /// only Python frames).
     #[inline]
     pub(crate) fn call(&self, py: Python<'py>, f: &Py<PyAny>) -> PyResult<Py<PyAny>> {
+        stack_check()?;
         let r = match self {
             CallArgs::Tuple(a, k) => {
                 let kw = k.map_or(std::ptr::null_mut(), |k| k.as_ptr());
@@ -466,6 +470,108 @@ fn err_traceback(
     let _ = py;
     // SAFETY: attached (the token); `exc` is a live exception object.
     unsafe { ffi::PyException_GetTraceback(exc.as_ptr()) }
+}
+
+/// Run `call` (a C-API call into Python) with `exc` as the exception being
+/// handled, as in an `except` clause: what it raises chains to `exc`. The
+/// current exception state's own handled exception is put back afterwards.
+#[cold]
+fn while_handling(
+    py: Python<'_>,
+    exc: &Py<pyo3::exceptions::PyBaseException>,
+    call: impl FnOnce() -> *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let saved = OwnExcInfo::take(py);
+    let exc_type = exc.bind(py).get_type();
+    let exc_tb = err_traceback(py, exc);
+    // SAFETY: attached; the three new references passed are stolen (set as
+    // the exception being handled); a NULL traceback is allowed.
+    unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
+    let r = call();
+    saved.restore(py);
+    r
+}
+
+/// The exception "being handled" that the current exception state itself
+/// holds, taken out of it (the state is left empty) to be put back.
+///
+/// `PyErr_GetExcInfo` reports the topmost handled exception: when the current
+/// state (a running generator's or coroutine's own) holds none, that is its
+/// caller's. Putting that one back into the current state would leave it
+/// there: a generator resumed later, outside its caller's `except` block, saw
+/// the caller's exception as its own `sys.exception()`. So this finds out
+/// whether the current state holds the topmost exception (clearing it changes
+/// what is topmost) before it decides what to put back.
+struct OwnExcInfo([*mut ffi::PyObject; 3]);
+
+impl OwnExcInfo {
+    /// Save the current state's own handled exception and clear the state.
+    #[cold]
+    fn take(py: Python<'_>) -> Self {
+        let _ = py;
+        let null = std::ptr::null_mut;
+        let mut top = [null(), null(), null()];
+        // SAFETY: attached (the token); three out-pointers receiving new
+        // references (or NULL) to the topmost handled exception.
+        unsafe { ffi::PyErr_GetExcInfo(&mut top[0], &mut top[1], &mut top[2]) };
+        if top[1].is_null() {
+            // No exception is handled anywhere: the current state is empty.
+            return Self(top);
+        }
+        // SAFETY: attached; clears the current state's own slot (three NULLs
+        // stolen). Its old value, if it was `top[1]`, stays alive through `top`.
+        unsafe { ffi::PyErr_SetExcInfo(null(), null(), null()) };
+        let mut below = [null(), null(), null()];
+        // SAFETY: as above: new references (or NULL) to what is topmost now.
+        unsafe { ffi::PyErr_GetExcInfo(&mut below[0], &mut below[1], &mut below[2]) };
+        let own = below[1] != top[1];
+        for p in below {
+            // SAFETY: each is NULL or a new reference from `PyErr_GetExcInfo`,
+            // released once; the state below still holds the object (no `__del__`).
+            unsafe { ffi::Py_XDECREF(p) };
+        }
+        if own {
+            return Self(top);
+        }
+        // The current state held nothing (or the very exception the state
+        // below holds, which cannot be told apart): it gets nothing back.
+        for p in top {
+            // SAFETY: new references from `PyErr_GetExcInfo`, released once;
+            // the state below still holds the object (no `__del__` runs).
+            unsafe { ffi::Py_XDECREF(p) };
+        }
+        Self([null(), null(), null()])
+    }
+
+    /// Put the saved exception back as the current state's own.
+    #[cold]
+    fn restore(self, py: Python<'_>) {
+        let _ = py;
+        let [t, v, tb] = self.0;
+        // SAFETY: attached; the three saved new references (or NULLs) are
+        // stolen, each exactly once (`self` is consumed).
+        unsafe { ffi::PyErr_SetExcInfo(t, v, tb) };
+    }
+}
+
+/// `RecursionError` when the C stack is nearly full (see `stack.rs`).
+#[inline(always)]
+pub(crate) fn stack_check() -> PyResult<()> {
+    if crate::stack::nearly_full() {
+        Err(stack_exhausted())
+    } else {
+        Ok(())
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn stack_exhausted() -> PyErr {
+    pyo3::exceptions::PyRecursionError::new_err(
+        "maximum recursion depth exceeded: the C stack is nearly full (a deeply \
+         recursive call through opero's native call path; recurse less deeply or \
+         lower sys.setrecursionlimit)",
+    )
 }
 
 /// Call `on_hit()` (shielded); its result is discarded.
@@ -535,24 +641,10 @@ impl PyCachedCall {
             py,
             [exc.bind(py).as_any(), positional.as_any(), kwargs.as_any()],
         )?;
-        // The caller's handled exception, saved (three new references or NULLs).
-        let (mut saved_type, mut saved_value, mut saved_tb) = (
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        // SAFETY: attached; three out-pointers receiving new references (or NULL).
-        unsafe { ffi::PyErr_GetExcInfo(&mut saved_type, &mut saved_value, &mut saved_tb) };
-        let exc_type = exc.bind(py).get_type();
-        let exc_tb = err_traceback(py, &exc);
-        // SAFETY: attached; the three new references passed are stolen (set as
-        // the exception being handled); a NULL traceback is allowed.
-        unsafe { ffi::PyErr_SetExcInfo(exc_type.into_ptr(), exc.clone_ref(py).into_ptr(), exc_tb) };
-        // SAFETY: `handler` and the args tuple are live; no kwargs.
-        let r =
-            unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) };
-        // SAFETY: attached; gives back the saved references (stolen), each used once.
-        unsafe { ffi::PyErr_SetExcInfo(saved_type, saved_value, saved_tb) };
+        let r = while_handling(py, &exc, || {
+            // SAFETY: `handler` and the args tuple are live; no kwargs.
+            unsafe { guarded::call(handler.as_ptr(), call_args.as_ptr(), std::ptr::null_mut()) }
+        });
         owned_result(py, r)
     }
 
@@ -629,6 +721,9 @@ impl PyCachedCall {
         mut fresh: bool,
         args: &CallArgs<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
+        // Before listing a flight: a waiter never gets another thread's
+        // exhausted stack as its outcome (`CallArgs::call` checks again).
+        stack_check()?;
         loop {
             let generation = fork_generation();
             let mut stale = None;
