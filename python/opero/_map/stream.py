@@ -524,8 +524,16 @@ class _Driver:
         self.backend: _Backend | None = None
         self.bar = make_progress(mapped._progress, None, mapped.__name__)
         self.closed = False
+        self.source_error: Exception | None = None  # raised after the pulled items' results
 
     # ----------------------------------------------------------------- pulling
+
+    def source_failed(self, exc: Exception, chunk: list[Any]) -> None:
+        """Record that the items raised ``exc``: run the pulled ones, then raise it."""
+        self.source_error = exc
+        self.exhausted = True
+        if chunk:
+            self.add(chunk)
 
     def want_more(self) -> bool:
         """Return whether another chunk may be pulled (fewer than ``max_jobs`` in flight)."""
@@ -701,7 +709,14 @@ class _Driver:
         return self.exhausted and not self.records
 
     def report(self) -> None:
-        """At the end of the stream: warn about the failures, or raise them when strict."""
+        """At the end of the stream: warn about the failures, or raise them when strict.
+
+        When the items themselves raised, that error is raised instead (every
+        result before it was yielded, failures in their place).
+        """
+        if self.source_error is not None:
+            error, self.source_error = self.source_error, None
+            raise error
         if not self.failed:
             return
         message = failure_message(
@@ -775,7 +790,12 @@ def _imap(
     try:
         while True:
             while driver.want_more():
-                chunk = list(itertools.islice(source, driver.size))
+                chunk = []
+                try:  # extend keeps the items pulled before an error
+                    chunk.extend(itertools.islice(source, driver.size))
+                except Exception as exc:
+                    driver.source_failed(exc, chunk)
+                    break
                 if not chunk:
                     driver.exhausted = True
                     break
@@ -834,15 +854,19 @@ async def _aimap(
         while True:
             while driver.want_more():
                 chunk: list[Any]
-                if aiter_ is not None:
-                    chunk = []
-                    while len(chunk) < driver.size:
-                        try:
-                            chunk.append(await aiter_.__anext__())
-                        except StopAsyncIteration:
-                            break
-                else:
-                    chunk = list(itertools.islice(source, driver.size))
+                chunk = []
+                try:  # an error of the items comes after the results of those pulled
+                    if aiter_ is not None:
+                        while len(chunk) < driver.size:
+                            try:
+                                chunk.append(await aiter_.__anext__())
+                            except StopAsyncIteration:
+                                break
+                    else:
+                        chunk.extend(itertools.islice(source, driver.size))
+                except Exception as exc:
+                    driver.source_failed(exc, chunk)
+                    break
                 if not chunk:
                     driver.exhausted = True
                     break
