@@ -790,7 +790,7 @@ def _imap(
     try:
         while True:
             while driver.want_more():
-                chunk = []
+                chunk: list[Any] = []
                 try:  # extend keeps the items pulled before an error
                     chunk.extend(itertools.islice(source, driver.size))
                 except Exception as exc:
