@@ -7,15 +7,20 @@ own interpreter with a deadline (tests/faultkit.py).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 import opmap_helpers as h
+from faultkit import run_scenario
 from opero import opmap
 
 STREAM_MODES = ["thread", "process", "async", "async_process"]
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def build(mode: str, **options: Any) -> Any:
@@ -66,3 +71,61 @@ def test_aimap_source_error_comes_after_the_pulled_results(mode: str, source: An
     with pytest.raises(LookupError, match="source broke at 57"):
         asyncio.run(main())
     assert got == list(range(57))
+
+
+_INIT_DEATH = """
+    import json, os, sys, time
+    import opmap_helpers as h
+    from opero import WorkerStartError, opmap
+
+    init, initargs = (os.abort, ()) if sys.argv[1] == "abort" else (os._exit, (7,))
+    f = opmap(mode="async_process", workers=2, retries=0, progress=False,
+              initializer=init, initargs=initargs)(h.a_scaled)
+    out = {}
+    for kind in ("call", "imap"):
+        start = time.monotonic()
+        try:
+            got = f(range(20)) if kind == "call" else list(f.imap(range(20)))
+            out[kind] = ["returned", [type(r).__name__ for r in got][:3]]
+        except WorkerStartError as exc:
+            out[kind] = ["raised", str(exc)]
+        out[kind + "_s"] = time.monotonic() - start
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("how", ["abort", "exit"])
+def test_async_process_initializer_that_kills_its_worker_ends_the_map(how: str) -> None:
+    """An async_process initializer that kills its process raises WorkerStartError, no hang."""
+    pytest.importorskip("aiomultiprocess")
+    outcome = run_scenario(_INIT_DEATH, timeout=90, args=(how,), env=_ENV)
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    out = json.loads(outcome.lines()[-1])
+    for kind in ("call", "imap"):
+        assert out[kind][0] == "raised", out
+        assert "exited while running the initializer" in out[kind][1]
+        assert out[kind + "_s"] < 30
+
+
+def test_async_process_stream_raises_when_the_initializer_raises(tmp_path: Any) -> None:
+    """An async_process stream whose initializer raises raises WorkerStartError (documented)."""
+    pytest.importorskip("aiomultiprocess")
+    outcome = run_scenario(
+        """
+        import sys
+        import opmap_helpers as h, worker_helpers as wh
+        from opero import WorkerStartError, opmap
+        f = opmap(mode="async_process", workers=2, retries=0, progress=False,
+                  initializer=wh.init_fail, initargs=(sys.argv[1],))(h.a_scaled)
+        try:
+            got = list(f.imap(range(20)))
+            print("returned", [type(r).__name__ for r in got][:2])
+        except WorkerStartError as exc:
+            print("raised", type(exc.__cause__).__name__)
+        """,
+        timeout=90,
+        env=_ENV,
+        args=(str(tmp_path / "tries"),),
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.lines()[-1] == "raised FileNotFoundError"

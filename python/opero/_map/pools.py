@@ -623,9 +623,13 @@ def aio_process_pool(workers: int, init_blob: bytes | None = None) -> Any:
         if init_blob is None:
             pool = aiomultiprocess.Pool(processes=workers, initializer=_exit_with_parent)
         else:
+            notes = _aio_folder(
+                "opero-aioinit-"
+            )  # a worker notes its pid here while its initializer runs
             pool = aiomultiprocess.Pool(
-                processes=workers, initializer=_aio_worker_init, initargs=(init_blob,)
+                processes=workers, initializer=_aio_worker_init, initargs=(init_blob, notes)
             )
+            pool._opero_init_notes = notes
         _AIO_POOLS[key] = pool
     return pool
 
@@ -638,19 +642,29 @@ class _InitializerFailed(Exception):
     """What an async_process job returns when its worker's initializer raised."""
 
 
-def _aio_worker_init(init_blob: bytes) -> None:
+def _aio_worker_init(init_blob: bytes, notes: str | None = None) -> None:
     """Run the map's initializer in an async_process worker; remember its error.
 
     aiomultiprocess replaces a worker whose initializer raises, which raises
     again: a loop that never runs a job. So the error is kept, and every job
     of this worker returns it (:class:`_InitializerFailed`) to end the map.
+    An initializer that kills its process (``os._exit``, a signal) would loop
+    the same way: the worker notes its pid in ``notes`` while the initializer
+    runs, so the parent tells that death from a job's (:meth:`_AioProcessRun.replace_lost`).
     """
     _exit_with_parent()
+    note = os.path.join(notes, str(os.getpid())) if notes else None
+    if note is not None:
+        with contextlib.suppress(OSError):  # the map then just cannot tell
+            open(note, "wb").close()
     try:
         initializer, initargs = pickle.loads(init_blob)
         initializer(*initargs)
     except Exception as exc:
         _AIO_INIT_ERROR.append(portable(exc))
+    if note is not None:
+        with contextlib.suppress(OSError):
+            os.remove(note)
 
 
 def _start_aio_manager() -> None:
@@ -676,10 +690,10 @@ def _start_aio_manager() -> None:
 AIO_WATCH_INTERVAL = 0.05
 
 
-def _aio_folder() -> str:
+def _aio_folder(prefix: str = "opero-aio-") -> str:
     """Create the folder of one async_process map (RAM-backed when the system has one)."""
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="opero-aio-", dir=shm)
+    return tempfile.mkdtemp(prefix=prefix, dir=shm)
 
 
 async def arun_tracked_chunk(
@@ -880,6 +894,9 @@ class _AioProcessRun:
                     del _AIO_POOLS[key]
             with contextlib.suppress(Exception):
                 self.pool.terminate()
+            notes = getattr(self.pool, "_opero_init_notes", None)
+            if notes is not None:
+                shutil.rmtree(notes, ignore_errors=True)
             raise error
         if values is None:  # the job did not unpickle in the worker
             if size > 1:
@@ -928,6 +945,7 @@ class _AioProcessRun:
         ):
             return  # no worker died since the map started: nothing to look for
         self.death_seen = True
+        self.check_initializer_deaths({p.pid for p in alive})
         lost, unstarted = self.scan({p.pid for p in alive})
         for pid, group in lost.items():
             for task in group:
@@ -939,6 +957,33 @@ class _AioProcessRun:
             since = self.unstarted_since.setdefault(task, now)
             if now - since >= AIO_LOST_GRACE:
                 self.lose(task, 0, alone=False)
+
+    def check_initializer_deaths(self, live: set[int]) -> None:
+        """Raise :class:`WorkerStartError` when a worker died inside the initializer.
+
+        aiomultiprocess would replace it forever, each replacement dying the
+        same way, and the map would never end.
+        """
+        notes = getattr(self.pool, "_opero_init_notes", None)
+        if notes is None:
+            return
+        try:
+            dead = [int(name) for name in os.listdir(notes) if int(name) not in live]
+        except (OSError, ValueError):
+            return
+        if not dead:
+            return
+        for key, pool in list(_AIO_POOLS.items()):  # the next call starts new workers
+            if pool is self.pool:
+                del _AIO_POOLS[key]
+        with contextlib.suppress(Exception):
+            self.pool.terminate()
+        shutil.rmtree(notes, ignore_errors=True)
+        raise WorkerStartError(
+            f"opmap: worker process {dead[0]} exited while running the initializer (os._exit, "
+            "a signal or a crash in native code), so the async_process pool cannot start; "
+            "the map stopped (its items that had not run never will)"
+        )
 
     def scan(
         self, live: set[int]
@@ -971,6 +1016,9 @@ async def _close_aio_pools() -> None:
     for pool in list(_AIO_POOLS.values()):
         pool.close()
         await pool.join()
+        notes = getattr(pool, "_opero_init_notes", None)
+        if notes is not None:
+            shutil.rmtree(notes, ignore_errors=True)
     _AIO_POOLS.clear()
 
 

@@ -397,7 +397,9 @@ class _AioProcessBackend(_Backend):
             if delivered[0] or self.stopped or future.cancelled():
                 return
             exc = future.exception()
-            if exc is not None:
+            if isinstance(exc, WorkerStartError):  # no worker can start: the stream raises it
+                self.deliver(job_id, None, exc)  # type: ignore[arg-type]
+            elif exc is not None:
                 self.deliver(job_id, *_all_failed(n, exc))
 
         future.add_done_callback(finished)
