@@ -129,3 +129,38 @@ def test_async_process_stream_raises_when_the_initializer_raises(tmp_path: Any) 
     )
     assert outcome.returncode == 0, outcome.stderr[-2000:]
     assert outcome.lines()[-1] == "raised FileNotFoundError"
+
+
+@pytest.mark.parametrize("mode", ["thread", "process", "async"])
+def test_imap_slow_source_streams_at_its_own_pace(mode: str) -> None:
+    """After a fast stream grew the chunks, a source yielding every 20 ms still streams each."""
+    outcome = run_scenario(
+        """
+        import itertools, sys, time
+        import opmap_helpers as h
+        from opero import opmap
+
+        mode = sys.argv[1]
+        f = opmap(mode=mode, workers=2, retries=0, progress=False)(
+            h.a_scaled if mode == "async" else h.scaled)
+        assert list(f.imap(range(100_000))) == list(range(100_000))  # chunks grow
+        grown = f._stream_chunk > 10 or mode == "async"  # async: one item per job
+
+        def slow():
+            for i in itertools.count():
+                time.sleep(0.02)
+                yield i
+
+        start = time.monotonic()
+        got = list(itertools.islice(f.imap(slow()), 10))
+        print(got == list(range(10)), grown, round(time.monotonic() - start, 2))
+        """,
+        timeout=60,
+        env=_ENV,
+        args=(mode,),
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    ok, grown, seconds = outcome.lines()[-1].split()
+    assert (ok, grown) == ("True", "True"), outcome.stdout
+    # 10 items at 20 ms: 0.2 s; a chunk filled first took 4096 * 20 ms = 80 s.
+    assert float(seconds) < 20

@@ -95,6 +95,28 @@ def failure_message(label: str, count: int, total: int | None, first: int, exc: 
     return f"opmap {label}: {of} failed; the first at index {first}: {short(exc)}"
 
 
+def _pull(source: Iterator[Any], size: int, chunk: list[Any]) -> None:
+    """Extend ``chunk`` with up to ``size`` items of ``source``, for about :data:`TARGET_JOB` s.
+
+    The items come in slices of 1, 2, 4, ... (each at C speed); once pulling
+    took :data:`TARGET_JOB`, the chunk goes as it is: a slow source (items
+    arriving over time) streams at its own pace instead of filling a chunk
+    sized for fast items first. ``extend`` keeps the items pulled before an
+    error of the source.
+    """
+    start = time.monotonic()
+    step = 1
+    while True:
+        want = min(step, size - len(chunk))
+        before = len(chunk)
+        chunk.extend(itertools.islice(source, want))
+        if len(chunk) - before < want or len(chunk) >= size:
+            return  # the source is exhausted (the next pull says so), or the chunk is full
+        if time.monotonic() - start >= TARGET_JOB:
+            return
+        step *= 2
+
+
 # --------------------------------------------------------------------------- backends
 
 
@@ -794,7 +816,7 @@ def _imap(
             while driver.want_more():
                 chunk: list[Any] = []
                 try:  # extend keeps the items pulled before an error
-                    chunk.extend(itertools.islice(source, driver.size))
+                    _pull(source, driver.size, chunk)
                 except Exception as exc:
                     driver.source_failed(exc, chunk)
                     break
@@ -859,13 +881,16 @@ async def _aimap(
                 chunk = []
                 try:  # an error of the items comes after the results of those pulled
                     if aiter_ is not None:
+                        start = time.monotonic()
                         while len(chunk) < driver.size:
                             try:
                                 chunk.append(await aiter_.__anext__())
                             except StopAsyncIteration:
                                 break
+                            if time.monotonic() - start >= TARGET_JOB:
+                                break  # a slow source: send what came (see _pull)
                     else:
-                        chunk.extend(itertools.islice(source, driver.size))
+                        _pull(source, driver.size, chunk)
                 except Exception as exc:
                     driver.source_failed(exc, chunk)
                     break
