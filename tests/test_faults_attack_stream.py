@@ -164,3 +164,26 @@ def test_imap_slow_source_streams_at_its_own_pace(mode: str) -> None:
     assert (ok, grown) == ("True", "True"), outcome.stdout
     # 10 items at 20 ms: 0.2 s; a chunk filled first took 4096 * 20 ms = 80 s.
     assert float(seconds) < 20
+
+
+def test_imap_with_max_tasks_per_child_grows_its_chunks() -> None:
+    """imap with max_tasks_per_child=1 over 2000 trivial items starts few workers, not one each."""
+    outcome = run_scenario(
+        """
+        import worker_helpers as wh
+        from opero import opmap
+
+        f = opmap(mode="process", workers=2, retries=0, progress=False,
+                  max_tasks_per_child=1)(wh.with_state)
+        got = list(f.imap(range(2000)))
+        print([x for x, _, _ in got] == list(range(2000)), len({pid for _, pid, _ in got}))
+        """,
+        timeout=120,
+        env=_ENV,
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    ok, pids = outcome.lines()[-1].split()
+    assert ok == "True"
+    # One job per worker: the chunks double from 1 (about 11 jobs); before, every
+    # item was its own job, a process start each (2000 starts, 150x the list call).
+    assert int(pids) < 100, pids

@@ -55,7 +55,7 @@ from opero.errors import MapError, OperoError, OpmapFailureWarning, WorkerStartE
 if TYPE_CHECKING:
     from opero._map.decorator import MappedFunction
 
-__all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "failure_message", "imap", "short"]
+__all__ = ["MAX_CHUNK", "RESTART_JOB", "TARGET_JOB", "Stream", "aimap", "failure_message", "imap", "short"]
 
 _log = logging.getLogger("opero")
 
@@ -63,6 +63,8 @@ MAX_CHUNK = 4096
 """The largest automatic chunk (items per job) of a stream."""
 TARGET_JOB = 0.01
 """Seconds an automatic chunk aims to take (sent to received)."""
+RESTART_JOB = 0.25
+"""With ``max_tasks_per_child``, a job shorter than this doubles the next chunk."""
 
 Deliver = Callable[[int, list[Any], "dict[int, BaseException] | None"], None]
 
@@ -533,6 +535,7 @@ class _Driver:
         # A stream starts at the size the last stream of this function reached.
         self.size = 1 if self.async_items else (mapped._chunksize or mapped._stream_chunk)
         self.max_jobs = self.workers if self.async_items else 2 * self.workers
+        self.restarts = mode == "process" and mapped._max_tasks is not None
         self.parent_cache = bool(mapped._has_cache) and mode not in ("thread", "async")
         self.store = mapped._store_many(kw) if self.parent_cache else None
         self.records: dict[int, _Record] = {}
@@ -643,8 +646,13 @@ class _Driver:
         if record is None or record.done:  # pragma: no cover - a job is delivered once
             return
         if not self.fixed and values:
-            per_item = max(time.monotonic() - record.sent, 1e-9) / len(values)
-            self.size = max(1, min(MAX_CHUNK, int(TARGET_JOB / per_item)))
+            elapsed = max(time.monotonic() - record.sent, 1e-9)
+            size = int(TARGET_JOB * len(values) / elapsed)
+            if self.restarts and elapsed < RESTART_JOB:
+                # Each job may start a worker (max_tasks_per_child): its start time is
+                # not the items' cost. Short jobs grow, or every item pays a start.
+                size = max(size, 2 * self.size)
+            self.size = max(1, min(MAX_CHUNK, size))
             self.mapped._stream_chunk = self.size
         self.bar.update(len(values))
         items = record.items
