@@ -167,7 +167,7 @@ def test_imap_slow_source_streams_at_its_own_pace(mode: str) -> None:
 
 
 def test_imap_with_max_tasks_per_child_grows_its_chunks() -> None:
-    """imap with max_tasks_per_child=1 over 2000 trivial items starts few workers, not one each."""
+    """A stream with max_tasks_per_child=1 over 2000 trivial items starts few workers."""
     outcome = run_scenario(
         """
         import worker_helpers as wh

@@ -55,7 +55,16 @@ from opero.errors import MapError, OperoError, OpmapFailureWarning, WorkerStartE
 if TYPE_CHECKING:
     from opero._map.decorator import MappedFunction
 
-__all__ = ["MAX_CHUNK", "RESTART_JOB", "TARGET_JOB", "Stream", "aimap", "failure_message", "imap", "short"]
+__all__ = [
+    "MAX_CHUNK",
+    "RESTART_JOB",
+    "TARGET_JOB",
+    "Stream",
+    "aimap",
+    "failure_message",
+    "imap",
+    "short",
+]
 
 _log = logging.getLogger("opero")
 
