@@ -187,3 +187,42 @@ def test_imap_with_max_tasks_per_child_grows_its_chunks() -> None:
     # One job per worker: the chunks double from 1 (about 11 jobs); before, every
     # item was its own job, a process start each (2000 starts, 150x the list call).
     assert int(pids) < 100, pids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the stream pulls its next items in the consumer's thread before it yields: a "
+    "source that waits for the consumer (a crawler feeding results back) blocks it for good",
+)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_imap_source_fed_by_the_consumer_does_not_deadlock(mode: str) -> None:
+    """A crawler whose next item comes from the last result streams all of them."""
+    outcome = run_scenario(
+        """
+        import queue, sys
+        import opmap_helpers as h
+        from opero import opmap
+
+        f = opmap(mode=sys.argv[1], workers=2, retries=0, progress=False)(h.scaled)
+        todo = queue.Queue()
+        todo.put(0)
+
+        def source():
+            while (item := todo.get(timeout=3)) is not None:  # 3 s: a deadlock
+                yield item
+
+        seen = []
+        try:
+            for result in f.imap(source()):
+                seen.append(result)
+                todo.put(result + 1 if result < 5 else None)
+            print("ok", seen)
+        except queue.Empty:
+            print("deadlock", seen)
+        """,
+        timeout=60,
+        env=_ENV,
+        args=(mode,),
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.lines()[-1] == "ok [0, 1, 2, 3, 4, 5]"
