@@ -16,7 +16,7 @@ import pytest
 
 import opmap_helpers as h
 from faultkit import run_scenario
-from opero import opmap
+from opero import OpmapFailureWarning, opmap
 
 STREAM_MODES = ["thread", "process", "async", "async_process"]
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -226,3 +226,21 @@ def test_imap_source_fed_by_the_consumer_does_not_deadlock(mode: str) -> None:
     )
     assert outcome.returncode == 0, outcome.stderr[-2000:]
     assert outcome.lines()[-1] == "ok [0, 1, 2, 3, 4, 5]"
+
+
+@pytest.mark.parametrize("reorder", ["reverse", "sort"])
+def test_failed_refuses_results_reordered_in_place(reorder: str) -> None:
+    """failed() on results sorted or reversed in place raises TypeError, not wrong items."""
+    f = opmap(mode="thread", workers=2, retries=0, progress=False)(h.fail_on_3_and_7)
+    with pytest.warns(OpmapFailureWarning):
+        results = f(range(10))
+    assert [i for i, _, _ in f.failed(results)] == [3, 7]
+    if reorder == "reverse":
+        results.reverse()
+    else:
+        results.sort(key=lambda r: isinstance(r, Exception))
+    with pytest.raises(TypeError, match="sorted or reversed"):
+        f.failed(results)
+    # Given the items in the results' new order, it names the right ones again.
+    order = list(range(10))[::-1] if reorder == "reverse" else [0, 1, 2, 4, 5, 6, 8, 9, 3, 7]
+    assert sorted(item for _, item, _ in f.failed(results, order)) == [3, 7]
