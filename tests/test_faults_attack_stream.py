@@ -244,3 +244,31 @@ def test_failed_refuses_results_reordered_in_place(reorder: str) -> None:
     # Given the items in the results' new order, it names the right ones again.
     order = list(range(10))[::-1] if reorder == "reverse" else [0, 1, 2, 4, 5, 6, 8, 9, 3, 7]
     assert sorted(item for _, item, _ in f.failed(results, order)) == [3, 7]
+
+
+@pytest.mark.parametrize("kind", ["call", "imap"])
+def test_ctrl_c_with_a_hung_async_process_initializer_lets_the_interpreter_exit(kind: str) -> None:
+    """After Ctrl-C stops a map whose initializer never returns, the interpreter still exits."""
+    pytest.importorskip("aiomultiprocess")
+    outcome = run_scenario(
+        """
+        import logging, os, signal, sys, threading, time
+        import opmap_helpers as h
+        from opero import opmap
+
+        logging.basicConfig()
+        f = opmap(mode="async_process", workers=2, retries=0, progress=False,
+                  initializer=time.sleep, initargs=(3600,))(h.a_scaled)
+        threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            f(range(10)) if sys.argv[1] == "call" else list(f.imap(range(10)))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        """,
+        timeout=60,
+        env=_ENV,
+        args=(kind,),
+    )
+    assert outcome.lines() == ["interrupted"], outcome.stderr[-2000:]
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert "were terminated" in outcome.stderr  # the exit says what it did

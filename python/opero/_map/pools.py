@@ -1011,11 +1011,32 @@ class _AioProcessRun:
 # --------------------------------------------------------------------------- shutdown
 
 
+AIO_EXIT_GRACE = 3.0
+"""Seconds the async_process workers get at exit to finish; then they are terminated."""
+
+
 async def _close_aio_pools() -> None:
-    """Close and join every aiomultiprocess pool."""
+    """Close and join every aiomultiprocess pool; terminate the workers still busy after a grace.
+
+    A worker stuck in a job or an initializer (left behind by Ctrl-C) would
+    otherwise hold the interpreter's exit forever: multiprocessing joins it.
+    """
+    deadline = time.monotonic() + AIO_EXIT_GRACE
     for pool in list(_AIO_POOLS.values()):
         pool.close()
-        await pool.join()
+        try:
+            await asyncio.wait_for(pool.join(), max(0.1, deadline - time.monotonic()))
+        except Exception:  # a TimeoutError, or a broken pool: terminate its workers
+            import logging
+
+            logging.getLogger("opero").warning(
+                "opmap: async_process workers still busy %.0f s after exit began were "
+                "terminated (a job or an initializer that never returned)",
+                AIO_EXIT_GRACE,
+                exc_info=True,
+            )
+            with contextlib.suppress(Exception):
+                pool.terminate()
         notes = getattr(pool, "_opero_init_notes", None)
         if notes is not None:
             shutil.rmtree(notes, ignore_errors=True)
