@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -272,3 +273,23 @@ def test_ctrl_c_with_a_hung_async_process_initializer_lets_the_interpreter_exit(
     assert outcome.lines() == ["interrupted"], outcome.stderr[-2000:]
     assert outcome.returncode == 0, outcome.stderr[-2000:]
     assert "were terminated" in outcome.stderr  # the exit says what it did
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_imap_progress_counts_failures_and_retries(
+    mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A streamed map's bar and summary count its failed and retried items, as a call's do."""
+    f = opmap(mode=mode, workers=2, retries=1, progress="force", _sleep=lambda s: None)(
+        h.fail_on_3_and_7
+    )
+    with pytest.warns(OpmapFailureWarning):
+        results = list(f.imap(range(10)))
+    assert [i for i, r in enumerate(results) if isinstance(r, Exception)] == [3, 7]
+    err = capsys.readouterr().err.replace("\r", "\n")
+    summary = [line for line in err.splitlines() if line.startswith("opmap ")]
+    assert len(summary) == 1, err
+    assert re.fullmatch(
+        r"opmap fail_on_3_and_7: 10 done, 2 failed, 0 cached, 2 retries in [\d.]+ s", summary[0]
+    ), summary
+    assert "failed=2 retried=2" in err

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import make_progress
+from opero._map.progress import CURRENT_BAR, make_progress
 from opero.errors import MapError, OperoError, OpmapFailureWarning, WorkerStartError
 
 if TYPE_CHECKING:
@@ -126,6 +126,29 @@ def _pull(source: Iterator[Any], size: int, chunk: list[Any]) -> None:
         if time.monotonic() - start >= TARGET_JOB:
             return
         step *= 2
+
+
+def _telling(fn: Callable[[Any], Any], bar: Any, is_coroutine: bool) -> Callable[[Any], Any]:
+    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted."""
+    if is_coroutine:
+
+        async def atold(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
+            try:
+                return await fn(item)
+            finally:
+                CURRENT_BAR.reset(token)
+
+        return atold
+
+    def told(item: Any) -> Any:
+        token = CURRENT_BAR.set(bar)
+        try:
+            return fn(item)
+        finally:
+            CURRENT_BAR.reset(token)
+
+    return told
 
 
 # --------------------------------------------------------------------------- backends
@@ -300,8 +323,15 @@ class _ProcessBackend(_Backend):
     prefetches within a run only); the pool feeds several runs in turn.
     """
 
-    def __init__(self, pool: Any, target: Any, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        target: Any,
+        deliver: Deliver,
+        retried: Callable[[int], object] | None = None,
+    ) -> None:
         self.pool = pool
+        self.retried = retried
         self.target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
         self.deliver = deliver
         self.staged: list[tuple[int, list[Any], Sequence[int]]] = []
@@ -333,7 +363,9 @@ class _ProcessBackend(_Backend):
                     return
             self.deliver(ids[j], values, errors)
 
-        run = _process_pool._Run(self.target_blob, jobs, once, [ix for _, _, ix in staged])
+        run = _process_pool._Run(
+            self.target_blob, jobs, once, [ix for _, _, ix in staged], self.retried
+        )
 
         def ended() -> None:  # a run that failed (a worker cannot start) skips its done calls
             if run.failure is not None:  # the pool cannot run anything: the stream raises it
@@ -614,13 +646,15 @@ class _Driver:
         mapped = self.mapped
         backend: _Backend
         if self.mode == "thread":
-            backend = _ThreadBackend(
-                mapped._item_fn(self.kw, thread=True), self.workers, self.deliver, self.loop is None
-            )
+            fn = mapped._item_fn(self.kw, thread=True)
+            if self.bar.shown:  # count the retries (branch once, not per item)
+                fn = _telling(fn, self.bar, False)
+            backend = _ThreadBackend(fn, self.workers, self.deliver, self.loop is None)
         elif self.mode == "async":
-            backend = _AsyncBackend(
-                mapped._item_fn(self.kw), mapped._is_async, self.deliver, self.loop
-            )
+            fn = mapped._item_fn(self.kw)
+            if self.bar.shown:
+                fn = _telling(fn, self.bar, mapped._is_async)
+            backend = _AsyncBackend(fn, mapped._is_async, self.deliver, self.loop)
         else:
             target = mapped._worker_target(self.kw)
             if mapped._executor is not None:
@@ -629,7 +663,8 @@ class _Driver:
                 pool = _process_pool.process_pool(
                     self.workers, None, mapped._worker_init_blob(), mapped._max_tasks
                 )
-                backend = _ProcessBackend(pool, target, self.deliver)
+                retried = self.bar.retry if self.bar.shown else None
+                backend = _ProcessBackend(pool, target, self.deliver, retried)
             elif self.mode == "dask":
                 client = mapped._dask_client()
                 if mapped._init_blob is not None:
@@ -664,6 +699,8 @@ class _Driver:
             self.size = max(1, min(MAX_CHUNK, size))
             self.mapped._stream_chunk = self.size
         self.bar.update(len(values))
+        if errors:
+            self.bar.fail(len(errors))
         items = record.items
         assert items is not None
         if self.store is not None:
