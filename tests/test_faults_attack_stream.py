@@ -293,3 +293,42 @@ def test_imap_progress_counts_failures_and_retries(
         r"opmap fail_on_3_and_7: 10 done, 2 failed, 0 cached, 2 retries in [\d.]+ s", summary[0]
     ), summary
     assert "failed=2 retried=2" in err
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_close_from_another_thread_stops_a_blocked_consumer(mode: str) -> None:
+    """close() while another thread waits in next() ends that loop and stops pulling items."""
+    outcome = run_scenario(
+        """
+        import itertools, sys, threading, time
+        from opero import opmap
+
+        f = opmap(mode=sys.argv[1], workers=2, retries=0, progress=False)(time.sleep)
+        pulled = []
+
+        def source():
+            for i in itertools.count():
+                pulled.append(i)
+                yield 0.5
+
+        stream = f.imap(source())
+        out = []
+        consumer = threading.Thread(target=lambda: out.extend(stream))
+        consumer.start()
+        time.sleep(0.2)  # the consumer waits for the first 0.5 s items
+        try:
+            stream.close()
+            print("closed")
+        except Exception as exc:
+            print("close raised", repr(exc))
+        consumer.join(20)
+        before = len(pulled)
+        time.sleep(1.0)
+        print(consumer.is_alive(), len(pulled) == before)
+        """,
+        timeout=60,
+        env=_ENV,
+        args=(mode,),
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.lines()[-2:] == ["closed", "False True"], outcome.stdout

@@ -833,10 +833,18 @@ class Stream(itertools.chain):  # type: ignore[type-arg]
     """
 
     _chunks: Any
+    _results: Any
 
     def close(self) -> None:
-        """Stop the map: no more items are pulled, jobs not started are dropped."""
-        self._chunks.close()
+        """Stop the map: no more items are pulled, jobs not started are dropped.
+
+        From another thread while the consumer waits in ``next()``: that
+        ``next()`` ends the iteration (``StopIteration``) and the map stops.
+        """
+        try:
+            self._chunks.close()
+        except ValueError:  # "generator already executing": a next() runs in another thread
+            self._results.put(None)  # wakes it: the stream stops there
 
 
 def imap(
@@ -846,9 +854,11 @@ def imap(
     kw: dict[str, Any] | None,
 ) -> Iterator[Any]:
     """Return the iterator of ``f.imap(items)`` (nothing runs before the first ``next``)."""
-    chunks = _imap(mapped, source, ordered, kw)
+    results: queue.SimpleQueue[tuple[int, list[Any], Any] | None] = queue.SimpleQueue()
+    chunks = _imap(mapped, source, ordered, kw, results)
     stream: Any = Stream.from_iterable(chunks)  # a Stream: from_iterable keeps the subclass
     stream._chunks = chunks
+    stream._results = results
     result: Iterator[Any] = stream
     return result
 
@@ -858,8 +868,9 @@ def _imap(
     source: Iterator[Any],
     ordered: bool,
     kw: dict[str, Any] | None,
+    results: queue.SimpleQueue[tuple[int, list[Any], Any] | None],
 ) -> Iterator[list[Any]]:
-    results: queue.SimpleQueue[tuple[int, list[Any], Any]] = queue.SimpleQueue()
+    """Run the stream; a ``None`` in ``results`` is a close() from another thread."""
 
     def deliver(job: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
         results.put((job, values, errors))
@@ -885,12 +896,17 @@ def _imap(
             if driver.want_more():  # take() freed room: pull before waiting
                 continue
             if not driver.help():  # nothing to run here: wait for a worker
-                driver.on_result(*results.get())
+                message = results.get()
+                if message is None:
+                    return  # closed from another thread
+                driver.on_result(*message)
             while True:
                 try:
                     message = results.get_nowait()
                 except queue.Empty:
                     break
+                if message is None:
+                    return
                 driver.on_result(*message)
         driver.report()
     finally:
