@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -332,3 +333,17 @@ def test_close_from_another_thread_stops_a_blocked_consumer(mode: str) -> None:
     )
     assert outcome.returncode == 0, outcome.stderr[-2000:]
     assert outcome.lines()[-2:] == ["closed", "False True"], outcome.stdout
+
+
+@pytest.mark.parametrize("mode", ["process", "async_process"])
+@pytest.mark.parametrize("how", ["call", "imap"])
+def test_unpicklable_shared_keyword_is_named(mode: str, how: str) -> None:
+    """A shared keyword argument that cannot be pickled to workers raises a TypeError naming it."""
+    if mode == "async_process":
+        pytest.importorskip("aiomultiprocess")
+    f = build(mode)
+    lock = threading.Lock()
+    run = f if how == "call" else (lambda items, **kw: list(f.imap(items, **kw)))
+    with pytest.raises(TypeError, match=r"shared keyword argument scale= cannot be pickled"):
+        run([1, 2], scale=lock)
+    assert f([1, 2], scale=3) == [3, 6]  # the map still works

@@ -746,12 +746,35 @@ async def arun_tracked_chunk(
 AIO_LOST_GRACE = 1.0
 
 
+def dumps_target(target: Any) -> bytes:
+    """Pickle a map's worker target; a shared keyword argument that cannot travel is named.
+
+    Only a failure pays for the search (each keyword pickled alone).
+    """
+    try:
+        return pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        kwargs = getattr(target, "kwargs", None) or {}
+        for name, value in kwargs.items():
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as inner:
+                raise TypeError(
+                    f"opmap: the shared keyword argument {name}= cannot be pickled to the "
+                    f"worker processes ({type(inner).__name__}: {inner}); pass a picklable "
+                    "value (a path, not an open file or a lock), or build it in each worker "
+                    "with initializer="
+                ) from exc
+        raise
+
+
 async def run_aio_process_jobs(
     workers: int,
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
     init_blob: bytes | None = None,
+    target_blob: bytes | None = None,
 ) -> None:
     """Run every job on the aiomultiprocess pool (on the background loop).
 
@@ -773,7 +796,8 @@ async def run_aio_process_jobs(
     A cancelled map (Ctrl-C, a cancelled ``amap``) removes its folder: its
     queued jobs and unstarted items are skipped.
     """
-    target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)  # errors: the caller's
+    if target_blob is None:  # a stream pickles it once, not per job
+        target_blob = dumps_target(target)  # errors: the caller's
     await _AioProcessRun(aio_process_pool(workers, init_blob), target_blob, jobs, done).run()
 
 

@@ -39,7 +39,6 @@ import collections
 import concurrent.futures as cf
 import itertools
 import logging
-import pickle
 import queue
 import threading
 import time
@@ -332,7 +331,7 @@ class _ProcessBackend(_Backend):
     ) -> None:
         self.pool = pool
         self.retried = retried
-        self.target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
+        self.target_blob = _pools.dumps_target(target)
         self.deliver = deliver
         self.staged: list[tuple[int, list[Any], Sequence[int]]] = []
         self.runs: dict[int, Any] = {}
@@ -437,6 +436,7 @@ class _AioProcessBackend(_Backend):
     ) -> None:
         self.workers = workers
         self.target = target
+        self.target_blob = _pools.dumps_target(target)  # once per stream; errors: the caller's
         self.deliver = deliver
         self.init_blob = init_blob
         self.futures: dict[int, cf.Future[Any]] = {}
@@ -452,7 +452,12 @@ class _AioProcessBackend(_Backend):
                 self.deliver(job_id, values, errors)
 
         coro = _pools.run_aio_process_jobs(
-            self.workers, self.target, [items], done, init_blob=self.init_blob
+            self.workers,
+            self.target,
+            [items],
+            done,
+            init_blob=self.init_blob,
+            target_blob=self.target_blob,
         )
         future = _pools.background_loop().submit(coro)
         self.futures[job_id] = future
