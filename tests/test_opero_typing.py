@@ -90,7 +90,7 @@ def _basedpyright() -> str:
     """Return the basedpyright executable beside this Python, or skip with the reason."""
     exe = Path(sys.executable).with_name("basedpyright")
     if not exe.exists():
-        pytest.skip("basedpyright is not installed (pip install basedpyright: the test dependency group)")
+        pytest.skip("basedpyright is not installed (pip install basedpyright: the test group)")
     return str(exe)
 
 

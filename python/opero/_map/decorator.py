@@ -555,6 +555,22 @@ class _Results(list):  # type: ignore[type-arg]
     _opmap_items: Sequence[Any]
     _opmap_indices: list[int] | None
 
+    def _forget(self) -> None:
+        """Forget the items: reordered results no longer match them by position."""
+        for name in self.__slots__:
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def reverse(self) -> None:
+        """Reverse in place; :meth:`MappedFunction.failed` then needs the items again."""
+        self._forget()
+        super().reverse()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        """Sort in place; :meth:`MappedFunction.failed` then needs the items again."""
+        self._forget()
+        super().sort(*args, **kwargs)
+
 
 class MappedFunction(Generic[T, R]):
     """A one-item function mapped over iterables; built by :func:`opmap`.
@@ -835,14 +851,14 @@ class MappedFunction(Generic[T, R]):
         indices: list[int] | None = None
         if items is not None:
             known: Sequence[Any] = _as_list(items, "failed")
-        elif isinstance(results, _Results):
+        elif isinstance(results, _Results) and hasattr(results, "_opmap_items"):
             known = results._opmap_items
             indices = results._opmap_indices
         else:
             raise TypeError(
                 f"{self.__name__}.failed(results): this results list does not remember its "
-                "items (only the lists a call or amap returns do): pass them, "
-                "failed(results, items)"
+                "items (only the lists a call or amap returns do, until sorted or reversed "
+                "in place): pass them, failed(results, items)"
             )
         if len(known) != len(results):
             raise TypeError(

@@ -623,9 +623,13 @@ def aio_process_pool(workers: int, init_blob: bytes | None = None) -> Any:
         if init_blob is None:
             pool = aiomultiprocess.Pool(processes=workers, initializer=_exit_with_parent)
         else:
+            notes = _aio_folder(
+                "opero-aioinit-"
+            )  # a worker notes its pid here while its initializer runs
             pool = aiomultiprocess.Pool(
-                processes=workers, initializer=_aio_worker_init, initargs=(init_blob,)
+                processes=workers, initializer=_aio_worker_init, initargs=(init_blob, notes)
             )
+            pool._opero_init_notes = notes
         _AIO_POOLS[key] = pool
     return pool
 
@@ -638,19 +642,29 @@ class _InitializerFailed(Exception):
     """What an async_process job returns when its worker's initializer raised."""
 
 
-def _aio_worker_init(init_blob: bytes) -> None:
+def _aio_worker_init(init_blob: bytes, notes: str | None = None) -> None:
     """Run the map's initializer in an async_process worker; remember its error.
 
     aiomultiprocess replaces a worker whose initializer raises, which raises
     again: a loop that never runs a job. So the error is kept, and every job
     of this worker returns it (:class:`_InitializerFailed`) to end the map.
+    An initializer that kills its process (``os._exit``, a signal) would loop
+    the same way: the worker notes its pid in ``notes`` while the initializer
+    runs, so the parent tells that death from a job's (:meth:`_AioProcessRun.replace_lost`).
     """
     _exit_with_parent()
+    note = os.path.join(notes, str(os.getpid())) if notes else None
+    if note is not None:
+        with contextlib.suppress(OSError):  # the map then just cannot tell
+            open(note, "wb").close()
     try:
         initializer, initargs = pickle.loads(init_blob)
         initializer(*initargs)
     except Exception as exc:
         _AIO_INIT_ERROR.append(portable(exc))
+    if note is not None:
+        with contextlib.suppress(OSError):
+            os.remove(note)
 
 
 def _start_aio_manager() -> None:
@@ -676,10 +690,10 @@ def _start_aio_manager() -> None:
 AIO_WATCH_INTERVAL = 0.05
 
 
-def _aio_folder() -> str:
+def _aio_folder(prefix: str = "opero-aio-") -> str:
     """Create the folder of one async_process map (RAM-backed when the system has one)."""
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="opero-aio-", dir=shm)
+    return tempfile.mkdtemp(prefix=prefix, dir=shm)
 
 
 async def arun_tracked_chunk(
@@ -732,12 +746,35 @@ async def arun_tracked_chunk(
 AIO_LOST_GRACE = 1.0
 
 
+def dumps_target(target: Any) -> bytes:
+    """Pickle a map's worker target; a shared keyword argument that cannot travel is named.
+
+    Only a failure pays for the search (each keyword pickled alone).
+    """
+    try:
+        return pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        kwargs = getattr(target, "kwargs", None) or {}
+        for name, value in kwargs.items():
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as inner:
+                raise TypeError(
+                    f"opmap: the shared keyword argument {name}= cannot be pickled to the "
+                    f"worker processes ({type(inner).__name__}: {inner}); pass a picklable "
+                    "value (a path, not an open file or a lock), or build it in each worker "
+                    "with initializer="
+                ) from exc
+        raise
+
+
 async def run_aio_process_jobs(
     workers: int,
     target: Target,
     jobs: Sequence[Sequence[Any]],
     done: Callable[[int, list[Any], dict[int, BaseException] | None], None],
     init_blob: bytes | None = None,
+    target_blob: bytes | None = None,
 ) -> None:
     """Run every job on the aiomultiprocess pool (on the background loop).
 
@@ -759,7 +796,8 @@ async def run_aio_process_jobs(
     A cancelled map (Ctrl-C, a cancelled ``amap``) removes its folder: its
     queued jobs and unstarted items are skipped.
     """
-    target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)  # errors: the caller's
+    if target_blob is None:  # a stream pickles it once, not per job
+        target_blob = dumps_target(target)  # errors: the caller's
     await _AioProcessRun(aio_process_pool(workers, init_blob), target_blob, jobs, done).run()
 
 
@@ -880,6 +918,9 @@ class _AioProcessRun:
                     del _AIO_POOLS[key]
             with contextlib.suppress(Exception):
                 self.pool.terminate()
+            notes = getattr(self.pool, "_opero_init_notes", None)
+            if notes is not None:
+                shutil.rmtree(notes, ignore_errors=True)
             raise error
         if values is None:  # the job did not unpickle in the worker
             if size > 1:
@@ -928,6 +969,7 @@ class _AioProcessRun:
         ):
             return  # no worker died since the map started: nothing to look for
         self.death_seen = True
+        self.check_initializer_deaths({p.pid for p in alive})
         lost, unstarted = self.scan({p.pid for p in alive})
         for pid, group in lost.items():
             for task in group:
@@ -939,6 +981,33 @@ class _AioProcessRun:
             since = self.unstarted_since.setdefault(task, now)
             if now - since >= AIO_LOST_GRACE:
                 self.lose(task, 0, alone=False)
+
+    def check_initializer_deaths(self, live: set[int]) -> None:
+        """Raise :class:`WorkerStartError` when a worker died inside the initializer.
+
+        aiomultiprocess would replace it forever, each replacement dying the
+        same way, and the map would never end.
+        """
+        notes = getattr(self.pool, "_opero_init_notes", None)
+        if notes is None:
+            return
+        try:
+            dead = [int(name) for name in os.listdir(notes) if int(name) not in live]
+        except (OSError, ValueError):
+            return
+        if not dead:
+            return
+        for key, pool in list(_AIO_POOLS.items()):  # the next call starts new workers
+            if pool is self.pool:
+                del _AIO_POOLS[key]
+        with contextlib.suppress(Exception):
+            self.pool.terminate()
+        shutil.rmtree(notes, ignore_errors=True)
+        raise WorkerStartError(
+            f"opmap: worker process {dead[0]} exited while running the initializer (os._exit, "
+            "a signal or a crash in native code), so the async_process pool cannot start; "
+            "the map stopped (its items that had not run never will)"
+        )
 
     def scan(
         self, live: set[int]
@@ -966,11 +1035,35 @@ class _AioProcessRun:
 # --------------------------------------------------------------------------- shutdown
 
 
+AIO_EXIT_GRACE = 3.0
+"""Seconds the async_process workers get at exit to finish; then they are terminated."""
+
+
 async def _close_aio_pools() -> None:
-    """Close and join every aiomultiprocess pool."""
+    """Close and join every aiomultiprocess pool; terminate the workers still busy after a grace.
+
+    A worker stuck in a job or an initializer (left behind by Ctrl-C) would
+    otherwise hold the interpreter's exit forever: multiprocessing joins it.
+    """
+    deadline = time.monotonic() + AIO_EXIT_GRACE
     for pool in list(_AIO_POOLS.values()):
         pool.close()
-        await pool.join()
+        try:
+            await asyncio.wait_for(pool.join(), max(0.1, deadline - time.monotonic()))
+        except Exception:  # a TimeoutError, or a broken pool: terminate its workers
+            import logging
+
+            logging.getLogger("opero").warning(
+                "opmap: async_process workers still busy %.0f s after exit began were "
+                "terminated (a job or an initializer that never returned)",
+                AIO_EXIT_GRACE,
+                exc_info=True,
+            )
+            with contextlib.suppress(Exception):
+                pool.terminate()
+        notes = getattr(pool, "_opero_init_notes", None)
+        if notes is not None:
+            shutil.rmtree(notes, ignore_errors=True)
     _AIO_POOLS.clear()
 
 

@@ -58,7 +58,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opero._map.pools import CancelScope, Target, portable, run_chunk
+from opero._map.pools import CancelScope, Target, dumps_target, portable, run_chunk
 from opero._map.progress import WORKER_RETRIES
 from opero.errors import OperoError, WorkerDiedError, WorkerStartError
 
@@ -933,7 +933,7 @@ def run_process_jobs(
         concurrent.futures.CancelledError: ``scope`` was cancelled.
 
     """
-    run = _Run(pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL), jobs, done, indices, retried)
+    run = _Run(dumps_target(target), jobs, done, indices, retried)
     try:
         pool.submit(run)
         if scope is not None:

@@ -39,7 +39,6 @@ import collections
 import concurrent.futures as cf
 import itertools
 import logging
-import pickle
 import queue
 import threading
 import time
@@ -49,13 +48,22 @@ from typing import TYPE_CHECKING, Any
 
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import make_progress
+from opero._map.progress import CURRENT_BAR, make_progress
 from opero.errors import MapError, OperoError, OpmapFailureWarning, WorkerStartError
 
 if TYPE_CHECKING:
     from opero._map.decorator import MappedFunction
 
-__all__ = ["MAX_CHUNK", "TARGET_JOB", "Stream", "aimap", "failure_message", "imap", "short"]
+__all__ = [
+    "MAX_CHUNK",
+    "RESTART_JOB",
+    "TARGET_JOB",
+    "Stream",
+    "aimap",
+    "failure_message",
+    "imap",
+    "short",
+]
 
 _log = logging.getLogger("opero")
 
@@ -63,6 +71,8 @@ MAX_CHUNK = 4096
 """The largest automatic chunk (items per job) of a stream."""
 TARGET_JOB = 0.01
 """Seconds an automatic chunk aims to take (sent to received)."""
+RESTART_JOB = 0.25
+"""With ``max_tasks_per_child``, a job shorter than this doubles the next chunk."""
 
 Deliver = Callable[[int, list[Any], "dict[int, BaseException] | None"], None]
 
@@ -93,6 +103,51 @@ def failure_message(label: str, count: int, total: int | None, first: int, exc: 
     """Return ``opmap f: 2 of 10 items failed; the first at index 3: ValueError: bad``."""
     of = f"{count} of {total} items" if total is not None else f"{count} items"
     return f"opmap {label}: {of} failed; the first at index {first}: {short(exc)}"
+
+
+def _pull(source: Iterator[Any], size: int, chunk: list[Any]) -> None:
+    """Extend ``chunk`` with up to ``size`` items of ``source``, for about :data:`TARGET_JOB` s.
+
+    The items come in slices of 1, 2, 4, ... (each at C speed); once pulling
+    took :data:`TARGET_JOB`, the chunk goes as it is: a slow source (items
+    arriving over time) streams at its own pace instead of filling a chunk
+    sized for fast items first. ``extend`` keeps the items pulled before an
+    error of the source.
+    """
+    start = time.monotonic()
+    step = 1
+    while True:
+        want = min(step, size - len(chunk))
+        before = len(chunk)
+        chunk.extend(itertools.islice(source, want))
+        if len(chunk) - before < want or len(chunk) >= size:
+            return  # the source is exhausted (the next pull says so), or the chunk is full
+        if time.monotonic() - start >= TARGET_JOB:
+            return
+        step *= 2
+
+
+def _telling(fn: Callable[[Any], Any], bar: Any, is_coroutine: bool) -> Callable[[Any], Any]:
+    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted."""
+    if is_coroutine:
+
+        async def atold(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
+            try:
+                return await fn(item)
+            finally:
+                CURRENT_BAR.reset(token)
+
+        return atold
+
+    def told(item: Any) -> Any:
+        token = CURRENT_BAR.set(bar)
+        try:
+            return fn(item)
+        finally:
+            CURRENT_BAR.reset(token)
+
+    return told
 
 
 # --------------------------------------------------------------------------- backends
@@ -267,9 +322,16 @@ class _ProcessBackend(_Backend):
     prefetches within a run only); the pool feeds several runs in turn.
     """
 
-    def __init__(self, pool: Any, target: Any, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        target: Any,
+        deliver: Deliver,
+        retried: Callable[[int], object] | None = None,
+    ) -> None:
         self.pool = pool
-        self.target_blob = pickle.dumps(target, protocol=pickle.HIGHEST_PROTOCOL)
+        self.retried = retried
+        self.target_blob = _pools.dumps_target(target)
         self.deliver = deliver
         self.staged: list[tuple[int, list[Any], Sequence[int]]] = []
         self.runs: dict[int, Any] = {}
@@ -300,7 +362,9 @@ class _ProcessBackend(_Backend):
                     return
             self.deliver(ids[j], values, errors)
 
-        run = _process_pool._Run(self.target_blob, jobs, once, [ix for _, _, ix in staged])
+        run = _process_pool._Run(
+            self.target_blob, jobs, once, [ix for _, _, ix in staged], self.retried
+        )
 
         def ended() -> None:  # a run that failed (a worker cannot start) skips its done calls
             if run.failure is not None:  # the pool cannot run anything: the stream raises it
@@ -372,6 +436,7 @@ class _AioProcessBackend(_Backend):
     ) -> None:
         self.workers = workers
         self.target = target
+        self.target_blob = _pools.dumps_target(target)  # once per stream; errors: the caller's
         self.deliver = deliver
         self.init_blob = init_blob
         self.futures: dict[int, cf.Future[Any]] = {}
@@ -387,7 +452,12 @@ class _AioProcessBackend(_Backend):
                 self.deliver(job_id, values, errors)
 
         coro = _pools.run_aio_process_jobs(
-            self.workers, self.target, [items], done, init_blob=self.init_blob
+            self.workers,
+            self.target,
+            [items],
+            done,
+            init_blob=self.init_blob,
+            target_blob=self.target_blob,
         )
         future = _pools.background_loop().submit(coro)
         self.futures[job_id] = future
@@ -397,7 +467,9 @@ class _AioProcessBackend(_Backend):
             if delivered[0] or self.stopped or future.cancelled():
                 return
             exc = future.exception()
-            if exc is not None:
+            if isinstance(exc, WorkerStartError):  # no worker can start: the stream raises it
+                self.deliver(job_id, None, exc)  # type: ignore[arg-type]
+            elif exc is not None:
                 self.deliver(job_id, *_all_failed(n, exc))
 
         future.add_done_callback(finished)
@@ -509,6 +581,7 @@ class _Driver:
         # A stream starts at the size the last stream of this function reached.
         self.size = 1 if self.async_items else (mapped._chunksize or mapped._stream_chunk)
         self.max_jobs = self.workers if self.async_items else 2 * self.workers
+        self.restarts = mode == "process" and mapped._max_tasks is not None
         self.parent_cache = bool(mapped._has_cache) and mode not in ("thread", "async")
         self.store = mapped._store_many(kw) if self.parent_cache else None
         self.records: dict[int, _Record] = {}
@@ -526,8 +599,16 @@ class _Driver:
         # Thread and async items look their cache up themselves: counted from the store.
         self.hits0 = mapped._cache_hits() if self.bar.shown and not self.parent_cache else 0
         self.closed = False
+        self.source_error: Exception | None = None  # raised after the pulled items' results
 
     # ----------------------------------------------------------------- pulling
+
+    def source_failed(self, exc: Exception, chunk: list[Any]) -> None:
+        """Record that the items raised ``exc``: run the pulled ones, then raise it."""
+        self.source_error = exc
+        self.exhausted = True
+        if chunk:
+            self.add(chunk)
 
     def want_more(self) -> bool:
         """Return whether another chunk may be pulled (fewer than ``max_jobs`` in flight)."""
@@ -573,14 +654,14 @@ class _Driver:
         backend: _Backend
         if self.mode == "thread":
             fn = mapped._item_fn(self.kw, thread=True)
-            if self.bar.shown:  # failures and retries reach the bar as they happen
-                fn = mapped._told(fn, self.bar)
+            if self.bar.shown:  # count the retries (branch once, not per item)
+                fn = _telling(fn, self.bar, False)
             backend = _ThreadBackend(fn, self.workers, self.deliver, self.loop is None)
         elif self.mode == "async":
-            afn = mapped._item_fn(self.kw)
+            fn = mapped._item_fn(self.kw)
             if self.bar.shown:
-                afn = mapped._told(afn, self.bar)
-            backend = _AsyncBackend(afn, mapped._is_async, self.deliver, self.loop)
+                fn = _telling(fn, self.bar, mapped._is_async)
+            backend = _AsyncBackend(fn, mapped._is_async, self.deliver, self.loop)
         else:
             target = mapped._worker_target(self.kw)
             if mapped._executor is not None:
@@ -589,7 +670,8 @@ class _Driver:
                 pool = _process_pool.process_pool(
                     self.workers, None, mapped._worker_init_blob(), mapped._max_tasks
                 )
-                backend = _ProcessBackend(pool, target, self.deliver)
+                retried = self.bar.retry if self.bar.shown else None
+                backend = _ProcessBackend(pool, target, self.deliver, retried)
             elif self.mode == "dask":
                 client = mapped._dask_client()
                 if mapped._init_blob is not None:
@@ -615,11 +697,16 @@ class _Driver:
         if record is None or record.done:  # pragma: no cover - a job is delivered once
             return
         if not self.fixed and values:
-            per_item = max(time.monotonic() - record.sent, 1e-9) / len(values)
-            self.size = max(1, min(MAX_CHUNK, int(TARGET_JOB / per_item)))
+            elapsed = max(time.monotonic() - record.sent, 1e-9)
+            size = int(TARGET_JOB * len(values) / elapsed)
+            if self.restarts and elapsed < RESTART_JOB:
+                # Each job may start a worker (max_tasks_per_child): its start time is
+                # not the items' cost. Short jobs grow, or every item pays a start.
+                size = max(size, 2 * self.size)
+            self.size = max(1, min(MAX_CHUNK, size))
             self.mapped._stream_chunk = self.size
         self.bar.update(len(values))
-        if errors and self.mode not in ("thread", "async"):  # those count as they fail
+        if errors:
             self.bar.fail(len(errors))
         items = record.items
         assert items is not None
@@ -707,7 +794,14 @@ class _Driver:
         return self.exhausted and not self.records
 
     def report(self) -> None:
-        """At the end of the stream: warn about the failures, or raise them when strict."""
+        """At the end of the stream: warn about the failures, or raise them when strict.
+
+        When the items themselves raised, that error is raised instead (every
+        result before it was yielded, failures in their place).
+        """
+        if self.source_error is not None:
+            error, self.source_error = self.source_error, None
+            raise error
         if not self.failed:
             return
         message = failure_message(
@@ -748,10 +842,18 @@ class Stream(itertools.chain):  # type: ignore[type-arg]
     """
 
     _chunks: Any
+    _results: Any
 
     def close(self) -> None:
-        """Stop the map: no more items are pulled, jobs not started are dropped."""
-        self._chunks.close()
+        """Stop the map: no more items are pulled, jobs not started are dropped.
+
+        From another thread while the consumer waits in ``next()``: that
+        ``next()`` ends the iteration (``StopIteration``) and the map stops.
+        """
+        try:
+            self._chunks.close()
+        except ValueError:  # "generator already executing": a next() runs in another thread
+            self._results.put(None)  # wakes it: the stream stops there
 
 
 def imap(
@@ -761,9 +863,11 @@ def imap(
     kw: dict[str, Any] | None,
 ) -> Iterator[Any]:
     """Return the iterator of ``f.imap(items)`` (nothing runs before the first ``next``)."""
-    chunks = _imap(mapped, source, ordered, kw)
+    results: queue.SimpleQueue[tuple[int, list[Any], Any] | None] = queue.SimpleQueue()
+    chunks = _imap(mapped, source, ordered, kw, results)
     stream: Any = Stream.from_iterable(chunks)  # a Stream: from_iterable keeps the subclass
     stream._chunks = chunks
+    stream._results = results
     result: Iterator[Any] = stream
     return result
 
@@ -773,8 +877,9 @@ def _imap(
     source: Iterator[Any],
     ordered: bool,
     kw: dict[str, Any] | None,
+    results: queue.SimpleQueue[tuple[int, list[Any], Any] | None],
 ) -> Iterator[list[Any]]:
-    results: queue.SimpleQueue[tuple[int, list[Any], Any]] = queue.SimpleQueue()
+    """Run the stream; a ``None`` in ``results`` is a close() from another thread."""
 
     def deliver(job: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
         results.put((job, values, errors))
@@ -783,7 +888,12 @@ def _imap(
     try:
         while True:
             while driver.want_more():
-                chunk = list(itertools.islice(source, driver.size))
+                chunk: list[Any] = []
+                try:  # extend keeps the items pulled before an error
+                    _pull(source, driver.size, chunk)
+                except Exception as exc:
+                    driver.source_failed(exc, chunk)
+                    break
                 if not chunk:
                     driver.exhausted = True
                     break
@@ -795,12 +905,17 @@ def _imap(
             if driver.want_more():  # take() freed room: pull before waiting
                 continue
             if not driver.help():  # nothing to run here: wait for a worker
-                driver.on_result(*results.get())
+                message = results.get()
+                if message is None:
+                    return  # closed from another thread
+                driver.on_result(*message)
             while True:
                 try:
                     message = results.get_nowait()
                 except queue.Empty:
                     break
+                if message is None:
+                    return
                 driver.on_result(*message)
         driver.report()
     finally:
@@ -842,15 +957,22 @@ async def _aimap(
         while True:
             while driver.want_more():
                 chunk: list[Any]
-                if aiter_ is not None:
-                    chunk = []
-                    while len(chunk) < driver.size:
-                        try:
-                            chunk.append(await aiter_.__anext__())
-                        except StopAsyncIteration:
-                            break
-                else:
-                    chunk = list(itertools.islice(source, driver.size))
+                chunk = []
+                try:  # an error of the items comes after the results of those pulled
+                    if aiter_ is not None:
+                        start = time.monotonic()
+                        while len(chunk) < driver.size:
+                            try:
+                                chunk.append(await aiter_.__anext__())
+                            except StopAsyncIteration:
+                                break
+                            if time.monotonic() - start >= TARGET_JOB:
+                                break  # a slow source: send what came (see _pull)
+                    else:
+                        _pull(source, driver.size, chunk)
+                except Exception as exc:
+                    driver.source_failed(exc, chunk)
+                    break
                 if not chunk:
                     driver.exhausted = True
                     break
