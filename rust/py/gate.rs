@@ -1,0 +1,57 @@
+//! `Gate`: a flag a Python object keeps and a native call reads without Python.
+//!
+//! A `CircuitBreaker` keeps its `Gate` equal to its `_check` attribute (the
+//! state says every call must ask the breaker); a `TimedCall` built with that
+//! gate reads it with one atomic load (no attribute lookup, no Python call) and
+//! sends the call to its slow path only when it is set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::prelude::*;
+
+/// A boolean flag shared between Python code and native calls.
+///
+/// Args:
+///     value: The initial value.
+#[pyclass(frozen, module = "opero._opero_core", name = "Gate")]
+pub struct PyGate {
+    flag: AtomicBool,
+}
+
+impl PyGate {
+    /// The flag's value (one relaxed atomic load: the writers hold the GIL,
+    /// or a lock of their own, and a reader a moment late is as good as a
+    /// reader a moment early).
+    #[inline(always)]
+    pub(crate) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
+#[pymethods]
+impl PyGate {
+    #[new]
+    #[pyo3(signature = (value = false))]
+    fn new(value: bool) -> Self {
+        Self {
+            flag: AtomicBool::new(value),
+        }
+    }
+
+    /// Set the flag to ``value``.
+    fn set(&self, value: bool) {
+        self.flag.store(value, Ordering::Relaxed);
+    }
+
+    /// Return the flag's value.
+    fn get(&self) -> bool {
+        self.is_set()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<opero Gate {}>",
+            if self.is_set() { "set" } else { "clear" }
+        )
+    }
+}
