@@ -389,3 +389,28 @@ def test_timed_call_rejects_a_half_configured_gate(kwargs: dict[str, Any], match
     """gate= without slow=, slow= without gate=, or wrong types are a TypeError naming them."""
     with pytest.raises(TypeError, match=match):
         TimedCall(print, print, **kwargs)
+
+
+def test_call_counting_turned_on_later_counts_every_call() -> None:
+    """set_call_counting(True) after decoration sends every call to the counting wrapper."""
+    from opero.instrumentation import set_call_counting
+
+    breaker, _, flaky, f = make(failures=5)
+    flaky.error = None
+    assert f(1) == 1  # not counted: counting is off
+    set_call_counting(True)
+    try:
+        assert Gate.forced()
+        assert not breaker._gate.get()  # the breaker's own flag is unchanged
+        assert f(2) == 2
+        flaky.error = ConnectionError("down")
+        fail(f)  # a failure counted, then the gate is set by the breaker
+        flaky.error = None
+        assert f(3) == 3
+        assert f.stats().calls == 3
+    finally:
+        set_call_counting(False)
+    assert not Gate.forced()
+    assert f(4) == 4
+    assert f.stats().calls == 3
+    assert flaky.calls == 5

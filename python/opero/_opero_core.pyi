@@ -257,7 +257,13 @@ class Gate:
     def set(self, value: bool) -> None:
         """Set the flag to ``value``."""
     def get(self) -> bool:
-        """Return the flag's value."""
+        """Return the flag's value (not forced: see ``set_forced``)."""
+    @staticmethod
+    def set_forced(value: bool) -> None:
+        """Make every gate read as set for the native calls (``True``), or as its flag."""
+    @staticmethod
+    def forced() -> bool:
+        """Return whether every gate is forced (``set_forced``)."""
 
 @final
 class TimedCall:

@@ -3,11 +3,16 @@
 //! A `CircuitBreaker` keeps its `Gate` equal to its `_check` attribute (the
 //! state says every call must ask the breaker); a `TimedCall` built with that
 //! gate reads it with one atomic load (no attribute lookup, no Python call) and
-//! sends the call to its slow path only when it is set.
+//! sends the call to its slow path only when it is set, or while every gate is
+//! forced open (`Gate.set_forced(True)`: call counting is on, and only the
+//! slow paths, the generated wrappers, count calls).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::prelude::*;
+
+/// Every gate reads as set for the native calls (`Gate.set_forced`).
+static FORCED: AtomicBool = AtomicBool::new(false);
 
 /// A boolean flag shared between Python code and native calls.
 ///
@@ -19,12 +24,13 @@ pub struct PyGate {
 }
 
 impl PyGate {
-    /// The flag's value (one relaxed atomic load: the writers hold the GIL,
-    /// or a lock of their own, and a reader a moment late is as good as a
-    /// reader a moment early).
+    /// Whether a native call must take its slow path: the flag, or every gate
+    /// forced (relaxed atomic loads: the writers hold the GIL, or a lock of
+    /// their own, and a reader a moment late is as good as a reader a moment
+    /// early).
     #[inline(always)]
     pub(crate) fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Relaxed)
+        self.flag.load(Ordering::Relaxed) || FORCED.load(Ordering::Relaxed)
     }
 }
 
@@ -43,15 +49,31 @@ impl PyGate {
         self.flag.store(value, Ordering::Relaxed);
     }
 
-    /// Return the flag's value.
+    /// Return the flag's value (not forced: see ``set_forced``).
     fn get(&self) -> bool {
-        self.is_set()
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Make every gate read as set for the native calls (``True``), or as its flag.
+    #[staticmethod]
+    fn set_forced(value: bool) {
+        FORCED.store(value, Ordering::Relaxed);
+    }
+
+    /// Return whether every gate is forced (``set_forced``).
+    #[staticmethod]
+    fn forced() -> bool {
+        FORCED.load(Ordering::Relaxed)
     }
 
     fn __repr__(&self) -> String {
         format!(
             "<opero Gate {}>",
-            if self.is_set() { "set" } else { "clear" }
+            if self.flag.load(Ordering::Relaxed) {
+                "set"
+            } else {
+                "clear"
+            }
         )
     }
 }

@@ -25,7 +25,9 @@ while closed that fails after the circuit opened does not extend the wait).
 Speed: a closed breaker with no failures costs the generated wrapper one
 attribute read (``_check``) and a test of a local; the lock is only taken
 once something failed (``_enter`` then returns :data:`RESET`, so the next
-success resets the count). ``backend="redis"`` makes one
+success resets the count). With ``timeout=`` the native first call reads
+``_gate`` (a native copy of ``_check``, set wherever ``_check`` is) instead, and
+hands the call to the generated wrapper only while it is set. ``backend="redis"`` makes one
 ``EVALSHA`` per call (and one more after a success that ends a failure
 streak or a probe), on the server's clock (:mod:`opero._pipeline.breaker_redis`);
 Redis down means the local state decides (logged once per outage), Redis back
