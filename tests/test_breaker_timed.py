@@ -414,3 +414,22 @@ def test_call_counting_turned_on_later_counts_every_call() -> None:
     assert f(4) == 4
     assert f.stats().calls == 3
     assert flaky.calls == 5
+
+
+def test_a_callable_object_goes_through_the_gated_call() -> None:
+    """A callable object (not a function) opens and closes the circuit through the gated call."""
+    clock = Clock()
+    breaker = CircuitBreaker(2, 10.0)
+    breaker._clock = clock
+    flaky = Flaky()
+    f = opero(retries=1, retry_on=TimeoutError, timeout=60.0, circuit_breaker=breaker)(flaky)
+    assert type(f.__opero__.call_uncached) is TimedCall
+    fail(f, 1)
+    fail(f, 1)
+    assert isinstance(fail(f, 1), CircuitOpenError)
+    clock.now += 10.0
+    flaky.error = None
+    assert f(5) == 5
+    assert breaker.state == "closed"
+    assert agrees(breaker)
+    assert flaky.calls == 3
