@@ -47,6 +47,7 @@ fn _opero_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::flight::PyFlightToken>()?;
     py::flight::install_fork_hook();
     py::cached_call::enable_vectorcall(m.py())?;
+    m.add_class::<py::gate::PyGate>()?;
     m.add_class::<py::timed_call::PyTimedCall>()?;
     py::timed_call::enable_vectorcall(m.py())?;
     m.add_class::<py::ratelimit::PyTokenBucket>()?;

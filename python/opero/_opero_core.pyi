@@ -16,6 +16,7 @@ __all__ = [
     "stable_digest_call",
     "Store",
     "CachedCall",
+    "Gate",
     "TimedCall",
     "FlightToken",
     "TokenBucket",
@@ -245,6 +246,26 @@ class CachedCall:
     __dict__: dict[str, Any]
 
 @final
+class Gate:
+    """A boolean flag shared between Python code and native calls.
+
+    Args:
+        value: The initial value.
+    """
+
+    def __new__(cls, value: bool = False) -> Gate: ...
+    def set(self, value: bool) -> None:
+        """Set the flag to ``value``."""
+    def get(self) -> bool:
+        """Return the flag's value (not forced: see ``set_forced``)."""
+    @staticmethod
+    def set_forced(value: bool) -> None:
+        """Make every gate read as set for the native calls (``True``), or as its flag."""
+    @staticmethod
+    def forced() -> bool:
+        """Return whether every gate is forced (``set_forced``)."""
+
+@final
 class TimedCall:
     """The first call of a function decorated with ``timeout=``.
 
@@ -254,6 +275,9 @@ class TimedCall:
     instead (``start`` is the clock reading in seconds). Other
     ``BaseException`` subclasses propagate.
 
+    With ``gate``, a call made while the gate is set returns
+    ``slow(*args, **kwargs)`` instead (no clock read, no ``on_fail``).
+
     Instances have a ``__dict__``, bind as methods through ``__get__`` and
     pickle by reference (``__reduce__`` returns ``__qualname__``).
 
@@ -261,9 +285,19 @@ class TimedCall:
         func: The function to call.
         on_fail: Called as ``on_fail(exc, start, *args, **kwargs)`` after an
             ``Exception``.
+        gate: A ``Gate``; while it is set, calls go to ``slow``.
+        slow: The callable taking the calls while ``gate`` is set (required
+            with ``gate``).
     """
 
-    def __new__(cls, func: Callable[..., Any], on_fail: Callable[..., Any]) -> TimedCall: ...
+    def __new__(
+        cls,
+        func: Callable[..., Any],
+        on_fail: Callable[..., Any],
+        *,
+        gate: Gate | None = None,
+        slow: Callable[..., Any] | None = None,
+    ) -> TimedCall: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, obj: Any, owner: type | None = None, /) -> Any: ...
     def __reduce__(self) -> str: ...

@@ -7,6 +7,7 @@ pub(crate) mod clock;
 pub(crate) mod error;
 pub(crate) mod fastcall;
 pub(crate) mod flight;
+pub(crate) mod gate;
 pub(crate) mod guarded;
 pub(crate) mod keys;
 pub(crate) mod ratelimit;

@@ -9,6 +9,11 @@
 //! `on_fail(exc, start, *args, **kwargs)`, whose result it returns. A
 //! `BaseException` that is not an `Exception` (`KeyboardInterrupt`,
 //! `SystemExit`...) propagates untouched.
+//!
+//! With a circuit breaker, the breaker's `Gate` (see `gate.rs`) says whether a
+//! call must ask the breaker (open, half-open, failures counted, shared in
+//! Redis): then the call goes to `slow` (the generated wrapper, which does it
+//! all); while the gate is clear, a call costs one more atomic load.
 
 use pyo3::exceptions::PyException;
 use pyo3::ffi;
@@ -19,6 +24,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use super::cached_call::CallArgs;
 use super::fastcall::{self, Vectorcall};
+use super::gate::PyGate;
 use crate::error::CoreError;
 
 /// The first call of a function decorated with ``timeout=``.
@@ -29,6 +35,9 @@ use crate::error::CoreError;
 /// instead (``start`` is the clock reading in seconds). Other
 /// ``BaseException`` subclasses propagate.
 ///
+/// With ``gate``, a call made while the gate is set returns
+/// ``slow(*args, **kwargs)`` instead (no clock read, no ``on_fail``).
+///
 /// Instances have a ``__dict__``, bind as methods through ``__get__`` and
 /// pickle by reference (``__reduce__`` returns ``__qualname__``).
 ///
@@ -36,6 +45,9 @@ use crate::error::CoreError;
 ///     func: The function to call.
 ///     on_fail: Called as ``on_fail(exc, start, *args, **kwargs)`` after an
 ///         ``Exception``.
+///     gate: A ``Gate``; while it is set, calls go to ``slow``.
+///     slow: The callable taking the calls while ``gate`` is set (required
+///         with ``gate``).
 #[pyclass(
     frozen,
     dict,
@@ -49,6 +61,10 @@ pub struct PyTimedCall {
     func: Option<Py<PyAny>>,
     /// As `func`.
     on_fail: Option<Py<PyAny>>,
+    /// `Some` with `slow`: while set, calls go to `slow`.
+    gate: Option<Py<PyGate>>,
+    /// The callable taking the calls while `gate` is set.
+    slow: Option<Py<PyAny>>,
     /// The vectorcall entry point CPython reads at `tp_vectorcall_offset`.
     vectorcall: Option<ffi::vectorcallfunc>,
 }
@@ -65,11 +81,24 @@ impl PyTimedCall {
     #[inline]
     fn call(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
         let func = self.func.as_ref().ok_or_else(not_ready)?;
+        if let Some(gate) = &self.gate {
+            if gate.get().is_set() {
+                return self.slow(py, args);
+            }
+        }
         let start = crate::clock::coarse();
         match args.call(py, func) {
             Ok(value) => Ok(value),
             Err(err) => self.failed(py, args, err, start),
         }
+    }
+
+    /// The gated path (the breaker must be asked), out of line.
+    #[cold]
+    #[inline(never)]
+    fn slow(&self, py: Python<'_>, args: &CallArgs<'_, '_>) -> PyResult<Py<PyAny>> {
+        let slow = self.slow.as_ref().ok_or_else(not_ready)?;
+        args.call(py, slow)
     }
 
     /// The failure path, out of line: the success path's frame stays small (each
@@ -96,9 +125,31 @@ impl PyTimedCall {
 #[pymethods]
 impl PyTimedCall {
     #[new]
-    #[pyo3(signature = (func, on_fail))]
-    fn new(func: &Bound<'_, PyAny>, on_fail: &Bound<'_, PyAny>) -> PyResult<Self> {
-        for (name, f) in [("func", func), ("on_fail", on_fail)] {
+    #[pyo3(signature = (func, on_fail, *, gate = None, slow = None))]
+    fn new(
+        func: &Bound<'_, PyAny>,
+        on_fail: &Bound<'_, PyAny>,
+        gate: Option<&Bound<'_, PyGate>>,
+        slow: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let slow = match (gate, slow) {
+            (None, None) => None,
+            (Some(_), Some(s)) => Some(s),
+            (Some(_), None) => {
+                return Err(CoreError::type_("slow", "a callable (gate= needs slow=)", "NoneType").into())
+            }
+            (None, Some(_)) => {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "TimedCall(slow=...) needs gate=: slow only takes the calls made while the gate is set",
+                ))
+            }
+        };
+        let checked = [
+            ("func", Some(func)),
+            ("on_fail", Some(on_fail)),
+            ("slow", slow),
+        ];
+        for (name, f) in checked.into_iter().filter_map(|(n, f)| f.map(|f| (n, f))) {
             if !f.is_callable() {
                 return Err(CoreError::type_(
                     name,
@@ -114,6 +165,8 @@ impl PyTimedCall {
         Ok(Self {
             func: Some(func.clone().unbind()),
             on_fail: Some(on_fail.clone().unbind()),
+            gate: gate.map(|g| g.clone().unbind()),
+            slow: slow.map(|s| s.clone().unbind()),
             vectorcall: fastcall::entry_point::<Self>(),
         })
     }
@@ -167,6 +220,8 @@ impl PyTimedCall {
         // Fields may still be all-zero (`None`) here: see `CachedCall::__traverse__`.
         visit.call(&self.func)?;
         visit.call(&self.on_fail)?;
+        visit.call(&self.gate)?;
+        visit.call(&self.slow)?;
         Ok(())
     }
 
@@ -205,6 +260,6 @@ impl Vectorcall for PyTimedCall {
 /// Turn on vectorcall for `TimedCall` (at module init), as for `CachedCall`.
 pub(crate) fn enable_vectorcall(py: Python<'_>) -> PyResult<()> {
     let len = py.import("builtins")?.getattr("len")?;
-    let probe = Bound::new(py, PyTimedCall::new(&len, &len)?)?;
+    let probe = Bound::new(py, PyTimedCall::new(&len, &len, None, None)?)?;
     fastcall::enable_vectorcall(&probe)
 }

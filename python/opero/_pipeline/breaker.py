@@ -25,7 +25,9 @@ while closed that fails after the circuit opened does not extend the wait).
 Speed: a closed breaker with no failures costs the generated wrapper one
 attribute read (``_check``) and a test of a local; the lock is only taken
 once something failed (``_enter`` then returns :data:`RESET`, so the next
-success resets the count). ``backend="redis"`` makes one
+success resets the count). With ``timeout=`` the native first call reads
+``_gate`` (a native copy of ``_check``, set wherever ``_check`` is) instead, and
+hands the call to the generated wrapper only while it is set. ``backend="redis"`` makes one
 ``EVALSHA`` per call (and one more after a success that ends a failure
 streak or a probe), on the server's clock (:mod:`opero._pipeline.breaker_redis`);
 Redis down means the local state decides (logged once per outage), Redis back
@@ -43,6 +45,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from opero._opero_core import Gate
 from opero._pipeline import checks as c
 from opero._pipeline.callbacks import adapt_callback
 from opero._pipeline.details import CallDetails
@@ -166,6 +169,7 @@ class CircuitBreaker:
         "_check",
         "_clock",
         "_failures",
+        "_gate",
         "_ids",
         "_lock",
         "_open_until",
@@ -219,6 +223,8 @@ class CircuitBreaker:
         self._cause: BaseException | None = None
         #: The wrapper must call ``_enter``: not closed, failures counted, or shared in Redis.
         self._check = False
+        #: ``_check`` for native first calls (``TimedCall(gate=...)``): set wherever it is.
+        self._gate = Gate(False)
         self._redis: RedisState | None = None
         if backend == "redis":
             if name is None:
@@ -231,6 +237,7 @@ class CircuitBreaker:
 
             self._redis = RedisState(self, redis_url, redis_client)
             self._check = True
+            self._gate.set(True)
         _BREAKERS.add(self)
 
     # --- reading the state ----------------------------------------------------------
@@ -316,12 +323,14 @@ class CircuitBreaker:
         self._probes.clear()
         self._cause = None
         self._check = self._redis is not None
+        self._gate.set(self._check)
 
     def _open(self, now: float, cause: BaseException | None) -> None:
         self._open_until = now + self.reset_after
         self._probes.clear()
         self._cause = cause
         self._check = True
+        self._gate.set(True)
 
     def _label(self) -> str:
         name = self.name
@@ -389,6 +398,7 @@ class CircuitBreaker:
                     return False  # a probe of a half-open period that another probe closed
                 self._failures = 0
                 self._check = self._redis is not None
+                self._gate.set(self._check)
                 return False
         del dropped
         if closed:
@@ -411,6 +421,7 @@ class CircuitBreaker:
                     return False  # a probe of a half-open period that another probe closed
                 self._failures = count = self._failures + 1
                 self._check = True
+                self._gate.set(True)
                 if count < self.failure_threshold:
                     return False
                 self._open(now, exc)

@@ -249,6 +249,7 @@ class RedisState:
                 breaker._open_until = until
                 breaker._probes.clear()
                 breaker._check = True
+                breaker._gate.set(True)
 
     def _recorded(self, reply: Any, exc: BaseException | None, probe_id: str) -> bool:
         code, failures = (int(x) for x in reply)

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+from opero._opero_core import Gate
+
 __all__ = ["Counters", "FunctionStats", "live_counters"]
 
 
@@ -348,6 +350,9 @@ def set_call_counting(on: bool) -> None:
     """
     with _switch_lock:
         CALL_COUNTING.on = bool(on)
+        # A gated native first call (timeout= with a breaker) counts nothing itself:
+        # while counting, every call goes to its generated wrapper, which does.
+        Gate.set_forced(bool(on))
         for counters in live_counters():
             counters.counting_changed(bool(on))
         for wrapper, entry in list(_switchable.items()):

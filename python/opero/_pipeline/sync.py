@@ -120,6 +120,19 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
                 del exc, tb
 
         return TimedCall(func, on_fail)
+    # A local breaker with timeout= and nothing else: the native first call too, which
+    # sends a call to the generated wrapper only while the breaker's gate says it must
+    # be asked (not closed, or failures counted). Shared in Redis, it always must.
+    gated = (
+        timed
+        and native
+        and engine.guarded
+        and guard is not None
+        and not guard.shared
+        and not limited
+        and on_success is None
+        and not counting.on
+    )
     template = Template(
         limiter=limited,
         keyed=engine.key_function is not None,
@@ -149,6 +162,8 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         },
     )
     wrapper = generated or _generic(engine, retry_from, guard)
+    if gated and guard is not None:
+        return _gated_call(func, retry_from, guard, wrapper)
     if generated is not None and limited:
         _TokenSwitch(generated, engine.reserve, engine.key_map)
     if dataclasses.replace(template, count=False, count_always=False) == Template(guard=True):
@@ -156,6 +171,35 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         # added later, keeps it): a caller may make the first call itself.
         setattr(wrapper, _FIRST_CALL, FirstCall(func, retry_from))
     return wrapper
+
+
+def _gated_call(
+    func: Callable[..., Any], retry_from: RetryFrom, guard: BreakerGuard, slow: Callable[..., Any]
+) -> TimedCall:
+    """Return the native first call of ``timeout=`` with a local breaker.
+
+    While the breaker's gate is clear (closed, no failure counted) a call is
+    the native timed call; a failure is recorded with the breaker as the
+    generated wrapper records it for an unchecked call (probe ``0``), then
+    enters the retry loop with the start time. While the gate is set, calls
+    go to ``slow``, the generated wrapper (probes, a failure streak to reset).
+    """
+    failed = guard.failed
+
+    def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
+        # As the generated wrapper: recorded and retried while handling exc (see
+        # build_sync_call's on_fail); the traceback is cleared on the way out.
+        tb = exc.__traceback__
+        try:
+            raise exc
+        except Exception:
+            exc.__traceback__ = tb
+            failed(exc, 0, args, kwargs)
+            return retry_from(exc, args, kwargs, start)
+        finally:
+            del exc, tb
+
+    return TimedCall(func, on_fail, gate=guard.breaker._gate, slow=slow)
 
 
 def _breaker_names(guard: BreakerGuard | None) -> dict[str, Any]:
