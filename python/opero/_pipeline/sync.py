@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opero import _testing
-from opero._opero_core import TimedCall
+from opero._opero_core import Gate, TimedCall
 from opero._pipeline.breaker import BreakerGuard, breaker_guard
 from opero._pipeline.codegen import Template, specialize
 from opero._pipeline.engine import Engine, _no_token
@@ -102,24 +102,9 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
         return _generic(engine, retry_from, guard)
     timed = engine.timeout is not None
     native = engine.policy.wait.clock is None  # the engine reads the native coarse clock
-    # The native first call has no call counter: not while counting is on at decoration.
+    # The native first call has no call counter: not while counting is on at decoration
+    # (turned on later, its gate sends every call to the counting wrapper).
     plain = not limited and on_success is None and not guard and not counting.on
-    if timed and native and engine.guarded and plain:
-        # The native first call reads that clock in Rust: a success costs no Python call.
-        def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
-            # Run the loop while handling exc, as the generated wrappers do (what it
-            # raises chains to exc); exc keeps its own traceback. A raised exc's
-            # traceback holds this frame: clear it on the way out (no cycle).
-            tb = exc.__traceback__
-            try:
-                raise exc
-            except Exception:
-                exc.__traceback__ = tb
-                return retry_from(exc, args, kwargs, start)
-            finally:
-                del exc, tb
-
-        return TimedCall(func, on_fail)
     # A local breaker with timeout= and nothing else: the native first call too, which
     # sends a call to the generated wrapper only while the breaker's gate says it must
     # be asked (not closed, or failures counted). Shared in Redis, it always must.
@@ -164,6 +149,24 @@ def build_sync_call(engine: Engine) -> Callable[..., Any]:
     wrapper = generated or _generic(engine, retry_from, guard)
     if gated and guard is not None:
         return _gated_call(func, retry_from, guard, wrapper)
+    if timed and native and engine.guarded and plain:
+        # The native first call reads that clock in Rust: a success costs no Python call.
+        def on_fail(exc: Exception, start: float, /, *args: Any, **kwargs: Any) -> Any:
+            # Run the loop while handling exc, as the generated wrappers do (what it
+            # raises chains to exc); exc keeps its own traceback. A raised exc's
+            # traceback holds this frame: clear it on the way out (no cycle).
+            tb = exc.__traceback__
+            try:
+                raise exc
+            except Exception:
+                exc.__traceback__ = tb
+                return retry_from(exc, args, kwargs, start)
+            finally:
+                del exc, tb
+
+        # Its gate is never set: only set_call_counting(True) (Gate.set_forced) sends
+        # calls to the generated wrapper, which counts them.
+        return TimedCall(func, on_fail, gate=Gate(), slow=wrapper)
     if generated is not None and limited:
         _TokenSwitch(generated, engine.reserve, engine.key_map)
     if dataclasses.replace(template, count=False, count_always=False) == Template(guard=True):
