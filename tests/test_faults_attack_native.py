@@ -157,6 +157,13 @@ attempt("bypass", make(cache=True, retries=1), 200_000)
 opero.set_testing(cache=True)
 sys.setrecursionlimit(10_000)
 attempt("shallow", make(cache=True), 2_000)
+import functools
+
+@functools.lru_cache(maxsize=None)
+def ldown(n):
+    return 0 if n == 0 else ldown(n - 1) + 1
+
+attempt("lru_cache", ldown, 2_000)
 """
 
 
@@ -164,7 +171,8 @@ def test_deep_recursion_through_native_calls_raises_recursion_error() -> None:
     """A recursive @opero function past the C stack raises RecursionError instead of crashing."""
     out = run_scenario(_DEEP, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.lines() == [
+    lines = out.lines()
+    assert lines[:7] == [
         "cache RecursionError",
         "cache thread RecursionError",
         "cache+retries RecursionError",
@@ -172,8 +180,12 @@ def test_deep_recursion_through_native_calls_raises_recursion_error() -> None:
         "timeout RecursionError",
         "timeout thread RecursionError",
         "bypass RecursionError",
-        "shallow 2000",
     ]
+    # A moderate depth fares as functools.lru_cache's C wrapper does: it works on 3.11;
+    # 3.12 limits C recursion itself (both raise RecursionError there).
+    assert lines[7].split()[1:] == lines[8].split()[1:], lines[7:]
+    if sys.version_info < (3, 12):
+        assert lines[7] == "shallow 2000"
 
 
 @pytest.mark.xfail(
