@@ -127,14 +127,23 @@ def _pull(source: Iterator[Any], size: int, chunk: list[Any]) -> None:
         step *= 2
 
 
-def _telling(fn: Callable[[Any], Any], bar: Any, is_coroutine: bool) -> Callable[[Any], Any]:
-    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted."""
+def _telling(
+    fn: Callable[[Any], Any], bar: Any, is_coroutine: bool, failures: bool = False
+) -> Callable[[Any], Any]:
+    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted.
+
+    With ``failures``, each item that raises is also told to the bar as it fails.
+    """
     if is_coroutine:
 
         async def atold(item: Any) -> Any:
             token = CURRENT_BAR.set(bar)
             try:
                 return await fn(item)
+            except Exception:
+                if failures:
+                    bar.fail(1)
+                raise
             finally:
                 CURRENT_BAR.reset(token)
 
@@ -144,6 +153,10 @@ def _telling(fn: Callable[[Any], Any], bar: Any, is_coroutine: bool) -> Callable
         token = CURRENT_BAR.set(bar)
         try:
             return fn(item)
+        except Exception:
+            if failures:
+                bar.fail(1)
+            raise
         finally:
             CURRENT_BAR.reset(token)
 

@@ -542,12 +542,7 @@ class BreakerGuard:
     ) -> None:
         """Record a failed call (an error outside ``failure_on`` counts as a success)."""
         breaker = self.breaker
-        try:
-            counted = isinstance(exc, breaker.failure_on)
-        except BaseException:  # a failure_on class whose __instancecheck__ raises
-            self.release(probe)
-            raise
-        if not counted:
+        if not self._counts(exc, probe):
             self.ok(probe)
             return
         redis = breaker._redis
@@ -556,6 +551,14 @@ class BreakerGuard:
         )
         if opened:
             self.opened(exc, args, kwargs, attempt)
+
+    def _counts(self, exc: BaseException, probe: Probe) -> bool:
+        """Return whether ``exc`` is a failure (``failure_on``); a raising check frees the probe."""
+        try:
+            return isinstance(exc, self.breaker.failure_on)
+        except BaseException:  # a failure_on class whose __instancecheck__ raises
+            self.release(probe)
+            raise
 
     def release(self, probe: Probe) -> None:
         """Give back the slot of a probe that was cancelled or interrupted (it decided nothing).
@@ -596,12 +599,7 @@ class BreakerGuard:
     ) -> None:
         """Async :meth:`failed`."""
         breaker = self.breaker
-        try:
-            counted = isinstance(exc, breaker.failure_on)
-        except BaseException:  # a failure_on class whose __instancecheck__ raises
-            self.release(probe)
-            raise
-        if not counted:
+        if not self._counts(exc, probe):
             await self.aok(probe)
             return
         redis = breaker._redis

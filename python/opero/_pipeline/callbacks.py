@@ -416,6 +416,34 @@ class Events:
                     extra={"opero_event": "hook_error", "opero_function": self.function},
                 )
 
+    def _fire(
+        self,
+        event: str,
+        callback: Callable[..., Any] | None,
+        detailed: bool,
+        classic: tuple[Any, ...],
+        args: Any,
+        kwargs: Any,
+        attempt: int,
+        wait: float,
+        waited: float,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Call ``callback`` with a :class:`CallDetails` (``detailed``) or ``classic``; then hooks.
+
+        The details are built only when the callback or a global hook wants them.
+        """
+        details = None
+        if detailed or hooks:
+            details = self._details(event, args, kwargs, attempt, wait, waited, exc)
+        if callback is not None:
+            if detailed:
+                callback(details)
+            else:
+                callback(*classic)
+        if hooks and details is not None:
+            self._hooks(details)
+
     def retry(
         self,
         exc: Exception,
@@ -428,17 +456,10 @@ class Events:
     ) -> None:
         """Fire the retry event: retry ``round_`` (0-based) follows after ``wait`` seconds."""
         self.counters.retried(wait)
-        callback = self.on_retry
-        details = None
-        if self.on_retry_details or hooks:
-            details = self._details("retry", args, kwargs, attempt, wait, waited, exc)
-        if callback is not None:
-            if self.on_retry_details:
-                callback(details)
-            else:
-                callback(exc, round_)
-        if hooks and details is not None:
-            self._hooks(details)
+        self._fire(
+            "retry", self.on_retry, self.on_retry_details, (exc, round_),
+            args, kwargs, attempt, wait, waited, exc,
+        )  # fmt: skip
 
     def failure(
         self,
@@ -450,14 +471,10 @@ class Events:
     ) -> None:
         """Fire the failure event: the call raises ``exc`` (not retryable, or all failed)."""
         self.counters.failed()
-        callback = self.on_failure
-        details = None
-        if self.on_failure_details or hooks:
-            details = self._details("failure", args, kwargs, attempt, 0.0, waited, exc)
-        if callback is not None:
-            callback(details if self.on_failure_details else exc)
-        if hooks and details is not None:
-            self._hooks(details)
+        self._fire(
+            "failure", self.on_failure, self.on_failure_details, (exc,),
+            args, kwargs, attempt, 0.0, waited, exc,
+        )  # fmt: skip
 
     def fallback(
         self,
@@ -470,17 +487,10 @@ class Events:
     ) -> None:
         """Fallback candidate ``index`` (0-based) failed; the next one is tried."""
         self.counters.fell_back()
-        callback = self.on_fallback
-        details = None
-        if self.on_fallback_details or hooks:
-            details = self._details("fallback", args, kwargs, attempt, 0.0, waited, exc)
-        if callback is not None:
-            if self.on_fallback_details:
-                callback(details)
-            else:
-                callback(exc, index)
-        if hooks and details is not None:
-            self._hooks(details)
+        self._fire(
+            "fallback", self.on_fallback, self.on_fallback_details, (exc, index),
+            args, kwargs, attempt, 0.0, waited, exc,
+        )  # fmt: skip
 
     def rate_limit_wait(
         self,
@@ -492,14 +502,10 @@ class Events:
     ) -> None:
         """Fire the wait event: the call sleeps ``wait`` seconds for a rate-limit token."""
         self.counters.rate_waited(wait)
-        callback = self.on_rate_limit_wait
-        details = None
-        if self.on_rate_limit_wait_details or hooks:
-            details = self._details("rate_limit_wait", args, kwargs, attempt, wait, waited)
-        if callback is not None:
-            callback(details if self.on_rate_limit_wait_details else wait)
-        if hooks and details is not None:
-            self._hooks(details)
+        self._fire(
+            "rate_limit_wait", self.on_rate_limit_wait, self.on_rate_limit_wait_details, (wait,),
+            args, kwargs, attempt, wait, waited,
+        )  # fmt: skip
         logger.debug(
             "opero: %s waits %.3fs for a rate-limit token",
             self.function,
