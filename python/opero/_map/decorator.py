@@ -93,8 +93,8 @@ from typing import Any, Generic, Literal, NoReturn, Protocol, TypeVar, overload
 from opero import _testing
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import PROGRESS_VALUES, counting_retries, make_progress
-from opero._map.stream import _telling, failure_message
+from opero._map.progress import PROGRESS_VALUES, counting_retries, make_progress, telling
+from opero._map.stream import failure_message
 from opero._opero_core import CachedCall
 from opero._ratelimit.shared_memory import SharedTokenBucket
 from opero.errors import ConfigurationError, MapError, OpmapFailureWarning, WorkerStartError
@@ -1008,7 +1008,7 @@ class MappedFunction(Generic[T, R]):
 
         Only used when a bar is shown: a map without one runs ``fn`` itself.
         """
-        return _telling(fn, bar, self._is_async and self._mode == "async", failures=True)
+        return telling(fn, bar, self._is_async and self._mode == "async", failures=True)
 
     def _cache_hits(self) -> int:
         """Return the item function's cache hit count (0 without a cache or counters)."""

@@ -32,6 +32,7 @@ __all__ = [
     "StoryBar",
     "counting_retries",
     "make_progress",
+    "telling",
 ]
 
 CURRENT_BAR: contextvars.ContextVar[StoryBar | None] = contextvars.ContextVar(
@@ -241,3 +242,39 @@ class StoryBar:
             self.bar.write(self.summary(), file=self.bar.fp)
         except Exception:  # a closed stream
             _log.debug("opmap %s: could not write the summary", self.label, exc_info=True)
+
+
+def telling(
+    fn: Callable[[Any], Any], bar: Any, is_coroutine: bool, failures: bool = False
+) -> Callable[[Any], Any]:
+    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted.
+
+    With ``failures``, each item that raises is also told to the bar as it fails.
+    """
+    if is_coroutine:
+
+        async def atold(item: Any) -> Any:
+            token = CURRENT_BAR.set(bar)
+            try:
+                return await fn(item)
+            except Exception:
+                if failures:
+                    bar.fail(1)
+                raise
+            finally:
+                CURRENT_BAR.reset(token)
+
+        return atold
+
+    def told(item: Any) -> Any:
+        token = CURRENT_BAR.set(bar)
+        try:
+            return fn(item)
+        except Exception:
+            if failures:
+                bar.fail(1)
+            raise
+        finally:
+            CURRENT_BAR.reset(token)
+
+    return told

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from opero._map import pools as _pools
 from opero._map import process_pool as _process_pool
-from opero._map.progress import CURRENT_BAR, make_progress
+from opero._map.progress import make_progress, telling
 from opero.errors import MapError, OperoError, OpmapFailureWarning, WorkerStartError
 
 if TYPE_CHECKING:
@@ -125,42 +125,6 @@ def _pull(source: Iterator[Any], size: int, chunk: list[Any]) -> None:
         if time.monotonic() - start >= TARGET_JOB:
             return
         step *= 2
-
-
-def _telling(
-    fn: Callable[[Any], Any], bar: Any, is_coroutine: bool, failures: bool = False
-) -> Callable[[Any], Any]:
-    """Return ``fn`` running with ``bar`` as :data:`CURRENT_BAR`, so its retries are counted.
-
-    With ``failures``, each item that raises is also told to the bar as it fails.
-    """
-    if is_coroutine:
-
-        async def atold(item: Any) -> Any:
-            token = CURRENT_BAR.set(bar)
-            try:
-                return await fn(item)
-            except Exception:
-                if failures:
-                    bar.fail(1)
-                raise
-            finally:
-                CURRENT_BAR.reset(token)
-
-        return atold
-
-    def told(item: Any) -> Any:
-        token = CURRENT_BAR.set(bar)
-        try:
-            return fn(item)
-        except Exception:
-            if failures:
-                bar.fail(1)
-            raise
-        finally:
-            CURRENT_BAR.reset(token)
-
-    return told
 
 
 # --------------------------------------------------------------------------- backends
@@ -668,12 +632,12 @@ class _Driver:
         if self.mode == "thread":
             fn = mapped._item_fn(self.kw, thread=True)
             if self.bar.shown:  # count the retries (branch once, not per item)
-                fn = _telling(fn, self.bar, False)
+                fn = telling(fn, self.bar, False)
             backend = _ThreadBackend(fn, self.workers, self.deliver, self.loop is None)
         elif self.mode == "async":
             fn = mapped._item_fn(self.kw)
             if self.bar.shown:
-                fn = _telling(fn, self.bar, mapped._is_async)
+                fn = telling(fn, self.bar, mapped._is_async)
             backend = _AsyncBackend(fn, mapped._is_async, self.deliver, self.loop)
         else:
             target = mapped._worker_target(self.kw)
